@@ -1,0 +1,204 @@
+//! The pipeline: a directed acyclic graph of operators, each with a stable `uid` under which
+//! its state is stored and restored. Declared in `spec.pipeline` of a StreamJob and read the
+//! same way by `weir run`.
+//!
+//! This module holds the shape and the graph rules (unique uids, inputs that exist, no
+//! cycles, at least one source and one sink); what each operator type accepts as parameters
+//! is the runtime's to check.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The operators of a job. Each operator reads the outputs of the operators named in its
+/// `inputs`; an operator without inputs is a source.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Pipeline {
+    /// The operators, in any order. State is kept by `uid`, so keep a uid when you change an
+    /// operator's parameters and want it to keep its state.
+    #[schemars(length(min = 1))]
+    pub operators: Vec<OperatorSpec>,
+}
+
+/// One operator: its uid, its type, its inputs, and the parameters of its type beside them,
+/// for example `{uid: counts, type: count, inputs: [words], key: word}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OperatorSpec {
+    /// Stable identity of the operator and of its state: lowercase letters, digits, `-` and
+    /// `_`, at most 63 characters, unique within the pipeline.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$"))]
+    pub uid: String,
+    /// The operator type, for example `generator`, `file_source`, `split`, `count`,
+    /// `file_sink`.
+    #[serde(rename = "type")]
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9_]*$"))]
+    pub kind: String,
+    /// The uids of the operators whose output this one reads; empty for a source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
+    /// The parameters of the operator type (every other field of the operator).
+    #[serde(flatten)]
+    pub params: BTreeMap<String, serde_json::Value>,
+}
+
+/// A pipeline that breaks a graph rule; the message names the operator and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PipelineError {
+    #[error("pipeline.operators is empty: declare at least one source and one sink")]
+    Empty,
+    #[error("pipeline.operators[{index}].uid {uid:?} is used by more than one operator: uids must be unique")]
+    DuplicateUid { index: usize, uid: String },
+    #[error("operator {uid:?}: inputs names {input:?}, which is no operator of this pipeline")]
+    UnknownInput { uid: String, input: String },
+    #[error("operator {uid:?}: inputs names the operator itself")]
+    SelfInput { uid: String },
+    #[error("operators {cycle:?} form a cycle through their inputs: a pipeline must be acyclic")]
+    Cycle { cycle: Vec<String> },
+}
+
+impl Pipeline {
+    /// Checks the graph rules and returns the operators in a topological order (every operator
+    /// after its inputs; ties in declaration order).
+    pub fn validate_graph(&self) -> Result<Vec<&OperatorSpec>, PipelineError> {
+        if self.operators.is_empty() {
+            return Err(PipelineError::Empty);
+        }
+        let mut index = BTreeMap::new();
+        for (i, op) in self.operators.iter().enumerate() {
+            if index.insert(op.uid.as_str(), i).is_some() {
+                return Err(PipelineError::DuplicateUid { index: i, uid: op.uid.clone() });
+            }
+        }
+        for op in &self.operators {
+            for input in &op.inputs {
+                if input == &op.uid {
+                    return Err(PipelineError::SelfInput { uid: op.uid.clone() });
+                }
+                if !index.contains_key(input.as_str()) {
+                    return Err(PipelineError::UnknownInput {
+                        uid: op.uid.clone(),
+                        input: input.clone(),
+                    });
+                }
+            }
+        }
+        // Kahn's algorithm, picking the lowest declaration index first so the order is stable.
+        let mut pending: Vec<usize> = self.operators.iter().map(|op| op.inputs.len()).collect();
+        let mut ready: BTreeSet<usize> = (0..self.operators.len()).filter(|&i| pending[i] == 0).collect();
+        let mut order = Vec::with_capacity(self.operators.len());
+        while let Some(i) = ready.pop_first() {
+            order.push(&self.operators[i]);
+            for (j, op) in self.operators.iter().enumerate() {
+                for input in &op.inputs {
+                    if input == &self.operators[i].uid {
+                        pending[j] -= 1;
+                        if pending[j] == 0 {
+                            ready.insert(j);
+                        }
+                    }
+                }
+            }
+        }
+        if order.len() < self.operators.len() {
+            let cycle = self
+                .operators
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| pending[*i] > 0)
+                .map(|(_, op)| op.uid.clone())
+                .collect();
+            return Err(PipelineError::Cycle { cycle });
+        }
+        Ok(order)
+    }
+}
+
+/// The default number of key groups for a parallelism when `maxParallelism` is not given:
+/// the next power of two of `1.5 * parallelism`, at least 128 and at most 32768.
+pub fn default_max_parallelism(parallelism: u32) -> u32 {
+    let wanted = (u64::from(parallelism) * 3).div_ceil(2);
+    (wanted.next_power_of_two()).clamp(128, 32768) as u32
+}
+
+/// The largest maxParallelism (number of key groups) a job can have.
+pub const MAX_MAX_PARALLELISM: u32 = 32768;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(uid: &str, kind: &str, inputs: &[&str]) -> OperatorSpec {
+        OperatorSpec {
+            uid: uid.into(),
+            kind: kind.into(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            params: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn orders_operators_after_their_inputs() {
+        let p = Pipeline {
+            operators: vec![
+                op("out", "file_sink", &["counts"]),
+                op("counts", "count", &["words"]),
+                op("lines", "file_source", &[]),
+                op("words", "split", &["lines"]),
+            ],
+        };
+        let order: Vec<_> = p.validate_graph().unwrap().iter().map(|o| o.uid.as_str()).collect();
+        assert_eq!(order, ["lines", "words", "counts", "out"]);
+    }
+
+    #[test]
+    fn names_the_operator_and_field_of_each_graph_error() {
+        let dup = Pipeline { operators: vec![op("a", "generator", &[]), op("a", "stdout", &["a"])] };
+        assert_eq!(
+            dup.validate_graph().unwrap_err().to_string(),
+            "pipeline.operators[1].uid \"a\" is used by more than one operator: uids must be unique"
+        );
+        let unknown = Pipeline { operators: vec![op("a", "generator", &[]), op("b", "stdout", &["x"])] };
+        assert_eq!(
+            unknown.validate_graph().unwrap_err(),
+            PipelineError::UnknownInput { uid: "b".into(), input: "x".into() }
+        );
+        let cyc = Pipeline {
+            operators: vec![op("s", "generator", &[]), op("a", "map", &["s", "b"]), op("b", "map", &["a"])],
+        };
+        assert_eq!(
+            cyc.validate_graph().unwrap_err(),
+            PipelineError::Cycle { cycle: vec!["a".into(), "b".into()] }
+        );
+        let selfloop = Pipeline { operators: vec![op("a", "map", &["a"])] };
+        assert_eq!(selfloop.validate_graph().unwrap_err(), PipelineError::SelfInput { uid: "a".into() });
+        assert_eq!(Pipeline { operators: vec![] }.validate_graph().unwrap_err(), PipelineError::Empty);
+    }
+
+    #[test]
+    fn parameters_sit_beside_uid_type_and_inputs() {
+        let yaml = "operators:\n  - {uid: counts, type: count, inputs: [words], key: word}\n";
+        let p: Pipeline = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(p.operators[0].kind, "count");
+        assert_eq!(p.operators[0].params["key"], serde_json::json!("word"));
+        let back = serde_json::to_value(&p).unwrap();
+        assert_eq!(back["operators"][0]["key"], "word");
+        assert_eq!(back["operators"][0]["type"], "count");
+    }
+
+    #[test]
+    fn default_max_parallelism_follows_the_rule() {
+        assert_eq!(default_max_parallelism(1), 128);
+        assert_eq!(default_max_parallelism(85), 128);
+        assert_eq!(default_max_parallelism(86), 256); // 1.5 * 86 = 129
+        assert_eq!(default_max_parallelism(1000), 2048);
+        assert_eq!(default_max_parallelism(30000), 32768);
+        for p in 1..=32768 {
+            let m = default_max_parallelism(p);
+            assert!(m.is_power_of_two() && (128..=32768).contains(&m));
+            assert!(m >= p, "maxParallelism {m} below parallelism {p}");
+        }
+    }
+}

@@ -1,0 +1,836 @@
+//! `StreamJob`: one stateful stream-processing job, as a user declares it (spec) and as the
+//! controller reports it (status).
+//!
+//! The doc comments on the fields are the user's documentation: `kubectl explain streamjob.spec`
+//! shows them. Every constraint the schema can express (ranges, enums, patterns) is in the
+//! schema, so the apiserver refuses a bad manifest with a message naming the field; what a
+//! schema cannot express is checked by [`StreamJobSpec::validate`], which the runtime and the
+//! controller both call.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+use crate::pipeline::{MAX_MAX_PARALLELISM, Pipeline, default_max_parallelism};
+use crate::storage_uri::StorageUri;
+use crate::{is_default, preserve_unknown_object, quantity_map};
+
+/// A stateful stream-processing job: its pipeline, its parallelism, how it checkpoints, and
+/// how it moves to a new version with its state.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "weir.dev",
+    version = "v1alpha1",
+    kind = "StreamJob",
+    plural = "streamjobs",
+    namespaced,
+    shortname = "sj",
+    category = "weir",
+    status = "StreamJobStatus",
+    derive = "PartialEq",
+    doc = "A stateful stream-processing job run by Weir: its pipeline, parallelism, checkpoints and upgrades.",
+    scale(
+        spec_replicas_path = ".spec.parallelism",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Where the job is in its lifecycle"
+    ),
+    printcolumn(
+        name = "Parallelism",
+        type_ = "integer",
+        json_path = ".spec.parallelism",
+        description = "Desired number of parallel subtasks"
+    ),
+    printcolumn(
+        name = "Last Checkpoint",
+        type_ = "date",
+        json_path = ".status.lastCheckpoint.completedAt",
+        description = "When the last checkpoint completed"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Checkpoint",
+        type_ = "integer",
+        json_path = ".status.lastCheckpoint.id",
+        description = "Id of the last completed checkpoint",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Savepoint",
+        type_ = "string",
+        json_path = ".status.lastSavepoint.snapshot",
+        description = "StreamSnapshot of the last savepoint",
+        priority = "1"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamJobSpec {
+    /// Container image of the Weir runtime that runs the job's coordinator and workers. When
+    /// empty, the operator's default runtime image is used. Changing it is an upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// When the runtime image is pulled: Always, IfNotPresent or Never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+
+    /// Number of parallel subtasks, one worker pod each, from 1 to maxParallelism. `kubectl
+    /// scale sj/NAME --replicas N` and a HorizontalPodAutoscaler change this field; a change
+    /// is an upgrade that redistributes the key groups over the new subtasks.
+    #[serde(default = "default_parallelism")]
+    #[schemars(range(min = 1, max = 32768))]
+    pub parallelism: i32,
+
+    /// Number of key groups: the most subtasks the job's keyed state can ever be spread over.
+    /// Fixed when the job first takes state; changing it afterwards is refused. When empty:
+    /// the next power of two of 1.5 x parallelism, at least 128, at most 32768.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 32768))]
+    pub max_parallelism: Option<i32>,
+
+    /// Desired state: `running`, or `suspended` (stop with a savepoint and remove the pods;
+    /// set back to `running` to restore from that savepoint).
+    #[serde(default)]
+    pub state: DesiredState,
+
+    /// How the job moves to a new spec: `savepoint` (stop with a savepoint, start the new spec
+    /// from it), `last-state` (start the new spec from the last completed checkpoint without
+    /// asking the old job; works when the old job is unhealthy), or `stateless` (start empty).
+    #[serde(default)]
+    pub upgrade_mode: UpgradeMode,
+
+    /// The job's operators and how they connect.
+    pub pipeline: Pipeline,
+
+    /// How and where the job takes checkpoints.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub checkpointing: CheckpointingSpec,
+
+    /// Savepoints: where they go, when they are taken, how long they are kept.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub savepoints: SavepointsSpec,
+
+    /// State to start from when the job has none of its own yet: a StreamSnapshot or a path.
+    /// When empty, a job created again with the name of a deleted one starts from that job's
+    /// latest StreamSnapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSpec>,
+
+    /// How the job restarts after a failure (a lost worker, a crashed task, too many failed
+    /// checkpoints): it always restarts from the last completed checkpoint.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub restart_strategy: RestartStrategy,
+
+    /// Change this number to restart the job from its last completed checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_nonce: Option<i64>,
+
+    /// Upgrade behaviour: how long a new version has to become ready before it is rolled back.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub upgrade: UpgradeSpec,
+
+    /// S3 endpoint, region and credentials, for checkpoint, savepoint and job data on S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Spec>,
+
+    /// Compute resources of the coordinator and worker containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<PodResources>,
+
+    /// A Pod template merged into the coordinator and worker pods (labels, annotations,
+    /// node selector, tolerations, service account, extra env and volumes, sidecars). Fields
+    /// that Weir sets itself (command, the runtime container's image and ports) win.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserve_unknown_object")]
+    pub pod_template: Option<serde_json::Value>,
+}
+
+fn default_parallelism() -> i32 {
+    1
+}
+
+/// When the runtime image is pulled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ImagePullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+/// The state the user wants the job in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DesiredState {
+    /// The job runs.
+    #[default]
+    Running,
+    /// The job is stopped with a savepoint and its pods are removed.
+    Suspended,
+}
+
+/// How a job moves to a new spec.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpgradeMode {
+    /// Stop with a savepoint, start the new spec from it.
+    #[default]
+    Savepoint,
+    /// Start the new spec from the last completed checkpoint, without asking the old job.
+    LastState,
+    /// Start the new spec with empty state.
+    Stateless,
+}
+
+/// Checkpointing settings. Defaults follow Flink's where Flink has one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointingSpec {
+    /// Time between the start of one checkpoint and the next; `0s` turns periodic checkpoints
+    /// off (savepoints still work).
+    #[serde(default = "default_checkpoint_interval")]
+    pub interval: Duration,
+
+    /// `exactly-once` aligns barriers so that every record is in the state exactly once;
+    /// `at-least-once` skips alignment (faster under skew, records may be replayed).
+    #[serde(default)]
+    pub mode: CheckpointMode,
+
+    /// A checkpoint not completed within this time is abandoned and counts as failed.
+    #[serde(default = "default_checkpoint_timeout")]
+    pub timeout: Duration,
+
+    /// Least time between the end of one checkpoint and the start of the next.
+    #[serde(default = "Duration::default")]
+    pub min_pause: Duration,
+
+    /// Most checkpoints in flight at once.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_concurrent: i32,
+
+    /// Consecutive failed checkpoints tolerated before the job restarts from the last
+    /// completed one.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub tolerable_failures: i32,
+
+    /// Let barriers overtake buffered records, storing those records with the checkpoint, so
+    /// that checkpoints complete under backpressure.
+    #[serde(default)]
+    pub unaligned: bool,
+
+    /// With `unaligned: true`: start each checkpoint aligned and switch to unaligned once
+    /// alignment takes longer than this; `0s` means unaligned from the start.
+    #[serde(default = "Duration::default")]
+    pub alignment_timeout: Duration,
+
+    /// Upload only the RocksDB files that earlier checkpoints do not already hold.
+    #[serde(default = "yes")]
+    pub incremental: bool,
+
+    /// Number of completed checkpoints to keep.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 100))]
+    pub retained: i32,
+
+    /// Where checkpoints go: `s3://bucket/prefix`, or a local directory (an absolute path or
+    /// `file:///path`) for jobs that run on one machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageUri>,
+}
+
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_checkpoint_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn one() -> i32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for CheckpointingSpec {
+    fn default() -> Self {
+        Self {
+            interval: default_checkpoint_interval(),
+            mode: CheckpointMode::default(),
+            timeout: default_checkpoint_timeout(),
+            min_pause: Duration::default(),
+            max_concurrent: 1,
+            tolerable_failures: 0,
+            unaligned: false,
+            alignment_timeout: Duration::default(),
+            incremental: true,
+            retained: 1,
+            storage: None,
+        }
+    }
+}
+
+/// Processing guarantee of checkpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointMode {
+    #[default]
+    ExactlyOnce,
+    AtLeastOnce,
+}
+
+/// Savepoint settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SavepointsSpec {
+    /// Where savepoints go (`s3://bucket/prefix` or a local directory). When empty:
+    /// `savepoints/` beside the checkpoint storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<StorageUri>,
+
+    /// Change this number to take a savepoint now; it is recorded as a StreamSnapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger_nonce: Option<i64>,
+
+    /// Take a savepoint periodically at this interval. When empty, only on request and on
+    /// upgrades.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+
+    /// A savepoint not completed within this time is abandoned; the job keeps running.
+    #[serde(default = "default_savepoint_timeout")]
+    pub timeout: Duration,
+
+    /// Which StreamSnapshots of this job are kept; the controller deletes the others and
+    /// their data. The latest snapshot is always kept.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub retention: SnapshotRetention,
+}
+
+fn default_savepoint_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for SavepointsSpec {
+    fn default() -> Self {
+        Self {
+            directory: None,
+            trigger_nonce: None,
+            interval: None,
+            timeout: default_savepoint_timeout(),
+            retention: SnapshotRetention::default(),
+        }
+    }
+}
+
+/// Retention of a job's StreamSnapshots, by count and by age.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRetention {
+    /// Keep at most this many snapshots.
+    #[serde(default = "default_retention_count")]
+    #[schemars(range(min = 1))]
+    pub max_count: i32,
+    /// Delete snapshots older than this.
+    #[serde(default = "default_retention_age")]
+    pub max_age: Duration,
+}
+
+fn default_retention_count() -> i32 {
+    10
+}
+fn default_retention_age() -> Duration {
+    Duration::from_secs(86_400)
+}
+
+impl Default for SnapshotRetention {
+    fn default() -> Self {
+        Self { max_count: default_retention_count(), max_age: default_retention_age() }
+    }
+}
+
+/// Where a job's first state comes from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSpec {
+    /// Name of a StreamSnapshot in the job's namespace to start from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Path of a savepoint or checkpoint to start from (`s3://...` or a local directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<StorageUri>,
+    /// Start even when the snapshot holds state of an operator uid that the pipeline no
+    /// longer has; that state is dropped.
+    #[serde(default)]
+    pub allow_non_restored_state: bool,
+}
+
+/// How a failed job restarts. Every restart is from the last completed checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartStrategy {
+    /// `exponential-delay` (the delay grows after each failure and resets after a healthy
+    /// period), `fixed-delay` (a fixed delay, a limited number of attempts), `failure-rate`
+    /// (give up when failures in an interval exceed a limit), or `none` (fail the job).
+    #[serde(default, rename = "type")]
+    pub kind: RestartStrategyType,
+    /// First delay (exponential-delay) or the delay (fixed-delay, failure-rate).
+    #[serde(default = "default_restart_delay")]
+    pub delay: Duration,
+    /// exponential-delay: the largest delay.
+    #[serde(default = "default_restart_max_delay")]
+    pub max_delay: Duration,
+    /// exponential-delay: factor applied to the delay after each failure.
+    #[serde(default = "default_backoff_multiplier")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub backoff_multiplier: f64,
+    /// exponential-delay: running this long without failure resets the delay.
+    #[serde(default = "default_reset_after")]
+    pub reset_after: Duration,
+    /// exponential-delay: random share added to or taken from each delay, 0 to 1.
+    #[serde(default = "default_jitter")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub jitter: f64,
+    /// fixed-delay: restarts before the job fails.
+    #[serde(default = "default_attempts")]
+    #[schemars(range(min = 0))]
+    pub attempts: i32,
+    /// failure-rate: failures allowed within `failureRateInterval` before the job fails.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub max_failures_per_interval: i32,
+    /// failure-rate: the interval over which failures are counted.
+    #[serde(default = "default_restart_max_delay")]
+    pub failure_rate_interval: Duration,
+}
+
+fn default_restart_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_restart_max_delay() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_backoff_multiplier() -> f64 {
+    1.5
+}
+fn default_reset_after() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_jitter() -> f64 {
+    0.1
+}
+fn default_attempts() -> i32 {
+    3
+}
+
+impl Default for RestartStrategy {
+    fn default() -> Self {
+        Self {
+            kind: RestartStrategyType::default(),
+            delay: default_restart_delay(),
+            max_delay: default_restart_max_delay(),
+            backoff_multiplier: default_backoff_multiplier(),
+            reset_after: default_reset_after(),
+            jitter: default_jitter(),
+            attempts: default_attempts(),
+            max_failures_per_interval: 1,
+            failure_rate_interval: default_restart_max_delay(),
+        }
+    }
+}
+
+/// The kinds of restart strategy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartStrategyType {
+    #[default]
+    ExponentialDelay,
+    FixedDelay,
+    FailureRate,
+    None,
+}
+
+/// Upgrade behaviour.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeSpec {
+    /// A new version that is not running and ready within this time is rolled back to the
+    /// last stable spec, from the savepoint taken for the upgrade.
+    #[serde(default = "default_ready_timeout")]
+    pub ready_timeout: Duration,
+}
+
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for UpgradeSpec {
+    fn default() -> Self {
+        Self { ready_timeout: default_ready_timeout() }
+    }
+}
+
+/// S3 connection settings. Anything left empty comes from the standard AWS environment
+/// (`AWS_ENDPOINT_URL`, `AWS_REGION`, ...) of the runtime pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Spec {
+    /// Endpoint URL of an S3-compatible server, e.g. `https://minio.storage:9000`. Empty
+    /// means AWS S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^\s/]+(/.*)?$"))]
+    pub endpoint: Option<String>,
+    /// Region, e.g. `eu-west-1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Address buckets as `endpoint/bucket` rather than `bucket.endpoint`. When empty: true
+    /// when an endpoint is given, false for AWS S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_path_style: Option<bool>,
+    /// Secret in the job's namespace holding the access key; never copied into logs,
+    /// status or events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<S3CredentialsRef>,
+    /// `when-supported` sends request checksums on every upload; `when-required` only where
+    /// the API needs them, for S3-compatible servers that reject them.
+    #[serde(default)]
+    pub request_checksums: RequestChecksums,
+}
+
+/// A reference to the keys of a Secret that hold S3 credentials.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3CredentialsRef {
+    /// Name of the Secret, in the job's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the access key id in the Secret.
+    #[serde(default = "default_access_key_key")]
+    pub access_key_id_key: String,
+    /// Key of the secret access key in the Secret.
+    #[serde(default = "default_secret_key_key")]
+    pub secret_access_key_key: String,
+    /// Key of a session token in the Secret, for temporary credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_token_key: Option<String>,
+}
+
+fn default_access_key_key() -> String {
+    "AWS_ACCESS_KEY_ID".into()
+}
+fn default_secret_key_key() -> String {
+    "AWS_SECRET_ACCESS_KEY".into()
+}
+
+/// When uploads carry request checksums.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RequestChecksums {
+    #[default]
+    WhenSupported,
+    WhenRequired,
+}
+
+/// Compute resources of the job's containers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodResources {
+    /// Resources of the coordinator container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<ContainerResources>,
+    /// Resources of each worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<ContainerResources>,
+}
+
+/// Requests and limits of one container, as in a Pod (`{cpu: 500m, memory: 1Gi}`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerResources {
+    /// Resources the container is guaranteed, e.g. `{cpu: 500m, memory: 1Gi}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "quantity_map")]
+    pub requests: BTreeMap<String, Quantity>,
+    /// Most resources the container may use, e.g. `{memory: 2Gi}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "quantity_map")]
+    pub limits: BTreeMap<String, Quantity>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+
+/// What the controller observed and did. Written only when something changed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamJobStatus {
+    /// The metadata.generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Where the job is in its lifecycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<JobPhase>,
+
+    /// Ready (the job runs and checkpoints), Progressing (a change is being rolled out),
+    /// Degraded (something needs attention; the message says what).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The running job, as its coordinator reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<RunningJob>,
+
+    /// The number of key groups in force: fixed once the job has state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallelism: Option<i32>,
+
+    /// The last completed checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<CheckpointInfo>,
+
+    /// The last completed savepoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_savepoint: Option<SavepointInfo>,
+
+    /// A savepoint requested and not finished yet (recorded before it is requested).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub savepoint_in_progress: Option<SavepointInProgress>,
+
+    /// The upgrade in progress, step by step (each step recorded before it is taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeProgress>,
+
+    /// The spec of the last version that ran and became ready; an upgrade that fails rolls
+    /// back to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserve_unknown_object")]
+    pub last_stable_spec: Option<serde_json::Value>,
+
+    /// The metadata.generation of `lastStableSpec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stable_generation: Option<i64>,
+
+    /// The `restartNonce` last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_restart_nonce: Option<i64>,
+
+    /// The `savepoints.triggerNonce` last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_savepoint_nonce: Option<i64>,
+
+    /// Number of worker pods that run (scale subresource).
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Label selector of the worker pods (scale subresource, for HorizontalPodAutoscalers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+}
+
+/// The lifecycle phases of a StreamJob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum JobPhase {
+    /// Accepted, nothing deployed yet.
+    Created,
+    /// Pods are being created or the job is being restored.
+    Deploying,
+    /// The job runs.
+    Running,
+    /// Moving to a new spec.
+    Upgrading,
+    /// Stopped with a savepoint, no pods.
+    Suspended,
+    /// Stopped by failure; the conditions say why.
+    Failed,
+    /// A new version failed to become ready; going back to the last stable spec.
+    RollingBack,
+}
+
+/// The job as its coordinator reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunningJob {
+    /// Id of this run of the job (new on every deployment of a new spec).
+    pub id: String,
+    /// Parallelism the job runs at.
+    pub parallelism: i32,
+    /// When this run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// Restarts from a checkpoint since this run started.
+    #[serde(default)]
+    pub restarts: i64,
+}
+
+/// A completed checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointInfo {
+    /// Checkpoint id, increasing within a run.
+    pub id: i64,
+    /// When it completed.
+    pub completed_at: Time,
+    /// Total size of the state it refers to, in bytes.
+    #[serde(default)]
+    pub size_bytes: i64,
+    /// Where its metadata is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// A completed savepoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SavepointInfo {
+    /// The StreamSnapshot that records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Where it is.
+    pub path: String,
+    /// When it completed.
+    pub completed_at: Time,
+    /// Why it was taken.
+    pub reason: SavepointReason,
+}
+
+/// Why a savepoint was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SavepointReason {
+    /// `savepoints.triggerNonce` changed.
+    Requested,
+    /// `savepoints.interval` elapsed.
+    Periodic,
+    /// An upgrade in savepoint mode.
+    Upgrade,
+    /// `state: suspended`.
+    Suspend,
+    /// The StreamJob was deleted.
+    Deletion,
+}
+
+/// A savepoint recorded before it is requested from the coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SavepointInProgress {
+    /// Why it is taken.
+    pub reason: SavepointReason,
+    /// Whether the job stops with it.
+    #[serde(default)]
+    pub stop: bool,
+    /// The coordinator's id for it, once the coordinator accepted the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger_id: Option<String>,
+    /// The spec generation it was taken for.
+    pub generation: i64,
+    /// When it was first requested.
+    pub requested_at: Time,
+    /// Failed attempts so far (a failed savepoint is retried with backoff).
+    #[serde(default)]
+    pub failed_attempts: i32,
+}
+
+/// An upgrade in progress.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeProgress {
+    /// The generation being left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_generation: Option<i64>,
+    /// The generation being rolled out.
+    pub to_generation: i64,
+    /// The upgrade mode in force.
+    pub mode: UpgradeMode,
+    /// The step the upgrade is at; recorded before the step is taken.
+    pub step: UpgradeStep,
+    /// The state the new version starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_path: Option<String>,
+    /// When the upgrade started.
+    pub started_at: Time,
+}
+
+/// The steps of an upgrade, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UpgradeStep {
+    /// The new spec passed the pre-flight checks; nothing stopped yet.
+    Accepted,
+    /// Stop-with-savepoint requested from the old job.
+    SavepointRequested,
+    /// The old job stopped; `restorePath` holds its state.
+    OldJobStopped,
+    /// The new spec's objects are applied.
+    NewSpecApplied,
+    /// The new job is restoring and has not been ready yet.
+    Restoring,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks that the schema cannot express
+
+/// A spec that breaks a rule the schema cannot express; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error(
+        "spec.parallelism {parallelism} is above spec.maxParallelism {max_parallelism}: lower parallelism or raise maxParallelism (fixed once the job has state)"
+    )]
+    ParallelismAboveMax { parallelism: i32, max_parallelism: i32 },
+    #[error("spec.parallelism {0} is out of range: it must be from 1 to 32768")]
+    ParallelismOutOfRange(i32),
+    #[error("spec.maxParallelism {0} is out of range: it must be from 1 to 32768")]
+    MaxParallelismOutOfRange(i32),
+    #[error("spec.pipeline: {0}")]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error("spec.restore: give either snapshot or path, not both")]
+    RestoreBoth,
+}
+
+impl StreamJobSpec {
+    /// The number of key groups this spec asks for: `maxParallelism`, or the default for its
+    /// parallelism.
+    pub fn effective_max_parallelism(&self) -> i32 {
+        self.max_parallelism.unwrap_or_else(|| {
+            default_max_parallelism(self.parallelism.clamp(1, MAX_MAX_PARALLELISM as i32) as u32)
+                as i32
+        })
+    }
+
+    /// Checks what the schema cannot (or what an apiserver without CEL does not): parallelism
+    /// within maxParallelism, the pipeline's graph, restore naming one source.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !(1..=MAX_MAX_PARALLELISM as i32).contains(&self.parallelism) {
+            return Err(SpecError::ParallelismOutOfRange(self.parallelism));
+        }
+        if let Some(m) = self.max_parallelism
+            && !(1..=MAX_MAX_PARALLELISM as i32).contains(&m)
+        {
+            return Err(SpecError::MaxParallelismOutOfRange(m));
+        }
+        let max = self.effective_max_parallelism();
+        if self.parallelism > max {
+            return Err(SpecError::ParallelismAboveMax {
+                parallelism: self.parallelism,
+                max_parallelism: max,
+            });
+        }
+        self.pipeline.validate_graph()?;
+        if let Some(r) = &self.restore
+            && r.snapshot.is_some()
+            && r.path.is_some()
+        {
+            return Err(SpecError::RestoreBoth);
+        }
+        Ok(())
+    }
+}

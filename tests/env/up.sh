@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Starts the test environment on 127.0.0.1 with free ports: etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler, Garage (S3), and the node agent; writes
+# $TESTENV_DIR/env.sh. Installs (and caches) what is missing first.
+# Usage: tests/env/up.sh [TESTENV_DIR]   (default: target/testenv)
+source "$(dirname "$0")/lib.sh"
+root=$(cd "$(dirname "$0")/../.." && pwd)
+dir=${1:-$root/target/testenv}
+bin_dir=${WEIR_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}
+
+if [ -f "$dir/env.sh" ] && [ -d "$dir/pids" ]; then
+  log "an environment is already up in $dir: run tests/env/down.sh first"; exit 1
+fi
+bash "$(dirname "$0")/install-k8s.sh"
+bash "$(dirname "$0")/install-garage.sh"
+venv=$(bash "$(dirname "$0")/install-python.sh")
+command -v kubectl >/dev/null || apt_install kubernetes-client
+for b in weir-node; do
+  [ -x "$bin_dir/$b" ] || { log "$bin_dir/$b is missing: run cargo build --workspace --bins first"; exit 1; }
+done
+
+rm -rf "$dir"; mkdir -p "$dir"/{pids,logs,pki,etcd,garage,node}
+dir=$(cd "$dir" && pwd)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+start() { # start NAME CMD...: in its own session, output to logs/NAME.log
+  local name=$1; shift
+  setsid "$@" >"$dir/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$dir/pids/$name.pid"
+}
+wait_for() { # wait_for WHAT SECONDS CMD...
+  local what=$1 secs=$2; shift 2
+  for _ in $(seq 1 $((secs * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  log "timed out waiting for $what"; exit 1
+}
+trap 'log "env-up failed: logs in $dir/logs"; bash "$(dirname "$0")/down.sh" "$dir"' ERR
+
+etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port)
+s3_port=$(free_port); s3_rpc=$(free_port); s3_admin=$(free_port)
+# A /16 of the loopback range for pods, different per environment.
+net=$(( (RANDOM % 200) + 20 ))
+pod_network="127.$net.0.0/16"
+
+# --- PKI: a CA, the apiserver's serving certificate, the service-account key pair, a token.
+pki=$dir/pki
+openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=weir-testenv-ca" \
+  -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n' > "$pki/san.ext"
+openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 30 \
+  -extfile "$pki/san.ext" -out "$pki/apiserver.crt" 2>/dev/null
+openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+token=$(openssl rand -hex 24)
+echo "$token,admin,admin,system:masters" > "$pki/tokens.csv"
+
+kubeconfig=$dir/kubeconfig
+cat > "$kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: weir-testenv
+  cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$pki/ca.crt"}
+users:
+- name: admin
+  user: {token: "$token"}
+contexts:
+- name: weir-testenv
+  context: {cluster: weir-testenv, user: admin, namespace: default}
+current-context: weir-testenv
+KC
+
+# --- etcd
+start etcd /usr/bin/etcd --name weir --data-dir "$dir/etcd" \
+  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+  --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
+  --initial-cluster "weir=http://127.0.0.1:$etcd_peer" --unsafe-no-fsync --log-level warn
+wait_for etcd 30 curl -fsS "http://127.0.0.1:$etcd_port/health"
+
+# --- kube-apiserver
+start kube-apiserver "$K8S_DIR/kube-apiserver" \
+  --etcd-servers "http://127.0.0.1:$etcd_port" --bind-address 127.0.0.1 --advertise-address 127.0.0.1 \
+  --secure-port "$api_port" --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+  --cert-dir "$pki" --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+  --service-account-issuer https://kubernetes.default.svc.cluster.local --api-audiences https://kubernetes.default.svc.cluster.local \
+  --token-auth-file "$pki/tokens.csv" --authorization-mode RBAC --service-cluster-ip-range 10.0.0.0/24 \
+  --endpoint-reconciler-type none --allow-privileged=true --insecure-port 0 --logtostderr -v 1
+wait_for kube-apiserver 90 curl -fsS --cacert "$pki/ca.crt" -H "Authorization: Bearer $token" "https://127.0.0.1:$api_port/readyz"
+
+# --- controller-manager and scheduler
+start kube-controller-manager "$K8S_DIR/kube-controller-manager" --kubeconfig "$kubeconfig" \
+  --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" --leader-elect=false \
+  --use-service-account-credentials=false --port 0 --secure-port 0 --cluster-name weir-testenv \
+  --controllers '*,-nodeipam,-nodelifecycle,-ttl,-attachdetach,-persistentvolume-binder,-pvc-protection,-pv-protection,-cloud-node-lifecycle,-service,-route' \
+  --logtostderr -v 1
+start kube-scheduler "$K8S_DIR/kube-scheduler" --kubeconfig "$kubeconfig" --leader-elect=false \
+  --port 0 --secure-port 0 --logtostderr -v 1
+
+# --- Garage (S3)
+s3_key="GK$(openssl rand -hex 12)"; s3_secret=$(openssl rand -hex 32); bucket=weir-test
+cat > "$dir/garage/garage.toml" <<GT
+metadata_dir = "$dir/garage/meta"
+data_dir = "$dir/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$s3_rpc"
+rpc_public_addr = "127.0.0.1:$s3_rpc"
+rpc_secret = "$(openssl rand -hex 32)"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$s3_port"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:$s3_admin"
+admin_token = "$(openssl rand -hex 16)"
+metrics_token = "$(openssl rand -hex 16)"
+GT
+GARAGE_DEFAULT_ACCESS_KEY=$s3_key GARAGE_DEFAULT_SECRET_KEY=$s3_secret GARAGE_DEFAULT_BUCKET=$bucket \
+  start garage "$GARAGE_DIR/bin/garage" -c "$dir/garage/garage.toml" server --single-node --default-bucket
+wait_for garage 30 curl -fsS "http://127.0.0.1:$s3_admin/health"
+
+# --- the node agent
+KUBECONFIG=$kubeconfig start weir-node "$bin_dir/weir-node" run --node-name weir-node --state-dir "$dir/node" \
+  --image-path "$bin_dir" --pod-network "$pod_network" --apiserver "127.0.0.1:$api_port"
+export KUBECONFIG=$kubeconfig
+wait_for "a Ready node" 60 sh -c "kubectl get node weir-node -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' 2>/dev/null | grep -qx True"
+wait_for "the default service account" 60 kubectl -n default get serviceaccount default
+
+cat > "$dir/env.sh" <<ENV
+# Written by tests/env/up.sh: source it to use the test environment.
+export WEIR_TESTENV_DIR="$dir"
+export KUBECONFIG="$kubeconfig"
+export WEIR_APISERVER="https://127.0.0.1:$api_port"
+export AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port"
+export AWS_REGION=garage
+export AWS_ACCESS_KEY_ID="$s3_key"
+export AWS_SECRET_ACCESS_KEY="$s3_secret"
+export WEIR_TEST_BUCKET="$bucket"
+export WEIR_PYTHON="$venv/bin/python"
+export WEIR_NODE_NAME=weir-node
+export WEIR_POD_NETWORK="$pod_network"
+ENV
+trap - ERR
+log "test environment up: source $dir/env.sh"

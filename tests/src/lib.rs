@@ -1,0 +1,10 @@
+//! Weir's test environment and end-to-end tests.
+//!
+//! - [`node`]: the node agent (`weir-node`) that plays the kubelet, running pods as local
+//!   processes;
+//! - [`testenv`]: what a test needs to use the environment that `make env-up` started
+//!   (clients, a namespace of its own, waiting helpers);
+//! - `tests/`: the end-to-end tests, run by `make e2e` against that environment.
+
+pub mod node;
+pub mod testenv;
