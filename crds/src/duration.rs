@@ -34,7 +34,9 @@ impl Duration {
 
 /// Why a duration string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: {reason}; write it as number-unit parts such as 500ms, 10s, 1m30s, 2h or 7d")]
+#[error(
+    "invalid duration {input:?}: {reason}; write it as number-unit parts such as 500ms, 10s, 1m30s, 2h or 7d"
+)]
 pub struct ParseDurationError {
     pub input: String,
     pub reason: &'static str,

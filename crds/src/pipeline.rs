@@ -49,7 +49,9 @@ pub struct OperatorSpec {
 pub enum PipelineError {
     #[error("pipeline.operators is empty: declare at least one source and one sink")]
     Empty,
-    #[error("pipeline.operators[{index}].uid {uid:?} is used by more than one operator: uids must be unique")]
+    #[error(
+        "pipeline.operators[{index}].uid {uid:?} is used by more than one operator: uids must be unique"
+    )]
     DuplicateUid { index: usize, uid: String },
     #[error("operator {uid:?}: inputs names {input:?}, which is no operator of this pipeline")]
     UnknownInput { uid: String, input: String },
@@ -87,7 +89,8 @@ impl Pipeline {
         }
         // Kahn's algorithm, picking the lowest declaration index first so the order is stable.
         let mut pending: Vec<usize> = self.operators.iter().map(|op| op.inputs.len()).collect();
-        let mut ready: BTreeSet<usize> = (0..self.operators.len()).filter(|&i| pending[i] == 0).collect();
+        let mut ready: BTreeSet<usize> =
+            (0..self.operators.len()).filter(|&i| pending[i] == 0).collect();
         let mut order = Vec::with_capacity(self.operators.len());
         while let Some(i) = ready.pop_first() {
             order.push(&self.operators[i]);
@@ -155,26 +158,38 @@ mod tests {
 
     #[test]
     fn names_the_operator_and_field_of_each_graph_error() {
-        let dup = Pipeline { operators: vec![op("a", "generator", &[]), op("a", "stdout", &["a"])] };
+        let dup =
+            Pipeline { operators: vec![op("a", "generator", &[]), op("a", "stdout", &["a"])] };
         assert_eq!(
             dup.validate_graph().unwrap_err().to_string(),
             "pipeline.operators[1].uid \"a\" is used by more than one operator: uids must be unique"
         );
-        let unknown = Pipeline { operators: vec![op("a", "generator", &[]), op("b", "stdout", &["x"])] };
+        let unknown =
+            Pipeline { operators: vec![op("a", "generator", &[]), op("b", "stdout", &["x"])] };
         assert_eq!(
             unknown.validate_graph().unwrap_err(),
             PipelineError::UnknownInput { uid: "b".into(), input: "x".into() }
         );
         let cyc = Pipeline {
-            operators: vec![op("s", "generator", &[]), op("a", "map", &["s", "b"]), op("b", "map", &["a"])],
+            operators: vec![
+                op("s", "generator", &[]),
+                op("a", "map", &["s", "b"]),
+                op("b", "map", &["a"]),
+            ],
         };
         assert_eq!(
             cyc.validate_graph().unwrap_err(),
             PipelineError::Cycle { cycle: vec!["a".into(), "b".into()] }
         );
         let selfloop = Pipeline { operators: vec![op("a", "map", &["a"])] };
-        assert_eq!(selfloop.validate_graph().unwrap_err(), PipelineError::SelfInput { uid: "a".into() });
-        assert_eq!(Pipeline { operators: vec![] }.validate_graph().unwrap_err(), PipelineError::Empty);
+        assert_eq!(
+            selfloop.validate_graph().unwrap_err(),
+            PipelineError::SelfInput { uid: "a".into() }
+        );
+        assert_eq!(
+            Pipeline { operators: vec![] }.validate_graph().unwrap_err(),
+            PipelineError::Empty
+        );
     }
 
     #[test]

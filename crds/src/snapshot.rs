@@ -23,11 +23,11 @@ use crate::streamjob::SavepointReason;
     status = "StreamSnapshotStatus",
     derive = "PartialEq",
     doc = "One savepoint of a StreamJob, kept after the job is gone so that a job can start from it.",
-    printcolumn(name = "Job", type_ = "string", json_path = ".spec.job"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Parallelism", type_ = "integer", json_path = ".spec.parallelism"),
-    printcolumn(name = "Path", type_ = "string", json_path = ".spec.path", priority = "1"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name":"Job", "type":"string", "jsonPath":".spec.job"}"#,
+    printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Parallelism", "type":"integer", "jsonPath":".spec.parallelism"}"#,
+    printcolumn = r#"{"name":"Path", "type":"string", "jsonPath":".spec.path", "priority":1}"#,
+    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StreamSnapshotSpec {

@@ -144,8 +144,14 @@ mod tests {
             "s3://bkt".parse::<StorageUri>().unwrap(),
             StorageUri::S3 { bucket: "bkt".into(), prefix: "".into() }
         );
-        assert_eq!("/var/tmp/x".parse::<StorageUri>().unwrap(), StorageUri::Local("/var/tmp/x".into()));
-        assert_eq!("file:///data".parse::<StorageUri>().unwrap(), StorageUri::Local("/data".into()));
+        assert_eq!(
+            "/var/tmp/x".parse::<StorageUri>().unwrap(),
+            StorageUri::Local("/var/tmp/x".into())
+        );
+        assert_eq!(
+            "file:///data".parse::<StorageUri>().unwrap(),
+            StorageUri::Local("/data".into())
+        );
         let s3: StorageUri = "s3://bkt/p".parse().unwrap();
         assert_eq!(s3.join("ns/job").to_string(), "s3://bkt/p/ns/job");
         assert_eq!("s3://bkt".parse::<StorageUri>().unwrap().join("/x/").to_string(), "s3://bkt/x");

@@ -39,39 +39,12 @@ use crate::{is_default, preserve_unknown_object, quantity_map};
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(
-        name = "Phase",
-        type_ = "string",
-        json_path = ".status.phase",
-        description = "Where the job is in its lifecycle"
-    ),
-    printcolumn(
-        name = "Parallelism",
-        type_ = "integer",
-        json_path = ".spec.parallelism",
-        description = "Desired number of parallel subtasks"
-    ),
-    printcolumn(
-        name = "Last Checkpoint",
-        type_ = "date",
-        json_path = ".status.lastCheckpoint.completedAt",
-        description = "When the last checkpoint completed"
-    ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(
-        name = "Checkpoint",
-        type_ = "integer",
-        json_path = ".status.lastCheckpoint.id",
-        description = "Id of the last completed checkpoint",
-        priority = "1"
-    ),
-    printcolumn(
-        name = "Savepoint",
-        type_ = "string",
-        json_path = ".status.lastSavepoint.snapshot",
-        description = "StreamSnapshot of the last savepoint",
-        priority = "1"
-    )
+    printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase", "description":"Where the job is in its lifecycle"}"#,
+    printcolumn = r#"{"name":"Parallelism", "type":"integer", "jsonPath":".spec.parallelism", "description":"Desired number of parallel subtasks"}"#,
+    printcolumn = r#"{"name":"Last Checkpoint", "type":"date", "jsonPath":".status.lastCheckpoint.completedAt", "description":"When the last checkpoint completed"}"#,
+    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Checkpoint", "type":"integer", "jsonPath":".status.lastCheckpoint.id", "description":"Id of the last completed checkpoint", "priority":1}"#,
+    printcolumn = r#"{"name":"Savepoint", "type":"string", "jsonPath":".status.lastSavepoint.snapshot", "description":"StreamSnapshot of the last savepoint", "priority":1}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StreamJobSpec {

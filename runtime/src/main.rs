@@ -32,7 +32,9 @@ fn main() -> ExitCode {
                     ops.len(),
                     job.spec.parallelism
                 );
-                println!("weir: the streaming engine is not built yet, so there is nothing to run.");
+                println!(
+                    "weir: the streaming engine is not built yet, so there is nothing to run."
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -8,9 +8,11 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 dir=${1:-$root/target/testenv}
 bin_dir=${WEIR_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}
 
-if [ -f "$dir/env.sh" ] && [ -d "$dir/pids" ]; then
+if [ -f "$dir/env.sh" ]; then
   log "an environment is already up in $dir: run tests/env/down.sh first"; exit 1
 fi
+# What a failed start left behind.
+bash "$(dirname "$0")/down.sh" "$dir"
 bash "$(dirname "$0")/install-k8s.sh"
 bash "$(dirname "$0")/install-garage.sh"
 venv=$(bash "$(dirname "$0")/install-python.sh")
@@ -19,8 +21,13 @@ for b in weir-node; do
   [ -x "$bin_dir/$b" ] || { log "$bin_dir/$b is missing: run cargo build --workspace --bins first"; exit 1; }
 done
 
-rm -rf "$dir"; mkdir -p "$dir"/{pids,logs,pki,etcd,garage,node}
+rm -rf "$dir"; mkdir -p "$dir"/{pids,logs,pki,etcd,garage}
 dir=$(cd "$dir" && pwd)
+# The node's state (pod volumes, logs, pulled images) must be reachable by pods that run as
+# any user, wherever the checkout is: it lives under /var/tmp, linked from $dir/node.
+node_dir=/var/tmp/weir-testenv-$(printf '%s' "$dir" | sha256sum | cut -c1-12)
+rm -rf "$node_dir"; mkdir -p "$node_dir"; chmod 755 "$node_dir"
+ln -s "$node_dir" "$dir/node"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 start() { # start NAME CMD...: in its own session, output to logs/NAME.log
   local name=$1; shift
@@ -32,7 +39,8 @@ wait_for() { # wait_for WHAT SECONDS CMD...
   for _ in $(seq 1 $((secs * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
   log "timed out waiting for $what"; exit 1
 }
-trap 'log "env-up failed: logs in $dir/logs"; bash "$(dirname "$0")/down.sh" "$dir"' ERR
+up_ok=0
+trap '[ $up_ok = 1 ] || { log "env-up failed: logs in $dir/logs"; bash "$(dirname "$0")/down.sh" "$dir"; }' EXIT
 
 etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port)
 s3_port=$(free_port); s3_rpc=$(free_port); s3_admin=$(free_port)
@@ -119,7 +127,7 @@ GARAGE_DEFAULT_ACCESS_KEY=$s3_key GARAGE_DEFAULT_SECRET_KEY=$s3_secret GARAGE_DE
 wait_for garage 30 curl -fsS "http://127.0.0.1:$s3_admin/health"
 
 # --- the node agent
-KUBECONFIG=$kubeconfig start weir-node "$bin_dir/weir-node" run --node-name weir-node --state-dir "$dir/node" \
+KUBECONFIG=$kubeconfig start weir-node "$bin_dir/weir-node" run --node-name weir-node --state-dir "$node_dir" \
   --image-path "$bin_dir" --pod-network "$pod_network" --apiserver "127.0.0.1:$api_port"
 export KUBECONFIG=$kubeconfig
 wait_for "a Ready node" 60 sh -c "kubectl get node weir-node -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' 2>/dev/null | grep -qx True"
@@ -139,5 +147,5 @@ export WEIR_PYTHON="$venv/bin/python"
 export WEIR_NODE_NAME=weir-node
 export WEIR_POD_NETWORK="$pod_network"
 ENV
-trap - ERR
+up_ok=1
 log "test environment up: source $dir/env.sh"

@@ -48,15 +48,21 @@ impl TestEnv {
     pub async fn namespace(&self, prefix: &str) -> String {
         let name = format!("{prefix}-{:08x}", rand_u32());
         let api: Api<Namespace> = Api::all(self.client.clone());
-        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
         api.create(&PostParams::default(), &ns).await.expect("creating a test namespace");
         // Pods need the namespace's default ServiceAccount and its token, which the
         // controller-manager makes.
-        let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(self.client.clone(), &name);
-        wait_for(&format!("the default ServiceAccount of {name} and its token"), Duration::from_secs(30), || async {
-            let sa = sa.get_opt("default").await.ok().flatten()?;
-            sa.secrets.is_some_and(|s| !s.is_empty()).then_some(())
-        })
+        let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(self.client.clone(), &name);
+        wait_for(
+            &format!("the default ServiceAccount of {name} and its token"),
+            Duration::from_secs(30),
+            || async {
+                let sa = sa.get_opt("default").await.ok().flatten()?;
+                sa.secrets.is_some_and(|s| !s.is_empty()).then_some(())
+            },
+        )
         .await;
         name
     }
@@ -96,14 +102,22 @@ impl TestEnv {
 
     /// A container's log file as the node agent writes it.
     pub fn container_log(&self, ns: &str, pod: &str, container: &str) -> String {
-        std::fs::read_to_string(self.dir.join("node/pods").join(ns).join(pod).join(format!("{container}.log")))
-            .unwrap_or_default()
+        std::fs::read_to_string(
+            self.dir.join("node/pods").join(ns).join(pod).join(format!("{container}.log")),
+        )
+        .unwrap_or_default()
     }
 
     /// Applies the generated CRDs and waits until they are established.
     pub fn install_crds(&self) {
         let crds = self.repo.join("crds/weir-crds.yaml");
-        let (ok, _, err) = self.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crds.to_str().unwrap()]);
+        let (ok, _, err) = self.kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            crds.to_str().unwrap(),
+        ]);
         assert!(ok, "applying the CRDs: {err}");
         let (ok, _, err) = self.kubectl(&[
             "wait",
@@ -137,6 +151,8 @@ where
 fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos(),
+    );
     h.finish() as u32
 }

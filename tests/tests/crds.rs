@@ -66,7 +66,8 @@ async fn example_manifests_are_accepted() {
     files.sort();
     assert!(files.len() >= 3);
     for f in &files {
-        let (ok, out, err) = env.kubectl(&["apply", "--server-side", "-n", &ns, "-f", f.to_str().unwrap()]);
+        let (ok, out, err) =
+            env.kubectl(&["apply", "--server-side", "-n", &ns, "-f", f.to_str().unwrap()]);
         assert!(ok, "{} refused: {err}", f.display());
         assert!(out.contains("serverside-applied"), "{out}");
     }
@@ -84,11 +85,20 @@ async fn bad_manifests_are_refused_naming_the_field() {
     let env = env().await;
     let ns = env.namespace("bad").await;
     // (what to change, the field the apiserver must name)
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Mutation, &str)> = vec![
         ("parallelism 0", Box::new(|j| j["spec"]["parallelism"] = json!(0)), "spec.parallelism"),
         ("parallelism -3", Box::new(|j| j["spec"]["parallelism"] = json!(-3)), "spec.parallelism"),
-        ("parallelism of the wrong type", Box::new(|j| j["spec"]["parallelism"] = json!("two")), "spec.parallelism"),
-        ("unknown upgradeMode", Box::new(|j| j["spec"]["upgradeMode"] = json!("yolo")), "spec.upgradeMode"),
+        (
+            "parallelism of the wrong type",
+            Box::new(|j| j["spec"]["parallelism"] = json!("two")),
+            "spec.parallelism",
+        ),
+        (
+            "unknown upgradeMode",
+            Box::new(|j| j["spec"]["upgradeMode"] = json!("yolo")),
+            "spec.upgradeMode",
+        ),
         ("unknown state", Box::new(|j| j["spec"]["state"] = json!("paused")), "spec.state"),
         (
             "malformed duration",
@@ -100,8 +110,16 @@ async fn bad_manifests_are_refused_naming_the_field() {
             Box::new(|j| j["spec"]["restartStrategy"] = json!({"delay": "5"})),
             "spec.restartStrategy.delay",
         ),
-        ("maxParallelism 0", Box::new(|j| j["spec"]["maxParallelism"] = json!(0)), "spec.maxParallelism"),
-        ("maxParallelism 32769", Box::new(|j| j["spec"]["maxParallelism"] = json!(32769)), "spec.maxParallelism"),
+        (
+            "maxParallelism 0",
+            Box::new(|j| j["spec"]["maxParallelism"] = json!(0)),
+            "spec.maxParallelism",
+        ),
+        (
+            "maxParallelism 32769",
+            Box::new(|j| j["spec"]["maxParallelism"] = json!(32769)),
+            "spec.maxParallelism",
+        ),
         (
             "missing pipeline",
             Box::new(|j| {
@@ -109,7 +127,11 @@ async fn bad_manifests_are_refused_naming_the_field() {
             }),
             "spec.pipeline",
         ),
-        ("empty pipeline", Box::new(|j| j["spec"]["pipeline"]["operators"] = json!([])), "spec.pipeline.operators"),
+        (
+            "empty pipeline",
+            Box::new(|j| j["spec"]["pipeline"]["operators"] = json!([])),
+            "spec.pipeline.operators",
+        ),
         (
             "uid with capitals and spaces",
             Box::new(|j| j["spec"]["pipeline"]["operators"][0]["uid"] = json!("My Source")),
@@ -137,14 +159,20 @@ async fn bad_manifests_are_refused_naming_the_field() {
             Box::new(|j| j["spec"]["restartStrategy"] = json!({"type": "sometimes"})),
             "spec.restartStrategy.type",
         ),
-        ("retained 0", Box::new(|j| j["spec"]["checkpointing"] = json!({"retained": 0})), "spec.checkpointing.retained"),
+        (
+            "retained 0",
+            Box::new(|j| j["spec"]["checkpointing"] = json!({"retained": 0})),
+            "spec.checkpointing.retained",
+        ),
     ];
     for (i, (what, mutate, field)) in cases.iter().enumerate() {
         let mut job = minimal_job(&format!("bad-{i}"));
         mutate(&mut job);
         match create_raw(&env, &ns, job).await {
             Ok(_) => panic!("{what}: the apiserver accepted it"),
-            Err(msg) => assert!(msg.contains(field), "{what}: the message does not name {field}: {msg}"),
+            Err(msg) => {
+                assert!(msg.contains(field), "{what}: the message does not name {field}: {msg}")
+            }
         }
     }
     // And the good one is accepted, so the refusals above are about the mutations.
@@ -209,7 +237,10 @@ async fn scale_subresource_and_printer_columns() {
     let row = out.lines().nth(1).unwrap_or_default();
     assert!(row.starts_with("s ") && row.contains("Running") && row.contains(" 3 "), "{out}");
     let (ok, out, _) = env.kubectl(&["-n", &ns, "get", "sj", "-o", "wide"]);
-    assert!(ok && out.contains("CHECKPOINT") && out.lines().nth(1).unwrap().contains(" 7 "), "{out}");
+    assert!(
+        ok && out.contains("CHECKPOINT") && out.lines().nth(1).unwrap().contains(" 7 "),
+        "{out}"
+    );
     env.delete_namespace(&ns).await;
 }
 
@@ -251,7 +282,10 @@ async fn stream_snapshots_are_stored() {
     });
     let api: Api<DynamicObject> =
         Api::namespaced_with(env.client.clone(), &ns, &ApiResource::erase::<StreamSnapshot>(&()));
-    let err = api.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err();
+    let err = api
+        .create(&PostParams::default(), &serde_json::from_value(bad).unwrap())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("spec.path"), "{err}");
     env.delete_namespace(&ns).await;
 }

@@ -39,7 +39,13 @@ fn pod(name: &str, restart: &str, script: &str) -> Value {
     })
 }
 
-async fn pod_where(env: &TestEnv, ns: &str, name: &str, what: &str, f: impl Fn(&Pod) -> bool) -> Pod {
+async fn pod_where(
+    env: &TestEnv,
+    ns: &str,
+    name: &str,
+    what: &str,
+    f: impl Fn(&Pod) -> bool,
+) -> Pod {
     let api: Api<Pod> = Api::namespaced(env.client.clone(), ns);
     wait_for(&format!("pod {name}: {what}"), T, || async {
         api.get_opt(name).await.ok().flatten().filter(|p| f(p))
@@ -74,7 +80,10 @@ async fn node_is_ready_and_schedulable() {
     let conds = node.status.unwrap().conditions.unwrap();
     assert!(conds.iter().any(|c| c.type_ == "Ready" && c.status == "True"), "{conds:?}");
     let taints = node.spec.unwrap().taints.unwrap_or_default();
-    assert!(taints.iter().all(|t| t.effect != "NoSchedule" && t.effect != "NoExecute"), "{taints:?}");
+    assert!(
+        taints.iter().all(|t| t.effect != "NoSchedule" && t.effect != "NoExecute"),
+        "{taints:?}"
+    );
     let (ok, out, _) = env.kubectl(&["get", "nodes"]);
     assert!(ok && out.contains(" Ready "), "{out}");
 }
@@ -84,9 +93,19 @@ async fn statefulset_pods_run_with_env_volumes_addresses_and_dns() {
     let env = TestEnv::get().await;
     let ns = env.namespace("sts").await;
     create::<Secret>(&env, &ns, json!({"metadata": {"name": "creds"}, "stringData": {"password": "s3cr3t", "user": "weir"}})).await;
-    create::<ConfigMap>(&env, &ns, json!({"metadata": {"name": "conf"}, "data": {"mode": "fast", "job.yaml": "a: 1\n"}})).await;
-    create::<Service>(&env, &ns, json!({"metadata": {"name": "web"}, "spec": {
-        "clusterIP": "None", "selector": {"app": "web"}, "ports": [{"port": 8080}]}})).await;
+    create::<ConfigMap>(
+        &env,
+        &ns,
+        json!({"metadata": {"name": "conf"}, "data": {"mode": "fast", "job.yaml": "a: 1\n"}}),
+    )
+    .await;
+    create::<Service>(
+        &env,
+        &ns,
+        json!({"metadata": {"name": "web"}, "spec": {
+        "clusterIP": "None", "selector": {"app": "web"}, "ports": [{"port": 8080}]}}),
+    )
+    .await;
     let script = "echo \"name=$POD_NAME ns=$POD_NS ip=$POD_IP node=$NODE pw=$PASSWORD mode=$MODE app=$APP \
                   greeting=$GREETING\"; echo \"file=$(cat /etc/weir-conf/job.yaml) user=$(cat /etc/weir-creds/user)\"; \
                   echo \"host=$(hostname)\"; exec python3 -m http.server --bind \"$POD_IP\" 8080";
@@ -124,7 +143,9 @@ async fn statefulset_pods_run_with_env_volumes_addresses_and_dns() {
     let mut ips = Vec::new();
     for i in 0..2 {
         let name = format!("web-{i}");
-        let p = pod_where(&env, &ns, &name, "Running and Ready", |p| phase(p) == "Running" && ready(p)).await;
+        let p =
+            pod_where(&env, &ns, &name, "Running and Ready", |p| phase(p) == "Running" && ready(p))
+                .await;
         let ip = p.status.unwrap().pod_ip.unwrap();
         assert!(ip.starts_with("127.") && ip != "127.0.0.1", "{ip}");
         let log = env.container_log(&ns, &name, "main");
@@ -157,7 +178,10 @@ async fn statefulset_pods_run_with_env_volumes_addresses_and_dns() {
     let (ok, _, err) = env.kubectl(&["-n", &ns, "scale", "statefulset/web", "--replicas", "1"]);
     assert!(ok, "{err}");
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
-    wait_for("web-1 to be gone", T, || async { pods.get_opt("web-1").await.ok().flatten().is_none().then_some(()) }).await;
+    wait_for("web-1 to be gone", T, || async {
+        pods.get_opt("web-1").await.ok().flatten().is_none().then_some(())
+    })
+    .await;
     wait_for("web-1's name to be withdrawn", T, || async {
         resolve(&format!("web-1.web.{ns}.svc.cluster.local")).is_empty().then_some(())
     })
@@ -169,8 +193,13 @@ async fn statefulset_pods_run_with_env_volumes_addresses_and_dns() {
 async fn deployment_pods_run_and_the_service_name_resolves() {
     let env = TestEnv::get().await;
     let ns = env.namespace("deploy").await;
-    create::<Service>(&env, &ns, json!({"metadata": {"name": "api"}, "spec": {
-        "selector": {"app": "api"}, "ports": [{"port": 9090, "targetPort": 9090}]}})).await;
+    create::<Service>(
+        &env,
+        &ns,
+        json!({"metadata": {"name": "api"}, "spec": {
+        "selector": {"app": "api"}, "ports": [{"port": 9090, "targetPort": 9090}]}}),
+    )
+    .await;
     create::<Deployment>(&env, &ns, json!({"metadata": {"name": "api"}, "spec": {
         "replicas": 1, "selector": {"matchLabels": {"app": "api"}},
         "template": {"metadata": {"labels": {"app": "api"}}, "spec": {"containers": [{
@@ -181,7 +210,10 @@ async fn deployment_pods_run_and_the_service_name_resolves() {
         }]}},
     }})).await;
     let host = format!("api.{ns}.svc");
-    wait_for(&format!("{host} to resolve"), T, || async { (!resolve(&host).is_empty()).then_some(()) }).await;
+    wait_for(&format!("{host} to resolve"), T, || async {
+        (!resolve(&host).is_empty()).then_some(())
+    })
+    .await;
     assert!(weir_e2e::node::probe::http_ok(&host, 9090, "/").await);
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
     wait_for("the deployment to report 1 available replica", T, || async {
@@ -212,7 +244,10 @@ async fn restart_policies_and_exit_codes() {
     assert_eq!(main_status(&p).state.unwrap().terminated.unwrap().exit_code, 0);
 
     let p = pod_where(&env, &ns, "on-failure", "restarted twice", |p| {
-        p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|c| c[0].restart_count >= 2)
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|c| c[0].restart_count >= 2)
     })
     .await;
     assert_eq!(phase(&p), "Running", "a restarting pod is Running");
@@ -222,7 +257,10 @@ async fn restart_policies_and_exit_codes() {
 
     // Always restarts even a container that exits 0.
     pod_where(&env, &ns, "always", "restarted", |p| {
-        p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|c| c[0].restart_count >= 1)
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|c| c[0].restart_count >= 1)
     })
     .await;
     env.delete_namespace(&ns).await;
@@ -233,9 +271,18 @@ async fn deletion_is_graceful_then_forceful() {
     let env = TestEnv::get().await;
     let ns = env.namespace("delete").await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
-    create::<Pod>(&env, &ns, pod("polite", "Always",
-        "trap 'echo got TERM; exit 0' TERM; echo started; while true; do sleep 0.1; done")).await;
-    let mut stubborn = pod("stubborn", "Always", "trap '' TERM; echo started; while true; do sleep 0.1; done");
+    create::<Pod>(
+        &env,
+        &ns,
+        pod(
+            "polite",
+            "Always",
+            "trap 'echo got TERM; exit 0' TERM; echo started; while true; do sleep 0.1; done",
+        ),
+    )
+    .await;
+    let mut stubborn =
+        pod("stubborn", "Always", "trap '' TERM; echo started; while true; do sleep 0.1; done");
     stubborn["spec"]["terminationGracePeriodSeconds"] = json!(2);
     create::<Pod>(&env, &ns, stubborn).await;
     for name in ["polite", "stubborn"] {
@@ -248,11 +295,23 @@ async fn deletion_is_graceful_then_forceful() {
     pods.delete("polite", &DeleteParams::default()).await.unwrap();
     let t0 = Instant::now();
     pods.delete("stubborn", &DeleteParams::default()).await.unwrap();
-    wait_for("polite to be gone", T, || async { pods.get_opt("polite").await.ok().flatten().is_none().then_some(()) }).await;
-    assert!(env.container_log(&ns, "polite", "main").contains("got TERM"), "TERM was not delivered");
-    wait_for("stubborn to be gone", T, || async { pods.get_opt("stubborn").await.ok().flatten().is_none().then_some(()) }).await;
+    wait_for("polite to be gone", T, || async {
+        pods.get_opt("polite").await.ok().flatten().is_none().then_some(())
+    })
+    .await;
+    assert!(
+        env.container_log(&ns, "polite", "main").contains("got TERM"),
+        "TERM was not delivered"
+    );
+    wait_for("stubborn to be gone", T, || async {
+        pods.get_opt("stubborn").await.ok().flatten().is_none().then_some(())
+    })
+    .await;
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(1900), "stubborn was killed before its grace period: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "stubborn was killed before its grace period: {took:?}"
+    );
     env.delete_namespace(&ns).await;
 }
 
@@ -262,26 +321,36 @@ async fn probes_users_and_read_only_roots() {
     let ns = env.namespace("probes").await;
     // A liveness probe that always fails gets the container restarted.
     let mut live = pod("liveness", "Always", "echo up; sleep 1000");
-    live["spec"]["containers"][0]["livenessProbe"] = json!({"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 1});
+    live["spec"]["containers"][0]["livenessProbe"] =
+        json!({"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 1});
     create::<Pod>(&env, &ns, live).await;
     // A readiness probe that fails keeps the pod unready while it runs.
     let mut unready = pod("unready", "Always", "sleep 1000");
-    unready["spec"]["containers"][0]["readinessProbe"] = json!({"exec": {"command": ["false"]}, "periodSeconds": 1});
+    unready["spec"]["containers"][0]["readinessProbe"] =
+        json!({"exec": {"command": ["false"]}, "periodSeconds": 1});
     create::<Pod>(&env, &ns, unready).await;
     // A read-only root file system refuses even root, who can write without it (control);
     // a non-root user writes to an emptyDir.
     let probe_file = format!("/var/tmp/weir-ro-probe-{ns}");
-    let write = format!("(touch {probe_file} 2>/dev/null && echo root=writable) || echo root=readonly");
+    let write =
+        format!("(touch {probe_file} 2>/dev/null && echo root=writable) || echo root=readonly");
     let mut ro = pod("ro-root", "Never", &write);
     ro["spec"]["containers"][0]["securityContext"] = json!({"readOnlyRootFilesystem": true});
     create::<Pod>(&env, &ns, ro).await;
     let mut rw = pod("rw-root", "Never", &format!("{write}; rm -f {probe_file}"));
     rw["spec"]["containers"][0]["securityContext"] = json!({"readOnlyRootFilesystem": false});
     create::<Pod>(&env, &ns, rw).await;
-    let mut locked = pod("locked", "Never", "echo uid=$(id -u) gid=$(id -g); touch /data/ok && echo data=writable");
-    locked["spec"]["securityContext"] = json!({"runAsUser": 65534, "runAsGroup": 65534, "runAsNonRoot": true});
-    locked["spec"]["containers"][0]["securityContext"] = json!({"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false});
-    locked["spec"]["containers"][0]["volumeMounts"] = json!([{"name": "data", "mountPath": "/data"}]);
+    let mut locked = pod(
+        "locked",
+        "Never",
+        "echo uid=$(id -u) gid=$(id -g); touch /data/ok && echo data=writable",
+    );
+    locked["spec"]["securityContext"] =
+        json!({"runAsUser": 65534, "runAsGroup": 65534, "runAsNonRoot": true});
+    locked["spec"]["containers"][0]["securityContext"] =
+        json!({"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false});
+    locked["spec"]["containers"][0]["volumeMounts"] =
+        json!([{"name": "data", "mountPath": "/data"}]);
     locked["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
     create::<Pod>(&env, &ns, locked).await;
     // runAsNonRoot without a user is refused, as the kubelet refuses it.
@@ -290,7 +359,10 @@ async fn probes_users_and_read_only_roots() {
     create::<Pod>(&env, &ns, rootish).await;
 
     pod_where(&env, &ns, "liveness", "restarted by its liveness probe", |p| {
-        p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|c| c[0].restart_count >= 1)
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|c| c[0].restart_count >= 1)
     })
     .await;
     let p = pod_where(&env, &ns, "unready", "Running", |p| phase(p) == "Running").await;

@@ -127,16 +127,21 @@ fn main() -> Result<()> {
                 image_path,
                 pod_network: parse_cidr(&pod_network)?,
                 hosts_file,
-                backoff: (Duration::from_millis(restart_backoff_ms), Duration::from_millis(restart_backoff_max_ms)),
+                backoff: (
+                    Duration::from_millis(restart_backoff_ms),
+                    Duration::from_millis(restart_backoff_max_ms),
+                ),
                 pod_base_env,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
-                let client = kube::Client::try_default().await.context("connecting to the apiserver")?;
+                let client =
+                    kube::Client::try_default().await.context("connecting to the apiserver")?;
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
                     let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("SIGTERM");
                     tokio::select! {
                         _ = term.recv() => {},
                         _ = tokio::signal::ctrl_c() => {},

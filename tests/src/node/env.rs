@@ -24,7 +24,11 @@ impl std::fmt::Debug for ObjectSource {
 }
 
 impl ObjectSource {
-    pub async fn secret(&self, ns: &str, name: &str) -> Result<Option<BTreeMap<String, Vec<u8>>>, ConfigError> {
+    pub async fn secret(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ConfigError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         let s = api.get_opt(name).await.map_err(|e| format!("reading secret {ns}/{name}: {e}"))?;
         Ok(s.map(|s| {
@@ -37,9 +41,14 @@ impl ObjectSource {
         }))
     }
 
-    pub async fn config_map(&self, ns: &str, name: &str) -> Result<Option<BTreeMap<String, Vec<u8>>>, ConfigError> {
+    pub async fn config_map(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ConfigError> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        let c = api.get_opt(name).await.map_err(|e| format!("reading configmap {ns}/{name}: {e}"))?;
+        let c =
+            api.get_opt(name).await.map_err(|e| format!("reading configmap {ns}/{name}: {e}"))?;
         Ok(c.map(|c| {
             let mut out: BTreeMap<String, Vec<u8>> =
                 c.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
@@ -98,7 +107,8 @@ pub async fn container_env(
     for var in container.env.iter().flatten() {
         let value = match &var.value_from {
             None => {
-                let lookup: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let lookup: BTreeMap<&str, &str> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 expand(var.value.as_deref().unwrap_or(""), |n| lookup.get(n).map(|s| s.to_string()))
             }
             Some(src) => match value_from(objects, pod, container, facts, ns, src).await? {
@@ -129,7 +139,13 @@ async fn value_from(
         return key_ref(objects.secret(ns, &r.name).await?, "secret", &r.name, &r.key, r.optional);
     }
     if let Some(r) = &src.config_map_key_ref {
-        return key_ref(objects.config_map(ns, &r.name).await?, "configmap", &r.name, &r.key, r.optional);
+        return key_ref(
+            objects.config_map(ns, &r.name).await?,
+            "configmap",
+            &r.name,
+            &r.key,
+            r.optional,
+        );
     }
     Err("an env valueFrom with no source".into())
 }
@@ -162,7 +178,9 @@ pub fn field_ref(pod: &Pod, facts: &PodFacts, path: &str) -> Result<String, Conf
         "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
         "metadata.uid" => meta.uid.clone().unwrap_or_default(),
         "spec.nodeName" => facts.node_name.clone(),
-        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+        "spec.serviceAccountName" => {
+            spec.and_then(|s| s.service_account_name.clone()).unwrap_or_default()
+        }
         "status.podIP" | "status.podIPs" => facts.pod_ip.clone(),
         "status.hostIP" | "status.hostIPs" => facts.host_ip.clone(),
         _ => {
@@ -180,7 +198,8 @@ pub fn field_ref(pod: &Pod, facts: &PodFacts, path: &str) -> Result<String, Conf
 /// The value of a `resourceFieldRef` (`limits.cpu` in whole cores rounded up, memory in bytes);
 /// an unset limit is the node's capacity.
 fn resource_field(container: &Container, resource: &str) -> Result<String, ConfigError> {
-    let (section, name) = resource.split_once('.').ok_or_else(|| format!("unsupported resource {resource:?}"))?;
+    let (section, name) =
+        resource.split_once('.').ok_or_else(|| format!("unsupported resource {resource:?}"))?;
     let res = container.resources.as_ref();
     let q = match section {
         "limits" => res.and_then(|r| r.limits.as_ref()).and_then(|m| m.get(name)),
@@ -197,7 +216,9 @@ fn resource_field(container: &Container, resource: &str) -> Result<String, Confi
 
 /// Parses a Kubernetes quantity (`500m`, `2`, `1Gi`, `3k`) into a number.
 pub fn parse_quantity(s: &str) -> Option<f64> {
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(s.len());
     let (num, suffix) = s.split_at(split);
     let n: f64 = num.parse().ok()?;
     let mult = match suffix {
@@ -290,7 +311,11 @@ mod tests {
             "spec": {"containers": [], "serviceAccountName": "sa"}
         }))
         .unwrap();
-        let facts = PodFacts { pod_ip: "127.1.0.2".into(), host_ip: "127.0.0.1".into(), node_name: "n".into() };
+        let facts = PodFacts {
+            pod_ip: "127.1.0.2".into(),
+            host_ip: "127.0.0.1".into(),
+            node_name: "n".into(),
+        };
         for (path, want) in [
             ("metadata.name", "p"),
             ("metadata.namespace", "ns"),

@@ -73,8 +73,16 @@ pub fn exec_container(spec: &ExecSpec) -> Result<std::convert::Infallible> {
             std::fs::OpenOptions::new().create(true).append(true).open(&b.target).map(drop)
         }
         .with_context(|| format!("creating mount point {}", b.target.display()))?;
-        mount(Some(&b.source), &b.target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .with_context(|| format!("bind-mounting {} at {}", b.source.display(), b.target.display()))?;
+        mount(
+            Some(&b.source),
+            &b.target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .with_context(|| {
+            format!("bind-mounting {} at {}", b.source.display(), b.target.display())
+        })?;
         if b.read_only {
             remount_read_only(&b.target)?;
         }

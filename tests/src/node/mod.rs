@@ -106,11 +106,16 @@ impl Agent {
 
     /// The program and arguments of a container: `command` (resolved on the image path, then
     /// `PATH`) or the image's binary, then `args`.
-    pub fn resolve_command(&self, image: &str, c: &Container) -> Result<(PathBuf, Vec<String>), String> {
+    pub fn resolve_command(
+        &self,
+        image: &str,
+        c: &Container,
+    ) -> Result<(PathBuf, Vec<String>), String> {
         let args = c.args.clone().unwrap_or_default();
         match c.command.as_deref() {
             Some([prog, rest @ ..]) => {
-                let p = self.find_program(prog).ok_or_else(|| format!("command {prog:?} not found"))?;
+                let p =
+                    self.find_program(prog).ok_or_else(|| format!("command {prog:?} not found"))?;
                 Ok((p, rest.iter().cloned().chain(args).collect()))
             }
             _ => Ok((self.pull(image)?, args)),
@@ -133,12 +138,9 @@ impl Agent {
     /// running as any user can execute it wherever the build put it.
     fn pull(&self, image: &str) -> Result<PathBuf, String> {
         let name = image_binary(image);
-        let src = self
-            .image_path
-            .iter()
-            .map(|d| d.join(&name))
-            .find(|p| p.is_file())
-            .ok_or_else(|| format!("image {image:?}: no binary named {name:?} on the node's image path"))?;
+        let src = self.image_path.iter().map(|d| d.join(&name)).find(|p| p.is_file()).ok_or_else(
+            || format!("image {image:?}: no binary named {name:?} on the node's image path"),
+        )?;
         self.pull_file(&name, &src)
     }
 
@@ -184,7 +186,6 @@ impl Agent {
             self.dns_changed.notify_one();
         }
     }
-
 }
 
 /// The binary an image runs: the last path segment of its repository, without tag or digest.
@@ -257,17 +258,29 @@ impl DnsState {
                 continue;
             }
             for p in self.pods.values() {
-                if &p.ns == ns && (p.ready || svc.publish_not_ready) && sel.iter().all(|(k, v)| p.labels.get(k) == Some(v)) {
-                    lines.insert(format!("{} {name}.{ns}.svc.cluster.local {name}.{ns}.svc {name}.{ns}", p.ip));
+                if &p.ns == ns
+                    && (p.ready || svc.publish_not_ready)
+                    && sel.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                {
+                    lines.insert(format!(
+                        "{} {name}.{ns}.svc.cluster.local {name}.{ns}.svc {name}.{ns}",
+                        p.ip
+                    ));
                 }
             }
         }
         for p in self.pods.values() {
             if let (Some(h), Some(sub)) = (&p.hostname, &p.subdomain) {
-                let publish = self.services.get(&(p.ns.clone(), sub.clone())).is_some_and(|s| s.publish_not_ready);
+                let publish = self
+                    .services
+                    .get(&(p.ns.clone(), sub.clone()))
+                    .is_some_and(|s| s.publish_not_ready);
                 if p.ready || publish {
                     let ns = &p.ns;
-                    lines.insert(format!("{} {h}.{sub}.{ns}.svc.cluster.local {h}.{sub}.{ns}.svc", p.ip));
+                    lines.insert(format!(
+                        "{} {h}.{sub}.{ns}.svc.cluster.local {h}.{sub}.{ns}.svc",
+                        p.ip
+                    ));
                 }
             }
         }
@@ -311,8 +324,13 @@ pub fn write_hosts_block(hosts: &Path, tag: &str, lines: &[String]) -> std::io::
 
 /// Registers the node and runs the agent until `shutdown` fires; then stops every pod's
 /// processes and removes the DNS block.
-pub async fn run(client: Client, cfg: NodeConfig, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+pub async fn run(
+    client: Client,
+    cfg: NodeConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let agent = Arc::new(Agent {
         objects: ObjectSource { client: client.clone() },
         client: client.clone(),
@@ -350,9 +368,13 @@ pub async fn run(client: Client, cfg: NodeConfig, mut shutdown: watch::Receiver<
     };
 
     let pods: Api<Pod> = Api::all(client.clone());
-    let stream = watcher::watcher(pods, watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name)));
+    let stream = watcher::watcher(
+        pods,
+        watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name)),
+    );
     let mut stream = std::pin::pin!(stream);
-    let mut running: HashMap<String, (watch::Sender<PodUpdate>, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut running: HashMap<String, (watch::Sender<PodUpdate>, tokio::task::JoinHandle<()>)> =
+        HashMap::new();
     let mut listed: Option<BTreeSet<String>> = None;
     loop {
         let event = tokio::select! {
@@ -452,7 +474,10 @@ async fn register_node(client: &Client, name: &str) -> Result<()> {
                      "architecture": "amd64", "containerRuntimeVersion": "weir-node://0.1",
                      "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "weir test node"},
     }});
-    nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.context("reporting node status")?;
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .context("reporting node status")?;
     untaint(&nodes, name).await
 }
 
@@ -460,9 +485,12 @@ async fn register_node(client: &Client, name: &str) -> Result<()> {
 async fn untaint(nodes: &Api<Node>, name: &str) -> Result<()> {
     let node = nodes.get(name).await?;
     let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
-    let keep: Vec<_> = taints.iter().filter(|t| !t.key.starts_with("node.kubernetes.io/")).cloned().collect();
+    let keep: Vec<_> =
+        taints.iter().filter(|t| !t.key.starts_with("node.kubernetes.io/")).cloned().collect();
     if keep.len() != taints.len() {
-        nodes.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"taints": keep}}))).await?;
+        nodes
+            .patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"taints": keep}})))
+            .await?;
     }
     Ok(())
 }
@@ -473,7 +501,9 @@ async fn heartbeat(client: Client, name: String) {
         tokio::time::sleep(Duration::from_secs(10)).await;
         let now = Timestamp::now().to_string();
         let patch = json!({"status": {"conditions": node_conditions(&now)}});
-        if let Err(e) = nodes.patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
+        if let Err(e) =
+            nodes.patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch)).await
+        {
             warn!("node heartbeat: {e}");
         }
         if let Err(e) = untaint(&nodes, &name).await {
@@ -495,10 +525,19 @@ async fn watch_services(agent: Arc<Agent>) {
                 continue;
             }
         };
-        let key = |s: &Service| (s.metadata.namespace.clone().unwrap_or_default(), s.metadata.name.clone().unwrap_or_default());
+        let key = |s: &Service| {
+            (
+                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata.name.clone().unwrap_or_default(),
+            )
+        };
         let val = |s: &Service| ServiceDns {
             selector: s.spec.as_ref().and_then(|sp| sp.selector.clone()),
-            publish_not_ready: s.spec.as_ref().and_then(|sp| sp.publish_not_ready_addresses).unwrap_or(false),
+            publish_not_ready: s
+                .spec
+                .as_ref()
+                .and_then(|sp| sp.publish_not_ready_addresses)
+                .unwrap_or(false),
         };
         {
             let mut dns = agent.dns.lock().unwrap();
@@ -540,11 +579,15 @@ mod tests {
 
     #[test]
     fn ip_pool_hands_out_distinct_addresses_and_reuses_late() {
-        let mut pool = IpPool::new(Ipv4Addr::new(127, 9, 0, 0), 8);
+        // A /28: .0 and .1 are not handed out, nor .15; that leaves 13.
+        let mut pool = IpPool::new(Ipv4Addr::new(127, 9, 0, 0), 16);
         let a: Vec<_> = (0..6).map(|_| pool.allocate()).collect();
         assert_eq!(a[0], Ipv4Addr::new(127, 9, 0, 2));
         assert_eq!(a.iter().collect::<BTreeSet<_>>().len(), 6);
         pool.release(a[1]);
+        let rest: Vec<_> = (0..7).map(|_| pool.allocate()).collect();
+        assert!(!rest.contains(&a[1]), "a released address came back before the range was used up");
+        assert_eq!(rest.last(), Some(&Ipv4Addr::new(127, 9, 0, 14)));
         assert_eq!(pool.allocate(), a[1]);
     }
 
@@ -552,19 +595,39 @@ mod tests {
     fn dns_block_names_services_and_statefulset_pods() {
         let mut s = DnsState::default();
         let labels: BTreeMap<String, String> = [("app".to_string(), "w".to_string())].into();
-        s.services.insert(("ns".into(), "w".into()), ServiceDns { selector: Some(labels.clone()), publish_not_ready: false });
-        s.pods.insert("u1".into(), PodDns {
-            ns: "ns".into(), labels: labels.clone(), hostname: Some("w-0".into()), subdomain: Some("w".into()),
-            ip: Ipv4Addr::new(127, 9, 0, 2), ready: true,
-        });
-        s.pods.insert("u2".into(), PodDns {
-            ns: "ns".into(), labels, hostname: Some("w-1".into()), subdomain: Some("w".into()),
-            ip: Ipv4Addr::new(127, 9, 0, 3), ready: false,
-        });
-        assert_eq!(s.render(), vec![
-            "127.9.0.2 w-0.w.ns.svc.cluster.local w-0.w.ns.svc".to_string(),
-            "127.9.0.2 w.ns.svc.cluster.local w.ns.svc w.ns".to_string(),
-        ]);
+        s.services.insert(
+            ("ns".into(), "w".into()),
+            ServiceDns { selector: Some(labels.clone()), publish_not_ready: false },
+        );
+        s.pods.insert(
+            "u1".into(),
+            PodDns {
+                ns: "ns".into(),
+                labels: labels.clone(),
+                hostname: Some("w-0".into()),
+                subdomain: Some("w".into()),
+                ip: Ipv4Addr::new(127, 9, 0, 2),
+                ready: true,
+            },
+        );
+        s.pods.insert(
+            "u2".into(),
+            PodDns {
+                ns: "ns".into(),
+                labels,
+                hostname: Some("w-1".into()),
+                subdomain: Some("w".into()),
+                ip: Ipv4Addr::new(127, 9, 0, 3),
+                ready: false,
+            },
+        );
+        assert_eq!(
+            s.render(),
+            vec![
+                "127.9.0.2 w-0.w.ns.svc.cluster.local w-0.w.ns.svc".to_string(),
+                "127.9.0.2 w.ns.svc.cluster.local w.ns.svc w.ns".to_string(),
+            ]
+        );
     }
 
     #[test]
@@ -574,8 +637,10 @@ mod tests {
         std::fs::write(&f, "127.0.0.1 localhost\n").unwrap();
         write_hosts_block(&f, "n1", &["127.9.0.2 a".into()]).unwrap();
         write_hosts_block(&f, "n1", &["127.9.0.3 b".into()]).unwrap();
-        assert_eq!(std::fs::read_to_string(&f).unwrap(),
-            "127.0.0.1 localhost\n# BEGIN weir-node n1\n127.9.0.3 b\n# END weir-node n1\n");
+        assert_eq!(
+            std::fs::read_to_string(&f).unwrap(),
+            "127.0.0.1 localhost\n# BEGIN weir-node n1\n127.9.0.3 b\n# END weir-node n1\n"
+        );
         write_hosts_block(&f, "n1", &[]).unwrap();
         assert_eq!(std::fs::read_to_string(&f).unwrap(), "127.0.0.1 localhost\n");
     }

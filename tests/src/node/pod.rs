@@ -42,9 +42,20 @@ pub enum PodUpdate {
 /// A container's state, as in `ContainerStatus.state`.
 #[derive(Debug, Clone, PartialEq)]
 enum State {
-    Waiting { reason: String, message: Option<String> },
-    Running { started: Timestamp },
-    Terminated { exit_code: i32, signal: Option<i32>, reason: String, started: Option<Timestamp>, finished: Timestamp },
+    Waiting {
+        reason: String,
+        message: Option<String>,
+    },
+    Running {
+        started: Timestamp,
+    },
+    Terminated {
+        exit_code: i32,
+        signal: Option<i32>,
+        reason: String,
+        started: Option<Timestamp>,
+        finished: Timestamp,
+    },
 }
 
 /// Everything the status needs to know of one container.
@@ -107,11 +118,20 @@ pub async fn run_pod(agent: Arc<Agent>, mut updates: watch::Receiver<PodUpdate>)
     let dir = agent.pod_dir(&ns, &name);
     let _ = std::fs::create_dir_all(&dir);
     info!(pod = %key, %ip, "starting pod");
-    let facts = PodFacts { pod_ip: ip.to_string(), host_ip: agent.host_ip.clone(), node_name: agent.node_name.clone() };
+    let facts = PodFacts {
+        pod_ip: ip.to_string(),
+        host_ip: agent.host_ip.clone(),
+        node_name: agent.node_name.clone(),
+    };
     let spec = pod.spec.clone().unwrap_or_default();
     let shared: SharedRef = Arc::new((
         Mutex::new(Shared {
-            init: spec.init_containers.iter().flatten().map(|c| Slot::new(c, "PodInitializing")).collect(),
+            init: spec
+                .init_containers
+                .iter()
+                .flatten()
+                .map(|c| Slot::new(c, "PodInitializing"))
+                .collect(),
             main: spec.containers.iter().map(|c| Slot::new(c, "ContainerCreating")).collect(),
             init_done: spec.init_containers.as_ref().is_none_or(|v| v.is_empty()),
             init_failed: false,
@@ -176,13 +196,16 @@ pub async fn run_pod(agent: Arc<Agent>, mut updates: watch::Receiver<PodUpdate>)
         let api: Api<Pod> = Api::namespaced(agent.client.clone(), &ns);
         let dp = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions { uid: p.metadata.uid.clone(), resource_version: None }),
+            preconditions: Some(Preconditions {
+                uid: p.metadata.uid.clone(),
+                resource_version: None,
+            }),
             ..DeleteParams::default()
         };
-        if let Err(e) = api.delete(&name, &dp).await {
-            if !matches!(&e, kube::Error::Api(s) if s.code == 404 || s.code == 409) {
-                warn!(pod = %key, "deleting pod object: {e}");
-            }
+        if let Err(e) = api.delete(&name, &dp).await
+            && !matches!(&e, kube::Error::Api(s) if s.code == 404 || s.code == 409)
+        {
+            warn!(pod = %key, "deleting pod object: {e}");
         }
     }
     info!(pod = %key, "pod stopped");
@@ -206,7 +229,10 @@ async fn run_containers(
             Err(e) => {
                 for i in 0..spec.containers.len() {
                     update(&shared, false, i, |s| {
-                        s.state = State::Waiting { reason: "ContainerCreating".into(), message: Some(e.clone()) }
+                        s.state = State::Waiting {
+                            reason: "ContainerCreating".into(),
+                            message: Some(e.clone()),
+                        }
                     });
                 }
                 if wait_or_stop(&stop, Duration::from_secs(2)).await {
@@ -235,7 +261,9 @@ async fn run_containers(
         .containers
         .iter()
         .enumerate()
-        .map(|(i, c)| tokio::spawn(supervise(ctx.clone(), c.clone(), false, i, shared.clone(), stop.clone())))
+        .map(|(i, c)| {
+            tokio::spawn(supervise(ctx.clone(), c.clone(), false, i, shared.clone(), stop.clone()))
+        })
         .collect();
     for t in tasks {
         let _ = t.await;
@@ -291,7 +319,9 @@ async fn supervise(
             Ok(x) => x,
             Err((reason, message)) => {
                 warn!(container = %key, "{reason}: {message}");
-                update(&shared, init, idx, |s| s.state = State::Waiting { reason, message: Some(message) });
+                update(&shared, init, idx, |s| {
+                    s.state = State::Waiting { reason, message: Some(message) }
+                });
                 if wait_or_stop(&stop, backoff).await {
                     break false;
                 }
@@ -319,7 +349,8 @@ async fn supervise(
                 probe_fail_tx,
             ))
         });
-        let grace_default = Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
+        let grace_default =
+            Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
         let (status, stopping) = tokio::select! {
             st = child.wait() => (st.ok(), false),
             Some(which) = probe_fail_rx.recv() => {
@@ -374,7 +405,11 @@ async fn supervise(
             s.restart_count += 1;
             s.state = State::Waiting {
                 reason: if exit_code == 0 { "Completed".into() } else { "CrashLoopBackOff".into() },
-                message: Some(format!("back-off {}ms restarting container {}", backoff.as_millis(), c.name)),
+                message: Some(format!(
+                    "back-off {}ms restarting container {}",
+                    backoff.as_millis(),
+                    c.name
+                )),
             };
         });
         if wait_or_stop(&stop, backoff).await {
@@ -457,7 +492,11 @@ async fn run_probes(
                     fail_run += 1;
                     ok_run = 0;
                 }
-                let now_ready = if ready { fail_run < t.failure_threshold } else { ok_run >= t.success_threshold };
+                let now_ready = if ready {
+                    fail_run < t.failure_threshold
+                } else {
+                    ok_run >= t.success_threshold
+                };
                 if now_ready != ready {
                     ready = now_ready;
                     update(&shared, false, idx, |s| s.ready = ready);
@@ -513,7 +552,8 @@ async fn start(
         ));
     }
     let image = c.image.clone().unwrap_or_default();
-    let (program, args) = agent.resolve_command(&image, c).map_err(|m| ("ErrImagePull".to_string(), m))?;
+    let (program, args) =
+        agent.resolve_command(&image, c).map_err(|m| ("ErrImagePull".to_string(), m))?;
     let hostname = ctx
         .pod
         .spec
@@ -527,12 +567,16 @@ async fn start(
         let _ = nix::unistd::chown(&home, Some(nix::unistd::Uid::from_raw(u as u32)), None);
     }
     let mut base = vec![
-        ("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
+        (
+            "PATH".to_string(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        ),
         ("HOSTNAME".to_string(), hostname.clone()),
         ("HOME".to_string(), home.display().to_string()),
     ];
     base.extend(agent.pod_base_env.iter().cloned());
-    let env = container_env(&agent.objects, &ctx.pod, c, &ctx.facts, &base).await.map_err(config_err)?;
+    let env =
+        container_env(&agent.objects, &ctx.pod, c, &ctx.facts, &base).await.map_err(config_err)?;
     let lookup: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let expand = |s: &str| super::env::expand(s, |n| lookup.get(n).map(|v| v.to_string()));
     let args: Vec<String> = args.iter().map(|a| expand(a)).collect();
@@ -561,7 +605,9 @@ async fn start(
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2);
-    let child = cmd.spawn().map_err(|e| ("RunContainerError".to_string(), format!("starting {}: {e}", program.display())))?;
+    let child = cmd.spawn().map_err(|e| {
+        ("RunContainerError".to_string(), format!("starting {}: {e}", program.display()))
+    })?;
     Ok((child, env))
 }
 
@@ -588,7 +634,13 @@ struct StatusReporter {
 }
 
 impl StatusReporter {
-    fn new(agent: Arc<Agent>, ns: &str, name: &str, facts: &PodFacts, start_time: Timestamp) -> Self {
+    fn new(
+        agent: Arc<Agent>,
+        ns: &str,
+        name: &str,
+        facts: &PodFacts,
+        start_time: Timestamp,
+    ) -> Self {
         Self {
             api: Api::namespaced(agent.client.clone(), ns),
             agent,
@@ -610,7 +662,11 @@ impl StatusReporter {
             return;
         }
         let patch = json!({ "status": status });
-        match self.api.patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
+        match self
+            .api
+            .patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+        {
             Ok(_) => self.last_sent = Some(status),
             Err(kube::Error::Api(e)) if e.code == 404 => self.last_sent = Some(status),
             Err(e) => warn!(pod = %self.name, "writing pod status: {e}"),
@@ -638,9 +694,14 @@ impl StatusReporter {
         } else if !s.init_done {
             "Pending"
         } else if all_done {
-            let ok = s.main.iter().all(|c| matches!(c.state, State::Terminated { exit_code: 0, .. }));
+            let ok =
+                s.main.iter().all(|c| matches!(c.state, State::Terminated { exit_code: 0, .. }));
             if ok { "Succeeded" } else { "Failed" }
-        } else if s.main.iter().any(|c| c.restart_count > 0 || !matches!(c.state, State::Waiting { .. })) {
+        } else if s
+            .main
+            .iter()
+            .any(|c| c.restart_count > 0 || !matches!(c.state, State::Waiting { .. }))
+        {
             "Running"
         } else {
             "Pending"
@@ -652,7 +713,8 @@ impl StatusReporter {
             self.condition("ContainersReady", ready),
             self.condition("Ready", ready),
         ];
-        let statuses = |slots: &[Slot]| -> Vec<Value> { slots.iter().map(container_status).collect() };
+        let statuses =
+            |slots: &[Slot]| -> Vec<Value> { slots.iter().map(container_status).collect() };
         json!({
             "phase": phase,
             "hostIP": self.facts.host_ip,
@@ -669,15 +731,19 @@ impl StatusReporter {
 
 fn state_json(st: &State) -> Value {
     match st {
-        State::Waiting { reason, message } => json!({ "waiting": { "reason": reason, "message": message } }),
+        State::Waiting { reason, message } => {
+            json!({ "waiting": { "reason": reason, "message": message } })
+        }
         State::Running { started } => json!({ "running": { "startedAt": started.to_string() } }),
-        State::Terminated { exit_code, signal, reason, started, finished } => json!({ "terminated": {
-            "exitCode": exit_code,
-            "signal": signal,
-            "reason": reason,
-            "startedAt": started.map(|t| t.to_string()),
-            "finishedAt": finished.to_string(),
-        }}),
+        State::Terminated { exit_code, signal, reason, started, finished } => {
+            json!({ "terminated": {
+                "exitCode": exit_code,
+                "signal": signal,
+                "reason": reason,
+                "startedAt": started.map(|t| t.to_string()),
+                "finishedAt": finished.to_string(),
+            }})
+        }
     }
 }
 

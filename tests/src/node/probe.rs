@@ -30,12 +30,22 @@ pub fn timing(p: &Probe) -> Timing {
 }
 
 /// Runs the probe once; true when it succeeds within its timeout.
-pub async fn check(p: &Probe, container: &Container, pod_ip: &str, env: &[(String, String)]) -> bool {
+pub async fn check(
+    p: &Probe,
+    container: &Container,
+    pod_ip: &str,
+    env: &[(String, String)],
+) -> bool {
     let t = timing(p);
     tokio::time::timeout(t.timeout, check_inner(p, container, pod_ip, env)).await.unwrap_or(false)
 }
 
-async fn check_inner(p: &Probe, container: &Container, pod_ip: &str, env: &[(String, String)]) -> bool {
+async fn check_inner(
+    p: &Probe,
+    container: &Container,
+    pod_ip: &str,
+    env: &[(String, String)],
+) -> bool {
     if let Some(h) = &p.http_get {
         let Some(port) = resolve_port(&h.port, container) else { return false };
         let host = h.host.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| pod_ip.to_string());
@@ -48,7 +58,9 @@ async fn check_inner(p: &Probe, container: &Container, pod_ip: &str, env: &[(Str
         return TcpStream::connect((host.as_str(), port)).await.is_ok();
     }
     if let Some(e) = &p.exec {
-        let Some((prog, args)) = e.command.as_deref().and_then(|c| c.split_first()) else { return false };
+        let Some((prog, args)) = e.command.as_deref().and_then(|c| c.split_first()) else {
+            return false;
+        };
         return tokio::process::Command::new(prog)
             .args(args)
             .env_clear()
@@ -79,7 +91,9 @@ fn resolve_port(port: &IntOrString, container: &Container) -> Option<u16> {
 /// An HTTP/1.1 GET; success is a status from 200 to 399, as for the kubelet.
 pub async fn http_ok(host: &str, port: u16, path: &str) -> bool {
     let Ok(mut s) = TcpStream::connect((host, port)).await else { return false };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: weir-node-probe\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: weir-node-probe\r\nConnection: close\r\n\r\n"
+    );
     if s.write_all(req.as_bytes()).await.is_err() {
         return false;
     }
@@ -92,5 +106,8 @@ pub async fn http_ok(host: &str, port: u16, path: &str) -> bool {
         }
     }
     let head = String::from_utf8_lossy(&buf[..n]);
-    head.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).is_some_and(|c| (200..400).contains(&c))
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .is_some_and(|c| (200..400).contains(&c))
 }

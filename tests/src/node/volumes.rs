@@ -71,7 +71,9 @@ async fn make_volume(
     } else if let Some(c) = &v.config_map {
         let mode = c.default_mode.unwrap_or(0o644) as u32;
         match objects.config_map(ns, &c.name).await? {
-            Some(data) => files.extend(select(&data, c.items.as_deref(), mode, "configmap", &c.name)?),
+            Some(data) => {
+                files.extend(select(&data, c.items.as_deref(), mode, "configmap", &c.name)?)
+            }
             None if c.optional == Some(true) => {}
             None => return Err(format!("configmap {:?} not found", c.name)),
         }
@@ -79,7 +81,11 @@ async fn make_volume(
         let mode = d.default_mode.unwrap_or(0o644) as u32;
         for item in d.items.iter().flatten() {
             if let Some(f) = &item.field_ref {
-                files.push((item.path.clone(), field_ref(pod, facts, &f.field_path)?.into_bytes(), mode));
+                files.push((
+                    item.path.clone(),
+                    field_ref(pod, facts, &f.field_path)?.into_bytes(),
+                    mode,
+                ));
             }
         }
     } else if let Some(p) = &v.projected {
@@ -87,14 +93,18 @@ async fn make_volume(
         for src in p.sources.iter().flatten() {
             if let Some(s) = &src.secret {
                 match objects.secret(ns, &s.name).await? {
-                    Some(data) => files.extend(select(&data, s.items.as_deref(), mode, "secret", &s.name)?),
+                    Some(data) => {
+                        files.extend(select(&data, s.items.as_deref(), mode, "secret", &s.name)?)
+                    }
                     None if s.optional == Some(true) => {}
                     None => return Err(format!("secret {:?} not found", s.name)),
                 }
             }
             if let Some(c) = &src.config_map {
                 match objects.config_map(ns, &c.name).await? {
-                    Some(data) => files.extend(select(&data, c.items.as_deref(), mode, "configmap", &c.name)?),
+                    Some(data) => {
+                        files.extend(select(&data, c.items.as_deref(), mode, "configmap", &c.name)?)
+                    }
                     None if c.optional == Some(true) => {}
                     None => return Err(format!("configmap {:?} not found", c.name)),
                 }
@@ -102,7 +112,11 @@ async fn make_volume(
             if let Some(d) = &src.downward_api {
                 for item in d.items.iter().flatten() {
                     if let Some(f) = &item.field_ref {
-                        files.push((item.path.clone(), field_ref(pod, facts, &f.field_path)?.into_bytes(), mode));
+                        files.push((
+                            item.path.clone(),
+                            field_ref(pod, facts, &f.field_path)?.into_bytes(),
+                            mode,
+                        ));
                     }
                 }
             }
@@ -116,7 +130,10 @@ async fn make_volume(
     std::fs::create_dir_all(path).map_err(io)?;
     for (rel, data, mode) in files {
         if rel.split('/').any(|s| s == "..") || rel.starts_with('/') {
-            return Err(format!("volume {:?}: item path {rel:?} must be relative without `..`", v.name));
+            return Err(format!(
+                "volume {:?}: item path {rel:?} must be relative without `..`",
+                v.name
+            ));
         }
         let f = path.join(&rel);
         if let Some(parent) = f.parent() {
@@ -140,7 +157,9 @@ fn select(
         Some(items) => items
             .iter()
             .map(|i| {
-                let v = data.get(&i.key).ok_or_else(|| format!("couldn't find key {} in {kind} {name}", i.key))?;
+                let v = data
+                    .get(&i.key)
+                    .ok_or_else(|| format!("couldn't find key {} in {kind} {name}", i.key))?;
                 Ok((i.path.clone(), v.clone(), i.mode.map(|m| m as u32).unwrap_or(default_mode)))
             })
             .collect(),
@@ -159,15 +178,18 @@ fn chown_tree(path: &Path, gid: u32) {
 }
 
 /// The bind mounts of `container`, from its `volumeMounts`.
-pub fn mounts(container: &Container, volumes: &BTreeMap<String, PathBuf>) -> Result<Vec<BindMount>, ConfigError> {
+pub fn mounts(
+    container: &Container,
+    volumes: &BTreeMap<String, PathBuf>,
+) -> Result<Vec<BindMount>, ConfigError> {
     container
         .volume_mounts
         .iter()
         .flatten()
         .map(|m| {
-            let base = volumes
-                .get(&m.name)
-                .ok_or_else(|| format!("volumeMounts names volume {:?}, which the pod does not have", m.name))?;
+            let base = volumes.get(&m.name).ok_or_else(|| {
+                format!("volumeMounts names volume {:?}, which the pod does not have", m.name)
+            })?;
             let source = match m.sub_path.as_deref() {
                 Some(sub) if !sub.is_empty() => {
                     let p = base.join(sub);
@@ -178,7 +200,11 @@ pub fn mounts(container: &Container, volumes: &BTreeMap<String, PathBuf>) -> Res
                 }
                 _ => base.clone(),
             };
-            Ok(BindMount { source, target: m.mount_path.clone().into(), read_only: m.read_only == Some(true) })
+            Ok(BindMount {
+                source,
+                target: m.mount_path.clone().into(),
+                read_only: m.read_only == Some(true),
+            })
         })
         .collect()
 }
