@@ -1,0 +1,894 @@
+//! The built-in operators. A source produces records from its splits; every other operator
+//! implements [`Operator`]: it takes a batch from one of its inputs and appends what it emits.
+//! The engine holds them as trait objects, so a user's own operators plug in the same way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::error::RuntimeError;
+use crate::plan::{Aggregate, FilterSpec, GeneratorFormat, GeneratorSpec, MapSpec, WindowSpec};
+use crate::record::{Record, Value, to_line};
+use crate::state::{CachedValueState, Num};
+
+/// An operator that is not a source.
+pub trait Operator: Send {
+    /// Processes a batch from input number `input` (records in the input's field order),
+    /// appending what it emits to `out`.
+    fn process(
+        &mut self,
+        input: usize,
+        batch: Vec<Record>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError>;
+
+    /// Every input has ended: emit what is left and make state durable.
+    fn finish(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+}
+
+/// One subtask of a source, reading the splits dealt to it.
+pub trait Source: Send {
+    /// Appends up to `max` records; false once every split is exhausted.
+    fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<bool, RuntimeError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sources
+
+/// SplitMix64: small, fast, and the same everywhere.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    #[inline]
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Zipf-distributed integers in `1..=n` by rejection-inversion (Hörmann and Derflinger).
+#[derive(Debug, Clone)]
+pub struct Zipf {
+    n: f64,
+    s: f64,
+    h_x1: f64,
+    h_n: f64,
+    s_val: f64,
+}
+
+impl Zipf {
+    pub fn new(n: u64, s: f64) -> Self {
+        let mut z = Self { n: n as f64, s, h_x1: 0.0, h_n: 0.0, s_val: 0.0 };
+        z.h_x1 = z.h_integral(1.5) - 1.0;
+        z.h_n = z.h_integral(z.n + 0.5);
+        z.s_val = 2.0 - z.h_integral_inv(z.h_integral(2.5) - z.h(2.0));
+        z
+    }
+    fn helper1(x: f64) -> f64 {
+        if x.abs() > 1e-8 { x.ln_1p() / x } else { 1.0 - x * (0.5 - x * (1.0 / 3.0 - 0.25 * x)) }
+    }
+    fn helper2(x: f64) -> f64 {
+        if x.abs() > 1e-8 {
+            x.exp_m1() / x
+        } else {
+            1.0 + x * 0.5 * (1.0 + x / 3.0 * (1.0 + 0.25 * x))
+        }
+    }
+    fn h_integral(&self, x: f64) -> f64 {
+        let lx = x.ln();
+        Self::helper2((1.0 - self.s) * lx) * lx
+    }
+    fn h(&self, x: f64) -> f64 {
+        (-self.s * x.ln()).exp()
+    }
+    fn h_integral_inv(&self, x: f64) -> f64 {
+        let t = (x * (1.0 - self.s)).max(-1.0);
+        (Self::helper1(t) * x).exp()
+    }
+    pub fn sample(&self, rng: &mut SplitMix64) -> u64 {
+        loop {
+            let u = self.h_n + rng.next_f64() * (self.h_x1 - self.h_n);
+            let x = self.h_integral_inv(u);
+            let k = x.round().clamp(1.0, self.n);
+            if k - x <= self.s_val || u >= self.h_integral(k + 0.5) - self.h(k) {
+                return k as u64;
+            }
+        }
+    }
+}
+
+/// Paces a subtask to a rate (records per second), sleeping when it is ahead.
+#[derive(Debug)]
+pub struct Pacer {
+    rate: Option<f64>,
+    start: Instant,
+    emitted: u64,
+}
+
+impl Pacer {
+    pub fn new(rate: Option<f64>) -> Self {
+        Self { rate: rate.filter(|r| *r > 0.0), start: Instant::now(), emitted: 0 }
+    }
+    /// How many records may go now (at most `max`), after sleeping if needed.
+    pub fn allow(&mut self, max: usize) -> usize {
+        let Some(rate) = self.rate else { return max };
+        loop {
+            let due = (self.start.elapsed().as_secs_f64() * rate) as u64;
+            if due > self.emitted {
+                let n = ((due - self.emitted) as usize).min(max);
+                self.emitted += n as u64;
+                return n;
+            }
+            let wait = (self.emitted + 1) as f64 / rate - self.start.elapsed().as_secs_f64();
+            std::thread::sleep(Duration::from_secs_f64(wait.clamp(0.0005, 0.05)));
+        }
+    }
+}
+
+/// The position of one generator split: how many records it has emitted.
+#[derive(Debug, Clone)]
+struct GenSplit {
+    emitted: u64,
+    total: Option<u64>,
+    rng: SplitMix64,
+}
+
+/// The deterministic generator: split `s` of `S` is its own stream, seeded from the seed and
+/// `s`, holding `count / S` records (the first `count % S` splits one more).
+pub struct GeneratorSource {
+    spec: GeneratorSpec,
+    zipf: Option<Zipf>,
+    splits: Vec<GenSplit>,
+    next: usize,
+    pacer: Pacer,
+    line: String,
+}
+
+impl std::fmt::Debug for GeneratorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneratorSource").field("splits", &self.splits.len()).finish()
+    }
+}
+
+impl GeneratorSource {
+    pub fn new(spec: GeneratorSpec, subtask: u32, parallelism: u32) -> Self {
+        let total_splits = spec.splits.max(1);
+        let splits: Vec<GenSplit> = (0..total_splits)
+            .filter(|s| s % parallelism == subtask)
+            .map(|s| GenSplit {
+                emitted: 0,
+                total: spec.count.map(|c| {
+                    c / u64::from(total_splits)
+                        + u64::from(u64::from(s) < c % u64::from(total_splits))
+                }),
+                rng: SplitMix64::new(
+                    spec.seed ^ (u64::from(s) + 1).wrapping_mul(0x2545_f491_4f6c_dd1d),
+                ),
+            })
+            .collect();
+        let share = splits.len() as f64 / f64::from(total_splits);
+        let pacer = Pacer::new(spec.rate_per_second.map(|r| r * share));
+        let zipf = (spec.distribution == crate::plan::Distribution::Zipf)
+            .then(|| Zipf::new(spec.keys.max(1), spec.zipf_exponent));
+        Self { spec, zipf, splits, next: 0, pacer, line: String::new() }
+    }
+
+    #[inline]
+    fn key(&self, rng: &mut SplitMix64) -> u64 {
+        match &self.zipf {
+            Some(z) => z.sample(rng) - 1,
+            None => rng.next_u64() % self.spec.keys.max(1),
+        }
+    }
+}
+
+impl Source for GeneratorSource {
+    fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<bool, RuntimeError> {
+        use std::fmt::Write;
+        if self.splits.is_empty() {
+            return Ok(false);
+        }
+        let n = self.pacer.allow(max);
+        let i = self.next % self.splits.len();
+        self.next = self.next.wrapping_add(1);
+        let mut split = self.splits[i].clone();
+        let n = match split.total {
+            Some(t) => n.min((t - split.emitted) as usize),
+            None => n,
+        };
+        for _ in 0..n {
+            match self.spec.format {
+                GeneratorFormat::Text => {
+                    self.line.clear();
+                    for w in 0..self.spec.words_per_line {
+                        if w > 0 {
+                            self.line.push(' ');
+                        }
+                        let k = self.key(&mut split.rng);
+                        let _ = write!(self.line, "w{k}");
+                    }
+                    out.push(vec![Value::str(&self.line)]);
+                }
+                GeneratorFormat::Kv => {
+                    let k = self.key(&mut split.rng);
+                    let v = (split.rng.next_u64() % 100) as i64;
+                    out.push(vec![
+                        Value::Str(format!("k{k}").into()),
+                        Value::Int(v),
+                        Value::Int(split.emitted as i64),
+                    ]);
+                }
+            }
+            split.emitted += 1;
+        }
+        let done = split.total.is_some_and(|t| split.emitted >= t);
+        if done {
+            self.splits.remove(i);
+        } else {
+            self.splits[i] = split;
+        }
+        Ok(!self.splits.is_empty())
+    }
+}
+
+/// Every file under a local directory (sorted by path, names starting with `.` or `_`
+/// skipped), one record per line; each file is a split, dealt round-robin.
+#[derive(Debug)]
+pub struct FileSource {
+    files: Vec<PathBuf>,
+    current: Option<BufReader<std::fs::File>>,
+    pacer: Pacer,
+    buf: String,
+}
+
+/// The files of a directory tree that a file source reads, in order.
+pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, RuntimeError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = std::fs::read_dir(&d).map_err(|e| {
+            RuntimeError::user(format!("file_source: reading directory {}: {e}", d.display()))
+        })?;
+        for e in rd {
+            let e = e.map_err(|e| {
+                RuntimeError::external(format!("file_source: {}: {e}", d.display()))
+            })?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name.starts_with('_') {
+                continue;
+            }
+            let p = e.path();
+            if p.is_dir() { stack.push(p) } else { out.push(p) }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl FileSource {
+    pub fn new(files: &[PathBuf], rate: Option<f64>, subtask: u32, parallelism: u32) -> Self {
+        let mine: Vec<PathBuf> = files
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u32 % parallelism == subtask)
+            .map(|(_, f)| f.clone())
+            .collect();
+        let share = if files.is_empty() { 0.0 } else { mine.len() as f64 / files.len() as f64 };
+        Self {
+            files: mine.into_iter().rev().collect(),
+            current: None,
+            pacer: Pacer::new(rate.map(|r| r * share)),
+            buf: String::new(),
+        }
+    }
+}
+
+impl Source for FileSource {
+    fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<bool, RuntimeError> {
+        let n = self.pacer.allow(max);
+        let mut got = 0;
+        while got < n {
+            let Some(reader) = self.current.as_mut() else {
+                let Some(f) = self.files.pop() else { return Ok(false) };
+                let file = std::fs::File::open(&f).map_err(|e| {
+                    RuntimeError::external(format!("file_source: opening {}: {e}", f.display()))
+                })?;
+                self.current = Some(BufReader::with_capacity(1 << 16, file));
+                continue;
+            };
+            self.buf.clear();
+            let read = reader
+                .read_line(&mut self.buf)
+                .map_err(|e| RuntimeError::external(format!("file_source: {e}")))?;
+            if read == 0 {
+                self.current = None;
+                continue;
+            }
+            let line = self.buf.trim_end_matches(['\n', '\r']);
+            out.push(vec![Value::str(line)]);
+            got += 1;
+        }
+        Ok(true)
+    }
+}
+
+/// Text lines from a TCP server (subtask 0 only), until it closes the connection.
+#[derive(Debug)]
+pub struct SocketSource {
+    reader: Option<BufReader<std::net::TcpStream>>,
+    buf: String,
+}
+
+impl SocketSource {
+    pub fn new(host: &str, port: u16, subtask: u32) -> Result<Self, RuntimeError> {
+        if subtask != 0 {
+            return Ok(Self { reader: None, buf: String::new() });
+        }
+        let s = std::net::TcpStream::connect((host, port)).map_err(|e| {
+            RuntimeError::external(format!("socket: connecting to {host}:{port}: {e}")).retryable()
+        })?;
+        s.set_read_timeout(Some(Duration::from_millis(100))).ok();
+        Ok(Self { reader: Some(BufReader::new(s)), buf: String::new() })
+    }
+}
+
+impl Source for SocketSource {
+    fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<bool, RuntimeError> {
+        let Some(r) = self.reader.as_mut() else { return Ok(false) };
+        for _ in 0..max {
+            match r.read_line(&mut self.buf) {
+                Ok(0) => {
+                    self.reader = None;
+                    return Ok(false);
+                }
+                Ok(_) => {
+                    if self.buf.ends_with('\n') {
+                        out.push(vec![Value::str(self.buf.trim_end_matches(['\n', '\r']))]);
+                        self.buf.clear();
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => return Err(RuntimeError::external(format!("socket: {e}")).retryable()),
+            }
+        }
+        Ok(true)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transforms
+
+/// Splits a text field on white space: one record per word.
+#[derive(Debug)]
+pub struct Split {
+    pub field: usize,
+}
+
+impl Operator for Split {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: Vec<Record>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        for r in batch {
+            if let Some(Value::Str(s)) = r.get(self.field) {
+                out.extend(s.split_whitespace().map(|w| vec![Value::str(w)]));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sets, selects and re-cases fields.
+#[derive(Debug)]
+pub struct Map {
+    /// For each field to set: its position in the output, and the template parts (literal
+    /// text, or an input field position).
+    set: Vec<(usize, Vec<Part>)>,
+    upper: Vec<usize>,
+    lower: Vec<usize>,
+    select: Option<Vec<usize>>,
+    width: usize,
+}
+
+#[derive(Debug)]
+enum Part {
+    Text(String),
+    Field(usize),
+}
+
+impl Map {
+    pub fn new(spec: &MapSpec, in_fields: &[String]) -> Self {
+        let pos = |n: &str| in_fields.iter().position(|f| f == n).expect("checked by the plan");
+        let mut all: Vec<String> = in_fields.to_vec();
+        let mut set = Vec::new();
+        for (name, template) in &spec.set {
+            let at = match all.iter().position(|f| f == name) {
+                Some(i) => i,
+                None => {
+                    all.push(name.clone());
+                    all.len() - 1
+                }
+            };
+            let mut parts = Vec::new();
+            let mut rest = template.as_str();
+            while let Some(i) = rest.find('{') {
+                if i > 0 {
+                    parts.push(Part::Text(rest[..i].to_string()));
+                }
+                let after = &rest[i + 1..];
+                let Some(j) = after.find('}') else {
+                    parts.push(Part::Text(rest[i..].to_string()));
+                    rest = "";
+                    break;
+                };
+                parts.push(Part::Field(pos(&after[..j])));
+                rest = &after[j + 1..];
+            }
+            if !rest.is_empty() {
+                parts.push(Part::Text(rest.to_string()));
+            }
+            set.push((at, parts));
+        }
+        let out_pos = |n: &str| all.iter().position(|f| f == n).expect("checked by the plan");
+        Self {
+            upper: spec.upper.iter().map(|f| pos(f)).collect(),
+            lower: spec.lower.iter().map(|f| pos(f)).collect(),
+            select: spec.select.as_ref().map(|s| s.iter().map(|f| out_pos(f)).collect()),
+            width: all.len(),
+            set,
+        }
+    }
+}
+
+impl Operator for Map {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: Vec<Record>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        for mut r in batch {
+            for &i in &self.upper {
+                if let Value::Str(s) = &r[i] {
+                    r[i] = Value::Str(s.to_uppercase().into());
+                }
+            }
+            for &i in &self.lower {
+                if let Value::Str(s) = &r[i] {
+                    r[i] = Value::Str(s.to_lowercase().into());
+                }
+            }
+            let input = r.clone();
+            r.resize(self.width, Value::Int(0));
+            for (at, parts) in &self.set {
+                let mut s = String::new();
+                for p in parts {
+                    match p {
+                        Part::Text(t) => s.push_str(t),
+                        Part::Field(f) => s.push_str(&input[*f].to_string()),
+                    }
+                }
+                r[*at] = Value::Str(s.into());
+            }
+            if let Some(sel) = &self.select {
+                r = sel.iter().map(|&i| r[i].clone()).collect();
+            }
+            out.push(r);
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the records whose field meets every condition given.
+#[derive(Debug)]
+pub struct Filter {
+    field: usize,
+    spec: FilterSpec,
+}
+
+impl Filter {
+    pub fn new(spec: &FilterSpec, in_fields: &[String]) -> Self {
+        Self {
+            field: in_fields.iter().position(|f| f == &spec.field).expect("checked by the plan"),
+            spec: spec.clone(),
+        }
+    }
+
+    fn keep(&self, v: &Value) -> bool {
+        let eq = |j: &serde_json::Value| match (v, j) {
+            (Value::Str(s), serde_json::Value::String(t)) => &**s == t.as_str(),
+            (_, serde_json::Value::Number(n)) => v.as_f64() == n.as_f64(),
+            _ => v.to_string() == *j,
+        };
+        self.spec.equals.as_ref().is_none_or(eq)
+            && self.spec.not_equals.as_ref().is_none_or(|j| !eq(j))
+            && self.spec.contains.as_ref().is_none_or(|c| v.to_string().contains(c.as_str()))
+            && self.spec.greater_than.is_none_or(|g| v.as_f64().is_some_and(|x| x > g))
+            && self.spec.less_than.is_none_or(|l| v.as_f64().is_some_and(|x| x < l))
+            && self.spec.min_length.is_none_or(|m| v.to_string().chars().count() >= m)
+    }
+}
+
+impl Operator for Filter {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: Vec<Record>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        out.extend(batch.into_iter().filter(|r| self.keep(&r[self.field])));
+        Ok(())
+    }
+}
+
+/// count, sum, min, max keyed by a field: emits `key,value` with the key's new value on every
+/// update. State is a [`CachedValueState`]: no RocksDB read per record.
+pub struct KeyedAggregate {
+    aggregate: Aggregate,
+    key: usize,
+    field: Option<usize>,
+    state: CachedValueState,
+    scratch: [u8; 8],
+}
+
+impl std::fmt::Debug for KeyedAggregate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedAggregate").field("aggregate", &self.aggregate).finish()
+    }
+}
+
+impl KeyedAggregate {
+    pub fn new(
+        aggregate: Aggregate,
+        key: usize,
+        field: Option<usize>,
+        state: CachedValueState,
+    ) -> Self {
+        Self { aggregate, key, field, state, scratch: [0; 8] }
+    }
+}
+
+fn num_value(v: &Value) -> Option<Num> {
+    match v {
+        Value::Int(i) => Some(Num::Int(*i)),
+        Value::Float(f) => Some(Num::Float(*f)),
+        Value::Str(s) => {
+            s.parse::<i64>().map(Num::Int).ok().or_else(|| s.parse::<f64>().map(Num::Float).ok())
+        }
+    }
+}
+
+fn combine(a: Aggregate, old: Option<Num>, new: Num) -> Num {
+    let Some(old) = old else { return new };
+    match (a, old, new) {
+        (Aggregate::Sum, Num::Int(x), Num::Int(y)) => Num::Int(x.wrapping_add(y)),
+        (Aggregate::Min, Num::Int(x), Num::Int(y)) => Num::Int(x.min(y)),
+        (Aggregate::Max, Num::Int(x), Num::Int(y)) => Num::Int(x.max(y)),
+        (agg, x, y) => {
+            let (x, y) = (as_f(x), as_f(y));
+            Num::Float(match agg {
+                Aggregate::Sum | Aggregate::Count => x + y,
+                Aggregate::Min => x.min(y),
+                Aggregate::Max => x.max(y),
+            })
+        }
+    }
+}
+
+fn as_f(n: Num) -> f64 {
+    match n {
+        Num::Int(i) => i as f64,
+        Num::Float(f) => f,
+    }
+}
+
+impl Operator for KeyedAggregate {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: Vec<Record>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        out.reserve(batch.len());
+        for mut r in batch {
+            let new = match self.aggregate {
+                Aggregate::Count => {
+                    let kb = r[self.key].key_bytes(&mut self.scratch);
+                    self.state.update(kb, |v| match v {
+                        Some(Num::Int(n)) => Num::Int(n + 1),
+                        _ => Num::Int(1),
+                    })
+                }
+                agg => {
+                    let Some(x) = self.field.and_then(|f| num_value(&r[f])) else { continue };
+                    let kb = r[self.key].key_bytes(&mut self.scratch);
+                    self.state.update(kb, |old| combine(agg, old, x))
+                }
+            }
+            .map_err(|e| RuntimeError::internal(e.to_string()))?;
+            let key = r.swap_remove(self.key);
+            out.push(vec![
+                key,
+                match new {
+                    Num::Int(i) => Value::Int(i),
+                    Num::Float(f) => Value::Float(f),
+                },
+            ]);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        self.state.write_back().map_err(|e| RuntimeError::internal(e.to_string()))
+    }
+}
+
+/// Counts per key in tumbling event-time windows; a window is emitted (`key,window_end,count`)
+/// once the highest event time seen, less the allowed lateness, passes its end, and at the end
+/// of the input. Later events for an emitted window are dropped.
+#[derive(Debug)]
+pub struct TumblingWindowCount {
+    key: usize,
+    ts: usize,
+    size_ms: i64,
+    lateness_ms: i64,
+    windows: BTreeMap<i64, HashMap<Box<str>, i64>>,
+    watermark: i64,
+}
+
+impl TumblingWindowCount {
+    pub fn new(spec: &WindowSpec, in_fields: &[String]) -> Self {
+        let pos = |n: &str| in_fields.iter().position(|f| f == n).expect("checked by the plan");
+        Self {
+            key: pos(&spec.key),
+            ts: pos(&spec.time_field),
+            size_ms: spec.size.as_std().as_millis() as i64,
+            lateness_ms: spec.allowed_lateness.as_std().as_millis() as i64,
+            windows: BTreeMap::new(),
+            watermark: i64::MIN,
+        }
+    }
+
+    fn fire(&mut self, upto: i64, out: &mut Vec<Record>) {
+        while let Some((&end, _)) = self.windows.first_key_value() {
+            if end > upto {
+                break;
+            }
+            let counts = self.windows.remove(&end).unwrap_or_default();
+            let mut keys: Vec<_> = counts.into_iter().collect();
+            keys.sort();
+            out.extend(
+                keys.into_iter().map(|(k, c)| vec![Value::Str(k), Value::Int(end), Value::Int(c)]),
+            );
+        }
+    }
+}
+
+impl Operator for TumblingWindowCount {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: Vec<Record>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        for r in batch {
+            let Some(ts) = r[self.ts].as_i64() else { continue };
+            let end = ts.div_euclid(self.size_ms) * self.size_ms + self.size_ms;
+            if end <= self.watermark {
+                continue; // late
+            }
+            *self
+                .windows
+                .entry(end)
+                .or_default()
+                .entry(r[self.key].to_string().into())
+                .or_insert(0) += 1;
+            self.watermark = self.watermark.max(ts - self.lateness_ms);
+        }
+        let wm = self.watermark;
+        self.fire(wm, out);
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        self.fire(i64::MAX, out);
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sinks
+
+/// Prints each record as a line (fields joined by commas).
+#[derive(Debug, Default)]
+pub struct Stdout {
+    buf: String,
+}
+
+impl Operator for Stdout {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: Vec<Record>,
+        _out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        self.buf.clear();
+        for r in &batch {
+            to_line(r, &mut self.buf);
+            self.buf.push('\n');
+        }
+        let mut lock = std::io::stdout().lock();
+        match lock.write_all(self.buf.as_bytes()) {
+            // A closed pipe (`weir run ... | head`) is the reader's choice, not a failure.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r.map_err(|e| RuntimeError::external(format!("stdout: {e}"))),
+        }
+    }
+}
+
+/// Discards records (counts them in the metrics).
+#[derive(Debug, Default)]
+pub struct Blackhole;
+
+impl Operator for Blackhole {
+    fn process(
+        &mut self,
+        _input: usize,
+        _batch: Vec<Record>,
+        _out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+}
+
+/// Writes lines to part files in a local directory. A file being written is named
+/// `.part-<run>-<subtask>-<n>.inprogress`; it becomes `part-<run>-<subtask>-<n>` when it is
+/// committed. The run id is unique, so no run overwrites another run's files.
+#[derive(Debug)]
+pub struct FileSink {
+    dir: PathBuf,
+    name: String,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    buf: String,
+}
+
+impl FileSink {
+    pub fn new(dir: &Path, run_id: &str, subtask: u32) -> Result<Self, RuntimeError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            RuntimeError::user(format!("file_sink: creating {}: {e}", dir.display()))
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            name: format!("part-{run_id}-{subtask}-0"),
+            file: None,
+            buf: String::new(),
+        })
+    }
+
+    fn in_progress(&self) -> PathBuf {
+        self.dir.join(format!(".{}.inprogress", self.name))
+    }
+}
+
+impl Operator for FileSink {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: Vec<Record>,
+        _out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        if self.file.is_none() {
+            let p = self.in_progress();
+            let f =
+                std::fs::OpenOptions::new().create_new(true).write(true).open(&p).map_err(|e| {
+                    RuntimeError::external(format!("file_sink: creating {}: {e}", p.display()))
+                })?;
+            self.file = Some(std::io::BufWriter::with_capacity(1 << 16, f));
+        }
+        self.buf.clear();
+        for r in &batch {
+            to_line(r, &mut self.buf);
+            self.buf.push('\n');
+        }
+        let f = self.file.as_mut().expect("opened above");
+        f.write_all(self.buf.as_bytes())
+            .map_err(|e| RuntimeError::external(format!("file_sink: {e}")))
+    }
+
+    fn finish(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        let Some(mut f) = self.file.take() else { return Ok(()) };
+        let io = |e: std::io::Error| RuntimeError::external(format!("file_sink: {e}"));
+        f.flush().map_err(io)?;
+        f.get_ref().sync_all().map_err(io)?;
+        std::fs::rename(self.in_progress(), self.dir.join(&self.name)).map_err(io)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_samples_are_in_range_and_skewed() {
+        let z = Zipf::new(1000, 1.0);
+        let mut rng = SplitMix64::new(1);
+        let mut counts = vec![0u32; 1001];
+        for _ in 0..100_000 {
+            let k = z.sample(&mut rng);
+            assert!((1..=1000).contains(&k));
+            counts[k as usize] += 1;
+        }
+        // Rank 1 is about twice rank 2 and ten times rank 10 under exponent 1.
+        let r = |a: usize, b: usize| f64::from(counts[a]) / f64::from(counts[b]);
+        assert!((1.7..2.3).contains(&r(1, 2)), "{}", r(1, 2));
+        assert!((7.0..13.0).contains(&r(1, 10)), "{}", r(1, 10));
+    }
+
+    #[test]
+    fn generator_splits_do_not_depend_on_parallelism() {
+        let spec: GeneratorSpec = serde_json::from_value(serde_json::json!({"seed": 3, "count": 1001, "keys": 50, "splits": 5, "format": "text", "wordsPerLine": 2})).unwrap();
+        let run = |p: u32| {
+            let mut lines: Vec<String> = Vec::new();
+            for s in 0..p {
+                let mut g = GeneratorSource::new(spec.clone(), s, p);
+                let mut out = Vec::new();
+                while g.poll(&mut out, 64).unwrap() {}
+                lines.extend(out.iter().map(|r| r[0].to_string()));
+            }
+            lines.sort();
+            lines
+        };
+        let one = run(1);
+        assert_eq!(one.len(), 1001);
+        assert_eq!(one, run(2));
+        assert_eq!(one, run(3));
+    }
+
+    #[test]
+    fn window_count_fires_on_event_time() {
+        let spec: WindowSpec =
+            serde_json::from_value(serde_json::json!({"key": "key", "size": "10ms"})).unwrap();
+        let mut w = TumblingWindowCount::new(&spec, &["key".into(), "value".into(), "ts".into()]);
+        let rec = |k: &str, ts: i64| vec![Value::str(k), Value::Int(0), Value::Int(ts)];
+        let mut out = Vec::new();
+        w.process(0, vec![rec("a", 1), rec("a", 5), rec("b", 9)], &mut out).unwrap();
+        assert!(out.is_empty());
+        w.process(0, vec![rec("a", 12)], &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                vec![Value::str("a"), Value::Int(10), Value::Int(2)],
+                vec![Value::str("b"), Value::Int(10), Value::Int(1)],
+            ]
+        );
+        out.clear();
+        w.process(0, vec![rec("a", 3)], &mut out).unwrap(); // late: dropped
+        w.finish(&mut out).unwrap();
+        assert_eq!(out, vec![vec![Value::str("a"), Value::Int(20), Value::Int(1)]]);
+    }
+}

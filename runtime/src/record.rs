@@ -1,0 +1,72 @@
+//! Records: positional lists of values whose field names the plan knows per operator.
+
+use std::fmt;
+
+/// One field's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(Box<str>),
+    Int(i64),
+    Float(f64),
+}
+
+/// A record: values in the order of its operator's fields.
+pub type Record = Vec<Value>;
+
+impl Value {
+    /// The bytes a key is hashed and stored by.
+    pub fn key_bytes<'a>(&'a self, scratch: &'a mut [u8; 8]) -> &'a [u8] {
+        match self {
+            Value::Str(s) => s.as_bytes(),
+            Value::Int(i) => {
+                *scratch = i.to_be_bytes();
+                &scratch[..]
+            }
+            Value::Float(f) => {
+                *scratch = f.to_bits().to_be_bytes();
+                &scratch[..]
+            }
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Int(i) => Some(*i as f64),
+            Value::Float(f) => Some(*f),
+            Value::Str(s) => s.parse().ok(),
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            Value::Float(f) => Some(*f as i64),
+            Value::Str(s) => s.parse().ok(),
+        }
+    }
+
+    pub fn str(s: &str) -> Self {
+        Value::Str(s.into())
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Str(s) => f.write_str(s),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// A record as a line: fields joined by commas.
+pub fn to_line(r: &Record, out: &mut String) {
+    use std::fmt::Write;
+    for (i, v) in r.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{v}");
+    }
+}

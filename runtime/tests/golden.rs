@@ -1,0 +1,202 @@
+//! Golden tests: a word count over files written by the test gives exactly the counts the test
+//! computes on its own, at parallelism 1, 2 and 3, in-process and through the `weir` command;
+//! bad pipelines stop before anything starts, with exit code 2.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use weir_runtime::exec::{JobMetrics, RunOptions, run_local};
+
+/// Writes `files` files of text and returns the true count of every word.
+fn write_input(dir: &Path, files: usize, lines: usize, seed: u64) -> BTreeMap<String, u64> {
+    let mut rng = weir_runtime::operators::SplitMix64::new(seed);
+    let mut counts = BTreeMap::new();
+    std::fs::create_dir_all(dir).unwrap();
+    for f in 0..files {
+        let mut text = String::new();
+        for _ in 0..lines {
+            let n = 1 + rng.next_u64() % 12;
+            let words: Vec<String> = (0..n)
+                .map(|_| {
+                    // A skewed vocabulary: some words are frequent, most are rare.
+                    let k = if rng.next_u64().is_multiple_of(4) {
+                        rng.next_u64() % 5
+                    } else {
+                        rng.next_u64() % 3000
+                    };
+                    format!("word{k}")
+                })
+                .collect();
+            for w in &words {
+                *counts.entry(w.clone()).or_insert(0) += 1;
+            }
+            text.push_str(&words.join(if rng.next_u64().is_multiple_of(2) { " " } else { "  \t" }));
+            text.push('\n');
+        }
+        std::fs::write(dir.join(format!("input-{f:02}.txt")), text).unwrap();
+    }
+    // Files the source must skip.
+    std::fs::write(dir.join(".hidden"), "ghost ghost\n").unwrap();
+    std::fs::write(dir.join("_SUCCESS"), "ghost\n").unwrap();
+    counts
+}
+
+fn manifest(input: &Path, output: &Path, parallelism: u32) -> String {
+    format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: wc}}\nspec:\n  parallelism: {parallelism}\n  maxParallelism: 128\n  checkpointing: {{interval: 1s, storage: /var/tmp/weir/checkpoints}}\n  pipeline:\n    operators:\n      - {{uid: lines,  type: file_source, path: {}}}\n      - {{uid: words,  type: split, inputs: [lines]}}\n      - {{uid: counts, type: count, inputs: [words], key: word}}\n      - {{uid: out,    type: file_sink, inputs: [counts], path: {}}}\n",
+        input.display(),
+        output.display()
+    )
+}
+
+/// Reads the committed output and checks it against the true counts: for every word, each
+/// count from 1 to its final value exactly once.
+fn check_output(out: &Path, expected: &BTreeMap<String, u64>) {
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut files = 0;
+    for e in std::fs::read_dir(out).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "an uncommitted file was left behind: {name}");
+        files += 1;
+        for line in std::fs::read_to_string(e.path()).unwrap().lines() {
+            let (w, c) = line.rsplit_once(',').unwrap_or_else(|| panic!("bad line {line:?}"));
+            seen.entry(w.to_string()).or_default().push(c.parse().unwrap());
+        }
+    }
+    assert!(files > 0, "no committed output in {}", out.display());
+    assert_eq!(
+        seen.keys().collect::<BTreeSet<_>>(),
+        expected.keys().collect::<BTreeSet<_>>(),
+        "the words differ"
+    );
+    for (w, mut counts) in seen {
+        counts.sort_unstable();
+        let want: Vec<u64> = (1..=expected[&w]).collect();
+        assert_eq!(counts, want, "counts of {w:?}");
+    }
+}
+
+#[test]
+fn word_count_is_exact_at_parallelism_1_2_and_3_in_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    let expected = write_input(&input, 7, 400, 11);
+    for p in [1, 2, 3] {
+        let out = tmp.path().join(format!("out-{p}"));
+        let job: weir_crds::StreamJob = serde_saphyr::from_str(&manifest(&input, &out, p)).unwrap();
+        let plan = weir_runtime::plan::build(&job.spec, None, None).unwrap();
+        assert_eq!(plan.parallelism, p);
+        let opts = RunOptions {
+            state_dir: tmp.path().join("state"),
+            run_id: format!("test-{p}"),
+            stop: Arc::new(AtomicBool::new(false)),
+            keep_state: true,
+        };
+        let summary = run_local(&plan, &opts, Arc::new(JobMetrics::new(&plan))).unwrap();
+        let total: u64 = expected.values().sum();
+        assert_eq!(summary.records["counts"].0, total, "records into count at p={p}");
+        check_output(&out, &expected);
+        // Each worker's RocksDB holds exactly the words of the key groups it owns.
+        let mut stored = BTreeMap::new();
+        for s in 0..p {
+            let backend = weir_runtime::state::StateBackend::open(
+                &tmp.path().join(format!("state/test-{p}/worker-{s}")),
+                &["counts".to_string()],
+            )
+            .unwrap();
+            let range = weir_runtime::keygroup::KeyGroupRange::of_subtask(128, p, s);
+            for (g, k, _) in backend.scan("counts").unwrap() {
+                assert!(range.contains(g), "worker {s} holds key group {g} outside {range:?}");
+                stored.insert(String::from_utf8(k).unwrap(), s);
+            }
+        }
+        assert_eq!(stored.len(), expected.len());
+    }
+}
+
+#[test]
+fn word_count_is_exact_through_the_weir_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    let expected = write_input(&input, 4, 300, 5);
+    for p in [1, 2, 3] {
+        let out = tmp.path().join(format!("out-{p}"));
+        let file = tmp.path().join(format!("wc-{p}.yaml"));
+        // The manifest says parallelism 2; the flag overrides it.
+        std::fs::write(&file, manifest(&input, &out, 2)).unwrap();
+        let res = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["run", file.to_str().unwrap(), "--parallelism", &p.to_string(), "--state-dir"])
+            .arg(tmp.path().join("state"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(res.status.success(), "weir run failed at p={p}: {err}");
+        assert!(err.contains(&format!("parallelism {p}")), "{err}");
+        check_output(&out, &expected);
+    }
+    // Runs never overwrite each other's files: a second run into the same directory adds files.
+    let out = tmp.path().join("out-1");
+    let before = std::fs::read_dir(&out).unwrap().count();
+    let file = tmp.path().join("wc-1.yaml");
+    let res = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", file.to_str().unwrap(), "--parallelism", "1"])
+        .output()
+        .unwrap();
+    assert!(res.status.success());
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), before * 2);
+}
+
+#[test]
+fn bad_pipelines_exit_2_naming_the_operator_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    write_input(&input, 1, 10, 1);
+    let out = tmp.path().join("out");
+    let good = manifest(&input, &out, 2);
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("type: split", "type: splitter", &["\"words\"", "splitter", "unknown"]),
+        ("key: word", "key: wrd", &["\"counts\"", "\"wrd\""]),
+        ("inputs: [words]", "inputs: [wordz]", &["\"counts\"", "\"wordz\""]),
+        ("uid: words", "uid: lines", &["\"lines\"", "unique"]),
+        ("inputs: [lines]", "inputs: [counts]", &["cycle"]),
+        ("parallelism: 2", "parallelism: 300", &["spec.parallelism 300", "maxParallelism 128"]),
+    ];
+    for (from, to, wants) in cases {
+        let file = tmp.path().join("bad.yaml");
+        std::fs::write(&file, good.replace(from, to)).unwrap();
+        let res = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["run", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(2), "{to}: {err}");
+        for w in *wants {
+            assert!(err.contains(w), "{to}: the error does not say {w}: {err}");
+        }
+        assert!(!out.exists(), "{to}: something started: {} exists", out.display());
+    }
+    // A parallelism flag above maxParallelism is refused too.
+    let file = tmp.path().join("good.yaml");
+    std::fs::write(&file, &good).unwrap();
+    let res = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", file.to_str().unwrap(), "--parallelism", "129"])
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(2));
+    // A missing file and a file that is not a manifest.
+    let res = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", "/nonexistent.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(2));
+    std::fs::write(&file, "spec: [1, 2").unwrap();
+    let res = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(2));
+}
