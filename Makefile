@@ -62,7 +62,7 @@ lint: install-deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 bench:
-	@echo "no benchmarks yet: they come with the runtime (issue 3)"
+	bash bench/keyed_count.sh
 
 clean:
 	bash tests/env/down.sh $(TESTENV_DIR)
