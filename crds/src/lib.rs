@@ -11,6 +11,7 @@
 //! holds the custom resources (with the CRD YAML generated from them by `crdgen`), the
 //! pipeline types, and the value types both sides parse ([`Duration`], [`StorageUri`]).
 
+pub mod api;
 pub mod duration;
 pub mod pipeline;
 pub mod snapshot;

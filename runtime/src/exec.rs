@@ -12,7 +12,12 @@
 //! it through an exchange: batches over a bounded channel per receiving subtask, so that a slow
 //! consumer blocks its producers (backpressure) instead of growing a queue. Keyed exchanges
 //! send each record to the subtask that owns its key group; the others go to the subtask of
-//! the same index. Subtask `i` of every operator is worker `i`, with one RocksDB instance.
+//! the same index. Every subtask index has its own RocksDB instance.
+//!
+//! A worker runs some of the subtask indexes (all of them in `weir run`, one in a worker
+//! process); a keyed exchange to a subtask that another worker runs goes over the network
+//! ([`crate::exchange`]). Forward exchanges never leave a worker: subtask `i` of every
+//! operator runs on the same worker.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,9 +25,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded};
+use std::collections::HashMap;
+
+use crossbeam_channel::{Sender, bounded, unbounded};
 
 use crate::error::RuntimeError;
+use crate::exchange::{Inbox, Msg, Network, Outlet, Route, cancelled};
 use crate::keygroup::{key_group_of, subtask_of};
 use crate::operators::{
     Blackhole, FileSink, FileSource, Filter, GeneratorSource, KeyedAggregate, Map, Operator,
@@ -50,6 +58,21 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// Keep the workers' state directories after the run (for inspection and tests).
     pub keep_state: bool,
+    /// Set when the job must end at once (another part of it failed); the subtasks unwind
+    /// with an error.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl RunOptions {
+    pub fn new(state_dir: impl Into<PathBuf>, run_id: impl Into<String>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            run_id: run_id.into(),
+            stop: Arc::default(),
+            keep_state: false,
+            cancel: Arc::default(),
+        }
+    }
 }
 
 /// Records in and out of each operator, updated as the job runs.
@@ -64,6 +87,8 @@ pub struct OpMetrics {
 pub struct JobMetrics {
     pub operators: Vec<(String, OpMetrics)>,
     pub started: Instant,
+    /// The state backends of the running subtasks, and the uids of the keyed operators.
+    state: std::sync::Mutex<(Vec<StateBackend>, Vec<String>)>,
 }
 
 impl JobMetrics {
@@ -71,37 +96,61 @@ impl JobMetrics {
         Self {
             operators: plan.ops.iter().map(|o| (o.uid.clone(), OpMetrics::default())).collect(),
             started: Instant::now(),
+            state: Default::default(),
         }
     }
-}
 
-enum Msg {
-    Batch { input: u32, records: Vec<Record> },
-    End,
+    /// Bytes of keyed state held by the running subtasks.
+    pub fn state_bytes(&self) -> u64 {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0.iter().map(|b| b.size_bytes(&s.1)).sum()
+    }
+
+    /// Records in and out per operator, in plan order.
+    pub fn records_in_order(&self) -> Vec<(u64, u64)> {
+        self.operators
+            .iter()
+            .map(|(_, m)| {
+                (m.records_in.load(Ordering::Relaxed), m.records_out.load(Ordering::Relaxed))
+            })
+            .collect()
+    }
+
+    /// Records in and out per operator uid, now.
+    pub fn records(&self) -> BTreeMap<String, (u64, u64)> {
+        self.operators
+            .iter()
+            .map(|(uid, m)| {
+                (
+                    uid.clone(),
+                    (m.records_in.load(Ordering::Relaxed), m.records_out.load(Ordering::Relaxed)),
+                )
+            })
+            .collect()
+    }
 }
 
 /// An exchange from one operator of a task to the head of another task.
 struct Edge {
-    senders: Vec<Sender<Msg>>,
+    /// One outlet per consuming subtask this producer sends to (`None`: never sends there).
+    outlets: Vec<Option<Outlet>>,
     input: u32,
     key: Option<usize>,
     buffers: Vec<Vec<Record>>,
+    cancel: Arc<AtomicBool>,
 }
 
 impl Edge {
     fn send(&mut self, target: usize) -> Result<(), RuntimeError> {
-        let records = std::mem::replace(&mut self.buffers[target], Vec::with_capacity(BATCH));
-        if records.is_empty() {
+        if self.buffers[target].is_empty() {
             return Ok(());
         }
-        self.senders[target]
-            .send(Msg::Batch { input: self.input, records })
-            .map_err(|_| cancelled())
+        let records = std::mem::replace(&mut self.buffers[target], Vec::with_capacity(BATCH));
+        let outlet = self.outlets[target].as_mut().ok_or_else(|| {
+            RuntimeError::internal(format!("no channel to subtask {target} on this exchange"))
+        })?;
+        outlet.send(self.input, records, &self.cancel)
     }
-}
-
-fn cancelled() -> RuntimeError {
-    RuntimeError::internal("cancelled: another subtask of the job failed")
 }
 
 struct ChainOp {
@@ -216,10 +265,10 @@ impl Chain {
             self.route(idx, out)?;
         }
         self.flush()?;
-        for op in &self.ops {
-            for edge in &op.edges {
-                for s in &edge.senders {
-                    s.send(Msg::End).map_err(|_| cancelled())?;
+        for op in &mut self.ops {
+            for edge in &mut op.edges {
+                for o in edge.outlets.iter_mut().flatten() {
+                    o.end()?;
                 }
             }
         }
@@ -236,15 +285,43 @@ pub struct RunSummary {
 }
 
 /// Runs `plan` in this process until its sources are exhausted (or `opts.stop` is set) and
-/// everything is flushed.
+/// everything is flushed: every subtask here, exchanges over channels.
 pub fn run_local(
     plan: &Plan,
     opts: &RunOptions,
     metrics: Arc<JobMetrics>,
 ) -> Result<RunSummary, RuntimeError> {
-    let p = plan.parallelism;
-    // Tasks: an operator joins its input's task unless it is a source, keyed, or has several
-    // inputs.
+    let all: Vec<u32> = (0..plan.parallelism).collect();
+    run_worker(
+        plan,
+        opts,
+        &Placement { hosted: all, worker_of: vec![0; plan.parallelism as usize] },
+        None,
+        metrics,
+    )
+}
+
+/// Which worker runs which subtask index.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// The subtask indexes this worker runs.
+    pub hosted: Vec<u32>,
+    /// The worker of every subtask index.
+    pub worker_of: Vec<u32>,
+}
+
+/// The exchanges of a plan: every (producer, consumer, input) where the consumer heads a task.
+/// Numbered the same way in every worker, so that the number names it on the wire.
+#[derive(Debug, Clone)]
+pub struct ExchangeDef {
+    pub producer: usize,
+    pub consumer: usize,
+    pub input: u32,
+    pub keyed: bool,
+}
+
+/// Operators chained into tasks: the task of every operator, and the head of every task.
+pub fn tasks(plan: &Plan) -> (Vec<usize>, Vec<usize>) {
     let mut task_of = vec![0usize; plan.ops.len()];
     let mut heads: Vec<usize> = Vec::new();
     for (i, op) in plan.ops.iter().enumerate() {
@@ -255,6 +332,38 @@ pub fn run_local(
             task_of[i] = task_of[op.inputs[0]];
         }
     }
+    (task_of, heads)
+}
+
+pub fn exchanges(plan: &Plan, heads: &[usize]) -> Vec<ExchangeDef> {
+    let mut out = Vec::new();
+    for &h in heads {
+        for (input, &producer) in plan.ops[h].inputs.iter().enumerate() {
+            out.push(ExchangeDef {
+                producer,
+                consumer: h,
+                input: input as u32,
+                keyed: plan.ops[h].kind.key_field().is_some(),
+            });
+        }
+    }
+    out
+}
+
+/// Runs the subtasks of `placement.hosted` until their inputs end; exchanges with subtasks
+/// elsewhere go through `network`.
+pub fn run_worker(
+    plan: &Plan,
+    opts: &RunOptions,
+    placement: &Placement,
+    network: Option<Network>,
+    metrics: Arc<JobMetrics>,
+) -> Result<RunSummary, RuntimeError> {
+    let p = plan.parallelism;
+    let hosted = &placement.hosted;
+    let here = |s: u32| hosted.contains(&s);
+    let (task_of, heads) = tasks(plan);
+    let xchg = exchanges(plan, &heads);
     // Checks and resources that must be in place before anything starts.
     let mut files_of: BTreeMap<usize, Vec<PathBuf>> = BTreeMap::new();
     for (i, op) in plan.ops.iter().enumerate() {
@@ -282,29 +391,58 @@ pub fn run_local(
     let keyed: Vec<String> =
         plan.ops.iter().filter(|o| o.kind.key_field().is_some()).map(|o| o.uid.clone()).collect();
     let run_state = opts.state_dir.join(&opts.run_id);
-    let backends: Vec<Option<StateBackend>> = (0..p)
-        .map(|s| {
-            (!keyed.is_empty())
-                .then(|| StateBackend::open(&run_state.join(format!("worker-{s}")), &keyed))
-                .transpose()
-                .map_err(|e| RuntimeError::internal(e.to_string()))
-        })
-        .collect::<Result<_, _>>()?;
+    let mut backends: HashMap<u32, StateBackend> = HashMap::new();
+    if !keyed.is_empty() {
+        for &s in hosted {
+            let b = StateBackend::open(&run_state.join(format!("worker-{s}")), &keyed)
+                .map_err(|e| RuntimeError::internal(e.to_string()))?;
+            backends.insert(s, b);
+        }
+    }
+    *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) =
+        (backends.values().cloned().collect(), keyed.clone());
+    let cancel = opts.cancel.clone();
 
-    // A channel per (task, subtask), and how many senders each has.
-    let mut channels: Vec<Vec<(Sender<Msg>, Receiver<Msg>)>> =
-        heads.iter().map(|_| (0..p).map(|_| bounded(CHANNEL_BATCHES)).collect()).collect();
+    // An inbox per (task, hosted subtask): a bounded channel for the producers here, a queue
+    // (bounded by credits) for the network.
+    type Ends = (Sender<Msg>, Sender<Msg>, Option<Inbox>);
+    let mut inboxes: HashMap<(usize, u32), Ends> = HashMap::new();
+    for t in 0..heads.len() {
+        for &s in hosted {
+            let (ltx, lrx) = bounded(CHANNEL_BATCHES);
+            let (rtx, rrx) = unbounded();
+            inboxes.insert((t, s), (ltx, rtx, Some(Inbox { local: Some(lrx), remote: Some(rrx) })));
+        }
+    }
     let mut expected_ends = vec![0usize; heads.len()];
     for (t, &h) in heads.iter().enumerate() {
         // A keyed head hears from every upstream subtask, another head from one per input.
         let per_input = if plan.ops[h].kind.key_field().is_some() { p as usize } else { 1 };
         expected_ends[t] = plan.ops[h].inputs.len() * per_input;
     }
+    // What arrives over the network, and how many channels each peer ends.
+    let mut route: Route = HashMap::new();
+    let mut peer_ends: HashMap<u32, usize> = HashMap::new();
+    for (e, x) in xchg.iter().enumerate() {
+        let t = task_of[x.consumer];
+        for &to in hosted {
+            route.insert((e as u32, to), (inboxes[&(t, to)].1.clone(), x.input));
+            if x.keyed {
+                for from in (0..p).filter(|&f| !here(f)) {
+                    *peer_ends.entry(placement.worker_of[from as usize]).or_default() += 1;
+                }
+            }
+        }
+    }
+    if network.is_none() && hosted.len() != p as usize {
+        return Err(RuntimeError::internal("a worker without all subtasks needs a network"));
+    }
+    let mut network = network;
 
     let mut threads = Vec::new();
     for (t, &h) in heads.iter().enumerate() {
         let members: Vec<usize> = (0..plan.ops.len()).filter(|&i| task_of[i] == t).collect();
-        for s in 0..p {
+        for &s in hosted {
             let mut ops: Vec<ChainOp> = Vec::new();
             for &i in &members {
                 let op = &plan.ops[i];
@@ -323,8 +461,7 @@ pub fn run_local(
                     }
                     OpKind::Keyed { aggregate, field, .. } => {
                         let in_fields = &plan.ops[op.inputs[0]].fields;
-                        let backend =
-                            backends[s as usize].as_ref().expect("opened for keyed operators");
+                        let backend = backends.get(&s).expect("opened for keyed operators");
                         Some(Box::new(KeyedAggregate::new(
                             *aggregate,
                             op.key_positions[0],
@@ -357,25 +494,35 @@ pub fn run_local(
             // Wire chained children and exchanges.
             for (ci, &i) in members.iter().enumerate() {
                 for (j, consumer) in plan.ops.iter().enumerate() {
-                    for (input_no, &inp) in consumer.inputs.iter().enumerate() {
-                        if inp != i {
+                    for &inp in &consumer.inputs {
+                        if inp != i || task_of[j] != t {
                             continue;
                         }
-                        if task_of[j] == t {
-                            let cj = members.iter().position(|&m| m == j).unwrap();
-                            ops[ci].children.push(cj);
-                        } else {
-                            let tt = task_of[j];
-                            let key =
-                                consumer.kind.key_field().map(|_| consumer.key_positions[input_no]);
-                            ops[ci].edges.push(Edge {
-                                senders: channels[tt].iter().map(|(tx, _)| tx.clone()).collect(),
-                                input: input_no as u32,
-                                key,
-                                buffers: (0..p).map(|_| Vec::new()).collect(),
-                            });
-                        }
+                        let cj = members.iter().position(|&m| m == j).unwrap();
+                        ops[ci].children.push(cj);
                     }
+                }
+                for (e, x) in xchg.iter().enumerate().filter(|(_, x)| x.producer == i) {
+                    let tt = task_of[x.consumer];
+                    let mut outlets: Vec<Option<Outlet>> = Vec::with_capacity(p as usize);
+                    for to in 0..p {
+                        outlets.push(if !x.keyed && to != s {
+                            None
+                        } else if here(to) {
+                            Some(Outlet::Local(inboxes[&(tt, to)].0.clone()))
+                        } else {
+                            let net = network.as_mut().expect("checked above");
+                            Some(net.outlet(placement.worker_of[to as usize], e as u32, s, to))
+                        });
+                    }
+                    let key = x.keyed.then(|| plan.ops[x.consumer].key_positions[x.input as usize]);
+                    ops[ci].edges.push(Edge {
+                        outlets,
+                        input: x.input,
+                        key,
+                        buffers: (0..p).map(|_| Vec::new()).collect(),
+                        cancel: cancel.clone(),
+                    });
                 }
             }
             let chain = Chain {
@@ -387,100 +534,119 @@ pub fn run_local(
                 last_flush: Instant::now(),
             };
             let name = format!("{}-{s}", plan.ops[h].uid);
-            let rx = channels[t][s as usize].1.clone();
+            let inbox = inboxes.get_mut(&(t, s)).and_then(|i| i.2.take()).expect("one per subtask");
             let head = plan.ops[h].clone();
             let files = files_of.get(&h).cloned().unwrap_or_default();
-            let (stop, ends) = (opts.stop.clone(), expected_ends[t]);
+            let (stop, ends, cancel) = (opts.stop.clone(), expected_ends[t], cancel.clone());
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || -> Result<(), RuntimeError> {
-                    let mut chain = chain;
-                    if head.kind.is_source() {
-                        let mut source: Box<dyn crate::operators::Source> = match &head.kind {
-                            OpKind::Generator(g) => Box::new(GeneratorSource::new(g.clone(), s, p)),
-                            OpKind::FileSource(f) => {
-                                Box::new(FileSource::new(&files, f.rate_per_second, s, p))
-                            }
-                            OpKind::Socket(so) => {
-                                Box::new(crate::operators::SocketSource::new(&so.host, so.port, s)?)
-                            }
-                            _ => unreachable!("a source head"),
-                        };
-                        loop {
-                            if stop.load(Ordering::Relaxed) {
-                                break;
-                            }
-                            let mut batch = Vec::with_capacity(BATCH);
-                            let more = source.poll(&mut batch, BATCH)?;
-                            if !batch.is_empty() {
-                                chain.route(0, batch)?;
-                            }
-                            if !more {
-                                break;
-                            }
-                            chain.maybe_flush()?;
-                        }
-                    } else {
-                        let mut ended = 0;
-                        while ended < ends {
-                            let msg = match rx.recv_timeout(Duration::from_millis(10)) {
-                                Ok(m) => m,
-                                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                                    chain.flush()?;
-                                    continue;
-                                }
-                                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                                    return Err(cancelled());
-                                }
-                            };
-                            match msg {
-                                Msg::Batch { input, records } => {
-                                    chain.push(0, input as usize, records)?
-                                }
-                                Msg::End => ended += 1,
-                            }
-                            if rx.is_empty() {
-                                chain.maybe_flush()?;
-                            }
-                        }
+                    let r = run_subtask(chain, &head, &files, inbox, ends, &stop, &cancel);
+                    if r.is_err() {
+                        cancel.store(true, Ordering::Relaxed);
                     }
-                    chain.finish()
+                    r
                 })
                 .map_err(|e| RuntimeError::internal(format!("starting a thread: {e}")))?;
             threads.push(handle);
         }
     }
-    // Only the subtasks hold senders and receivers now: a failed subtask drops its receiver,
-    // its producers' sends fail, and the whole job unwinds.
-    channels.clear();
+    // Only the subtasks hold senders and receivers now (and the network its route): a failed
+    // subtask drops its receivers, its producers' sends fail, and the whole job unwinds.
+    inboxes.clear();
+    let running = network.map(|n| n.start(route, peer_ends));
     let mut first_error: Option<RuntimeError> = None;
     for h in threads {
         let r = h.join().unwrap_or_else(|_| Err(RuntimeError::internal("a subtask panicked")));
         if let Err(e) = r {
+            cancel.store(true, Ordering::Relaxed);
             let cancel = e.message.starts_with("cancelled:");
             if first_error.as_ref().is_none_or(|f| f.message.starts_with("cancelled:") && !cancel) {
                 first_error = Some(e);
             }
         }
     }
+    if let Some(e) = first_error {
+        *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
+        return Err(e);
+    }
+    if let Some(r) = running {
+        r.finish();
+    }
+    *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
     drop(backends);
     if !opts.keep_state {
         let _ = std::fs::remove_dir_all(&run_state);
     }
-    if let Some(e) = first_error {
-        return Err(e);
+    Ok(RunSummary { elapsed: metrics.started.elapsed(), records: metrics.records() })
+}
+
+fn run_subtask(
+    mut chain: Chain,
+    head: &crate::plan::PlanOp,
+    files: &[PathBuf],
+    mut inbox: Inbox,
+    ends: usize,
+    stop: &AtomicBool,
+    cancel: &AtomicBool,
+) -> Result<(), RuntimeError> {
+    let (s, p) = (chain.subtask, chain.parallelism);
+    if head.kind.is_source() {
+        let mut source: Box<dyn crate::operators::Source> = match &head.kind {
+            OpKind::Generator(g) => Box::new(GeneratorSource::new(g.clone(), s, p)),
+            OpKind::FileSource(f) => Box::new(FileSource::new(files, f.rate_per_second, s, p)),
+            OpKind::Socket(so) => {
+                Box::new(crate::operators::SocketSource::new(&so.host, so.port, s)?)
+            }
+            _ => unreachable!("a source head"),
+        };
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return Err(cancelled());
+            }
+            let mut batch = Vec::with_capacity(BATCH);
+            let more = source.poll(&mut batch, BATCH)?;
+            if !batch.is_empty() {
+                chain.route(0, batch)?;
+            }
+            if !more {
+                break;
+            }
+            chain.maybe_flush()?;
+        }
+    } else {
+        let mut ended = 0;
+        while ended < ends {
+            let msg = match inbox.recv_timeout(Duration::from_millis(10)) {
+                Ok(m) => m,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(cancelled());
+                    }
+                    chain.flush()?;
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(cancelled());
+                }
+            };
+            match msg {
+                Msg::Batch { input, records, credit } => {
+                    chain.push(0, input as usize, records)?;
+                    if let Some(c) = credit {
+                        c.give();
+                    }
+                }
+                Msg::End => ended += 1,
+                Msg::Failed(e) => return Err(e),
+            }
+            if inbox.is_empty() {
+                chain.maybe_flush()?;
+            }
+        }
     }
-    Ok(RunSummary {
-        elapsed: metrics.started.elapsed(),
-        records: metrics
-            .operators
-            .iter()
-            .map(|(uid, m)| {
-                (
-                    uid.clone(),
-                    (m.records_in.load(Ordering::Relaxed), m.records_out.load(Ordering::Relaxed)),
-                )
-            })
-            .collect(),
-    })
+    chain.finish()
 }

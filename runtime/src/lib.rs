@@ -4,19 +4,28 @@
 //! - [`state`]: keyed state in RocksDB with a write-back cache;
 //! - [`record`], [`operators`]: records and the built-in operators;
 //! - [`plan`]: a StreamJob's pipeline checked and typed;
-//! - [`exec`]: running a plan, subtasks as threads with bounded exchanges;
+//! - [`wire`], [`exchange`]: batches on the wire; exchanges over channels and over TCP
+//!   with credit-based flow control;
+//! - [`exec`]: running a plan's subtasks as threads, chained into tasks;
+//! - [`control`], [`worker`], [`coordinator`], [`api`]: the coordinator hands the job to the
+//!   workers, follows it, and serves it over HTTP;
 //! - the `weir` command (`src/main.rs`).
 //!
-//! Checkpoints, savepoints, the coordinator's HTTP API and the worker processes build on
-//! these layers.
+//! Checkpoints and savepoints build on these layers.
 
+pub mod api;
+pub mod control;
+pub mod coordinator;
 pub mod error;
+pub mod exchange;
 pub mod exec;
 pub mod keygroup;
 pub mod operators;
 pub mod plan;
 pub mod record;
 pub mod state;
+pub mod wire;
+pub mod worker;
 
 use std::path::Path;
 

@@ -1,9 +1,14 @@
 //! `weir`: runs stream-processing jobs.
 //!
-//! `weir run FILE` runs the job of a StreamJob manifest (the file `kubectl apply` takes) in
-//! this process, every subtask a thread. Exit codes: 0 when the job finished (a bounded job
-//! exhausted its sources, or it was stopped with Ctrl-C / SIGTERM), 2 when the manifest or
-//! pipeline is refused before anything starts, 1 when the job failed.
+//! - `weir run FILE` runs the job of a StreamJob manifest (the file `kubectl apply` takes)
+//!   here: a coordinator and one worker thread running every subtask, or with `--processes`
+//!   a `weir worker` child process per subtask index.
+//! - `weir coordinator FILE` and `weir worker --coordinator ADDR --index I` are the same
+//!   parts started separately, as the pods run them.
+//!
+//! Exit codes: 0 when the job finished (a bounded job exhausted its sources, or it was
+//! stopped with Ctrl-C / SIGTERM), 2 when the manifest, the pipeline or a flag is refused
+//! before anything starts, 1 when the job failed.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -13,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use weir_runtime::exec::{JobMetrics, RunOptions, run_local};
+use weir_crds::api::JobInfo;
+use weir_runtime::coordinator::{Coordinator, CoordinatorOptions, Launch, Status};
+use weir_runtime::error::Whose;
 
 #[derive(Parser, Debug)]
 #[command(name = "weir", version, about = "Stateful stream processing")]
@@ -22,80 +29,187 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(clap::Args, Debug)]
+struct JobArgs {
+    /// The manifest (the same file `kubectl apply -f` takes).
+    file: PathBuf,
+    /// Parallel subtasks (overrides spec.parallelism).
+    #[arg(long)]
+    parallelism: Option<u32>,
+    /// Number of key groups (overrides spec.maxParallelism).
+    #[arg(long)]
+    max_parallelism: Option<u32>,
+    /// Serve the HTTP API (`/v1/job`, `/metrics`, `/healthz`, `/readyz`) on this address.
+    #[arg(long)]
+    api_addr: Option<String>,
+    /// Keep the workers' state directories after the run.
+    #[arg(long)]
+    keep_state: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run the job of a StreamJob manifest locally; flags override the manifest.
+    /// Run the job of a StreamJob manifest here; flags override the manifest.
     Run {
-        /// The manifest (the same file `kubectl apply -f` takes).
-        file: PathBuf,
-        /// Parallel subtasks (overrides spec.parallelism).
-        #[arg(long)]
-        parallelism: Option<u32>,
-        /// Number of key groups (overrides spec.maxParallelism).
-        #[arg(long)]
-        max_parallelism: Option<u32>,
+        #[command(flatten)]
+        job: JobArgs,
         /// Where the workers' RocksDB instances go.
         #[arg(long, default_value = "/var/tmp/weir/state")]
         state_dir: PathBuf,
-        /// Keep the workers' state directories after the run.
+        /// Run each subtask index in a `weir worker` child process (exchanging over TCP).
         #[arg(long)]
-        keep_state: bool,
+        processes: bool,
+    },
+    /// Coordinate a job whose workers are started separately (`weir worker`).
+    Coordinator {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Where the workers connect.
+        #[arg(long, default_value = "0.0.0.0:6123")]
+        control_addr: String,
+        /// Names this run (state directories, part files); default: time and process id.
+        #[arg(long)]
+        run_id: Option<String>,
+    },
+    /// Run one subtask index of the job a coordinator hands out.
+    Worker {
+        /// `host:port` of the coordinator's control address.
+        #[arg(long)]
+        coordinator: String,
+        /// The subtask index this worker runs (0 ≤ index < parallelism).
+        #[arg(long)]
+        index: u32,
+        /// Where this worker's RocksDB instance goes.
+        #[arg(long, default_value = "/var/tmp/weir/state")]
+        state_dir: PathBuf,
+        /// Where the other workers connect for the exchange.
+        #[arg(long, default_value = "0.0.0.0:0")]
+        data_addr: String,
+        /// Host name or IP the other workers use to reach this one (default: the address
+        /// this worker reaches the coordinator from).
+        #[arg(long, env = "WEIR_ADVERTISE_HOST")]
+        advertise_host: Option<String>,
     },
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().cmd {
-        Cmd::Run { file, parallelism, max_parallelism, state_dir, keep_state } => {
-            run(file, parallelism, max_parallelism, state_dir, keep_state)
-        }
-    }
-}
-
-fn run(
-    file: PathBuf,
-    parallelism: Option<u32>,
-    max_parallelism: Option<u32>,
-    state_dir: PathBuf,
-    keep_state: bool,
-) -> ExitCode {
-    let plan = match weir_runtime::load_manifest(&file)
-        .and_then(|job| weir_runtime::plan::build(&job.spec, parallelism, max_parallelism))
-    {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("weir: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
             eprintln!("weir: installing the signal handler: {e}");
         }
     }
-    let run_id = format!(
-        "{}-{:04x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-        std::process::id() & 0xffff
-    );
-    let opts = RunOptions { state_dir, run_id: run_id.clone(), stop, keep_state };
-    let metrics = Arc::new(JobMetrics::new(&plan));
+    match Cli::parse().cmd {
+        Cmd::Run { job, state_dir, processes } => {
+            let launch = if processes {
+                match std::env::current_exe() {
+                    Ok(exe) => Launch::Processes { exe, state_dir },
+                    Err(e) => {
+                        eprintln!("weir: finding this program to start workers: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            } else {
+                Launch::InProcess { state_dir }
+            };
+            coordinate(job, launch, "127.0.0.1:0".into(), None, stop)
+        }
+        Cmd::Coordinator { job, control_addr, run_id } => {
+            coordinate(job, Launch::External, control_addr, run_id, stop)
+        }
+        Cmd::Worker { coordinator, index, state_dir, data_addr, advertise_host } => {
+            let opts = weir_runtime::worker::WorkerOptions {
+                coordinator,
+                index: Some(index),
+                state_dir,
+                data_bind: data_addr,
+                advertise_host,
+                stop,
+            };
+            match weir_runtime::worker::run(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weir: worker {index}: {e}");
+                    ExitCode::from(if e.whose == Whose::User { 2 } else { 1 })
+                }
+            }
+        }
+    }
+}
+
+fn coordinate(
+    job: JobArgs,
+    launch: Launch,
+    control_addr: String,
+    run_id: Option<String>,
+    stop: Arc<AtomicBool>,
+) -> ExitCode {
+    let (manifest, plan) = match weir_runtime::load_manifest(&job.file).and_then(|m| {
+        let plan = weir_runtime::plan::build(&m.spec, job.parallelism, job.max_parallelism)?;
+        Ok((m, plan))
+    }) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("weir: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let run_id = run_id.unwrap_or_else(|| {
+        format!(
+            "{}-{:04x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+            std::process::id() & 0xffff
+        )
+    });
+    let name = manifest.metadata.name.clone().unwrap_or_default();
+    let ways = match &launch {
+        Launch::InProcess { .. } => "in this process".to_string(),
+        Launch::Processes { .. } => format!("{} worker processes", plan.parallelism),
+        Launch::External => "workers started separately".to_string(),
+    };
+    let opts = CoordinatorOptions {
+        name,
+        run_id: run_id.clone(),
+        control_addr,
+        launch,
+        keep_state: job.keep_state,
+        stop,
+    };
+    // The workers build the same plan from the spec and the parallelism the job runs at.
+    let coordinator = match Coordinator::bind(manifest.spec.clone(), plan.clone(), opts) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("weir: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let status = coordinator.status.clone();
+    if let Some(addr) = &job.api_addr {
+        match weir_runtime::api::serve(addr, status.clone()) {
+            Ok(bound) => eprintln!("weir: HTTP API on http://{bound}"),
+            Err(e) => {
+                eprintln!("weir: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     eprintln!(
-        "weir: running {} ({} operators, parallelism {}, {} key groups), run {run_id}",
-        file.display(),
+        "weir: running {} ({} operators, parallelism {}, {} key groups, {ways}), run {run_id}, control {}",
+        job.file.display(),
         plan.ops.len(),
         plan.parallelism,
-        plan.max_parallelism
+        plan.max_parallelism,
+        coordinator.control_addr()
     );
     let done = Arc::new(AtomicBool::new(false));
     let progress = {
-        let (metrics, done) = (metrics.clone(), done.clone());
-        std::thread::spawn(move || report_progress(&metrics, &done))
+        let (status, done) = (status.clone(), done.clone());
+        std::thread::spawn(move || report_progress(&status, &done))
     };
-    let result = run_local(&plan, &opts, metrics);
+    let result = coordinator.run();
     done.store(true, Ordering::Relaxed);
     let _ = progress.join();
     match result {
@@ -119,12 +233,12 @@ fn run(
     }
 }
 
-/// Records per second in and out of each operator: a live line on a terminal, a log line
-/// every 10 s otherwise.
-fn report_progress(metrics: &JobMetrics, done: &AtomicBool) {
+/// Records per second in and out of each operator and the state size: a live line on a
+/// terminal, a log line every 10 s otherwise.
+fn report_progress(status: &Status, done: &AtomicBool) {
     let tty = std::io::stderr().is_terminal();
     let every = if tty { Duration::from_secs(1) } else { Duration::from_secs(10) };
-    let mut last: Vec<(u64, u64)> = vec![(0, 0); metrics.operators.len()];
+    let mut last: JobInfo = status.snapshot();
     let mut last_t = Instant::now();
     while !done.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
@@ -133,19 +247,24 @@ fn report_progress(metrics: &JobMetrics, done: &AtomicBool) {
         }
         let dt = last_t.elapsed().as_secs_f64();
         last_t = Instant::now();
+        let now = status.snapshot();
         let mut parts = Vec::new();
-        for (k, (uid, m)) in metrics.operators.iter().enumerate() {
-            let now = (m.records_in.load(Ordering::Relaxed), m.records_out.load(Ordering::Relaxed));
-            let rate = |a: u64, b: u64| (a - b) as f64 / dt;
+        for (op, before) in now.operators.iter().zip(&last.operators) {
+            let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
             parts.push(format!(
-                "{uid} {:.0}/s in {:.0}/s out",
-                rate(now.0, last[k].0),
-                rate(now.1, last[k].1)
+                "{} {:.0}/s in {:.0}/s out",
+                op.uid,
+                rate(op.records_in, before.records_in),
+                rate(op.records_out, before.records_out)
             ));
-            last[k] = now;
         }
-        let line =
-            format!("[{:>6.1}s] {}", metrics.started.elapsed().as_secs_f64(), parts.join(" | "));
+        let line = format!(
+            "[{:>6.1}s] {} | state {:.1} MiB",
+            now.uptime_seconds,
+            parts.join(" | "),
+            now.state_bytes as f64 / (1024.0 * 1024.0)
+        );
+        last = now;
         if tty { eprint!("\r\x1b[2K{line}") } else { eprintln!("weir: {line}") }
     }
     if tty {

@@ -252,6 +252,8 @@ impl OpKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanOp {
     pub uid: String,
+    /// The `type` of the manifest, e.g. `count`.
+    pub type_name: String,
     pub kind: OpKind,
     /// Indexes (in `Plan::ops`) of the inputs.
     pub inputs: Vec<usize>,
@@ -436,7 +438,14 @@ pub fn build(
             }
             None => Vec::new(),
         };
-        ops.push(PlanOp { uid: op.uid.clone(), kind, inputs, fields, key_positions });
+        ops.push(PlanOp {
+            uid: op.uid.clone(),
+            type_name: op.kind.clone(),
+            kind,
+            inputs,
+            fields,
+            key_positions,
+        });
     }
     // Every path must end in a sink, and sinks feed nothing.
     for (i, op) in ops.iter().enumerate() {

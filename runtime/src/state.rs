@@ -59,6 +59,18 @@ impl StateBackend {
         &self.path
     }
 
+    /// RocksDB's estimate of the bytes of live state, on disk and in memtables.
+    pub fn size_bytes(&self, operators: &[String]) -> u64 {
+        let mut total = 0;
+        for uid in operators {
+            let Some(cf) = self.db.cf_handle(&cf_name(uid)) else { continue };
+            for prop in ["rocksdb.estimate-live-data-size", "rocksdb.cur-size-all-mem-tables"] {
+                total += self.db.property_int_value_cf(&cf, prop).ok().flatten().unwrap_or(0);
+            }
+        }
+        total
+    }
+
     /// The value state of operator `uid`, cached up to `cache_entries` keys.
     pub fn value_state(
         &self,

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use weir_runtime::exec::{JobMetrics, RunOptions, run_local};
 
@@ -90,12 +89,8 @@ fn word_count_is_exact_at_parallelism_1_2_and_3_in_process() {
         let job: weir_crds::StreamJob = serde_saphyr::from_str(&manifest(&input, &out, p)).unwrap();
         let plan = weir_runtime::plan::build(&job.spec, None, None).unwrap();
         assert_eq!(plan.parallelism, p);
-        let opts = RunOptions {
-            state_dir: tmp.path().join("state"),
-            run_id: format!("test-{p}"),
-            stop: Arc::new(AtomicBool::new(false)),
-            keep_state: true,
-        };
+        let mut opts = RunOptions::new(tmp.path().join("state"), format!("test-{p}"));
+        opts.keep_state = true;
         let summary = run_local(&plan, &opts, Arc::new(JobMetrics::new(&plan))).unwrap();
         let total: u64 = expected.values().sum();
         assert_eq!(summary.records["counts"].0, total, "records into count at p={p}");

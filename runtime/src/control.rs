@@ -1,0 +1,117 @@
+//! The control connection between the coordinator and a worker: one JSON message per line
+//! over TCP, opened by the worker.
+//!
+//! ```text
+//!   worker                          coordinator
+//!     ── Hello {index, dataAddr} ──►
+//!     ◄── Start {spec, placement} ──   (once every worker said hello)
+//!     ── Progress {...} ──►            (every second)
+//!     ◄── Stop ──                      (Ctrl-C / SIGTERM: end like an exhausted source)
+//!     ◄── Cancel ──                    (another worker failed: give up at once)
+//!     ── Finished | Failed ──►
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use weir_crds::StreamJobSpec;
+
+/// Version of this protocol; a worker and a coordinator of different versions refuse each
+/// other with a clear error.
+pub const PROTOCOL: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ToCoordinator {
+    #[serde(rename_all = "camelCase")]
+    Hello {
+        protocol: u32,
+        /// The subtask index this worker runs; `None` for a worker that runs them all.
+        index: Option<u32>,
+        /// Where the other workers reach this one's exchange.
+        data_addr: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    Progress {
+        /// Records in and out per operator, in plan order, summed over this worker's subtasks.
+        records: Vec<(u64, u64)>,
+        state_bytes: u64,
+    },
+    #[serde(rename_all = "camelCase")]
+    Finished { records: Vec<(u64, u64)> },
+    #[serde(rename_all = "camelCase")]
+    Failed { message: String, user: bool, retryable: bool },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ToWorker {
+    #[serde(rename_all = "camelCase")]
+    Start {
+        spec: Box<StreamJobSpec>,
+        parallelism: u32,
+        max_parallelism: u32,
+        run_id: String,
+        /// The worker of every subtask index.
+        worker_of: Vec<u32>,
+        /// The exchange address of every worker.
+        data_addrs: Vec<String>,
+        keep_state: bool,
+    },
+    /// The coordinator will not take this worker; it exits with the reason.
+    Refused {
+        reason: String,
+    },
+    Stop,
+    Cancel,
+}
+
+/// Writes messages; shared by the threads that send.
+#[derive(Debug)]
+pub struct Writer(Mutex<TcpStream>);
+
+impl Writer {
+    pub fn new(s: TcpStream) -> Self {
+        Self(Mutex::new(s))
+    }
+
+    pub fn send<T: Serialize>(&self, msg: &T) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.write_all(&line)
+    }
+
+    pub fn shutdown(&self) {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Reads messages.
+#[derive(Debug)]
+pub struct Reader(BufReader<TcpStream>, String);
+
+impl Reader {
+    pub fn new(s: TcpStream) -> Self {
+        Self(BufReader::new(s), String::new())
+    }
+
+    /// The next message; `Ok(None)` when the other side closed the connection.
+    pub fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, String> {
+        self.1.clear();
+        match self.0.read_line(&mut self.1) {
+            Ok(0) => Ok(None),
+            Ok(_) => serde_json::from_str(&self.1)
+                .map(Some)
+                .map_err(|e| format!("a message that is not understood ({e})")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        self.0.get_ref()
+    }
+}

@@ -1,0 +1,228 @@
+//! The exchange's wire format: batches of records as bytes, and the frames that carry them
+//! between workers.
+//!
+//! A frame is a fixed header followed by a payload:
+//!
+//! ```text
+//!   kind u8 | edge u32 | from u32 | to u32 | n u32 | payload (n bytes, Batch only)
+//! ```
+//!
+//! `Batch` carries records from subtask `from` to subtask `to` over exchange `edge`; `End`
+//! says that channel is finished; `Credit` goes the other way and lets the sender of that
+//! channel send `n` more batches. Integers are little-endian. A record is a varint field
+//! count followed by its values, each a tag byte and its bytes (strings as a varint length
+//! and UTF-8). Decoding checks everything: bytes from a socket never make the worker panic.
+
+use crate::record::{Record, Value};
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Batch = 1,
+    End = 2,
+    Credit = 3,
+}
+
+/// The fixed part of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub edge: u32,
+    pub from: u32,
+    pub to: u32,
+    /// Payload length for `Batch`, credits for `Credit`, 0 for `End`.
+    pub n: u32,
+}
+
+pub const HEADER_LEN: usize = 17;
+/// The largest batch payload a worker accepts (a guard against garbage on the socket).
+pub const MAX_PAYLOAD: u32 = 256 << 20;
+
+impl Header {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(self.kind as u8);
+        for v in [self.edge, self.from, self.to, self.n] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, String> {
+        let kind = match b[0] {
+            1 => Kind::Batch,
+            2 => Kind::End,
+            3 => Kind::Credit,
+            k => return Err(format!("unknown frame kind {k}")),
+        };
+        let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let h = Header { kind, edge: u(1), from: u(5), to: u(9), n: u(13) };
+        if h.kind == Kind::Batch && h.n > MAX_PAYLOAD {
+            return Err(format!("a batch of {} bytes is over the limit of {MAX_PAYLOAD}", h.n));
+        }
+        Ok(h)
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Appends a batch of records.
+pub fn encode_batch(records: &[Record], out: &mut Vec<u8>) {
+    put_varint(out, records.len() as u64);
+    for r in records {
+        put_varint(out, r.len() as u64);
+        for v in r {
+            match v {
+                Value::Str(s) => {
+                    out.push(0);
+                    put_varint(out, s.len() as u64);
+                    out.extend_from_slice(s.as_bytes());
+                }
+                Value::Int(i) => {
+                    out.push(1);
+                    // Zigzag, so small negative numbers stay short.
+                    put_varint(out, ((i << 1) ^ (i >> 63)) as u64);
+                }
+                Value::Float(f) => {
+                    out.push(2);
+                    out.extend_from_slice(&f.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn byte(&mut self) -> Result<u8, String> {
+        let v = *self.b.get(self.at).ok_or("a batch ends in the middle of a record")?;
+        self.at += 1;
+        Ok(v)
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("a varint longer than 64 bits".into())
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&[u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
+        let end = end.ok_or("a batch ends in the middle of a value")?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    /// A count that cannot be larger than the bytes left (every item takes at least one).
+    fn count(&mut self) -> Result<usize, String> {
+        let n = self.varint()?;
+        if n > (self.b.len() - self.at) as u64 {
+            return Err(format!("a count of {n} is more than the bytes left"));
+        }
+        Ok(n as usize)
+    }
+}
+
+/// Reads a batch written by [`encode_batch`].
+pub fn decode_batch(b: &[u8]) -> Result<Vec<Record>, String> {
+    let mut r = Reader { b, at: 0 };
+    let n = r.count()?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let fields = r.count()?;
+        let mut rec = Vec::with_capacity(fields);
+        for _ in 0..fields {
+            rec.push(match r.byte()? {
+                0 => {
+                    let len = r.count()?;
+                    let s = std::str::from_utf8(r.bytes(len)?)
+                        .map_err(|_| "a string that is not UTF-8".to_string())?;
+                    Value::Str(s.into())
+                }
+                1 => {
+                    let z = r.varint()?;
+                    Value::Int(((z >> 1) as i64) ^ -((z & 1) as i64))
+                }
+                2 => {
+                    let b = r.bytes(8)?;
+                    Value::Float(f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                }
+                t => return Err(format!("unknown value tag {t}")),
+            });
+        }
+        out.push(rec);
+    }
+    if r.at != b.len() {
+        return Err(format!("{} bytes after the last record", b.len() - r.at));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            ".{0,40}".prop_map(|s| Value::Str(s.into())),
+            any::<i64>().prop_map(Value::Int),
+            any::<f64>()
+                .prop_filter("NaN never equals itself", |f| !f.is_nan())
+                .prop_map(Value::Float),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn batches_round_trip(batch in prop::collection::vec(prop::collection::vec(value(), 0..5), 0..50)) {
+            let mut b = Vec::new();
+            encode_batch(&batch, &mut b);
+            prop_assert_eq!(decode_batch(&b).unwrap(), batch);
+        }
+
+        #[test]
+        fn garbage_is_an_error_not_a_panic(b in prop::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_batch(&b);
+        }
+
+        #[test]
+        fn truncated_batches_are_refused(batch in prop::collection::vec(prop::collection::vec(value(), 1..4), 1..10), cut in 1usize..20) {
+            let mut b = Vec::new();
+            encode_batch(&batch, &mut b);
+            let cut = cut.min(b.len());
+            prop_assert!(decode_batch(&b[..b.len() - cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn headers_round_trip_and_bad_ones_are_refused() {
+        let h = Header { kind: Kind::Credit, edge: 3, from: 1, to: 2, n: 16 };
+        let mut b = Vec::new();
+        h.encode(&mut b);
+        assert_eq!(b.len(), HEADER_LEN);
+        assert_eq!(Header::decode(b.as_slice().try_into().unwrap()).unwrap(), h);
+        b[0] = 9;
+        assert!(Header::decode(b.as_slice().try_into().unwrap()).unwrap_err().contains("kind 9"));
+        let big = Header { kind: Kind::Batch, edge: 0, from: 0, to: 0, n: MAX_PAYLOAD + 1 };
+        let mut b = Vec::new();
+        big.encode(&mut b);
+        assert!(Header::decode(b.as_slice().try_into().unwrap()).is_err());
+    }
+}
