@@ -437,3 +437,112 @@ impl Running {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Value;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Two workers in one process: 0 sends to 1 over real TCP.
+    fn pair() -> (Network, Network) {
+        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a0 = l0.local_addr().unwrap().to_string();
+        let a1 = l1.local_addr().unwrap().to_string();
+        let t = std::thread::spawn(move || {
+            Network::connect(1, &HashMap::from([(0, a0)]), &l1, "run", Duration::from_secs(10))
+                .unwrap()
+        });
+        let n0 =
+            Network::connect(0, &HashMap::from([(1, a1)]), &l0, "run", Duration::from_secs(10))
+                .unwrap();
+        (n0, t.join().unwrap())
+    }
+
+    #[test]
+    fn a_consumer_that_takes_nothing_stops_its_producer_after_its_credits() {
+        let (mut n0, n1) = pair();
+        let mut outlet = n0.outlet(1, 7, 0, 1);
+        let (tx, rx) = unbounded();
+        let r1 = n1.start(HashMap::from([((7, 1), (tx, 3))]), HashMap::from([(0, 1)]));
+        let r0 = n0.start(HashMap::new(), HashMap::new());
+        let sent = Arc::new(AtomicUsize::new(0));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let producer = {
+            let (sent, cancel) = (sent.clone(), cancel.clone());
+            std::thread::spawn(move || {
+                for i in 0..CREDITS + 3 {
+                    let batch = vec![vec![Value::str("k"), Value::Int(i as i64)]; 100];
+                    outlet.send(0, batch, &cancel).unwrap();
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+                outlet.end().unwrap();
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(sent.load(Ordering::SeqCst), CREDITS, "sent beyond its credits");
+        // Taking one batch and returning its credit lets exactly one more through.
+        let Msg::Batch { input, records, credit } = rx.recv().unwrap() else { panic!("a batch") };
+        assert_eq!((input, records.len()), (3, 100));
+        assert_eq!(records[0], vec![Value::str("k"), Value::Int(0)]);
+        credit.expect("a batch from the network carries its credit").give();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(sent.load(Ordering::SeqCst), CREDITS + 1);
+        // Draining everything lets the producer finish; the batches arrive in order.
+        let mut next = 1;
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                Msg::Batch { records, credit, .. } => {
+                    assert_eq!(records[0][1], Value::Int(next));
+                    next += 1;
+                    credit.unwrap().give();
+                }
+                Msg::End => break,
+                Msg::Failed(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(next as usize, CREDITS + 3);
+        producer.join().unwrap();
+        // Each worker finishes once the other has closed its side: at the same time.
+        let t = std::thread::spawn(move || r1.finish());
+        r0.finish();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_peer_that_goes_away_fails_the_consumer_and_the_producer() {
+        let (mut n0, n1) = pair();
+        let mut outlet = n0.outlet(1, 0, 0, 1);
+        let (tx, rx) = unbounded();
+        let r1 = n1.start(HashMap::from([((0, 1), (tx, 0))]), HashMap::from([(0, 1)]));
+        // Worker 0 sends one batch and vanishes without its End.
+        let cancel = AtomicBool::new(false);
+        outlet.send(0, vec![vec![Value::Int(1)]], &cancel).unwrap();
+        drop(outlet);
+        drop(n0);
+        assert!(matches!(rx.recv().unwrap(), Msg::Batch { .. }));
+        match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+            Msg::Failed(e) => assert!(e.message.contains("worker 0"), "{e}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        r1.finish();
+    }
+
+    #[test]
+    fn a_connection_for_another_run_is_refused() {
+        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a0, a1) = (l0.local_addr().unwrap(), l1.local_addr().unwrap().to_string());
+        // Something that says it is worker 1 of another run connects to worker 0.
+        let t = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(a0).unwrap();
+            s.write_all(&handshake("other-run", 1)).unwrap();
+            s
+        });
+        let peers = HashMap::from([(1, a1)]);
+        let err = Network::connect(0, &peers, &l0, "run", Duration::from_millis(500)).unwrap_err();
+        drop(t.join().unwrap());
+        assert!(err.message.contains("workers [1] did not connect"), "{err}");
+    }
+}

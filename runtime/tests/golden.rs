@@ -1,5 +1,6 @@
 //! Golden tests: a word count over files written by the test gives exactly the counts the test
-//! computes on its own, at parallelism 1, 2 and 3, in-process and through the `weir` command;
+//! computes on its own, at parallelism 1, 2 and 3, in the library and in the three ways the
+//! `weir` command runs a job (one process, worker processes, coordinator and workers apart);
 //! bad pipelines stop before anything starts, with exit code 2.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -113,30 +114,114 @@ fn word_count_is_exact_at_parallelism_1_2_and_3_in_process() {
     }
 }
 
+/// The three ways to run a job.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    /// `weir run FILE`: every subtask a thread of one process.
+    InProcess,
+    /// `weir run FILE --processes`: a worker process per subtask index.
+    Processes,
+    /// `weir coordinator FILE` and `weir worker --index I`, started separately.
+    Separate,
+}
+
+struct Outcome {
+    ok: bool,
+    stderr: String,
+}
+
+/// Runs the job of `file` the given way; `args` go to `weir run` / `weir coordinator`.
+fn run_job(way: Way, file: &Path, args: &[&str], state: &Path) -> Outcome {
+    let weir = env!("CARGO_BIN_EXE_weir");
+    let state = state.to_str().unwrap();
+    match way {
+        Way::InProcess | Way::Processes => {
+            let mut cmd = Command::new(weir);
+            cmd.arg("run").arg(file).args(args).args(["--state-dir", state]);
+            if matches!(way, Way::Processes) {
+                cmd.arg("--processes");
+            }
+            let res = cmd.output().unwrap();
+            Outcome {
+                ok: res.status.success(),
+                stderr: String::from_utf8_lossy(&res.stderr).into(),
+            }
+        }
+        Way::Separate => {
+            let mut coord = Command::new(weir)
+                .arg("coordinator")
+                .arg(file)
+                .args(args)
+                .args(["--control-addr", "127.0.0.1:0"])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // The coordinator says where it listens; read on in the background.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let err = coord.stderr.take().unwrap();
+            let reader = std::thread::spawn(move || {
+                use std::io::BufRead;
+                let mut all = String::new();
+                for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                    if let Some((_, addr)) = line.split_once(", control ") {
+                        let _ = tx.send(addr.trim().to_string());
+                    }
+                    all.push_str(&line);
+                    all.push('\n');
+                }
+                all
+            });
+            let addr = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("the coordinator's address");
+            let parallelism: u32 = args
+                .iter()
+                .position(|a| *a == "--parallelism")
+                .map(|i| args[i + 1].parse().unwrap())
+                .expect("--parallelism for the separate way");
+            let workers: Vec<_> =
+                (0..parallelism)
+                    .map(|i| {
+                        let mut cmd = Command::new(weir);
+                        cmd.args(["worker", "--coordinator", &addr, "--index", &i.to_string()])
+                            .args(["--state-dir", state, "--data-addr", "127.0.0.1:0"]);
+                        std::thread::spawn(move || cmd.output())
+                    })
+                    .collect();
+            let status = coord.wait().unwrap();
+            let mut stderr = reader.join().unwrap();
+            for w in workers {
+                let w = w.join().unwrap().unwrap();
+                stderr.push_str(&String::from_utf8_lossy(&w.stderr));
+                assert!(w.status.success() || !status.success(), "a worker failed: {stderr}");
+            }
+            Outcome { ok: status.success(), stderr }
+        }
+    }
+}
+
 #[test]
-fn word_count_is_exact_through_the_weir_command() {
+fn word_count_is_exact_in_all_three_ways() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in");
-    let expected = write_input(&input, 4, 300, 5);
-    for p in [1, 2, 3] {
-        let out = tmp.path().join(format!("out-{p}"));
-        let file = tmp.path().join(format!("wc-{p}.yaml"));
-        // The manifest says parallelism 2; the flag overrides it.
-        std::fs::write(&file, manifest(&input, &out, 2)).unwrap();
-        let res = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["run", file.to_str().unwrap(), "--parallelism", &p.to_string(), "--state-dir"])
-            .arg(tmp.path().join("state"))
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&res.stderr);
-        assert!(res.status.success(), "weir run failed at p={p}: {err}");
-        assert!(err.contains(&format!("parallelism {p}")), "{err}");
-        check_output(&out, &expected);
+    let expected = write_input(&input, 7, 300, 5);
+    for way in [Way::InProcess, Way::Processes, Way::Separate] {
+        for p in [1, 2, 3] {
+            let out = tmp.path().join(format!("out-{way:?}-{p}"));
+            let file = tmp.path().join(format!("wc-{way:?}-{p}.yaml"));
+            // The manifest says parallelism 2; the flag overrides it.
+            std::fs::write(&file, manifest(&input, &out, 2)).unwrap();
+            let res =
+                run_job(way, &file, &["--parallelism", &p.to_string()], &tmp.path().join("state"));
+            assert!(res.ok, "{way:?} at p={p} failed: {}", res.stderr);
+            assert!(res.stderr.contains(&format!("parallelism {p}")), "{}", res.stderr);
+            check_output(&out, &expected);
+        }
     }
     // Runs never overwrite each other's files: a second run into the same directory adds files.
-    let out = tmp.path().join("out-1");
+    let out = tmp.path().join("out-InProcess-1");
     let before = std::fs::read_dir(&out).unwrap().count();
-    let file = tmp.path().join("wc-1.yaml");
+    let file = tmp.path().join("wc-InProcess-1.yaml");
     let res = Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(["run", file.to_str().unwrap(), "--parallelism", "1"])
         .output()
