@@ -24,13 +24,14 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::error::RuntimeError;
 use crate::keygroup::{key_group_of, subtask_of};
+use crate::objstore::S3Client;
 use crate::operators::{
     Blackhole, FileSink, FileSource, Filter, GeneratorSource, KeyedAggregate, Map, Operator,
+    SourceFile,
 };
 use crate::plan::{OpKind, Plan};
 use crate::record::Record;
 use crate::state::StateBackend;
-use weir_crds::StorageUri;
 
 /// Records per batch on an exchange.
 pub const BATCH: usize = 1024;
@@ -256,27 +257,11 @@ pub fn run_local(
         }
     }
     // Checks and resources that must be in place before anything starts.
-    let mut files_of: BTreeMap<usize, Vec<PathBuf>> = BTreeMap::new();
+    let s3 = if plan.uses_s3() { Some(S3Client::new(plan.s3.as_ref())?) } else { None };
+    let mut files_of: BTreeMap<usize, Vec<SourceFile>> = BTreeMap::new();
     for (i, op) in plan.ops.iter().enumerate() {
-        match &op.kind {
-            OpKind::FileSource(f) => match &f.path {
-                StorageUri::Local(dir) => {
-                    files_of.insert(i, crate::operators::list_files(dir)?);
-                }
-                StorageUri::S3 { .. } => {
-                    return Err(RuntimeError::user(format!(
-                        "operator {:?}: S3 paths are not supported yet by file_source; use a local directory",
-                        op.uid
-                    )));
-                }
-            },
-            OpKind::FileSink(f) if matches!(f.path, StorageUri::S3 { .. }) => {
-                return Err(RuntimeError::user(format!(
-                    "operator {:?}: S3 paths are not supported yet by file_sink; use a local directory",
-                    op.uid
-                )));
-            }
-            _ => {}
+        if let OpKind::FileSource(f) = &op.kind {
+            files_of.insert(i, crate::operators::list_source_files(&f.path, s3.as_ref())?);
         }
     }
     let keyed: Vec<String> =
@@ -340,12 +325,9 @@ pub fn run_local(
                     }
                     OpKind::Stdout => Some(Box::new(crate::operators::Stdout::default())),
                     OpKind::Blackhole => Some(Box::new(Blackhole)),
-                    OpKind::FileSink(f) => match &f.path {
-                        StorageUri::Local(dir) => {
-                            Some(Box::new(FileSink::new(dir, &opts.run_id, s)?))
-                        }
-                        StorageUri::S3 { .. } => unreachable!("refused above"),
-                    },
+                    OpKind::FileSink(f) => {
+                        Some(Box::new(FileSink::new(&f.path, s3.as_ref(), &opts.run_id, s)?))
+                    }
                 };
                 ops.push(ChainOp {
                     plan_index: i,
@@ -390,7 +372,7 @@ pub fn run_local(
             let rx = channels[t][s as usize].1.clone();
             let head = plan.ops[h].clone();
             let files = files_of.get(&h).cloned().unwrap_or_default();
-            let (stop, ends) = (opts.stop.clone(), expected_ends[t]);
+            let (stop, ends, s3) = (opts.stop.clone(), expected_ends[t], s3.clone());
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || -> Result<(), RuntimeError> {
@@ -399,7 +381,7 @@ pub fn run_local(
                         let mut source: Box<dyn crate::operators::Source> = match &head.kind {
                             OpKind::Generator(g) => Box::new(GeneratorSource::new(g.clone(), s, p)),
                             OpKind::FileSource(f) => {
-                                Box::new(FileSource::new(&files, f.rate_per_second, s, p))
+                                Box::new(FileSource::new(&files, s3, f.rate_per_second, s, p))
                             }
                             OpKind::Socket(so) => {
                                 Box::new(crate::operators::SocketSource::new(&so.host, so.port, s)?)
