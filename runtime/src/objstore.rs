@@ -18,7 +18,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, ProvideCredentials, Region, RequestChecksumCalculation,
     ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_smithy_http_client::tls;
@@ -132,7 +132,7 @@ impl S3Client {
             return Err(no_credentials("no credentials provider is configured"));
         };
         if let Err(e) = rt.block_on(credentials.provide_credentials()) {
-            return Err(no_credentials(&DisplayErrorContext(&e).to_string()));
+            return Err(no_credentials(&causes(&e)));
         }
         let endpoint = sdk
             .endpoint_url()
@@ -435,12 +435,12 @@ impl S3Client {
             }
             SdkError::ConstructionFailure(_) => RuntimeError::user(format!(
                 "S3 {what}: the request cannot be built: {}",
-                DisplayErrorContext(&err)
+                causes(&err)
             )),
             _ => RuntimeError::external(format!(
-                "S3 {what}: no answer from {}: {}",
+                "S3 {what}: cannot talk to {}: {}",
                 self.inner.endpoint.as_deref().unwrap_or("AWS S3"),
-                DisplayErrorContext(&err)
+                causes(&err)
             ))
             .retryable(),
         }
@@ -453,15 +453,30 @@ enum Fail<E> {
     Body(String),
 }
 
+/// An error and its sources, `: `-separated (as `DisplayErrorContext` does, without the
+/// debug dump of the whole error that it appends, which can hold response headers).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 fn hint(code: &str) -> Option<&'static str> {
     match code {
         "NoSuchBucket" => Some("the bucket does not exist: check the bucket name of the path"),
         "InvalidAccessKeyId" | "SignatureDoesNotMatch" => Some(
-            "the credentials are not accepted: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or spec.s3.credentialsSecret)",
+            "the credentials are refused: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or spec.s3.credentialsSecret)",
         ),
-        "AccessDenied" => {
-            Some("the credentials are not allowed to do this: check the key's permissions")
-        }
+        "AccessDenied" => Some(
+            "the credentials are refused or not allowed to do this: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or spec.s3.credentialsSecret) and the key's permissions",
+        ),
         "PermanentRedirect" | "AuthorizationHeaderMalformed" => {
             Some("the bucket is in another region: check spec.s3.region or AWS_REGION")
         }

@@ -980,6 +980,8 @@ struct S3Parts {
     /// Parts uploaded under their in-progress names, waiting for the commit.
     uploaded: Vec<u32>,
     next_part: u32,
+    /// A part is uploaded once it has this many bytes.
+    part_bytes: u64,
 }
 
 impl S3Parts {
@@ -1006,7 +1008,7 @@ impl S3Parts {
             RuntimeError::external(format!("file_sink: writing the staging file: {e}"))
         })?;
         *size += bytes.len() as u64;
-        if *size >= S3_PART_BYTES {
+        if *size >= self.part_bytes {
             self.upload(stem)?;
         }
         Ok(())
@@ -1072,10 +1074,20 @@ impl FileSink {
                     staged: None,
                     uploaded: Vec::new(),
                     next_part: 0,
+                    part_bytes: S3_PART_BYTES,
                 })
             }
         };
         Ok(Self { out, stem: format!("part-{run_id}-{subtask}"), buf: String::new() })
+    }
+
+    /// Starts a new S3 part once a part has `bytes` bytes (instead of [`S3_PART_BYTES`]); a
+    /// local sink writes one file regardless.
+    pub fn with_part_bytes(mut self, bytes: u64) -> Self {
+        if let SinkOut::S3(parts) = &mut self.out {
+            parts.part_bytes = bytes.max(1);
+        }
+        self
     }
 }
 
