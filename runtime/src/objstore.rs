@@ -34,11 +34,25 @@ pub struct S3Client {
 
 struct Inner {
     client: aws_sdk_s3::Client,
-    rt: tokio::runtime::Runtime,
+    /// Drives the requests (on the runtime's worker thread).
+    handle: tokio::runtime::Handle,
+    _rt: RuntimeOwner,
     /// Where requests go, for messages (without any user info); `None`: AWS S3.
     endpoint: Option<String>,
     region: String,
     path_style: bool,
+}
+
+/// Owns the client's runtime and shuts it down without waiting when dropped (dropping a
+/// runtime the ordinary way panics inside an async context).
+struct RuntimeOwner(Option<tokio::runtime::Runtime>);
+
+impl Drop for RuntimeOwner {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for S3Client {
@@ -111,6 +125,8 @@ impl S3Client {
             .enable_all()
             .build()
             .map_err(|e| RuntimeError::internal(format!("S3: starting the I/O runtime: {e}")))?;
+        let handle = rt.handle().clone();
+        let rt = RuntimeOwner(Some(rt));
         // rustls on ring; the connector speaks plain HTTP too.
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
@@ -122,7 +138,7 @@ impl S3Client {
         if let Some(e) = &spec.endpoint {
             loader = loader.endpoint_url(e.clone());
         }
-        let sdk = rt.block_on(loader.load());
+        let sdk = block_on(&handle, loader.load());
         let Some(region) = sdk.region().map(|r| r.to_string()) else {
             return Err(RuntimeError::user(
                 "S3: no region is set: set spec.s3.region in the job, or AWS_REGION in the environment",
@@ -131,7 +147,7 @@ impl S3Client {
         let Some(credentials) = sdk.credentials_provider() else {
             return Err(no_credentials("no credentials provider is configured"));
         };
-        if let Err(e) = rt.block_on(credentials.provide_credentials()) {
+        if let Err(e) = block_on(&handle, async move { credentials.provide_credentials().await }) {
             return Err(no_credentials(&causes(&e)));
         }
         let endpoint = sdk
@@ -147,26 +163,17 @@ impl S3Client {
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
         let client = aws_sdk_s3::Client::from_conf(conf.build());
-        Ok(S3Client { inner: Arc::new(Inner { client, rt, endpoint, region, path_style }) })
+        Ok(S3Client {
+            inner: Arc::new(Inner { client, handle, _rt: rt, endpoint, region, path_style }),
+        })
     }
 
-    /// Runs a request to completion on the client's runtime. Called from inside another
-    /// tokio runtime, it hands the request over and waits, rather than nesting runtimes.
     fn run<F>(&self, fut: F) -> F::Output
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return self.inner.rt.block_on(fut);
-        }
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.inner.rt.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        // The task only ends without sending if the runtime shuts down, which needs the last
-        // clone of this client to be dropped: not while this call holds `self`.
-        rx.recv().expect("the S3 runtime outlives its client")
+        block_on(&self.inner.handle, fut)
     }
 
     /// Every object whose key starts with `prefix` (all pages), in key order.
@@ -444,6 +451,28 @@ impl S3Client {
             ))
             .retryable(),
         }
+    }
+}
+
+/// Runs `fut` to completion on the client's runtime, blocking this thread. Called from inside
+/// another tokio runtime, it hands the future over and waits, rather than nesting runtimes
+/// (which would panic); that blocks the calling worker thread, as any blocking call does.
+fn block_on<F>(handle: &tokio::runtime::Handle, fut: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return handle.block_on(fut);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    match rx.recv() {
+        Ok(out) => out,
+        // The task dropped its sender without sending: the future panicked, and so does this.
+        Err(_) => panic!("an S3 request panicked"),
     }
 }
 

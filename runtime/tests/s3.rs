@@ -87,6 +87,14 @@ fn manifest(input: &str, output: &str, parallelism: u32, s3: &str) -> String {
     )
 }
 
+/// The `weir` command under test: `WEIR_BIN` when set (an installed or copied build), else
+/// the one cargo built for this test.
+fn weir_bin() -> std::path::PathBuf {
+    std::env::var_os("WEIR_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_weir").into())
+}
+
 /// An environment variable to set (`Some`) or remove (`None`).
 type EnvChange<'a> = (&'a str, Option<&'a str>);
 
@@ -94,7 +102,7 @@ type EnvChange<'a> = (&'a str, Option<&'a str>);
 fn weir(dir: &Path, manifest: &str, parallelism: u32, env: &[EnvChange<'_>]) -> Output {
     let file = dir.join("job.yaml");
     std::fs::write(&file, manifest).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
+    let mut cmd = Command::new(weir_bin());
     cmd.args(["run", file.to_str().unwrap(), "--parallelism", &parallelism.to_string()])
         .arg("--state-dir")
         .arg(dir.join("state"));
@@ -315,6 +323,16 @@ fn the_client_round_trips_and_lists_every_page() {
     s3.delete(&b, &copy).unwrap(); // already gone: not an error
     let e = s3.get(&b, &copy).unwrap_err();
     assert!(e.message.contains(&copy) && e.message.contains("NoSuchKey"), "{e}");
+
+    // Made, used and dropped inside an async context, it neither nests runtimes nor panics.
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let inside = format!("{base}/from-async.txt");
+    rt.block_on(async {
+        let c = client();
+        c.put(&b, &inside, b"async\n".to_vec()).unwrap();
+        assert_eq!(c.get(&b, &inside).unwrap(), b"async\n");
+        drop(c);
+    });
 
     // More keys than one page of a listing (1000), written from a few threads.
     let keys: Vec<String> = (0..1010).map(|i| format!("{base}/many/k{i:05}")).collect();
