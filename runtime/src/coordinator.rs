@@ -94,6 +94,9 @@ impl Status {
     }
 }
 
+/// A worker that said hello: its control connection and exchange address.
+type Joined = (Arc<Writer>, Reader, String);
+
 /// The control listener, bound before anything else so that its address can be given out.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -196,8 +199,7 @@ impl Coordinator {
             e
         };
         // Hellos.
-        let mut workers: Vec<Option<(Arc<Writer>, Reader, String)>> =
-            (0..expected).map(|_| None).collect();
+        let mut workers: Vec<Option<Joined>> = (0..expected).map(|_| None).collect();
         self.listener.set_nonblocking(true).map_err(|e| RuntimeError::internal(e.to_string()))?;
         let mut connected = 0;
         let mut last_wait_log = Instant::now();
@@ -360,11 +362,7 @@ impl Coordinator {
     }
 
     /// Reads a worker's hello and says which slot it takes.
-    fn hello(
-        &self,
-        s: TcpStream,
-        expected: usize,
-    ) -> Result<(usize, (Arc<Writer>, Reader, String)), String> {
+    fn hello(&self, s: TcpStream, expected: usize) -> Result<(usize, Joined), String> {
         s.set_nonblocking(false).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
         let writer = Arc::new(Writer::new(s.try_clone().map_err(|e| e.to_string())?));

@@ -187,8 +187,11 @@ pub struct Network {
     /// Connections the others opened: batches in, credits out.
     incoming: HashMap<u32, TcpStream>,
     /// Credit senders of the remote outlets made so far, by peer and (edge, from, to).
-    credit_senders: HashMap<u32, HashMap<(u32, u32, u32), Sender<()>>>,
+    credit_senders: HashMap<u32, Credits>,
 }
+
+/// The credit senders of the channels to one peer, by (edge, from, to).
+type Credits = HashMap<(u32, u32, u32), Sender<()>>;
 
 /// Where a batch that arrives over the network goes: the remote queue of the consuming
 /// subtask, and the consumer's input number.
@@ -336,7 +339,7 @@ impl Network {
 }
 
 /// Reads credits from a connection this worker opened, until the peer closes it.
-fn read_credits(s: TcpStream, credits: HashMap<(u32, u32, u32), Sender<()>>) {
+fn read_credits(s: TcpStream, credits: Credits) {
     let mut r = BufReader::new(s);
     let mut h = [0u8; HEADER_LEN];
     while r.read_exact(&mut h).is_ok() {

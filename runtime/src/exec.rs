@@ -32,13 +32,14 @@ use crossbeam_channel::{Sender, bounded, unbounded};
 use crate::error::RuntimeError;
 use crate::exchange::{Inbox, Msg, Network, Outlet, Route, cancelled};
 use crate::keygroup::{key_group_of, subtask_of};
+use crate::objstore::S3Client;
 use crate::operators::{
     Blackhole, FileSink, FileSource, Filter, GeneratorSource, KeyedAggregate, Map, Operator,
+    SourceFile,
 };
 use crate::plan::{OpKind, Plan};
 use crate::record::Record;
 use crate::state::StateBackend;
-use weir_crds::StorageUri;
 
 /// Records per batch on an exchange.
 pub const BATCH: usize = 1024;
@@ -365,27 +366,11 @@ pub fn run_worker(
     let (task_of, heads) = tasks(plan);
     let xchg = exchanges(plan, &heads);
     // Checks and resources that must be in place before anything starts.
-    let mut files_of: BTreeMap<usize, Vec<PathBuf>> = BTreeMap::new();
+    let s3 = if plan.uses_s3() { Some(S3Client::new(plan.s3.as_ref())?) } else { None };
+    let mut files_of: BTreeMap<usize, Vec<SourceFile>> = BTreeMap::new();
     for (i, op) in plan.ops.iter().enumerate() {
-        match &op.kind {
-            OpKind::FileSource(f) => match &f.path {
-                StorageUri::Local(dir) => {
-                    files_of.insert(i, crate::operators::list_files(dir)?);
-                }
-                StorageUri::S3 { .. } => {
-                    return Err(RuntimeError::user(format!(
-                        "operator {:?}: S3 paths are not supported yet by file_source; use a local directory",
-                        op.uid
-                    )));
-                }
-            },
-            OpKind::FileSink(f) if matches!(f.path, StorageUri::S3 { .. }) => {
-                return Err(RuntimeError::user(format!(
-                    "operator {:?}: S3 paths are not supported yet by file_sink; use a local directory",
-                    op.uid
-                )));
-            }
-            _ => {}
+        if let OpKind::FileSource(f) = &op.kind {
+            files_of.insert(i, crate::operators::list_source_files(&f.path, s3.as_ref())?);
         }
     }
     let keyed: Vec<String> =
@@ -477,12 +462,9 @@ pub fn run_worker(
                     }
                     OpKind::Stdout => Some(Box::new(crate::operators::Stdout::default())),
                     OpKind::Blackhole => Some(Box::new(Blackhole)),
-                    OpKind::FileSink(f) => match &f.path {
-                        StorageUri::Local(dir) => {
-                            Some(Box::new(FileSink::new(dir, &opts.run_id, s)?))
-                        }
-                        StorageUri::S3 { .. } => unreachable!("refused above"),
-                    },
+                    OpKind::FileSink(f) => {
+                        Some(Box::new(FileSink::new(&f.path, s3.as_ref(), &opts.run_id, s)?))
+                    }
                 };
                 ops.push(ChainOp {
                     plan_index: i,
@@ -538,10 +520,12 @@ pub fn run_worker(
             let head = plan.ops[h].clone();
             let files = files_of.get(&h).cloned().unwrap_or_default();
             let (stop, ends, cancel) = (opts.stop.clone(), expected_ends[t], cancel.clone());
+            let s3 = s3.clone();
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || -> Result<(), RuntimeError> {
-                    let r = run_subtask(chain, &head, &files, inbox, ends, &stop, &cancel);
+                    let r = new_source(&head, &files, s3, s, p)
+                        .and_then(|source| run_subtask(chain, source, inbox, ends, &stop, &cancel));
                     if r.is_err() {
                         cancel.store(true, Ordering::Relaxed);
                     }
@@ -581,25 +565,35 @@ pub fn run_worker(
     Ok(RunSummary { elapsed: metrics.started.elapsed(), records: metrics.records() })
 }
 
+/// The source a task starts with, if it is a source task.
+fn new_source(
+    head: &crate::plan::PlanOp,
+    files: &[SourceFile],
+    s3: Option<S3Client>,
+    s: u32,
+    p: u32,
+) -> Result<Option<Box<dyn crate::operators::Source>>, RuntimeError> {
+    Ok(match &head.kind {
+        OpKind::Generator(g) => Some(Box::new(GeneratorSource::new(g.clone(), s, p))),
+        OpKind::FileSource(f) => {
+            Some(Box::new(FileSource::new(files, s3, f.rate_per_second, s, p)))
+        }
+        OpKind::Socket(so) => {
+            Some(Box::new(crate::operators::SocketSource::new(&so.host, so.port, s)?))
+        }
+        _ => None,
+    })
+}
+
 fn run_subtask(
     mut chain: Chain,
-    head: &crate::plan::PlanOp,
-    files: &[PathBuf],
+    source: Option<Box<dyn crate::operators::Source>>,
     mut inbox: Inbox,
     ends: usize,
     stop: &AtomicBool,
     cancel: &AtomicBool,
 ) -> Result<(), RuntimeError> {
-    let (s, p) = (chain.subtask, chain.parallelism);
-    if head.kind.is_source() {
-        let mut source: Box<dyn crate::operators::Source> = match &head.kind {
-            OpKind::Generator(g) => Box::new(GeneratorSource::new(g.clone(), s, p)),
-            OpKind::FileSource(f) => Box::new(FileSource::new(files, f.rate_per_second, s, p)),
-            OpKind::Socket(so) => {
-                Box::new(crate::operators::SocketSource::new(&so.host, so.port, s)?)
-            }
-            _ => unreachable!("a source head"),
-        };
+    if let Some(mut source) = source {
         loop {
             if stop.load(Ordering::Relaxed) {
                 break;

@@ -1,6 +1,7 @@
 //! Weir's streaming engine, in layers from the bottom up:
 //!
 //! - [`keygroup`]: key groups and their assignment to subtasks;
+//! - [`objstore`]: a blocking S3 client for the operators' files;
 //! - [`state`]: keyed state in RocksDB with a write-back cache;
 //! - [`record`], [`operators`]: records and the built-in operators;
 //! - [`plan`]: a StreamJob's pipeline checked and typed;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod exchange;
 pub mod exec;
 pub mod keygroup;
+pub mod objstore;
 pub mod operators;
 pub mod plan;
 pub mod record;

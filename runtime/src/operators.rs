@@ -7,7 +7,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use weir_crds::StorageUri;
+
 use crate::error::RuntimeError;
+use crate::objstore::S3Client;
 use crate::plan::{Aggregate, FilterSpec, GeneratorFormat, GeneratorSpec, MapSpec, WindowSpec};
 use crate::record::{Record, Value, to_line};
 use crate::state::{CachedValueState, Num};
@@ -245,14 +248,52 @@ impl Source for GeneratorSource {
     }
 }
 
-/// Every file under a local directory (sorted by path, names starting with `.` or `_`
-/// skipped), one record per line; each file is a split, dealt round-robin.
-#[derive(Debug)]
+/// One file of a file source (a split): a local file, or an S3 object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceFile {
+    Local(PathBuf),
+    S3 {
+        bucket: String,
+        key: String,
+        /// The size when listed: the object is read up to here.
+        size: u64,
+        /// The entity tag when listed: reading fails if the object is replaced meanwhile.
+        etag: Option<String>,
+    },
+}
+
+impl std::fmt::Display for SourceFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceFile::Local(p) => write!(f, "{}", p.display()),
+            SourceFile::S3 { bucket, key, .. } => write!(f, "s3://{bucket}/{key}"),
+        }
+    }
+}
+
+/// Every file under a local directory or an S3 prefix (sorted by path or key, names starting
+/// with `.` or `_` skipped, at any level below the directory or prefix), one record per line;
+/// each file is a split, dealt round-robin.
 pub struct FileSource {
-    files: Vec<PathBuf>,
-    current: Option<BufReader<std::fs::File>>,
+    files: Vec<SourceFile>,
+    s3: Option<S3Client>,
+    current: Option<(String, Box<dyn BufRead + Send>)>,
     pacer: Pacer,
     buf: String,
+}
+
+impl std::fmt::Debug for FileSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSource")
+            .field("files_left", &self.files.len())
+            .field("current", &self.current.as_ref().map(|(name, _)| name))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a file source skips a name (a path segment below its directory or prefix).
+fn hidden(name: &str) -> bool {
+    name.starts_with('.') || name.starts_with('_')
 }
 
 /// The files of a directory tree that a file source reads, in order.
@@ -268,8 +309,7 @@ pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, RuntimeError> {
                 RuntimeError::external(format!("file_source: {}: {e}", d.display()))
             })?;
             let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') || name.starts_with('_') {
+            if hidden(&name.to_string_lossy()) {
                 continue;
             }
             let p = e.path();
@@ -280,9 +320,120 @@ pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, RuntimeError> {
     Ok(out)
 }
 
+/// The files a file source reads at `uri`, in order: a local directory tree, or every object
+/// under an S3 prefix (as if the prefix were a directory: `s3://b/in` reads `in/...`, not
+/// `input/...`; keys ending in `/` are folder markers and skipped).
+pub fn list_source_files(
+    uri: &StorageUri,
+    s3: Option<&S3Client>,
+) -> Result<Vec<SourceFile>, RuntimeError> {
+    match uri {
+        StorageUri::Local(dir) => Ok(list_files(dir)?.into_iter().map(SourceFile::Local).collect()),
+        StorageUri::S3 { bucket, prefix } => {
+            let s3 = s3.ok_or_else(|| {
+                RuntimeError::internal(format!("file_source: reading {uri} needs an S3 client"))
+            })?;
+            let dir = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+            let objects = s3.list(bucket, &dir).map_err(|e| RuntimeError {
+                message: format!("file_source: {}", e.message),
+                ..e
+            })?;
+            Ok(objects
+                .into_iter()
+                .filter(|o| {
+                    let rel = &o.key[dir.len().min(o.key.len())..];
+                    !rel.is_empty() && !rel.ends_with('/') && !rel.split('/').any(hidden)
+                })
+                .map(|o| SourceFile::S3 {
+                    bucket: bucket.clone(),
+                    key: o.key,
+                    size: o.size,
+                    etag: o.etag,
+                })
+                .collect())
+        }
+    }
+}
+
+/// Bytes an S3 source reads per request.
+pub const S3_READ_CHUNK: u64 = 8 << 20;
+
+/// Reads an S3 object in ranged GETs of [`S3_READ_CHUNK`] bytes, so that a large object
+/// never sits in memory whole.
+struct ObjectReader {
+    client: S3Client,
+    bucket: String,
+    key: String,
+    size: u64,
+    etag: Option<String>,
+    /// Offset of the next request.
+    next: u64,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for ObjectReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = {
+            let have = self.fill_buf()?;
+            let n = have.len().min(out.len());
+            out[..n].copy_from_slice(&have[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for ObjectReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.at >= self.chunk.len() && self.next < self.size {
+            let end = (self.next + S3_READ_CHUNK).min(self.size) - 1;
+            let bytes = self
+                .client
+                .get_range(&self.bucket, &self.key, self.next, end, self.etag.as_deref())
+                .map_err(std::io::Error::other)?;
+            let want = end - self.next + 1;
+            if bytes.is_empty() || bytes.len() as u64 > want {
+                return Err(std::io::Error::other(RuntimeError::external(format!(
+                    "S3 reading s3://{}/{} (bytes={}-{end}): {} bytes came back instead of {want}",
+                    self.bucket,
+                    self.key,
+                    self.next,
+                    bytes.len()
+                ))));
+            }
+            self.next += bytes.len() as u64;
+            self.chunk = bytes;
+            self.at = 0;
+        }
+        Ok(&self.chunk[self.at..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.at = (self.at + n).min(self.chunk.len());
+    }
+}
+
+/// The runtime error inside an I/O error, or a new one naming the file.
+fn io_error(e: std::io::Error, file: &str) -> RuntimeError {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<RuntimeError>()) {
+        Some(inner) => inner.clone(),
+        None => RuntimeError::external(format!("file_source: {file}: {e}")),
+    }
+}
+
 impl FileSource {
-    pub fn new(files: &[PathBuf], rate: Option<f64>, subtask: u32, parallelism: u32) -> Self {
-        let mine: Vec<PathBuf> = files
+    /// Subtask `subtask` of `parallelism`: reads the files `i` with `i % parallelism ==
+    /// subtask`, at its share of `rate` records per second. `s3` is needed for S3 files.
+    pub fn new(
+        files: &[SourceFile],
+        s3: Option<S3Client>,
+        rate: Option<f64>,
+        subtask: u32,
+        parallelism: u32,
+    ) -> Self {
+        let mine: Vec<SourceFile> = files
             .iter()
             .enumerate()
             .filter(|(i, _)| *i as u32 % parallelism == subtask)
@@ -291,9 +442,38 @@ impl FileSource {
         let share = if files.is_empty() { 0.0 } else { mine.len() as f64 / files.len() as f64 };
         Self {
             files: mine.into_iter().rev().collect(),
+            s3,
             current: None,
             pacer: Pacer::new(rate.map(|r| r * share)),
             buf: String::new(),
+        }
+    }
+
+    fn open(&self, f: SourceFile) -> Result<Box<dyn BufRead + Send>, RuntimeError> {
+        match f {
+            SourceFile::Local(p) => {
+                let file = std::fs::File::open(&p).map_err(|e| {
+                    RuntimeError::external(format!("file_source: opening {}: {e}", p.display()))
+                })?;
+                Ok(Box::new(BufReader::with_capacity(1 << 16, file)))
+            }
+            SourceFile::S3 { bucket, key, size, etag } => {
+                let client = self.s3.clone().ok_or_else(|| {
+                    RuntimeError::internal(format!(
+                        "file_source: reading s3://{bucket}/{key} needs an S3 client"
+                    ))
+                })?;
+                Ok(Box::new(ObjectReader {
+                    client,
+                    bucket,
+                    key,
+                    size,
+                    etag,
+                    next: 0,
+                    chunk: Vec::new(),
+                    at: 0,
+                }))
+            }
         }
     }
 }
@@ -303,18 +483,14 @@ impl Source for FileSource {
         let n = self.pacer.allow(max);
         let mut got = 0;
         while got < n {
-            let Some(reader) = self.current.as_mut() else {
+            let Some((name, reader)) = self.current.as_mut() else {
                 let Some(f) = self.files.pop() else { return Ok(false) };
-                let file = std::fs::File::open(&f).map_err(|e| {
-                    RuntimeError::external(format!("file_source: opening {}: {e}", f.display()))
-                })?;
-                self.current = Some(BufReader::with_capacity(1 << 16, file));
+                let name = f.to_string();
+                self.current = Some((name, self.open(f)?));
                 continue;
             };
             self.buf.clear();
-            let read = reader
-                .read_line(&mut self.buf)
-                .map_err(|e| RuntimeError::external(format!("file_source: {e}")))?;
+            let read = reader.read_line(&mut self.buf).map_err(|e| io_error(e, name))?;
             if read == 0 {
                 self.current = None;
                 continue;
@@ -765,32 +941,153 @@ impl Operator for Blackhole {
     }
 }
 
-/// Writes lines to part files in a local directory. A file being written is named
-/// `.part-<run>-<subtask>-<n>.inprogress`; it becomes `part-<run>-<subtask>-<n>` when it is
-/// committed. The run id is unique, so no run overwrites another run's files.
+/// Bytes of one S3 part file: a sink subtask starts a new part (`-1`, `-2`, ...) after this
+/// many, staying far below the 5 GiB that one S3 PUT and one copy can take.
+pub const S3_PART_BYTES: u64 = 1 << 30;
+
+/// Writes lines to part files in a local directory or under an S3 prefix. A file being written
+/// is named `.part-<run>-<subtask>-<n>.inprogress`; it becomes `part-<run>-<subtask>-<n>` when
+/// it is committed, at the end of the input. The run id is unique, so no run overwrites
+/// another run's files, and readers that skip names starting with `.` never see a partial
+/// file.
+///
+/// Locally the in-progress file is renamed. On S3 the lines are staged in a temporary local
+/// file (in the system's temporary directory, `TMPDIR`) that is uploaded as the in-progress
+/// object; the commit copies it to its final name and deletes it. A part that reaches
+/// [`S3_PART_BYTES`] is uploaded right away and a new part begins.
 #[derive(Debug)]
 pub struct FileSink {
-    dir: PathBuf,
-    name: String,
-    file: Option<std::io::BufWriter<std::fs::File>>,
+    out: SinkOut,
+    /// `part-<run>-<subtask>`: part `n` is `<stem>-<n>`.
+    stem: String,
     buf: String,
 }
 
-impl FileSink {
-    pub fn new(dir: &Path, run_id: &str, subtask: u32) -> Result<Self, RuntimeError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            RuntimeError::user(format!("file_sink: creating {}: {e}", dir.display()))
-        })?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            name: format!("part-{run_id}-{subtask}-0"),
-            file: None,
-            buf: String::new(),
-        })
+#[derive(Debug)]
+enum SinkOut {
+    Local { dir: PathBuf, file: Option<std::io::BufWriter<std::fs::File>> },
+    S3(S3Parts),
+}
+
+#[derive(Debug)]
+struct S3Parts {
+    client: S3Client,
+    bucket: String,
+    /// The key prefix with its trailing `/`, or empty.
+    dir: String,
+    /// The part being written, staged in a temporary file, with its size so far.
+    staged: Option<(std::io::BufWriter<tempfile::NamedTempFile>, u64)>,
+    /// Parts uploaded under their in-progress names, waiting for the commit.
+    uploaded: Vec<u32>,
+    next_part: u32,
+    /// A part is uploaded once it has this many bytes.
+    part_bytes: u64,
+}
+
+impl S3Parts {
+    fn in_progress(&self, stem: &str, n: u32) -> String {
+        format!("{}.{stem}-{n}.inprogress", self.dir)
     }
 
-    fn in_progress(&self) -> PathBuf {
-        self.dir.join(format!(".{}.inprogress", self.name))
+    fn committed(&self, stem: &str, n: u32) -> String {
+        format!("{}{stem}-{n}", self.dir)
+    }
+
+    fn write(&mut self, stem: &str, bytes: &[u8]) -> Result<(), RuntimeError> {
+        if self.staged.is_none() {
+            let tmp = tempfile::Builder::new().prefix(".weir-sink-").tempfile().map_err(|e| {
+                RuntimeError::external(format!(
+                    "file_sink: creating a staging file in {}: {e}",
+                    std::env::temp_dir().display()
+                ))
+            })?;
+            self.staged = Some((std::io::BufWriter::with_capacity(1 << 16, tmp), 0));
+        }
+        let (w, size) = self.staged.as_mut().expect("created above");
+        w.write_all(bytes).map_err(|e| {
+            RuntimeError::external(format!("file_sink: writing the staging file: {e}"))
+        })?;
+        *size += bytes.len() as u64;
+        if *size >= self.part_bytes {
+            self.upload(stem)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads the staged part under its in-progress name.
+    fn upload(&mut self, stem: &str) -> Result<(), RuntimeError> {
+        let Some((w, _)) = self.staged.take() else { return Ok(()) };
+        let tmp = w.into_inner().map_err(|e| {
+            RuntimeError::external(format!("file_sink: writing the staging file: {}", e.error()))
+        })?;
+        let n = self.next_part;
+        self.next_part += 1;
+        let key = self.in_progress(stem, n);
+        self.client.put_file(&self.bucket, &key, tmp.path()).map_err(sink_error)?;
+        self.uploaded.push(n);
+        Ok(())
+    }
+
+    /// Uploads what is staged, then gives every uploaded part its final name.
+    fn commit(&mut self, stem: &str) -> Result<(), RuntimeError> {
+        self.upload(stem)?;
+        for n in std::mem::take(&mut self.uploaded) {
+            let (from, to) = (self.in_progress(stem, n), self.committed(stem, n));
+            self.client.copy(&self.bucket, &from, &to).map_err(sink_error)?;
+            self.client.delete(&self.bucket, &from).map_err(sink_error)?;
+        }
+        Ok(())
+    }
+}
+
+fn sink_error(e: RuntimeError) -> RuntimeError {
+    RuntimeError { message: format!("file_sink: {}", e.message), ..e }
+}
+
+impl FileSink {
+    /// Subtask `subtask` of the sink writing to `uri` in run `run_id`. A local directory is
+    /// created; an S3 prefix is listed once, so that a missing bucket or refused credentials
+    /// stop the job before it starts. `s3` is needed for an S3 prefix.
+    pub fn new(
+        uri: &StorageUri,
+        s3: Option<&S3Client>,
+        run_id: &str,
+        subtask: u32,
+    ) -> Result<Self, RuntimeError> {
+        let out = match uri {
+            StorageUri::Local(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    RuntimeError::user(format!("file_sink: creating {}: {e}", dir.display()))
+                })?;
+                SinkOut::Local { dir: dir.clone(), file: None }
+            }
+            StorageUri::S3 { bucket, prefix } => {
+                let client = s3.cloned().ok_or_else(|| {
+                    RuntimeError::internal(format!("file_sink: writing {uri} needs an S3 client"))
+                })?;
+                let dir = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+                client.check_bucket(bucket, &dir).map_err(sink_error)?;
+                SinkOut::S3(S3Parts {
+                    client,
+                    bucket: bucket.clone(),
+                    dir,
+                    staged: None,
+                    uploaded: Vec::new(),
+                    next_part: 0,
+                    part_bytes: S3_PART_BYTES,
+                })
+            }
+        };
+        Ok(Self { out, stem: format!("part-{run_id}-{subtask}"), buf: String::new() })
+    }
+
+    /// Starts a new S3 part once a part has `bytes` bytes (instead of [`S3_PART_BYTES`]); a
+    /// local sink writes one file regardless.
+    pub fn with_part_bytes(mut self, bytes: u64) -> Self {
+        if let SinkOut::S3(parts) = &mut self.out {
+            parts.part_bytes = bytes.max(1);
+        }
+        self
     }
 }
 
@@ -801,31 +1098,48 @@ impl Operator for FileSink {
         batch: Vec<Record>,
         _out: &mut Vec<Record>,
     ) -> Result<(), RuntimeError> {
-        if self.file.is_none() {
-            let p = self.in_progress();
-            let f =
-                std::fs::OpenOptions::new().create_new(true).write(true).open(&p).map_err(|e| {
-                    RuntimeError::external(format!("file_sink: creating {}: {e}", p.display()))
-                })?;
-            self.file = Some(std::io::BufWriter::with_capacity(1 << 16, f));
-        }
         self.buf.clear();
         for r in &batch {
             to_line(r, &mut self.buf);
             self.buf.push('\n');
         }
-        let f = self.file.as_mut().expect("opened above");
-        f.write_all(self.buf.as_bytes())
-            .map_err(|e| RuntimeError::external(format!("file_sink: {e}")))
+        match &mut self.out {
+            SinkOut::Local { dir, file } => {
+                if file.is_none() {
+                    let p = dir.join(format!(".{}-0.inprogress", self.stem));
+                    let f =
+                        std::fs::OpenOptions::new().create_new(true).write(true).open(&p).map_err(
+                            |e| {
+                                RuntimeError::external(format!(
+                                    "file_sink: creating {}: {e}",
+                                    p.display()
+                                ))
+                            },
+                        )?;
+                    *file = Some(std::io::BufWriter::with_capacity(1 << 16, f));
+                }
+                let f = file.as_mut().expect("opened above");
+                f.write_all(self.buf.as_bytes())
+                    .map_err(|e| RuntimeError::external(format!("file_sink: {e}")))
+            }
+            SinkOut::S3(parts) => parts.write(&self.stem, self.buf.as_bytes()),
+        }
     }
 
     fn finish(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
-        let Some(mut f) = self.file.take() else { return Ok(()) };
-        let io = |e: std::io::Error| RuntimeError::external(format!("file_sink: {e}"));
-        f.flush().map_err(io)?;
-        f.get_ref().sync_all().map_err(io)?;
-        std::fs::rename(self.in_progress(), self.dir.join(&self.name)).map_err(io)?;
-        Ok(())
+        match &mut self.out {
+            SinkOut::Local { dir, file } => {
+                let Some(mut f) = file.take() else { return Ok(()) };
+                let io = |e: std::io::Error| RuntimeError::external(format!("file_sink: {e}"));
+                f.flush().map_err(io)?;
+                f.get_ref().sync_all().map_err(io)?;
+                let name = format!("{}-0", self.stem);
+                std::fs::rename(dir.join(format!(".{name}.inprogress")), dir.join(&name))
+                    .map_err(io)?;
+                Ok(())
+            }
+            SinkOut::S3(parts) => parts.commit(&self.stem),
+        }
     }
 }
 

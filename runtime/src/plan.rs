@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use weir_crds::streamjob::S3Spec;
 use weir_crds::{OperatorSpec, StorageUri, StreamJobSpec};
 
 /// A plan that cannot run; the message names the operator and the field. `weir run` exits 2.
@@ -270,6 +271,19 @@ pub struct Plan {
     pub ops: Vec<PlanOp>,
     pub parallelism: u32,
     pub max_parallelism: u32,
+    /// The job's S3 settings (`spec.s3`), for operators that read or write S3.
+    pub s3: Option<S3Spec>,
+}
+
+impl Plan {
+    /// Whether an operator reads or writes S3 (the run then needs an S3 client).
+    pub fn uses_s3(&self) -> bool {
+        self.ops.iter().any(|o| match &o.kind {
+            OpKind::FileSource(FileSourceSpec { path, .. })
+            | OpKind::FileSink(FileSinkSpec { path }) => matches!(path, StorageUri::S3 { .. }),
+            _ => false,
+        })
+    }
 }
 
 fn parse<T: DeserializeOwned>(op: &OperatorSpec) -> Result<T, PlanError> {
@@ -467,6 +481,7 @@ pub fn build(
         ops,
         parallelism: spec.parallelism as u32,
         max_parallelism: spec.effective_max_parallelism() as u32,
+        s3: spec.s3.clone(),
     })
 }
 
@@ -505,6 +520,19 @@ mod tests {
         let fields: Vec<_> = p.ops.iter().map(|o| o.fields.join(",")).collect();
         assert_eq!(fields, ["line", "word", "word,count", "word,count"]);
         assert_eq!(p.ops[2].key_positions, vec![0]);
+        assert!(!p.uses_s3());
+        assert_eq!(p.s3, None);
+    }
+
+    #[test]
+    fn the_plan_carries_the_s3_settings() {
+        let yaml = WORDCOUNT.replace("path: /data/out", "path: s3://bkt/out")
+            + "s3: {endpoint: http://127.0.0.1:9000, region: garage, requestChecksums: when-required}\n";
+        let p = build(&spec(&yaml), None, None).unwrap();
+        assert!(p.uses_s3());
+        let s3 = p.s3.unwrap();
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.region.as_deref(), Some("garage"));
     }
 
     fn plan_err(yaml: &str) -> String {

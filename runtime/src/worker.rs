@@ -148,10 +148,7 @@ fn run_job(
     if worker_of.len() != p as usize {
         return Err(RuntimeError::internal("a placement that does not cover every subtask"));
     }
-    let me = match opts.index {
-        Some(i) => i,
-        None => 0,
-    };
+    let me = opts.index.unwrap_or_default();
     let hosted: Vec<u32> = (0..p).filter(|&s| worker_of[s as usize] == me).collect();
     let mut run = RunOptions::new(&opts.state_dir, run_id);
     run.keep_state = keep_state;

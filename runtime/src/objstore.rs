@@ -1,0 +1,551 @@
+//! A small blocking S3 client: the calls the runtime's operators make (list a prefix, get an
+//! object or a byte range of it, put, copy, delete), each a plain function call on the
+//! caller's thread. It wraps `aws-sdk-s3` and owns a small tokio runtime that drives the
+//! requests.
+//!
+//! Settings come from the job's `spec.s3` where given, and otherwise from the standard AWS
+//! environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, profiles, web identity). Errors name the
+//! operation, the bucket and the key, with the S3 error code and message; they never contain
+//! credentials.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{
+    BehaviorVersion, ProvideCredentials, Region, RequestChecksumCalculation,
+    ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_smithy_http_client::tls;
+use weir_crds::streamjob::{RequestChecksums, S3Spec};
+
+use crate::error::RuntimeError;
+
+/// A blocking S3 client. Cheap to clone: clones share one SDK client and one runtime.
+#[derive(Clone)]
+pub struct S3Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: aws_sdk_s3::Client,
+    /// Drives the requests (on the runtime's worker thread).
+    handle: tokio::runtime::Handle,
+    _rt: RuntimeOwner,
+    /// Where requests go, for messages (without any user info); `None`: AWS S3.
+    endpoint: Option<String>,
+    region: String,
+    path_style: bool,
+}
+
+/// Owns the client's runtime and shuts it down without waiting when dropped (dropping a
+/// runtime the ordinary way panics inside an async context).
+struct RuntimeOwner(Option<tokio::runtime::Runtime>);
+
+impl Drop for RuntimeOwner {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for S3Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the credentials.
+        f.debug_struct("S3Client")
+            .field("endpoint", &self.inner.endpoint.as_deref().unwrap_or("AWS S3"))
+            .field("region", &self.inner.region)
+            .field("force_path_style", &self.inner.path_style)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes per request when [`S3Client::put_file`] uploads a file (the size of a multipart
+/// upload's parts; S3 wants at least 5 MiB for every part but the last).
+pub const UPLOAD_PART: usize = 8 << 20;
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    /// The entity tag, quoted as S3 sends it (for `If-Match`).
+    pub etag: Option<String>,
+}
+
+/// `s3://bucket/key`, for messages.
+fn location(bucket: &str, key: &str) -> String {
+    format!("s3://{bucket}/{key}")
+}
+
+/// An endpoint URL without user info (`http://user:secret@host` → `http://host`).
+fn redact_endpoint(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+impl S3Client {
+    /// Builds a client from `spec` (the job's `spec.s3`) over the standard AWS environment,
+    /// and checks that a region and credentials are there. The endpoint is not contacted.
+    pub fn new(spec: Option<&S3Spec>) -> Result<S3Client, RuntimeError> {
+        let default_spec = S3Spec::default();
+        let spec = spec.unwrap_or(&default_spec);
+        if let Some(e) = &spec.endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(RuntimeError::user(format!(
+                "spec.s3.endpoint {:?} is not a URL: write http://host:port or https://host",
+                redact_endpoint(e)
+            )));
+        }
+        if spec.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return Err(RuntimeError::user(
+                "spec.s3.region is empty: name a region (for example us-east-1) or leave it out",
+            ));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("weir-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| RuntimeError::internal(format!("S3: starting the I/O runtime: {e}")))?;
+        let handle = rt.handle().clone();
+        let rt = RuntimeOwner(Some(rt));
+        // rustls on ring; the connector speaks plain HTTP too.
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+        if let Some(r) = &spec.region {
+            loader = loader.region(Region::new(r.trim().to_string()));
+        }
+        if let Some(e) = &spec.endpoint {
+            loader = loader.endpoint_url(e.clone());
+        }
+        let sdk = block_on(&handle, loader.load());
+        let Some(region) = sdk.region().map(|r| r.to_string()) else {
+            return Err(RuntimeError::user(
+                "S3: no region is set: set spec.s3.region in the job, or AWS_REGION in the environment",
+            ));
+        };
+        let Some(credentials) = sdk.credentials_provider() else {
+            return Err(no_credentials("no credentials provider is configured"));
+        };
+        if let Err(e) = block_on(&handle, async move { credentials.provide_credentials().await }) {
+            return Err(no_credentials(&causes(&e)));
+        }
+        let endpoint = sdk
+            .endpoint_url()
+            .map(str::to_string)
+            .or_else(|| env_nonempty("AWS_ENDPOINT_URL_S3"))
+            .map(|e| redact_endpoint(&e));
+        let path_style = spec.force_path_style.unwrap_or(endpoint.is_some());
+        let mut conf = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(path_style);
+        if spec.request_checksums == RequestChecksums::WhenRequired {
+            conf = conf
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        }
+        let client = aws_sdk_s3::Client::from_conf(conf.build());
+        Ok(S3Client {
+            inner: Arc::new(Inner { client, handle, _rt: rt, endpoint, region, path_style }),
+        })
+    }
+
+    fn run<F>(&self, fut: F) -> F::Output
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        block_on(&self.inner.handle, fut)
+    }
+
+    /// Every object whose key starts with `prefix` (all pages), in key order.
+    pub fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectInfo>, RuntimeError> {
+        let (client, b, p) = (self.inner.client.clone(), bucket.to_string(), prefix.to_string());
+        let result = self.run(async move {
+            let mut out = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let page = client
+                    .list_objects_v2()
+                    .bucket(&b)
+                    .prefix(&p)
+                    .set_continuation_token(token.take())
+                    .send()
+                    .await?;
+                for o in page.contents() {
+                    if let Some(key) = o.key() {
+                        out.push(ObjectInfo {
+                            key: key.to_string(),
+                            size: o.size().unwrap_or(0).max(0) as u64,
+                            etag: o.e_tag().map(str::to_string),
+                        });
+                    }
+                }
+                match page.next_continuation_token() {
+                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                    _ => break,
+                }
+            }
+            Ok::<_, SdkError<_, HttpResponse>>(out)
+        });
+        let mut out = result.map_err(|e| self.error("listing", &location(bucket, prefix), e))?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Lists at most one key under `prefix`: fails as a listing would when the bucket does
+    /// not exist, the endpoint does not answer or the credentials are refused.
+    pub fn check_bucket(&self, bucket: &str, prefix: &str) -> Result<(), RuntimeError> {
+        let (client, b, p) = (self.inner.client.clone(), bucket.to_string(), prefix.to_string());
+        self.run(
+            async move { client.list_objects_v2().bucket(b).prefix(p).max_keys(1).send().await },
+        )
+        .map(|_| ())
+        .map_err(|e| self.error("listing", &location(bucket, prefix), e))
+    }
+
+    /// The whole object.
+    pub fn get(&self, bucket: &str, key: &str) -> Result<Vec<u8>, RuntimeError> {
+        self.get_inner(bucket, key, None, None)
+    }
+
+    /// Bytes `start..=end` of the object (an HTTP range: `end` is inclusive). With `if_match`
+    /// (an entity tag from [`S3Client::list`]) the read fails if the object was replaced.
+    pub fn get_range(
+        &self,
+        bucket: &str,
+        key: &str,
+        start: u64,
+        end: u64,
+        if_match: Option<&str>,
+    ) -> Result<Vec<u8>, RuntimeError> {
+        if end < start {
+            return Err(RuntimeError::internal(format!(
+                "S3 reading {}: empty range {start}-{end}",
+                location(bucket, key)
+            )));
+        }
+        self.get_inner(bucket, key, Some(format!("bytes={start}-{end}")), if_match)
+    }
+
+    fn get_inner(
+        &self,
+        bucket: &str,
+        key: &str,
+        range: Option<String>,
+        if_match: Option<&str>,
+    ) -> Result<Vec<u8>, RuntimeError> {
+        let (client, b, k) = (self.inner.client.clone(), bucket.to_string(), key.to_string());
+        let if_match = if_match.map(str::to_string);
+        let what = match &range {
+            Some(r) => format!("reading {} ({r})", location(bucket, key)),
+            None => format!("reading {}", location(bucket, key)),
+        };
+        let result = self.run(async move {
+            let out = client
+                .get_object()
+                .bucket(b)
+                .key(k)
+                .set_range(range)
+                .set_if_match(if_match)
+                .send()
+                .await
+                .map_err(|e| Fail::Sdk(Box::new(e)))?;
+            let bytes = out.body.collect().await.map_err(|e| Fail::Body(e.to_string()))?;
+            Ok::<_, Fail<_>>(bytes.into_bytes().to_vec())
+        });
+        result.map_err(|f| match f {
+            Fail::Sdk(e) => self.error("", &what, *e),
+            Fail::Body(e) => {
+                RuntimeError::external(format!("S3 {what}: the transfer broke: {e}")).retryable()
+            }
+        })
+    }
+
+    /// Writes `bytes` as the object `key`.
+    pub fn put(&self, bucket: &str, key: &str, bytes: Vec<u8>) -> Result<(), RuntimeError> {
+        let (client, b, k) = (self.inner.client.clone(), bucket.to_string(), key.to_string());
+        self.run(async move {
+            client.put_object().bucket(b).key(k).body(ByteStream::from(bytes)).send().await
+        })
+        .map(|_| ())
+        .map_err(|e| self.error("writing", &location(bucket, key), e))
+    }
+
+    /// Writes the local file `path` as the object `key`, [`UPLOAD_PART`] bytes in memory at a
+    /// time: a small file in one PUT, a larger one as a multipart upload (aborted if a part
+    /// fails). Every piece is signed with its SHA-256 and carries a checksum header, rather
+    /// than being streamed with a trailing checksum, which some S3-compatible servers refuse.
+    pub fn put_file(&self, bucket: &str, key: &str, path: &Path) -> Result<(), RuntimeError> {
+        use std::io::Read;
+        let what = location(bucket, key);
+        let local = |e: std::io::Error| {
+            RuntimeError::external(format!(
+                "S3 writing {what}: reading the local file {}: {e}",
+                path.display()
+            ))
+        };
+        let mut file = std::fs::File::open(path).map_err(local)?;
+        let mut next_piece = || -> Result<Vec<u8>, RuntimeError> {
+            let mut piece = Vec::with_capacity(UPLOAD_PART);
+            (&mut file).take(UPLOAD_PART as u64).read_to_end(&mut piece).map_err(local)?;
+            Ok(piece)
+        };
+        let first = next_piece()?;
+        if first.len() < UPLOAD_PART {
+            return self.put(bucket, key, first);
+        }
+        let (client, b, k) = (self.inner.client.clone(), bucket.to_string(), key.to_string());
+        let upload_id = self
+            .run(async move { client.create_multipart_upload().bucket(b).key(k).send().await })
+            .map_err(|e| self.error("starting an upload of", &what, e))?
+            .upload_id()
+            .map(str::to_string)
+            .ok_or_else(|| {
+                RuntimeError::external(format!("S3 writing {what}: the server gave no upload id"))
+            })?;
+        let upload = || -> Result<(), RuntimeError> {
+            let mut parts = Vec::new();
+            let mut piece = first;
+            while !piece.is_empty() {
+                let n = parts.len() as i32 + 1;
+                let (client, b, k, id) = (
+                    self.inner.client.clone(),
+                    bucket.to_string(),
+                    key.to_string(),
+                    upload_id.clone(),
+                );
+                let out = self
+                    .run(async move {
+                        client
+                            .upload_part()
+                            .bucket(b)
+                            .key(k)
+                            .upload_id(id)
+                            .part_number(n)
+                            .body(ByteStream::from(piece))
+                            .send()
+                            .await
+                    })
+                    .map_err(|e| self.error(&format!("writing part {n} of"), &what, e))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .build(),
+                );
+                piece = next_piece()?;
+            }
+            let (client, b, k, id) =
+                (self.inner.client.clone(), bucket.to_string(), key.to_string(), upload_id.clone());
+            let done = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+            self.run(async move {
+                client
+                    .complete_multipart_upload()
+                    .bucket(b)
+                    .key(k)
+                    .upload_id(id)
+                    .multipart_upload(done)
+                    .send()
+                    .await
+            })
+            .map(|_| ())
+            .map_err(|e| self.error("completing the upload of", &what, e))
+        };
+        let result = upload();
+        if result.is_err() {
+            let (client, b, k, id) =
+                (self.inner.client.clone(), bucket.to_string(), key.to_string(), upload_id);
+            // Best effort: the first error is the one to report.
+            let _ = self.run(async move {
+                client.abort_multipart_upload().bucket(b).key(k).upload_id(id).send().await
+            });
+        }
+        result
+    }
+
+    /// Copies the object `from` to `to` in the same bucket (server-side, up to 5 GiB).
+    pub fn copy(&self, bucket: &str, from: &str, to: &str) -> Result<(), RuntimeError> {
+        let (client, b, t) = (self.inner.client.clone(), bucket.to_string(), to.to_string());
+        let source = format!("{bucket}/{}", encode_copy_source(from));
+        self.run(
+            async move { client.copy_object().bucket(b).key(t).copy_source(source).send().await },
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            self.error(
+                "copying",
+                &format!("{} to {}", location(bucket, from), location(bucket, to)),
+                e,
+            )
+        })
+    }
+
+    /// Deletes the object `key` (no error if it is not there).
+    pub fn delete(&self, bucket: &str, key: &str) -> Result<(), RuntimeError> {
+        let (client, b, k) = (self.inner.client.clone(), bucket.to_string(), key.to_string());
+        self.run(async move { client.delete_object().bucket(b).key(k).send().await })
+            .map(|_| ())
+            .map_err(|e| self.error("deleting", &location(bucket, key), e))
+    }
+
+    /// A runtime error for a failed request: the operation and what it was on, the S3 error
+    /// code and message, and who has to act.
+    fn error<E>(&self, op: &str, what: &str, err: SdkError<E, HttpResponse>) -> RuntimeError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let what = if op.is_empty() { what.to_string() } else { format!("{op} {what}") };
+        match &err {
+            SdkError::ServiceError(se) => {
+                let status = se.raw().status().as_u16();
+                let code = err.code().unwrap_or("");
+                let message = err.message().unwrap_or("");
+                let mut text = format!("S3 {what}: ");
+                match (code.is_empty(), message.is_empty()) {
+                    (false, false) => text.push_str(&format!("{code}: {message}")),
+                    (false, true) => text.push_str(code),
+                    (true, false) => text.push_str(message),
+                    (true, true) => text.push_str("the request failed"),
+                }
+                text.push_str(&format!(" (HTTP {status})"));
+                if let Some(hint) = hint(code) {
+                    text.push_str("; ");
+                    text.push_str(hint);
+                }
+                // A 4xx other than a timeout or throttling is the job's settings; the rest
+                // may pass.
+                let client_side = (400..500).contains(&status) && status != 408 && status != 429;
+                if client_side {
+                    RuntimeError::user(text)
+                } else {
+                    RuntimeError::external(text).retryable()
+                }
+            }
+            SdkError::ConstructionFailure(_) => RuntimeError::user(format!(
+                "S3 {what}: the request cannot be built: {}",
+                causes(&err)
+            )),
+            _ => RuntimeError::external(format!(
+                "S3 {what}: cannot talk to {}: {}",
+                self.inner.endpoint.as_deref().unwrap_or("AWS S3"),
+                causes(&err)
+            ))
+            .retryable(),
+        }
+    }
+}
+
+/// Runs `fut` to completion on the client's runtime, blocking this thread. Called from inside
+/// another tokio runtime, it hands the future over and waits, rather than nesting runtimes
+/// (which would panic); that blocks the calling worker thread, as any blocking call does.
+fn block_on<F>(handle: &tokio::runtime::Handle, fut: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return handle.block_on(fut);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    match rx.recv() {
+        Ok(out) => out,
+        // The task dropped its sender without sending: the future panicked, and so does this.
+        Err(_) => panic!("an S3 request panicked"),
+    }
+}
+
+/// Why an async request failed.
+enum Fail<E> {
+    Sdk(Box<E>),
+    Body(String),
+}
+
+/// An error and its sources, `: `-separated (as `DisplayErrorContext` does, without the
+/// debug dump of the whole error that it appends, which can hold response headers).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+fn hint(code: &str) -> Option<&'static str> {
+    match code {
+        "NoSuchBucket" => Some("the bucket does not exist: check the bucket name of the path"),
+        "InvalidAccessKeyId" | "SignatureDoesNotMatch" => Some(
+            "the credentials are refused: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or spec.s3.credentialsSecret)",
+        ),
+        "AccessDenied" => Some(
+            "the credentials are refused or not allowed to do this: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or spec.s3.credentialsSecret) and the key's permissions",
+        ),
+        "PermanentRedirect" | "AuthorizationHeaderMalformed" => {
+            Some("the bucket is in another region: check spec.s3.region or AWS_REGION")
+        }
+        "PreconditionFailed" => Some("the object was replaced while it was being read"),
+        _ => None,
+    }
+}
+
+fn no_credentials(detail: &str) -> RuntimeError {
+    RuntimeError::user(format!(
+        "S3: no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment (in Kubernetes: spec.s3.credentialsSecret) ({detail})"
+    ))
+}
+
+/// A key as `x-amz-copy-source` wants it: percent-encoded, except `/`.
+fn encode_copy_source(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_lose_their_user_info() {
+        assert_eq!(redact_endpoint("http://u:secret@host:9000/x"), "http://host:9000/x");
+        assert_eq!(redact_endpoint("https://host"), "https://host");
+        assert_eq!(redact_endpoint("host"), "host");
+    }
+
+    #[test]
+    fn copy_sources_are_percent_encoded() {
+        assert_eq!(encode_copy_source("a/b c/ü+x.txt"), "a/b%20c/%C3%BC%2Bx.txt");
+    }
+}
