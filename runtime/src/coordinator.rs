@@ -147,6 +147,7 @@ impl Coordinator {
                     data_bind: "127.0.0.1:0".into(),
                     advertise_host: None,
                     stop: Arc::default(),
+                    connect_timeout: crate::worker::CONNECT_TIMEOUT,
                 };
                 in_process = Some(
                     std::thread::Builder::new()
@@ -205,7 +206,22 @@ impl Coordinator {
         let mut last_wait_log = Instant::now();
         while connected < expected {
             if self.opts.stop.load(Ordering::Relaxed) {
-                return Err(fail(RuntimeError::user("stopped before every worker connected")));
+                // Stopped before it started: nothing ran, nothing to flush.
+                self.status.update(|i| i.state = JobState::Finished);
+                for (w, slot) in workers.iter().enumerate() {
+                    if let Some((writer, _, _)) = slot {
+                        let _ = writer.send(&ToWorker::Refused {
+                            reason: format!("the job was stopped before it started (worker {w})"),
+                        });
+                    }
+                }
+                eprintln!(
+                    "weir: coordinator: stopped with {connected} of {expected} workers connected"
+                );
+                return Ok(RunSummary {
+                    elapsed: self.status.started.elapsed(),
+                    records: BTreeMap::new(),
+                });
             }
             for (i, c) in children.iter_mut().enumerate() {
                 if let Ok(Some(st)) = c.try_wait() {

@@ -89,6 +89,9 @@ enum Cmd {
         /// this worker reaches the coordinator from).
         #[arg(long, env = "WEIR_ADVERTISE_HOST")]
         advertise_host: Option<String>,
+        /// How long to keep trying to reach the coordinator and the other workers.
+        #[arg(long, env = "WEIR_CONNECT_TIMEOUT", default_value = "60s")]
+        connect_timeout: weir_crds::Duration,
     },
 }
 
@@ -117,7 +120,14 @@ fn main() -> ExitCode {
         Cmd::Coordinator { job, control_addr, run_id } => {
             coordinate(job, Launch::External, control_addr, run_id, stop)
         }
-        Cmd::Worker { coordinator, index, state_dir, data_addr, advertise_host } => {
+        Cmd::Worker {
+            coordinator,
+            index,
+            state_dir,
+            data_addr,
+            advertise_host,
+            connect_timeout,
+        } => {
             let opts = weir_runtime::worker::WorkerOptions {
                 coordinator,
                 index: Some(index),
@@ -125,6 +135,7 @@ fn main() -> ExitCode {
                 data_bind: data_addr,
                 advertise_host,
                 stop,
+                connect_timeout: connect_timeout.as_std(),
             };
             match weir_runtime::worker::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,

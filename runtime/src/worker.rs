@@ -15,7 +15,8 @@ use crate::error::{RuntimeError, Whose};
 use crate::exchange::Network;
 use crate::exec::{JobMetrics, Placement, RunOptions, run_worker};
 
-/// How long a worker keeps trying to reach the coordinator, and the other workers.
+/// How long a worker keeps trying to reach the coordinator and the other workers, unless
+/// told otherwise.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a worker reports its counters.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -34,6 +35,8 @@ pub struct WorkerOptions {
     pub advertise_host: Option<String>,
     /// Set to stop this worker's sources (a signal to a worker process).
     pub stop: Arc<AtomicBool>,
+    /// How long to keep trying to reach the coordinator and the other workers.
+    pub connect_timeout: Duration,
 }
 
 /// Runs one worker until its job ends. Errors are also reported to the coordinator.
@@ -42,14 +45,14 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
         RuntimeError::user(format!("--data-addr {}: cannot listen: {e}", opts.data_bind))
     })?;
     let local = listener.local_addr().map_err(|e| RuntimeError::internal(e.to_string()))?;
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let deadline = Instant::now() + opts.connect_timeout;
     let ctrl = loop {
         match TcpStream::connect(&opts.coordinator) {
             Ok(s) => break s,
             Err(e) if Instant::now() >= deadline => {
                 return Err(RuntimeError::external(format!(
-                    "cannot reach the coordinator at {} within {CONNECT_TIMEOUT:?}: {e}",
-                    opts.coordinator
+                    "cannot reach the coordinator at {} within {:?}: {e}",
+                    opts.coordinator, opts.connect_timeout
                 ))
                 .retryable());
             }
@@ -162,7 +165,7 @@ fn run_job(
             .filter(|&(w, _)| w as u32 != me)
             .map(|(w, a)| (w as u32, a.clone()))
             .collect();
-        Some(Network::connect(me, &peers, listener, run_id, CONNECT_TIMEOUT)?)
+        Some(Network::connect(me, &peers, listener, run_id, opts.connect_timeout)?)
     };
     // Messages from the coordinator while the job runs.
     {

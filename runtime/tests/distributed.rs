@@ -1,0 +1,284 @@
+//! The coordinator and its workers as a user runs them: the HTTP API while a job runs,
+//! stopping with SIGTERM, a worker that dies, and workers that are refused.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+
+fn unbounded_job(dir: &std::path::Path, parallelism: u32) -> std::path::PathBuf {
+    let file = dir.join("job.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: counter}}\nspec:\n  parallelism: {parallelism}\n  pipeline:\n    operators:\n      - {{uid: events, type: generator, format: kv, keys: 1000, ratePerSecond: 20000, seed: 7}}\n      - {{uid: counts, type: count, inputs: [events], key: key}}\n      - {{uid: out, type: file_sink, inputs: [counts], path: {}}}\n",
+            dir.join("out").display()
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// A started `weir` process whose stderr is read in the background; lines that announce an
+/// address are passed on.
+struct Proc {
+    child: Child,
+    addrs: mpsc::Receiver<(String, String)>,
+    seen: std::cell::RefCell<std::collections::HashMap<String, String>>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+fn start(args: &[&str]) -> Proc {
+    let mut child =
+        Command::new(WEIR).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, addrs) = mpsc::channel();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if let Some((_, a)) = line.split_once("HTTP API on http://") {
+                let _ = tx.send(("api".into(), a.trim().to_string()));
+            }
+            if let Some((_, a)) = line.split_once(", control ") {
+                let _ = tx.send(("control".into(), a.trim().to_string()));
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    Proc { child, addrs, seen: Default::default(), stderr }
+}
+
+impl Proc {
+    fn addr(&self, what: &str) -> String {
+        loop {
+            if let Some(v) = self.seen.borrow().get(what) {
+                return v.clone();
+            }
+            let (k, v) = self.addrs.recv_timeout(Duration::from_secs(60)).expect("an address");
+            self.seen.borrow_mut().insert(k, v);
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the exit (at most `limit`) and returns the code and everything on stderr.
+    fn finish(mut self, limit: Duration) -> (Option<i32>, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st.code(), self.stderr.join().unwrap());
+            }
+            if t.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("did not exit within {limit:?}: {}", self.stderr.join().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `GET path` with HTTP/1.1; the status code and body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Committed output lines `key,count`: for every key the counts must be exactly 1..n.
+fn check_counts(out: &std::path::Path) -> u64 {
+    let mut seen: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for e in std::fs::read_dir(out).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "an uncommitted file after a clean stop: {name}");
+        for line in std::fs::read_to_string(e.path()).unwrap().lines() {
+            let (k, c) = line.rsplit_once(',').unwrap();
+            seen.entry(k.into()).or_default().push(c.parse().unwrap());
+        }
+    }
+    let mut total = 0;
+    for (k, mut counts) in seen {
+        counts.sort_unstable();
+        let n = counts.len() as u64;
+        assert_eq!(counts, (1..=n).collect::<Vec<_>>(), "counts of {k}");
+        total += n;
+    }
+    total
+}
+
+#[test]
+fn the_http_api_serves_the_running_job_and_sigterm_stops_it_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = unbounded_job(tmp.path(), 2);
+    let state = tmp.path().join("state");
+    let p = start(&[
+        "run",
+        file.to_str().unwrap(),
+        "--processes",
+        "--api-addr",
+        "127.0.0.1:0",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let api = p.addr("api");
+    assert_eq!(get(&api, "/healthz").0, 200);
+    wait_until("the job to be ready", || get(&api, "/readyz").0 == 200);
+    let job =
+        |api: &str| -> serde_json::Value { serde_json::from_str(&get(api, "/v1/job").1).unwrap() };
+    wait_until("records through count", || {
+        job(&api)["operators"][1]["recordsIn"].as_u64().unwrap() > 1000
+    });
+    let j = job(&api);
+    assert_eq!(j["name"], "counter");
+    assert_eq!(j["state"], "running");
+    assert_eq!((j["parallelism"].as_u64(), j["maxParallelism"].as_u64()), (Some(2), Some(128)));
+    assert_eq!((j["workersConnected"].as_u64(), j["workersExpected"].as_u64()), (Some(2), Some(2)));
+    let ops: Vec<(&str, &str)> = j["operators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["uid"].as_str().unwrap(), o["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(ops, [("events", "generator"), ("counts", "count"), ("out", "file_sink")]);
+    wait_until("state in RocksDB", || job(&api)["stateBytes"].as_u64().unwrap() > 0);
+    let (code, metrics) = get(&api, "/metrics");
+    assert_eq!(code, 200);
+    for want in [
+        "weir_job_parallelism{job_name=\"counter\"} 2",
+        "weir_job_state{job_name=\"counter\",state=\"running\"} 1",
+        "weir_operator_records_in_total{job_name=\"counter\",operator=\"counts\",type=\"count\"}",
+        "weir_job_workers_connected{job_name=\"counter\"} 2",
+    ] {
+        assert!(metrics.contains(want), "/metrics lacks {want}:\n{metrics}");
+    }
+    assert_eq!(get(&api, "/v1/nothing").0, 404);
+    // SIGTERM: the sources stop, everything in flight is counted and committed, exit 0.
+    p.signal("-TERM");
+    let (code, err) = p.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{err}");
+    let total = check_counts(&tmp.path().join("out"));
+    let line = err.lines().find(|l| l.contains("finished in")).expect("a summary");
+    assert!(line.contains(&format!("counts {total} in / {total} out")), "{line} vs {total}");
+}
+
+#[test]
+fn a_worker_that_dies_fails_the_job_and_the_other_workers_go_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = unbounded_job(tmp.path(), 2);
+    let state = tmp.path().join("state");
+    let coord = start(&[
+        "coordinator",
+        file.to_str().unwrap(),
+        "--control-addr",
+        "127.0.0.1:0",
+        "--api-addr",
+        "127.0.0.1:0",
+    ]);
+    let control = coord.addr("control");
+    let api = coord.addr("api");
+    let worker = |i: &str| {
+        start(&[
+            "worker",
+            "--coordinator",
+            &control,
+            "--index",
+            i,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--data-addr",
+            "127.0.0.1:0",
+        ])
+    };
+    let (w0, w1) = (worker("0"), worker("1"));
+    wait_until("the job to run", || get(&api, "/readyz").0 == 200);
+    std::thread::sleep(Duration::from_millis(300));
+    w1.signal("-KILL");
+    let (code, err) = coord.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("worker 1 was lost"), "{err}");
+    let (code, err0) = w0.finish(Duration::from_secs(60));
+    assert_ne!(code, Some(0), "worker 0 went on: {err0}");
+    let _ = w1.finish(Duration::from_secs(10));
+}
+
+#[test]
+fn workers_with_a_wrong_index_are_refused_and_a_stop_before_the_start_is_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = unbounded_job(tmp.path(), 2);
+    let coord = start(&["coordinator", file.to_str().unwrap(), "--control-addr", "127.0.0.1:0"]);
+    let control = coord.addr("control");
+    let worker = |i: &str| {
+        Command::new(WEIR)
+            .args(["worker", "--coordinator", &control, "--index", i, "--state-dir"])
+            .arg(tmp.path().join("state"))
+            .args(["--data-addr", "127.0.0.1:0"])
+            .output()
+            .unwrap()
+    };
+    let out = worker("5");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--index 5 is not below the job's parallelism 2"), "{err}");
+    // One good worker joins, then the coordinator is stopped before the second comes.
+    let w0 = start(&[
+        "worker",
+        "--coordinator",
+        &control,
+        "--index",
+        "0",
+        "--state-dir",
+        tmp.path().join("state").to_str().unwrap(),
+        "--data-addr",
+        "127.0.0.1:0",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    coord.signal("-TERM");
+    let (code, err) = coord.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("stopped with 1 of 2 workers connected"), "{err}");
+    let (code, err) = w0.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("stopped before it started"), "{err}");
+    assert!(!tmp.path().join("out").exists(), "something started");
+}
+
+#[test]
+fn a_worker_without_a_coordinator_gives_up_with_a_clear_error() {
+    let out = Command::new(WEIR)
+        .args([
+            "worker",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--index",
+            "0",
+            "--state-dir",
+            "/tmp/none",
+        ])
+        .env("WEIR_CONNECT_TIMEOUT", "1s")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach the coordinator at 127.0.0.1:1"), "{err}");
+}
