@@ -26,6 +26,7 @@ pub mod operators;
 pub mod plan;
 pub mod record;
 pub mod state;
+pub mod storage;
 pub mod wire;
 pub mod worker;
 

@@ -131,7 +131,17 @@ impl S3Client {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
             .build_https();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+        // Explicit limits: a request that hangs fails (and is retried) instead of holding a
+        // checkpoint forever; transient errors and throttling are retried with backoff.
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .operation_attempt_timeout(std::time::Duration::from_secs(120))
+            .build();
+        let retries = aws_config::retry::RetryConfig::standard().with_max_attempts(4);
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http)
+            .timeout_config(timeouts)
+            .retry_config(retries);
         if let Some(r) = &spec.region {
             loader = loader.region(Region::new(r.trim().to_string()));
         }
@@ -224,7 +234,16 @@ impl S3Client {
 
     /// The whole object.
     pub fn get(&self, bucket: &str, key: &str) -> Result<Vec<u8>, RuntimeError> {
-        self.get_inner(bucket, key, None, None)
+        self.get_inner(bucket, key, None, None).map_err(|(e, _)| e)
+    }
+
+    /// The object `key`, or `None` when there is no such object.
+    pub fn get_opt(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
+        match self.get_inner(bucket, key, None, None) {
+            Ok(b) => Ok(Some(b)),
+            Err((_, true)) => Ok(None),
+            Err((e, false)) => Err(e),
+        }
     }
 
     /// Bytes `start..=end` of the object (an HTTP range: `end` is inclusive). With `if_match`
@@ -244,6 +263,7 @@ impl S3Client {
             )));
         }
         self.get_inner(bucket, key, Some(format!("bytes={start}-{end}")), if_match)
+            .map_err(|(e, _)| e)
     }
 
     fn get_inner(
@@ -252,7 +272,7 @@ impl S3Client {
         key: &str,
         range: Option<String>,
         if_match: Option<&str>,
-    ) -> Result<Vec<u8>, RuntimeError> {
+    ) -> Result<Vec<u8>, (RuntimeError, bool)> {
         let (client, b, k) = (self.inner.client.clone(), bucket.to_string(), key.to_string());
         let if_match = if_match.map(str::to_string);
         let what = match &range {
@@ -273,10 +293,15 @@ impl S3Client {
             Ok::<_, Fail<_>>(bytes.into_bytes().to_vec())
         });
         result.map_err(|f| match f {
-            Fail::Sdk(e) => self.error("", &what, *e),
-            Fail::Body(e) => {
-                RuntimeError::external(format!("S3 {what}: the transfer broke: {e}")).retryable()
+            Fail::Sdk(e) => {
+                let missing =
+                    matches!(&*e, SdkError::ServiceError(se) if se.raw().status().as_u16() == 404);
+                (self.error("", &what, *e), missing)
             }
+            Fail::Body(e) => (
+                RuntimeError::external(format!("S3 {what}: the transfer broke: {e}")).retryable(),
+                false,
+            ),
         })
     }
 

@@ -1,0 +1,371 @@
+//! Where checkpoints and savepoints go: one trait, a local directory and S3 behind it, and a
+//! wrapper that injects failures and delays for tests.
+//!
+//! Keys are `/`-separated paths relative to the storage's root (a directory, or a bucket and
+//! prefix). Writes are all-or-nothing: a reader sees the whole object or none of it (a local
+//! write goes to a temporary name first and is renamed). Listing is recursive, in key order.
+//! Deleting a missing key is not an error.
+
+use std::fmt::Debug;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use weir_crds::StorageUri;
+
+use crate::error::RuntimeError;
+use crate::objstore::S3Client;
+
+/// One stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The key, relative to the storage's root.
+    pub key: String,
+    pub size: u64,
+}
+
+/// A place to keep snapshot files.
+pub trait Storage: Send + Sync + Debug {
+    /// Writes `bytes` as `key`, replacing what was there.
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), RuntimeError>;
+    /// Writes the local file `path` as `key` (large files in parts); returns its size.
+    fn put_file(&self, key: &str, path: &Path) -> Result<u64, RuntimeError>;
+    /// The object `key`, or `None` if there is none.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RuntimeError>;
+    /// Bytes `start..end` (end exclusive) of `key`.
+    fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, RuntimeError>;
+    /// Every object whose key starts with `prefix`, in key order.
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, RuntimeError>;
+    fn delete(&self, key: &str) -> Result<(), RuntimeError>;
+    /// Where `key` is, for messages and metadata (`s3://...` or a path).
+    fn describe(&self, key: &str) -> String;
+}
+
+/// Opens the storage a URI names (`s3://bucket/prefix` needs a client).
+pub fn open(uri: &StorageUri, s3: Option<&S3Client>) -> Result<Box<dyn Storage>, RuntimeError> {
+    match uri {
+        StorageUri::Local(dir) => Ok(Box::new(LocalStorage::new(dir))),
+        StorageUri::S3 { bucket, prefix } => {
+            let client = s3.ok_or_else(|| RuntimeError::internal("S3 storage without a client"))?;
+            Ok(Box::new(S3Storage::new(client.clone(), bucket, prefix)))
+        }
+    }
+}
+
+fn check_key(key: &str) -> Result<(), RuntimeError> {
+    if key.is_empty()
+        || key.starts_with('/')
+        || key.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return Err(RuntimeError::internal(format!("storage key {key:?} is not a relative path")));
+    }
+    Ok(())
+}
+
+/// Suffix of a local file being written (it starts with a dot too); never listed.
+const PARTIAL: &str = ".weir-partial";
+
+fn is_partial(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(PARTIAL)
+}
+
+/// A local directory.
+#[derive(Debug)]
+pub struct LocalStorage {
+    root: PathBuf,
+    tmp_seq: AtomicU64,
+}
+
+impl LocalStorage {
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_path_buf(), tmp_seq: AtomicU64::new(0) }
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, RuntimeError> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    fn io(&self, what: &str, key: &str, e: std::io::Error) -> RuntimeError {
+        let e = RuntimeError::external(format!("{what} {}: {e}", self.describe(key)));
+        if e.message.contains("No space") || e.message.contains("Permission denied") {
+            e
+        } else {
+            e.retryable()
+        }
+    }
+
+    /// Writes through a temporary name in the same directory, then renames.
+    fn write_atomic(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut std::fs::File) -> std::io::Result<u64>,
+    ) -> Result<u64, RuntimeError> {
+        let path = self.path(key)?;
+        let dir = path.parent().expect("a key has a parent: the root");
+        std::fs::create_dir_all(dir).map_err(|e| self.io("creating the directory of", key, e))?;
+        let name = path.file_name().expect("checked key").to_string_lossy();
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}-{n}{PARTIAL}", std::process::id()));
+        let result = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            let size = f(&mut file)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(size)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(|e| self.io("writing", key, e))
+    }
+}
+
+impl Storage for LocalStorage {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), RuntimeError> {
+        self.write_atomic(key, |f| f.write_all(bytes).map(|_| bytes.len() as u64)).map(|_| ())
+    }
+
+    fn put_file(&self, key: &str, path: &Path) -> Result<u64, RuntimeError> {
+        let mut src = std::fs::File::open(path)
+            .map_err(|e| self.io(&format!("reading {} for", path.display()), key, e))?;
+        self.write_atomic(key, |f| std::io::copy(&mut src, f))
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
+        match std::fs::read(self.path(key)?) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io("reading", key, e)),
+        }
+    }
+
+    fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, RuntimeError> {
+        let mut f = std::fs::File::open(self.path(key)?).map_err(|e| self.io("reading", key, e))?;
+        let len = f.metadata().map_err(|e| self.io("reading", key, e))?.len();
+        if start > end || end > len {
+            return Err(RuntimeError::internal(format!(
+                "reading {}: range {start}..{end} outside its {len} bytes",
+                self.describe(key)
+            )));
+        }
+        let mut buf = vec![0u8; (end - start) as usize];
+        f.seek(SeekFrom::Start(start)).map_err(|e| self.io("reading", key, e))?;
+        f.read_exact(&mut buf).map_err(|e| self.io("reading", key, e))?;
+        Ok(buf)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, RuntimeError> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(d) = stack.pop() {
+            let rd = match std::fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io("listing", prefix, e)),
+            };
+            for e in rd {
+                let e = e.map_err(|e| self.io("listing", prefix, e))?;
+                let p = e.path();
+                let rel = p.strip_prefix(&self.root).expect("under the root");
+                let key = rel.to_string_lossy().into_owned();
+                let ft = e.file_type().map_err(|e| self.io("listing", prefix, e))?;
+                if ft.is_dir() {
+                    // Only walk directories that can hold matching keys.
+                    let dir_key = format!("{key}/");
+                    if dir_key.starts_with(prefix) || prefix.starts_with(&dir_key) {
+                        stack.push(p);
+                    }
+                } else if key.starts_with(prefix) && !is_partial(&e.file_name().to_string_lossy()) {
+                    let size = e.metadata().map_err(|e| self.io("listing", prefix, e))?.len();
+                    out.push(Entry { key, size });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), RuntimeError> {
+        match std::fs::remove_file(self.path(key)?) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io("deleting", key, e)),
+        }
+    }
+
+    fn describe(&self, key: &str) -> String {
+        self.root.join(key).display().to_string()
+    }
+}
+
+/// A bucket and a prefix on S3.
+#[derive(Debug)]
+pub struct S3Storage {
+    client: S3Client,
+    bucket: String,
+    /// Empty, or ends with `/`.
+    prefix: String,
+}
+
+impl S3Storage {
+    pub fn new(client: S3Client, bucket: &str, prefix: &str) -> Self {
+        let prefix = prefix.trim_matches('/');
+        let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+        Self { client, bucket: bucket.to_string(), prefix }
+    }
+
+    fn key(&self, key: &str) -> Result<String, RuntimeError> {
+        check_key(key)?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+}
+
+impl Storage for S3Storage {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), RuntimeError> {
+        self.client.put(&self.bucket, &self.key(key)?, bytes.to_vec())
+    }
+
+    fn put_file(&self, key: &str, path: &Path) -> Result<u64, RuntimeError> {
+        let size = std::fs::metadata(path)
+            .map_err(|e| RuntimeError::external(format!("reading {}: {e}", path.display())))?
+            .len();
+        self.client.put_file(&self.bucket, &self.key(key)?, path)?;
+        Ok(size)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
+        self.client.get_opt(&self.bucket, &self.key(key)?)
+    }
+
+    fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, RuntimeError> {
+        if start == end {
+            return Ok(Vec::new());
+        }
+        self.client.get_range(&self.bucket, &self.key(key)?, start, end - 1, None)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, RuntimeError> {
+        let full = format!("{}{prefix}", self.prefix);
+        Ok(self
+            .client
+            .list(&self.bucket, &full)?
+            .into_iter()
+            .filter_map(|o| {
+                let key = o.key.strip_prefix(&self.prefix)?.to_string();
+                Some(Entry { key, size: o.size })
+            })
+            .collect())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), RuntimeError> {
+        self.client.delete(&self.bucket, &self.key(key)?)
+    }
+
+    fn describe(&self, key: &str) -> String {
+        format!("s3://{}/{}{key}", self.bucket, self.prefix)
+    }
+}
+
+/// What [`Faulty`] does to the calls it passes on.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Fail every `n`-th call (1: every call; 0: never), before it reaches the storage.
+    pub fail_every: u64,
+    /// Fail writes after they reached the storage (the write happened; the caller is told it
+    /// did not), as when a connection drops before the answer.
+    pub fail_after_write: bool,
+    /// Wait this long before every call.
+    pub delay: Duration,
+}
+
+/// Wraps a storage and injects failures and delays, for tests of everything that stores.
+#[derive(Debug)]
+pub struct Faulty<S> {
+    inner: S,
+    faults: Mutex<Faults>,
+    calls: AtomicU64,
+    /// Failures injected so far.
+    pub injected: AtomicU64,
+}
+
+impl<S: Storage> Faulty<S> {
+    pub fn new(inner: S, faults: Faults) -> Self {
+        Self {
+            inner,
+            faults: Mutex::new(faults),
+            calls: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+        }
+    }
+
+    pub fn set(&self, faults: Faults) {
+        *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
+    }
+
+    fn before(&self, op: &str, key: &str) -> Result<bool, RuntimeError> {
+        let f = self.faults.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !f.delay.is_zero() {
+            std::thread::sleep(f.delay);
+        }
+        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        if f.fail_every > 0 && n.is_multiple_of(f.fail_every) {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(injected(op, &self.inner.describe(key)));
+        }
+        Ok(f.fail_after_write)
+    }
+
+    fn after_write(&self, fail: bool, op: &str, key: &str) -> Result<(), RuntimeError> {
+        if fail {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(injected(op, &self.inner.describe(key)));
+        }
+        Ok(())
+    }
+}
+
+fn injected(op: &str, what: &str) -> RuntimeError {
+    RuntimeError::external(format!("{op} {what}: injected failure")).retryable()
+}
+
+impl<S: Storage> Storage for Faulty<S> {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), RuntimeError> {
+        let fail = self.before("writing", key)?;
+        self.inner.put(key, bytes)?;
+        self.after_write(fail, "writing", key)
+    }
+
+    fn put_file(&self, key: &str, path: &Path) -> Result<u64, RuntimeError> {
+        let fail = self.before("writing", key)?;
+        let n = self.inner.put_file(key, path)?;
+        self.after_write(fail, "writing", key).map(|_| n)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
+        self.before("reading", key)?;
+        self.inner.get(key)
+    }
+
+    fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, RuntimeError> {
+        self.before("reading", key)?;
+        self.inner.get_range(key, start, end)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, RuntimeError> {
+        self.before("listing", prefix)?;
+        self.inner.list(prefix)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), RuntimeError> {
+        let fail = self.before("deleting", key)?;
+        self.inner.delete(key)?;
+        self.after_write(fail, "deleting", key)
+    }
+
+    fn describe(&self, key: &str) -> String {
+        self.inner.describe(key)
+    }
+}
