@@ -239,9 +239,11 @@ impl Network {
         listener: &TcpListener,
         run_id: &str,
         timeout: Duration,
+        cancel: &AtomicBool,
     ) -> Result<Network, RuntimeError> {
         let deadline = Instant::now() + timeout;
         let fail = |what: String| RuntimeError::external(what).retryable();
+        let check = || if cancel.load(Ordering::Relaxed) { Err(cancelled()) } else { Ok(()) };
         let mut outgoing = HashMap::new();
         for (&peer, addr) in peers {
             let mut s = loop {
@@ -250,7 +252,10 @@ impl Network {
                     Err(e) if Instant::now() >= deadline => {
                         return Err(fail(format!("connecting to worker {peer} at {addr}: {e}")));
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    Err(_) => {
+                        check()?;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                 }
             };
             s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
@@ -285,6 +290,7 @@ impl Network {
                     incoming.insert(peer, s);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    check()?;
                     if Instant::now() >= deadline {
                         let mut missing: Vec<u32> =
                             peers.keys().filter(|p| !incoming.contains_key(p)).copied().collect();
@@ -454,12 +460,25 @@ mod tests {
         let a0 = l0.local_addr().unwrap().to_string();
         let a1 = l1.local_addr().unwrap().to_string();
         let t = std::thread::spawn(move || {
-            Network::connect(1, &HashMap::from([(0, a0)]), &l1, "run", Duration::from_secs(10))
-                .unwrap()
+            Network::connect(
+                1,
+                &HashMap::from([(0, a0)]),
+                &l1,
+                "run",
+                Duration::from_secs(10),
+                &AtomicBool::new(false),
+            )
+            .unwrap()
         });
-        let n0 =
-            Network::connect(0, &HashMap::from([(1, a1)]), &l0, "run", Duration::from_secs(10))
-                .unwrap();
+        let n0 = Network::connect(
+            0,
+            &HashMap::from([(1, a1)]),
+            &l0,
+            "run",
+            Duration::from_secs(10),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
         (n0, t.join().unwrap())
     }
 
@@ -544,7 +563,9 @@ mod tests {
             s
         });
         let peers = HashMap::from([(1, a1)]);
-        let err = Network::connect(0, &peers, &l0, "run", Duration::from_millis(500)).unwrap_err();
+        let never = AtomicBool::new(false);
+        let err = Network::connect(0, &peers, &l0, "run", Duration::from_millis(500), &never)
+            .unwrap_err();
         drop(t.join().unwrap());
         assert!(err.message.contains("workers [1] did not connect"), "{err}");
     }

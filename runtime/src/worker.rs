@@ -156,17 +156,6 @@ fn run_job(
     let mut run = RunOptions::new(&opts.state_dir, run_id);
     run.keep_state = keep_state;
     run.stop = opts.stop.clone();
-    let network = if hosted.len() == p as usize {
-        None
-    } else {
-        let peers: HashMap<u32, String> = data_addrs
-            .iter()
-            .enumerate()
-            .filter(|&(w, _)| w as u32 != me)
-            .map(|(w, a)| (w as u32, a.clone()))
-            .collect();
-        Some(Network::connect(me, &peers, listener, run_id, opts.connect_timeout)?)
-    };
     // Messages from the coordinator while the job runs.
     {
         let (stop, cancel) = (run.stop.clone(), run.cancel.clone());
@@ -183,6 +172,17 @@ fn run_job(
             }
         });
     }
+    let network = if hosted.len() == p as usize {
+        None
+    } else {
+        let peers: HashMap<u32, String> = data_addrs
+            .iter()
+            .enumerate()
+            .filter(|&(w, _)| w as u32 != me)
+            .map(|(w, a)| (w as u32, a.clone()))
+            .collect();
+        Some(Network::connect(me, &peers, listener, run_id, opts.connect_timeout, &run.cancel)?)
+    };
     let metrics = Arc::new(JobMetrics::new(&plan));
     let done = Arc::new(AtomicBool::new(false));
     let progress = {

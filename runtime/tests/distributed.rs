@@ -282,3 +282,41 @@ fn a_worker_without_a_coordinator_gives_up_with_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot reach the coordinator at 127.0.0.1:1"), "{err}");
 }
+
+#[test]
+fn a_worker_that_fails_at_setup_cancels_the_others_while_they_connect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = unbounded_job(tmp.path(), 2);
+    let coord = start(&["coordinator", file.to_str().unwrap(), "--control-addr", "127.0.0.1:0"]);
+    let control = coord.addr("control");
+    let w0 = start(&[
+        "worker",
+        "--coordinator",
+        &control,
+        "--index",
+        "0",
+        "--state-dir",
+        tmp.path().join("state").to_str().unwrap(),
+        "--data-addr",
+        "127.0.0.1:0",
+    ]);
+    // Worker 1 speaks the control protocol by hand: it gives an exchange address nobody
+    // answers on, takes the job, and reports a failure.
+    let s = TcpStream::connect(&control).unwrap();
+    let mut w = s.try_clone().unwrap();
+    writeln!(w, r#"{{"type":"hello","protocol":1,"index":1,"dataAddr":"127.0.0.1:1"}}"#).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(line.contains(r#""type":"start""#), "{line}");
+    std::thread::sleep(Duration::from_millis(300));
+    writeln!(w, r#"{{"type":"failed","message":"disk on fire","user":false,"retryable":true}}"#)
+        .unwrap();
+    let (code, err) = coord.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("worker 1: disk on fire"), "{err}");
+    // Worker 0 was still trying to reach worker 1; it gives up at once, not after 60 s.
+    let t = Instant::now();
+    let (code, err) = w0.finish(Duration::from_secs(10));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}: {err}", t.elapsed());
+}
