@@ -86,6 +86,22 @@ impl Proc {
     }
 }
 
+/// Starts `weir worker --index i` for the coordinator at `control`, its state under `dir`.
+fn start_worker(control: &str, i: u32, dir: &std::path::Path) -> Proc {
+    let state = dir.join("state");
+    start(&[
+        "worker",
+        "--coordinator",
+        control,
+        "--index",
+        &i.to_string(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--data-addr",
+        "127.0.0.1:0",
+    ])
+}
+
 /// `GET path` with HTTP/1.1; the status code and body.
 fn get(addr: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -186,7 +202,6 @@ fn the_http_api_serves_the_running_job_and_sigterm_stops_it_cleanly() {
 fn a_worker_that_dies_fails_the_job_and_the_other_workers_go_too() {
     let tmp = tempfile::tempdir().unwrap();
     let file = unbounded_job(tmp.path(), 2);
-    let state = tmp.path().join("state");
     let coord = start(&[
         "coordinator",
         file.to_str().unwrap(),
@@ -197,20 +212,7 @@ fn a_worker_that_dies_fails_the_job_and_the_other_workers_go_too() {
     ]);
     let control = coord.addr("control");
     let api = coord.addr("api");
-    let worker = |i: &str| {
-        start(&[
-            "worker",
-            "--coordinator",
-            &control,
-            "--index",
-            i,
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--data-addr",
-            "127.0.0.1:0",
-        ])
-    };
-    let (w0, w1) = (worker("0"), worker("1"));
+    let (w0, w1) = (start_worker(&control, 0, tmp.path()), start_worker(&control, 1, tmp.path()));
     wait_until("the job to run", || get(&api, "/readyz").0 == 200);
     std::thread::sleep(Duration::from_millis(300));
     w1.signal("-KILL");
@@ -241,17 +243,7 @@ fn workers_with_a_wrong_index_are_refused_and_a_stop_before_the_start_is_clean()
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--index 5 is not below the job's parallelism 2"), "{err}");
     // One good worker joins, then the coordinator is stopped before the second comes.
-    let w0 = start(&[
-        "worker",
-        "--coordinator",
-        &control,
-        "--index",
-        "0",
-        "--state-dir",
-        tmp.path().join("state").to_str().unwrap(),
-        "--data-addr",
-        "127.0.0.1:0",
-    ]);
+    let w0 = start_worker(&control, 0, tmp.path());
     std::thread::sleep(Duration::from_millis(500));
     coord.signal("-TERM");
     let (code, err) = coord.finish(Duration::from_secs(30));
@@ -289,17 +281,7 @@ fn a_worker_that_fails_at_setup_cancels_the_others_while_they_connect() {
     let file = unbounded_job(tmp.path(), 2);
     let coord = start(&["coordinator", file.to_str().unwrap(), "--control-addr", "127.0.0.1:0"]);
     let control = coord.addr("control");
-    let w0 = start(&[
-        "worker",
-        "--coordinator",
-        &control,
-        "--index",
-        "0",
-        "--state-dir",
-        tmp.path().join("state").to_str().unwrap(),
-        "--data-addr",
-        "127.0.0.1:0",
-    ]);
+    let w0 = start_worker(&control, 0, tmp.path());
     // Worker 1 speaks the control protocol by hand: it gives an exchange address nobody
     // answers on, takes the job, and reports a failure.
     let s = TcpStream::connect(&control).unwrap();

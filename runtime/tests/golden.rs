@@ -3,7 +3,9 @@
 //! `weir` command runs a job (one process, worker processes, coordinator and workers apart);
 //! bad pipelines stop before anything starts, with exit code 2.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -12,30 +14,9 @@ use weir_runtime::exec::{JobMetrics, RunOptions, run_local};
 
 /// Writes `files` files of text and returns the true count of every word.
 fn write_input(dir: &Path, files: usize, lines: usize, seed: u64) -> BTreeMap<String, u64> {
-    let mut rng = weir_runtime::operators::SplitMix64::new(seed);
-    let mut counts = BTreeMap::new();
     std::fs::create_dir_all(dir).unwrap();
-    for f in 0..files {
-        let mut text = String::new();
-        for _ in 0..lines {
-            let n = 1 + rng.next_u64() % 12;
-            let words: Vec<String> = (0..n)
-                .map(|_| {
-                    // A skewed vocabulary: some words are frequent, most are rare.
-                    let k = if rng.next_u64().is_multiple_of(4) {
-                        rng.next_u64() % 5
-                    } else {
-                        rng.next_u64() % 3000
-                    };
-                    format!("word{k}")
-                })
-                .collect();
-            for w in &words {
-                *counts.entry(w.clone()).or_insert(0) += 1;
-            }
-            text.push_str(&words.join(if rng.next_u64().is_multiple_of(2) { " " } else { "  \t" }));
-            text.push('\n');
-        }
+    let (texts, counts) = common::word_texts(files, lines, seed, None, None);
+    for (f, text) in texts.iter().enumerate() {
         std::fs::write(dir.join(format!("input-{f:02}.txt")), text).unwrap();
     }
     // Files the source must skip.
@@ -55,29 +36,14 @@ fn manifest(input: &Path, output: &Path, parallelism: u32) -> String {
 /// Reads the committed output and checks it against the true counts: for every word, each
 /// count from 1 to its final value exactly once.
 fn check_output(out: &Path, expected: &BTreeMap<String, u64>) {
-    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    let mut files = 0;
+    let mut texts = Vec::new();
     for e in std::fs::read_dir(out).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().to_string_lossy().into_owned();
         assert!(!name.starts_with('.'), "an uncommitted file was left behind: {name}");
-        files += 1;
-        for line in std::fs::read_to_string(e.path()).unwrap().lines() {
-            let (w, c) = line.rsplit_once(',').unwrap_or_else(|| panic!("bad line {line:?}"));
-            seen.entry(w.to_string()).or_default().push(c.parse().unwrap());
-        }
+        texts.push(std::fs::read_to_string(e.path()).unwrap());
     }
-    assert!(files > 0, "no committed output in {}", out.display());
-    assert_eq!(
-        seen.keys().collect::<BTreeSet<_>>(),
-        expected.keys().collect::<BTreeSet<_>>(),
-        "the words differ"
-    );
-    for (w, mut counts) in seen {
-        counts.sort_unstable();
-        let want: Vec<u64> = (1..=expected[&w]).collect();
-        assert_eq!(counts, want, "counts of {w:?}");
-    }
+    common::check_counts(texts.iter().map(String::as_str), expected);
 }
 
 #[test]

@@ -5,7 +5,9 @@
 //! names what to fix and never the secret key; `spec.s3` wins over the environment; and the
 //! client's calls, ranged reads of large objects and rolling sink parts, round-trip.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -43,33 +45,9 @@ fn write_input(
     lines: usize,
     seed: u64,
 ) -> BTreeMap<String, u64> {
-    let mut rng = weir_runtime::operators::SplitMix64::new(seed);
-    let mut counts = BTreeMap::new();
-    for f in 0..files {
-        let mut text = String::new();
-        for _ in 0..lines {
-            let n = 1 + rng.next_u64() % 12;
-            let words: Vec<String> = (0..n)
-                .map(|_| {
-                    // A skewed vocabulary: some words are frequent, most are rare.
-                    let k = if rng.next_u64().is_multiple_of(4) {
-                        rng.next_u64() % 5
-                    } else {
-                        rng.next_u64() % 3000
-                    };
-                    format!("word{k}")
-                })
-                .collect();
-            for w in &words {
-                *counts.entry(w.clone()).or_insert(0) += 1;
-            }
-            text.push_str(&words.join(if rng.next_u64().is_multiple_of(2) { " " } else { "  \t" }));
-            // Some files end with CRLF lines, one without a final newline.
-            text.push_str(if f == 3 { "\r\n" } else { "\n" });
-        }
-        if f == 5 {
-            text.pop();
-        }
+    // Some files end with CRLF lines, one without a final newline.
+    let (texts, counts) = common::word_texts(files, lines, seed, Some(3), Some(5));
+    for (f, text) in texts.into_iter().enumerate() {
         s3.put(&bucket(), &format!("{prefix}/input-{f:02}.txt"), text.into_bytes()).unwrap();
     }
     // Objects the source must skip, and one it must not read because it is outside the
@@ -131,24 +109,9 @@ fn committed(s3: &S3Client, prefix: &str) -> Vec<String> {
 fn check_output(s3: &S3Client, out: &str, expected: &BTreeMap<String, u64>) {
     let keys = committed(s3, out);
     assert!(!keys.is_empty(), "no committed output under {out}/");
-    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for k in keys {
-        let text = String::from_utf8(s3.get(&bucket(), &k).unwrap()).unwrap();
-        for line in text.lines() {
-            let (w, c) = line.rsplit_once(',').unwrap_or_else(|| panic!("bad line {line:?}"));
-            seen.entry(w.to_string()).or_default().push(c.parse().unwrap());
-        }
-    }
-    assert_eq!(
-        seen.keys().collect::<BTreeSet<_>>(),
-        expected.keys().collect::<BTreeSet<_>>(),
-        "the words differ"
-    );
-    for (w, mut counts) in seen {
-        counts.sort_unstable();
-        let want: Vec<u64> = (1..=expected[&w]).collect();
-        assert_eq!(counts, want, "counts of {w:?}");
-    }
+    let texts: Vec<String> =
+        keys.iter().map(|k| String::from_utf8(s3.get(&bucket(), k).unwrap()).unwrap()).collect();
+    common::check_counts(texts.iter().map(String::as_str), expected);
 }
 
 #[test]

@@ -1,0 +1,73 @@
+//! What the word-count tests share: input text with counts computed independently of Weir,
+//! and the check of committed `word,count` output.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// `files` texts of `lines` lines of words from a skewed vocabulary (some words frequent, most
+/// rare), separated by single spaces or runs of whitespace, and the true count of each word.
+/// File `crlf` ends its lines with CRLF, and file `no_final_newline` lacks the last newline.
+pub fn word_texts(
+    files: usize,
+    lines: usize,
+    seed: u64,
+    crlf: Option<usize>,
+    no_final_newline: Option<usize>,
+) -> (Vec<String>, BTreeMap<String, u64>) {
+    let mut rng = weir_runtime::operators::SplitMix64::new(seed);
+    let mut counts = BTreeMap::new();
+    let mut texts = Vec::new();
+    for f in 0..files {
+        let mut text = String::new();
+        for _ in 0..lines {
+            let n = 1 + rng.next_u64() % 12;
+            let words: Vec<String> = (0..n)
+                .map(|_| {
+                    let k = if rng.next_u64().is_multiple_of(4) {
+                        rng.next_u64() % 5
+                    } else {
+                        rng.next_u64() % 3000
+                    };
+                    format!("word{k}")
+                })
+                .collect();
+            for w in &words {
+                *counts.entry(w.clone()).or_insert(0) += 1;
+            }
+            text.push_str(&words.join(if rng.next_u64().is_multiple_of(2) { " " } else { "  \t" }));
+            text.push_str(if crlf == Some(f) { "\r\n" } else { "\n" });
+        }
+        if no_final_newline == Some(f) {
+            text.pop();
+        }
+        texts.push(text);
+    }
+    (texts, counts)
+}
+
+/// Checks committed output (the texts of the committed files) against the true counts: for
+/// every word, each count from 1 to its final value exactly once.
+pub fn check_counts<'a>(
+    files: impl IntoIterator<Item = &'a str>,
+    expected: &BTreeMap<String, u64>,
+) {
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut n = 0;
+    for text in files {
+        n += 1;
+        for line in text.lines() {
+            let (w, c) = line.rsplit_once(',').unwrap_or_else(|| panic!("bad line {line:?}"));
+            seen.entry(w.to_string()).or_default().push(c.parse().unwrap());
+        }
+    }
+    assert!(n > 0, "no committed output");
+    assert_eq!(
+        seen.keys().collect::<BTreeSet<_>>(),
+        expected.keys().collect::<BTreeSet<_>>(),
+        "the words differ"
+    );
+    for (w, mut counts) in seen {
+        counts.sort_unstable();
+        let want: Vec<u64> = (1..=expected[&w]).collect();
+        assert_eq!(counts, want, "counts of {w:?}");
+    }
+}
