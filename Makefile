@@ -49,7 +49,7 @@ e2e: build
 	@bash tests/env/up.sh $(TESTENV_DIR)
 	@trap 'bash tests/env/down.sh $(TESTENV_DIR)' EXIT; \
 	  source $(TESTENV_DIR)/env.sh; \
-	  $(CARGO) test -p weir-runtime --test s3 --test storage -- --include-ignored && \
+	  $(CARGO) test -p weir-runtime --test s3 --test storage --test snapshots -- --include-ignored && \
 	  $(CARGO) test -p weir-e2e --test '*' -- --test-threads 4 && \
 	  $$WEIR_PYTHON -m pytest -q tests/python
 

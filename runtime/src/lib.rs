@@ -25,6 +25,7 @@ pub mod objstore;
 pub mod operators;
 pub mod plan;
 pub mod record;
+pub mod snapshot;
 pub mod state;
 pub mod storage;
 pub mod wire;

@@ -88,6 +88,19 @@ impl StateBackend {
         }
     }
 
+    /// Writes a consistent copy of the instance into `dir` (which must not exist): memtables
+    /// are flushed (writes skip the WAL), then RocksDB links the live files there.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StateError> {
+        let cfs: Vec<_> = self.cf_names().iter().filter_map(|n| self.db.cf_handle(n)).collect();
+        self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dir)?;
+        Ok(())
+    }
+
+    fn cf_names(&self) -> Vec<String> {
+        DB::list_cf(&Options::default(), &self.path).unwrap_or_default()
+    }
+
     /// Every (key group, key, value) of operator `uid`, in key order (for tests and tools).
     pub fn scan(&self, uid: &str) -> Result<Vec<StateEntry>, StateError> {
         let cf = self.db.cf_handle(&cf_name(uid)).expect("column family opened with the backend");
