@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 
 use crate::error::RuntimeError;
 use crate::record::Record;
@@ -72,37 +72,71 @@ impl Conn {
     }
 }
 
-/// Where a consumer subtask takes its batches from: its local channel and what the network
-/// delivers. A side whose senders are all gone is dropped; the inbox is disconnected when
-/// both are.
+/// One input channel of a consuming subtask: the batches of one producing subtask over one
+/// exchange, ending with one `End`.
 #[derive(Debug)]
+pub struct InChannel {
+    pub rx: Receiver<Msg>,
+    /// The consumer's input number.
+    pub input: u32,
+    /// The producing subtask.
+    pub from: u32,
+    pub ended: bool,
+    /// Not read for now (a checkpoint barrier is being aligned).
+    pub blocked: bool,
+}
+
+/// Where a consumer subtask takes its batches from: a channel per producing subtask and
+/// input, so that one can be held back while the others are read.
+#[derive(Debug, Default)]
 pub struct Inbox {
-    pub local: Option<Receiver<Msg>>,
-    pub remote: Option<Receiver<Msg>>,
+    pub channels: Vec<InChannel>,
 }
 
 impl Inbox {
-    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Msg, RecvTimeoutError> {
-        match (&self.local, &self.remote) {
-            (Some(l), Some(r)) => select! {
-                recv(l) -> m => m.map_err(|_| {
-                    self.local = None;
-                    RecvTimeoutError::Timeout
-                }),
-                recv(r) -> m => m.map_err(|_| {
-                    self.remote = None;
-                    RecvTimeoutError::Timeout
-                }),
-                default(timeout) => Err(RecvTimeoutError::Timeout),
-            },
-            (Some(c), None) | (None, Some(c)) => c.recv_timeout(timeout),
-            (None, None) => Err(RecvTimeoutError::Disconnected),
+    /// The next message of a channel that has not ended and is not blocked, with the
+    /// channel's index. A channel whose producer went away without its `End` yields a
+    /// failure.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<(usize, Msg), RecvTimeoutError> {
+        let live: Vec<usize> = (0..self.channels.len())
+            .filter(|&i| !self.channels[i].ended && !self.channels[i].blocked)
+            .collect();
+        if live.is_empty() {
+            if self.all_ended() {
+                return Err(RecvTimeoutError::Disconnected);
+            }
+            std::thread::sleep(timeout);
+            return Err(RecvTimeoutError::Timeout);
+        }
+        let mut sel = crossbeam_channel::Select::new();
+        for &i in &live {
+            sel.recv(&self.channels[i].rx);
+        }
+        let op = sel.select_timeout(timeout).map_err(|_| RecvTimeoutError::Timeout)?;
+        let i = live[op.index()];
+        let got = op.recv(&self.channels[i].rx);
+        drop(sel);
+        let ch = &mut self.channels[i];
+        match got {
+            Ok(m) => {
+                if matches!(m, Msg::End) {
+                    ch.ended = true;
+                }
+                Ok((i, m))
+            }
+            Err(_) => {
+                ch.ended = true;
+                Ok((i, Msg::Failed(cancelled())))
+            }
         }
     }
 
+    pub fn all_ended(&self) -> bool {
+        self.channels.iter().all(|c| c.ended)
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.local.as_ref().is_none_or(|c| c.is_empty())
-            && self.remote.as_ref().is_none_or(|c| c.is_empty())
+        self.channels.iter().all(|c| c.ended || c.rx.is_empty())
     }
 }
 
@@ -193,9 +227,9 @@ pub struct Network {
 /// The credit senders of the channels to one peer, by (edge, from, to).
 type Credits = HashMap<(u32, u32, u32), Sender<()>>;
 
-/// Where a batch that arrives over the network goes: the remote queue of the consuming
-/// subtask, and the consumer's input number.
-pub type Route = HashMap<(u32, u32), (Sender<Msg>, u32)>;
+/// Where a batch that arrives over the network goes, by (exchange, from, to): the queue of
+/// that channel at the consuming subtask, and the consumer's input number.
+pub type Route = HashMap<(u32, u32, u32), (Sender<Msg>, u32)>;
 
 fn handshake(run_id: &str, me: u32) -> Vec<u8> {
     let mut b = MAGIC.to_vec();
@@ -392,7 +426,7 @@ fn read_batches(s: TcpStream, conn: Arc<Conn>, me: u32, peer: u32, route: &Route
             Ok(h) => h,
             Err(e) => return fail(e),
         };
-        let Some((tx, input)) = route.get(&(h.edge, h.to)) else {
+        let Some((tx, input)) = route.get(&(h.edge, h.from, h.to)) else {
             return fail(format!(
                 "a batch for exchange {} subtask {} that this worker does not run",
                 h.edge, h.to
@@ -487,7 +521,7 @@ mod tests {
         let (mut n0, n1) = pair();
         let mut outlet = n0.outlet(1, 7, 0, 1);
         let (tx, rx) = unbounded();
-        let r1 = n1.start(HashMap::from([((7, 1), (tx, 3))]), HashMap::from([(0, 1)]));
+        let r1 = n1.start(HashMap::from([((7, 0, 1), (tx, 3))]), HashMap::from([(0, 1)]));
         let r0 = n0.start(HashMap::new(), HashMap::new());
         let sent = Arc::new(AtomicUsize::new(0));
         let cancel = Arc::new(AtomicBool::new(false));
@@ -537,7 +571,7 @@ mod tests {
         let (mut n0, n1) = pair();
         let mut outlet = n0.outlet(1, 0, 0, 1);
         let (tx, rx) = unbounded();
-        let r1 = n1.start(HashMap::from([((0, 1), (tx, 0))]), HashMap::from([(0, 1)]));
+        let r1 = n1.start(HashMap::from([((0, 0, 1), (tx, 0))]), HashMap::from([(0, 1)]));
         // Worker 0 sends one batch and vanishes without its End.
         let cancel = AtomicBool::new(false);
         outlet.send(0, vec![vec![Value::Int(1)]], &cancel).unwrap();

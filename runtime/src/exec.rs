@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use crossbeam_channel::{Sender, bounded, unbounded};
 
 use crate::error::RuntimeError;
-use crate::exchange::{Inbox, Msg, Network, Outlet, Route, cancelled};
+use crate::exchange::{InChannel, Inbox, Msg, Network, Outlet, Route, cancelled};
 use crate::keygroup::{key_group_of, subtask_of};
 use crate::objstore::S3Client;
 use crate::operators::{
@@ -388,34 +388,34 @@ pub fn run_worker(
         (backends.values().cloned().collect(), keyed.clone());
     let cancel = opts.cancel.clone();
 
-    // An inbox per (task, hosted subtask): a bounded channel for the producers here, a queue
-    // (bounded by credits) for the network.
-    type Ends = (Sender<Msg>, Sender<Msg>, Option<Inbox>);
-    let mut inboxes: HashMap<(usize, u32), Ends> = HashMap::new();
-    for t in 0..heads.len() {
-        for &s in hosted {
-            let (ltx, lrx) = bounded(CHANNEL_BATCHES);
-            let (rtx, rrx) = unbounded();
-            inboxes.insert((t, s), (ltx, rtx, Some(Inbox { local: Some(lrx), remote: Some(rrx) })));
-        }
-    }
-    let mut expected_ends = vec![0usize; heads.len()];
-    for (t, &h) in heads.iter().enumerate() {
-        // A keyed head hears from every upstream subtask, another head from one per input.
-        let per_input = if plan.ops[h].kind.key_field().is_some() { p as usize } else { 1 };
-        expected_ends[t] = plan.ops[h].inputs.len() * per_input;
-    }
-    // What arrives over the network, and how many channels each peer ends.
+    // An inbox per (task, hosted subtask) with a channel per producing subtask and input:
+    // bounded for the producers here, a queue (bounded by credits) for the network.
+    let mut inboxes: HashMap<(usize, u32), Inbox> = HashMap::new();
+    let mut local_tx: HashMap<(usize, u32, u32), Sender<Msg>> = HashMap::new();
     let mut route: Route = HashMap::new();
     let mut peer_ends: HashMap<u32, usize> = HashMap::new();
     for (e, x) in xchg.iter().enumerate() {
         let t = task_of[x.consumer];
         for &to in hosted {
-            route.insert((e as u32, to), (inboxes[&(t, to)].1.clone(), x.input));
-            if x.keyed {
-                for from in (0..p).filter(|&f| !here(f)) {
+            let froms: Vec<u32> = if x.keyed { (0..p).collect() } else { vec![to] };
+            for from in froms {
+                let rx = if here(from) {
+                    let (tx, rx) = bounded(CHANNEL_BATCHES);
+                    local_tx.insert((e, from, to), tx);
+                    rx
+                } else {
+                    let (tx, rx) = unbounded();
+                    route.insert((e as u32, from, to), (tx, x.input));
                     *peer_ends.entry(placement.worker_of[from as usize]).or_default() += 1;
-                }
+                    rx
+                };
+                inboxes.entry((t, to)).or_default().channels.push(InChannel {
+                    rx,
+                    input: x.input,
+                    from,
+                    ended: false,
+                    blocked: false,
+                });
             }
         }
     }
@@ -485,13 +485,12 @@ pub fn run_worker(
                     }
                 }
                 for (e, x) in xchg.iter().enumerate().filter(|(_, x)| x.producer == i) {
-                    let tt = task_of[x.consumer];
                     let mut outlets: Vec<Option<Outlet>> = Vec::with_capacity(p as usize);
                     for to in 0..p {
                         outlets.push(if !x.keyed && to != s {
                             None
                         } else if here(to) {
-                            Some(Outlet::Local(inboxes[&(tt, to)].0.clone()))
+                            Some(Outlet::Local(local_tx[&(e, s, to)].clone()))
                         } else {
                             let net = network.as_mut().expect("checked above");
                             Some(net.outlet(placement.worker_of[to as usize], e as u32, s, to))
@@ -516,16 +515,16 @@ pub fn run_worker(
                 last_flush: Instant::now(),
             };
             let name = format!("{}-{s}", plan.ops[h].uid);
-            let inbox = inboxes.get_mut(&(t, s)).and_then(|i| i.2.take()).expect("one per subtask");
+            let inbox = inboxes.remove(&(t, s)).unwrap_or_default();
             let head = plan.ops[h].clone();
             let files = files_of.get(&h).cloned().unwrap_or_default();
-            let (stop, ends, cancel) = (opts.stop.clone(), expected_ends[t], cancel.clone());
+            let (stop, cancel) = (opts.stop.clone(), cancel.clone());
             let s3 = s3.clone();
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || -> Result<(), RuntimeError> {
                     let r = new_source(&head, &files, s3, s, p)
-                        .and_then(|source| run_subtask(chain, source, inbox, ends, &stop, &cancel));
+                        .and_then(|source| run_subtask(chain, source, inbox, &stop, &cancel));
                     if r.is_err() {
                         cancel.store(true, Ordering::Relaxed);
                     }
@@ -538,6 +537,7 @@ pub fn run_worker(
     // Only the subtasks hold senders and receivers now (and the network its route): a failed
     // subtask drops its receivers, its producers' sends fail, and the whole job unwinds.
     inboxes.clear();
+    local_tx.clear();
     let running = network.map(|n| n.start(route, peer_ends));
     let mut first_error: Option<RuntimeError> = None;
     for h in threads {
@@ -589,7 +589,6 @@ fn run_subtask(
     mut chain: Chain,
     source: Option<Box<dyn crate::operators::Source>>,
     mut inbox: Inbox,
-    ends: usize,
     stop: &AtomicBool,
     cancel: &AtomicBool,
 ) -> Result<(), RuntimeError> {
@@ -612,10 +611,9 @@ fn run_subtask(
             chain.maybe_flush()?;
         }
     } else {
-        let mut ended = 0;
-        while ended < ends {
+        while !inbox.all_ended() {
             let msg = match inbox.recv_timeout(Duration::from_millis(10)) {
-                Ok(m) => m,
+                Ok((_, m)) => m,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     if cancel.load(Ordering::Relaxed) {
                         return Err(cancelled());
@@ -623,9 +621,7 @@ fn run_subtask(
                     chain.flush()?;
                     continue;
                 }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    return Err(cancelled());
-                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             };
             match msg {
                 Msg::Batch { input, records, credit } => {
@@ -634,7 +630,7 @@ fn run_subtask(
                         c.give();
                     }
                 }
-                Msg::End => ended += 1,
+                Msg::End => {}
                 Msg::Failed(e) => return Err(e),
             }
             if inbox.is_empty() {
