@@ -48,24 +48,28 @@ pub enum ToCoordinator {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum ToWorker {
-    #[serde(rename_all = "camelCase")]
-    Start {
-        spec: Box<StreamJobSpec>,
-        parallelism: u32,
-        max_parallelism: u32,
-        run_id: String,
-        /// The worker of every subtask index.
-        worker_of: Vec<u32>,
-        /// The exchange address of every worker.
-        data_addrs: Vec<String>,
-        keep_state: bool,
-    },
+    Start(Box<Assignment>),
     /// The coordinator will not take this worker; it exits with the reason.
     Refused {
         reason: String,
     },
     Stop,
     Cancel,
+}
+
+/// The job as the coordinator hands it to a worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    pub spec: StreamJobSpec,
+    pub parallelism: u32,
+    pub max_parallelism: u32,
+    pub run_id: String,
+    /// The worker of every subtask index.
+    pub worker_of: Vec<u32>,
+    /// The exchange address of every worker.
+    pub data_addrs: Vec<String>,
+    pub keep_state: bool,
 }
 
 /// Writes messages; shared by the threads that send.

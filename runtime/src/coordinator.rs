@@ -17,7 +17,7 @@ use crossbeam_channel::{RecvTimeoutError, unbounded};
 use weir_crds::StreamJobSpec;
 use weir_crds::api::{JobInfo, JobState, OperatorInfo};
 
-use crate::control::{PROTOCOL, Reader, ToCoordinator, ToWorker, Writer};
+use crate::control::{Assignment, PROTOCOL, Reader, ToCoordinator, ToWorker, Writer};
 use crate::error::{RuntimeError, Whose};
 use crate::exec::RunSummary;
 use crate::plan::Plan;
@@ -97,6 +97,14 @@ impl Status {
 /// A worker that said hello: its control connection and exchange address.
 type Joined = (Arc<Writer>, Reader, String);
 
+/// One worker runs every subtask in this process; otherwise one per subtask index.
+fn workers_expected(opts: &CoordinatorOptions, plan: &Plan) -> u32 {
+    match opts.launch {
+        Launch::InProcess { .. } => 1,
+        _ => plan.parallelism,
+    }
+}
+
 /// The control listener, bound before anything else so that its address can be given out.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -116,11 +124,8 @@ impl Coordinator {
         let listener = TcpListener::bind(&opts.control_addr).map_err(|e| {
             RuntimeError::user(format!("--control-addr {}: cannot listen: {e}", opts.control_addr))
         })?;
-        let expected = match opts.launch {
-            Launch::InProcess { .. } => 1,
-            _ => plan.parallelism,
-        };
-        let status = Arc::new(Status::new(&opts.name, &opts.run_id, &plan, expected));
+        let status =
+            Arc::new(Status::new(&opts.name, &opts.run_id, &plan, workers_expected(&opts, &plan)));
         Ok(Self { listener, opts, spec, plan, status })
     }
 
@@ -191,7 +196,7 @@ impl Coordinator {
 
     fn drive(&self, children: &mut [Child]) -> Result<RunSummary, RuntimeError> {
         let p = self.plan.parallelism;
-        let expected = self.status.snapshot().workers_expected as usize;
+        let expected = workers_expected(&self.opts, &self.plan) as usize;
         let fail = |e: RuntimeError| {
             self.status.update(|i| {
                 i.state = JobState::Failed;
@@ -264,15 +269,15 @@ impl Coordinator {
         let worker_of: Vec<u32> = (0..p).map(|s| if expected == 1 { 0 } else { s }).collect();
         let data_addrs: Vec<String> =
             workers.iter().map(|w| w.as_ref().expect("all connected").2.clone()).collect();
-        let start = ToWorker::Start {
-            spec: Box::new(self.spec.clone()),
+        let start = ToWorker::Start(Box::new(Assignment {
+            spec: self.spec.clone(),
             parallelism: p,
             max_parallelism: self.plan.max_parallelism,
             run_id: self.opts.run_id.clone(),
             worker_of,
             data_addrs,
             keep_state: self.opts.keep_state,
-        };
+        }));
         let (tx, rx) = unbounded::<(usize, Result<Option<ToCoordinator>, String>)>();
         let mut writers = Vec::new();
         for (w, slot) in workers.into_iter().enumerate() {

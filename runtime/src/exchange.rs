@@ -52,9 +52,7 @@ pub struct CreditReturn {
 impl CreditReturn {
     pub fn give(self) {
         // A peer that went away needs no credit; its loss is reported elsewhere.
-        let mut b = Vec::with_capacity(HEADER_LEN);
-        self.header.encode(&mut b);
-        let _ = self.conn.write(&b);
+        let _ = self.conn.write(&self.header.to_bytes());
     }
 }
 
@@ -91,16 +89,34 @@ pub struct InChannel {
 #[derive(Debug, Default)]
 pub struct Inbox {
     pub channels: Vec<InChannel>,
+    /// Where the next look for a ready channel starts, so that busy channels take turns.
+    next: usize,
 }
 
 impl Inbox {
+    fn readable(&self, i: usize) -> bool {
+        !self.channels[i].ended && !self.channels[i].blocked
+    }
+
     /// The next message of a channel that has not ended and is not blocked, with the
     /// channel's index. A channel whose producer went away without its `End` yields a
     /// failure.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<(usize, Msg), RecvTimeoutError> {
-        let live: Vec<usize> = (0..self.channels.len())
-            .filter(|&i| !self.channels[i].ended && !self.channels[i].blocked)
-            .collect();
+        use crossbeam_channel::TryRecvError;
+        // While batches flow, one is usually waiting: take it without building a Select.
+        let n = self.channels.len();
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            if !self.readable(i) {
+                continue;
+            }
+            match self.channels[i].rx.try_recv() {
+                Ok(m) => return Ok(self.took(i, Ok(m))),
+                Err(TryRecvError::Disconnected) => return Ok(self.took(i, Err(()))),
+                Err(TryRecvError::Empty) => {}
+            }
+        }
+        let live: Vec<usize> = (0..n).filter(|&i| self.readable(i)).collect();
         if live.is_empty() {
             if self.all_ended() {
                 return Err(RecvTimeoutError::Disconnected);
@@ -114,19 +130,25 @@ impl Inbox {
         }
         let op = sel.select_timeout(timeout).map_err(|_| RecvTimeoutError::Timeout)?;
         let i = live[op.index()];
-        let got = op.recv(&self.channels[i].rx);
+        let got = op.recv(&self.channels[i].rx).map_err(|_| ());
         drop(sel);
+        Ok(self.took(i, got))
+    }
+
+    /// Marks what a receive from channel `i` means for it.
+    fn took(&mut self, i: usize, got: Result<Msg, ()>) -> (usize, Msg) {
+        self.next = i + 1;
         let ch = &mut self.channels[i];
         match got {
             Ok(m) => {
                 if matches!(m, Msg::End) {
                     ch.ended = true;
                 }
-                Ok((i, m))
+                (i, m)
             }
-            Err(_) => {
+            Err(()) => {
                 ch.ended = true;
-                Ok((i, Msg::Failed(cancelled())))
+                (i, Msg::Failed(cancelled()))
             }
         }
     }
@@ -182,10 +204,8 @@ impl Outlet {
                 r.buf.resize(HEADER_LEN, 0);
                 wire::encode_batch(&records, &mut r.buf);
                 let n = (r.buf.len() - HEADER_LEN) as u32;
-                let mut h = Vec::with_capacity(HEADER_LEN);
-                Header { kind: Kind::Batch, edge: r.edge, from: r.from, to: r.to, n }
-                    .encode(&mut h);
-                r.buf[..HEADER_LEN].copy_from_slice(&h);
+                let h = Header { kind: Kind::Batch, edge: r.edge, from: r.from, to: r.to, n };
+                r.buf[..HEADER_LEN].copy_from_slice(&h.to_bytes());
                 r.conn.write(&r.buf).map_err(|_| lost(r.conn.peer))
             }
         }
@@ -195,10 +215,8 @@ impl Outlet {
         match self {
             Outlet::Local(tx) => tx.send(Msg::End).map_err(|_| cancelled()),
             Outlet::Remote(r) => {
-                let mut b = Vec::with_capacity(HEADER_LEN);
-                Header { kind: Kind::End, edge: r.edge, from: r.from, to: r.to, n: 0 }
-                    .encode(&mut b);
-                r.conn.write(&b).map_err(|_| lost(r.conn.peer))
+                let h = Header { kind: Kind::End, edge: r.edge, from: r.from, to: r.to, n: 0 };
+                r.conn.write(&h.to_bytes()).map_err(|_| lost(r.conn.peer))
             }
         }
     }

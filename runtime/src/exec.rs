@@ -119,15 +119,7 @@ impl JobMetrics {
 
     /// Records in and out per operator uid, now.
     pub fn records(&self) -> BTreeMap<String, (u64, u64)> {
-        self.operators
-            .iter()
-            .map(|(uid, m)| {
-                (
-                    uid.clone(),
-                    (m.records_in.load(Ordering::Relaxed), m.records_out.load(Ordering::Relaxed)),
-                )
-            })
-            .collect()
+        self.operators.iter().map(|(uid, _)| uid.clone()).zip(self.records_in_order()).collect()
     }
 }
 
@@ -550,17 +542,18 @@ pub fn run_worker(
             }
         }
     }
-    if let Some(e) = first_error {
-        *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
-        return Err(e);
-    }
-    if let Some(r) = running {
+    if first_error.is_none()
+        && let Some(r) = running
+    {
         r.finish();
     }
     *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
     drop(backends);
     if !opts.keep_state {
         let _ = std::fs::remove_dir_all(&run_state);
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     Ok(RunSummary { elapsed: metrics.started.elapsed(), records: metrics.records() })
 }

@@ -12,7 +12,7 @@ use weir_crds::StorageUri;
 use crate::error::RuntimeError;
 use crate::objstore::S3Client;
 use crate::plan::{Aggregate, FilterSpec, GeneratorFormat, GeneratorSpec, MapSpec, WindowSpec};
-use crate::record::{Record, Value, to_line};
+use crate::record::{Record, Value, to_lines};
 use crate::state::{CachedValueState, Num};
 
 /// An operator that is not a source.
@@ -913,10 +913,7 @@ impl Operator for Stdout {
         _out: &mut Vec<Record>,
     ) -> Result<(), RuntimeError> {
         self.buf.clear();
-        for r in &batch {
-            to_line(r, &mut self.buf);
-            self.buf.push('\n');
-        }
+        to_lines(&batch, &mut self.buf);
         let mut lock = std::io::stdout().lock();
         match lock.write_all(self.buf.as_bytes()) {
             // A closed pipe (`weir run ... | head`) is the reader's choice, not a failure.
@@ -1099,10 +1096,7 @@ impl Operator for FileSink {
         _out: &mut Vec<Record>,
     ) -> Result<(), RuntimeError> {
         self.buf.clear();
-        for r in &batch {
-            to_line(r, &mut self.buf);
-            self.buf.push('\n');
-        }
+        to_lines(&batch, &mut self.buf);
         match &mut self.out {
             SinkOut::Local { dir, file } => {
                 if file.is_none() {

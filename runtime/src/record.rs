@@ -70,3 +70,11 @@ pub fn to_line(r: &Record, out: &mut String) {
         let _ = write!(out, "{v}");
     }
 }
+
+/// Records as lines, each ended by a newline, appended to `out`.
+pub fn to_lines(records: &[Record], out: &mut String) {
+    for r in records {
+        to_line(r, out);
+        out.push('\n');
+    }
+}

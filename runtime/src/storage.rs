@@ -89,12 +89,13 @@ impl LocalStorage {
     }
 
     fn io(&self, what: &str, key: &str, e: std::io::Error) -> RuntimeError {
-        let e = RuntimeError::external(format!("{what} {}: {e}", self.describe(key)));
-        if e.message.contains("No space") || e.message.contains("Permission denied") {
-            e
-        } else {
-            e.retryable()
-        }
+        use std::io::ErrorKind::{
+            PermissionDenied, QuotaExceeded, ReadOnlyFilesystem, StorageFull,
+        };
+        let lasting =
+            matches!(e.kind(), PermissionDenied | StorageFull | QuotaExceeded | ReadOnlyFilesystem);
+        let err = RuntimeError::external(format!("{what} {}: {e}", self.describe(key)));
+        if lasting { err } else { err.retryable() }
     }
 
     /// Writes through a temporary name in the same directory, then renames.

@@ -40,11 +40,13 @@ pub const HEADER_LEN: usize = 17;
 pub const MAX_PAYLOAD: u32 = 256 << 20;
 
 impl Header {
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(self.kind as u8);
-        for v in [self.edge, self.from, self.to, self.n] {
-            out.extend_from_slice(&v.to_le_bytes());
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0] = self.kind as u8;
+        for (i, v) in [self.edge, self.from, self.to, self.n].into_iter().enumerate() {
+            b[1 + 4 * i..5 + 4 * i].copy_from_slice(&v.to_le_bytes());
         }
+        b
     }
 
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, String> {
@@ -214,15 +216,11 @@ mod tests {
     #[test]
     fn headers_round_trip_and_bad_ones_are_refused() {
         let h = Header { kind: Kind::Credit, edge: 3, from: 1, to: 2, n: 16 };
-        let mut b = Vec::new();
-        h.encode(&mut b);
-        assert_eq!(b.len(), HEADER_LEN);
-        assert_eq!(Header::decode(b.as_slice().try_into().unwrap()).unwrap(), h);
+        let mut b = h.to_bytes();
+        assert_eq!(Header::decode(&b).unwrap(), h);
         b[0] = 9;
-        assert!(Header::decode(b.as_slice().try_into().unwrap()).unwrap_err().contains("kind 9"));
+        assert!(Header::decode(&b).unwrap_err().contains("kind 9"));
         let big = Header { kind: Kind::Batch, edge: 0, from: 0, to: 0, n: MAX_PAYLOAD + 1 };
-        let mut b = Vec::new();
-        big.encode(&mut b);
-        assert!(Header::decode(b.as_slice().try_into().unwrap()).is_err());
+        assert!(Header::decode(&big.to_bytes()).is_err());
     }
 }

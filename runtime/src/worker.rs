@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::control::{PROTOCOL, Reader, ToCoordinator, ToWorker, Writer};
+use crate::control::{Assignment, PROTOCOL, Reader, ToCoordinator, ToWorker, Writer};
 use crate::error::{RuntimeError, Whose};
 use crate::exchange::Network;
 use crate::exec::{JobMetrics, Placement, RunOptions, run_worker};
@@ -87,16 +87,8 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
         }
         Err(e) => return Err(RuntimeError::external(format!("from the coordinator: {e}"))),
     };
-    let (spec, p, max_p, run_id, worker_of, data_addrs, keep_state) = match start {
-        ToWorker::Start {
-            spec,
-            parallelism,
-            max_parallelism,
-            run_id,
-            worker_of,
-            data_addrs,
-            keep_state,
-        } => (spec, parallelism, max_parallelism, run_id, worker_of, data_addrs, keep_state),
+    let job = match start {
+        ToWorker::Start(job) => job,
         ToWorker::Refused { reason } => {
             return Err(RuntimeError::user(format!(
                 "the coordinator refused this worker: {reason}"
@@ -106,19 +98,7 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
             return Err(RuntimeError::internal(format!("expected the job, got {other:?}")));
         }
     };
-    let result = run_job(
-        opts,
-        &spec,
-        p,
-        max_p,
-        &run_id,
-        worker_of,
-        &data_addrs,
-        keep_state,
-        &listener,
-        &writer,
-        reader,
-    );
+    let result = run_job(opts, &job, &listener, &writer, reader);
     let report = match &result {
         Ok(records) => ToCoordinator::Finished { records: records.clone() },
         Err(e) => ToCoordinator::Failed {
@@ -132,29 +112,24 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
     result.map(|_| ())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_job(
     opts: &WorkerOptions,
-    spec: &weir_crds::StreamJobSpec,
-    p: u32,
-    max_p: u32,
-    run_id: &str,
-    worker_of: Vec<u32>,
-    data_addrs: &[String],
-    keep_state: bool,
+    job: &Assignment,
     listener: &TcpListener,
     writer: &Arc<Writer>,
     mut reader: Reader,
 ) -> Result<Vec<(u64, u64)>, RuntimeError> {
-    let plan =
-        crate::plan::build(spec, Some(p), Some(max_p)).map_err(|e| RuntimeError::user(e.0))?;
+    let p = job.parallelism;
+    let plan = crate::plan::build(&job.spec, Some(p), Some(job.max_parallelism))
+        .map_err(|e| RuntimeError::user(e.0))?;
+    let worker_of = job.worker_of.clone();
     if worker_of.len() != p as usize {
         return Err(RuntimeError::internal("a placement that does not cover every subtask"));
     }
     let me = opts.index.unwrap_or_default();
     let hosted: Vec<u32> = (0..p).filter(|&s| worker_of[s as usize] == me).collect();
-    let mut run = RunOptions::new(&opts.state_dir, run_id);
-    run.keep_state = keep_state;
+    let mut run = RunOptions::new(&opts.state_dir, &job.run_id);
+    run.keep_state = job.keep_state;
     run.stop = opts.stop.clone();
     // Messages from the coordinator while the job runs.
     {
@@ -175,13 +150,21 @@ fn run_job(
     let network = if hosted.len() == p as usize {
         None
     } else {
-        let peers: HashMap<u32, String> = data_addrs
+        let peers: HashMap<u32, String> = job
+            .data_addrs
             .iter()
             .enumerate()
             .filter(|&(w, _)| w as u32 != me)
             .map(|(w, a)| (w as u32, a.clone()))
             .collect();
-        Some(Network::connect(me, &peers, listener, run_id, opts.connect_timeout, &run.cancel)?)
+        Some(Network::connect(
+            me,
+            &peers,
+            listener,
+            &job.run_id,
+            opts.connect_timeout,
+            &run.cancel,
+        )?)
     };
     let metrics = Arc::new(JobMetrics::new(&plan));
     let done = Arc::new(AtomicBool::new(false));
