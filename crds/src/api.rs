@@ -7,6 +7,8 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | 200 while the coordinator works, 503 once the job failed |
 //! | `GET /readyz` | 200 while every worker is connected and the job runs, 503 otherwise |
+//! | `GET /v1/checkpoints` | [`Checkpoints`] |
+//! | `POST /v1/checkpoints` | triggers a checkpoint now (needs the API token): 202 and [`Triggered`] |
 //!
 //! Fields are only ever added to a version; a client ignores fields it does not know.
 
@@ -24,6 +26,8 @@ pub enum JobState {
     Running,
     /// Told to stop: the sources stop and the operators flush.
     Stopping,
+    /// A part failed: restarting from the last completed checkpoint.
+    Restarting,
     /// Ended after its sources were exhausted or it was stopped.
     Finished,
     Failed,
@@ -48,6 +52,12 @@ pub struct JobInfo {
     /// Bytes of keyed state held by the workers (RocksDB's estimate of live data).
     pub state_bytes: u64,
     pub operators: Vec<OperatorInfo>,
+    /// Times the job restarted after a failure in this run.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The last completed checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<CheckpointInfo>,
     /// Why the job failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -62,4 +72,62 @@ pub struct OperatorInfo {
     pub type_: String,
     pub records_in: u64,
     pub records_out: u64,
+}
+
+/// Where a checkpoint is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CheckpointStatus {
+    InProgress,
+    Completed,
+    Failed,
+}
+
+/// One checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointInfo {
+    pub id: u64,
+    pub status: CheckpointStatus,
+    /// Milliseconds since the epoch.
+    pub trigger_time: u64,
+    /// From the trigger to the metadata written (so far, while in progress).
+    pub duration_ms: u64,
+    /// Bytes of state the checkpoint refers to, and the bytes uploaded for it (less with
+    /// incremental checkpoints).
+    pub size_bytes: u64,
+    pub uploaded_bytes: u64,
+    /// The longest barrier alignment of any subtask.
+    pub alignment_ms: u64,
+    /// Subtasks that acknowledged, of all.
+    pub acknowledged: u32,
+    pub subtasks: u32,
+    /// Taken when every source had ended.
+    #[serde(rename = "final")]
+    pub final_: bool,
+    /// Where the metadata is (completed ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+/// `GET /v1/checkpoints`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checkpoints {
+    pub completed: u64,
+    pub failed: u64,
+    pub in_progress: u32,
+    /// The most recent first, up to 20.
+    pub history: Vec<CheckpointInfo>,
+}
+
+/// `POST /v1/checkpoints`: the request was taken; the checkpoint starts as soon as the
+/// settings allow (at most `maxConcurrent` in flight).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Triggered {
+    pub message: String,
 }

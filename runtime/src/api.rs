@@ -1,5 +1,10 @@
-//! The coordinator's HTTP API (types in [`weir_crds::api`]): `GET /v1/job`, `/metrics`,
-//! `/healthz`, `/readyz`. Served on its own thread, so a slow client never touches the job.
+//! The coordinator's HTTP API (types in [`weir_crds::api`]): `GET /v1/job`,
+//! `GET|POST /v1/checkpoints`, `/metrics`, `/healthz`, `/readyz`. Served on its own thread, so
+//! a slow client never touches the job.
+//!
+//! Requests that change the job (`POST`) need `Authorization: Bearer <token>`, the token in
+//! the coordinator's `WEIR_API_TOKEN` environment variable (from a Secret in pods); without
+//! it they are refused.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +13,9 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use weir_crds::api::JobState;
 
 use crate::coordinator::Status;
@@ -16,6 +23,16 @@ use crate::error::RuntimeError;
 
 /// Listens on `addr` and serves the API until the process ends; returns the bound address.
 pub fn serve(addr: &str, status: Arc<Status>) -> Result<SocketAddr, RuntimeError> {
+    let token = std::env::var("WEIR_API_TOKEN").ok().filter(|t| !t.is_empty());
+    serve_with_token(addr, status, token)
+}
+
+/// [`serve`] with the token given (`None`: changes are refused).
+pub fn serve_with_token(
+    addr: &str,
+    status: Arc<Status>,
+    token: Option<String>,
+) -> Result<SocketAddr, RuntimeError> {
     let listener = std::net::TcpListener::bind(addr)
         .map_err(|e| RuntimeError::user(format!("--api-addr {addr}: cannot listen: {e}")))?;
     let bound = listener.local_addr().map_err(|e| RuntimeError::internal(e.to_string()))?;
@@ -32,7 +49,7 @@ pub fn serve(addr: &str, status: Arc<Status>) -> Result<SocketAddr, RuntimeError
                     Ok(l) => l,
                     Err(e) => return eprintln!("weir: HTTP API: {e}"),
                 };
-                if let Err(e) = axum::serve(listener, router(status)).await {
+                if let Err(e) = axum::serve(listener, router(status, token)).await {
                     eprintln!("weir: HTTP API: {e}");
                 }
             })
@@ -41,7 +58,73 @@ pub fn serve(addr: &str, status: Arc<Status>) -> Result<SocketAddr, RuntimeError
     Ok(bound)
 }
 
-fn router(status: Arc<Status>) -> Router {
+/// Whether a request carries the API token.
+fn authorized(headers: &axum::http::HeaderMap, token: Option<&str>) -> Result<(), Box<Response>> {
+    let Some(token) = token else {
+        return Err(Box::new((
+            StatusCode::FORBIDDEN,
+            "changes through the API are disabled: start the coordinator with WEIR_API_TOKEN set\n",
+        )
+            .into_response()));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compared in constant time, so the answer's timing says nothing of the token.
+    let same = given.is_some_and(|g| {
+        g.len() == token.len()
+            && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+    });
+    if same {
+        Ok(())
+    } else {
+        Err(Box::new(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "a valid token is needed: Authorization: Bearer <WEIR_API_TOKEN>\n",
+            )
+                .into_response(),
+        ))
+    }
+}
+
+fn router(status: Arc<Status>, token: Option<String>) -> Router {
+    let checkpoints = {
+        let s = status.clone();
+        move || async move { Json(s.checkpoints()) }
+    };
+    let trigger = {
+        let s = status.clone();
+        move |headers: axum::http::HeaderMap| async move {
+            if let Err(r) = authorized(&headers, token.as_deref()) {
+                return *r;
+            }
+            if !s.checkpointing.load(std::sync::atomic::Ordering::Relaxed) {
+                return (
+                    StatusCode::CONFLICT,
+                    "this job takes no checkpoints: set spec.checkpointing.interval above 0s\n",
+                )
+                    .into_response();
+            }
+            let state = s.snapshot().state;
+            if state != JobState::Running {
+                return (StatusCode::CONFLICT, format!("the job is {state:?}, not running\n"))
+                    .into_response();
+            }
+            s.trigger.store(true, std::sync::atomic::Ordering::Relaxed);
+            (
+                StatusCode::ACCEPTED,
+                Json(weir_crds::api::Triggered {
+                    message:
+                        "a checkpoint starts as soon as no more than maxConcurrent are in flight"
+                            .into(),
+                }),
+            )
+                .into_response()
+        }
+    };
     let job = {
         let s = status.clone();
         move || async move { Json(s.snapshot()) }
@@ -79,6 +162,7 @@ fn router(status: Arc<Status>) -> Router {
     };
     Router::new()
         .route("/v1/job", get(job))
+        .route("/v1/checkpoints", get(checkpoints).post(trigger))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -117,6 +201,7 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
         JobState::Starting,
         JobState::Running,
         JobState::Stopping,
+        JobState::Restarting,
         JobState::Finished,
         JobState::Failed,
     ] {
@@ -135,6 +220,57 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
         rin.with_label_values(&[op.uid.as_str(), op.type_.as_str()]).inc_by(op.records_in);
         rout.with_label_values(&[op.uid.as_str(), op.type_.as_str()]).inc_by(op.records_out);
     }
+    let c = status.checkpoints();
+    let counter = |name: &str, help: &str, v: u64| -> Result<IntCounter, prometheus::Error> {
+        let c = IntCounter::with_opts(job(name, help))?;
+        c.inc_by(v);
+        Ok(c)
+    };
+    let restarts =
+        counter("job_restarts_total", "Restarts after a failure", u64::from(i.restarts))?;
+    let ck_done = counter("checkpoints_completed_total", "Checkpoints completed", c.completed)?;
+    let ck_failed = counter("checkpoints_failed_total", "Checkpoints that failed", c.failed)?;
+    let ck_in_progress =
+        IntGauge::with_opts(job("checkpoints_in_progress", "Checkpoints in flight"))?;
+    ck_in_progress.set(i64::from(c.in_progress));
+    let last = i.last_checkpoint.clone();
+    let last_gauge =
+        |name: &str, help: &str, v: Option<u64>| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::with_opts(job(name, help))?;
+            g.set(v.map_or(0, |v| i64::try_from(v).unwrap_or(i64::MAX)));
+            Ok(g)
+        };
+    let ck_id = last_gauge(
+        "last_checkpoint_id",
+        "Id of the last completed checkpoint",
+        last.as_ref().map(|l| l.id),
+    )?;
+    let ck_dur = last_gauge(
+        "last_checkpoint_duration_milliseconds",
+        "Trigger to completion of the last completed checkpoint",
+        last.as_ref().map(|l| l.duration_ms),
+    )?;
+    let ck_size = last_gauge(
+        "last_checkpoint_size_bytes",
+        "Bytes of state the last completed checkpoint refers to",
+        last.as_ref().map(|l| l.size_bytes),
+    )?;
+    let ck_up = last_gauge(
+        "last_checkpoint_uploaded_bytes",
+        "Bytes uploaded for the last completed checkpoint",
+        last.as_ref().map(|l| l.uploaded_bytes),
+    )?;
+    let ck_align = last_gauge(
+        "last_checkpoint_alignment_milliseconds",
+        "Longest barrier alignment in the last completed checkpoint",
+        last.as_ref().map(|l| l.alignment_ms),
+    )?;
+    for m in [ck_in_progress, ck_id, ck_dur, ck_size, ck_up, ck_align] {
+        r.register(Box::new(m))?;
+    }
+    r.register(Box::new(restarts))?;
+    r.register(Box::new(ck_done))?;
+    r.register(Box::new(ck_failed))?;
     r.register(Box::new(parallelism))?;
     r.register(Box::new(max_p))?;
     r.register(Box::new(workers))?;

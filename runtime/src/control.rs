@@ -4,23 +4,33 @@
 //! ```text
 //!   worker                          coordinator
 //!     ── Hello {index, dataAddr} ──►
-//!     ◄── Start {spec, placement} ──   (once every worker said hello)
-//!     ── Progress {...} ──►            (every second)
+//!     ◄── Start {spec, placement} ──   (once every worker said hello; attempt k)
+//!     ── Progress {...} ──►            (every half second)
+//!     ◄── Trigger {id} ──              (checkpoint id: the sources emit barriers)
+//!     ── Ack {id, task} | Decline ──►  (each subtask's part of it)
+//!     ◄── Complete {id} ──             (the metadata is written: sinks commit)
 //!     ◄── Stop ──                      (Ctrl-C / SIGTERM: end like an exhausted source)
 //!     ◄── Cancel ──                    (another worker failed: give up at once)
 //!     ── Finished | Failed ──►
+//!     ◄── Start {…} | Exit ──          (the next attempt after a failure, or the end)
 //! ```
+//!
+//! A worker keeps its connection across attempts: after a failure the coordinator cancels
+//! the attempt, waits for every worker's `Failed`, and starts the next one from the last
+//! completed checkpoint.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use weir_crds::StreamJobSpec;
+use weir_crds::{StorageUri, StreamJobSpec};
+
+use crate::checkpoint::{OperatorState, Settings, TaskAck};
 
 /// Version of this protocol; a worker and a coordinator of different versions refuse each
 /// other with a clear error.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -39,6 +49,12 @@ pub enum ToCoordinator {
         records: Vec<(u64, u64)>,
         state_bytes: u64,
     },
+    /// A subtask's part of checkpoint `id` ([`crate::exec::FINAL`]: its final snapshot).
+    #[serde(rename_all = "camelCase")]
+    Ack { id: u64, ack: Box<TaskAck> },
+    /// A subtask could not take its part of checkpoint `id`.
+    #[serde(rename_all = "camelCase")]
+    Decline { id: u64, message: String },
     #[serde(rename_all = "camelCase")]
     Finished { records: Vec<(u64, u64)> },
     #[serde(rename_all = "camelCase")]
@@ -55,6 +71,33 @@ pub enum ToWorker {
     },
     Stop,
     Cancel,
+    #[serde(rename_all = "camelCase")]
+    Trigger {
+        id: u64,
+    },
+    /// Checkpoint `id` completed; `final_`: the final checkpoint, after which the sinks commit
+    /// the rest and the workers report `Finished`.
+    #[serde(rename_all = "camelCase")]
+    Complete {
+        id: u64,
+        final_: bool,
+    },
+    /// The job is over: the worker exits.
+    Exit,
+}
+
+/// How a worker takes part in checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AssignedCheckpoints {
+    pub settings: Settings,
+    pub storage: StorageUri,
+    /// The job's directory in the storage.
+    pub job_dir: String,
+    /// Checkpoint ids of this attempt start above this one.
+    pub after_id: u64,
+    /// The state of this worker's subtasks in the checkpoint restored from.
+    pub restore: Vec<OperatorState>,
 }
 
 /// The job as the coordinator hands it to a worker.
@@ -70,6 +113,12 @@ pub struct Assignment {
     /// The exchange address of every worker.
     pub data_addrs: Vec<String>,
     pub keep_state: bool,
+    /// The same in every attempt of the job (names the sinks' files).
+    pub job_id: String,
+    /// Counts the attempts of this run from 0.
+    pub attempt: u32,
+    /// `None`: the job takes no checkpoints.
+    pub checkpoints: Option<AssignedCheckpoints>,
 }
 
 /// Writes messages; shared by the threads that send.

@@ -1,11 +1,19 @@
-//! The coordinator: takes the workers' hellos, hands out the job, watches it run, and
-//! serves its state over HTTP.
+//! The coordinator: takes the workers' hellos, hands out the job, triggers and completes its
+//! checkpoints, restarts it from the last completed one when a part fails, and serves its
+//! state over HTTP.
 //!
 //! `weir run` starts a coordinator with one worker thread that runs every subtask (or, with
 //! `--processes`, a `weir worker` child process per subtask index); in pods the coordinator
 //! and the workers are started separately (`weir coordinator`, `weir worker`).
+//!
+//! A run of a job is a series of attempts. An attempt starts once a worker is connected for
+//! every slot; it ends when every worker reports `Finished`, or when a part fails: a worker
+//! reports `Failed` or is lost, or checkpoints fail more often in a row than the spec
+//! tolerates. The coordinator then cancels the attempt, asks the restart strategy whether and
+//! when to go on, and starts the next attempt from the last completed checkpoint. A worker
+//! process that died is started again (`--processes`) or awaited (pods come back).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Child;
@@ -13,14 +21,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{RecvTimeoutError, unbounded};
-use weir_crds::StreamJobSpec;
-use weir_crds::api::{JobInfo, JobState, OperatorInfo};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
+use weir_crds::api::{
+    CheckpointInfo, CheckpointStatus, Checkpoints, JobInfo, JobState, OperatorInfo,
+};
+use weir_crds::{StorageUri, StreamJobSpec};
 
-use crate::control::{Assignment, PROTOCOL, Reader, ToCoordinator, ToWorker, Writer};
+use crate::checkpoint::{self, Metadata, Restarts, Settings, TaskAck};
+use crate::control::{
+    AssignedCheckpoints, Assignment, PROTOCOL, Reader, ToCoordinator, ToWorker, Writer,
+};
 use crate::error::{RuntimeError, Whose};
-use crate::exec::RunSummary;
+use crate::exec::{FINAL, RunSummary};
 use crate::plan::Plan;
+use crate::storage::{Prefixed, Storage};
 
 /// How the workers come to be.
 #[derive(Debug, Clone)]
@@ -35,15 +49,22 @@ pub enum Launch {
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorOptions {
-    /// `metadata.name` of the job.
+    /// `metadata.name` and `metadata.namespace` of the job.
     pub name: String,
+    pub namespace: String,
     pub run_id: String,
+    /// Names the job in the checkpoint storage; default: the run id (a new job).
+    pub job_id: Option<String>,
     /// Where the workers connect (`127.0.0.1:0` picks a port).
     pub control_addr: String,
     pub launch: Launch,
     pub keep_state: bool,
     /// Set to stop the job: the workers stop their sources and flush.
     pub stop: Arc<AtomicBool>,
+    /// Start from the last completed checkpoint of this job in the storage.
+    pub resume: bool,
+    /// Where checkpoints go, instead of `spec.checkpointing.storage`.
+    pub storage: Option<StorageUri>,
 }
 
 /// The job as the coordinator sees it; read by the HTTP API and the progress display.
@@ -51,6 +72,11 @@ pub struct CoordinatorOptions {
 pub struct Status {
     pub info: Mutex<JobInfo>,
     pub started: Instant,
+    pub checkpoints: Mutex<Checkpoints>,
+    /// Set by `POST /v1/checkpoints`: take a checkpoint as soon as the settings allow.
+    pub trigger: AtomicBool,
+    /// Whether the job takes checkpoints (`POST /v1/checkpoints` is refused otherwise).
+    pub checkpointing: AtomicBool,
 }
 
 impl Status {
@@ -76,9 +102,14 @@ impl Status {
                         records_out: 0,
                     })
                     .collect(),
+                restarts: 0,
+                last_checkpoint: None,
                 error: None,
             }),
             started: Instant::now(),
+            checkpoints: Mutex::default(),
+            trigger: AtomicBool::new(false),
+            checkpointing: AtomicBool::new(false),
         }
     }
 
@@ -89,13 +120,34 @@ impl Status {
         i
     }
 
+    /// A copy of the checkpoint statistics, now.
+    pub fn checkpoints(&self) -> Checkpoints {
+        self.checkpoints.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn update(&self, f: impl FnOnce(&mut JobInfo)) {
         f(&mut self.info.lock().unwrap_or_else(|e| e.into_inner()));
     }
-}
 
-/// A worker that said hello: its control connection and exchange address.
-type Joined = (Arc<Writer>, Reader, String);
+    /// Records what happened to a checkpoint (newest first in the history).
+    fn record(&self, c: CheckpointInfo) {
+        let mut s = self.checkpoints.lock().unwrap_or_else(|e| e.into_inner());
+        match c.status {
+            CheckpointStatus::Completed => s.completed += 1,
+            CheckpointStatus::Failed => s.failed += 1,
+            CheckpointStatus::InProgress => {}
+        }
+        s.history.retain(|h| h.id != c.id || c.final_ != h.final_);
+        s.history.insert(0, c.clone());
+        s.history.truncate(20);
+        s.in_progress =
+            s.history.iter().filter(|h| h.status == CheckpointStatus::InProgress).count() as u32;
+        drop(s);
+        if c.status == CheckpointStatus::Completed {
+            self.update(|i| i.last_checkpoint = Some(c));
+        }
+    }
+}
 
 /// One worker runs every subtask in this process; otherwise one per subtask index.
 fn workers_expected(opts: &CoordinatorOptions, plan: &Plan) -> u32 {
@@ -113,6 +165,37 @@ pub struct Coordinator {
     spec: StreamJobSpec,
     plan: Plan,
     pub status: Arc<Status>,
+}
+
+/// What the connections tell the coordinator.
+enum Event {
+    /// A worker said hello for `slot`.
+    Joined { slot: usize, conn: u64, writer: Arc<Writer>, data_addr: String },
+    /// A message from connection `conn`; `Ok(None)` when it closed.
+    Msg { conn: u64, msg: Result<Option<ToCoordinator>, String> },
+}
+
+/// A connected worker.
+struct Slot {
+    conn: u64,
+    writer: Arc<Writer>,
+    data_addr: String,
+}
+
+/// How an attempt ended.
+enum AttemptEnd {
+    Finished,
+    /// Stopped before the job started (or while it was restarting): nothing to flush.
+    StoppedIdle,
+    Failed(RuntimeError),
+}
+
+/// A checkpoint in flight.
+struct Pending {
+    id: u64,
+    triggered: Instant,
+    triggered_at: u64,
+    acks: BTreeMap<(String, u32), TaskAck>,
 }
 
 impl Coordinator {
@@ -133,20 +216,177 @@ impl Coordinator {
         self.listener.local_addr().expect("a bound listener")
     }
 
-    /// Launches the workers (if it is its job), hands out the job and waits until it ends.
+    /// Launches the workers (if it is its job), runs the job's attempts and waits until it
+    /// ends.
     pub fn run(self) -> Result<RunSummary, RuntimeError> {
-        let addr = self.control_addr();
+        let fail = |e: RuntimeError| {
+            self.status.update(|i| {
+                i.state = JobState::Failed;
+                i.error = Some(e.message.clone());
+            });
+            e
+        };
+        let mut driver = Driver::new(&self).map_err(fail)?;
+        let result = driver.drive();
+        // Workers that hang on (or never connected) go with the job.
+        for slot in driver.slots.iter().flatten() {
+            let _ = slot.writer.send(&ToWorker::Exit);
+        }
+        let grace = Instant::now() + Duration::from_secs(if result.is_ok() { 30 } else { 5 });
+        for c in driver.children.iter_mut().flatten() {
+            while Instant::now() < grace && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for s in driver.slots.iter().flatten() {
+            s.writer.shutdown();
+        }
+        if let Some(t) = driver.in_process.take() {
+            let _ = t.join();
+        }
+        result.map_err(fail)
+    }
+}
+
+/// The coordinator's state while the job runs.
+struct Driver<'a> {
+    c: &'a Coordinator,
+    connect_to: String,
+    expected: usize,
+    events: Receiver<Event>,
+    slots: Vec<Option<Slot>>,
+    /// Slots of connections, by connection.
+    conns: HashMap<u64, usize>,
+    children: Vec<Option<Child>>,
+    in_process: Option<std::thread::JoinHandle<Result<(), RuntimeError>>>,
+    settings: Option<Settings>,
+    /// The checkpoint storage below the job's directory, and that directory.
+    storage: Option<(Arc<dyn Storage>, String)>,
+    job_id: String,
+    /// Completed checkpoints of this job id, oldest first.
+    completed: VecDeque<Metadata>,
+    /// The checkpoint the next attempt starts from.
+    restore_from: Option<Metadata>,
+    /// The last checkpoint id used.
+    last_id: u64,
+    restarts: Restarts,
+    attempt: u32,
+    /// Subtasks of all tasks: acknowledgements a checkpoint needs.
+    acks_needed: usize,
+    started_once: bool,
+    /// Connections that reported the end of the current attempt.
+    ended: std::collections::HashSet<u64>,
+}
+
+impl<'a> Driver<'a> {
+    fn new(c: &'a Coordinator) -> Result<Self, RuntimeError> {
+        let addr = c.control_addr();
         let connect_to = if addr.ip().is_unspecified() {
             format!("127.0.0.1:{}", addr.port())
         } else {
             addr.to_string()
         };
-        let mut children: Vec<Child> = Vec::new();
-        let mut in_process = None;
-        match &self.opts.launch {
+        let expected = workers_expected(&c.opts, &c.plan) as usize;
+        let spec_ck = &c.spec.checkpointing;
+        let settings = Settings::from_spec(spec_ck);
+        let checkpoints_on = !settings.interval.is_zero() || c.opts.resume;
+        let mut job_id = c.opts.job_id.clone().unwrap_or_else(|| c.opts.run_id.clone());
+        let mut storage = None;
+        let mut completed = VecDeque::new();
+        let mut restore_from = None;
+        let mut last_id = 0;
+        if checkpoints_on {
+            let uri = c
+                .opts
+                .storage
+                .clone()
+                .or_else(|| spec_ck.storage.clone())
+                .unwrap_or_else(checkpoint::default_storage);
+            let s3 = match &uri {
+                StorageUri::S3 { .. } => Some(crate::objstore::S3Client::new(c.spec.s3.as_ref())?),
+                StorageUri::Local(_) => None,
+            };
+            let root: Arc<dyn Storage> = Arc::from(crate::storage::open(&uri, s3.as_ref())?);
+            if c.opts.resume {
+                let all = checkpoint::completed(root.as_ref(), &c.opts.namespace, &c.opts.name)?;
+                match all.last() {
+                    Some(last) => {
+                        job_id = last.job_id.clone();
+                        restore_from = Some(last.clone());
+                        completed = all.iter().filter(|m| m.job_id == job_id).cloned().collect();
+                        eprintln!(
+                            "weir: resuming job {} from checkpoint {} ({})",
+                            c.opts.name,
+                            last.id,
+                            root.describe(&format!(
+                                "{}/{}/{}",
+                                checkpoint::job_dir(&c.opts.namespace, &c.opts.name, &job_id),
+                                Metadata::dir(last.id),
+                                checkpoint::METADATA
+                            ))
+                        );
+                    }
+                    None => eprintln!(
+                        "weir: --resume: no completed checkpoint of job {} in {}: starting from the beginning",
+                        c.opts.name,
+                        root.describe(&format!("{}/{}", c.opts.namespace, c.opts.name))
+                    ),
+                }
+            }
+            let dir = checkpoint::job_dir(&c.opts.namespace, &c.opts.name, &job_id);
+            let job: Arc<dyn Storage> = Arc::new(Prefixed::new(root, &dir));
+            last_id = checkpoint::highest_id(job.as_ref())?;
+            if let Some(m) = &restore_from {
+                check_restore(
+                    m,
+                    &c.plan,
+                    c.spec.restore.as_ref().is_some_and(|r| r.allow_non_restored_state),
+                )?;
+            }
+            storage = Some((job, uri.to_string().trim_end_matches('/').to_string() + "/" + &dir));
+        }
+        c.status
+            .checkpointing
+            .store(storage.is_some() && !settings.interval.is_zero(), Ordering::Relaxed);
+        let (tx, rx) = unbounded();
+        spawn_acceptor(&c.listener, tx, expected, c.plan.parallelism)?;
+        let (_, heads) = crate::exec::tasks(&c.plan);
+        let mut d = Driver {
+            c,
+            connect_to,
+            expected,
+            events: rx,
+            slots: (0..expected).map(|_| None).collect(),
+            conns: HashMap::new(),
+            children: (0..expected).map(|_| None).collect(),
+            in_process: None,
+            settings: storage.as_ref().map(|_| settings),
+            storage,
+            job_id,
+            completed,
+            restore_from,
+            last_id,
+            restarts: Restarts::new(&c.spec.restart_strategy),
+            attempt: 0,
+            acks_needed: heads.len() * c.plan.parallelism as usize,
+            started_once: false,
+            ended: Default::default(),
+        };
+        d.launch()?;
+        Ok(d)
+    }
+
+    /// Starts the workers that are this coordinator's to start and are not running.
+    fn launch(&mut self) -> Result<(), RuntimeError> {
+        match &self.c.opts.launch {
             Launch::InProcess { state_dir } => {
+                if self.in_process.as_ref().is_some_and(|t| !t.is_finished()) {
+                    return Ok(());
+                }
                 let wopts = crate::worker::WorkerOptions {
-                    coordinator: connect_to,
+                    coordinator: self.connect_to.clone(),
                     index: None,
                     state_dir: state_dir.clone(),
                     data_bind: "127.0.0.1:0".into(),
@@ -154,7 +394,7 @@ impl Coordinator {
                     stop: Arc::default(),
                     connect_timeout: crate::worker::CONNECT_TIMEOUT,
                 };
-                in_process = Some(
+                self.in_process = Some(
                     std::thread::Builder::new()
                         .name("worker".into())
                         .spawn(move || crate::worker::run(&wopts))
@@ -162,9 +402,18 @@ impl Coordinator {
                 );
             }
             Launch::Processes { exe, state_dir } => {
-                for i in 0..self.plan.parallelism {
+                for i in 0..self.expected {
+                    if self.slots[i].is_some() {
+                        continue;
+                    }
+                    if let Some(c) = &mut self.children[i]
+                        && matches!(c.try_wait(), Ok(None))
+                    {
+                        continue; // still starting
+                    }
                     let child = std::process::Command::new(exe)
-                        .args(["worker", "--coordinator", &connect_to, "--index", &i.to_string()])
+                        .args(["worker", "--coordinator", &self.connect_to])
+                        .args(["--index", &i.to_string()])
                         .arg("--state-dir")
                         .arg(state_dir)
                         .args(["--data-addr", "127.0.0.1:0"])
@@ -173,255 +422,641 @@ impl Coordinator {
                         .map_err(|e| {
                             RuntimeError::internal(format!("starting {}: {e}", exe.display()))
                         })?;
-                    children.push(child);
+                    self.children[i] = Some(child);
                 }
             }
             Launch::External => {}
         }
-        let result = self.drive(&mut children);
-        if result.is_err() {
-            // Workers that hang on (or never connected) go with the job.
-            for c in &mut children {
-                let _ = c.kill();
-            }
-        }
-        for mut c in children {
-            let _ = c.wait();
-        }
-        if let Some(t) = in_process {
-            let _ = t.join();
-        }
-        result
+        Ok(())
     }
 
-    fn drive(&self, children: &mut [Child]) -> Result<RunSummary, RuntimeError> {
-        let p = self.plan.parallelism;
-        let expected = workers_expected(&self.opts, &self.plan) as usize;
-        let fail = |e: RuntimeError| {
-            self.status.update(|i| {
-                i.state = JobState::Failed;
-                i.error = Some(e.message.clone());
-            });
-            e
-        };
-        // Hellos.
-        let mut workers: Vec<Option<Joined>> = (0..expected).map(|_| None).collect();
-        self.listener.set_nonblocking(true).map_err(|e| RuntimeError::internal(e.to_string()))?;
-        let mut connected = 0;
-        let mut last_wait_log = Instant::now();
-        while connected < expected {
-            if self.opts.stop.load(Ordering::Relaxed) {
-                // Stopped before it started: nothing ran, nothing to flush.
-                self.status.update(|i| i.state = JobState::Finished);
-                for (w, slot) in workers.iter().enumerate() {
-                    if let Some((writer, _, _)) = slot {
-                        let _ = writer.send(&ToWorker::Refused {
-                            reason: format!("the job was stopped before it started (worker {w})"),
-                        });
-                    }
-                }
-                eprintln!(
-                    "weir: coordinator: stopped with {connected} of {expected} workers connected"
-                );
-                return Ok(RunSummary {
-                    elapsed: self.status.started.elapsed(),
-                    records: BTreeMap::new(),
-                });
-            }
-            for (i, c) in children.iter_mut().enumerate() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    return Err(fail(RuntimeError::internal(format!(
-                        "worker {i} exited ({st}) before the job started"
-                    ))));
-                }
-            }
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if last_wait_log.elapsed() > Duration::from_secs(30) {
-                        eprintln!(
-                            "weir: coordinator: {connected} of {expected} workers connected, waiting"
-                        );
-                        last_wait_log = Instant::now();
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-                Err(e) => {
-                    return Err(fail(RuntimeError::internal(format!("accepting workers: {e}"))));
-                }
-            };
-            match self.hello(stream, expected) {
-                Ok((slot, w)) if workers[slot].is_some() => {
-                    let why = format!("a second worker with --index {slot}");
-                    let _ = w.0.send(&ToWorker::Refused { reason: why.clone() });
-                    eprintln!("weir: coordinator: refused a worker: {why}");
-                }
-                Ok((slot, w)) => {
-                    workers[slot] = Some(w);
-                    connected += 1;
-                    self.status.update(|i| i.workers_connected = connected as u32);
-                }
-                Err(why) => eprintln!("weir: coordinator: refused a worker: {why}"),
-            }
-        }
-        // The job.
-        let worker_of: Vec<u32> = (0..p).map(|s| if expected == 1 { 0 } else { s }).collect();
-        let data_addrs: Vec<String> =
-            workers.iter().map(|w| w.as_ref().expect("all connected").2.clone()).collect();
-        let start = ToWorker::Start(Box::new(Assignment {
-            spec: self.spec.clone(),
-            parallelism: p,
-            max_parallelism: self.plan.max_parallelism,
-            run_id: self.opts.run_id.clone(),
-            worker_of,
-            data_addrs,
-            keep_state: self.opts.keep_state,
-        }));
-        let (tx, rx) = unbounded::<(usize, Result<Option<ToCoordinator>, String>)>();
-        let mut writers = Vec::new();
-        for (w, slot) in workers.into_iter().enumerate() {
-            let (writer, mut reader, _) = slot.expect("all connected");
-            writer.send(&start).map_err(|e| {
-                fail(
-                    RuntimeError::external(format!("sending the job to worker {w}: {e}"))
-                        .retryable(),
-                )
-            })?;
-            writers.push(writer);
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                loop {
-                    let m = reader.recv::<ToCoordinator>();
-                    let end = !matches!(m, Ok(Some(_)));
-                    if tx.send((w, m)).is_err() || end {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        self.status.update(|i| i.state = JobState::Running);
-        let mut progress: Vec<(Vec<(u64, u64)>, u64)> = vec![(Vec::new(), 0); expected];
-        let mut finished = vec![false; expected];
-        let mut stopping = false;
-        let cancel_all = |writers: &[Arc<Writer>]| {
-            for w in writers {
-                let _ = w.send(&ToWorker::Cancel);
-            }
-        };
+    fn connected(&self) -> u32 {
+        self.slots.iter().filter(|s| s.is_some()).count() as u32
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.c.opts.stop.load(Ordering::Relaxed)
+    }
+
+    fn drive(&mut self) -> Result<RunSummary, RuntimeError> {
         loop {
-            if !stopping && self.opts.stop.load(Ordering::Relaxed) {
-                stopping = true;
-                self.status.update(|i| i.state = JobState::Stopping);
-                for w in &writers {
-                    let _ = w.send(&ToWorker::Stop);
+            match self.wait_for_workers()? {
+                AttemptEnd::StoppedIdle => {
+                    self.c.status.update(|i| i.state = JobState::Finished);
+                    return Ok(self.summary());
                 }
+                AttemptEnd::Failed(e) => return Err(e),
+                AttemptEnd::Finished => {}
             }
-            let (w, m) = match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(x) => x,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            match m {
-                Ok(Some(ToCoordinator::Progress { records, state_bytes })) => {
-                    progress[w] = (records, state_bytes);
-                    self.publish(&progress);
+            let end = self.run_attempt();
+            match end {
+                AttemptEnd::Finished | AttemptEnd::StoppedIdle => {
+                    self.c.status.update(|i| {
+                        i.state = JobState::Finished;
+                        i.state_bytes = 0;
+                    });
+                    return Ok(self.summary());
                 }
-                Ok(Some(ToCoordinator::Finished { records })) => {
-                    progress[w] = (records, 0);
-                    finished[w] = true;
-                    self.publish(&progress);
-                    if finished.iter().all(|&f| f) {
-                        break;
+                AttemptEnd::Failed(e) => {
+                    self.cancel_attempt();
+                    let restart = if e.whose == Whose::User {
+                        Err("the error is in the job's spec or input, so a restart would fail the same way".to_string())
+                    } else {
+                        self.restarts.on_failure(Instant::now())
+                    };
+                    let delay = match restart {
+                        Ok(d) => d,
+                        Err(why) => {
+                            return Err(RuntimeError {
+                                message: format!("{} (not restarted: {why})", e.message),
+                                ..e
+                            });
+                        }
+                    };
+                    self.attempt += 1;
+                    self.restore_from = self.completed.back().cloned().or(self.restore_from.take());
+                    let from = match &self.restore_from {
+                        Some(m) => format!("from checkpoint {}", m.id),
+                        None => "from the beginning (no checkpoint completed yet)".into(),
+                    };
+                    eprintln!(
+                        "weir: coordinator: {}; restarting in {:.1} s {from} (attempt {})",
+                        e.message,
+                        delay.as_secs_f64(),
+                        self.attempt
+                    );
+                    self.c.status.update(|i| {
+                        i.state = JobState::Restarting;
+                        i.restarts += 1;
+                        i.error = Some(e.message.clone());
+                    });
+                    let until = Instant::now() + delay;
+                    while Instant::now() < until {
+                        if self.stop_requested() {
+                            self.c.status.update(|i| i.state = JobState::Finished);
+                            eprintln!("weir: coordinator: stopped while restarting");
+                            return Ok(self.summary());
+                        }
+                        self.pump(Duration::from_millis(20));
                     }
                 }
-                Ok(Some(ToCoordinator::Failed { message, user, retryable })) => {
-                    cancel_all(&writers);
-                    let whose = if user { Whose::User } else { Whose::External };
-                    let e = RuntimeError {
-                        whose,
-                        retryable,
-                        message: format!("worker {w}: {message}"),
-                    };
-                    return Err(fail(e));
-                }
-                Ok(Some(ToCoordinator::Hello { .. })) => {
-                    cancel_all(&writers);
-                    return Err(fail(RuntimeError::internal(format!(
-                        "worker {w} said hello twice"
-                    ))));
-                }
-                Ok(None) | Err(_) if finished[w] => {}
-                Ok(None) | Err(_) => {
-                    cancel_all(&writers);
-                    let why = match m {
-                        Err(e) => e,
-                        _ => "closed the connection".into(),
-                    };
-                    return Err(fail(
-                        RuntimeError::external(format!("worker {w} was lost: {why}")).retryable(),
-                    ));
-                }
             }
         }
-        if !finished.iter().all(|&f| f) {
-            return Err(fail(RuntimeError::internal("the workers went away before finishing")));
-        }
-        self.status.update(|i| {
-            i.state = JobState::Finished;
-            i.state_bytes = 0;
-        });
+    }
+
+    fn summary(&self) -> RunSummary {
         let records: BTreeMap<String, (u64, u64)> = self
+            .c
             .status
             .snapshot()
             .operators
             .iter()
             .map(|o| (o.uid.clone(), (o.records_in, o.records_out)))
             .collect();
-        Ok(RunSummary { elapsed: self.status.started.elapsed(), records })
+        RunSummary { elapsed: self.c.status.started.elapsed(), records }
     }
 
-    /// Reads a worker's hello and says which slot it takes.
-    fn hello(&self, s: TcpStream, expected: usize) -> Result<(usize, Joined), String> {
-        s.set_nonblocking(false).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-        let writer = Arc::new(Writer::new(s.try_clone().map_err(|e| e.to_string())?));
-        let mut reader = Reader::new(s);
-        let refuse = |why: String| {
-            let _ = writer.send(&ToWorker::Refused { reason: why.clone() });
-            why
-        };
-        let Some(ToCoordinator::Hello { protocol, index, data_addr }) = reader.recv()? else {
-            return Err(refuse("the first message must be a hello".into()));
-        };
-        if protocol != PROTOCOL {
-            return Err(refuse(format!(
-                "protocol {protocol}; this coordinator speaks {PROTOCOL}: run the same weir version"
-            )));
+    /// Handles connection events between attempts: new workers take their slots, lost ones
+    /// leave them.
+    fn pump(&mut self, wait: Duration) {
+        match self.events.recv_timeout(wait) {
+            Ok(Event::Joined { slot, conn, writer, data_addr }) => {
+                self.join(slot, conn, writer, data_addr)
+            }
+            Ok(Event::Msg { conn, msg }) => {
+                if !matches!(msg, Ok(Some(_))) {
+                    self.lose(conn);
+                }
+            }
+            Err(_) => {}
         }
-        let slot = match (index, expected) {
-            (None, 1) => 0,
-            (Some(i), _) if (i as usize) < expected && expected > 1 => i as usize,
-            (Some(0), 1) => 0,
-            (Some(i), _) => {
-                return Err(refuse(format!(
-                    "--index {i} is not below the job's parallelism {}",
-                    self.plan.parallelism
-                )));
+    }
+
+    fn join(&mut self, slot: usize, conn: u64, writer: Arc<Writer>, data_addr: String) {
+        if self.slots[slot].is_some() {
+            let why = format!("a second worker with --index {slot}");
+            let _ = writer.send(&ToWorker::Refused { reason: why.clone() });
+            eprintln!("weir: coordinator: refused a worker: {why}");
+            return;
+        }
+        self.conns.insert(conn, slot);
+        self.slots[slot] = Some(Slot { conn, writer, data_addr });
+        let n = self.connected();
+        self.c.status.update(|i| i.workers_connected = n);
+    }
+
+    /// Connection `conn` closed: its slot is free.
+    fn lose(&mut self, conn: u64) -> Option<usize> {
+        let slot = self.conns.remove(&conn)?;
+        if self.slots[slot].as_ref().is_some_and(|s| s.conn == conn) {
+            self.slots[slot] = None;
+        }
+        let n = self.connected();
+        self.c.status.update(|i| i.workers_connected = n);
+        Some(slot)
+    }
+
+    /// Waits until a worker is connected for every slot (starting the ones it launches).
+    fn wait_for_workers(&mut self) -> Result<AttemptEnd, RuntimeError> {
+        let mut last_log = Instant::now();
+        let mut last_launch = Instant::now();
+        while (self.connected() as usize) < self.expected {
+            if self.stop_requested() {
+                for (w, s) in self.slots.iter().enumerate() {
+                    if let Some(s) = s {
+                        let _ = s.writer.send(&ToWorker::Refused {
+                            reason: format!("the job was stopped before it started (worker {w})"),
+                        });
+                    }
+                }
+                eprintln!(
+                    "weir: coordinator: stopped with {} of {} workers connected",
+                    self.connected(),
+                    self.expected
+                );
+                return Ok(AttemptEnd::StoppedIdle);
             }
-            (None, _) => {
-                return Err(refuse(
-                    "a worker without --index, but the job needs one per subtask".into(),
-                ));
+            for (i, c) in self.children.iter_mut().enumerate() {
+                if self.slots[i].is_some() {
+                    continue;
+                }
+                if let Some(child) = c
+                    && let Ok(Some(st)) = child.try_wait()
+                {
+                    if !self.started_once {
+                        return Err(RuntimeError::internal(format!(
+                            "worker {i} exited ({st}) before the job started"
+                        )));
+                    }
+                    *c = None;
+                }
             }
+            if self.started_once && last_launch.elapsed() > Duration::from_millis(200) {
+                self.launch()?;
+                last_launch = Instant::now();
+            }
+            if last_log.elapsed() > Duration::from_secs(30) {
+                eprintln!(
+                    "weir: coordinator: {} of {} workers connected, waiting",
+                    self.connected(),
+                    self.expected
+                );
+                last_log = Instant::now();
+            }
+            self.pump(Duration::from_millis(10));
+        }
+        Ok(AttemptEnd::Finished)
+    }
+
+    /// Tells every worker to give up the attempt and waits (a while) until each has said so
+    /// or is gone.
+    fn cancel_attempt(&mut self) {
+        let mut waiting: HashMap<u64, usize> = HashMap::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Some(s) = s
+                && !self.ended.contains(&s.conn)
+            {
+                let _ = s.writer.send(&ToWorker::Cancel);
+                waiting.insert(s.conn, i);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !waiting.is_empty() && Instant::now() < deadline {
+            match self.events.recv_timeout(Duration::from_millis(50)) {
+                Ok(Event::Msg { conn, msg }) => match msg {
+                    Ok(Some(ToCoordinator::Failed { .. } | ToCoordinator::Finished { .. })) => {
+                        waiting.remove(&conn);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        waiting.remove(&conn);
+                        self.lose(conn);
+                    }
+                },
+                Ok(Event::Joined { slot, conn, writer, data_addr }) => {
+                    self.join(slot, conn, writer, data_addr)
+                }
+                Err(_) => {}
+            }
+        }
+        // Workers that did not answer are dropped (and killed, if this coordinator started
+        // them): the next attempt starts with fresh ones.
+        for (conn, slot) in waiting {
+            eprintln!("weir: coordinator: worker {slot} did not end its attempt; dropping it");
+            if let Some(s) = &self.slots[slot] {
+                s.writer.shutdown();
+            }
+            self.lose(conn);
+            if let Some(c) = &mut self.children[slot] {
+                let _ = c.kill();
+                let _ = c.wait();
+                self.children[slot] = None;
+            }
+        }
+    }
+
+    fn assignment(&self, worker: usize, worker_of: &[u32]) -> Assignment {
+        let p = self.c.plan.parallelism;
+        let data_addrs: Vec<String> = self
+            .slots
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.data_addr.clone()).unwrap_or_default())
+            .collect();
+        let checkpoints = self.storage.as_ref().map(|_| {
+            let settings = self.settings.clone().expect("settings with storage");
+            let hosted: Vec<u32> =
+                (0..p).filter(|&s| worker_of[s as usize] == worker as u32).collect();
+            let restore = self
+                .restore_from
+                .as_ref()
+                .map(|m| {
+                    m.operators.iter().filter(|o| hosted.contains(&o.subtask)).cloned().collect()
+                })
+                .unwrap_or_default();
+            AssignedCheckpoints {
+                settings,
+                storage: self.storage_uri(),
+                job_dir: checkpoint::job_dir(
+                    &self.c.opts.namespace,
+                    &self.c.opts.name,
+                    &self.job_id,
+                ),
+                after_id: self.last_id,
+                restore,
+            }
+        });
+        Assignment {
+            spec: self.c.spec.clone(),
+            parallelism: p,
+            max_parallelism: self.c.plan.max_parallelism,
+            run_id: self.c.opts.run_id.clone(),
+            worker_of: worker_of.to_vec(),
+            data_addrs,
+            keep_state: self.c.opts.keep_state,
+            job_id: self.job_id.clone(),
+            attempt: self.attempt,
+            checkpoints,
+        }
+    }
+
+    fn storage_uri(&self) -> StorageUri {
+        self.c
+            .opts
+            .storage
+            .clone()
+            .or_else(|| self.c.spec.checkpointing.storage.clone())
+            .unwrap_or_else(checkpoint::default_storage)
+    }
+
+    fn send_all(&self, msg: &ToWorker) {
+        for s in self.slots.iter().flatten() {
+            let _ = s.writer.send(msg);
+        }
+    }
+
+    /// Runs one attempt of the job until it finishes or fails.
+    fn run_attempt(&mut self) -> AttemptEnd {
+        let p = self.c.plan.parallelism;
+        let worker_of: Vec<u32> = (0..p).map(|s| if self.expected == 1 { 0 } else { s }).collect();
+        for w in 0..self.expected {
+            let start = ToWorker::Start(Box::new(self.assignment(w, &worker_of)));
+            let slot = self.slots[w].as_ref().expect("all connected");
+            if let Err(e) = slot.writer.send(&start) {
+                return AttemptEnd::Failed(
+                    RuntimeError::external(format!("sending the job to worker {w}: {e}"))
+                        .retryable(),
+                );
+            }
+        }
+        self.started_once = true;
+        self.ended.clear();
+        self.restarts.started(Instant::now());
+        self.c.status.update(|i| {
+            i.state = JobState::Running;
+            i.error = None;
+        });
+        let conns: HashMap<u64, usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (s.conn, i)))
+            .collect();
+        let mut progress: Vec<(Vec<(u64, u64)>, u64)> = vec![(Vec::new(), 0); self.expected];
+        let mut finished = vec![false; self.expected];
+        let mut stopping = false;
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut final_acks: BTreeMap<(String, u32), TaskAck> = BTreeMap::new();
+        let mut final_sent = false;
+        let mut failures_in_a_row: u32 = 0;
+        let attempt_start = Instant::now();
+        let mut last_trigger: Option<Instant> = None;
+        let mut last_done = attempt_start;
+        loop {
+            if !stopping && self.stop_requested() {
+                stopping = true;
+                self.c.status.update(|i| i.state = JobState::Stopping);
+                self.send_all(&ToWorker::Stop);
+            }
+            // Checkpoints: trigger, time out.
+            if let Some(settings) = self.settings.clone() {
+                let requested = self.c.status.trigger.load(Ordering::Relaxed);
+                let due = !settings.interval.is_zero()
+                    && last_trigger.unwrap_or(attempt_start).elapsed() >= settings.interval
+                    && last_done.elapsed() >= settings.min_pause;
+                if (due || requested)
+                    && !stopping
+                    && final_acks.is_empty()
+                    && !final_sent
+                    && pending.len() < settings.max_concurrent as usize
+                {
+                    self.c.status.trigger.store(false, Ordering::Relaxed);
+                    self.last_id += 1;
+                    let id = self.last_id;
+                    let now_ms = checkpoint::now_ms();
+                    pending.push_back(Pending {
+                        id,
+                        triggered: Instant::now(),
+                        triggered_at: now_ms,
+                        acks: BTreeMap::new(),
+                    });
+                    last_trigger = Some(Instant::now());
+                    self.send_all(&ToWorker::Trigger { id });
+                    self.c.status.record(self.info(
+                        id,
+                        CheckpointStatus::InProgress,
+                        now_ms,
+                        0,
+                        &BTreeMap::new(),
+                        false,
+                        None,
+                    ));
+                }
+                while let Some(pd) = pending.front() {
+                    if pd.triggered.elapsed() < settings.timeout {
+                        break;
+                    }
+                    let pd = pending.pop_front().expect("looked at");
+                    let why = format!(
+                        "checkpoint {} expired after {} with {} of {} subtasks acknowledged",
+                        pd.id,
+                        self.c.spec.checkpointing.timeout,
+                        pd.acks.len(),
+                        self.acks_needed
+                    );
+                    if let Some(end) =
+                        self.checkpoint_failed(&pd, why, &mut failures_in_a_row, &settings)
+                    {
+                        return end;
+                    }
+                    last_done = Instant::now();
+                }
+            }
+            let (conn, msg) = match self.events.recv_timeout(Duration::from_millis(20)) {
+                Ok(Event::Msg { conn, msg }) => (conn, msg),
+                Ok(Event::Joined { slot, conn, writer, data_addr }) => {
+                    // A worker for a slot that is taken (the job runs with all slots filled).
+                    self.join(slot, conn, writer, data_addr);
+                    continue;
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return AttemptEnd::Failed(RuntimeError::internal(
+                        "the control listener stopped",
+                    ));
+                }
+            };
+            let Some(&w) = conns.get(&conn) else {
+                // A connection from before this attempt.
+                if !matches!(msg, Ok(Some(_))) {
+                    self.lose(conn);
+                }
+                continue;
+            };
+            match msg {
+                Ok(Some(ToCoordinator::Progress { records, state_bytes })) => {
+                    progress[w] = (records, state_bytes);
+                    self.publish(&progress);
+                }
+                Ok(Some(ToCoordinator::Ack { id, ack })) if id == FINAL => {
+                    final_acks.insert((ack.task.clone(), ack.subtask), *ack);
+                    if final_acks.len() == self.acks_needed && !final_sent {
+                        // Pending checkpoints can no longer complete: the final one subsumes them.
+                        pending.clear();
+                        self.last_id += 1;
+                        let id = self.last_id;
+                        let now = checkpoint::now_ms();
+                        if let Err(e) = self.complete(id, now, now, &final_acks, true) {
+                            return AttemptEnd::Failed(e);
+                        }
+                        final_sent = true;
+                        self.send_all(&ToWorker::Complete { id, final_: true });
+                    }
+                }
+                Ok(Some(ToCoordinator::Ack { id, ack })) => {
+                    let Some(pd) = pending.iter_mut().find(|p| p.id == id) else { continue };
+                    pd.acks.insert((ack.task.clone(), ack.subtask), *ack);
+                    if pd.acks.len() < self.acks_needed {
+                        continue;
+                    }
+                    let pos = pending.iter().position(|p| p.id == id).expect("found above");
+                    // Older checkpoints still in flight are subsumed by this one.
+                    let done: Vec<Pending> = pending.drain(..=pos).collect();
+                    let pd = done.last().expect("at least this one");
+                    match self.complete(
+                        pd.id,
+                        pd.triggered_at,
+                        checkpoint::now_ms(),
+                        &pd.acks,
+                        false,
+                    ) {
+                        Ok(()) => {
+                            failures_in_a_row = 0;
+                            self.send_all(&ToWorker::Complete { id, final_: false });
+                        }
+                        Err(e) => {
+                            let settings = self.settings.clone().expect("checkpointing");
+                            let why = format!("checkpoint {id}: writing its metadata: {e}");
+                            if let Some(end) =
+                                self.checkpoint_failed(pd, why, &mut failures_in_a_row, &settings)
+                            {
+                                return end;
+                            }
+                        }
+                    }
+                    last_done = Instant::now();
+                }
+                Ok(Some(ToCoordinator::Decline { id, message })) => {
+                    if id == FINAL {
+                        return AttemptEnd::Failed(
+                            RuntimeError::external(format!(
+                                "worker {w}: the final checkpoint failed: {message}"
+                            ))
+                            .retryable(),
+                        );
+                    }
+                    let Some(pos) = pending.iter().position(|p| p.id == id) else { continue };
+                    let pd = pending.remove(pos).expect("found");
+                    let settings = self.settings.clone().expect("checkpointing");
+                    let why = format!("checkpoint {id} declined by worker {w}: {message}");
+                    if let Some(end) =
+                        self.checkpoint_failed(&pd, why, &mut failures_in_a_row, &settings)
+                    {
+                        return end;
+                    }
+                    last_done = Instant::now();
+                }
+                Ok(Some(ToCoordinator::Finished { records })) => {
+                    self.ended.insert(conn);
+                    progress[w] = (records, 0);
+                    finished[w] = true;
+                    self.publish(&progress);
+                    if finished.iter().all(|&f| f) {
+                        return AttemptEnd::Finished;
+                    }
+                }
+                Ok(Some(ToCoordinator::Failed { message, user, retryable })) => {
+                    self.ended.insert(conn);
+                    let whose = if user { Whose::User } else { Whose::External };
+                    return AttemptEnd::Failed(RuntimeError {
+                        whose,
+                        retryable,
+                        message: format!("worker {w}: {message}"),
+                    });
+                }
+                Ok(Some(ToCoordinator::Hello { .. })) => {
+                    return AttemptEnd::Failed(RuntimeError::internal(format!(
+                        "worker {w} said hello twice"
+                    )));
+                }
+                Ok(None) | Err(_) => {
+                    let why = match msg {
+                        Err(e) => e,
+                        _ => "closed the connection".into(),
+                    };
+                    self.lose(conn);
+                    if finished[w] {
+                        continue;
+                    }
+                    return AttemptEnd::Failed(
+                        RuntimeError::external(format!("worker {w} was lost: {why}")).retryable(),
+                    );
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn info(
+        &self,
+        id: u64,
+        status: CheckpointStatus,
+        triggered_at: u64,
+        completed_at: u64,
+        acks: &BTreeMap<(String, u32), TaskAck>,
+        final_: bool,
+        failure: Option<String>,
+    ) -> CheckpointInfo {
+        let end = if completed_at > 0 { completed_at } else { checkpoint::now_ms() };
+        CheckpointInfo {
+            id,
+            status,
+            trigger_time: triggered_at,
+            duration_ms: end.saturating_sub(triggered_at),
+            size_bytes: acks.values().map(|a| a.state_bytes).sum(),
+            uploaded_bytes: acks.values().map(|a| a.uploaded_bytes).sum(),
+            alignment_ms: acks.values().map(|a| a.alignment_ms).max().unwrap_or(0),
+            acknowledged: acks.len() as u32,
+            subtasks: self.acks_needed as u32,
+            final_,
+            path: None,
+            failure,
+        }
+    }
+
+    /// A checkpoint failed: counts it, and ends the attempt once failures in a row pass the
+    /// tolerance.
+    fn checkpoint_failed(
+        &self,
+        pd: &Pending,
+        why: String,
+        in_a_row: &mut u32,
+        settings: &Settings,
+    ) -> Option<AttemptEnd> {
+        eprintln!("weir: coordinator: {why}");
+        *in_a_row += 1;
+        self.c.status.record(self.info(
+            pd.id,
+            CheckpointStatus::Failed,
+            pd.triggered_at,
+            0,
+            &pd.acks,
+            false,
+            Some(why.clone()),
+        ));
+        if *in_a_row > settings.tolerable_failures {
+            return Some(AttemptEnd::Failed(
+                RuntimeError::external(format!(
+                    "{in_a_row} checkpoints failed in a row (checkpointing.tolerableFailures is {}); the last: {why}",
+                    settings.tolerable_failures
+                ))
+                .retryable(),
+            ));
+        }
+        None
+    }
+
+    /// Writes checkpoint `id`'s metadata (the moment it exists), then applies retention.
+    fn complete(
+        &mut self,
+        id: u64,
+        triggered_at: u64,
+        completed_at: u64,
+        acks: &BTreeMap<(String, u32), TaskAck>,
+        final_: bool,
+    ) -> Result<(), RuntimeError> {
+        let (job, dir) = self.storage.clone().expect("checkpointing");
+        let plan = &self.c.plan;
+        let meta = Metadata {
+            version: checkpoint::VERSION,
+            job_name: self.c.opts.name.clone(),
+            job_id: self.job_id.clone(),
+            id,
+            triggered_at,
+            completed_at,
+            parallelism: plan.parallelism,
+            max_parallelism: plan.max_parallelism,
+            operator_uids: plan.ops.iter().map(|o| o.uid.clone()).collect(),
+            final_,
+            operators: acks.values().flat_map(|a| a.operators.iter().cloned()).collect(),
         };
-        reader.get_ref().set_read_timeout(None).map_err(|e| e.to_string())?;
-        Ok((slot, (writer, reader, data_addr)))
+        let key = format!("{}/{}", Metadata::dir(id), checkpoint::METADATA);
+        job.put(&key, &meta.to_bytes())?;
+        let mut info = self.info(
+            id,
+            CheckpointStatus::Completed,
+            triggered_at,
+            checkpoint::now_ms(),
+            acks,
+            final_,
+            None,
+        );
+        info.path = Some(format!("{dir}/{key}"));
+        self.c.status.record(info);
+        self.completed.push_back(meta);
+        let retained = self.settings.as_ref().map_or(1, |s| s.retained) as usize;
+        if self.completed.len() > retained {
+            let n = self.completed.len() - retained;
+            let dropped: Vec<Metadata> = self.completed.drain(..n).collect();
+            let kept: Vec<Metadata> = self.completed.iter().cloned().collect();
+            if let Err(e) = checkpoint::discard(job.as_ref(), &dropped, &kept) {
+                eprintln!("weir: coordinator: deleting old checkpoints: {e}");
+            }
+        }
+        Ok(())
     }
 
     fn publish(&self, progress: &[(Vec<(u64, u64)>, u64)]) {
-        self.status.update(|i| {
+        self.c.status.update(|i| {
             for (k, op) in i.operators.iter_mut().enumerate() {
                 op.records_in = progress.iter().filter_map(|p| p.0.get(k)).map(|r| r.0).sum();
                 op.records_out = progress.iter().filter_map(|p| p.0.get(k)).map(|r| r.1).sum();
@@ -429,4 +1064,110 @@ impl Coordinator {
             i.state_bytes = progress.iter().map(|p| p.1).sum();
         });
     }
+}
+
+/// Checks that a checkpoint fits the job before anything starts.
+fn check_restore(m: &Metadata, plan: &Plan, allow_non_restored: bool) -> Result<(), RuntimeError> {
+    if m.max_parallelism != plan.max_parallelism {
+        return Err(RuntimeError::user(format!(
+            "checkpoint {} was taken with maxParallelism {}, but the job has {}: maxParallelism cannot change once a job has state",
+            m.id, m.max_parallelism, plan.max_parallelism
+        )));
+    }
+    if m.parallelism != plan.parallelism {
+        return Err(RuntimeError::user(format!(
+            "checkpoint {} was taken at parallelism {}, and the job runs at {}: restore it at parallelism {} (rescaling restores from savepoints)",
+            m.id, m.parallelism, plan.parallelism, m.parallelism
+        )));
+    }
+    if !allow_non_restored {
+        for o in &m.operators {
+            if !plan.ops.iter().any(|p| p.uid == o.uid) {
+                return Err(RuntimeError::user(format!(
+                    "checkpoint {} holds state of operator uid {:?}, which the pipeline no longer has: put it back, or set spec.restore.allowNonRestoredState to drop its state",
+                    m.id, o.uid
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Accepts workers on the control listener: reads each hello on a thread of its own and
+/// reports the worker, then every message it sends.
+fn spawn_acceptor(
+    listener: &TcpListener,
+    tx: Sender<Event>,
+    expected: usize,
+    parallelism: u32,
+) -> Result<(), RuntimeError> {
+    let listener = listener.try_clone().map_err(|e| RuntimeError::internal(e.to_string()))?;
+    listener.set_nonblocking(false).map_err(|e| RuntimeError::internal(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("control-accept".into())
+        .spawn(move || {
+            let mut next_conn = 0u64;
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                next_conn += 1;
+                let (tx, conn) = (tx.clone(), next_conn);
+                std::thread::spawn(move || match hello(stream, expected, parallelism) {
+                    Ok((slot, writer, mut reader, data_addr)) => {
+                        if tx.send(Event::Joined { slot, conn, writer, data_addr }).is_err() {
+                            return;
+                        }
+                        loop {
+                            let msg = reader.recv::<ToCoordinator>();
+                            let end = !matches!(msg, Ok(Some(_)));
+                            if tx.send(Event::Msg { conn, msg }).is_err() || end {
+                                return;
+                            }
+                        }
+                    }
+                    Err(why) => eprintln!("weir: coordinator: refused a worker: {why}"),
+                });
+            }
+        })
+        .map_err(|e| RuntimeError::internal(format!("starting a thread: {e}")))?;
+    Ok(())
+}
+
+/// Reads a worker's hello and says which slot it takes.
+fn hello(
+    s: TcpStream,
+    expected: usize,
+    parallelism: u32,
+) -> Result<(usize, Arc<Writer>, Reader, String), String> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let writer = Arc::new(Writer::new(s.try_clone().map_err(|e| e.to_string())?));
+    let mut reader = Reader::new(s);
+    let refuse = |why: String| {
+        let _ = writer.send(&ToWorker::Refused { reason: why.clone() });
+        why
+    };
+    let Some(ToCoordinator::Hello { protocol, index, data_addr }) = reader.recv()? else {
+        return Err(refuse("the first message must be a hello".into()));
+    };
+    if protocol != PROTOCOL {
+        return Err(refuse(format!(
+            "protocol {protocol}; this coordinator speaks {PROTOCOL}: run the same weir version"
+        )));
+    }
+    let slot = match (index, expected) {
+        (None, 1) => 0,
+        (Some(i), _) if (i as usize) < expected && expected > 1 => i as usize,
+        (Some(0), 1) => 0,
+        (Some(i), _) => {
+            return Err(refuse(format!(
+                "--index {i} is not below the job's parallelism {parallelism}"
+            )));
+        }
+        (None, _) => {
+            return Err(refuse(
+                "a worker without --index, but the job needs one per subtask".into(),
+            ));
+        }
+    };
+    reader.get_ref().set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok((slot, writer, reader, data_addr))
 }

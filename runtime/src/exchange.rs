@@ -37,6 +37,12 @@ pub enum Msg {
         records: Vec<Record>,
         credit: Option<CreditReturn>,
     },
+    /// Checkpoint barrier `id`: every batch before it on this channel belongs to the
+    /// checkpoint, every batch after it does not.
+    Barrier {
+        id: u64,
+        unaligned: bool,
+    },
     End,
     /// The exchange broke (a peer went away); the consumer fails with this error.
     Failed(RuntimeError),
@@ -207,6 +213,26 @@ impl Outlet {
                 let h = Header { kind: Kind::Batch, edge: r.edge, from: r.from, to: r.to, n };
                 r.buf[..HEADER_LEN].copy_from_slice(&h.to_bytes());
                 r.conn.write(&r.buf).map_err(|_| lost(r.conn.peer))
+            }
+        }
+    }
+
+    /// Sends a checkpoint barrier after the batches sent so far (it needs no credit).
+    pub fn barrier(&mut self, id: u64, unaligned: bool) -> Result<(), RuntimeError> {
+        match self {
+            Outlet::Local(tx) => tx.send(Msg::Barrier { id, unaligned }).map_err(|_| cancelled()),
+            Outlet::Remote(r) => {
+                let h = Header {
+                    kind: Kind::Barrier,
+                    edge: r.edge,
+                    from: r.from,
+                    to: r.to,
+                    n: wire::BARRIER_LEN,
+                };
+                let mut frame = [0u8; HEADER_LEN + wire::BARRIER_LEN as usize];
+                frame[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+                frame[HEADER_LEN..].copy_from_slice(&wire::encode_barrier(id, unaligned));
+                r.conn.write(&frame).map_err(|_| lost(r.conn.peer))
             }
         }
     }
@@ -467,6 +493,18 @@ fn read_batches(s: TcpStream, conn: Arc<Conn>, me: u32, peer: u32, route: &Route
                     credit: Some(CreditReturn { conn: conn.clone(), header: credit }),
                 });
             }
+            Kind::Barrier => {
+                let mut payload = [0u8; wire::BARRIER_LEN as usize];
+                if let Err(e) = r.read_exact(&mut payload) {
+                    return fail(e.to_string());
+                }
+                match wire::decode_barrier(&payload) {
+                    Ok((id, unaligned)) => {
+                        let _ = tx.send(Msg::Barrier { id, unaligned });
+                    }
+                    Err(e) => return fail(e),
+                }
+            }
             Kind::End => {
                 ended += 1;
                 let _ = tx.send(Msg::End);
@@ -573,7 +611,7 @@ mod tests {
                     credit.unwrap().give();
                 }
                 Msg::End => break,
-                Msg::Failed(e) => panic!("{e}"),
+                other => panic!("{other:?}"),
             }
         }
         assert_eq!(next as usize, CREDITS + 3);

@@ -29,17 +29,20 @@ use std::collections::HashMap;
 
 use crossbeam_channel::{Sender, bounded, unbounded};
 
+use crate::checkpoint::{OperatorState, Restored, Settings, TaskAck};
 use crate::error::RuntimeError;
 use crate::exchange::{InChannel, Inbox, Msg, Network, Outlet, Route, cancelled};
 use crate::keygroup::{key_group_of, subtask_of};
 use crate::objstore::S3Client;
 use crate::operators::{
     Blackhole, FileSink, FileSource, Filter, GeneratorSource, KeyedAggregate, Map, Operator,
-    SourceFile,
+    Source, SourceFile,
 };
 use crate::plan::{OpKind, Plan};
 use crate::record::Record;
+use crate::snapshot::StateHandle;
 use crate::state::StateBackend;
+use crate::storage::Storage;
 
 /// Records per batch on an exchange.
 pub const BATCH: usize = 1024;
@@ -62,17 +65,59 @@ pub struct RunOptions {
     /// Set when the job must end at once (another part of it failed); the subtasks unwind
     /// with an error.
     pub cancel: Arc<AtomicBool>,
+    /// Names the sinks' part files: the same in every attempt of a job (the run id when
+    /// there are no checkpoints).
+    pub job_id: String,
+    /// Checkpoints, when the job takes them.
+    pub checkpoints: Option<CheckpointRun>,
 }
 
 impl RunOptions {
     pub fn new(state_dir: impl Into<PathBuf>, run_id: impl Into<String>) -> Self {
+        let run_id = run_id.into();
         Self {
             state_dir: state_dir.into(),
-            run_id: run_id.into(),
+            job_id: run_id.clone(),
+            run_id,
             stop: Arc::default(),
             keep_state: false,
             cancel: Arc::default(),
+            checkpoints: None,
         }
+    }
+}
+
+/// The id a subtask's final snapshot is acknowledged with (taken when its inputs ended); the
+/// coordinator gives the final checkpoint the next id when it completes.
+pub const FINAL: u64 = u64::MAX;
+
+/// What a subtask tells its worker about a checkpoint: its acknowledgement, or why it could
+/// not take its part.
+pub type AckEvent = (u64, Result<TaskAck, RuntimeError>);
+
+/// How a run takes checkpoints.
+#[derive(Clone)]
+pub struct CheckpointRun {
+    pub settings: Settings,
+    /// The job's checkpoint directory.
+    pub storage: Arc<dyn Storage>,
+    /// The state to start from, for the subtasks of this worker.
+    pub restore: Arc<Restored>,
+    /// The highest checkpoint id triggered: sources emit a barrier for every id above the
+    /// last one they emitted (it starts at the id the run started after).
+    pub triggered: Arc<AtomicU64>,
+    /// The highest checkpoint id completed ([`FINAL`]: the final one).
+    pub completed: Arc<AtomicU64>,
+    pub acks: Sender<AckEvent>,
+}
+
+impl std::fmt::Debug for CheckpointRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointRun")
+            .field("settings", &self.settings)
+            .field("storage", &self.storage)
+            .field("restore", &self.restore.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -88,8 +133,8 @@ pub struct OpMetrics {
 pub struct JobMetrics {
     pub operators: Vec<(String, OpMetrics)>,
     pub started: Instant,
-    /// The state backends of the running subtasks, and the uids of the keyed operators.
-    state: std::sync::Mutex<(Vec<StateBackend>, Vec<String>)>,
+    /// The state backends of the running subtasks, each with its operator's uid.
+    state: std::sync::Mutex<Vec<(StateBackend, Vec<String>)>>,
 }
 
 impl JobMetrics {
@@ -104,7 +149,7 @@ impl JobMetrics {
     /// Bytes of keyed state held by the running subtasks.
     pub fn state_bytes(&self) -> u64 {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.0.iter().map(|b| b.size_bytes(&s.1)).sum()
+        s.iter().map(|(b, uids)| b.size_bytes(uids)).sum()
     }
 
     /// Records in and out per operator, in plan order.
@@ -148,10 +193,25 @@ impl Edge {
 
 struct ChainOp {
     plan_index: usize,
+    uid: String,
     op: Option<Box<dyn Operator>>,
     /// Chained operators fed by this one (indexes in the chain).
     children: Vec<usize>,
     edges: Vec<Edge>,
+    keyed: Option<Keyed>,
+}
+
+/// The RocksDB instance of a keyed operator's subtask.
+struct Keyed {
+    backend: StateBackend,
+    /// Where its checkpoints are taken (next to the database).
+    dir: PathBuf,
+    /// Names the instance in the checkpoint storage: unique per attempt.
+    instance: String,
+    key_groups: (u16, u16),
+    /// The files of the last upload (or of the restored checkpoint): incremental checkpoints
+    /// upload only the SST files it does not have.
+    last: Arc<std::sync::Mutex<Option<StateHandle>>>,
 }
 
 /// One subtask of a task: its operators, in topological order (the head first).
@@ -162,6 +222,11 @@ struct Chain {
     max_parallelism: u32,
     metrics: Arc<JobMetrics>,
     last_flush: Instant,
+    ckpt: Option<CheckpointRun>,
+    /// The highest completed checkpoint the operators were told of.
+    told_complete: u64,
+    /// Uploads still running.
+    uploads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Chain {
@@ -248,8 +313,9 @@ impl Chain {
         if self.last_flush.elapsed() >= Duration::from_millis(10) { self.flush() } else { Ok(()) }
     }
 
-    /// Every input ended: finish the operators in order, then tell the downstream tasks.
-    fn finish(&mut self) -> Result<(), RuntimeError> {
+    /// Every input ended: finish the operators in order, take the final snapshot (with
+    /// checkpoints), then tell the downstream tasks.
+    fn finish(&mut self, source: Option<&mut Box<dyn Source>>) -> Result<(), RuntimeError> {
         for idx in 0..self.ops.len() {
             let mut out = Vec::new();
             if let Some(op) = self.ops[idx].op.as_mut() {
@@ -258,6 +324,13 @@ impl Chain {
             self.route(idx, out)?;
         }
         self.flush()?;
+        if self.ckpt.is_some() {
+            let position = match source {
+                Some(s) => s.snapshot()?,
+                None => None,
+            };
+            self.checkpoint(FINAL, position, 0)?;
+        }
         for op in &mut self.ops {
             for edge in &mut op.edges {
                 for o in edge.outlets.iter_mut().flatten() {
@@ -266,6 +339,148 @@ impl Chain {
             }
         }
         Ok(())
+    }
+}
+
+impl Chain {
+    /// Takes this subtask's part of checkpoint `id` and forwards the barrier: every operator
+    /// snapshots (keyed ones through a RocksDB checkpoint, which is hard links), then the
+    /// uploads run on a thread of their own while the subtask goes on.
+    fn checkpoint(
+        &mut self,
+        id: u64,
+        position: Option<serde_json::Value>,
+        alignment_ms: u64,
+    ) -> Result<(), RuntimeError> {
+        let Some(ck) = self.ckpt.clone() else { return Ok(()) };
+        let t0 = Instant::now();
+        let mut operators = Vec::with_capacity(self.ops.len());
+        let mut to_upload = Vec::new();
+        let mut position = position;
+        for (k, cop) in self.ops.iter_mut().enumerate() {
+            let state = match cop.op.as_mut() {
+                Some(op) => op.snapshot(id)?,
+                None => position.take(),
+            };
+            if let Some(keyed) = &cop.keyed {
+                let tag = if id == FINAL { "final".to_string() } else { format!("{id}") };
+                let local = keyed.dir.join(format!("chk-{tag}"));
+                let _ = std::fs::remove_dir_all(&local);
+                crate::snapshot::take(&keyed.backend, &local)?;
+                to_upload.push((
+                    k,
+                    local,
+                    keyed.instance.clone(),
+                    keyed.key_groups,
+                    format!("shared/own-{tag}"),
+                    keyed.last.clone(),
+                ));
+            }
+            operators.push(OperatorState {
+                uid: cop.uid.clone(),
+                subtask: self.subtask,
+                keyed: None,
+                state,
+            });
+        }
+        if id != FINAL {
+            self.flush()?;
+            for cop in &mut self.ops {
+                for edge in &mut cop.edges {
+                    for o in edge.outlets.iter_mut().flatten() {
+                        o.barrier(id, false)?;
+                    }
+                }
+            }
+        }
+        let mut ack = TaskAck {
+            task: self.ops[0].uid.clone(),
+            subtask: self.subtask,
+            operators,
+            state_bytes: 0,
+            uploaded_bytes: 0,
+            alignment_ms,
+            sync_ms: t0.elapsed().as_millis() as u64,
+            async_ms: 0,
+        };
+        if to_upload.is_empty() {
+            let _ = ck.acks.send((id, Ok(ack)));
+            return Ok(());
+        }
+        let incremental = ck.settings.incremental;
+        let handle = std::thread::Builder::new()
+            .name(format!("upload-{}-{}", self.ops[0].uid, self.subtask))
+            .spawn(move || {
+                let t1 = Instant::now();
+                let mut result = Ok(());
+                for (k, local, instance, key_groups, own, last) in to_upload {
+                    let previous = if incremental {
+                        last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+                    } else {
+                        None
+                    };
+                    let r = crate::snapshot::upload(
+                        ck.storage.as_ref(),
+                        &local,
+                        &instance,
+                        key_groups,
+                        &own,
+                        previous.as_ref(),
+                    );
+                    let _ = std::fs::remove_dir_all(&local);
+                    match r {
+                        Ok((handle, done)) => {
+                            ack.state_bytes += handle.size();
+                            ack.uploaded_bytes += done.bytes;
+                            *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.clone());
+                            ack.operators[k].keyed = Some(handle);
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                ack.async_ms = t1.elapsed().as_millis() as u64;
+                let _ = ck.acks.send((id, result.map(|_| ack)));
+            })
+            .map_err(|e| RuntimeError::internal(format!("starting a thread: {e}")))?;
+        self.uploads.retain(|h| !h.is_finished());
+        self.uploads.push(handle);
+        Ok(())
+    }
+
+    /// Tells the operators of checkpoints completed since they were last told.
+    fn notify_complete(&mut self) -> Result<(), RuntimeError> {
+        let Some(ck) = &self.ckpt else { return Ok(()) };
+        let done = ck.completed.load(Ordering::Acquire);
+        if done <= self.told_complete || done == FINAL {
+            return Ok(());
+        }
+        self.told_complete = done;
+        for cop in &mut self.ops {
+            if let Some(op) = cop.op.as_mut() {
+                op.checkpoint_complete(done)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The final checkpoint completed: the sinks commit what is left.
+    fn complete_final(&mut self) -> Result<(), RuntimeError> {
+        for cop in &mut self.ops {
+            if let Some(op) = cop.op.as_mut() {
+                op.checkpoint_complete(FINAL)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for this subtask's uploads.
+    fn join_uploads(&mut self) {
+        for h in self.uploads.drain(..) {
+            let _ = h.join();
+        }
     }
 }
 
@@ -365,19 +580,42 @@ pub fn run_worker(
             files_of.insert(i, crate::operators::list_source_files(&f.path, s3.as_ref())?);
         }
     }
-    let keyed: Vec<String> =
-        plan.ops.iter().filter(|o| o.kind.key_field().is_some()).map(|o| o.uid.clone()).collect();
+    // A RocksDB instance per keyed operator and subtask, restored from the checkpoint's
+    // files when the job restores.
     let run_state = opts.state_dir.join(&opts.run_id);
-    let mut backends: HashMap<u32, StateBackend> = HashMap::new();
-    if !keyed.is_empty() {
+    let restore = opts.checkpoints.as_ref().map(|c| c.restore.clone()).unwrap_or_default();
+    let mut keyed_of: HashMap<(usize, u32), Keyed> = HashMap::new();
+    for (i, op) in plan.ops.iter().enumerate().filter(|(_, o)| o.kind.key_field().is_some()) {
+        if !matches!(op.kind, OpKind::Keyed { .. }) {
+            continue; // windows keep their state in memory
+        }
         for &s in hosted {
-            let b = StateBackend::open(&run_state.join(format!("worker-{s}")), &keyed)
+            let dir = run_state.join(format!("{}-{s}", op.uid));
+            let db = dir.join("db");
+            let restored = restore.get(&(op.uid.clone(), s)).and_then(|o| o.keyed.clone());
+            if let (Some(handle), Some(ck)) = (&restored, &opts.checkpoints) {
+                let _ = std::fs::remove_dir_all(&db);
+                crate::snapshot::download(ck.storage.as_ref(), handle, &db)?;
+            }
+            let backend = StateBackend::open(&db, std::slice::from_ref(&op.uid))
                 .map_err(|e| RuntimeError::internal(e.to_string()))?;
-            backends.insert(s, b);
+            let range = crate::keygroup::KeyGroupRange::of_subtask(plan.max_parallelism, p, s);
+            keyed_of.insert(
+                (i, s),
+                Keyed {
+                    backend,
+                    dir,
+                    instance: format!("{}-{s}-{}", op.uid, opts.run_id),
+                    key_groups: (range.start, range.end),
+                    last: Arc::new(std::sync::Mutex::new(restored)),
+                },
+            );
         }
     }
-    *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) =
-        (backends.values().cloned().collect(), keyed.clone());
+    *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) = keyed_of
+        .iter()
+        .map(|((i, _), k)| (k.backend.clone(), vec![plan.ops[*i].uid.clone()]))
+        .collect();
     let cancel = opts.cancel.clone();
 
     // An inbox per (task, hosted subtask) with a channel per producing subtask and input:
@@ -438,7 +676,7 @@ pub fn run_worker(
                     }
                     OpKind::Keyed { aggregate, field, .. } => {
                         let in_fields = &plan.ops[op.inputs[0]].fields;
-                        let backend = backends.get(&s).expect("opened for keyed operators");
+                        let backend = &keyed_of.get(&(i, s)).expect("opened above").backend;
                         Some(Box::new(KeyedAggregate::new(
                             *aggregate,
                             op.key_positions[0],
@@ -454,15 +692,21 @@ pub fn run_worker(
                     }
                     OpKind::Stdout => Some(Box::new(crate::operators::Stdout::default())),
                     OpKind::Blackhole => Some(Box::new(Blackhole)),
-                    OpKind::FileSink(f) => {
-                        Some(Box::new(FileSink::new(&f.path, s3.as_ref(), &opts.run_id, s)?))
-                    }
+                    OpKind::FileSink(f) => Some(Box::new(FileSink::new(
+                        &f.path,
+                        s3.as_ref(),
+                        &opts.job_id,
+                        s,
+                        opts.checkpoints.is_some(),
+                    )?)),
                 };
                 ops.push(ChainOp {
                     plan_index: i,
+                    uid: op.uid.clone(),
                     op: instance,
                     children: Vec::new(),
                     edges: Vec::new(),
+                    keyed: keyed_of.remove(&(i, s)),
                 });
             }
             // Wire chained children and exchanges.
@@ -498,6 +742,8 @@ pub fn run_worker(
                     });
                 }
             }
+            let told_complete =
+                opts.checkpoints.as_ref().map_or(0, |c| c.completed.load(Ordering::Acquire));
             let chain = Chain {
                 ops,
                 subtask: s,
@@ -505,6 +751,9 @@ pub fn run_worker(
                 max_parallelism: plan.max_parallelism,
                 metrics: metrics.clone(),
                 last_flush: Instant::now(),
+                ckpt: opts.checkpoints.clone(),
+                told_complete,
+                uploads: Vec::new(),
             };
             let name = format!("{}-{s}", plan.ops[h].uid);
             let inbox = inboxes.remove(&(t, s)).unwrap_or_default();
@@ -512,11 +761,28 @@ pub fn run_worker(
             let files = files_of.get(&h).cloned().unwrap_or_default();
             let (stop, cancel) = (opts.stop.clone(), cancel.clone());
             let s3 = s3.clone();
+            let restore = restore.clone();
             let handle = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || -> Result<(), RuntimeError> {
-                    let r = new_source(&head, &files, s3, s, p)
-                        .and_then(|source| run_subtask(chain, source, inbox, &stop, &cancel));
+                .spawn(move || -> Result<Chain, RuntimeError> {
+                    let r = new_source(&head, &files, s3, s, p).and_then(|mut source| {
+                        let mut chain = chain;
+                        for cop in &mut chain.ops {
+                            let state =
+                                restore.get(&(cop.uid.clone(), s)).and_then(|o| o.state.clone());
+                            match (cop.op.as_mut(), source.as_mut()) {
+                                (Some(op), _) => op.restore(state)?,
+                                (None, Some(src)) => {
+                                    if let Some(st) = state {
+                                        src.restore(st)?;
+                                    }
+                                }
+                                (None, None) => {}
+                            }
+                        }
+                        run_subtask(&mut chain, source, inbox, &stop, &cancel)?;
+                        Ok(chain)
+                    });
                     if r.is_err() {
                         cancel.store(true, Ordering::Relaxed);
                     }
@@ -532,13 +798,20 @@ pub fn run_worker(
     local_tx.clear();
     let running = network.map(|n| n.start(route, peer_ends));
     let mut first_error: Option<RuntimeError> = None;
+    let mut chains = Vec::new();
     for h in threads {
         let r = h.join().unwrap_or_else(|_| Err(RuntimeError::internal("a subtask panicked")));
-        if let Err(e) = r {
-            cancel.store(true, Ordering::Relaxed);
-            let cancel = e.message.starts_with("cancelled:");
-            if first_error.as_ref().is_none_or(|f| f.message.starts_with("cancelled:") && !cancel) {
-                first_error = Some(e);
+        match r {
+            Ok(chain) => chains.push(chain),
+            Err(e) => {
+                cancel.store(true, Ordering::Relaxed);
+                let cancel = e.message.starts_with("cancelled:");
+                if first_error
+                    .as_ref()
+                    .is_none_or(|f| f.message.starts_with("cancelled:") && !cancel)
+                {
+                    first_error = Some(e);
+                }
             }
         }
     }
@@ -547,8 +820,32 @@ pub fn run_worker(
     {
         r.finish();
     }
+    // With checkpoints, the output of the final snapshot is committed once the coordinator
+    // has completed the final checkpoint.
+    if first_error.is_none()
+        && let Some(ck) = &opts.checkpoints
+    {
+        while ck.completed.load(Ordering::Acquire) != FINAL {
+            if cancel.load(Ordering::Relaxed) {
+                first_error = Some(cancelled());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if first_error.is_none() {
+            for c in &mut chains {
+                if let Err(e) = c.complete_final() {
+                    first_error = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    for c in &mut chains {
+        c.join_uploads();
+    }
     *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
-    drop(backends);
+    drop(chains);
     if !opts.keep_state {
         let _ = std::fs::remove_dir_all(&run_state);
     }
@@ -565,7 +862,7 @@ fn new_source(
     s3: Option<S3Client>,
     s: u32,
     p: u32,
-) -> Result<Option<Box<dyn crate::operators::Source>>, RuntimeError> {
+) -> Result<Option<Box<dyn Source>>, RuntimeError> {
     Ok(match &head.kind {
         OpKind::Generator(g) => Some(Box::new(GeneratorSource::new(g.clone(), s, p))),
         OpKind::FileSource(f) => {
@@ -578,13 +875,21 @@ fn new_source(
     })
 }
 
+/// Barriers seen at a subtask with several input channels.
+#[derive(Debug, Default)]
+struct Alignment {
+    /// Checkpoint id → the channels that delivered its barrier, and when the first came.
+    seen: BTreeMap<u64, (Vec<usize>, Instant)>,
+}
+
 fn run_subtask(
-    mut chain: Chain,
-    source: Option<Box<dyn crate::operators::Source>>,
+    chain: &mut Chain,
+    source: Option<Box<dyn Source>>,
     mut inbox: Inbox,
     stop: &AtomicBool,
     cancel: &AtomicBool,
 ) -> Result<(), RuntimeError> {
+    let mut last_barrier = chain.ckpt.as_ref().map_or(0, |c| c.triggered.load(Ordering::Acquire));
     if let Some(mut source) = source {
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -592,6 +897,15 @@ fn run_subtask(
             }
             if cancel.load(Ordering::Relaxed) {
                 return Err(cancelled());
+            }
+            if let Some(ck) = &chain.ckpt {
+                let triggered = ck.triggered.load(Ordering::Acquire);
+                while last_barrier < triggered {
+                    last_barrier += 1;
+                    let position = source.snapshot()?;
+                    chain.checkpoint(last_barrier, position, 0)?;
+                }
+                chain.notify_complete()?;
             }
             let mut batch = Vec::with_capacity(BATCH);
             let more = source.poll(&mut batch, BATCH)?;
@@ -603,33 +917,58 @@ fn run_subtask(
             }
             chain.maybe_flush()?;
         }
-    } else {
-        while !inbox.all_ended() {
-            let msg = match inbox.recv_timeout(Duration::from_millis(10)) {
-                Ok((_, m)) => m,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    if cancel.load(Ordering::Relaxed) {
-                        return Err(cancelled());
-                    }
-                    chain.flush()?;
-                    continue;
+        return chain.finish(Some(&mut source));
+    }
+    let exactly_once = chain.ckpt.as_ref().is_none_or(|c| c.settings.exactly_once);
+    let mut align = Alignment::default();
+    while !inbox.all_ended() {
+        let (ch, msg) = match inbox.recv_timeout(Duration::from_millis(10)) {
+            Ok(x) => x,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(cancelled());
                 }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-            };
-            match msg {
-                Msg::Batch { input, records, credit } => {
-                    chain.push(0, input as usize, records)?;
-                    if let Some(c) = credit {
-                        c.give();
-                    }
-                }
-                Msg::End => {}
-                Msg::Failed(e) => return Err(e),
+                chain.flush()?;
+                chain.notify_complete()?;
+                continue;
             }
-            if inbox.is_empty() {
-                chain.maybe_flush()?;
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
+        match msg {
+            Msg::Batch { input, records, credit } => {
+                chain.push(0, input as usize, records)?;
+                if let Some(c) = credit {
+                    c.give();
+                }
+            }
+            Msg::Barrier { id, .. } => {
+                let entry = align.seen.entry(id).or_insert_with(|| (Vec::new(), Instant::now()));
+                entry.0.push(ch);
+                if exactly_once {
+                    // Hold this channel back until every channel has delivered barrier `id`.
+                    inbox.channels[ch].blocked = true;
+                }
+            }
+            Msg::End => {}
+            Msg::Failed(e) => return Err(e),
+        }
+        // A checkpoint whose barrier every live channel has delivered is taken now.
+        while let Some((&id, (chans, first))) = align.seen.first_key_value() {
+            let all = inbox.channels.iter().enumerate().all(|(i, c)| c.ended || chans.contains(&i));
+            if !all {
+                break;
+            }
+            let waited = first.elapsed().as_millis() as u64;
+            align.seen.remove(&id);
+            chain.checkpoint(id, None, waited)?;
+            for c in &mut inbox.channels {
+                c.blocked = false;
             }
         }
+        chain.notify_complete()?;
+        if inbox.is_empty() {
+            chain.maybe_flush()?;
+        }
     }
-    chain.finish()
+    chain.finish(None)
 }

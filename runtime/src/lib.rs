@@ -15,6 +15,7 @@
 //! Checkpoints and savepoints build on these layers.
 
 pub mod api;
+pub mod checkpoint;
 pub mod control;
 pub mod coordinator;
 pub mod error;

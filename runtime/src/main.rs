@@ -45,6 +45,14 @@ struct JobArgs {
     /// Keep the workers' state directories after the run.
     #[arg(long)]
     keep_state: bool,
+    /// Continue from the last completed checkpoint of this job in the checkpoint storage
+    /// (or start from the beginning when there is none).
+    #[arg(long)]
+    resume: bool,
+    /// Where checkpoints go (`s3://bucket/prefix` or a directory), instead of
+    /// spec.checkpointing.storage (default /var/tmp/weir/checkpoints).
+    #[arg(long)]
+    storage: Option<weir_crds::StorageUri>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -70,6 +78,10 @@ enum Cmd {
         /// Names this run (state directories, part files); default: time and process id.
         #[arg(long)]
         run_id: Option<String>,
+        /// Names the job in the checkpoint storage (stable across restarts of the
+        /// coordinator); default: the run id.
+        #[arg(long)]
+        job_id: Option<String>,
     },
     /// Run one subtask index of the job a coordinator hands out.
     Worker {
@@ -115,10 +127,10 @@ fn main() -> ExitCode {
             } else {
                 Launch::InProcess { state_dir }
             };
-            coordinate(job, launch, "127.0.0.1:0".into(), None, stop)
+            coordinate(job, launch, "127.0.0.1:0".into(), None, None, stop)
         }
-        Cmd::Coordinator { job, control_addr, run_id } => {
-            coordinate(job, Launch::External, control_addr, run_id, stop)
+        Cmd::Coordinator { job, control_addr, run_id, job_id } => {
+            coordinate(job, Launch::External, control_addr, run_id, job_id, stop)
         }
         Cmd::Worker {
             coordinator,
@@ -153,6 +165,7 @@ fn coordinate(
     launch: Launch,
     control_addr: String,
     run_id: Option<String>,
+    job_id: Option<String>,
     stop: Arc<AtomicBool>,
 ) -> ExitCode {
     let (manifest, plan) = match weir_runtime::load_manifest(&job.file).and_then(|m| {
@@ -181,13 +194,18 @@ fn coordinate(
         Launch::Processes { .. } => format!("{} worker processes", plan.parallelism),
         Launch::External => "workers started separately".to_string(),
     };
+    let namespace = manifest.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let opts = CoordinatorOptions {
         name,
+        namespace,
         run_id: run_id.clone(),
+        job_id,
         control_addr,
         launch,
         keep_state: job.keep_state,
         stop,
+        resume: job.resume,
+        storage: job.storage.clone(),
     };
     // The workers build the same plan from the spec and the parallelism the job runs at.
     let coordinator = match Coordinator::bind(manifest.spec.clone(), plan.clone(), opts) {
@@ -239,7 +257,11 @@ fn coordinate(
         }
         Err(e) => {
             eprintln!("weir: the job failed ({:?} error): {e}", e.whose);
-            ExitCode::from(1)
+            // A job refused before any attempt started (say, a checkpoint that does not fit).
+            let refused = e.whose == Whose::User
+                && status.snapshot().restarts == 0
+                && status.snapshot().workers_connected == 0;
+            ExitCode::from(if refused { 2 } else { 1 })
         }
     }
 }

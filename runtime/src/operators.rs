@@ -30,19 +30,56 @@ pub trait Operator: Send {
     fn finish(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
         Ok(())
     }
+
+    /// Called once before the first batch, with the state [`Operator::snapshot`] returned in
+    /// the checkpoint the job restores from (`None` when it starts afresh or the operator
+    /// had none).
+    fn restore(&mut self, _state: Option<serde_json::Value>) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    /// Checkpoint barrier `id` has reached this operator: everything it processed before
+    /// belongs to the checkpoint. Returns the operator's non-keyed state to store with it
+    /// (keyed state in RocksDB is snapshotted by the engine once this returns).
+    fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
+        Ok(None)
+    }
+
+    /// Checkpoint `id` is complete (its metadata is written): a sink makes the output that
+    /// it covers visible.
+    fn checkpoint_complete(&mut self, _id: u64) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
 /// One subtask of a source, reading the splits dealt to it.
 pub trait Source: Send {
     /// Appends up to `max` records; false once every split is exhausted.
     fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<bool, RuntimeError>;
+
+    /// The position to resume from: the state of every split this subtask still reads.
+    /// `None` for a source that cannot be replayed (its records after the last checkpoint
+    /// are lost on a failure).
+    fn snapshot(&mut self) -> Result<Option<serde_json::Value>, RuntimeError> {
+        Ok(None)
+    }
+
+    /// Takes over the position [`Source::snapshot`] returned, before the first poll.
+    fn restore(&mut self, _state: serde_json::Value) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+}
+
+/// A state that does not parse: the checkpoint was not written by this operator.
+fn bad_state(what: &str, e: serde_json::Error) -> RuntimeError {
+    RuntimeError::user(format!("restoring {what}: the checkpoint's state does not fit: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Sources
 
 /// SplitMix64: small, fast, and the same everywhere.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SplitMix64(u64);
 
 impl SplitMix64 {
@@ -142,10 +179,13 @@ impl Pacer {
     }
 }
 
-/// The position of one generator split: how many records it has emitted.
-#[derive(Debug, Clone)]
+/// The position of one generator split: how many records it has emitted, and its random
+/// stream.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct GenSplit {
+    split: u32,
     emitted: u64,
+    #[serde(skip)]
     total: Option<u64>,
     rng: SplitMix64,
 }
@@ -173,11 +213,9 @@ impl GeneratorSource {
         let splits: Vec<GenSplit> = (0..total_splits)
             .filter(|s| s % parallelism == subtask)
             .map(|s| GenSplit {
+                split: s,
                 emitted: 0,
-                total: spec.count.map(|c| {
-                    c / u64::from(total_splits)
-                        + u64::from(u64::from(s) < c % u64::from(total_splits))
-                }),
+                total: split_total(&spec, s),
                 rng: SplitMix64::new(
                     spec.seed ^ (u64::from(s) + 1).wrapping_mul(0x2545_f491_4f6c_dd1d),
                 ),
@@ -199,7 +237,38 @@ impl GeneratorSource {
     }
 }
 
+/// Records split `s` of a generator holds (`None`: unbounded).
+fn split_total(spec: &GeneratorSpec, s: u32) -> Option<u64> {
+    let n = u64::from(spec.splits.max(1));
+    spec.count.map(|c| c / n + u64::from(u64::from(s) < c % n))
+}
+
 impl Source for GeneratorSource {
+    fn snapshot(&mut self) -> Result<Option<serde_json::Value>, RuntimeError> {
+        Ok(Some(serde_json::json!({ "splits": self.splits })))
+    }
+
+    fn restore(&mut self, state: serde_json::Value) -> Result<(), RuntimeError> {
+        #[derive(serde::Deserialize)]
+        struct State {
+            splits: Vec<GenSplit>,
+        }
+        let st: State = serde_json::from_value(state).map_err(|e| bad_state("a generator", e))?;
+        let n = self.spec.splits.max(1);
+        self.splits = st.splits;
+        for sp in &mut self.splits {
+            if sp.split >= n {
+                return Err(RuntimeError::user(format!(
+                    "restoring a generator: split {} is not below its {n} splits (spec.splits changed?)",
+                    sp.split
+                )));
+            }
+            sp.total = split_total(&self.spec, sp.split);
+        }
+        self.splits.retain(|sp| sp.total.is_none_or(|t| sp.emitted < t));
+        Ok(())
+    }
+
     fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<bool, RuntimeError> {
         use std::fmt::Write;
         if self.splits.is_empty() {
@@ -249,7 +318,8 @@ impl Source for GeneratorSource {
 }
 
 /// One file of a file source (a split): a local file, or an S3 object as listed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum SourceFile {
     Local(PathBuf),
     S3 {
@@ -275,18 +345,29 @@ impl std::fmt::Display for SourceFile {
 /// with `.` or `_` skipped, at any level below the directory or prefix), one record per line;
 /// each file is a split, dealt round-robin.
 pub struct FileSource {
+    /// The files still to read, the next one last.
     files: Vec<SourceFile>,
     s3: Option<S3Client>,
-    current: Option<(String, Box<dyn BufRead + Send>)>,
+    /// The file being read, its name, the offset of the next line and its reader.
+    current: Option<(SourceFile, String, u64, Box<dyn BufRead + Send>)>,
+    /// Where reading starts in the next file opened (a restored position).
+    resume_at: u64,
     pacer: Pacer,
     buf: String,
+}
+
+/// A file of a file source's position: read from `offset` on.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct FilePosition {
+    file: SourceFile,
+    offset: u64,
 }
 
 impl std::fmt::Debug for FileSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileSource")
             .field("files_left", &self.files.len())
-            .field("current", &self.current.as_ref().map(|(name, _)| name))
+            .field("current", &self.current.as_ref().map(|c| &c.1))
             .finish_non_exhaustive()
     }
 }
@@ -444,17 +525,24 @@ impl FileSource {
             files: mine.into_iter().rev().collect(),
             s3,
             current: None,
+            resume_at: 0,
             pacer: Pacer::new(rate.map(|r| r * share)),
             buf: String::new(),
         }
     }
 
-    fn open(&self, f: SourceFile) -> Result<Box<dyn BufRead + Send>, RuntimeError> {
+    fn open(&self, f: SourceFile, offset: u64) -> Result<Box<dyn BufRead + Send>, RuntimeError> {
         match f {
             SourceFile::Local(p) => {
-                let file = std::fs::File::open(&p).map_err(|e| {
+                use std::io::Seek;
+                let mut file = std::fs::File::open(&p).map_err(|e| {
                     RuntimeError::external(format!("file_source: opening {}: {e}", p.display()))
                 })?;
+                if offset > 0 {
+                    file.seek(std::io::SeekFrom::Start(offset)).map_err(|e| {
+                        RuntimeError::external(format!("file_source: seeking {}: {e}", p.display()))
+                    })?;
+                }
                 Ok(Box::new(BufReader::with_capacity(1 << 16, file)))
             }
             SourceFile::S3 { bucket, key, size, etag } => {
@@ -469,7 +557,7 @@ impl FileSource {
                     key,
                     size,
                     etag,
-                    next: 0,
+                    next: offset,
                     chunk: Vec::new(),
                     at: 0,
                 }))
@@ -483,10 +571,12 @@ impl Source for FileSource {
         let n = self.pacer.allow(max);
         let mut got = 0;
         while got < n {
-            let Some((name, reader)) = self.current.as_mut() else {
+            let Some((_, name, offset, reader)) = self.current.as_mut() else {
                 let Some(f) = self.files.pop() else { return Ok(false) };
                 let name = f.to_string();
-                self.current = Some((name, self.open(f)?));
+                let at = std::mem::take(&mut self.resume_at);
+                let reader = self.open(f.clone(), at)?;
+                self.current = Some((f, name, at, reader));
                 continue;
             };
             self.buf.clear();
@@ -495,11 +585,37 @@ impl Source for FileSource {
                 self.current = None;
                 continue;
             }
+            *offset += read as u64;
             let line = self.buf.trim_end_matches(['\n', '\r']);
             out.push(vec![Value::str(line)]);
             got += 1;
         }
         Ok(true)
+    }
+
+    fn snapshot(&mut self) -> Result<Option<serde_json::Value>, RuntimeError> {
+        let mut files: Vec<FilePosition> = Vec::new();
+        if let Some((f, _, offset, _)) = &self.current {
+            files.push(FilePosition { file: f.clone(), offset: *offset });
+        }
+        let first_at = if self.current.is_none() { self.resume_at } else { 0 };
+        for (i, f) in self.files.iter().rev().enumerate() {
+            let offset = if i == 0 { first_at } else { 0 };
+            files.push(FilePosition { file: f.clone(), offset });
+        }
+        Ok(Some(serde_json::json!({ "files": files })))
+    }
+
+    fn restore(&mut self, state: serde_json::Value) -> Result<(), RuntimeError> {
+        #[derive(serde::Deserialize)]
+        struct State {
+            files: Vec<FilePosition>,
+        }
+        let st: State = serde_json::from_value(state).map_err(|e| bad_state("a file_source", e))?;
+        self.current = None;
+        self.resume_at = st.files.first().map_or(0, |f| f.offset);
+        self.files = st.files.into_iter().rev().map(|f| f.file).collect();
+        Ok(())
     }
 }
 
@@ -821,6 +937,11 @@ impl Operator for KeyedAggregate {
     fn finish(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
         self.state.write_back().map_err(|e| RuntimeError::internal(e.to_string()))
     }
+
+    fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
+        self.state.write_back().map_err(|e| RuntimeError::internal(e.to_string()))?;
+        Ok(None)
+    }
 }
 
 /// Counts per key in tumbling event-time windows; a window is emitted (`key,window_end,count`)
@@ -894,6 +1015,23 @@ impl Operator for TumblingWindowCount {
         self.fire(i64::MAX, out);
         Ok(())
     }
+
+    fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
+        Ok(Some(serde_json::json!({ "watermark": self.watermark, "windows": self.windows })))
+    }
+
+    fn restore(&mut self, state: Option<serde_json::Value>) -> Result<(), RuntimeError> {
+        #[derive(serde::Deserialize)]
+        struct State {
+            watermark: i64,
+            windows: BTreeMap<i64, HashMap<Box<str>, i64>>,
+        }
+        let Some(state) = state else { return Ok(()) };
+        let st: State = serde_json::from_value(state).map_err(|e| bad_state("a window", e))?;
+        self.watermark = st.watermark;
+        self.windows = st.windows;
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -938,125 +1076,95 @@ impl Operator for Blackhole {
     }
 }
 
-/// Bytes of one S3 part file: a sink subtask starts a new part (`-1`, `-2`, ...) after this
+/// Bytes of one part file: a sink subtask starts a new part (`-1`, `-2`, ...) after this
 /// many, staying far below the 5 GiB that one S3 PUT and one copy can take.
 pub const S3_PART_BYTES: u64 = 1 << 30;
 
-/// Writes lines to part files in a local directory or under an S3 prefix. A file being written
-/// is named `.part-<run>-<subtask>-<n>.inprogress`; it becomes `part-<run>-<subtask>-<n>` when
-/// it is committed, at the end of the input. The run id is unique, so no run overwrites
-/// another run's files, and readers that skip names starting with `.` never see a partial
-/// file.
+/// Writes lines to part files in a local directory or under an S3 prefix. A part being
+/// written is named `.part-<job>-<subtask>-<n>.inprogress`; it becomes
+/// `part-<job>-<subtask>-<n>` when it is committed. Readers that skip names starting with `.`
+/// never see a partial file.
+///
+/// Without checkpoints a part is committed at the end of the input. With checkpoints the
+/// commit is two-phase: at a barrier the open part is closed (made durable: fsync'd locally,
+/// uploaded on S3) and recorded as pending in the checkpoint; when the checkpoint completes,
+/// its pending parts are committed. A job restored from a checkpoint commits that
+/// checkpoint's pending parts (the commit is idempotent) and deletes the other in-progress
+/// parts of its subtask: those hold records that will be produced again.
 ///
 /// Locally the in-progress file is renamed. On S3 the lines are staged in a temporary local
-/// file (in the system's temporary directory, `TMPDIR`) that is uploaded as the in-progress
-/// object; the commit copies it to its final name and deletes it. A part that reaches
-/// [`S3_PART_BYTES`] is uploaded right away and a new part begins.
+/// file (in `TMPDIR`) that is uploaded as the in-progress object; the commit copies it to its
+/// final name and deletes it.
 #[derive(Debug)]
 pub struct FileSink {
     out: SinkOut,
-    /// `part-<run>-<subtask>`: part `n` is `<stem>-<n>`.
+    /// `part-<job>-<subtask>`: part `n` is `<stem>-<n>`.
     stem: String,
     buf: String,
+    two_phase: bool,
+    /// The part being written: its number, writer and size so far.
+    open: Option<(u32, OpenPart, u64)>,
+    /// Parts closed since the last barrier.
+    closed: Vec<u32>,
+    /// Parts in a checkpoint that has not completed yet, by checkpoint.
+    pending: Vec<(u64, Vec<u32>)>,
+    next_part: u32,
+    /// A part is closed once it has this many bytes.
+    part_bytes: u64,
 }
 
 #[derive(Debug)]
 enum SinkOut {
-    Local { dir: PathBuf, file: Option<std::io::BufWriter<std::fs::File>> },
-    S3(S3Parts),
+    Local(PathBuf),
+    S3 {
+        client: S3Client,
+        bucket: String,
+        /// The key prefix with its trailing `/`, or empty.
+        dir: String,
+    },
 }
 
 #[derive(Debug)]
-struct S3Parts {
-    client: S3Client,
-    bucket: String,
-    /// The key prefix with its trailing `/`, or empty.
-    dir: String,
-    /// The part being written, staged in a temporary file, with its size so far.
-    staged: Option<(std::io::BufWriter<tempfile::NamedTempFile>, u64)>,
-    /// Parts uploaded under their in-progress names, waiting for the commit.
-    uploaded: Vec<u32>,
-    next_part: u32,
-    /// A part is uploaded once it has this many bytes.
-    part_bytes: u64,
+enum OpenPart {
+    Local(std::io::BufWriter<std::fs::File>),
+    S3(std::io::BufWriter<tempfile::NamedTempFile>),
 }
 
-impl S3Parts {
-    fn in_progress(&self, stem: &str, n: u32) -> String {
-        format!("{}.{stem}-{n}.inprogress", self.dir)
-    }
-
-    fn committed(&self, stem: &str, n: u32) -> String {
-        format!("{}{stem}-{n}", self.dir)
-    }
-
-    fn write(&mut self, stem: &str, bytes: &[u8]) -> Result<(), RuntimeError> {
-        if self.staged.is_none() {
-            let tmp = tempfile::Builder::new().prefix(".weir-sink-").tempfile().map_err(|e| {
-                RuntimeError::external(format!(
-                    "file_sink: creating a staging file in {}: {e}",
-                    std::env::temp_dir().display()
-                ))
-            })?;
-            self.staged = Some((std::io::BufWriter::with_capacity(1 << 16, tmp), 0));
-        }
-        let (w, size) = self.staged.as_mut().expect("created above");
-        w.write_all(bytes).map_err(|e| {
-            RuntimeError::external(format!("file_sink: writing the staging file: {e}"))
-        })?;
-        *size += bytes.len() as u64;
-        if *size >= self.part_bytes {
-            self.upload(stem)?;
-        }
-        Ok(())
-    }
-
-    /// Uploads the staged part under its in-progress name.
-    fn upload(&mut self, stem: &str) -> Result<(), RuntimeError> {
-        let Some((w, _)) = self.staged.take() else { return Ok(()) };
-        let tmp = w.into_inner().map_err(|e| {
-            RuntimeError::external(format!("file_sink: writing the staging file: {}", e.error()))
-        })?;
-        let n = self.next_part;
-        self.next_part += 1;
-        let key = self.in_progress(stem, n);
-        self.client.put_file(&self.bucket, &key, tmp.path()).map_err(sink_error)?;
-        self.uploaded.push(n);
-        Ok(())
-    }
-
-    /// Uploads what is staged, then gives every uploaded part its final name.
-    fn commit(&mut self, stem: &str) -> Result<(), RuntimeError> {
-        self.upload(stem)?;
-        for n in std::mem::take(&mut self.uploaded) {
-            let (from, to) = (self.in_progress(stem, n), self.committed(stem, n));
-            self.client.copy(&self.bucket, &from, &to).map_err(sink_error)?;
-            self.client.delete(&self.bucket, &from).map_err(sink_error)?;
-        }
-        Ok(())
-    }
+/// What a file sink keeps in a checkpoint.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SinkState {
+    next_part: u32,
+    /// (checkpoint, parts) closed and waiting for that checkpoint to complete.
+    pending: Vec<(u64, Vec<u32>)>,
 }
 
 fn sink_error(e: RuntimeError) -> RuntimeError {
     RuntimeError { message: format!("file_sink: {}", e.message), ..e }
 }
 
+fn sink_io(what: &str, e: std::io::Error) -> RuntimeError {
+    RuntimeError::external(format!("file_sink: {what}: {e}"))
+}
+
 impl FileSink {
-    /// Subtask `subtask` of the sink writing to `uri` in run `run_id`. A local directory is
-    /// created; an S3 prefix is listed once, so that a missing bucket or refused credentials
-    /// stop the job before it starts. `s3` is needed for an S3 prefix.
+    /// Subtask `subtask` of the sink writing to `uri`, naming its parts after `job` (unique
+    /// per job). A local directory is created; an S3 prefix is listed once, so that a missing
+    /// bucket or refused credentials stop the job before it starts. `s3` is needed for an S3
+    /// prefix. `two_phase`: commit on checkpoints (see the type's documentation).
     pub fn new(
         uri: &StorageUri,
         s3: Option<&S3Client>,
-        run_id: &str,
+        job: &str,
         subtask: u32,
+        two_phase: bool,
     ) -> Result<Self, RuntimeError> {
         let out = match uri {
             StorageUri::Local(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| {
                     RuntimeError::user(format!("file_sink: creating {}: {e}", dir.display()))
                 })?;
-                SinkOut::Local { dir: dir.clone(), file: None }
+                SinkOut::Local(dir.clone())
             }
             StorageUri::S3 { bucket, prefix } => {
                 let client = s3.cloned().ok_or_else(|| {
@@ -1064,27 +1172,153 @@ impl FileSink {
                 })?;
                 let dir = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
                 client.check_bucket(bucket, &dir).map_err(sink_error)?;
-                SinkOut::S3(S3Parts {
-                    client,
-                    bucket: bucket.clone(),
-                    dir,
-                    staged: None,
-                    uploaded: Vec::new(),
-                    next_part: 0,
-                    part_bytes: S3_PART_BYTES,
-                })
+                SinkOut::S3 { client, bucket: bucket.clone(), dir }
             }
         };
-        Ok(Self { out, stem: format!("part-{run_id}-{subtask}"), buf: String::new() })
+        Ok(Self {
+            out,
+            stem: format!("part-{job}-{subtask}"),
+            buf: String::new(),
+            two_phase,
+            open: None,
+            closed: Vec::new(),
+            pending: Vec::new(),
+            next_part: 0,
+            part_bytes: S3_PART_BYTES,
+        })
     }
 
-    /// Starts a new S3 part once a part has `bytes` bytes (instead of [`S3_PART_BYTES`]); a
-    /// local sink writes one file regardless.
+    /// Starts a new part once a part has `bytes` bytes (instead of [`S3_PART_BYTES`]).
     pub fn with_part_bytes(mut self, bytes: u64) -> Self {
-        if let SinkOut::S3(parts) = &mut self.out {
-            parts.part_bytes = bytes.max(1);
-        }
+        self.part_bytes = bytes.max(1);
         self
+    }
+
+    fn in_progress(&self, n: u32) -> String {
+        format!(".{}-{n}.inprogress", self.stem)
+    }
+
+    fn committed(&self, n: u32) -> String {
+        format!("{}-{n}", self.stem)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), RuntimeError> {
+        if self.open.is_none() {
+            let n = self.next_part;
+            let part = match &self.out {
+                SinkOut::Local(dir) => {
+                    let p = dir.join(self.in_progress(n));
+                    let f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(true)
+                        .write(true)
+                        .open(&p)
+                        .map_err(|e| sink_io(&format!("creating {}", p.display()), e))?;
+                    OpenPart::Local(std::io::BufWriter::with_capacity(1 << 16, f))
+                }
+                SinkOut::S3 { .. } => {
+                    let tmp =
+                        tempfile::Builder::new().prefix(".weir-sink-").tempfile().map_err(|e| {
+                            sink_io(
+                                &format!(
+                                    "creating a staging file in {}",
+                                    std::env::temp_dir().display()
+                                ),
+                                e,
+                            )
+                        })?;
+                    OpenPart::S3(std::io::BufWriter::with_capacity(1 << 16, tmp))
+                }
+            };
+            self.next_part += 1;
+            self.open = Some((n, part, 0));
+        }
+        let (_, part, size) = self.open.as_mut().expect("opened above");
+        match part {
+            OpenPart::Local(w) => w.write_all(bytes),
+            OpenPart::S3(w) => w.write_all(bytes),
+        }
+        .map_err(|e| sink_io("writing", e))?;
+        *size += bytes.len() as u64;
+        if *size >= self.part_bytes {
+            self.close_part()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the open part durable under its in-progress name.
+    fn close_part(&mut self) -> Result<(), RuntimeError> {
+        let Some((n, part, _)) = self.open.take() else { return Ok(()) };
+        match (part, &self.out) {
+            (OpenPart::Local(mut w), _) => {
+                w.flush().map_err(|e| sink_io("writing", e))?;
+                w.get_ref().sync_all().map_err(|e| sink_io("syncing", e))?;
+            }
+            (OpenPart::S3(w), SinkOut::S3 { client, bucket, dir }) => {
+                let tmp = w
+                    .into_inner()
+                    .map_err(|e| sink_io("writing the staging file", e.into_error()))?;
+                let key = format!("{dir}{}", self.in_progress(n));
+                client.put_file(bucket, &key, tmp.path()).map_err(sink_error)?;
+            }
+            (OpenPart::S3(_), SinkOut::Local(_)) => {
+                return Err(RuntimeError::internal("file_sink: an S3 part of a local sink"));
+            }
+        }
+        self.closed.push(n);
+        Ok(())
+    }
+
+    /// Gives part `n` its final name. Idempotent: a part already committed stays so.
+    fn commit(&self, n: u32) -> Result<(), RuntimeError> {
+        let (from, to) = (self.in_progress(n), self.committed(n));
+        match &self.out {
+            SinkOut::Local(dir) => match std::fs::rename(dir.join(&from), dir.join(&to)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.join(&to).exists() => {
+                    Ok(())
+                }
+                Err(e) => Err(sink_io(&format!("committing {}", dir.join(&from).display()), e)),
+            },
+            SinkOut::S3 { client, bucket, dir } => {
+                let (from, to) = (format!("{dir}{from}"), format!("{dir}{to}"));
+                if let Err(e) = client.copy(bucket, &from, &to) {
+                    // Committed before (the in-progress object is gone, the part is there).
+                    let there = client.list(bucket, &to).map_err(sink_error)?;
+                    if there.iter().any(|o| o.key == to) {
+                        return Ok(());
+                    }
+                    return Err(sink_error(e));
+                }
+                client.delete(bucket, &from).map_err(sink_error)
+            }
+        }
+    }
+
+    /// Deletes this subtask's in-progress parts (records of a failed attempt).
+    fn discard_in_progress(&self) -> Result<(), RuntimeError> {
+        let prefix = format!(".{}-", self.stem);
+        let ours = |name: &str| name.starts_with(&prefix) && name.ends_with(".inprogress");
+        match &self.out {
+            SinkOut::Local(dir) => {
+                let entries = std::fs::read_dir(dir)
+                    .map_err(|e| sink_io(&format!("{}", dir.display()), e))?;
+                for e in entries.flatten() {
+                    if ours(&e.file_name().to_string_lossy()) {
+                        std::fs::remove_file(e.path())
+                            .map_err(|x| sink_io(&format!("{}", e.path().display()), x))?;
+                    }
+                }
+            }
+            SinkOut::S3 { client, bucket, dir } => {
+                for o in client.list(bucket, &format!("{dir}{prefix}")).map_err(sink_error)? {
+                    if ours(&o.key[dir.len()..]) {
+                        client.delete(bucket, &o.key).map_err(sink_error)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1095,45 +1329,56 @@ impl Operator for FileSink {
         batch: Vec<Record>,
         _out: &mut Vec<Record>,
     ) -> Result<(), RuntimeError> {
-        self.buf.clear();
-        to_lines(&batch, &mut self.buf);
-        match &mut self.out {
-            SinkOut::Local { dir, file } => {
-                if file.is_none() {
-                    let p = dir.join(format!(".{}-0.inprogress", self.stem));
-                    let f =
-                        std::fs::OpenOptions::new().create_new(true).write(true).open(&p).map_err(
-                            |e| {
-                                RuntimeError::external(format!(
-                                    "file_sink: creating {}: {e}",
-                                    p.display()
-                                ))
-                            },
-                        )?;
-                    *file = Some(std::io::BufWriter::with_capacity(1 << 16, f));
-                }
-                let f = file.as_mut().expect("opened above");
-                f.write_all(self.buf.as_bytes())
-                    .map_err(|e| RuntimeError::external(format!("file_sink: {e}")))
-            }
-            SinkOut::S3(parts) => parts.write(&self.stem, self.buf.as_bytes()),
-        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        to_lines(&batch, &mut buf);
+        let r = self.write(buf.as_bytes());
+        self.buf = buf;
+        r
     }
 
     fn finish(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
-        match &mut self.out {
-            SinkOut::Local { dir, file } => {
-                let Some(mut f) = file.take() else { return Ok(()) };
-                let io = |e: std::io::Error| RuntimeError::external(format!("file_sink: {e}"));
-                f.flush().map_err(io)?;
-                f.get_ref().sync_all().map_err(io)?;
-                let name = format!("{}-0", self.stem);
-                std::fs::rename(dir.join(format!(".{name}.inprogress")), dir.join(&name))
-                    .map_err(io)?;
-                Ok(())
-            }
-            SinkOut::S3(parts) => parts.commit(&self.stem),
+        if self.two_phase {
+            // The final checkpoint closes the last part and commits it.
+            return Ok(());
         }
+        self.close_part()?;
+        for n in std::mem::take(&mut self.closed) {
+            self.commit(n)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, state: Option<serde_json::Value>) -> Result<(), RuntimeError> {
+        if let Some(state) = state {
+            let st: SinkState =
+                serde_json::from_value(state).map_err(|e| bad_state("a file_sink", e))?;
+            self.next_part = st.next_part;
+            // The checkpoint restored from is complete: its pending parts are committed now.
+            for n in st.pending.iter().flat_map(|(_, parts)| parts) {
+                self.commit(*n)?;
+            }
+        }
+        self.discard_in_progress()
+    }
+
+    fn snapshot(&mut self, id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
+        self.close_part()?;
+        if !self.closed.is_empty() {
+            self.pending.push((id, std::mem::take(&mut self.closed)));
+        }
+        let st = SinkState { next_part: self.next_part, pending: self.pending.clone() };
+        serde_json::to_value(st).map(Some).map_err(|e| RuntimeError::internal(e.to_string()))
+    }
+
+    fn checkpoint_complete(&mut self, id: u64) -> Result<(), RuntimeError> {
+        let (done, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|(c, _)| *c <= id);
+        self.pending = later;
+        for n in done.iter().flat_map(|(_, parts)| parts) {
+            self.commit(*n)?;
+        }
+        Ok(())
     }
 }
 

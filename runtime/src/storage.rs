@@ -370,3 +370,56 @@ impl<S: Storage> Storage for Faulty<S> {
         self.inner.describe(key)
     }
 }
+
+/// A storage seen below a prefix: key `k` is `<prefix>/k` of the storage underneath.
+#[derive(Debug, Clone)]
+pub struct Prefixed {
+    inner: std::sync::Arc<dyn Storage>,
+    prefix: String,
+}
+
+impl Prefixed {
+    /// `prefix` without leading or trailing `/`; empty for the root.
+    pub fn new(inner: std::sync::Arc<dyn Storage>, prefix: &str) -> Self {
+        Self { inner, prefix: prefix.trim_matches('/').to_string() }
+    }
+
+    fn full(&self, key: &str) -> String {
+        if self.prefix.is_empty() { key.to_string() } else { format!("{}/{key}", self.prefix) }
+    }
+}
+
+impl Storage for Prefixed {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), RuntimeError> {
+        self.inner.put(&self.full(key), bytes)
+    }
+
+    fn put_file(&self, key: &str, path: &Path) -> Result<u64, RuntimeError> {
+        self.inner.put_file(&self.full(key), path)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
+        self.inner.get(&self.full(key))
+    }
+
+    fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, RuntimeError> {
+        self.inner.get_range(&self.full(key), start, end)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, RuntimeError> {
+        let cut = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let mut out = self.inner.list(&self.full(prefix))?;
+        for e in &mut out {
+            e.key = e.key[cut..].to_string();
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), RuntimeError> {
+        self.inner.delete(&self.full(key))
+    }
+
+    fn describe(&self, key: &str) -> String {
+        self.inner.describe(&self.full(key))
+    }
+}

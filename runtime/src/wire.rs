@@ -9,7 +9,8 @@
 //!
 //! `Batch` carries records from subtask `from` to subtask `to` over exchange `edge`; `End`
 //! says that channel is finished; `Credit` goes the other way and lets the sender of that
-//! channel send `n` more batches. Integers are little-endian. A record is a varint field
+//! channel send `n` more batches; `Barrier` carries a checkpoint barrier (payload: the
+//! checkpoint id, u64, and a flags byte, bit 0 = unaligned) and needs no credit. Integers are little-endian. A record is a varint field
 //! count followed by its values, each a tag byte and its bytes (strings as a varint length
 //! and UTF-8). Decoding checks everything: bytes from a socket never make the worker panic.
 
@@ -22,6 +23,26 @@ pub enum Kind {
     Batch = 1,
     End = 2,
     Credit = 3,
+    Barrier = 4,
+}
+
+/// Payload bytes of a `Barrier` frame.
+pub const BARRIER_LEN: u32 = 9;
+
+/// A barrier's payload.
+pub fn encode_barrier(id: u64, unaligned: bool) -> [u8; BARRIER_LEN as usize] {
+    let mut b = [0u8; BARRIER_LEN as usize];
+    b[..8].copy_from_slice(&id.to_le_bytes());
+    b[8] = u8::from(unaligned);
+    b
+}
+
+/// Reads a barrier's payload.
+pub fn decode_barrier(b: &[u8]) -> Result<(u64, bool), String> {
+    if b.len() != BARRIER_LEN as usize || b[8] > 1 {
+        return Err("a malformed barrier".into());
+    }
+    Ok((u64::from_le_bytes(b[..8].try_into().expect("8 bytes")), b[8] == 1))
 }
 
 /// The fixed part of a frame.
@@ -31,7 +52,7 @@ pub struct Header {
     pub edge: u32,
     pub from: u32,
     pub to: u32,
-    /// Payload length for `Batch`, credits for `Credit`, 0 for `End`.
+    /// Payload length for `Batch` and `Barrier`, credits for `Credit`, 0 for `End`.
     pub n: u32,
 }
 
@@ -54,12 +75,16 @@ impl Header {
             1 => Kind::Batch,
             2 => Kind::End,
             3 => Kind::Credit,
+            4 => Kind::Barrier,
             k => return Err(format!("unknown frame kind {k}")),
         };
         let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let h = Header { kind, edge: u(1), from: u(5), to: u(9), n: u(13) };
         if h.kind == Kind::Batch && h.n > MAX_PAYLOAD {
             return Err(format!("a batch of {} bytes is over the limit of {MAX_PAYLOAD}", h.n));
+        }
+        if h.kind == Kind::Barrier && h.n != BARRIER_LEN {
+            return Err(format!("a barrier of {} bytes, not {BARRIER_LEN}", h.n));
         }
         Ok(h)
     }
@@ -222,5 +247,12 @@ mod tests {
         assert!(Header::decode(&b).unwrap_err().contains("kind 9"));
         let big = Header { kind: Kind::Batch, edge: 0, from: 0, to: 0, n: MAX_PAYLOAD + 1 };
         assert!(Header::decode(&big.to_bytes()).is_err());
+        let bad = Header { kind: Kind::Barrier, edge: 0, from: 0, to: 0, n: 3 };
+        assert!(Header::decode(&bad.to_bytes()).is_err());
+        assert_eq!(
+            decode_barrier(&encode_barrier(u64::MAX - 1, true)).unwrap(),
+            (u64::MAX - 1, true)
+        );
+        assert!(decode_barrier(&[0; 5]).is_err());
     }
 }

@@ -1,4 +1,5 @@
-//! A worker: connects to the coordinator, waits for the job, runs its subtasks and reports.
+//! A worker: connects to the coordinator, waits for the job, runs its subtasks and reports;
+//! after a failure it stays connected and runs the next attempt the coordinator starts.
 //!
 //! The same function serves `weir worker` (a process per subtask index, in pods or started
 //! by `weir run --processes`) and `weir run` (one worker thread running every subtask).
@@ -6,14 +7,19 @@
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use weir_crds::StorageUri;
+
+use crate::checkpoint::Restored;
 use crate::control::{Assignment, PROTOCOL, Reader, ToCoordinator, ToWorker, Writer};
 use crate::error::{RuntimeError, Whose};
 use crate::exchange::Network;
-use crate::exec::{JobMetrics, Placement, RunOptions, run_worker};
+use crate::exec::{AckEvent, CheckpointRun, FINAL, JobMetrics, Placement, RunOptions, run_worker};
+use crate::objstore::S3Client;
+use crate::storage::{Prefixed, Storage};
 
 /// How long a worker keeps trying to reach the coordinator and the other workers, unless
 /// told otherwise.
@@ -80,36 +86,108 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
     writer
         .send(&ToCoordinator::Hello { protocol: PROTOCOL, index: opts.index, data_addr })
         .map_err(io)?;
-    let start = match reader.recv::<ToWorker>() {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            return Err(RuntimeError::external("the coordinator closed the connection").retryable());
+    // The coordinator's messages: the job's start and end to this thread, the rest to the
+    // attempt that runs.
+    let current: Arc<Mutex<Option<AttemptCtl>>> = Arc::default();
+    let (main_tx, main_rx) = crossbeam_channel::unbounded::<Option<ToWorker>>();
+    {
+        let (current, stop) = (current.clone(), opts.stop.clone());
+        std::thread::spawn(move || {
+            loop {
+                let msg = reader.recv::<ToWorker>();
+                let ctl = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match msg {
+                    Ok(Some(ToWorker::Stop)) => stop.store(true, Ordering::Relaxed),
+                    Ok(Some(ToWorker::Cancel)) => {
+                        if let Some(c) = ctl {
+                            c.cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(Some(ToWorker::Trigger { id })) => {
+                        if let Some(c) = ctl {
+                            c.triggered.fetch_max(id, Ordering::AcqRel);
+                        }
+                    }
+                    Ok(Some(ToWorker::Complete { id, final_ })) => {
+                        if let Some(c) = ctl {
+                            let id = if final_ { FINAL } else { id };
+                            c.completed.fetch_max(id, Ordering::AcqRel);
+                        }
+                    }
+                    Ok(Some(m)) => {
+                        if main_tx.send(Some(m)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        // The coordinator is gone: nobody will take the results.
+                        if let Some(c) = ctl {
+                            c.cancel.store(true, Ordering::Relaxed);
+                        }
+                        let _ = main_tx.send(None);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let mut last: Option<Result<(), RuntimeError>> = None;
+    loop {
+        let msg = main_rx.recv().ok().flatten();
+        let job = match msg {
+            Some(ToWorker::Start(job)) => job,
+            Some(ToWorker::Refused { reason }) => {
+                return Err(RuntimeError::user(format!(
+                    "the coordinator refused this worker: {reason}"
+                )));
+            }
+            Some(ToWorker::Exit) => return last.unwrap_or(Ok(())),
+            Some(other) => {
+                return Err(RuntimeError::internal(format!("expected the job, got {other:?}")));
+            }
+            None => {
+                return match last {
+                    Some(r) => r,
+                    None => {
+                        Err(RuntimeError::external("the coordinator closed the connection")
+                            .retryable())
+                    }
+                };
+            }
+        };
+        let ctl = AttemptCtl {
+            cancel: Arc::default(),
+            triggered: Arc::new(AtomicU64::new(job.checkpoints.as_ref().map_or(0, |c| c.after_id))),
+            completed: Arc::default(),
+        };
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctl.clone());
+        let result = run_job(opts, &job, &listener, &writer, &ctl);
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let report = match &result {
+            Ok(records) => ToCoordinator::Finished { records: records.clone() },
+            Err(e) => ToCoordinator::Failed {
+                message: e.message.clone(),
+                user: e.whose == Whose::User,
+                retryable: e.retryable,
+            },
+        };
+        if let Err(e) = &result {
+            eprintln!("weir: worker {}: attempt {}: {e}", opts.index.unwrap_or(0), job.attempt);
         }
-        Err(e) => return Err(RuntimeError::external(format!("from the coordinator: {e}"))),
-    };
-    let job = match start {
-        ToWorker::Start(job) => job,
-        ToWorker::Refused { reason } => {
-            return Err(RuntimeError::user(format!(
-                "the coordinator refused this worker: {reason}"
-            )));
+        if writer.send(&report).is_err() {
+            writer.shutdown();
+            return result.map(|_| ());
         }
-        other => {
-            return Err(RuntimeError::internal(format!("expected the job, got {other:?}")));
-        }
-    };
-    let result = run_job(opts, &job, &listener, &writer, reader);
-    let report = match &result {
-        Ok(records) => ToCoordinator::Finished { records: records.clone() },
-        Err(e) => ToCoordinator::Failed {
-            message: e.message.clone(),
-            user: e.whose == Whose::User,
-            retryable: e.retryable,
-        },
-    };
-    let _ = writer.send(&report);
-    writer.shutdown();
-    result.map(|_| ())
+        last = Some(result.map(|_| ()));
+    }
+}
+
+/// What the coordinator's messages change in the attempt that runs.
+#[derive(Debug, Clone)]
+struct AttemptCtl {
+    cancel: Arc<AtomicBool>,
+    triggered: Arc<AtomicU64>,
+    completed: Arc<AtomicU64>,
 }
 
 fn run_job(
@@ -117,7 +195,7 @@ fn run_job(
     job: &Assignment,
     listener: &TcpListener,
     writer: &Arc<Writer>,
-    mut reader: Reader,
+    ctl: &AttemptCtl,
 ) -> Result<Vec<(u64, u64)>, RuntimeError> {
     let p = job.parallelism;
     let plan = crate::plan::build(&job.spec, Some(p), Some(job.max_parallelism))
@@ -128,24 +206,46 @@ fn run_job(
     }
     let me = opts.index.unwrap_or_default();
     let hosted: Vec<u32> = (0..p).filter(|&s| worker_of[s as usize] == me).collect();
-    let mut run = RunOptions::new(&opts.state_dir, &job.run_id);
+    let run_id = format!("{}-a{}", job.run_id, job.attempt);
+    let mut run = RunOptions::new(&opts.state_dir, &run_id);
+    run.job_id = job.job_id.clone();
     run.keep_state = job.keep_state;
     run.stop = opts.stop.clone();
-    // Messages from the coordinator while the job runs.
-    {
-        let (stop, cancel) = (run.stop.clone(), run.cancel.clone());
+    run.cancel = ctl.cancel.clone();
+    // Acknowledgements go to the coordinator as the subtasks send them.
+    let (acks_tx, acks_rx) = crossbeam_channel::unbounded::<AckEvent>();
+    let forward = {
+        let writer = writer.clone();
         std::thread::spawn(move || {
-            loop {
-                match reader.recv::<ToWorker>() {
-                    Ok(Some(ToWorker::Stop)) => stop.store(true, Ordering::Relaxed),
-                    Ok(Some(_)) | Ok(None) | Err(_) => {
-                        // Cancelled, or the coordinator is gone: nobody will take the results.
-                        cancel.store(true, Ordering::Relaxed);
-                        return;
-                    }
+            for (id, r) in acks_rx {
+                let msg = match r {
+                    Ok(ack) => ToCoordinator::Ack { id, ack: Box::new(ack) },
+                    Err(e) => ToCoordinator::Decline { id, message: e.message },
+                };
+                if writer.send(&msg).is_err() {
+                    return;
                 }
             }
+        })
+    };
+    if let Some(c) = &job.checkpoints {
+        let s3 = match &c.storage {
+            StorageUri::S3 { .. } => Some(S3Client::new(job.spec.s3.as_ref())?),
+            StorageUri::Local(_) => None,
+        };
+        let root: Arc<dyn Storage> = Arc::from(crate::storage::open(&c.storage, s3.as_ref())?);
+        let restore: Restored =
+            c.restore.iter().map(|o| ((o.uid.clone(), o.subtask), o.clone())).collect();
+        run.checkpoints = Some(CheckpointRun {
+            settings: c.settings.clone(),
+            storage: Arc::new(Prefixed::new(root, &c.job_dir)),
+            restore: Arc::new(restore),
+            triggered: ctl.triggered.clone(),
+            completed: ctl.completed.clone(),
+            acks: acks_tx,
         });
+    } else {
+        drop(acks_tx);
     }
     let network = if hosted.len() == p as usize {
         None
@@ -157,14 +257,7 @@ fn run_job(
             .filter(|&(w, _)| w as u32 != me)
             .map(|(w, a)| (w as u32, a.clone()))
             .collect();
-        Some(Network::connect(
-            me,
-            &peers,
-            listener,
-            &job.run_id,
-            opts.connect_timeout,
-            &run.cancel,
-        )?)
+        Some(Network::connect(me, &peers, listener, &run_id, opts.connect_timeout, &run.cancel)?)
     };
     let metrics = Arc::new(JobMetrics::new(&plan));
     let done = Arc::new(AtomicBool::new(false));
@@ -190,5 +283,7 @@ fn run_job(
     let result = run_worker(&plan, &run, &placement, network, metrics.clone());
     done.store(true, Ordering::Relaxed);
     let _ = progress.join();
+    drop(run);
+    let _ = forward.join();
     result.map(|_| metrics.records_in_order())
 }

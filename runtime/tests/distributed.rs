@@ -10,11 +10,18 @@ use std::time::{Duration, Instant};
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
 fn unbounded_job(dir: &std::path::Path, parallelism: u32) -> std::path::PathBuf {
+    job_with(dir, parallelism, "")
+}
+
+/// The unbounded job with more spec fields (lines indented by two spaces); checkpoints go
+/// under `dir`.
+fn job_with(dir: &std::path::Path, parallelism: u32, extra: &str) -> std::path::PathBuf {
     let file = dir.join("job.yaml");
     std::fs::write(
         &file,
         format!(
-            "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: counter}}\nspec:\n  parallelism: {parallelism}\n  pipeline:\n    operators:\n      - {{uid: events, type: generator, format: kv, keys: 1000, ratePerSecond: 20000, seed: 7}}\n      - {{uid: counts, type: count, inputs: [events], key: key}}\n      - {{uid: out, type: file_sink, inputs: [counts], path: {}}}\n",
+            "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: counter}}\nspec:\n  parallelism: {parallelism}\n  checkpointing: {{storage: {}}}\n{extra}  pipeline:\n    operators:\n      - {{uid: events, type: generator, format: kv, keys: 1000, ratePerSecond: 20000, seed: 7}}\n      - {{uid: counts, type: count, inputs: [events], key: key}}\n      - {{uid: out, type: file_sink, inputs: [counts], path: {}}}\n",
+            dir.join("checkpoints").display(),
             dir.join("out").display()
         ),
     )
@@ -201,7 +208,8 @@ fn the_http_api_serves_the_running_job_and_sigterm_stops_it_cleanly() {
 #[test]
 fn a_worker_that_dies_fails_the_job_and_the_other_workers_go_too() {
     let tmp = tempfile::tempdir().unwrap();
-    let file = unbounded_job(tmp.path(), 2);
+    // Without restarts: a lost worker ends the job.
+    let file = job_with(tmp.path(), 2, "  restartStrategy: {type: none}\n");
     let coord = start(&[
         "coordinator",
         file.to_str().unwrap(),
@@ -219,6 +227,7 @@ fn a_worker_that_dies_fails_the_job_and_the_other_workers_go_too() {
     let (code, err) = coord.finish(Duration::from_secs(60));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("worker 1 was lost"), "{err}");
+    assert!(err.contains("not restarted: restartStrategy.type is none"), "{err}");
     let (code, err0) = w0.finish(Duration::from_secs(60));
     assert_ne!(code, Some(0), "worker 0 went on: {err0}");
     let _ = w1.finish(Duration::from_secs(10));
@@ -278,7 +287,7 @@ fn a_worker_without_a_coordinator_gives_up_with_a_clear_error() {
 #[test]
 fn a_worker_that_fails_at_setup_cancels_the_others_while_they_connect() {
     let tmp = tempfile::tempdir().unwrap();
-    let file = unbounded_job(tmp.path(), 2);
+    let file = job_with(tmp.path(), 2, "  restartStrategy: {type: none}\n");
     let coord = start(&["coordinator", file.to_str().unwrap(), "--control-addr", "127.0.0.1:0"]);
     let control = coord.addr("control");
     let w0 = start_worker(&control, 0, tmp.path());
@@ -286,7 +295,7 @@ fn a_worker_that_fails_at_setup_cancels_the_others_while_they_connect() {
     // answers on, takes the job, and reports a failure.
     let s = TcpStream::connect(&control).unwrap();
     let mut w = s.try_clone().unwrap();
-    writeln!(w, r#"{{"type":"hello","protocol":1,"index":1,"dataAddr":"127.0.0.1:1"}}"#).unwrap();
+    writeln!(w, r#"{{"type":"hello","protocol":2,"index":1,"dataAddr":"127.0.0.1:1"}}"#).unwrap();
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).unwrap();
     assert!(line.contains(r#""type":"start""#), "{line}");

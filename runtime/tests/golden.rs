@@ -27,7 +27,8 @@ fn write_input(dir: &Path, files: usize, lines: usize, seed: u64) -> BTreeMap<St
 
 fn manifest(input: &Path, output: &Path, parallelism: u32) -> String {
     format!(
-        "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: wc}}\nspec:\n  parallelism: {parallelism}\n  maxParallelism: 128\n  checkpointing: {{interval: 1s, storage: /var/tmp/weir/checkpoints}}\n  pipeline:\n    operators:\n      - {{uid: lines,  type: file_source, path: {}}}\n      - {{uid: words,  type: split, inputs: [lines]}}\n      - {{uid: counts, type: count, inputs: [words], key: word}}\n      - {{uid: out,    type: file_sink, inputs: [counts], path: {}}}\n",
+        "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: wc}}\nspec:\n  parallelism: {parallelism}\n  maxParallelism: 128\n  checkpointing: {{interval: 1s, storage: {}}}\n  pipeline:\n    operators:\n      - {{uid: lines,  type: file_source, path: {}}}\n      - {{uid: words,  type: split, inputs: [lines]}}\n      - {{uid: counts, type: count, inputs: [words], key: word}}\n      - {{uid: out,    type: file_sink, inputs: [counts], path: {}}}\n",
+        output.with_extension("checkpoints").display(),
         input.display(),
         output.display()
     )
@@ -66,7 +67,7 @@ fn word_count_is_exact_at_parallelism_1_2_and_3_in_process() {
         let mut stored = BTreeMap::new();
         for s in 0..p {
             let backend = weir_runtime::state::StateBackend::open(
-                &tmp.path().join(format!("state/test-{p}/worker-{s}")),
+                &tmp.path().join(format!("state/test-{p}/counts-{s}/db")),
                 &["counts".to_string()],
             )
             .unwrap();

@@ -369,8 +369,9 @@ fn large_objects_are_read_in_ranges_and_sink_parts_roll() {
     let out: StorageUri = format!("s3://{b}/{base}/out").parse().unwrap();
     // Parts above one upload part, so that each goes up as a multipart upload.
     let part_bytes = weir_runtime::objstore::UPLOAD_PART + 1000;
-    let mut sink =
-        FileSink::new(&out, Some(&s3), "run1", 0).unwrap().with_part_bytes(part_bytes as u64);
+    let mut sink = FileSink::new(&out, Some(&s3), "run1", 0, false)
+        .unwrap()
+        .with_part_bytes(part_bytes as u64);
     let mut written = 0usize;
     let mut n = 0u64;
     // Two full parts (each ends within a batch of its limit) and a third, smaller one.

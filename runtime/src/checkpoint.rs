@@ -1,0 +1,403 @@
+//! Checkpoints: their settings, their metadata and where they are kept, retention, and the
+//! restart strategy that brings a failed job back from the last one.
+//!
+//! Storage layout, below the storage's root (`spec.checkpointing.storage`):
+//!
+//! ```text
+//!   <namespace>/<job-name>/<job-id>/chk-<n>/_metadata          written last
+//!   <namespace>/<job-name>/<job-id>/chk-<n>/<instance>/...      RocksDB files that change
+//!   <namespace>/<job-name>/<job-id>/shared/<instance>/<sst>     SST files, shared by checkpoints
+//! ```
+//!
+//! A checkpoint exists once its `_metadata` does: the coordinator writes it after every
+//! subtask has acknowledged, so a checkpoint that failed half-way is never restored from.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use weir_crds::StorageUri;
+use weir_crds::streamjob::{
+    CheckpointMode, CheckpointingSpec, RestartStrategy, RestartStrategyType,
+};
+
+use crate::error::RuntimeError;
+use crate::snapshot::StateHandle;
+use crate::storage::Storage;
+
+/// The first bytes of a metadata file: the format and its version.
+pub const MAGIC: &[u8] = b"WEIR-CHECKPOINT 1\n";
+/// The metadata format this build writes and reads.
+pub const VERSION: u32 = 1;
+pub const METADATA: &str = "_metadata";
+
+/// The checkpoint settings of a job, checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    /// Zero: no periodic checkpoints.
+    pub interval: Duration,
+    pub exactly_once: bool,
+    pub timeout: Duration,
+    pub min_pause: Duration,
+    pub max_concurrent: u32,
+    pub tolerable_failures: u32,
+    pub unaligned: bool,
+    pub alignment_timeout: Duration,
+    pub incremental: bool,
+    pub retained: u32,
+}
+
+impl Settings {
+    pub fn from_spec(c: &CheckpointingSpec) -> Self {
+        Self {
+            interval: c.interval.as_std(),
+            exactly_once: c.mode == CheckpointMode::ExactlyOnce,
+            timeout: c.timeout.as_std(),
+            min_pause: c.min_pause.as_std(),
+            max_concurrent: c.max_concurrent.max(1) as u32,
+            tolerable_failures: c.tolerable_failures.max(0) as u32,
+            unaligned: c.unaligned,
+            alignment_timeout: c.alignment_timeout.as_std(),
+            incremental: c.incremental,
+            retained: c.retained.max(1) as u32,
+        }
+    }
+}
+
+/// The default checkpoint storage when the spec names none: a local directory.
+pub fn default_storage() -> StorageUri {
+    StorageUri::Local("/var/tmp/weir/checkpoints".into())
+}
+
+/// The state of one operator subtask in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperatorState {
+    pub uid: String,
+    pub subtask: u32,
+    /// Keyed state: the RocksDB files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyed: Option<StateHandle>,
+    /// Everything else the operator keeps (a source's position, a sink's pending files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<serde_json::Value>,
+}
+
+/// What one subtask of a task reports for a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskAck {
+    /// The uid of the task's first operator.
+    pub task: String,
+    pub subtask: u32,
+    pub operators: Vec<OperatorState>,
+    /// Bytes of keyed state the checkpoint refers to, and how many of them were uploaded.
+    pub state_bytes: u64,
+    pub uploaded_bytes: u64,
+    /// From the first barrier to the last one (aligned) at this subtask.
+    pub alignment_ms: u64,
+    /// The synchronous part (flush and RocksDB checkpoint) and the upload.
+    pub sync_ms: u64,
+    pub async_ms: u64,
+}
+
+/// A completed checkpoint's `_metadata`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    pub version: u32,
+    pub job_name: String,
+    pub job_id: String,
+    pub id: u64,
+    /// Milliseconds since the epoch.
+    pub triggered_at: u64,
+    pub completed_at: u64,
+    pub parallelism: u32,
+    pub max_parallelism: u32,
+    pub operator_uids: Vec<String>,
+    /// Taken when every source had ended (exhausted or stopped): the job's final state.
+    pub final_: bool,
+    pub operators: Vec<OperatorState>,
+}
+
+impl Metadata {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        b.extend(serde_json::to_vec_pretty(self).expect("metadata serializes"));
+        b
+    }
+
+    pub fn parse(bytes: &[u8], where_: &str) -> Result<Self, RuntimeError> {
+        let Some(body) = bytes.strip_prefix(MAGIC) else {
+            let first = String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned();
+            return Err(RuntimeError::user(format!(
+                "{where_} is not checkpoint metadata of this version of Weir (it starts with {first:?})"
+            )));
+        };
+        let m: Metadata = serde_json::from_slice(body).map_err(|e| {
+            RuntimeError::user(format!("{where_}: damaged checkpoint metadata: {e}"))
+        })?;
+        if m.version != VERSION {
+            return Err(RuntimeError::user(format!(
+                "{where_}: metadata version {}; this Weir reads version {VERSION}",
+                m.version
+            )));
+        }
+        Ok(m)
+    }
+
+    /// The state of operator `uid`'s subtask `subtask`.
+    pub fn state_of(&self, uid: &str, subtask: u32) -> Option<&OperatorState> {
+        self.operators.iter().find(|o| o.uid == uid && o.subtask == subtask)
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.operators.iter().filter_map(|o| o.keyed.as_ref()).map(StateHandle::size).sum()
+    }
+
+    /// The prefix of a checkpoint's own files, relative to the job's directory.
+    pub fn dir(id: u64) -> String {
+        format!("chk-{id}")
+    }
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// The directory of a job's checkpoints, relative to the storage's root.
+pub fn job_dir(namespace: &str, name: &str, job_id: &str) -> String {
+    format!("{namespace}/{name}/{job_id}")
+}
+
+/// Every completed checkpoint of job `name` in `namespace`, of any job id, oldest first (by
+/// completion time). Metadata that cannot be read is reported and skipped.
+pub fn completed(
+    root: &dyn Storage,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<Metadata>, RuntimeError> {
+    let mut out = Vec::new();
+    for e in root.list(&format!("{namespace}/{name}/"))? {
+        if !e.key.ends_with(&format!("/{METADATA}")) {
+            continue;
+        }
+        let Some(bytes) = root.get(&e.key)? else { continue };
+        match Metadata::parse(&bytes, &root.describe(&e.key)) {
+            Ok(m) => out.push(m),
+            Err(err) => eprintln!("weir: skipping {}: {err}", root.describe(&e.key)),
+        }
+    }
+    out.sort_by_key(|m| (m.completed_at, m.id));
+    Ok(out)
+}
+
+/// The highest checkpoint id used by a job id, complete or not (a restarted job goes on
+/// above it, so that it never writes into a failed checkpoint's files).
+pub fn highest_id(job: &dyn Storage) -> Result<u64, RuntimeError> {
+    let mut top = 0;
+    for e in job.list("chk-")? {
+        let n = e.key.strip_prefix("chk-").and_then(|r| r.split('/').next());
+        if let Some(n) = n.and_then(|n| n.parse::<u64>().ok()) {
+            top = top.max(n);
+        }
+    }
+    Ok(top)
+}
+
+/// Deletes the checkpoints of `dropped` and the shared files no `retained` one refers to.
+pub fn discard(
+    job: &dyn Storage,
+    dropped: &[Metadata],
+    retained: &[Metadata],
+) -> Result<(), RuntimeError> {
+    let handles = |ms: &[Metadata]| -> Vec<StateHandle> {
+        ms.iter().flat_map(|m| m.operators.iter().filter_map(|o| o.keyed.clone())).collect()
+    };
+    let (d, r) = (handles(dropped), handles(retained));
+    for key in crate::snapshot::unreferenced(&d, &r) {
+        job.delete(&key)?;
+    }
+    for m in dropped {
+        // The metadata first: a checkpoint half deleted must not look complete.
+        job.delete(&format!("{}/{METADATA}", Metadata::dir(m.id)))?;
+        for e in job.list(&format!("{}/", Metadata::dir(m.id)))? {
+            job.delete(&e.key)?;
+        }
+    }
+    Ok(())
+}
+
+/// Decides whether and when a failed job restarts.
+#[derive(Debug, Clone)]
+pub struct Restarts {
+    spec: RestartStrategy,
+    /// Restarts so far (fixed-delay), or since the last reset (exponential-delay).
+    count: u32,
+    /// When each failure happened (failure-rate).
+    failures: Vec<std::time::Instant>,
+    /// When the job last (re)started.
+    running_since: std::time::Instant,
+    rng: u64,
+}
+
+impl Restarts {
+    pub fn new(spec: &RestartStrategy) -> Self {
+        Self {
+            spec: spec.clone(),
+            count: 0,
+            failures: Vec::new(),
+            running_since: std::time::Instant::now(),
+            rng: now_ms() | 1,
+        }
+    }
+
+    /// The job failed now: `Some(delay)` to restart after it, `None` to give up (with why).
+    pub fn on_failure(&mut self, now: std::time::Instant) -> Result<Duration, String> {
+        let s = &self.spec;
+        let delay = s.delay.as_std();
+        match s.kind {
+            RestartStrategyType::None => {
+                Err("restartStrategy.type is none: the job is not restarted".into())
+            }
+            RestartStrategyType::FixedDelay => {
+                if self.count >= s.attempts.max(0) as u32 {
+                    return Err(format!(
+                        "restartStrategy fixed-delay: all {} restart attempts are used",
+                        s.attempts
+                    ));
+                }
+                self.count += 1;
+                Ok(delay)
+            }
+            RestartStrategyType::FailureRate => {
+                let window = s.failure_rate_interval.as_std();
+                self.failures.push(now);
+                self.failures.retain(|t| now.duration_since(*t) <= window);
+                if self.failures.len() > s.max_failures_per_interval.max(1) as usize {
+                    return Err(format!(
+                        "restartStrategy failure-rate: {} failures within {}",
+                        self.failures.len(),
+                        s.failure_rate_interval
+                    ));
+                }
+                Ok(delay)
+            }
+            RestartStrategyType::ExponentialDelay => {
+                if now.duration_since(self.running_since) >= s.reset_after.as_std() {
+                    self.count = 0;
+                }
+                let base = delay.as_secs_f64() * s.backoff_multiplier.powi(self.count as i32);
+                let base = base.min(s.max_delay.as_std().as_secs_f64());
+                self.count += 1;
+                // xorshift: enough randomness to spread restarts.
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                let unit = (self.rng >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+                let j = s.jitter.clamp(0.0, 1.0);
+                let d = base * (1.0 + j * (2.0 * unit - 1.0));
+                Ok(Duration::from_secs_f64(d.max(0.0)))
+            }
+        }
+    }
+
+    /// The job is running again.
+    pub fn started(&mut self, now: std::time::Instant) {
+        self.running_since = now;
+    }
+}
+
+/// Per-operator state of a checkpoint, by (uid, subtask), for the subtasks a worker runs.
+pub type Restored = BTreeMap<(String, u32), OperatorState>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn strategy(yaml: &str) -> RestartStrategy {
+        serde_json::from_value(serde_saphyr::from_str::<serde_json::Value>(yaml).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn exponential_delay_grows_to_its_cap_and_resets_after_a_healthy_period() {
+        let mut r = Restarts::new(&strategy(
+            "{type: exponential-delay, delay: 1s, maxDelay: 5s, backoffMultiplier: 2, jitter: 0, resetAfter: 1h}",
+        ));
+        let t = Instant::now();
+        let d: Vec<f64> = (0..5).map(|_| r.on_failure(t).unwrap().as_secs_f64()).collect();
+        assert_eq!(d, vec![1.0, 2.0, 4.0, 5.0, 5.0]);
+        r.started(t);
+        let later = t + Duration::from_secs(3601);
+        assert_eq!(r.on_failure(later).unwrap(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn jitter_stays_within_its_share() {
+        let mut r = Restarts::new(&strategy("{delay: 10s, maxDelay: 10s, jitter: 0.1}"));
+        for _ in 0..100 {
+            let d = r.on_failure(Instant::now()).unwrap().as_secs_f64();
+            assert!((9.0..=11.0).contains(&d), "{d}");
+        }
+    }
+
+    #[test]
+    fn fixed_delay_gives_up_after_its_attempts_and_none_never_restarts() {
+        let mut r = Restarts::new(&strategy("{type: fixed-delay, delay: 2s, attempts: 2}"));
+        let t = Instant::now();
+        assert_eq!(r.on_failure(t).unwrap(), Duration::from_secs(2));
+        assert_eq!(r.on_failure(t).unwrap(), Duration::from_secs(2));
+        assert!(r.on_failure(t).unwrap_err().contains("all 2 restart attempts"));
+        let mut n = Restarts::new(&strategy("{type: none}"));
+        assert!(n.on_failure(t).unwrap_err().contains("none"));
+    }
+
+    #[test]
+    fn failure_rate_counts_failures_within_its_interval() {
+        let mut r = Restarts::new(&strategy(
+            "{type: failure-rate, delay: 1s, maxFailuresPerInterval: 2, failureRateInterval: 10s}",
+        ));
+        let t = Instant::now();
+        assert!(r.on_failure(t).is_ok());
+        assert!(r.on_failure(t + Duration::from_secs(1)).is_ok());
+        assert!(r.on_failure(t + Duration::from_secs(2)).unwrap_err().contains("3 failures"));
+        // Old failures fall out of the interval.
+        let mut r = Restarts::new(&strategy(
+            "{type: failure-rate, delay: 1s, maxFailuresPerInterval: 1, failureRateInterval: 10s}",
+        ));
+        assert!(r.on_failure(t).is_ok());
+        assert!(r.on_failure(t + Duration::from_secs(11)).is_ok());
+    }
+
+    #[test]
+    fn metadata_round_trips_and_foreign_bytes_are_refused() {
+        let m = Metadata {
+            version: VERSION,
+            job_name: "j".into(),
+            job_id: "id".into(),
+            id: 3,
+            triggered_at: 1,
+            completed_at: 2,
+            parallelism: 2,
+            max_parallelism: 128,
+            operator_uids: vec!["a".into()],
+            final_: false,
+            operators: vec![OperatorState {
+                uid: "a".into(),
+                subtask: 1,
+                keyed: None,
+                state: Some(serde_json::json!({"x": 1})),
+            }],
+        };
+        assert_eq!(Metadata::parse(&m.to_bytes(), "m").unwrap(), m);
+        let e = Metadata::parse(b"{\"id\": 3}", "s3://b/chk-3/_metadata").unwrap_err();
+        assert!(e.message.contains("s3://b/chk-3/_metadata"), "{e}");
+        let mut newer = m.clone();
+        newer.version = 2;
+        let e = Metadata::parse(&newer.to_bytes(), "m").unwrap_err();
+        assert!(e.message.contains("version 2"), "{e}");
+    }
+}
