@@ -1,0 +1,282 @@
+//! Exactly-once under failure: a bounded word count with 1-second checkpoints whose worker
+//! processes are killed with SIGKILL at random moments, and whose whole process is killed and
+//! resumed; the committed output must hold every count of every word exactly once. In
+//! at-least-once mode nothing may be missing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weir_runtime::operators::SplitMix64;
+
+const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+
+/// Writes the input files; returns the true count of every word.
+fn write_input(dir: &Path, files: usize, lines: usize, seed: u64) -> BTreeMap<String, u64> {
+    std::fs::create_dir_all(dir).unwrap();
+    let (texts, counts) = common::word_texts(files, lines, seed, None, None);
+    for (f, text) in texts.iter().enumerate() {
+        std::fs::write(dir.join(format!("input-{f:02}.txt")), text).unwrap();
+    }
+    counts
+}
+
+/// A word count read at `rate` lines per second, checkpointed every second into `dir`.
+fn manifest(dir: &Path, rate: u32, mode: &str) -> PathBuf {
+    let file = dir.join("job.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: wc-recovery}}
+spec:
+  parallelism: 2
+  checkpointing: {{interval: 1s, mode: {mode}, storage: {chk}, retained: 2}}
+  restartStrategy: {{type: fixed-delay, delay: 200ms, attempts: 100}}
+  pipeline:
+    operators:
+      - {{uid: lines,  type: file_source, path: {input}, ratePerSecond: {rate}}}
+      - {{uid: words,  type: split, inputs: [lines]}}
+      - {{uid: counts, type: count, inputs: [words], key: word}}
+      - {{uid: out,    type: file_sink, inputs: [counts], path: {out}}}
+",
+            chk = dir.join("checkpoints").display(),
+            input = dir.join("in").display(),
+            out = dir.join("out").display(),
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// A `weir run` in the background, its stderr collected, its API address read from it.
+struct Job {
+    child: Child,
+    api: String,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+fn start(file: &Path, dir: &Path, extra: &[&str]) -> Job {
+    let mut child = Command::new(WEIR)
+        .arg("run")
+        .arg(file)
+        .args(["--api-addr", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.join("state"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if let Some((_, a)) = line.split_once("HTTP API on http://") {
+                let _ = tx.send(a.trim().to_string());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let api = rx.recv_timeout(Duration::from_secs(60)).expect("the API address");
+    Job { child, api, stderr }
+}
+
+impl Job {
+    /// Waits for the exit and returns its code and stderr.
+    fn finish(mut self, limit: Duration) -> (Option<i32>, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st.code(), self.stderr.join().unwrap());
+            }
+            if t.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("did not finish within {limit:?}: {}", self.stderr.join().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+}
+
+/// `GET path`: the status code and body (None if the API does not answer).
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.get(9..12)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+fn job_info(api: &str) -> Option<serde_json::Value> {
+    let (code, body) = get(api, "/v1/job")?;
+    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+}
+
+/// The pids of the processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        // pid (comm) state ppid ...: the command may hold spaces, so split after ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let ppid = rest.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The committed output files' texts; asserts that no in-progress file is left.
+fn committed(out: &Path) -> Vec<String> {
+    let mut texts = Vec::new();
+    for e in std::fs::read_dir(out).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "an uncommitted file was left behind: {name}");
+        texts.push(std::fs::read_to_string(e.path()).unwrap());
+    }
+    texts
+}
+
+/// Waits until the job runs (all workers connected) after `restarts` restarts.
+fn wait_running(job: &mut Job, restarts: u64) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        if job.exited() {
+            return false;
+        }
+        if let Some(i) = job_info(&job.api)
+            && i["state"] == "running"
+            && i["restarts"].as_u64() == Some(restarts)
+            && i["workersConnected"] == i["workersExpected"]
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the job did not run again after restart {restarts}");
+}
+
+#[test]
+fn killed_worker_processes_lose_and_duplicate_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = write_input(&tmp.path().join("in"), 8, 1500, 11);
+    let file = manifest(tmp.path(), 600, "exactly-once");
+    let mut job = start(&file, tmp.path(), &["--processes"]);
+    let mut rng = SplitMix64::new(0x5eed);
+    let mut kills = 0;
+    while kills < 12 {
+        if !wait_running(&mut job, kills) {
+            break;
+        }
+        // A random moment: before, during or after a checkpoint.
+        std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 2200));
+        let workers = children_of(job.child.id());
+        if workers.is_empty() || job.exited() {
+            break;
+        }
+        let victim = workers[(rng.next_u64() % workers.len() as u64) as usize];
+        let _ = Command::new("kill").args(["-KILL", &victim.to_string()]).status();
+        kills += 1;
+    }
+    let (code, err) = job.finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(kills >= 10, "the job ended after {kills} kills; make the input longer: {err}");
+    let restarts = err.matches("restarting in").count();
+    assert!(restarts >= 10, "{restarts} restarts: {err}");
+    assert!(err.contains("from checkpoint"), "no restart restored a checkpoint: {err}");
+    common::check_counts(committed(&tmp.path().join("out")).iter().map(String::as_str), &expected);
+    // Only the retained checkpoints are left, each complete.
+    let chk = tmp.path().join("checkpoints/default/wc-recovery");
+    let jobs: Vec<_> = std::fs::read_dir(&chk).unwrap().flatten().collect();
+    assert_eq!(jobs.len(), 1, "one job id");
+    let metas: Vec<_> = std::fs::read_dir(jobs[0].path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("_metadata").exists())
+        .collect();
+    assert!(metas.len() <= 2, "{} checkpoints retained, not 2", metas.len());
+}
+
+#[test]
+fn a_killed_run_resumes_from_its_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = write_input(&tmp.path().join("in"), 8, 1500, 12);
+    let file = manifest(tmp.path(), 1000, "exactly-once");
+    let mut rng = SplitMix64::new(0xfeed);
+    let mut runs = 0;
+    let err = loop {
+        runs += 1;
+        let resume: &[&str] = if runs == 1 { &[] } else { &["--resume"] };
+        let mut job = start(&file, tmp.path(), resume);
+        if runs <= 4 {
+            wait_running(&mut job, 0);
+            std::thread::sleep(Duration::from_millis(1200 + rng.next_u64() % 1500));
+            if !job.exited() {
+                let _ = Command::new("kill").args(["-KILL", &job.child.id().to_string()]).status();
+                let _ = job.finish(Duration::from_secs(30));
+                continue;
+            }
+        }
+        let (code, err) = job.finish(Duration::from_secs(300));
+        assert_eq!(code, Some(0), "{err}");
+        break err;
+    };
+    assert!(runs >= 5, "the job finished before it was killed 4 times: {err}");
+    assert!(err.contains("resuming job wc-recovery from checkpoint"), "{err}");
+    common::check_counts(committed(&tmp.path().join("out")).iter().map(String::as_str), &expected);
+}
+
+#[test]
+fn at_least_once_loses_nothing_when_workers_die() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = write_input(&tmp.path().join("in"), 4, 1000, 13);
+    let file = manifest(tmp.path(), 800, "at-least-once");
+    let mut job = start(&file, tmp.path(), &["--processes"]);
+    let mut rng = SplitMix64::new(7);
+    for kills in 0..3 {
+        if !wait_running(&mut job, kills) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(800 + rng.next_u64() % 1500));
+        if let Some(&victim) = children_of(job.child.id()).first() {
+            let _ = Command::new("kill").args(["-KILL", &victim.to_string()]).status();
+        }
+    }
+    let (code, err) = job.finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    // Every record was counted at least once: every word is there, and its highest committed
+    // count is at least its true count (records replayed after a restore may count twice).
+    let mut top: BTreeMap<String, u64> = BTreeMap::new();
+    for text in committed(&tmp.path().join("out")) {
+        for line in text.lines() {
+            let (w, c) = line.rsplit_once(',').unwrap();
+            let c: u64 = c.parse().unwrap();
+            let t = top.entry(w.into()).or_default();
+            *t = (*t).max(c);
+        }
+    }
+    assert_eq!(top.len(), expected.len(), "words missing");
+    for (w, n) in &expected {
+        assert!(top[w] >= *n, "{w}: counted {} of {n}", top[w]);
+    }
+    assert!(err.matches("restarting in").count() >= 1, "{err}");
+}
