@@ -417,6 +417,7 @@ impl<'a> Driver<'a> {
                         .arg("--state-dir")
                         .arg(state_dir)
                         .args(["--data-addr", "127.0.0.1:0"])
+                        .env("WEIR_DIE_WITH_PARENT", "1")
                         .stdin(std::process::Stdio::null())
                         .spawn()
                         .map_err(|e| {

@@ -140,6 +140,11 @@ fn main() -> ExitCode {
             advertise_host,
             connect_timeout,
         } => {
+            // A worker that `weir run --processes` started goes when its parent goes, so that
+            // no worker of a killed run writes on beside the next one.
+            if std::env::var_os("WEIR_DIE_WITH_PARENT").is_some() {
+                let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            }
             let opts = weir_runtime::worker::WorkerOptions {
                 coordinator,
                 index: Some(index),

@@ -593,3 +593,175 @@ fn the_example_manifest_runs_against_the_test_server() {
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     check_output(&s3, &format!("{base}/out"), &expected);
 }
+
+/// What the fault proxy does to connections.
+const PASS: u8 = 0;
+/// Closes every connection, new and open ones.
+const REFUSE: u8 = 1;
+/// Forwards up to 4 KiB of what a connection sends, then drops it (mid-upload).
+const DROP: u8 = 2;
+/// Waits 300 ms before forwarding each chunk.
+const SLOW: u8 = 3;
+
+/// A TCP proxy in front of the S3 server whose behaviour the test switches.
+struct FaultProxy {
+    port: u16,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+}
+
+impl FaultProxy {
+    fn start(upstream: String) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(PASS));
+        let m = mode.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if m.load(Ordering::Relaxed) == REFUSE {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                let pump = |mut from: std::net::TcpStream,
+                            mut to: std::net::TcpStream,
+                            m: std::sync::Arc<std::sync::atomic::AtomicU8>,
+                            limit: bool| {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 << 10];
+                        let mut sent = 0usize;
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            match m.load(Ordering::Relaxed) {
+                                REFUSE => break,
+                                DROP if limit && sent + n > 4 << 10 => break,
+                                SLOW => std::thread::sleep(std::time::Duration::from_millis(300)),
+                                _ => {}
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            sent += n;
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                pump(client, server, m.clone(), true);
+                pump(s2, c2, m.clone(), false);
+            }
+        });
+        Self { port, mode }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+#[ignore = "needs S3: run by make e2e"]
+fn s3_faults_fail_checkpoints_within_the_tolerance_and_lose_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let (texts, expected) = common::word_texts(8, 1500, 31, None, None);
+    for (f, t) in texts.iter().enumerate() {
+        std::fs::write(input.join(format!("input-{f:02}.txt")), t).unwrap();
+    }
+    let upstream = env("AWS_ENDPOINT_URL");
+    let upstream = upstream.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let proxy = FaultProxy::start(upstream);
+    let base = unique_prefix("faults");
+    let out = tmp.path().join("out");
+    let file = tmp.path().join("job.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: faults}}
+spec:
+  parallelism: 2
+  checkpointing: {{interval: 1s, timeout: 4s, tolerableFailures: 2, storage: s3://{bucket}/{base}/checkpoints}}
+  restartStrategy: {{type: fixed-delay, delay: 300ms, attempts: 1000}}
+  s3: {{endpoint: 'http://127.0.0.1:{port}', region: {region}, forcePathStyle: true}}
+  pipeline:
+    operators:
+      - {{uid: lines,  type: file_source, path: {input}, ratePerSecond: 300}}
+      - {{uid: words,  type: split, inputs: [lines]}}
+      - {{uid: counts, type: count, inputs: [words], key: word}}
+      - {{uid: out,    type: file_sink, inputs: [counts], path: {out}}}
+",
+            bucket = bucket(),
+            port = proxy.port,
+            region = env("AWS_REGION"),
+            input = input.display(),
+            out = out.display(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(weir_bin())
+        .args(["run", file.to_str().unwrap(), "--processes", "--state-dir"])
+        .arg(tmp.path().join("state"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err_pipe = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::BufReader::new(err_pipe), &mut s).unwrap();
+        s
+    });
+    let phase = |mode: u8, secs: u64| {
+        proxy.set(mode);
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+    };
+    phase(PASS, 3);
+    phase(DROP, 4); // uploads cut off in the middle
+    phase(PASS, 2);
+    phase(SLOW, 6); // slower than the checkpoint timeout
+    phase(PASS, 2);
+    phase(REFUSE, 12); // the server is gone: failures beyond the tolerance, failed restores
+    proxy.set(PASS);
+    let status = child.wait().unwrap();
+    let err = stderr.join().unwrap();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("declined by worker"), "no checkpoint was declined: {err}");
+    assert!(err.contains("checkpoints failed in a row"), "the tolerance was never passed: {err}");
+    assert!(err.contains("from checkpoint"), "no restore from a checkpoint: {err}");
+    let mut texts = Vec::new();
+    for e in std::fs::read_dir(&out).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "an uncommitted file was left behind: {name}");
+        texts.push(std::fs::read_to_string(e.path()).unwrap());
+    }
+    common::check_counts(texts.iter().map(String::as_str), &expected);
+    // Every checkpoint left in the storage is complete: metadata and every file it names.
+    let s3 = client();
+    let keys: Vec<String> = s3
+        .list(&bucket(), &format!("{base}/checkpoints/"))
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    let metas: Vec<&String> = keys.iter().filter(|k| k.ends_with("/_metadata")).collect();
+    assert!(!metas.is_empty(), "{keys:?}");
+    for m in metas {
+        let meta =
+            weir_runtime::checkpoint::Metadata::parse(&s3.get(&bucket(), m).unwrap(), m).unwrap();
+        let job_dir = m.rsplitn(3, '/').nth(2).unwrap();
+        for o in meta.operators.iter().filter_map(|o| o.keyed.as_ref()) {
+            for f in &o.files {
+                let k = format!("{job_dir}/{}", f.key);
+                assert!(keys.contains(&k), "{m} names {k}, which is missing");
+            }
+        }
+    }
+}
