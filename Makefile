@@ -64,6 +64,7 @@ lint: install-deps
 
 bench:
 	bash bench/keyed_count.sh
+	bash bench/checkpoints.sh
 
 clean:
 	bash tests/env/down.sh $(TESTENV_DIR)

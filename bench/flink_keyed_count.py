@@ -33,6 +33,8 @@ def parse_args():
     p.add_argument("--state-dir", help="RocksDB and temporary files (default: a new temp dir, removed after)")
     p.add_argument("--managed-memory", help="taskmanager.memory.managed.size, e.g. 512m "
                    "(default: Flink's local-execution default, 128m shared by the slots)")
+    p.add_argument("--checkpoint-interval", help="take incremental RocksDB checkpoints this often "
+                   "(e.g. 1s, 10s) into STATE_DIR/checkpoints (default: checkpointing off)")
     p.add_argument("--verify", action="store_true",
                    help="also read the finished job's archive and check on stderr that the source "
                         "emitted, and the aggregation read, exactly R records (exit 1 otherwise)")
@@ -76,6 +78,7 @@ def main():
         "records": args.records,
         "seconds": round(seconds, 3),
         "events_per_second": round(args.records / seconds, 1),
+        "checkpoint_interval": args.checkpoint_interval,
     }
     if args.source_only:
         result["query"] = "source-only"
@@ -97,6 +100,10 @@ def run(args, state_dir, archive_dir):
     # Checkpointing is off by default (no execution.checkpointing.interval); mini-batch is off
     # by default too, but say so: with it on, GROUP BY buffers and emits once per key per batch.
     conf.set_string("table.exec.mini-batch.enabled", "false")
+    if args.checkpoint_interval:
+        conf.set_string("execution.checkpointing.interval", args.checkpoint_interval)
+        conf.set_string("execution.checkpointing.dir", "file://" + os.path.join(state_dir, "checkpoints"))
+        conf.set_string("execution.checkpointing.incremental", "true")
     if args.managed_memory:
         conf.set_string("taskmanager.memory.managed.size", args.managed_memory)
     if args.verify:

@@ -52,6 +52,9 @@ pub struct Uploaded {
     pub bytes: u64,
 }
 
+/// Files uploaded at the same time.
+pub const UPLOADS: usize = 4;
+
 fn io(what: &str, p: &Path, e: std::io::Error) -> RuntimeError {
     RuntimeError::internal(format!("{what} {}: {e}", p.display()))
 }
@@ -89,12 +92,12 @@ pub fn upload(
         .collect::<Result<_, _>>()
         .map_err(|e| io("reading", local, e))?;
     names.sort();
-    let mut files = Vec::new();
-    let mut done = Uploaded::default();
+    // Files already uploaded are named again; the others go up, several at a time.
+    let mut files: Vec<Option<SnapshotFile>> = Vec::with_capacity(names.len());
+    let mut todo: Vec<(usize, String, String)> = Vec::new();
     for name in names {
-        let path = local.join(&name);
         if let Some(f) = known.get(name.as_str()) {
-            files.push((*f).clone());
+            files.push(Some((*f).clone()));
             continue;
         }
         let key = if name.ends_with(".sst") {
@@ -102,11 +105,44 @@ pub fn upload(
         } else {
             format!("{own_prefix}/{instance}/{name}")
         };
-        let size = storage.put_file(&key, &path)?;
-        done.files += 1;
-        done.bytes += size;
-        files.push(SnapshotFile { name, key, size });
+        todo.push((files.len(), name, key));
+        files.push(None);
     }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<Vec<(usize, SnapshotFile)>, RuntimeError>> =
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..UPLOADS.min(todo.len()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut out = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some((at, name, key)) = todo.get(i) else { return Ok(out) };
+                            let size = storage.put_file(key, &local.join(name))?;
+                            out.push((
+                                *at,
+                                SnapshotFile { name: name.clone(), key: key.clone(), size },
+                            ));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join().unwrap_or_else(|_| Err(RuntimeError::internal("an upload panicked")))
+                })
+                .collect()
+        });
+    let mut done = Uploaded::default();
+    for r in results {
+        for (at, f) in r? {
+            done.files += 1;
+            done.bytes += f.size;
+            files[at] = Some(f);
+        }
+    }
+    let files: Vec<SnapshotFile> = files.into_iter().map(|f| f.expect("uploaded")).collect();
     Ok((StateHandle { instance: instance.to_string(), key_groups, files }, done))
 }
 

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -14,14 +15,18 @@ fn unbounded_job(dir: &std::path::Path, parallelism: u32) -> std::path::PathBuf 
 }
 
 /// The unbounded job with more spec fields (lines indented by two spaces); checkpoints go
-/// under `dir`.
+/// under `dir` unless `extra` says where.
 fn job_with(dir: &std::path::Path, parallelism: u32, extra: &str) -> std::path::PathBuf {
     let file = dir.join("job.yaml");
+    let checkpoints = if extra.contains("checkpointing:") {
+        String::new()
+    } else {
+        format!("  checkpointing: {{storage: {}}}\n", dir.join("checkpoints").display())
+    };
     std::fs::write(
         &file,
         format!(
-            "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: counter}}\nspec:\n  parallelism: {parallelism}\n  checkpointing: {{storage: {}}}\n{extra}  pipeline:\n    operators:\n      - {{uid: events, type: generator, format: kv, keys: 1000, ratePerSecond: 20000, seed: 7}}\n      - {{uid: counts, type: count, inputs: [events], key: key}}\n      - {{uid: out, type: file_sink, inputs: [counts], path: {}}}\n",
-            dir.join("checkpoints").display(),
+            "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: counter}}\nspec:\n  parallelism: {parallelism}\n{checkpoints}{extra}  pipeline:\n    operators:\n      - {{uid: events, type: generator, format: kv, keys: 1000, ratePerSecond: 20000, seed: 7}}\n      - {{uid: counts, type: count, inputs: [events], key: key}}\n      - {{uid: out, type: file_sink, inputs: [counts], path: {}}}\n",
             dir.join("out").display()
         ),
     )
@@ -310,4 +315,92 @@ fn a_worker_that_fails_at_setup_cancels_the_others_while_they_connect() {
     let (code, err) = w0.finish(Duration::from_secs(10));
     assert_ne!(code, Some(0), "{err}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}: {err}", t.elapsed());
+}
+
+/// A request with an optional bearer token; the status code and body.
+fn request(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+#[test]
+fn checkpoints_are_listed_triggered_with_the_token_and_counted_in_the_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Periodic checkpoints far apart: the ones that complete here are the triggered ones.
+    let file = job_with(
+        tmp.path(),
+        2,
+        &format!(
+            "  checkpointing: {{interval: 1h, storage: {}}}\n",
+            tmp.path().join("checkpoints").display()
+        ),
+    );
+    let mut child = Command::new(WEIR)
+        .args(["run", file.to_str().unwrap(), "--processes", "--api-addr", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .env("WEIR_API_TOKEN", "s3cret-t0ken")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let api = loop {
+        let line = lines.next().expect("the API address").unwrap();
+        if let Some((_, a)) = line.split_once("HTTP API on http://") {
+            break a.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    wait_until("the job to run", || get(&api, "/readyz").0 == 200);
+    let (code, body) = get(&api, "/v1/checkpoints");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["completed"], 0, "{body}");
+    // Without the token, or with a wrong one, nothing is triggered.
+    let (code, body) = request(&api, "POST", "/v1/checkpoints", None);
+    assert_eq!(code, 401, "{body}");
+    let (code, _) = request(&api, "POST", "/v1/checkpoints", Some("wrong"));
+    assert_eq!(code, 401);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(get(&api, "/v1/checkpoints").1.contains("\"completed\":0"));
+    // With it, a checkpoint is taken now.
+    let (code, body) = request(&api, "POST", "/v1/checkpoints", Some("s3cret-t0ken"));
+    assert_eq!(code, 202, "{body}");
+    let mut done = serde_json::Value::Null;
+    wait_until("the triggered checkpoint", || {
+        done = serde_json::from_str(&get(&api, "/v1/checkpoints").1).unwrap();
+        done["completed"] == 1
+    });
+    let c = &done["history"][0];
+    assert_eq!(c["status"], "completed", "{done}");
+    assert_eq!(c["subtasks"], 4, "two tasks at parallelism 2: {done}");
+    assert_eq!(c["acknowledged"], 4, "{done}");
+    assert!(c["sizeBytes"].as_u64().unwrap() > 0, "{done}");
+    assert!(c["uploadedBytes"].as_u64().unwrap() > 0, "{done}");
+    let path = c["path"].as_str().unwrap();
+    assert!(path.ends_with("/chk-1/_metadata") && Path::new(path).exists(), "{done}");
+    let (_, job) = get(&api, "/v1/job");
+    assert!(job.contains("\"lastCheckpoint\":{\"id\":1"), "{job}");
+    let (_, metrics) = get(&api, "/metrics");
+    assert!(
+        metrics.contains("weir_checkpoints_completed_total{job_name=\"counter\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("weir_last_checkpoint_id{job_name=\"counter\"} 1"), "{metrics}");
+    // The token never shows.
+    assert!(!metrics.contains("s3cret") && !job.contains("s3cret"));
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let st = child.wait().unwrap();
+    assert!(st.success());
 }
