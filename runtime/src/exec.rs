@@ -103,8 +103,11 @@ pub struct CheckpointRun {
     pub storage: Arc<dyn Storage>,
     /// The state to start from, for the subtasks of this worker.
     pub restore: Arc<Restored>,
+    /// Checkpoint ids of this run start above this one.
+    pub after_id: u64,
     /// The highest checkpoint id triggered: sources emit a barrier for every id above the
-    /// last one they emitted (it starts at the id the run started after).
+    /// last one they emitted (starting above `after_id`, even when a trigger came before the
+    /// source started).
     pub triggered: Arc<AtomicU64>,
     /// The highest checkpoint id completed ([`FINAL`]: the final one).
     pub completed: Arc<AtomicU64>,
@@ -889,7 +892,7 @@ fn run_subtask(
     stop: &AtomicBool,
     cancel: &AtomicBool,
 ) -> Result<(), RuntimeError> {
-    let mut last_barrier = chain.ckpt.as_ref().map_or(0, |c| c.triggered.load(Ordering::Acquire));
+    let mut last_barrier = chain.ckpt.as_ref().map_or(0, |c| c.after_id);
     if let Some(mut source) = source {
         loop {
             if stop.load(Ordering::Relaxed) {
