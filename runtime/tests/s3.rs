@@ -61,7 +61,7 @@ fn write_input(
 
 fn manifest(input: &str, output: &str, parallelism: u32, s3: &str) -> String {
     format!(
-        "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: wc}}\nspec:\n  parallelism: {parallelism}\n  maxParallelism: 128\n  checkpointing: {{interval: 1s, storage: /var/tmp/weir/checkpoints}}\n{s3}  pipeline:\n    operators:\n      - {{uid: lines,  type: file_source, path: {input}}}\n      - {{uid: words,  type: split, inputs: [lines]}}\n      - {{uid: counts, type: count, inputs: [words], key: word}}\n      - {{uid: out,    type: file_sink, inputs: [counts], path: {output}}}\n"
+        "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: wc}}\nspec:\n  parallelism: {parallelism}\n  maxParallelism: 128\n  checkpointing: {{interval: 1s, storage: /var/tmp/weir/checkpoints}}\n  restartStrategy: {{type: none}}\n{s3}  pipeline:\n    operators:\n      - {{uid: lines,  type: file_source, path: {input}}}\n      - {{uid: words,  type: split, inputs: [lines]}}\n      - {{uid: counts, type: count, inputs: [words], key: word}}\n      - {{uid: out,    type: file_sink, inputs: [counts], path: {output}}}\n"
     )
 }
 
