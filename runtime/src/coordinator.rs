@@ -250,6 +250,17 @@ impl Coordinator {
     }
 }
 
+/// How a job's checkpoints are taken and where they go.
+struct Checkpointing {
+    settings: Settings,
+    /// The storage's root, as the spec (or `--storage`) names it.
+    uri: StorageUri,
+    /// The job's directory below the root.
+    dir: String,
+    /// The storage seen from that directory.
+    job: Arc<dyn Storage>,
+}
+
 /// The coordinator's state while the job runs.
 struct Driver<'a> {
     c: &'a Coordinator,
@@ -261,9 +272,8 @@ struct Driver<'a> {
     conns: HashMap<u64, usize>,
     children: Vec<Option<Child>>,
     in_process: Option<std::thread::JoinHandle<Result<(), RuntimeError>>>,
-    settings: Option<Settings>,
-    /// The checkpoint storage below the job's directory, and that directory.
-    storage: Option<(Arc<dyn Storage>, String)>,
+    /// `None`: the job takes no checkpoints.
+    ck: Option<Checkpointing>,
     job_id: String,
     /// Completed checkpoints of this job id, oldest first.
     completed: VecDeque<Metadata>,
@@ -293,7 +303,7 @@ impl<'a> Driver<'a> {
         let settings = Settings::from_spec(spec_ck);
         let checkpoints_on = !settings.interval.is_zero() || c.opts.resume;
         let mut job_id = c.opts.job_id.clone().unwrap_or_else(|| c.opts.run_id.clone());
-        let mut storage = None;
+        let mut ck = None;
         let mut completed = VecDeque::new();
         let mut restore_from = None;
         let mut last_id = 0;
@@ -345,11 +355,11 @@ impl<'a> Driver<'a> {
                     c.spec.restore.as_ref().is_some_and(|r| r.allow_non_restored_state),
                 )?;
             }
-            storage = Some((job, uri.to_string().trim_end_matches('/').to_string() + "/" + &dir));
+            ck = Some(Checkpointing { settings: settings.clone(), uri, dir, job });
         }
         c.status
             .checkpointing
-            .store(storage.is_some() && !settings.interval.is_zero(), Ordering::Relaxed);
+            .store(ck.is_some() && !settings.interval.is_zero(), Ordering::Relaxed);
         let (tx, rx) = unbounded();
         spawn_acceptor(&c.listener, tx, expected, c.plan.parallelism)?;
         let (_, heads) = crate::exec::tasks(&c.plan);
@@ -362,8 +372,7 @@ impl<'a> Driver<'a> {
             conns: HashMap::new(),
             children: (0..expected).map(|_| None).collect(),
             in_process: None,
-            settings: storage.as_ref().map(|_| settings),
-            storage,
+            ck,
             job_id,
             completed,
             restore_from,
@@ -663,8 +672,7 @@ impl<'a> Driver<'a> {
             .iter()
             .map(|s| s.as_ref().map(|s| s.data_addr.clone()).unwrap_or_default())
             .collect();
-        let checkpoints = self.storage.as_ref().map(|_| {
-            let settings = self.settings.clone().expect("settings with storage");
+        let checkpoints = self.ck.as_ref().map(|ck| {
             let hosted: Vec<u32> =
                 (0..p).filter(|&s| worker_of[s as usize] == worker as u32).collect();
             let restore = self
@@ -675,13 +683,9 @@ impl<'a> Driver<'a> {
                 })
                 .unwrap_or_default();
             AssignedCheckpoints {
-                settings,
-                storage: self.storage_uri(),
-                job_dir: checkpoint::job_dir(
-                    &self.c.opts.namespace,
-                    &self.c.opts.name,
-                    &self.job_id,
-                ),
+                settings: ck.settings.clone(),
+                storage: ck.uri.clone(),
+                job_dir: ck.dir.clone(),
                 after_id: self.last_id,
                 restore,
             }
@@ -700,13 +704,9 @@ impl<'a> Driver<'a> {
         }
     }
 
-    fn storage_uri(&self) -> StorageUri {
-        self.c
-            .opts
-            .storage
-            .clone()
-            .or_else(|| self.c.spec.checkpointing.storage.clone())
-            .unwrap_or_else(checkpoint::default_storage)
+    /// The checkpoint settings of a job that takes checkpoints.
+    fn settings(&self) -> Settings {
+        self.ck.as_ref().expect("checkpointing").settings.clone()
     }
 
     fn send_all(&self, msg: &ToWorker) {
@@ -759,7 +759,7 @@ impl<'a> Driver<'a> {
                 self.send_all(&ToWorker::Stop);
             }
             // Checkpoints: trigger, time out.
-            if let Some(settings) = self.settings.clone() {
+            if let Some(settings) = self.ck.as_ref().map(|ck| ck.settings.clone()) {
                 let requested = self.c.status.trigger.load(Ordering::Relaxed);
                 let due = !settings.interval.is_zero()
                     && last_trigger.unwrap_or(attempt_start).elapsed() >= settings.interval
@@ -875,7 +875,7 @@ impl<'a> Driver<'a> {
                             self.send_all(&ToWorker::Complete { id, final_: false });
                         }
                         Err(e) => {
-                            let settings = self.settings.clone().expect("checkpointing");
+                            let settings = self.settings();
                             let why = format!("checkpoint {id}: writing its metadata: {e}");
                             if let Some(end) =
                                 self.checkpoint_failed(pd, why, &mut failures_in_a_row, &settings)
@@ -897,7 +897,7 @@ impl<'a> Driver<'a> {
                     }
                     let Some(pos) = pending.iter().position(|p| p.id == id) else { continue };
                     let pd = pending.remove(pos).expect("found");
-                    let settings = self.settings.clone().expect("checkpointing");
+                    let settings = self.settings();
                     let why = format!("checkpoint {id} declined by worker {w}: {message}");
                     if let Some(end) =
                         self.checkpoint_failed(&pd, why, &mut failures_in_a_row, &settings)
@@ -1015,7 +1015,8 @@ impl<'a> Driver<'a> {
         acks: &BTreeMap<(String, u32), TaskAck>,
         final_: bool,
     ) -> Result<(), RuntimeError> {
-        let (job, dir) = self.storage.clone().expect("checkpointing");
+        let ck = self.ck.as_ref().expect("checkpointing");
+        let (job, retained) = (ck.job.clone(), ck.settings.retained as usize);
         let plan = &self.c.plan;
         let meta = Metadata {
             version: checkpoint::VERSION,
@@ -1041,10 +1042,9 @@ impl<'a> Driver<'a> {
             final_,
             None,
         );
-        info.path = Some(format!("{dir}/{key}"));
+        info.path = Some(job.describe(&key));
         self.c.status.record(info);
         self.completed.push_back(meta);
-        let retained = self.settings.as_ref().map_or(1, |s| s.retained) as usize;
         if self.completed.len() > retained {
             let n = self.completed.len() - retained;
             let dropped: Vec<Metadata> = self.completed.drain(..n).collect();

@@ -263,9 +263,9 @@ fn coordinate(
         Err(e) => {
             eprintln!("weir: the job failed ({:?} error): {e}", e.whose);
             // A job refused before any attempt started (say, a checkpoint that does not fit).
-            let refused = e.whose == Whose::User
-                && status.snapshot().restarts == 0
-                && status.snapshot().workers_connected == 0;
+            let info = status.snapshot();
+            let refused =
+                e.whose == Whose::User && info.restarts == 0 && info.workers_connected == 0;
             ExitCode::from(if refused { 2 } else { 1 })
         }
     }

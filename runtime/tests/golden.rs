@@ -37,13 +37,7 @@ fn manifest(input: &Path, output: &Path, parallelism: u32) -> String {
 /// Reads the committed output and checks it against the true counts: for every word, each
 /// count from 1 to its final value exactly once.
 fn check_output(out: &Path, expected: &BTreeMap<String, u64>) {
-    let mut texts = Vec::new();
-    for e in std::fs::read_dir(out).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        assert!(!name.starts_with('.'), "an uncommitted file was left behind: {name}");
-        texts.push(std::fs::read_to_string(e.path()).unwrap());
-    }
+    let texts = common::committed_texts(out);
     common::check_counts(texts.iter().map(String::as_str), expected);
 }
 

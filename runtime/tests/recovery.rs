@@ -144,18 +144,6 @@ fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
-/// The committed output files' texts; asserts that no in-progress file is left.
-fn committed(out: &Path) -> Vec<String> {
-    let mut texts = Vec::new();
-    for e in std::fs::read_dir(out).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        assert!(!name.starts_with('.'), "an uncommitted file was left behind: {name}");
-        texts.push(std::fs::read_to_string(e.path()).unwrap());
-    }
-    texts
-}
-
 /// Waits until the job runs (all workers connected) after `restarts` restarts.
 fn wait_running(job: &mut Job, restarts: u64) -> bool {
     let t = Instant::now();
@@ -203,7 +191,10 @@ fn killed_worker_processes_lose_and_duplicate_nothing() {
     let restarts = err.matches("restarting in").count();
     assert!(restarts >= 10, "{restarts} restarts: {err}");
     assert!(err.contains("from checkpoint"), "no restart restored a checkpoint: {err}");
-    common::check_counts(committed(&tmp.path().join("out")).iter().map(String::as_str), &expected);
+    common::check_counts(
+        common::committed_texts(&tmp.path().join("out")).iter().map(String::as_str),
+        &expected,
+    );
     // Only the retained checkpoints are left, each complete.
     let chk = tmp.path().join("checkpoints/default/wc-recovery");
     let jobs: Vec<_> = std::fs::read_dir(&chk).unwrap().flatten().collect();
@@ -242,7 +233,10 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     };
     assert!(runs >= 5, "the job finished before it was killed 4 times: {err}");
     assert!(err.contains("resuming job wc-recovery from checkpoint"), "{err}");
-    common::check_counts(committed(&tmp.path().join("out")).iter().map(String::as_str), &expected);
+    common::check_counts(
+        common::committed_texts(&tmp.path().join("out")).iter().map(String::as_str),
+        &expected,
+    );
 }
 
 #[test]
@@ -266,7 +260,7 @@ fn at_least_once_loses_nothing_when_workers_die() {
     // Every record was counted at least once: every word is there, and its highest committed
     // count is at least its true count (records replayed after a restore may count twice).
     let mut top: BTreeMap<String, u64> = BTreeMap::new();
-    for text in committed(&tmp.path().join("out")) {
+    for text in common::committed_texts(&tmp.path().join("out")) {
         for line in text.lines() {
             let (w, c) = line.rsplit_once(',').unwrap();
             let c: u64 = c.parse().unwrap();

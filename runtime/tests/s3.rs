@@ -736,12 +736,7 @@ spec:
     assert!(err.contains("declined by worker"), "no checkpoint was declined: {err}");
     assert!(err.contains("checkpoints failed in a row"), "the tolerance was never passed: {err}");
     assert!(err.contains("from checkpoint"), "no restore from a checkpoint: {err}");
-    let mut texts = Vec::new();
-    for e in std::fs::read_dir(&out).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        assert!(!name.starts_with('.'), "an uncommitted file was left behind: {name}");
-        texts.push(std::fs::read_to_string(e.path()).unwrap());
-    }
+    let texts = common::committed_texts(&out);
     common::check_counts(texts.iter().map(String::as_str), &expected);
     // Every checkpoint left in the storage is complete: metadata and every file it names.
     let s3 = client();

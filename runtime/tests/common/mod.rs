@@ -44,6 +44,19 @@ pub fn word_texts(
     (texts, counts)
 }
 
+/// The texts of the files in a local output directory; fails on an in-progress (dot-named)
+/// file left behind.
+pub fn committed_texts(dir: &std::path::Path) -> Vec<String> {
+    let mut texts = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "an uncommitted file was left behind: {name}");
+        texts.push(std::fs::read_to_string(e.path()).unwrap());
+    }
+    texts
+}
+
 /// Checks committed output (the texts of the committed files) against the true counts: for
 /// every word, each count from 1 to its final value exactly once.
 pub fn check_counts<'a>(
