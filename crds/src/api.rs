@@ -99,6 +99,12 @@ pub struct CheckpointInfo {
     pub uploaded_bytes: u64,
     /// The longest barrier alignment of any subtask.
     pub alignment_ms: u64,
+    /// Some subtask took its part unaligned, storing records its barrier overtook:
+    /// `inFlightBytes` of them in all.
+    #[serde(default)]
+    pub unaligned: bool,
+    #[serde(default)]
+    pub in_flight_bytes: u64,
     /// Subtasks that acknowledged, of all.
     pub acknowledged: u32,
     pub subtasks: u32,

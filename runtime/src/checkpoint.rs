@@ -82,6 +82,20 @@ pub struct OperatorState {
     /// Everything else the operator keeps (a source's position, a sink's pending files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<serde_json::Value>,
+    /// The records an unaligned checkpoint overtook on the way into this subtask (on the
+    /// first operator of a task), processed first on restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<InFlightHandle>,
+}
+
+/// A file of in-flight records in the checkpoint's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InFlightHandle {
+    /// Relative to the job's directory.
+    pub key: String,
+    pub bytes: u64,
+    pub records: u64,
 }
 
 /// What one subtask of a task reports for a checkpoint.
@@ -100,6 +114,11 @@ pub struct TaskAck {
     /// The synchronous part (flush and RocksDB checkpoint) and the upload.
     pub sync_ms: u64,
     pub async_ms: u64,
+    /// Taken unaligned, storing `in_flight_bytes` of records it overtook.
+    #[serde(default)]
+    pub unaligned: bool,
+    #[serde(default)]
+    pub in_flight_bytes: u64,
 }
 
 /// A completed checkpoint's `_metadata`.
@@ -390,6 +409,11 @@ mod tests {
                 subtask: 1,
                 keyed: None,
                 state: Some(serde_json::json!({"x": 1})),
+                in_flight: Some(InFlightHandle {
+                    key: "chk-3/inflight/a-1".into(),
+                    bytes: 9,
+                    records: 1,
+                }),
             }],
         };
         assert_eq!(Metadata::parse(&m.to_bytes(), "m").unwrap(), m);

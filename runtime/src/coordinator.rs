@@ -966,6 +966,8 @@ impl<'a> Driver<'a> {
             size_bytes: acks.values().map(|a| a.state_bytes).sum(),
             uploaded_bytes: acks.values().map(|a| a.uploaded_bytes).sum(),
             alignment_ms: acks.values().map(|a| a.alignment_ms).max().unwrap_or(0),
+            unaligned: acks.values().any(|a| a.unaligned),
+            in_flight_bytes: acks.values().map(|a| a.in_flight_bytes).sum(),
             acknowledged: acks.len() as u32,
             subtasks: self.acks_needed as u32,
             final_,

@@ -1,33 +1,41 @@
 //! Exchanges: how batches of records travel from a producing subtask to a consuming one.
 //!
-//! Inside a worker a batch goes over a bounded channel: when a consumer falls behind, its
-//! channel fills and its producers block. Between workers it goes over TCP with credit-based
-//! flow control: every channel (exchange, producing subtask, consuming subtask) starts with
-//! [`CREDITS`] credits on the producing side; sending a batch spends one, and the consumer
-//! returns it when it takes the batch off its queue. A producer without credit waits, so a
-//! slow consumer back-pressures its producers across the network without a queue that grows
-//! and without one busy channel blocking the others on the same connection (the reader of
-//! a connection never waits for a consumer).
+//! Every channel (exchange, producing subtask, consuming subtask) has credit-based flow
+//! control, inside a worker as between workers: the producer starts with a number of
+//! credits ([`CREDITS`] over the network; the worker picks it for local channels); sending
+//! a batch spends one, and the consumer returns it once it has processed the batch. Batches
+//! without credit wait in the producer's [`Outlet`] queue, and a producer with a waiting
+//! batch takes no more input: a slow consumer back-pressures its producers without a queue
+//! that grows and without one busy channel blocking the others on the same connection (the
+//! reader of a connection never waits for a consumer).
+//!
+//! Barriers and ends need no credit. An aligned barrier waits in the queue behind the
+//! batches before it. An unaligned one overtakes them: they go out at once without credit
+//! (an *overdraft*, bounded by what one input batch produces), then the barrier, so that
+//! it reaches the consumer without waiting for the consumer to catch up. The consumer takes
+//! every message off its channels as it arrives (holding the credit of a batch until it has
+//! processed it), so it sees a barrier however many batches are ahead of it, and stores
+//! those batches with the checkpoint ([`crate::align`]).
 //!
 //! Workers connect in a full mesh: worker `a` opens one connection to every worker `b`,
 //! carrying the batches from `a`'s subtasks to `b`'s and the credits back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, unbounded};
 
 use crate::error::RuntimeError;
 use crate::record::Record;
-use crate::wire::{self, HEADER_LEN, Header, Kind};
+use crate::wire::{self, Barrier, HEADER_LEN, Header, Kind};
 
 /// Batches a producer may have in flight on one channel to another worker.
 pub const CREDITS: usize = 8;
-const MAGIC: &[u8; 8] = b"WEIRXCH1";
+const MAGIC: &[u8; 8] = b"WEIRXCH2";
 
 /// What a consumer receives.
 #[derive(Debug)]
@@ -35,30 +43,35 @@ pub enum Msg {
     Batch {
         input: u32,
         records: Vec<Record>,
+        /// Given back once the batch is processed (`None`: sent without credit).
         credit: Option<CreditReturn>,
     },
-    /// Checkpoint barrier `id`: every batch before it on this channel belongs to the
+    /// A checkpoint barrier: every batch before it on this channel belongs to the
     /// checkpoint, every batch after it does not.
-    Barrier {
-        id: u64,
-        unaligned: bool,
-    },
+    Barrier(Barrier),
     End,
     /// The exchange broke (a peer went away); the consumer fails with this error.
     Failed(RuntimeError),
 }
 
-/// Gives a credit back to the producer of a batch that came over the network.
+/// Gives a credit back to the producer of a batch.
 #[derive(Debug)]
-pub struct CreditReturn {
-    conn: Arc<Conn>,
-    header: Header,
+pub enum CreditReturn {
+    Remote { conn: Arc<Conn>, header: Header },
+    Local(Sender<()>),
 }
 
 impl CreditReturn {
     pub fn give(self) {
-        // A peer that went away needs no credit; its loss is reported elsewhere.
-        let _ = self.conn.write(&self.header.to_bytes());
+        // A producer that went away needs no credit; its loss is reported elsewhere.
+        match self {
+            CreditReturn::Remote { conn, header } => {
+                let _ = conn.write(&header.to_bytes());
+            }
+            CreditReturn::Local(tx) => {
+                let _ = tx.send(());
+            }
+        }
     }
 }
 
@@ -85,9 +98,28 @@ pub struct InChannel {
     pub input: u32,
     /// The producing subtask.
     pub from: u32,
+    /// Messages taken off `rx` and not processed yet, in order.
+    pub pending: VecDeque<Msg>,
+    /// `rx` gave its last message (its `End`, or it broke).
+    pub drained: bool,
+    /// The consumer processed the `End`.
     pub ended: bool,
-    /// Not read for now (a checkpoint barrier is being aligned).
+    /// Not processed for now (a checkpoint barrier is being aligned).
     pub blocked: bool,
+}
+
+impl InChannel {
+    pub fn new(rx: Receiver<Msg>, input: u32, from: u32) -> Self {
+        Self {
+            rx,
+            input,
+            from,
+            pending: VecDeque::new(),
+            drained: false,
+            ended: false,
+            blocked: false,
+        }
+    }
 }
 
 /// Where a consumer subtask takes its batches from: a channel per producing subtask and
@@ -100,149 +132,273 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    fn readable(&self, i: usize) -> bool {
-        !self.channels[i].ended && !self.channels[i].blocked
+    /// The next message waiting on channel `i`'s receiver, if any. A channel whose producer
+    /// went away without its `End` gives a failure.
+    pub fn receive(&mut self, i: usize) -> Option<Msg> {
+        let ch = &mut self.channels[i];
+        if ch.drained {
+            return None;
+        }
+        match ch.rx.try_recv() {
+            Ok(m) => {
+                if matches!(m, Msg::End | Msg::Failed(_)) {
+                    ch.drained = true;
+                }
+                Some(m)
+            }
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => {
+                ch.drained = true;
+                Some(Msg::Failed(cancelled()))
+            }
+        }
     }
 
-    /// The next message of a channel that has not ended and is not blocked, with the
-    /// channel's index. A channel whose producer went away without its `End` yields a
-    /// failure.
-    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<(usize, Msg), RecvTimeoutError> {
-        use crossbeam_channel::TryRecvError;
-        // While batches flow, one is usually waiting: take it without building a Select.
+    /// The next pending message to process, from a channel that has not ended and is not
+    /// blocked, with the channel's index; channels take turns. With `batches` false, only a
+    /// message that is not a batch (the subtask's output is full).
+    pub fn next(&mut self, batches: bool) -> Option<(usize, Msg)> {
         let n = self.channels.len();
         for k in 0..n {
             let i = (self.next + k) % n;
-            if !self.readable(i) {
+            let ch = &mut self.channels[i];
+            if ch.ended || ch.blocked {
                 continue;
             }
-            match self.channels[i].rx.try_recv() {
-                Ok(m) => return Ok(self.took(i, Ok(m))),
-                Err(TryRecvError::Disconnected) => return Ok(self.took(i, Err(()))),
-                Err(TryRecvError::Empty) => {}
+            match ch.pending.front() {
+                None => continue,
+                Some(Msg::Batch { .. }) if !batches => continue,
+                Some(_) => {}
             }
-        }
-        let live: Vec<usize> = (0..n).filter(|&i| self.readable(i)).collect();
-        if live.is_empty() {
-            if self.all_ended() {
-                return Err(RecvTimeoutError::Disconnected);
-            }
-            std::thread::sleep(timeout);
-            return Err(RecvTimeoutError::Timeout);
-        }
-        let mut sel = crossbeam_channel::Select::new();
-        for &i in &live {
-            sel.recv(&self.channels[i].rx);
-        }
-        let op = sel.select_timeout(timeout).map_err(|_| RecvTimeoutError::Timeout)?;
-        let i = live[op.index()];
-        let got = op.recv(&self.channels[i].rx).map_err(|_| ());
-        drop(sel);
-        Ok(self.took(i, got))
-    }
-
-    /// Marks what a receive from channel `i` means for it.
-    fn took(&mut self, i: usize, got: Result<Msg, ()>) -> (usize, Msg) {
-        self.next = i + 1;
-        let ch = &mut self.channels[i];
-        match got {
-            Ok(m) => {
-                if matches!(m, Msg::End) {
-                    ch.ended = true;
-                }
-                (i, m)
-            }
-            Err(()) => {
+            let m = ch.pending.pop_front().expect("a front");
+            if matches!(m, Msg::End) {
                 ch.ended = true;
-                (i, Msg::Failed(cancelled()))
             }
+            self.next = i + 1;
+            return Some((i, m));
         }
+        None
     }
 
+    /// Every channel's `End` processed.
     pub fn all_ended(&self) -> bool {
         self.channels.iter().all(|c| c.ended)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.channels.iter().all(|c| c.ended || c.rx.is_empty())
+    /// Waits up to `timeout` for a message on any channel, or for one of `credits` (the
+    /// credits of outlets with a batch waiting), whichever comes first.
+    pub fn wait(&self, credits: &[&Receiver<()>], timeout: Duration) {
+        let mut sel = crossbeam_channel::Select::new();
+        let mut any = false;
+        for c in self.channels.iter().filter(|c| !c.drained) {
+            sel.recv(&c.rx);
+            any = true;
+        }
+        for r in credits {
+            sel.recv(r);
+            any = true;
+        }
+        if any {
+            let _ = sel.ready_timeout(timeout);
+        } else {
+            std::thread::sleep(timeout);
+        }
     }
 }
 
-/// The sending end of one channel.
+/// What waits in an outlet's queue.
 #[derive(Debug)]
-pub enum Outlet {
-    Local(Sender<Msg>),
-    Remote(RemoteOutlet),
+enum Queued {
+    Batch(u32, Vec<Record>),
+    Barrier(Barrier),
+    End,
+}
+
+/// The sending end of one channel: its link, its credits and the queue of what waits for
+/// credit.
+#[derive(Debug)]
+pub struct Outlet {
+    link: Link,
+    credits: Receiver<()>,
+    /// Credits taken off `credits` and not spent yet.
+    spare: usize,
+    queue: VecDeque<Queued>,
+    /// Batches in `queue`.
+    batches: usize,
 }
 
 #[derive(Debug)]
-pub struct RemoteOutlet {
-    conn: Arc<Conn>,
-    credits: Receiver<()>,
-    edge: u32,
-    from: u32,
-    to: u32,
-    buf: Vec<u8>,
+enum Link {
+    Local { tx: Sender<Msg>, credit: Sender<()> },
+    Remote { conn: Arc<Conn>, edge: u32, from: u32, to: u32, buf: Vec<u8> },
 }
 
 impl Outlet {
-    /// Sends a batch, waiting for room (a local channel) or credit (a remote one).
+    /// An outlet to a consumer in this worker, over `tx`, with `credits` batches in flight.
+    pub fn local(tx: Sender<Msg>, credits: usize) -> Self {
+        let (credit, rx) = unbounded();
+        for _ in 0..credits {
+            let _ = credit.send(());
+        }
+        Self::new(Link::Local { tx, credit }, rx)
+    }
+
+    fn new(link: Link, credits: Receiver<()>) -> Self {
+        Self { link, credits, spare: 0, queue: VecDeque::new(), batches: 0 }
+    }
+
+    /// Queues a batch and sends what credit allows.
+    pub fn enqueue(&mut self, input: u32, records: Vec<Record>) -> Result<(), RuntimeError> {
+        self.queue.push_back(Queued::Batch(input, records));
+        self.batches += 1;
+        self.pump()
+    }
+
+    /// Sends a batch, waiting for credit (and for the batches queued before it).
     pub fn send(
         &mut self,
         input: u32,
         records: Vec<Record>,
         cancel: &AtomicBool,
     ) -> Result<(), RuntimeError> {
-        match self {
-            Outlet::Local(tx) => {
-                tx.send(Msg::Batch { input, records, credit: None }).map_err(|_| cancelled())
-            }
-            Outlet::Remote(r) => {
-                loop {
-                    match r.credits.recv_timeout(Duration::from_millis(50)) {
-                        Ok(()) => break,
-                        Err(RecvTimeoutError::Timeout) if !cancel.load(Ordering::Relaxed) => {}
-                        Err(RecvTimeoutError::Timeout) => return Err(cancelled()),
-                        Err(RecvTimeoutError::Disconnected) => return Err(lost(r.conn.peer)),
-                    }
-                }
-                r.buf.clear();
-                r.buf.resize(HEADER_LEN, 0);
-                wire::encode_batch(&records, &mut r.buf);
-                let n = (r.buf.len() - HEADER_LEN) as u32;
-                let h = Header { kind: Kind::Batch, edge: r.edge, from: r.from, to: r.to, n };
-                r.buf[..HEADER_LEN].copy_from_slice(&h.to_bytes());
-                r.conn.write(&r.buf).map_err(|_| lost(r.conn.peer))
-            }
-        }
+        self.enqueue(input, records)?;
+        self.drain(cancel)
     }
 
-    /// Sends a checkpoint barrier after the batches sent so far (it needs no credit).
-    pub fn barrier(&mut self, id: u64, unaligned: bool) -> Result<(), RuntimeError> {
-        match self {
-            Outlet::Local(tx) => tx.send(Msg::Barrier { id, unaligned }).map_err(|_| cancelled()),
-            Outlet::Remote(r) => {
-                let h = Header {
-                    kind: Kind::Barrier,
-                    edge: r.edge,
-                    from: r.from,
-                    to: r.to,
-                    n: wire::BARRIER_LEN,
-                };
-                let mut frame = [0u8; HEADER_LEN + wire::BARRIER_LEN as usize];
-                frame[..HEADER_LEN].copy_from_slice(&h.to_bytes());
-                frame[HEADER_LEN..].copy_from_slice(&wire::encode_barrier(id, unaligned));
-                r.conn.write(&frame).map_err(|_| lost(r.conn.peer))
-            }
+    /// Sends checkpoint barrier `b`: behind the queued batches when it is aligned, ahead
+    /// of them when it is not (they go out at once, without credit, then the barrier).
+    pub fn barrier(&mut self, b: Barrier) -> Result<(), RuntimeError> {
+        self.queue.push_back(Queued::Barrier(b));
+        if b.unaligned {
+            self.overdraft(self.queue.len())?;
         }
+        self.pump()
     }
 
+    /// Queues the channel's end.
     pub fn end(&mut self) -> Result<(), RuntimeError> {
-        match self {
-            Outlet::Local(tx) => tx.send(Msg::End).map_err(|_| cancelled()),
-            Outlet::Remote(r) => {
-                let h = Header { kind: Kind::End, edge: r.edge, from: r.from, to: r.to, n: 0 };
-                r.conn.write(&h.to_bytes()).map_err(|_| lost(r.conn.peer))
+        self.queue.push_back(Queued::End);
+        self.pump()
+    }
+
+    /// Batches waiting for credit.
+    pub fn backlog(&self) -> usize {
+        self.batches
+    }
+
+    /// The credits to wait for when the outlet has a batch waiting.
+    pub fn waiting_credits(&self) -> Option<&Receiver<()>> {
+        (self.batches > 0).then_some(&self.credits)
+    }
+
+    /// Sends from the front of the queue as far as credit allows.
+    pub fn pump(&mut self) -> Result<(), RuntimeError> {
+        while let Some(front) = self.queue.front() {
+            if matches!(front, Queued::Batch(..)) && self.spare == 0 {
+                match self.credits.try_recv() {
+                    Ok(()) => self.spare += 1,
+                    Err(TryRecvError::Empty) => return Ok(()),
+                    Err(TryRecvError::Disconnected) => return Err(self.gone()),
+                }
+            }
+            let q = self.queue.pop_front().expect("a front");
+            if matches!(q, Queued::Batch(..)) {
+                self.spare -= 1;
+            }
+            self.send_now(q, true)?;
+        }
+        Ok(())
+    }
+
+    /// Aligned barriers triggered `timeout_ms` or longer before `now_ms` overtake the
+    /// batches ahead of them and go on as unaligned ones.
+    pub fn overtake(&mut self, now_ms: u64, timeout_ms: u64) -> Result<(), RuntimeError> {
+        let last = self.queue.iter().rposition(|q| {
+            matches!(q, Queued::Barrier(b) if !b.unaligned && now_ms >= b.ts.saturating_add(timeout_ms))
+        });
+        if let Some(k) = last {
+            self.overdraft(k + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the first `n` queued messages at once: batches without credit, barriers as
+    /// unaligned ones.
+    fn overdraft(&mut self, n: usize) -> Result<(), RuntimeError> {
+        for _ in 0..n {
+            let Some(q) = self.queue.pop_front() else { break };
+            let q = match q {
+                Queued::Batch(..) => {
+                    self.batches -= 1;
+                    q
+                }
+                Queued::Barrier(b) => Queued::Barrier(Barrier { unaligned: true, ..b }),
+                Queued::End => Queued::End,
+            };
+            self.send_now(q, false)?;
+        }
+        Ok(())
+    }
+
+    /// Sends everything queued, waiting for credit as needed.
+    pub fn drain(&mut self, cancel: &AtomicBool) -> Result<(), RuntimeError> {
+        loop {
+            self.pump()?;
+            if self.queue.is_empty() {
+                return Ok(());
+            }
+            match self.credits.recv_timeout(Duration::from_millis(50)) {
+                Ok(()) => self.spare += 1,
+                Err(RecvTimeoutError::Timeout) if !cancel.load(Ordering::Relaxed) => {}
+                Err(RecvTimeoutError::Timeout) => return Err(cancelled()),
+                Err(RecvTimeoutError::Disconnected) => return Err(self.gone()),
+            }
+        }
+    }
+
+    fn gone(&self) -> RuntimeError {
+        match &self.link {
+            Link::Local { .. } => cancelled(),
+            Link::Remote { conn, .. } => lost(conn.peer),
+        }
+    }
+
+    /// Sends one message; a batch `credited` spends a credit (already taken).
+    fn send_now(&mut self, q: Queued, credited: bool) -> Result<(), RuntimeError> {
+        if matches!(q, Queued::Batch(..)) && credited {
+            self.batches -= 1;
+        }
+        match &mut self.link {
+            Link::Local { tx, credit } => {
+                let m = match q {
+                    Queued::Batch(input, records) => Msg::Batch {
+                        input,
+                        records,
+                        credit: credited.then(|| CreditReturn::Local(credit.clone())),
+                    },
+                    Queued::Barrier(b) => Msg::Barrier(b),
+                    Queued::End => Msg::End,
+                };
+                tx.send(m).map_err(|_| cancelled())
+            }
+            Link::Remote { conn, edge, from, to, buf } => {
+                let (edge, from, to) = (*edge, *from, *to);
+                buf.clear();
+                buf.resize(HEADER_LEN, 0);
+                let kind = match q {
+                    Queued::Batch(_, records) => {
+                        wire::encode_batch(&records, buf);
+                        if credited { Kind::Batch } else { Kind::Overdraft }
+                    }
+                    Queued::Barrier(b) => {
+                        buf.extend_from_slice(&wire::encode_barrier(b));
+                        Kind::Barrier
+                    }
+                    Queued::End => Kind::End,
+                };
+                let n = (buf.len() - HEADER_LEN) as u32;
+                buf[..HEADER_LEN].copy_from_slice(&Header { kind, edge, from, to, n }.to_bytes());
+                conn.write(buf).map_err(|_| lost(conn.peer))
             }
         }
     }
@@ -393,7 +549,7 @@ impl Network {
             let _ = tx.send(());
         }
         self.credit_senders.entry(peer).or_default().insert((edge, from, to), tx);
-        Outlet::Remote(RemoteOutlet { conn, credits: rx, edge, from, to, buf: Vec::new() })
+        Outlet::new(Link::Remote { conn, edge, from, to, buf: Vec::new() }, rx)
     }
 
     /// Starts the threads that read the connections, once every outlet and inbox exists.
@@ -477,7 +633,7 @@ fn read_batches(s: TcpStream, conn: Arc<Conn>, me: u32, peer: u32, route: &Route
             ));
         };
         match h.kind {
-            Kind::Batch => {
+            Kind::Batch | Kind::Overdraft => {
                 let mut payload = vec![0u8; h.n as usize];
                 if let Err(e) = r.read_exact(&mut payload) {
                     return fail(e.to_string());
@@ -486,12 +642,11 @@ fn read_batches(s: TcpStream, conn: Arc<Conn>, me: u32, peer: u32, route: &Route
                     Ok(b) => b,
                     Err(e) => return fail(e),
                 };
-                let credit = Header { kind: Kind::Credit, n: 1, ..h };
-                let _ = tx.send(Msg::Batch {
-                    input: *input,
-                    records,
-                    credit: Some(CreditReturn { conn: conn.clone(), header: credit }),
+                let credit = (h.kind == Kind::Batch).then(|| CreditReturn::Remote {
+                    conn: conn.clone(),
+                    header: Header { kind: Kind::Credit, n: 1, ..h },
                 });
+                let _ = tx.send(Msg::Batch { input: *input, records, credit });
             }
             Kind::Barrier => {
                 let mut payload = [0u8; wire::BARRIER_LEN as usize];
@@ -499,8 +654,8 @@ fn read_batches(s: TcpStream, conn: Arc<Conn>, me: u32, peer: u32, route: &Route
                     return fail(e.to_string());
                 }
                 match wire::decode_barrier(&payload) {
-                    Ok((id, unaligned)) => {
-                        let _ = tx.send(Msg::Barrier { id, unaligned });
+                    Ok(b) => {
+                        let _ = tx.send(Msg::Barrier(b));
                     }
                     Err(e) => return fail(e),
                 }

@@ -27,9 +27,12 @@ use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
 
-use crossbeam_channel::{Sender, bounded, unbounded};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 
-use crate::checkpoint::{OperatorState, Restored, Settings, TaskAck};
+use crate::align::{Action, Aligner, InFlightRecords};
+use crate::checkpoint::{
+    InFlightHandle, Metadata, OperatorState, Restored, Settings, TaskAck, now_ms,
+};
 use crate::error::RuntimeError;
 use crate::exchange::{InChannel, Inbox, Msg, Network, Outlet, Route, cancelled};
 use crate::keygroup::{key_group_of, subtask_of};
@@ -43,10 +46,11 @@ use crate::record::Record;
 use crate::snapshot::StateHandle;
 use crate::state::StateBackend;
 use crate::storage::Storage;
+use crate::wire::Barrier;
 
 /// Records per batch on an exchange.
 pub const BATCH: usize = 1024;
-/// Batches a receiving subtask buffers before its producers block.
+/// Batches a producer may have in flight to a consuming subtask in the same worker.
 pub const CHANNEL_BATCHES: usize = 16;
 /// Keys a keyed operator keeps in memory between write-backs.
 pub const STATE_CACHE_ENTRIES: usize = 2_000_000;
@@ -178,7 +182,6 @@ struct Edge {
     input: u32,
     key: Option<usize>,
     buffers: Vec<Vec<Record>>,
-    cancel: Arc<AtomicBool>,
 }
 
 impl Edge {
@@ -190,7 +193,7 @@ impl Edge {
         let outlet = self.outlets[target].as_mut().ok_or_else(|| {
             RuntimeError::internal(format!("no channel to subtask {target} on this exchange"))
         })?;
-        outlet.send(self.input, records, &self.cancel)
+        outlet.enqueue(self.input, records)
     }
 }
 
@@ -230,6 +233,13 @@ struct Chain {
     told_complete: u64,
     /// Uploads still running.
     uploads: Vec<std::thread::JoinHandle<()>>,
+    /// The task reads exchanges (it is not a source).
+    has_inputs: bool,
+    /// With unaligned checkpoints: the alignment timeout in milliseconds.
+    unaligned_after: Option<u64>,
+    /// Unaligned checkpoints whose overtaken records are still being collected: where they
+    /// go once known (to the upload of that checkpoint).
+    in_flight: BTreeMap<u64, Sender<InFlightRecords>>,
 }
 
 impl Chain {
@@ -299,7 +309,7 @@ impl Chain {
         Ok(())
     }
 
-    /// Sends every partly filled batch.
+    /// Sends every partly filled batch (queues it where there is no credit).
     fn flush(&mut self) -> Result<(), RuntimeError> {
         for op in &mut self.ops {
             for edge in &mut op.edges {
@@ -316,9 +326,69 @@ impl Chain {
         if self.last_flush.elapsed() >= Duration::from_millis(10) { self.flush() } else { Ok(()) }
     }
 
+    fn outlets(&mut self) -> impl Iterator<Item = &mut Outlet> {
+        self.ops
+            .iter_mut()
+            .flat_map(|o| o.edges.iter_mut())
+            .flat_map(|e| e.outlets.iter_mut().flatten())
+    }
+
+    /// Sends what credit allows; aligned barriers that waited past the alignment timeout
+    /// overtake the batches ahead of them.
+    fn pump(&mut self) -> Result<(), RuntimeError> {
+        let overtake = self.unaligned_after.map(|t| (now_ms(), t));
+        for o in self.outlets() {
+            if let Some((now, t)) = overtake {
+                o.overtake(now, t)?;
+            }
+            o.pump()?;
+        }
+        Ok(())
+    }
+
+    /// No batch waits for credit: the subtask may take more input.
+    fn output_ready(&self) -> bool {
+        self.ops
+            .iter()
+            .flat_map(|o| o.edges.iter())
+            .flat_map(|e| e.outlets.iter().flatten())
+            .all(|o| o.backlog() == 0)
+    }
+
+    /// The credits of the outlets with a batch waiting.
+    fn waiting_credits(&self) -> Vec<&Receiver<()>> {
+        self.ops
+            .iter()
+            .flat_map(|o| o.edges.iter())
+            .flat_map(|e| e.outlets.iter().flatten())
+            .filter_map(|o| o.waiting_credits())
+            .collect()
+    }
+
+    /// Carries out what the aligner decided, in order.
+    fn act(&mut self, actions: &mut Vec<Action>) -> Result<(), RuntimeError> {
+        for a in actions.drain(..) {
+            match a {
+                Action::Take { barrier, alignment_ms } => {
+                    self.checkpoint(barrier, None, alignment_ms)?;
+                }
+                Action::InFlight { id, records } => {
+                    if let Some(tx) = self.in_flight.remove(&id) {
+                        let _ = tx.send(records);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every input ended: finish the operators in order, take the final snapshot (with
     /// checkpoints), then tell the downstream tasks.
-    fn finish(&mut self, source: Option<&mut Box<dyn Source>>) -> Result<(), RuntimeError> {
+    fn finish(
+        &mut self,
+        source: Option<&mut Box<dyn Source>>,
+        cancel: &AtomicBool,
+    ) -> Result<(), RuntimeError> {
         for idx in 0..self.ops.len() {
             let mut out = Vec::new();
             if let Some(op) = self.ops[idx].op.as_mut() {
@@ -332,14 +402,13 @@ impl Chain {
                 Some(s) => s.snapshot()?,
                 None => None,
             };
-            self.checkpoint(FINAL, position, 0)?;
+            self.checkpoint(Barrier { id: FINAL, ts: now_ms(), unaligned: false }, position, 0)?;
         }
-        for op in &mut self.ops {
-            for edge in &mut op.edges {
-                for o in edge.outlets.iter_mut().flatten() {
-                    o.end()?;
-                }
-            }
+        for o in self.outlets() {
+            o.end()?;
+        }
+        for o in self.outlets() {
+            o.drain(cancel)?;
         }
         Ok(())
     }
@@ -351,11 +420,12 @@ impl Chain {
     /// uploads run on a thread of their own while the subtask goes on.
     fn checkpoint(
         &mut self,
-        id: u64,
+        barrier: Barrier,
         position: Option<serde_json::Value>,
         alignment_ms: u64,
     ) -> Result<(), RuntimeError> {
         let Some(ck) = self.ckpt.clone() else { return Ok(()) };
+        let id = barrier.id;
         let t0 = Instant::now();
         let mut operators = Vec::with_capacity(self.ops.len());
         let mut to_upload = Vec::new();
@@ -384,18 +454,16 @@ impl Chain {
                 subtask: self.subtask,
                 keyed: None,
                 state,
+                in_flight: None,
             });
         }
         if id != FINAL {
             self.flush()?;
-            for cop in &mut self.ops {
-                for edge in &mut cop.edges {
-                    for o in edge.outlets.iter_mut().flatten() {
-                        o.barrier(id, false)?;
-                    }
-                }
+            for o in self.outlets() {
+                o.barrier(barrier)?;
             }
         }
+        let unaligned = barrier.unaligned && id != FINAL;
         let mut ack = TaskAck {
             task: self.ops[0].uid.clone(),
             subtask: self.subtask,
@@ -405,12 +473,24 @@ impl Chain {
             alignment_ms,
             sync_ms: t0.elapsed().as_millis() as u64,
             async_ms: 0,
+            unaligned,
+            in_flight_bytes: 0,
         };
-        if to_upload.is_empty() {
+        // An unaligned checkpoint of a task with inputs also stores the records it overtook,
+        // once the barrier has come on every channel.
+        let in_flight = if unaligned && self.has_inputs {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            self.in_flight.insert(id, tx);
+            Some(rx)
+        } else {
+            None
+        };
+        if to_upload.is_empty() && in_flight.is_none() {
             let _ = ck.acks.send((id, Ok(ack)));
             return Ok(());
         }
         let incremental = ck.settings.incremental;
+        let in_flight_key = format!("{}/inflight/{}-{}", Metadata::dir(id), ack.task, self.subtask);
         let handle = std::thread::Builder::new()
             .name(format!("upload-{}-{}", self.ops[0].uid, self.subtask))
             .spawn(move || {
@@ -443,6 +523,27 @@ impl Chain {
                             break;
                         }
                     }
+                }
+                if let (Ok(()), Some(rx)) = (&result, in_flight) {
+                    result = match rx.recv() {
+                        Ok(records) if records.is_empty() => Ok(()),
+                        Ok(records) => {
+                            let bytes = crate::align::encode_in_flight(&records);
+                            let handle = InFlightHandle {
+                                key: in_flight_key,
+                                bytes: bytes.len() as u64,
+                                records: records.iter().map(|(_, r)| r.len() as u64).sum(),
+                            };
+                            ck.storage.put(&handle.key, &bytes).map(|()| {
+                                ack.in_flight_bytes = handle.bytes;
+                                ack.uploaded_bytes += handle.bytes;
+                                ack.operators[0].in_flight = Some(handle);
+                            })
+                        }
+                        Err(_) => Err(RuntimeError::internal(
+                            "the subtask stopped before the records its unaligned checkpoint overtook were all known",
+                        )),
+                    };
                 }
                 ack.async_ms = t1.elapsed().as_millis() as u64;
                 let _ = ck.acks.send((id, result.map(|_| ack)));
@@ -621,8 +722,8 @@ pub fn run_worker(
         .collect();
     let cancel = opts.cancel.clone();
 
-    // An inbox per (task, hosted subtask) with a channel per producing subtask and input:
-    // bounded for the producers here, a queue (bounded by credits) for the network.
+    // An inbox per (task, hosted subtask) with a channel per producing subtask and input: a
+    // queue bounded by the producer's credits.
     let mut inboxes: HashMap<(usize, u32), Inbox> = HashMap::new();
     let mut local_tx: HashMap<(usize, u32, u32), Sender<Msg>> = HashMap::new();
     let mut route: Route = HashMap::new();
@@ -633,7 +734,7 @@ pub fn run_worker(
             let froms: Vec<u32> = if x.keyed { (0..p).collect() } else { vec![to] };
             for from in froms {
                 let rx = if here(from) {
-                    let (tx, rx) = bounded(CHANNEL_BATCHES);
+                    let (tx, rx) = unbounded();
                     local_tx.insert((e, from, to), tx);
                     rx
                 } else {
@@ -642,13 +743,11 @@ pub fn run_worker(
                     *peer_ends.entry(placement.worker_of[from as usize]).or_default() += 1;
                     rx
                 };
-                inboxes.entry((t, to)).or_default().channels.push(InChannel {
-                    rx,
-                    input: x.input,
-                    from,
-                    ended: false,
-                    blocked: false,
-                });
+                inboxes
+                    .entry((t, to))
+                    .or_default()
+                    .channels
+                    .push(InChannel::new(rx, x.input, from));
             }
         }
     }
@@ -729,7 +828,7 @@ pub fn run_worker(
                         outlets.push(if !x.keyed && to != s {
                             None
                         } else if here(to) {
-                            Some(Outlet::Local(local_tx[&(e, s, to)].clone()))
+                            Some(Outlet::local(local_tx[&(e, s, to)].clone(), CHANNEL_BATCHES))
                         } else {
                             let net = network.as_mut().expect("checked above");
                             Some(net.outlet(placement.worker_of[to as usize], e as u32, s, to))
@@ -741,7 +840,6 @@ pub fn run_worker(
                         input: x.input,
                         key,
                         buffers: (0..p).map(|_| Vec::new()).collect(),
-                        cancel: cancel.clone(),
                     });
                 }
             }
@@ -757,6 +855,14 @@ pub fn run_worker(
                 ckpt: opts.checkpoints.clone(),
                 told_complete,
                 uploads: Vec::new(),
+                has_inputs: !plan.ops[h].kind.is_source(),
+                unaligned_after: opts
+                    .checkpoints
+                    .as_ref()
+                    .map(|c| &c.settings)
+                    .filter(|s| s.unaligned && s.exactly_once)
+                    .map(|s| s.alignment_timeout.as_millis() as u64),
+                in_flight: BTreeMap::new(),
             };
             let name = format!("{}-{s}", plan.ops[h].uid);
             let inbox = inboxes.remove(&(t, s)).unwrap_or_default();
@@ -770,6 +876,25 @@ pub fn run_worker(
                 .spawn(move || -> Result<Chain, RuntimeError> {
                     let r = new_source(&head, &files, s3, s, p).and_then(|mut source| {
                         let mut chain = chain;
+                        // The records an unaligned checkpoint overtook go first.
+                        let mut replay = Vec::new();
+                        let in_flight = restore
+                            .get(&(chain.ops[0].uid.clone(), s))
+                            .and_then(|o| o.in_flight.clone());
+                        if let (Some(h), Some(ck)) = (in_flight, &chain.ckpt) {
+                            let bytes = ck.storage.get(&h.key)?.ok_or_else(|| {
+                                RuntimeError::external(format!(
+                                    "{} is missing: the checkpoint is damaged",
+                                    ck.storage.describe(&h.key)
+                                ))
+                            })?;
+                            replay = crate::align::decode_in_flight(&bytes).map_err(|e| {
+                                RuntimeError::external(format!(
+                                    "{}: {e}",
+                                    ck.storage.describe(&h.key)
+                                ))
+                            })?;
+                        }
                         for cop in &mut chain.ops {
                             let state =
                                 restore.get(&(cop.uid.clone(), s)).and_then(|o| o.state.clone());
@@ -783,7 +908,7 @@ pub fn run_worker(
                                 (None, None) => {}
                             }
                         }
-                        run_subtask(&mut chain, source, inbox, &stop, &cancel)?;
+                        run_subtask(&mut chain, source, inbox, replay, &stop, &cancel)?;
                         Ok(chain)
                     });
                     if r.is_err() {
@@ -878,22 +1003,20 @@ fn new_source(
     })
 }
 
-/// Barriers seen at a subtask with several input channels.
-#[derive(Debug, Default)]
-struct Alignment {
-    /// Checkpoint id → the channels that delivered its barrier, and when the first came.
-    seen: BTreeMap<u64, (Vec<usize>, Instant)>,
-}
-
 fn run_subtask(
     chain: &mut Chain,
     source: Option<Box<dyn Source>>,
     mut inbox: Inbox,
+    replay: InFlightRecords,
     stop: &AtomicBool,
     cancel: &AtomicBool,
 ) -> Result<(), RuntimeError> {
-    let mut last_barrier = chain.ckpt.as_ref().map_or(0, |c| c.after_id);
+    let after_id = chain.ckpt.as_ref().map_or(0, |c| c.after_id);
+    let wait = Duration::from_millis(10);
     if let Some(mut source) = source {
+        let mut last_barrier = after_id;
+        // Unaligned from the start, or aligned until the outlets' alignment timeout.
+        let unaligned = chain.unaligned_after == Some(0);
         loop {
             if stop.load(Ordering::Relaxed) {
                 break;
@@ -906,9 +1029,15 @@ fn run_subtask(
                 while last_barrier < triggered {
                     last_barrier += 1;
                     let position = source.snapshot()?;
-                    chain.checkpoint(last_barrier, position, 0)?;
+                    let barrier = Barrier { id: last_barrier, ts: now_ms(), unaligned };
+                    chain.checkpoint(barrier, position, 0)?;
                 }
                 chain.notify_complete()?;
+            }
+            chain.pump()?;
+            if !chain.output_ready() {
+                Inbox::default().wait(&chain.waiting_credits(), wait);
+                continue;
             }
             let mut batch = Vec::with_capacity(BATCH);
             let more = source.poll(&mut batch, BATCH)?;
@@ -920,58 +1049,60 @@ fn run_subtask(
             }
             chain.maybe_flush()?;
         }
-        return chain.finish(Some(&mut source));
+        return chain.finish(Some(&mut source), cancel);
     }
-    let exactly_once = chain.ckpt.as_ref().is_none_or(|c| c.settings.exactly_once);
-    let mut align = Alignment::default();
-    while !inbox.all_ended() {
-        let (ch, msg) = match inbox.recv_timeout(Duration::from_millis(10)) {
-            Ok(x) => x,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(cancelled());
-                }
-                chain.flush()?;
-                chain.notify_complete()?;
-                continue;
+    for (input, records) in replay {
+        chain.push(0, input as usize, records)?;
+        loop {
+            chain.pump()?;
+            if chain.output_ready() {
+                break;
             }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-        };
-        match msg {
-            Msg::Batch { input, records, credit } => {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(cancelled());
+            }
+            Inbox::default().wait(&chain.waiting_credits(), wait);
+        }
+    }
+    let settings = chain.ckpt.as_ref().map(|c| c.settings.clone());
+    let exactly_once = settings.as_ref().is_none_or(|s| s.exactly_once);
+    let mut aligner = Aligner::new(exactly_once, chain.unaligned_after, after_id);
+    let mut actions = Vec::new();
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(cancelled());
+        }
+        chain.pump()?;
+        // Take every message that has arrived: a barrier is seen however many batches are
+        // ahead of it.
+        let now = now_ms();
+        for i in 0..inbox.channels.len() {
+            while let Some(m) = inbox.receive(i) {
+                aligner.received(&mut inbox, i, m, now, &mut actions);
+            }
+        }
+        aligner.tick(&mut inbox, now, &mut actions);
+        chain.act(&mut actions)?;
+        chain.notify_complete()?;
+        if inbox.all_ended() {
+            break;
+        }
+        match inbox.next(chain.output_ready()) {
+            Some((_, Msg::Batch { input, records, credit })) => {
                 chain.push(0, input as usize, records)?;
                 if let Some(c) = credit {
                     c.give();
                 }
             }
-            Msg::Barrier { id, .. } => {
-                let entry = align.seen.entry(id).or_insert_with(|| (Vec::new(), Instant::now()));
-                entry.0.push(ch);
-                if exactly_once {
-                    // Hold this channel back until every channel has delivered barrier `id`.
-                    inbox.channels[ch].blocked = true;
-                }
-            }
-            Msg::End => {}
-            Msg::Failed(e) => return Err(e),
-        }
-        // A checkpoint whose barrier every live channel has delivered is taken now.
-        while let Some((&id, (chans, first))) = align.seen.first_key_value() {
-            let all = inbox.channels.iter().enumerate().all(|(i, c)| c.ended || chans.contains(&i));
-            if !all {
-                break;
-            }
-            let waited = first.elapsed().as_millis() as u64;
-            align.seen.remove(&id);
-            chain.checkpoint(id, None, waited)?;
-            for c in &mut inbox.channels {
-                c.blocked = false;
+            Some((ch, Msg::Barrier(b))) => aligner.barrier(&mut inbox, ch, b, &mut actions),
+            Some((_, Msg::End)) => aligner.ended(&mut inbox, &mut actions),
+            Some((_, Msg::Failed(e))) => return Err(e),
+            None => {
+                chain.maybe_flush()?;
+                inbox.wait(&chain.waiting_credits(), wait);
             }
         }
-        chain.notify_complete()?;
-        if inbox.is_empty() {
-            chain.maybe_flush()?;
-        }
+        chain.act(&mut actions)?;
     }
-    chain.finish(None)
+    chain.finish(None, cancel)
 }

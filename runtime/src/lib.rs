@@ -14,6 +14,7 @@
 //!
 //! Checkpoints and savepoints build on these layers.
 
+pub mod align;
 pub mod api;
 pub mod checkpoint;
 pub mod control;

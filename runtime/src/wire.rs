@@ -7,10 +7,13 @@
 //!   kind u8 | edge u32 | from u32 | to u32 | n u32 | payload (n bytes, Batch only)
 //! ```
 //!
-//! `Batch` carries records from subtask `from` to subtask `to` over exchange `edge`; `End`
-//! says that channel is finished; `Credit` goes the other way and lets the sender of that
-//! channel send `n` more batches; `Barrier` carries a checkpoint barrier (payload: the
-//! checkpoint id, u64, and a flags byte, bit 0 = unaligned) and needs no credit. Integers are little-endian. A record is a varint field
+//! `Batch` carries records from subtask `from` to subtask `to` over exchange `edge` and
+//! spends a credit; `Overdraft` carries records sent without credit (ahead of an unaligned
+//! checkpoint barrier, see [`crate::exchange`]); `End` says that channel is finished;
+//! `Credit` goes the other way and lets the sender of that channel send `n` more batches;
+//! `Barrier` carries a checkpoint barrier (payload: the checkpoint id, u64, the time it was
+//! triggered in milliseconds since the epoch, u64, and a flags byte, bit 0 = unaligned) and
+//! needs no credit. Integers are little-endian. A record is a varint field
 //! count followed by its values, each a tag byte and its bytes (strings as a varint length
 //! and UTF-8). Decoding checks everything: bytes from a socket never make the worker panic.
 
@@ -24,25 +27,37 @@ pub enum Kind {
     End = 2,
     Credit = 3,
     Barrier = 4,
+    Overdraft = 5,
 }
 
 /// Payload bytes of a `Barrier` frame.
-pub const BARRIER_LEN: u32 = 9;
+pub const BARRIER_LEN: u32 = 17;
+
+/// A checkpoint barrier: the checkpoint, when it was triggered (milliseconds since the
+/// epoch: the alignment timeout counts from then), and whether it overtakes records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Barrier {
+    pub id: u64,
+    pub ts: u64,
+    pub unaligned: bool,
+}
 
 /// A barrier's payload.
-pub fn encode_barrier(id: u64, unaligned: bool) -> [u8; BARRIER_LEN as usize] {
-    let mut b = [0u8; BARRIER_LEN as usize];
-    b[..8].copy_from_slice(&id.to_le_bytes());
-    b[8] = u8::from(unaligned);
-    b
+pub fn encode_barrier(b: Barrier) -> [u8; BARRIER_LEN as usize] {
+    let mut out = [0u8; BARRIER_LEN as usize];
+    out[..8].copy_from_slice(&b.id.to_le_bytes());
+    out[8..16].copy_from_slice(&b.ts.to_le_bytes());
+    out[16] = u8::from(b.unaligned);
+    out
 }
 
 /// Reads a barrier's payload.
-pub fn decode_barrier(b: &[u8]) -> Result<(u64, bool), String> {
-    if b.len() != BARRIER_LEN as usize || b[8] > 1 {
+pub fn decode_barrier(b: &[u8]) -> Result<Barrier, String> {
+    if b.len() != BARRIER_LEN as usize || b[16] > 1 {
         return Err("a malformed barrier".into());
     }
-    Ok((u64::from_le_bytes(b[..8].try_into().expect("8 bytes")), b[8] == 1))
+    let u = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));
+    Ok(Barrier { id: u(0..8), ts: u(8..16), unaligned: b[16] == 1 })
 }
 
 /// The fixed part of a frame.
@@ -52,7 +67,7 @@ pub struct Header {
     pub edge: u32,
     pub from: u32,
     pub to: u32,
-    /// Payload length for `Batch` and `Barrier`, credits for `Credit`, 0 for `End`.
+    /// Payload length for `Batch`, `Overdraft` and `Barrier`, credits for `Credit`, 0 for `End`.
     pub n: u32,
 }
 
@@ -76,11 +91,12 @@ impl Header {
             2 => Kind::End,
             3 => Kind::Credit,
             4 => Kind::Barrier,
+            5 => Kind::Overdraft,
             k => return Err(format!("unknown frame kind {k}")),
         };
         let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let h = Header { kind, edge: u(1), from: u(5), to: u(9), n: u(13) };
-        if h.kind == Kind::Batch && h.n > MAX_PAYLOAD {
+        if matches!(h.kind, Kind::Batch | Kind::Overdraft) && h.n > MAX_PAYLOAD {
             return Err(format!("a batch of {} bytes is over the limit of {MAX_PAYLOAD}", h.n));
         }
         if h.kind == Kind::Barrier && h.n != BARRIER_LEN {
@@ -249,10 +265,8 @@ mod tests {
         assert!(Header::decode(&big.to_bytes()).is_err());
         let bad = Header { kind: Kind::Barrier, edge: 0, from: 0, to: 0, n: 3 };
         assert!(Header::decode(&bad.to_bytes()).is_err());
-        assert_eq!(
-            decode_barrier(&encode_barrier(u64::MAX - 1, true)).unwrap(),
-            (u64::MAX - 1, true)
-        );
+        let barrier = Barrier { id: u64::MAX - 1, ts: 1_790_000_000_000, unaligned: true };
+        assert_eq!(decode_barrier(&encode_barrier(barrier)).unwrap(), barrier);
         assert!(decode_barrier(&[0; 5]).is_err());
     }
 }
