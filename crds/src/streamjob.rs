@@ -767,6 +767,10 @@ pub enum SpecError {
     Pipeline(#[from] crate::pipeline::PipelineError),
     #[error("spec.restore: give either snapshot or path, not both")]
     RestoreBoth,
+    #[error(
+        "spec.checkpointing.unaligned: unaligned checkpoints need mode exactly-once (at-least-once checkpoints never align, so there is nothing to overtake); set mode: exactly-once or unaligned: false"
+    )]
+    UnalignedAtLeastOnce,
 }
 
 impl StreamJobSpec {
@@ -803,6 +807,9 @@ impl StreamJobSpec {
             && r.path.is_some()
         {
             return Err(SpecError::RestoreBoth);
+        }
+        if self.checkpointing.unaligned && self.checkpointing.mode == CheckpointMode::AtLeastOnce {
+            return Err(SpecError::UnalignedAtLeastOnce);
         }
         Ok(())
     }

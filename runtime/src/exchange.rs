@@ -12,7 +12,9 @@
 //! Barriers and ends need no credit. An aligned barrier waits in the queue behind the
 //! batches before it. An unaligned one overtakes them: they go out at once without credit
 //! (an *overdraft*, bounded by what one input batch produces), then the barrier, so that
-//! it reaches the consumer without waiting for the consumer to catch up. The consumer takes
+//! it reaches the consumer without waiting for the consumer to catch up. The consumer
+//! returns a credit for those batches too, and the producer pays its debt back from them
+//! before it sends anything else: what a consumer holds stays bounded by the credits. The consumer takes
 //! every message off its channels as it arrives (holding the credit of a batch until it has
 //! processed it), so it sees a barrier however many batches are ahead of it, and stores
 //! those batches with the checkpoint ([`crate::align`]).
@@ -225,6 +227,9 @@ pub struct Outlet {
     queue: VecDeque<Queued>,
     /// Batches in `queue`.
     batches: usize,
+    /// Batches sent without credit: the next credits pay them back before another batch is
+    /// sent.
+    debt: usize,
 }
 
 #[derive(Debug)]
@@ -244,7 +249,7 @@ impl Outlet {
     }
 
     fn new(link: Link, credits: Receiver<()>) -> Self {
-        Self { link, credits, spare: 0, queue: VecDeque::new(), batches: 0 }
+        Self { link, credits, spare: 0, queue: VecDeque::new(), batches: 0, debt: 0 }
     }
 
     /// Queues a batch and sends what credit allows.
@@ -281,19 +286,34 @@ impl Outlet {
         self.pump()
     }
 
-    /// Batches waiting for credit.
+    /// Batches waiting for credit, and credits owed.
     pub fn backlog(&self) -> usize {
-        self.batches
+        self.batches + self.debt
     }
 
-    /// The credits to wait for when the outlet has a batch waiting.
+    /// The credits to wait for when the outlet has a batch waiting or owes credit.
     pub fn waiting_credits(&self) -> Option<&Receiver<()>> {
-        (self.batches > 0).then_some(&self.credits)
+        (self.backlog() > 0).then_some(&self.credits)
     }
 
     /// Sends from the front of the queue as far as credit allows.
     pub fn pump(&mut self) -> Result<(), RuntimeError> {
+        while self.debt > 0 {
+            if self.spare > 0 {
+                self.spare -= 1;
+                self.debt -= 1;
+                continue;
+            }
+            match self.credits.try_recv() {
+                Ok(()) => self.debt -= 1,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return Err(self.gone()),
+            }
+        }
         while let Some(front) = self.queue.front() {
+            if matches!(front, Queued::Batch(..)) && self.debt > 0 {
+                return Ok(());
+            }
             if matches!(front, Queued::Batch(..)) && self.spare == 0 {
                 match self.credits.try_recv() {
                     Ok(()) => self.spare += 1,
@@ -304,8 +324,9 @@ impl Outlet {
             let q = self.queue.pop_front().expect("a front");
             if matches!(q, Queued::Batch(..)) {
                 self.spare -= 1;
+                self.batches -= 1;
             }
-            self.send_now(q, true)?;
+            self.send_now(q)?;
         }
         Ok(())
     }
@@ -330,12 +351,13 @@ impl Outlet {
             let q = match q {
                 Queued::Batch(..) => {
                     self.batches -= 1;
+                    self.debt += 1;
                     q
                 }
                 Queued::Barrier(b) => Queued::Barrier(Barrier { unaligned: true, ..b }),
                 Queued::End => Queued::End,
             };
-            self.send_now(q, false)?;
+            self.send_now(q)?;
         }
         Ok(())
     }
@@ -363,18 +385,15 @@ impl Outlet {
         }
     }
 
-    /// Sends one message; a batch `credited` spends a credit (already taken).
-    fn send_now(&mut self, q: Queued, credited: bool) -> Result<(), RuntimeError> {
-        if matches!(q, Queued::Batch(..)) && credited {
-            self.batches -= 1;
-        }
+    /// Sends one message (the credit of a batch is taken or owed).
+    fn send_now(&mut self, q: Queued) -> Result<(), RuntimeError> {
         match &mut self.link {
             Link::Local { tx, credit } => {
                 let m = match q {
                     Queued::Batch(input, records) => Msg::Batch {
                         input,
                         records,
-                        credit: credited.then(|| CreditReturn::Local(credit.clone())),
+                        credit: Some(CreditReturn::Local(credit.clone())),
                     },
                     Queued::Barrier(b) => Msg::Barrier(b),
                     Queued::End => Msg::End,
@@ -388,7 +407,7 @@ impl Outlet {
                 let kind = match q {
                     Queued::Batch(_, records) => {
                         wire::encode_batch(&records, buf);
-                        if credited { Kind::Batch } else { Kind::Overdraft }
+                        Kind::Batch
                     }
                     Queued::Barrier(b) => {
                         buf.extend_from_slice(&wire::encode_barrier(b));
@@ -633,7 +652,7 @@ fn read_batches(s: TcpStream, conn: Arc<Conn>, me: u32, peer: u32, route: &Route
             ));
         };
         match h.kind {
-            Kind::Batch | Kind::Overdraft => {
+            Kind::Batch => {
                 let mut payload = vec![0u8; h.n as usize];
                 if let Err(e) = r.read_exact(&mut payload) {
                     return fail(e.to_string());
@@ -642,7 +661,7 @@ fn read_batches(s: TcpStream, conn: Arc<Conn>, me: u32, peer: u32, route: &Route
                     Ok(b) => b,
                     Err(e) => return fail(e),
                 };
-                let credit = (h.kind == Kind::Batch).then(|| CreditReturn::Remote {
+                let credit = Some(CreditReturn::Remote {
                     conn: conn.clone(),
                     header: Header { kind: Kind::Credit, n: 1, ..h },
                 });
@@ -775,6 +794,72 @@ mod tests {
         let t = std::thread::spawn(move || r1.finish());
         r0.finish();
         t.join().unwrap();
+    }
+
+    fn take(rx: &Receiver<Msg>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            out.push(match m {
+                Msg::Batch { records, credit, .. } => {
+                    assert!(credit.is_some(), "every batch carries a credit back");
+                    format!("{:?}", records[0][0])
+                }
+                Msg::Barrier(b) => format!("barrier {} {}", b.id, b.unaligned),
+                Msg::End => "end".into(),
+                Msg::Failed(e) => format!("{e}"),
+            });
+        }
+        out
+    }
+
+    fn int(i: i64) -> Vec<Record> {
+        vec![vec![Value::Int(i)]]
+    }
+
+    #[test]
+    fn an_unaligned_barrier_overtakes_the_batches_waiting_for_credit_and_the_debt_is_paid_back() {
+        let (tx, rx) = unbounded();
+        let mut o = Outlet::local(tx, 2);
+        for i in 0..4 {
+            o.enqueue(0, int(i)).unwrap();
+        }
+        assert_eq!(take(&rx), ["Int(0)", "Int(1)"]);
+        assert_eq!(o.backlog(), 2);
+        // An aligned barrier waits behind them.
+        o.barrier(Barrier { id: 1, ts: 0, unaligned: false }).unwrap();
+        assert!(take(&rx).is_empty());
+        // An unaligned one sends them at once, the aligned one among them as unaligned.
+        o.barrier(Barrier { id: 2, ts: 0, unaligned: true }).unwrap();
+        assert_eq!(take(&rx), ["Int(2)", "Int(3)", "barrier 1 true", "barrier 2 true"]);
+        // Two batches went without credit: the next two credits pay them back.
+        assert_eq!(o.backlog(), 2);
+        o.enqueue(0, int(4)).unwrap();
+        let give = |o: &mut Outlet| {
+            let Link::Local { credit, .. } = &o.link else { unreachable!() };
+            credit.send(()).unwrap();
+            o.pump().unwrap();
+        };
+        give(&mut o);
+        give(&mut o);
+        assert!(take(&rx).is_empty(), "sent before the debt was paid");
+        give(&mut o);
+        assert_eq!(take(&rx), ["Int(4)"]);
+        assert_eq!(o.backlog(), 0);
+    }
+
+    #[test]
+    fn an_aligned_barrier_overtakes_once_its_alignment_timeout_has_passed() {
+        let (tx, rx) = unbounded();
+        let mut o = Outlet::local(tx, 0);
+        o.enqueue(0, int(0)).unwrap();
+        o.barrier(Barrier { id: 1, ts: 1_000, unaligned: false }).unwrap();
+        o.enqueue(0, int(1)).unwrap();
+        o.overtake(1_499, 500).unwrap();
+        assert!(take(&rx).is_empty());
+        o.overtake(1_500, 500).unwrap();
+        // The batch after the barrier stays behind.
+        assert_eq!(take(&rx), ["Int(0)", "barrier 1 true"]);
+        assert_eq!(o.backlog(), 2, "one batch queued, one owed");
     }
 
     #[test]

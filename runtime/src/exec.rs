@@ -776,6 +776,9 @@ pub fn run_worker(
                     OpKind::Filter(f) => {
                         Some(Box::new(Filter::new(f, &plan.ops[op.inputs[0]].fields)))
                     }
+                    OpKind::Throttle(t) => {
+                        Some(Box::new(crate::operators::Throttle::new(t.rate_per_second)))
+                    }
                     OpKind::Keyed { aggregate, field, .. } => {
                         let in_fields = &plan.ops[op.inputs[0]].fields;
                         let backend = &keyed_of.get(&(i, s)).expect("opened above").backend;

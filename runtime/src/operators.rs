@@ -1061,6 +1061,40 @@ impl Operator for Stdout {
     }
 }
 
+/// Passes records on at no more than a given rate: after a batch, it sleeps until the
+/// records so far are within the rate since the first one.
+#[derive(Debug)]
+pub struct Throttle {
+    rate: f64,
+    since: Option<std::time::Instant>,
+    passed: u64,
+}
+
+impl Throttle {
+    pub fn new(rate_per_second: f64) -> Self {
+        Self { rate: rate_per_second, since: None, passed: 0 }
+    }
+}
+
+impl Operator for Throttle {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: Vec<Record>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        self.passed += batch.len() as u64;
+        let due = since + std::time::Duration::from_secs_f64(self.passed as f64 / self.rate);
+        let now = std::time::Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        out.extend(batch);
+        Ok(())
+    }
+}
+
 /// Discards records (counts them in the metrics).
 #[derive(Debug, Default)]
 pub struct Blackhole;

@@ -27,6 +27,7 @@ pub const OPERATOR_TYPES: &[&str] = &[
     "split",
     "map",
     "filter",
+    "throttle",
     "count",
     "sum",
     "min",
@@ -169,6 +170,14 @@ pub struct FilterSpec {
     pub min_length: Option<usize>,
 }
 
+/// Passes records on at no more than `ratePerSecond` per subtask (a deliberately slow
+/// stage: to try backpressure and unaligned checkpoints).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ThrottleSpec {
+    pub rate_per_second: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeyedSpec {
@@ -225,6 +234,7 @@ pub enum OpKind {
     Split(SplitSpec),
     Map(MapSpec),
     Filter(FilterSpec),
+    Throttle(ThrottleSpec),
     Keyed { aggregate: Aggregate, key: String, field: Option<String> },
     TumblingWindowCount(WindowSpec),
     Stdout,
@@ -337,6 +347,13 @@ pub fn build(
             "split" => OpKind::Split(parse(op)?),
             "map" => OpKind::Map(parse(op)?),
             "filter" => OpKind::Filter(parse(op)?),
+            "throttle" => {
+                let t: ThrottleSpec = parse(op)?;
+                if !(t.rate_per_second.is_finite() && t.rate_per_second > 0.0) {
+                    return Err(err(op, "ratePerSecond must be a number above 0"));
+                }
+                OpKind::Throttle(t)
+            }
             "count" | "sum" | "min" | "max" => {
                 let k: KeyedSpec = parse(op)?;
                 let aggregate = match op.kind.as_str() {
@@ -428,6 +445,7 @@ pub fn build(
                 field_pos(op, &in_fields, &f.field, "field")?;
                 in_fields.clone()
             }
+            OpKind::Throttle(_) => in_fields.clone(),
             OpKind::Keyed { aggregate, key, field } => {
                 field_pos(op, &in_fields, key, "key")?;
                 if let Some(f) = field {

@@ -7,9 +7,7 @@
 //!   kind u8 | edge u32 | from u32 | to u32 | n u32 | payload (n bytes, Batch only)
 //! ```
 //!
-//! `Batch` carries records from subtask `from` to subtask `to` over exchange `edge` and
-//! spends a credit; `Overdraft` carries records sent without credit (ahead of an unaligned
-//! checkpoint barrier, see [`crate::exchange`]); `End` says that channel is finished;
+//! `Batch` carries records from subtask `from` to subtask `to` over exchange `edge`; `End` says that channel is finished;
 //! `Credit` goes the other way and lets the sender of that channel send `n` more batches;
 //! `Barrier` carries a checkpoint barrier (payload: the checkpoint id, u64, the time it was
 //! triggered in milliseconds since the epoch, u64, and a flags byte, bit 0 = unaligned) and
@@ -27,7 +25,6 @@ pub enum Kind {
     End = 2,
     Credit = 3,
     Barrier = 4,
-    Overdraft = 5,
 }
 
 /// Payload bytes of a `Barrier` frame.
@@ -67,7 +64,7 @@ pub struct Header {
     pub edge: u32,
     pub from: u32,
     pub to: u32,
-    /// Payload length for `Batch`, `Overdraft` and `Barrier`, credits for `Credit`, 0 for `End`.
+    /// Payload length for `Batch` and `Barrier`, credits for `Credit`, 0 for `End`.
     pub n: u32,
 }
 
@@ -91,12 +88,11 @@ impl Header {
             2 => Kind::End,
             3 => Kind::Credit,
             4 => Kind::Barrier,
-            5 => Kind::Overdraft,
             k => return Err(format!("unknown frame kind {k}")),
         };
         let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let h = Header { kind, edge: u(1), from: u(5), to: u(9), n: u(13) };
-        if matches!(h.kind, Kind::Batch | Kind::Overdraft) && h.n > MAX_PAYLOAD {
+        if h.kind == Kind::Batch && h.n > MAX_PAYLOAD {
             return Err(format!("a batch of {} bytes is over the limit of {MAX_PAYLOAD}", h.n));
         }
         if h.kind == Kind::Barrier && h.n != BARRIER_LEN {

@@ -205,6 +205,21 @@ fn bad_pipelines_exit_2_naming_the_operator_and_field() {
         ("uid: words", "uid: lines", &["\"lines\"", "unique"]),
         ("inputs: [lines]", "inputs: [counts]", &["cycle"]),
         ("parallelism: 2", "parallelism: 300", &["spec.parallelism 300", "maxParallelism 128"]),
+        (
+            "interval: 1s,",
+            "interval: 1s, mode: at-least-once, unaligned: true,",
+            &["spec.checkpointing.unaligned", "exactly-once"],
+        ),
+        (
+            "inputs: [words], key: word}",
+            "inputs: [slow], key: word}\n      - {uid: slow, type: throttle, inputs: [words], ratePerSecond: 0}",
+            &["\"slow\"", "ratePerSecond"],
+        ),
+        (
+            "inputs: [words], key: word}",
+            "inputs: [slow], key: word}\n      - {uid: slow, type: throttle, inputs: [words], rate: 5}",
+            &["\"slow\"", "rate"],
+        ),
     ];
     for (from, to, wants) in cases {
         let file = tmp.path().join("bad.yaml");

@@ -274,3 +274,126 @@ fn at_least_once_loses_nothing_when_workers_die() {
     }
     assert!(err.matches("restarting in").count() >= 1, "{err}");
 }
+
+/// A word count whose sink side is throttled to `rate` words per second per subtask, so that
+/// the channels into it stay full; checkpoints every second with a 2-second timeout.
+fn backpressured(dir: &Path, rate: u32, unaligned: &str) -> PathBuf {
+    let file = dir.join("slow.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: wc-slow}}
+spec:
+  parallelism: 2
+  checkpointing: {{interval: 1s, timeout: 2s, tolerableFailures: 1000, storage: {chk}, retained: 2, {unaligned}}}
+  restartStrategy: {{type: fixed-delay, delay: 200ms, attempts: 100}}
+  pipeline:
+    operators:
+      - {{uid: lines,  type: file_source, path: {input}}}
+      - {{uid: words,  type: split, inputs: [lines]}}
+      - {{uid: counts, type: count, inputs: [words], key: word}}
+      - {{uid: slow,   type: throttle, inputs: [counts], ratePerSecond: {rate}}}
+      - {{uid: out,    type: file_sink, inputs: [slow], path: {out}}}
+",
+            chk = dir.join("checkpoints").display(),
+            input = dir.join("in").display(),
+            out = dir.join("out").display(),
+        ),
+    )
+    .unwrap();
+    file
+}
+
+fn checkpoints(api: &str) -> serde_json::Value {
+    let (code, body) = get(api, "/v1/checkpoints").expect("the API answers");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The newest completed checkpoint in a `/v1/checkpoints` answer.
+fn newest_completed(c: &serde_json::Value) -> Option<&serde_json::Value> {
+    c["history"].as_array().unwrap().iter().find(|h| h["status"] == "completed")
+}
+
+#[test]
+fn unaligned_checkpoints_complete_under_backpressure_where_aligned_ones_time_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = write_input(&tmp.path().join("in"), 8, 1500, 21);
+    let total: u64 = expected.values().sum();
+
+    // Aligned: the barriers wait behind thousands of buffered words that the sink takes at
+    // 2,000 a second, and every checkpoint expires.
+    let aligned = tmp.path().join("aligned");
+    std::fs::create_dir_all(aligned.join("in")).unwrap();
+    for e in std::fs::read_dir(tmp.path().join("in")).unwrap().flatten() {
+        std::fs::copy(e.path(), aligned.join("in").join(e.file_name())).unwrap();
+    }
+    let file = backpressured(&aligned, 2000, "unaligned: false");
+    let mut job = start(&file, &aligned, &["--processes"]);
+    wait_running(&mut job, 0);
+    std::thread::sleep(Duration::from_secs(7));
+    let c = checkpoints(&job.api);
+    let _ = job.child.kill();
+    let (_, err) = job.finish(Duration::from_secs(30));
+    assert_eq!(c["completed"], 0, "an aligned checkpoint completed under backpressure: {c}");
+    assert!(c["failed"].as_u64().unwrap() >= 2, "{c}\n{err}");
+    assert!(err.contains("expired after 2s"), "{err}");
+
+    // Unaligned, from the start: the same job checkpoints every second, storing the words its
+    // barriers overtook, and worker processes killed at random moments restore them.
+    let file = backpressured(tmp.path(), 2000, "unaligned: true");
+    let mut job = start(&file, tmp.path(), &["--processes"]);
+    let mut rng = SplitMix64::new(0xbacc);
+    let (mut kills, mut in_flight_restores) = (0, 0);
+    while kills < 4 {
+        if !wait_running(&mut job, kills) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2500 + rng.next_u64() % 2000));
+        let c = checkpoints(&job.api);
+        let workers = children_of(job.child.id());
+        if workers.is_empty() || job.exited() {
+            break;
+        }
+        // The checkpoint the job restores from after this kill (a newer one may complete in
+        // between, which holds in-flight records as likely).
+        if newest_completed(&c).is_some_and(|n| n["inFlightBytes"].as_u64() > Some(0)) {
+            in_flight_restores += 1;
+        }
+        let victim = workers[(rng.next_u64() % workers.len() as u64) as usize];
+        let _ = Command::new("kill").args(["-KILL", &victim.to_string()]).status();
+        kills += 1;
+    }
+    let (code, err) = job.finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(kills >= 3, "the job ended after {kills} kills: {err}");
+    assert!(in_flight_restores >= 1, "no restore had in-flight records: {err}");
+    common::check_counts(
+        common::committed_texts(&tmp.path().join("out")).iter().map(String::as_str),
+        &expected,
+    );
+    let lines: usize =
+        common::committed_texts(&tmp.path().join("out")).iter().map(|t| t.lines().count()).sum();
+    assert_eq!(lines as u64, total, "every word counted once");
+}
+
+#[test]
+fn checkpoints_switch_to_unaligned_after_the_alignment_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_input(&tmp.path().join("in"), 12, 1500, 22);
+    let file = backpressured(tmp.path(), 2000, "unaligned: true, alignmentTimeout: 300ms");
+    let mut job = start(&file, tmp.path(), &["--processes"]);
+    wait_running(&mut job, 0);
+    std::thread::sleep(Duration::from_secs(6));
+    let c = checkpoints(&job.api);
+    let _ = job.child.kill();
+    let _ = job.finish(Duration::from_secs(30));
+    assert!(c["completed"].as_u64().unwrap() >= 2, "{c}");
+    let n = newest_completed(&c).unwrap();
+    assert_eq!(n["unaligned"], true, "{c}");
+    assert!(n["inFlightBytes"].as_u64().unwrap() > 0, "{c}");
+    // It waited for alignment before switching (the timeout counts from the trigger).
+    assert!(n["durationMs"].as_u64().unwrap() >= 300, "{c}");
+}
