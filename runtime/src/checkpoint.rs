@@ -4,9 +4,10 @@
 //! Storage layout, below the storage's root (`spec.checkpointing.storage`):
 //!
 //! ```text
-//!   <namespace>/<job-name>/<job-id>/chk-<n>/_metadata          written last
-//!   <namespace>/<job-name>/<job-id>/chk-<n>/<instance>/...      RocksDB files that change
-//!   <namespace>/<job-name>/<job-id>/shared/<instance>/<sst>     SST files, shared by checkpoints
+//!   <namespace>/<job-name>/<job-id>/chk-<n>/_metadata                  written last
+//!   <namespace>/<job-name>/<job-id>/chk-<n>/inflight/<task>-<subtask>  records overtaken (unaligned)
+//!   <namespace>/<job-name>/<job-id>/shared/<instance>/<sst>            SST files, shared by checkpoints
+//!   <namespace>/<job-name>/<job-id>/shared/own-<n>/<instance>/<file>   other RocksDB files of checkpoint n
 //! ```
 //!
 //! A checkpoint exists once its `_metadata` does: the coordinator writes it after every

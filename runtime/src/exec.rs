@@ -9,8 +9,9 @@
 //!
 //! An operator joins its input's task when it has exactly one input and is not keyed;
 //! a keyed operator (or one with several inputs) starts a task of its own, and records reach
-//! it through an exchange: batches over a bounded channel per receiving subtask, so that a slow
-//! consumer blocks its producers (backpressure) instead of growing a queue. Keyed exchanges
+//! it through an exchange: batches over a channel per producing and receiving subtask, with
+//! credits, so that a slow consumer holds its producers back (backpressure) instead of growing
+//! a queue ([`crate::exchange`]). Keyed exchanges
 //! send each record to the subtask that owns its key group; the others go to the subtask of
 //! the same index. Every subtask index has its own RocksDB instance.
 //!

@@ -27,6 +27,7 @@ pub mod objstore;
 pub mod operators;
 pub mod plan;
 pub mod record;
+pub mod savepoint;
 pub mod snapshot;
 pub mod state;
 pub mod storage;

@@ -120,6 +120,36 @@ impl StateBackend {
         DB::list_cf(&Options::default(), &self.path).unwrap_or_default()
     }
 
+    /// Loads the SST file `sst` (written with [`sst_options`], keys in order) into operator
+    /// `uid`'s state.
+    pub fn ingest(&self, uid: &str, sst: &Path) -> Result<(), StateError> {
+        let cf = self.db.cf_handle(&cf_name(uid)).expect("column family opened with the backend");
+        self.db.ingest_external_file_cf(&cf, vec![sst])?;
+        Ok(())
+    }
+
+    /// Calls `f` with every stored (key, value) of operator `uid` in the RocksDB checkpoint at
+    /// `dir` (opened read-only), in key order: the key starts with its key group (2 bytes,
+    /// big-endian). A checkpoint without that operator's column family has no entries.
+    pub fn for_each_in_checkpoint<E: From<StateError>>(
+        dir: &Path,
+        uid: &str,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let names = DB::list_cf(&Options::default(), dir).map_err(StateError::from)?;
+        if !names.contains(&cf_name(uid)) {
+            return Ok(());
+        }
+        let db = DB::open_cf_for_read_only(&db_options(), dir, &names, false)
+            .map_err(StateError::from)?;
+        let cf = db.cf_handle(&cf_name(uid)).expect("listed above");
+        for item in db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(StateError::from)?;
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+
     /// Every (key group, key, value) of operator `uid`, in key order (for tests and tools).
     pub fn scan(&self, uid: &str) -> Result<Vec<StateEntry>, StateError> {
         let cf = self.db.cf_handle(&cf_name(uid)).expect("column family opened with the backend");
@@ -131,6 +161,11 @@ impl StateBackend {
         }
         Ok(out)
     }
+}
+
+/// Options for SST files that [`StateBackend::ingest`] loads.
+pub fn sst_options() -> Options {
+    db_options()
 }
 
 fn cf_name(uid: &str) -> String {

@@ -1,0 +1,414 @@
+//! Keyed state in savepoints: self-contained files, sorted by key group, that a job restored
+//! at any parallelism reads only its own part of.
+//!
+//! The keyed state of one operator subtask is one file:
+//!
+//! ```text
+//!   WEIR-KEYED 1\n
+//!   entries, in key order: varint key length, key, varint value length, value
+//! ```
+//!
+//! where a key is the stored key (its key group as 2 big-endian bytes, then the key's bytes).
+//! The savepoint's metadata keeps, beside the file's name, the offset where each of its key
+//! groups starts ([`KeyedFile`]). A subtask that owns key groups `a..=b` after a restore reads
+//! from each file that holds any of them the one byte range `offset(a)..offset(b + 1)` (a
+//! ranged GET on S3), writes the entries into an SST file and ingests it into RocksDB.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::RuntimeError;
+use crate::state::{StateBackend, StateError, sst_options};
+use crate::storage::Storage;
+
+/// The first bytes of a keyed state file.
+pub const KEYED_MAGIC: &[u8] = b"WEIR-KEYED 1\n";
+
+/// A keyed state file of a savepoint and its key-group index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyedFile {
+    /// The file, relative to the savepoint's directory.
+    pub file: String,
+    /// The key groups it holds, first and last.
+    pub key_groups: (u16, u16),
+    /// Where each key group starts (`offsets[g - first]`), then the file's length.
+    pub offsets: Vec<u64>,
+    pub entries: u64,
+}
+
+impl KeyedFile {
+    /// The bytes holding key groups `range` (first and last), where they overlap this file's;
+    /// `None` when none of them has an entry here.
+    pub fn byte_range(&self, range: (u16, u16)) -> Option<(u64, u64)> {
+        let lo = range.0.max(self.key_groups.0);
+        let hi = range.1.min(self.key_groups.1);
+        if lo > hi {
+            return None;
+        }
+        let start = self.offsets[usize::from(lo - self.key_groups.0)];
+        let end = self.offsets[usize::from(hi - self.key_groups.0) + 1];
+        (end > start).then_some((start, end))
+    }
+
+    /// Checks the index against the key-group range (metadata read from elsewhere).
+    pub fn check(&self) -> Result<(), String> {
+        let (a, b) = self.key_groups;
+        if a > b || self.offsets.len() != usize::from(b - a) + 2 {
+            return Err(format!("{}: a key-group index that does not fit its range", self.file));
+        }
+        if self.offsets[0] != KEYED_MAGIC.len() as u64
+            || self.offsets.windows(2).any(|w| w[0] > w[1])
+        {
+            return Err(format!("{}: key-group offsets out of order", self.file));
+        }
+        Ok(())
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn varint(b: &[u8], at: &mut usize) -> Result<u64, String> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at).ok_or("keyed state cut short")?;
+        *at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Ok(v);
+        }
+    }
+    Err("a malformed length in keyed state".into())
+}
+
+/// Calls a visitor with stored (key, value) entries in key order.
+pub type EntrySource<'a> = dyn FnMut(&mut EntryVisitor<'_>) -> Result<(), RuntimeError> + 'a;
+/// Takes one stored (key, value) entry.
+pub type EntryVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), RuntimeError> + 'a;
+
+/// Writes entries (in key order) of key groups `key_groups` as a keyed state file into `out`;
+/// returns the key-group offsets and the number of entries.
+pub fn write_entries<W: Write>(
+    mut out: W,
+    key_groups: (u16, u16),
+    entries: &mut EntrySource<'_>,
+) -> Result<(Vec<u64>, u64), RuntimeError> {
+    let io = |e: std::io::Error| RuntimeError::internal(format!("writing keyed state: {e}"));
+    out.write_all(KEYED_MAGIC).map_err(io)?;
+    let (first, last) = key_groups;
+    let mut offsets = Vec::with_capacity(usize::from(last - first) + 2);
+    let mut at = KEYED_MAGIC.len() as u64;
+    let mut count = 0u64;
+    let mut buf = Vec::with_capacity(64 << 10);
+    let mut result = Ok(());
+    entries(&mut |k: &[u8], v: &[u8]| {
+        if k.len() < 2 {
+            return Err(RuntimeError::internal("a stored key without its key group"));
+        }
+        let g = u16::from_be_bytes([k[0], k[1]]);
+        if g < first || g > last {
+            return Err(RuntimeError::internal(format!(
+                "key group {g} in the state of key groups {first}..={last}"
+            )));
+        }
+        // Every key group up to this one starts here (empty ones too).
+        while offsets.len() <= usize::from(g - first) {
+            offsets.push(at + buf.len() as u64);
+        }
+        put_varint(&mut buf, k.len() as u64);
+        buf.extend_from_slice(k);
+        put_varint(&mut buf, v.len() as u64);
+        buf.extend_from_slice(v);
+        count += 1;
+        if buf.len() >= 64 << 10 {
+            at += buf.len() as u64;
+            if let Err(e) = out.write_all(&buf) {
+                result = Err(io(e));
+            }
+            buf.clear();
+        }
+        Ok(())
+    })?;
+    result?;
+    at += buf.len() as u64;
+    out.write_all(&buf).map_err(io)?;
+    out.flush().map_err(io)?;
+    while offsets.len() <= usize::from(last - first) + 1 {
+        offsets.push(at);
+    }
+    Ok((offsets, count))
+}
+
+/// Reads the entries of a byte range of a keyed state file (whole entries, as
+/// [`KeyedFile::byte_range`] gives), calling `f` with each (key, value).
+pub fn read_entries(
+    bytes: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), RuntimeError>,
+) -> Result<(), String> {
+    let mut at = 0;
+    while at < bytes.len() {
+        let klen = varint(bytes, &mut at)? as usize;
+        let k = bytes.get(at..at + klen).ok_or("keyed state cut short")?;
+        at += klen;
+        let vlen = varint(bytes, &mut at)? as usize;
+        let v = bytes.get(at..at + vlen).ok_or("keyed state cut short")?;
+        at += vlen;
+        f(k, v).map_err(|e| e.message)?;
+    }
+    Ok(())
+}
+
+/// Writes operator `uid`'s state from the RocksDB checkpoint at `checkpoint` (key groups
+/// `key_groups`) to `storage` as `key`, through the local file `scratch`.
+pub fn save_keyed(
+    checkpoint: &Path,
+    uid: &str,
+    key_groups: (u16, u16),
+    storage: &dyn Storage,
+    key: &str,
+    scratch: &Path,
+) -> Result<KeyedFile, RuntimeError> {
+    let file = std::fs::File::create(scratch)
+        .map_err(|e| RuntimeError::internal(format!("creating {}: {e}", scratch.display())))?;
+    let (offsets, entries) =
+        write_entries(std::io::BufWriter::with_capacity(1 << 20, file), key_groups, &mut |f| {
+            StateBackend::for_each_in_checkpoint(checkpoint, uid, |k, v| f(k, v))
+        })?;
+    storage.put_file(key, scratch)?;
+    let _ = std::fs::remove_file(scratch);
+    Ok(KeyedFile { file: key.to_string(), key_groups, offsets, entries })
+}
+
+impl From<StateError> for RuntimeError {
+    fn from(e: StateError) -> Self {
+        RuntimeError::internal(e.to_string())
+    }
+}
+
+/// Loads into `backend` operator `uid`'s entries of key groups `range` from `files` (of a
+/// savepoint in `storage`): one ranged read per file that holds any, one SST file ingested.
+/// Returns the bytes read.
+pub fn restore_keyed(
+    storage: &dyn Storage,
+    files: &[KeyedFile],
+    range: (u16, u16),
+    backend: &StateBackend,
+    uid: &str,
+    scratch: &Path,
+) -> Result<u64, RuntimeError> {
+    let mut files: Vec<&KeyedFile> = files.iter().collect();
+    files.sort_by_key(|f| f.key_groups.0);
+    let opts = sst_options();
+    let mut writer = rocksdb::SstFileWriter::create(&opts);
+    let mut open = false;
+    let mut read = 0u64;
+    let sst = |e: rocksdb::Error| RuntimeError::internal(format!("writing an SST file: {e}"));
+    for f in files {
+        f.check().map_err(RuntimeError::user)?;
+        let Some((start, end)) = f.byte_range(range) else { continue };
+        let bytes = storage.get_range(&f.file, start, end)?;
+        if bytes.len() as u64 != end - start {
+            return Err(RuntimeError::external(format!(
+                "{}: read {} bytes of {start}..{end}: the savepoint is damaged",
+                storage.describe(&f.file),
+                bytes.len()
+            )));
+        }
+        read += bytes.len() as u64;
+        if !open {
+            writer.open(scratch).map_err(sst)?;
+            open = true;
+        }
+        read_entries(&bytes, |k, v| writer.put(k, v).map_err(sst))
+            .map_err(|e| RuntimeError::external(format!("{}: {e}", storage.describe(&f.file))))?;
+    }
+    if open {
+        writer.finish().map_err(sst)?;
+        backend.ingest(uid, scratch)?;
+        let _ = std::fs::remove_file(scratch);
+    }
+    Ok(read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keygroup::KeyGroupRange;
+    use proptest::prelude::*;
+
+    /// Entries of key groups `kgs`: `n` keys per group, keys sorted within a group.
+    fn entries(kgs: (u16, u16), per: u16) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for g in kgs.0..=kgs.1 {
+            // Some groups stay empty.
+            for k in 0..(per + g) % 4 {
+                let mut key = g.to_be_bytes().to_vec();
+                key.extend_from_slice(format!("k{k:03}").as_bytes());
+                out.push((key, format!("v{g}-{k}").into_bytes()));
+            }
+        }
+        out
+    }
+
+    fn file_of(kgs: (u16, u16), es: &[(Vec<u8>, Vec<u8>)]) -> (Vec<u8>, KeyedFile) {
+        let mut bytes = Vec::new();
+        let (offsets, n) = write_entries(&mut bytes, kgs, &mut |f| {
+            for (k, v) in es {
+                f(k, v)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        (bytes, KeyedFile { file: "f".into(), key_groups: kgs, offsets, entries: n })
+    }
+
+    proptest! {
+        #[test]
+        fn restored_key_groups_are_exactly_the_owned_ones(
+            max_p in 1u32..300, old_p in 1u32..40, new_p in 1u32..40, per in 0u16..5
+        ) {
+            let old_p = old_p.min(max_p);
+            let new_p = new_p.min(max_p);
+            let mut old = Vec::new();
+            let mut all = Vec::new();
+            for s in 0..old_p {
+                let r = KeyGroupRange::of_subtask(max_p, old_p, s);
+                let es = entries((r.start, r.end), per);
+                all.extend(es.clone());
+                old.push(file_of((r.start, r.end), &es));
+            }
+            let mut restored = Vec::new();
+            for s in 0..new_p {
+                let r = KeyGroupRange::of_subtask(max_p, new_p, s);
+                for (bytes, f) in &old {
+                    prop_assert!(f.check().is_ok());
+                    let Some((a, b)) = f.byte_range((r.start, r.end)) else { continue };
+                    read_entries(&bytes[a as usize..b as usize], |k, v| {
+                        let g = u16::from_be_bytes([k[0], k[1]]);
+                        assert!(g >= r.start && g <= r.end, "key group {g} outside {r:?}");
+                        restored.push((k.to_vec(), v.to_vec()));
+                        Ok(())
+                    }).unwrap();
+                }
+            }
+            // Every entry exactly once.
+            prop_assert_eq!(restored, all);
+        }
+
+        #[test]
+        fn the_key_group_index_round_trips(first in 0u16..100, len in 0u16..50, per in 0u16..5) {
+            let kgs = (first, first + len);
+            let es = entries(kgs, per);
+            let (bytes, f) = file_of(kgs, &es);
+            let json = serde_json::to_string(&f).unwrap();
+            let back: KeyedFile = serde_json::from_str(&json).unwrap();
+            prop_assert_eq!(&back, &f);
+            prop_assert_eq!(*f.offsets.last().unwrap(), bytes.len() as u64);
+            prop_assert_eq!(f.entries, es.len() as u64);
+            // Each key group's range holds exactly its entries.
+            for g in kgs.0..=kgs.1 {
+                let mut n = 0;
+                if let Some((a, b)) = f.byte_range((g, g)) {
+                    read_entries(&bytes[a as usize..b as usize], |k, _| {
+                        assert_eq!(u16::from_be_bytes([k[0], k[1]]), g);
+                        n += 1;
+                        Ok(())
+                    }).unwrap();
+                }
+                prop_assert_eq!(n, es.iter().filter(|(k, _)| u16::from_be_bytes([k[0], k[1]]) == g).count());
+            }
+        }
+
+        #[test]
+        fn damaged_bytes_are_an_error_not_a_panic(b in prop::collection::vec(any::<u8>(), 0..100)) {
+            let _ = read_entries(&b, |_, _| Ok(()));
+        }
+    }
+
+    #[test]
+    fn a_bad_index_is_refused() {
+        let (_, mut f) = file_of((3, 6), &entries((3, 6), 2));
+        assert!(f.check().is_ok());
+        f.offsets.pop();
+        assert!(f.check().unwrap_err().contains("does not fit"));
+    }
+
+    /// Through RocksDB: state written by two subtasks, saved from their checkpoints, restored
+    /// by three into fresh instances; each holds exactly its key groups' values.
+    #[test]
+    fn rocksdb_state_rescales_from_two_subtasks_to_three() {
+        let tmp = tempfile::tempdir().unwrap();
+        let storage = crate::storage::LocalStorage::new(&tmp.path().join("sp"));
+        let uid = "counts".to_string();
+        let max_p = 128;
+        let mut files = Vec::new();
+        let mut expected = Vec::new();
+        for s in 0..2u32 {
+            let r = KeyGroupRange::of_subtask(max_p, 2, s);
+            let b = StateBackend::open(
+                &tmp.path().join(format!("old-{s}")),
+                std::slice::from_ref(&uid),
+            )
+            .unwrap();
+            let mut st = b.value_state(&uid, max_p, 100);
+            for k in 0..500u32 {
+                let key = format!("w{k}");
+                let g = crate::keygroup::key_group_of(key.as_bytes(), max_p);
+                if g >= r.start && g <= r.end {
+                    st.update(key.as_bytes(), |_| crate::state::Num::Int(i64::from(k))).unwrap();
+                }
+            }
+            st.write_back().unwrap();
+            expected.extend(b.scan(&uid).unwrap());
+            let ck = tmp.path().join(format!("ck-{s}"));
+            b.checkpoint(&ck).unwrap();
+            files.push(
+                save_keyed(
+                    &ck,
+                    &uid,
+                    (r.start, r.end),
+                    &storage,
+                    &format!("counts-{s}"),
+                    &tmp.path().join("scratch"),
+                )
+                .unwrap(),
+            );
+        }
+        let mut restored = Vec::new();
+        let mut read = 0;
+        for s in 0..3u32 {
+            let r = KeyGroupRange::of_subtask(max_p, 3, s);
+            let b = StateBackend::open(
+                &tmp.path().join(format!("new-{s}")),
+                std::slice::from_ref(&uid),
+            )
+            .unwrap();
+            read += restore_keyed(
+                &storage,
+                &files,
+                (r.start, r.end),
+                &b,
+                &uid,
+                &tmp.path().join("sst"),
+            )
+            .unwrap();
+            let got = b.scan(&uid).unwrap();
+            assert!(got.iter().all(|(g, _, _)| *g >= r.start && *g <= r.end));
+            restored.extend(got);
+        }
+        restored.sort();
+        expected.sort();
+        assert_eq!(restored, expected);
+        let total: u64 =
+            files.iter().map(|f| f.offsets.last().unwrap() - KEYED_MAGIC.len() as u64).sum();
+        assert_eq!(read, total, "every byte read once");
+    }
+}
