@@ -1082,6 +1082,10 @@ fn run_subtask(
         let now = now_ms();
         for i in 0..inbox.channels.len() {
             while let Some(m) = inbox.receive(i) {
+                if let Msg::Failed(e) = m {
+                    // Fail at once, even from a channel held back for alignment.
+                    return Err(e);
+                }
                 aligner.received(&mut inbox, i, m, now, &mut actions);
             }
         }
