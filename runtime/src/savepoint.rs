@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::RuntimeError;
 use crate::state::{StateBackend, StateError, sst_options};
 use crate::storage::Storage;
+use crate::wire::put_varint;
 
 /// The first bytes of a keyed state file.
 pub const KEYED_MAGIC: &[u8] = b"WEIR-KEYED 1\n";
@@ -68,25 +69,8 @@ impl KeyedFile {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 fn varint(b: &[u8], at: &mut usize) -> Result<u64, String> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*at).ok_or("keyed state cut short")?;
-        *at += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte < 0x80 {
-            return Ok(v);
-        }
-    }
-    Err("a malformed length in keyed state".into())
+    crate::wire::get_varint(b, at).map_err(|e| e.unwrap_or("keyed state cut short").to_string())
 }
 
 /// Calls a visitor with stored (key, value) entries in key order.

@@ -102,7 +102,8 @@ impl Header {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+/// Appends `v` in 7-bit groups, the lowest first (LEB128).
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -136,6 +137,21 @@ pub fn encode_batch(records: &[Record], out: &mut Vec<u8>) {
     }
 }
 
+/// Reads a varint [`put_varint`] wrote at `*at`, moving `at` past it. `Err(None)`: the bytes
+/// end first; `Err(Some(why))`: it is malformed.
+pub(crate) fn get_varint(b: &[u8], at: &mut usize) -> Result<u64, Option<&'static str>> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at).ok_or(None)?;
+        *at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(Some("a varint longer than 64 bits"))
+}
+
 struct Reader<'a> {
     b: &'a [u8],
     at: usize,
@@ -149,15 +165,8 @@ impl Reader<'_> {
     }
 
     fn varint(&mut self) -> Result<u64, String> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("a varint longer than 64 bits".into())
+        get_varint(self.b, &mut self.at)
+            .map_err(|e| e.unwrap_or("a batch ends in the middle of a record").to_string())
     }
 
     fn bytes(&mut self, n: usize) -> Result<&[u8], String> {
