@@ -160,5 +160,12 @@ mod tests {
             allow_non_restored_state: false,
         });
         assert!(job.spec.validate().unwrap_err().to_string().starts_with("spec.restore"));
+        job.spec.restore = None;
+        job.spec.checkpointing.unaligned = true;
+        job.spec.checkpointing.mode = streamjob::CheckpointMode::AtLeastOnce;
+        let e = job.spec.validate().unwrap_err().to_string();
+        assert!(e.starts_with("spec.checkpointing.unaligned") && e.contains("exactly-once"), "{e}");
+        job.spec.checkpointing.mode = streamjob::CheckpointMode::ExactlyOnce;
+        assert!(job.spec.validate().is_ok());
     }
 }
