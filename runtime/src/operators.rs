@@ -1168,6 +1168,10 @@ enum OpenPart {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct SinkState {
+    /// Names the parts (`part-<job>-<subtask>`): a job restored under another id, or a
+    /// subtask that takes over another's state, commits and discards the old names.
+    #[serde(default)]
+    stem: Option<String>,
     next_part: u32,
     /// (checkpoint, parts) closed and waiting for that checkpoint to complete.
     pending: Vec<(u64, Vec<u32>)>,
@@ -1175,6 +1179,10 @@ struct SinkState {
 
 fn sink_error(e: RuntimeError) -> RuntimeError {
     RuntimeError { message: format!("file_sink: {}", e.message), ..e }
+}
+
+fn in_progress_name(stem: &str, n: u32) -> String {
+    format!(".{stem}-{n}.inprogress")
 }
 
 fn sink_io(what: &str, e: std::io::Error) -> RuntimeError {
@@ -1229,11 +1237,7 @@ impl FileSink {
     }
 
     fn in_progress(&self, n: u32) -> String {
-        format!(".{}-{n}.inprogress", self.stem)
-    }
-
-    fn committed(&self, n: u32) -> String {
-        format!("{}-{n}", self.stem)
+        in_progress_name(&self.stem, n)
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), RuntimeError> {
@@ -1305,7 +1309,12 @@ impl FileSink {
 
     /// Gives part `n` its final name. Idempotent: a part already committed stays so.
     fn commit(&self, n: u32) -> Result<(), RuntimeError> {
-        let (from, to) = (self.in_progress(n), self.committed(n));
+        self.commit_part(&self.stem, n)
+    }
+
+    /// Makes part `n` of `stem` visible; a part committed before is left as it is.
+    fn commit_part(&self, stem: &str, n: u32) -> Result<(), RuntimeError> {
+        let (from, to) = (in_progress_name(stem, n), format!("{stem}-{n}"));
         match &self.out {
             SinkOut::Local(dir) => match std::fs::rename(dir.join(&from), dir.join(&to)) {
                 Ok(()) => Ok(()),
@@ -1329,9 +1338,9 @@ impl FileSink {
         }
     }
 
-    /// Deletes this subtask's in-progress parts (records of a failed attempt).
-    fn discard_in_progress(&self) -> Result<(), RuntimeError> {
-        let prefix = format!(".{}-", self.stem);
+    /// Deletes the in-progress parts named `stem` (records of a failed attempt).
+    fn discard_in_progress(&self, stem: &str) -> Result<(), RuntimeError> {
+        let prefix = format!(".{stem}-");
         let ours = |name: &str| name.starts_with(&prefix) && name.ends_with(".inprogress");
         match &self.out {
             SinkOut::Local(dir) => {
@@ -1387,13 +1396,18 @@ impl Operator for FileSink {
         if let Some(state) = state {
             let st: SinkState =
                 serde_json::from_value(state).map_err(|e| bad_state("a file_sink", e))?;
-            self.next_part = st.next_part;
+            let stem = st.stem.unwrap_or_else(|| self.stem.clone());
             // The checkpoint restored from is complete: its pending parts are committed now.
             for n in st.pending.iter().flat_map(|(_, parts)| parts) {
-                self.commit(*n)?;
+                self.commit_part(&stem, *n)?;
+            }
+            if stem == self.stem {
+                self.next_part = st.next_part;
+            } else {
+                self.discard_in_progress(&stem)?;
             }
         }
-        self.discard_in_progress()
+        self.discard_in_progress(&self.stem)
     }
 
     fn snapshot(&mut self, id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
@@ -1401,7 +1415,11 @@ impl Operator for FileSink {
         if !self.closed.is_empty() {
             self.pending.push((id, std::mem::take(&mut self.closed)));
         }
-        let st = SinkState { next_part: self.next_part, pending: self.pending.clone() };
+        let st = SinkState {
+            stem: Some(self.stem.clone()),
+            next_part: self.next_part,
+            pending: self.pending.clone(),
+        };
         serde_json::to_value(st).map(Some).map_err(|e| RuntimeError::internal(e.to_string()))
     }
 
@@ -1419,6 +1437,40 @@ impl Operator for FileSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Names in a local output directory, sorted.
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_sink_restored_under_another_job_or_subtask_commits_and_discards_the_old_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uri = StorageUri::Local(tmp.path().to_path_buf());
+        let line = |w: &str| vec![vec![Value::str(w)]];
+        let mut old = FileSink::new(&uri, None, "jobA", 0, true).unwrap();
+        old.process(0, line("a"), &mut Vec::new()).unwrap();
+        let state = old.snapshot(7).unwrap();
+        // Written after the checkpoint, never covered by one.
+        old.process(0, line("b"), &mut Vec::new()).unwrap();
+        old.close_part().unwrap();
+        assert_eq!(names(tmp.path()), [".part-jobA-0-0.inprogress", ".part-jobA-0-1.inprogress"]);
+        drop(old);
+        let mut new = FileSink::new(&uri, None, "jobB", 1, true).unwrap();
+        new.restore(state).unwrap();
+        assert_eq!(names(tmp.path()), ["part-jobA-0-0"]);
+        assert_eq!(std::fs::read_to_string(tmp.path().join("part-jobA-0-0")).unwrap(), "a\n");
+        // The new sink's own parts start at 0 under its own name.
+        new.process(0, line("c"), &mut Vec::new()).unwrap();
+        new.snapshot(8).unwrap();
+        new.checkpoint_complete(8).unwrap();
+        assert_eq!(names(tmp.path()), ["part-jobA-0-0", "part-jobB-1-0"]);
+    }
 
     #[test]
     fn zipf_samples_are_in_range_and_skewed() {
