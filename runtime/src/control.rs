@@ -96,8 +96,12 @@ pub struct AssignedCheckpoints {
     pub job_dir: String,
     /// Checkpoint ids of this attempt start above this one.
     pub after_id: u64,
-    /// The state of this worker's subtasks in the checkpoint restored from.
+    /// The state of this worker's subtasks in the checkpoint restored from (of every subtask
+    /// when the job restores at another parallelism).
     pub restore: Vec<OperatorState>,
+    /// The parallelism of the checkpoint restored from.
+    #[serde(default)]
+    pub restored_parallelism: Option<u32>,
 }
 
 /// The job as the coordinator hands it to a worker.

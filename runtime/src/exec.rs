@@ -106,8 +106,11 @@ pub struct CheckpointRun {
     pub settings: Settings,
     /// The job's checkpoint directory.
     pub storage: Arc<dyn Storage>,
-    /// The state to start from, for the subtasks of this worker.
+    /// The state to start from, for the subtasks of this worker (of every old subtask when
+    /// the job restores at another parallelism).
     pub restore: Arc<Restored>,
+    /// The parallelism of the checkpoint restored from.
+    pub restored_parallelism: Option<u32>,
     /// Checkpoint ids of this run start above this one.
     pub after_id: u64,
     /// The highest checkpoint id triggered: sources emit a barrier for every id above the
@@ -689,6 +692,9 @@ pub fn run_worker(
     // files when the job restores.
     let run_state = opts.state_dir.join(&opts.run_id);
     let restore = opts.checkpoints.as_ref().map(|c| c.restore.clone()).unwrap_or_default();
+    // Restoring at another parallelism: every subtask takes its share of every old one's.
+    let rescale_from =
+        opts.checkpoints.as_ref().and_then(|c| c.restored_parallelism).filter(|&old| old != p);
     let mut keyed_of: HashMap<(usize, u32), Keyed> = HashMap::new();
     for (i, op) in plan.ops.iter().enumerate().filter(|(_, o)| o.kind.key_field().is_some()) {
         if !matches!(op.kind, OpKind::Keyed { .. }) {
@@ -697,14 +703,42 @@ pub fn run_worker(
         for &s in hosted {
             let dir = run_state.join(format!("{}-{s}", op.uid));
             let db = dir.join("db");
-            let restored = restore.get(&(op.uid.clone(), s)).and_then(|o| o.keyed.clone());
+            let restored = match rescale_from {
+                Some(_) => None,
+                None => restore.get(&(op.uid.clone(), s)).and_then(|o| o.keyed.clone()),
+            };
             if let (Some(handle), Some(ck)) = (&restored, &opts.checkpoints) {
                 let _ = std::fs::remove_dir_all(&db);
                 crate::snapshot::download(ck.storage.as_ref(), handle, &db)?;
             }
+            if rescale_from.is_some() {
+                let _ = std::fs::remove_dir_all(&db);
+            }
             let backend = StateBackend::open(&db, std::slice::from_ref(&op.uid))
                 .map_err(|e| RuntimeError::internal(e.to_string()))?;
             let range = crate::keygroup::KeyGroupRange::of_subtask(plan.max_parallelism, p, s);
+            if let (Some(_), Some(ck)) = (rescale_from, &opts.checkpoints) {
+                // The old instances holding any of this subtask's key groups, filtered into
+                // one SST file. The first checkpoint after it uploads everything.
+                let handles: Vec<StateHandle> = restore
+                    .iter()
+                    .filter(|((uid, _), _)| uid == &op.uid)
+                    .filter_map(|(_, o)| o.keyed.clone())
+                    .collect();
+                let scratch = dir.join("rescale");
+                std::fs::create_dir_all(&scratch).map_err(|e| {
+                    RuntimeError::internal(format!("creating {}: {e}", scratch.display()))
+                })?;
+                crate::savepoint::restore_keyed_from_instances(
+                    ck.storage.as_ref(),
+                    &handles,
+                    (range.start, range.end),
+                    &backend,
+                    &op.uid,
+                    &scratch,
+                )?;
+                let _ = std::fs::remove_dir_all(&scratch);
+            }
             keyed_of.insert(
                 (i, s),
                 Keyed {
@@ -875,6 +909,7 @@ pub fn run_worker(
             let (stop, cancel) = (opts.stop.clone(), cancel.clone());
             let s3 = s3.clone();
             let restore = restore.clone();
+            let max_p = plan.max_parallelism;
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || -> Result<Chain, RuntimeError> {
@@ -882,22 +917,68 @@ pub fn run_worker(
                         let mut chain = chain;
                         // The records an unaligned checkpoint overtook go first.
                         let mut replay = Vec::new();
-                        let in_flight = restore
-                            .get(&(chain.ops[0].uid.clone(), s))
-                            .and_then(|o| o.in_flight.clone());
-                        if let (Some(h), Some(ck)) = (in_flight, &chain.ckpt) {
-                            let bytes = ck.storage.get(&h.key)?.ok_or_else(|| {
-                                RuntimeError::external(format!(
-                                    "{} is missing: the checkpoint is damaged",
-                                    ck.storage.describe(&h.key)
-                                ))
-                            })?;
-                            replay = crate::align::decode_in_flight(&bytes).map_err(|e| {
-                                RuntimeError::external(format!(
-                                    "{}: {e}",
-                                    ck.storage.describe(&h.key)
-                                ))
-                            })?;
+                        let head_uid = chain.ops[0].uid.clone();
+                        let in_flight: Vec<(u32, InFlightHandle)> = restore
+                            .iter()
+                            .filter(|((uid, old), _)| {
+                                uid == &head_uid && (rescale_from.is_some() || *old == s)
+                            })
+                            .filter_map(|((_, old), o)| o.in_flight.clone().map(|h| (*old, h)))
+                            .collect();
+                        if let Some(ck) = &chain.ckpt {
+                            for (old, h) in in_flight {
+                                let bytes = ck.storage.get(&h.key)?.ok_or_else(|| {
+                                    RuntimeError::external(format!(
+                                        "{} is missing: the checkpoint is damaged",
+                                        ck.storage.describe(&h.key)
+                                    ))
+                                })?;
+                                let records =
+                                    crate::align::decode_in_flight(&bytes).map_err(|e| {
+                                        RuntimeError::external(format!(
+                                            "{}: {e}",
+                                            ck.storage.describe(&h.key)
+                                        ))
+                                    })?;
+                                replay.extend(share_of_in_flight(
+                                    records,
+                                    &head,
+                                    old,
+                                    s,
+                                    p,
+                                    max_p,
+                                    rescale_from.is_some(),
+                                ));
+                            }
+                        }
+                        if let Some(old_p) = rescale_from {
+                            let range = crate::keygroup::KeyGroupRange::of_subtask(max_p, p, s);
+                            for cop in &mut chain.ops {
+                                let states: Vec<(u32, serde_json::Value)> = restore
+                                    .iter()
+                                    .filter(|((uid, _), _)| uid == &cop.uid)
+                                    .map(|((_, old), o)| {
+                                        (*old, o.state.clone().unwrap_or_default())
+                                    })
+                                    .collect();
+                                if states.is_empty() {
+                                    continue; // a new operator starts empty
+                                }
+                                let at = crate::operators::Rescale {
+                                    uid: cop.uid.clone(),
+                                    subtask: s,
+                                    parallelism: p,
+                                    old_parallelism: old_p,
+                                    key_groups: (range.start, range.end),
+                                };
+                                match (cop.op.as_mut(), source.as_mut()) {
+                                    (Some(op), _) => op.rescale(states, &at)?,
+                                    (None, Some(src)) => src.rescale(states, &at)?,
+                                    (None, None) => {}
+                                }
+                            }
+                            run_subtask(&mut chain, source, inbox, replay, &stop, &cancel)?;
+                            return Ok(chain);
                         }
                         for cop in &mut chain.ops {
                             let state =
@@ -985,6 +1066,42 @@ pub fn run_worker(
         return Err(e);
     }
     Ok(RunSummary { elapsed: metrics.started.elapsed(), records: metrics.records() })
+}
+
+/// The in-flight records of old subtask `old` that subtask `s` of `p` replays: all of them
+/// at the same parallelism; when rescaling, those of its key groups (keyed inputs) or of the
+/// old subtasks dealt to it (others).
+fn share_of_in_flight(
+    records: InFlightRecords,
+    head: &crate::plan::PlanOp,
+    old: u32,
+    s: u32,
+    p: u32,
+    max_p: u32,
+    rescaling: bool,
+) -> InFlightRecords {
+    if !rescaling {
+        return records;
+    }
+    if head.key_positions.is_empty() {
+        return if old % p == s { records } else { Vec::new() };
+    }
+    let mut scratch = [0u8; 8];
+    records
+        .into_iter()
+        .map(|(input, batch)| {
+            let k = head.key_positions[input as usize];
+            let mine = batch
+                .into_iter()
+                .filter(|r| {
+                    let g = key_group_of(r[k].key_bytes(&mut scratch), max_p);
+                    subtask_of(g, max_p, p) == s
+                })
+                .collect();
+            (input, mine)
+        })
+        .filter(|(_, b): &(u32, Vec<Record>)| !b.is_empty())
+        .collect()
 }
 
 /// The source a task starts with, if it is a source task.

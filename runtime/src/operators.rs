@@ -38,6 +38,17 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// The job restores at another parallelism: `states` holds this operator's state of
+    /// every old subtask (with its index); the operator keeps its share. The default accepts
+    /// only operators without state.
+    fn rescale(
+        &mut self,
+        states: Vec<(u32, serde_json::Value)>,
+        at: &Rescale,
+    ) -> Result<(), RuntimeError> {
+        no_rescale(states, at)
+    }
+
     /// Checkpoint barrier `id` has reached this operator: everything it processed before
     /// belongs to the checkpoint. Returns the operator's non-keyed state to store with it
     /// (keyed state in RocksDB is snapshotted by the engine once this returns).
@@ -68,6 +79,39 @@ pub trait Source: Send {
     fn restore(&mut self, _state: serde_json::Value) -> Result<(), RuntimeError> {
         Ok(())
     }
+
+    /// The job restores at another parallelism: `states` holds the positions of every old
+    /// subtask; the source keeps its share of the splits.
+    fn rescale(
+        &mut self,
+        states: Vec<(u32, serde_json::Value)>,
+        at: &Rescale,
+    ) -> Result<(), RuntimeError> {
+        no_rescale(states, at)
+    }
+}
+
+/// Where a subtask stands in a job restored at another parallelism.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rescale {
+    /// The operator, for messages.
+    pub uid: String,
+    pub subtask: u32,
+    pub parallelism: u32,
+    pub old_parallelism: u32,
+    /// The key groups this subtask owns, first and last.
+    pub key_groups: (u16, u16),
+}
+
+/// An operator that keeps no state rescales to anything; one that does must say how.
+fn no_rescale(states: Vec<(u32, serde_json::Value)>, at: &Rescale) -> Result<(), RuntimeError> {
+    if states.iter().all(|(_, v)| v.is_null()) {
+        return Ok(());
+    }
+    Err(RuntimeError::user(format!(
+        "operator {:?} cannot be restored at parallelism {} from state taken at {}: restore it at {}",
+        at.uid, at.parallelism, at.old_parallelism, at.old_parallelism
+    )))
 }
 
 /// A state that does not parse: the checkpoint was not written by this operator.
@@ -228,6 +272,23 @@ impl GeneratorSource {
         Self { spec, zipf, splits, next: 0, pacer, line: String::new() }
     }
 
+    /// Takes over restored splits (checked against the spec), dropping finished ones.
+    fn take_splits(&mut self, splits: Vec<GenSplit>) -> Result<(), RuntimeError> {
+        let n = self.spec.splits.max(1);
+        self.splits = splits;
+        for sp in &mut self.splits {
+            if sp.split >= n {
+                return Err(RuntimeError::user(format!(
+                    "restoring a generator: split {} is not below its {n} splits (spec.splits changed?)",
+                    sp.split
+                )));
+            }
+            sp.total = split_total(&self.spec, sp.split);
+        }
+        self.splits.retain(|sp| sp.total.is_none_or(|t| sp.emitted < t));
+        Ok(())
+    }
+
     #[inline]
     fn key(&self, rng: &mut SplitMix64) -> u64 {
         match &self.zipf {
@@ -254,19 +315,27 @@ impl Source for GeneratorSource {
             splits: Vec<GenSplit>,
         }
         let st: State = serde_json::from_value(state).map_err(|e| bad_state("a generator", e))?;
-        let n = self.spec.splits.max(1);
-        self.splits = st.splits;
-        for sp in &mut self.splits {
-            if sp.split >= n {
-                return Err(RuntimeError::user(format!(
-                    "restoring a generator: split {} is not below its {n} splits (spec.splits changed?)",
-                    sp.split
-                )));
-            }
-            sp.total = split_total(&self.spec, sp.split);
+        self.take_splits(st.splits)
+    }
+
+    fn rescale(
+        &mut self,
+        states: Vec<(u32, serde_json::Value)>,
+        at: &Rescale,
+    ) -> Result<(), RuntimeError> {
+        #[derive(serde::Deserialize)]
+        struct State {
+            splits: Vec<GenSplit>,
         }
-        self.splits.retain(|sp| sp.total.is_none_or(|t| sp.emitted < t));
-        Ok(())
+        let mut all = Vec::new();
+        for (_, v) in states {
+            let st: State = serde_json::from_value(v).map_err(|e| bad_state("a generator", e))?;
+            all.extend(st.splits);
+        }
+        // Splits are dealt round-robin, as at the start.
+        all.retain(|sp| sp.split % at.parallelism == at.subtask);
+        all.sort_by_key(|sp| sp.split);
+        self.take_splits(all)
     }
 
     fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<bool, RuntimeError> {
@@ -345,13 +414,11 @@ impl std::fmt::Display for SourceFile {
 /// with `.` or `_` skipped, at any level below the directory or prefix), one record per line;
 /// each file is a split, dealt round-robin.
 pub struct FileSource {
-    /// The files still to read, the next one last.
-    files: Vec<SourceFile>,
+    /// The files still to read and where in each, the next one last.
+    files: Vec<(SourceFile, u64)>,
     s3: Option<S3Client>,
     /// The file being read, its name, the offset of the next line and its reader.
     current: Option<(SourceFile, String, u64, Box<dyn BufRead + Send>)>,
-    /// Where reading starts in the next file opened (a restored position).
-    resume_at: u64,
     pacer: Pacer,
     buf: String,
 }
@@ -522,10 +589,9 @@ impl FileSource {
             .collect();
         let share = if files.is_empty() { 0.0 } else { mine.len() as f64 / files.len() as f64 };
         Self {
-            files: mine.into_iter().rev().collect(),
+            files: mine.into_iter().rev().map(|f| (f, 0)).collect(),
             s3,
             current: None,
-            resume_at: 0,
             pacer: Pacer::new(rate.map(|r| r * share)),
             buf: String::new(),
         }
@@ -572,9 +638,8 @@ impl Source for FileSource {
         let mut got = 0;
         while got < n {
             let Some((_, name, offset, reader)) = self.current.as_mut() else {
-                let Some(f) = self.files.pop() else { return Ok(false) };
+                let Some((f, at)) = self.files.pop() else { return Ok(false) };
                 let name = f.to_string();
-                let at = std::mem::take(&mut self.resume_at);
                 let reader = self.open(f.clone(), at)?;
                 self.current = Some((f, name, at, reader));
                 continue;
@@ -598,10 +663,8 @@ impl Source for FileSource {
         if let Some((f, _, offset, _)) = &self.current {
             files.push(FilePosition { file: f.clone(), offset: *offset });
         }
-        let first_at = if self.current.is_none() { self.resume_at } else { 0 };
-        for (i, f) in self.files.iter().rev().enumerate() {
-            let offset = if i == 0 { first_at } else { 0 };
-            files.push(FilePosition { file: f.clone(), offset });
+        for (f, offset) in self.files.iter().rev() {
+            files.push(FilePosition { file: f.clone(), offset: *offset });
         }
         Ok(Some(serde_json::json!({ "files": files })))
     }
@@ -613,8 +676,35 @@ impl Source for FileSource {
         }
         let st: State = serde_json::from_value(state).map_err(|e| bad_state("a file_source", e))?;
         self.current = None;
-        self.resume_at = st.files.first().map_or(0, |f| f.offset);
-        self.files = st.files.into_iter().rev().map(|f| f.file).collect();
+        self.files = st.files.into_iter().rev().map(|f| (f.file, f.offset)).collect();
+        Ok(())
+    }
+
+    fn rescale(
+        &mut self,
+        states: Vec<(u32, serde_json::Value)>,
+        at: &Rescale,
+    ) -> Result<(), RuntimeError> {
+        #[derive(serde::Deserialize)]
+        struct State {
+            files: Vec<FilePosition>,
+        }
+        let mut all = Vec::new();
+        for (_, v) in states {
+            let st: State = serde_json::from_value(v).map_err(|e| bad_state("a file_source", e))?;
+            all.extend(st.files);
+        }
+        // Every file left (part-read ones from where they stopped) is dealt round-robin, in
+        // name order, so that the subtasks agree without talking.
+        all.sort_by_key(|p| p.file.to_string());
+        self.current = None;
+        self.files = all
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u32 % at.parallelism == at.subtask)
+            .map(|(_, p)| (p.file, p.offset))
+            .rev()
+            .collect();
         Ok(())
     }
 }
@@ -1338,6 +1428,34 @@ impl FileSink {
         }
     }
 
+    /// The first part number of this subtask's name that no file in the output uses
+    /// (committed or in progress): a subtask that restores without state of its own name must
+    /// not write over parts of an earlier run at a higher parallelism.
+    fn next_free_part(&self) -> Result<u32, RuntimeError> {
+        let number = |name: &str| -> Option<u32> {
+            let name = name.strip_prefix('.').unwrap_or(name);
+            let name = name.strip_suffix(".inprogress").unwrap_or(name);
+            name.strip_prefix(&format!("{}-", self.stem))?.parse().ok()
+        };
+        let names: Vec<String> = match &self.out {
+            SinkOut::Local(dir) => std::fs::read_dir(dir)
+                .map_err(|e| sink_io(&format!("{}", dir.display()), e))?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            SinkOut::S3 { client, bucket, dir } => {
+                let mut v = Vec::new();
+                for prefix in [format!("{dir}{}-", self.stem), format!("{dir}.{}-", self.stem)] {
+                    for o in client.list(bucket, &prefix).map_err(sink_error)? {
+                        v.push(o.key[dir.len()..].to_string());
+                    }
+                }
+                v
+            }
+        };
+        Ok(names.iter().filter_map(|n| number(n)).max().map_or(0, |n| n + 1))
+    }
+
     /// Deletes the in-progress parts named `stem` (records of a failed attempt).
     fn discard_in_progress(&self, stem: &str) -> Result<(), RuntimeError> {
         let prefix = format!(".{stem}-");
@@ -1405,9 +1523,41 @@ impl Operator for FileSink {
                 self.next_part = st.next_part;
             } else {
                 self.discard_in_progress(&stem)?;
+                self.next_part = self.next_free_part()?;
             }
         }
         self.discard_in_progress(&self.stem)
+    }
+
+    fn rescale(
+        &mut self,
+        states: Vec<(u32, serde_json::Value)>,
+        at: &Rescale,
+    ) -> Result<(), RuntimeError> {
+        // Each old subtask's parts are settled by exactly one new subtask.
+        let mut own = None;
+        for (old, v) in states {
+            if old % at.parallelism != at.subtask || v.is_null() {
+                continue;
+            }
+            let st: SinkState =
+                serde_json::from_value(v).map_err(|e| bad_state("a file_sink", e))?;
+            let stem = st.stem.clone().unwrap_or_else(|| self.stem.clone());
+            for n in st.pending.iter().flat_map(|(_, parts)| parts) {
+                self.commit_part(&stem, *n)?;
+            }
+            if stem == self.stem {
+                own = Some(st.next_part);
+            } else {
+                self.discard_in_progress(&stem)?;
+            }
+        }
+        self.discard_in_progress(&self.stem)?;
+        self.next_part = match own {
+            Some(n) => n,
+            None => self.next_free_part()?,
+        };
+        Ok(())
     }
 
     fn snapshot(&mut self, id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
@@ -1506,6 +1656,58 @@ mod tests {
         assert_eq!(one.len(), 1001);
         assert_eq!(one, run(2));
         assert_eq!(one, run(3));
+    }
+
+    #[test]
+    fn a_generator_rescaled_part_way_emits_every_record_once() {
+        let spec: GeneratorSpec = serde_json::from_value(serde_json::json!({"seed": 4, "count": 1003, "keys": 50, "splits": 7, "format": "text", "wordsPerLine": 2})).unwrap();
+        let mut whole = Vec::new();
+        let mut g = GeneratorSource::new(spec.clone(), 0, 1);
+        while g.poll(&mut whole, 64).unwrap() {}
+        // Two subtasks emit a little, snapshot, and three take over.
+        let mut lines = Vec::new();
+        let mut states = Vec::new();
+        for s in 0..2 {
+            let mut g = GeneratorSource::new(spec.clone(), s, 2);
+            g.poll(&mut lines, 50 + 30 * s as usize).unwrap();
+            states.push((s, g.snapshot().unwrap().unwrap()));
+        }
+        for s in 0..3 {
+            let mut g = GeneratorSource::new(spec.clone(), s, 3);
+            let at = Rescale {
+                uid: "gen".into(),
+                subtask: s,
+                parallelism: 3,
+                old_parallelism: 2,
+                key_groups: (0, 0),
+            };
+            g.rescale(states.clone(), &at).unwrap();
+            while g.poll(&mut lines, 64).unwrap() {}
+        }
+        let key = |v: &Vec<Record>| {
+            let mut l: Vec<String> = v.iter().map(|r| r[0].to_string()).collect();
+            l.sort();
+            l
+        };
+        assert_eq!(key(&lines), key(&whole));
+    }
+
+    #[test]
+    fn an_operator_with_state_that_cannot_rescale_says_so() {
+        let spec: WindowSpec =
+            serde_json::from_value(serde_json::json!({"key": "key", "size": "10ms"})).unwrap();
+        let fields = vec!["key".to_string(), "value".to_string(), "ts".to_string()];
+        let mut w = TumblingWindowCount::new(&spec, &fields);
+        let at = Rescale {
+            uid: "windows".into(),
+            subtask: 0,
+            parallelism: 3,
+            old_parallelism: 2,
+            key_groups: (0, 42),
+        };
+        let state = w.snapshot(1).unwrap().unwrap();
+        let e = w.rescale(vec![(0, state)], &at).unwrap_err();
+        assert!(e.message.contains("\"windows\"") && e.message.contains("restore it at 2"), "{e}");
     }
 
     #[test]

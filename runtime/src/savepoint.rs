@@ -222,6 +222,52 @@ pub fn restore_keyed(
     Ok(read)
 }
 
+/// Loads into `backend` operator `uid`'s entries of key groups `range` from the RocksDB
+/// instances of a checkpoint (`handles`, files in `storage`): each instance that holds any of
+/// them is downloaded under `scratch`, its entries of `range` go into one SST file, which is
+/// ingested. Returns the bytes downloaded.
+pub fn restore_keyed_from_instances(
+    storage: &dyn Storage,
+    handles: &[crate::snapshot::StateHandle],
+    range: (u16, u16),
+    backend: &StateBackend,
+    uid: &str,
+    scratch: &Path,
+) -> Result<u64, RuntimeError> {
+    let mut handles: Vec<_> =
+        handles.iter().filter(|h| h.key_groups.0 <= range.1 && h.key_groups.1 >= range.0).collect();
+    handles.sort_by_key(|h| h.key_groups.0);
+    let opts = sst_options();
+    let mut writer = rocksdb::SstFileWriter::create(&opts);
+    let sst_path = scratch.join("restore.sst");
+    let sst = |e: rocksdb::Error| RuntimeError::internal(format!("writing an SST file: {e}"));
+    let (mut open, mut read) = (false, 0u64);
+    for (k, h) in handles.into_iter().enumerate() {
+        let dir = scratch.join(format!("instance-{k}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::snapshot::download(storage, h, &dir)?;
+        read += h.size();
+        StateBackend::for_each_in_checkpoint(&dir, uid, |key, v| {
+            let g = u16::from_be_bytes([key[0], key[1]]);
+            if g < range.0 || g > range.1 {
+                return Ok(());
+            }
+            if !open {
+                writer.open(&sst_path).map_err(sst)?;
+                open = true;
+            }
+            writer.put(key, v).map_err(sst)
+        })?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if open {
+        writer.finish().map_err(sst)?;
+        backend.ingest(uid, &sst_path)?;
+        let _ = std::fs::remove_file(&sst_path);
+    }
+    Ok(read)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -240,6 +240,7 @@ fn run_job(
             settings: c.settings.clone(),
             storage: Arc::new(Prefixed::new(root, &c.job_dir)),
             restore: Arc::new(restore),
+            restored_parallelism: c.restored_parallelism,
             after_id: c.after_id,
             triggered: ctl.triggered.clone(),
             completed: ctl.completed.clone(),

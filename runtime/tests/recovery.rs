@@ -397,3 +397,37 @@ fn checkpoints_switch_to_unaligned_after_the_alignment_timeout() {
     // It waited for alignment before switching (the timeout counts from the trigger).
     assert!(n["durationMs"].as_u64().unwrap() >= 300, "{c}");
 }
+
+#[test]
+fn a_stopped_job_resumes_at_another_parallelism_2_3_1_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = write_input(&tmp.path().join("in"), 8, 1500, 31);
+    let file = manifest(tmp.path(), 1500, "exactly-once");
+    let mut last_err = String::new();
+    for (run, p) in [2, 3, 1].into_iter().enumerate() {
+        let mut args = vec!["--parallelism".to_string(), p.to_string()];
+        if run > 0 {
+            args.push("--resume".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut job = start(&file, tmp.path(), &args);
+        wait_running(&mut job, 0);
+        if run < 2 {
+            // Stopped part-way: the final checkpoint holds where every source stopped.
+            std::thread::sleep(Duration::from_millis(2500));
+            assert!(!job.exited(), "run {run} ended before it was stopped");
+            let _ = Command::new("kill").args(["-TERM", &job.child.id().to_string()]).status();
+        }
+        let (code, err) = job.finish(Duration::from_secs(300));
+        assert_eq!(code, Some(0), "run {run} at parallelism {p}: {err}");
+        if run > 0 {
+            assert!(err.contains("resuming job wc-recovery from checkpoint"), "{err}");
+        }
+        last_err = err;
+    }
+    assert!(last_err.contains("parallelism 1"), "{last_err}");
+    common::check_counts(
+        common::committed_texts(&tmp.path().join("out")).iter().map(String::as_str),
+        &expected,
+    );
+}
