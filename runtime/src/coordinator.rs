@@ -354,6 +354,12 @@ impl<'a> Driver<'a> {
                     &c.plan,
                     c.spec.restore.as_ref().is_some_and(|r| r.allow_non_restored_state),
                 )?;
+                if m.parallelism != c.plan.parallelism {
+                    eprintln!(
+                        "weir: restoring state taken at parallelism {} at parallelism {}: key groups and splits are redistributed",
+                        m.parallelism, c.plan.parallelism
+                    );
+                }
             }
             ck = Some(Checkpointing { settings: settings.clone(), uri, dir, job });
         }

@@ -422,6 +422,11 @@ fn a_stopped_job_resumes_at_another_parallelism_2_3_1_exactly_once() {
         assert_eq!(code, Some(0), "run {run} at parallelism {p}: {err}");
         if run > 0 {
             assert!(err.contains("resuming job wc-recovery from checkpoint"), "{err}");
+            let old = [2, 3][run - 1];
+            assert!(
+                err.contains(&format!("state taken at parallelism {old} at parallelism {p}")),
+                "{err}"
+            );
         }
         last_err = err;
     }
