@@ -182,6 +182,37 @@ impl Metadata {
     }
 }
 
+/// A snapshot named by its path (its directory or its `_metadata`): the directory holding
+/// it (the old job's directory, which its file names are relative to) and its own name
+/// (`chk-<n>`).
+pub fn split_snapshot_path(uri: &StorageUri) -> Result<(StorageUri, String), RuntimeError> {
+    let bad = || {
+        RuntimeError::user(format!(
+            "{uri} does not name a checkpoint or savepoint: give its directory (…/chk-<n>) or its {METADATA}"
+        ))
+    };
+    match uri {
+        StorageUri::Local(path) => {
+            let path = if path.file_name().is_some_and(|n| n == METADATA) {
+                path.parent().ok_or_else(bad)?
+            } else {
+                path.as_path()
+            };
+            let name = path.file_name().ok_or_else(bad)?.to_string_lossy().into_owned();
+            let parent = path.parent().ok_or_else(bad)?;
+            Ok((StorageUri::Local(parent.to_path_buf()), name))
+        }
+        StorageUri::S3 { bucket, prefix } => {
+            let prefix = prefix.strip_suffix(&format!("/{METADATA}")).unwrap_or(prefix);
+            let (parent, name) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+            if name.is_empty() {
+                return Err(bad());
+            }
+            Ok((StorageUri::S3 { bucket: bucket.clone(), prefix: parent.into() }, name.into()))
+        }
+    }
+}
+
 /// Milliseconds since the epoch, now.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64

@@ -102,6 +102,10 @@ pub struct AssignedCheckpoints {
     /// The parallelism of the checkpoint restored from.
     #[serde(default)]
     pub restored_parallelism: Option<u32>,
+    /// The directory the snapshot restored from refers to its files in, when it is not this
+    /// job's (`--from-savepoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_storage: Option<StorageUri>,
 }
 
 /// The job as the coordinator hands it to a worker.

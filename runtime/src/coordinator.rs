@@ -65,6 +65,9 @@ pub struct CoordinatorOptions {
     pub resume: bool,
     /// Where checkpoints go, instead of `spec.checkpointing.storage`.
     pub storage: Option<StorageUri>,
+    /// Start from this savepoint or checkpoint (its directory or its `_metadata`), instead of
+    /// `spec.restore.path`; `resume` wins when it finds a checkpoint.
+    pub from: Option<StorageUri>,
 }
 
 /// The job as the coordinator sees it; read by the HTTP API and the progress display.
@@ -279,6 +282,8 @@ struct Driver<'a> {
     completed: VecDeque<Metadata>,
     /// The checkpoint the next attempt starts from.
     restore_from: Option<Metadata>,
+    /// The directory `restore_from` refers to its files in, when it is another job's.
+    restore_uri: Option<StorageUri>,
     /// The last checkpoint id used.
     last_id: u64,
     restarts: Restarts,
@@ -301,7 +306,10 @@ impl<'a> Driver<'a> {
         let expected = workers_expected(&c.opts, &c.plan) as usize;
         let spec_ck = &c.spec.checkpointing;
         let settings = Settings::from_spec(spec_ck);
-        let checkpoints_on = !settings.interval.is_zero() || c.opts.resume;
+        let from =
+            c.opts.from.clone().or_else(|| c.spec.restore.as_ref().and_then(|r| r.path.clone()));
+        let checkpoints_on = !settings.interval.is_zero() || c.opts.resume || from.is_some();
+        let mut restore_uri = None;
         let mut job_id = c.opts.job_id.clone().unwrap_or_else(|| c.opts.run_id.clone());
         let mut ck = None;
         let mut completed = VecDeque::new();
@@ -345,6 +353,34 @@ impl<'a> Driver<'a> {
                     ),
                 }
             }
+            if let (None, Some(from)) = (&restore_from, &from) {
+                let (parent, name) = checkpoint::split_snapshot_path(from)?;
+                let s3 = match &parent {
+                    StorageUri::S3 { .. } => {
+                        Some(crate::objstore::S3Client::new(c.spec.s3.as_ref())?)
+                    }
+                    StorageUri::Local(_) => None,
+                };
+                let there = crate::storage::open(&parent, s3.as_ref())?;
+                let key = format!("{name}/{}", checkpoint::METADATA);
+                let bytes = there.get(&key)?.ok_or_else(|| {
+                    RuntimeError::user(format!(
+                        "{} does not exist: {from} is not a completed checkpoint or savepoint",
+                        there.describe(&key)
+                    ))
+                })?;
+                let m = Metadata::parse(&bytes, &there.describe(&key))?;
+                eprintln!(
+                    "weir: starting job {} from {} (checkpoint {} of job id {}, parallelism {})",
+                    c.opts.name,
+                    there.describe(&key),
+                    m.id,
+                    m.job_id,
+                    m.parallelism
+                );
+                restore_from = Some(m);
+                restore_uri = Some(parent);
+            }
             let dir = checkpoint::job_dir(&c.opts.namespace, &c.opts.name, &job_id);
             let job: Arc<dyn Storage> = Arc::new(Prefixed::new(root, &dir));
             last_id = checkpoint::highest_id(job.as_ref())?;
@@ -382,6 +418,7 @@ impl<'a> Driver<'a> {
             job_id,
             completed,
             restore_from,
+            restore_uri,
             last_id,
             restarts: Restarts::new(&c.spec.restart_strategy),
             attempt: 0,
@@ -490,7 +527,10 @@ impl<'a> Driver<'a> {
                         }
                     };
                     self.attempt += 1;
-                    self.restore_from = self.completed.back().cloned().or(self.restore_from.take());
+                    if let Some(own) = self.completed.back() {
+                        self.restore_from = Some(own.clone());
+                        self.restore_uri = None;
+                    }
                     let from = match &self.restore_from {
                         Some(m) => format!("from checkpoint {}", m.id),
                         None => "from the beginning (no checkpoint completed yet)".into(),
@@ -700,6 +740,7 @@ impl<'a> Driver<'a> {
                 after_id: self.last_id,
                 restore,
                 restored_parallelism: self.restore_from.as_ref().map(|m| m.parallelism),
+                restore_storage: self.restore_uri.clone(),
             }
         });
         Assignment {

@@ -111,6 +111,10 @@ pub struct CheckpointRun {
     pub restore: Arc<Restored>,
     /// The parallelism of the checkpoint restored from.
     pub restored_parallelism: Option<u32>,
+    /// Where the files of the snapshot restored from are: `storage`, or another job's
+    /// directory (then the first checkpoint uploads everything).
+    pub restore_storage: Arc<dyn Storage>,
+    pub restore_foreign: bool,
     /// Checkpoint ids of this run start above this one.
     pub after_id: u64,
     /// The highest checkpoint id triggered: sources emit a barrier for every id above the
@@ -709,7 +713,7 @@ pub fn run_worker(
             };
             if let (Some(handle), Some(ck)) = (&restored, &opts.checkpoints) {
                 let _ = std::fs::remove_dir_all(&db);
-                crate::snapshot::download(ck.storage.as_ref(), handle, &db)?;
+                crate::snapshot::download(ck.restore_storage.as_ref(), handle, &db)?;
             }
             if rescale_from.is_some() {
                 let _ = std::fs::remove_dir_all(&db);
@@ -730,7 +734,7 @@ pub fn run_worker(
                     RuntimeError::internal(format!("creating {}: {e}", scratch.display()))
                 })?;
                 crate::savepoint::restore_keyed_from_instances(
-                    ck.storage.as_ref(),
+                    ck.restore_storage.as_ref(),
                     &handles,
                     (range.start, range.end),
                     &backend,
@@ -746,7 +750,10 @@ pub fn run_worker(
                     dir,
                     instance: format!("{}-{s}-{}", op.uid, opts.run_id),
                     key_groups: (range.start, range.end),
-                    last: Arc::new(std::sync::Mutex::new(restored)),
+                    // Files of another job's snapshot are not this job's to refer to.
+                    last: Arc::new(std::sync::Mutex::new(restored.filter(|_| {
+                        !opts.checkpoints.as_ref().is_some_and(|c| c.restore_foreign)
+                    }))),
                 },
             );
         }
@@ -927,17 +934,17 @@ pub fn run_worker(
                             .collect();
                         if let Some(ck) = &chain.ckpt {
                             for (old, h) in in_flight {
-                                let bytes = ck.storage.get(&h.key)?.ok_or_else(|| {
+                                let bytes = ck.restore_storage.get(&h.key)?.ok_or_else(|| {
                                     RuntimeError::external(format!(
                                         "{} is missing: the checkpoint is damaged",
-                                        ck.storage.describe(&h.key)
+                                        ck.restore_storage.describe(&h.key)
                                     ))
                                 })?;
                                 let records =
                                     crate::align::decode_in_flight(&bytes).map_err(|e| {
                                         RuntimeError::external(format!(
                                             "{}: {e}",
-                                            ck.storage.describe(&h.key)
+                                            ck.restore_storage.describe(&h.key)
                                         ))
                                     })?;
                                 replay.extend(share_of_in_flight(

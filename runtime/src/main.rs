@@ -53,6 +53,10 @@ struct JobArgs {
     /// spec.checkpointing.storage (default /var/tmp/weir/checkpoints).
     #[arg(long)]
     storage: Option<weir_crds::StorageUri>,
+    /// Start from this savepoint or checkpoint (its directory or its `_metadata`, a local
+    /// path or `s3://...`), at the job's parallelism; overrides spec.restore.path.
+    #[arg(long, conflicts_with = "resume")]
+    from_savepoint: Option<weir_crds::StorageUri>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -211,6 +215,7 @@ fn coordinate(
         stop,
         resume: job.resume,
         storage: job.storage.clone(),
+        from: job.from_savepoint.clone(),
     };
     // The workers build the same plan from the spec and the parallelism the job runs at.
     let coordinator = match Coordinator::bind(manifest.spec.clone(), plan.clone(), opts) {

@@ -236,11 +236,24 @@ fn run_job(
         let root: Arc<dyn Storage> = Arc::from(crate::storage::open(&c.storage, s3.as_ref())?);
         let restore: Restored =
             c.restore.iter().map(|o| ((o.uid.clone(), o.subtask), o.clone())).collect();
+        let storage: Arc<dyn Storage> = Arc::new(Prefixed::new(root, &c.job_dir));
+        let restore_storage: Arc<dyn Storage> = match &c.restore_storage {
+            Some(uri) => {
+                let s3 = match uri {
+                    StorageUri::S3 { .. } => Some(S3Client::new(job.spec.s3.as_ref())?),
+                    StorageUri::Local(_) => None,
+                };
+                Arc::from(crate::storage::open(uri, s3.as_ref())?)
+            }
+            None => storage.clone(),
+        };
         run.checkpoints = Some(CheckpointRun {
             settings: c.settings.clone(),
-            storage: Arc::new(Prefixed::new(root, &c.job_dir)),
+            storage,
             restore: Arc::new(restore),
             restored_parallelism: c.restored_parallelism,
+            restore_storage,
+            restore_foreign: c.restore_storage.is_some(),
             after_id: c.after_id,
             triggered: ctl.triggered.clone(),
             completed: ctl.completed.clone(),

@@ -479,3 +479,91 @@ spec:
     let same = run(&["--resume"]);
     assert_eq!(same.status.code(), Some(0), "{}", String::from_utf8_lossy(&same.stderr));
 }
+
+/// The directory of the newest completed checkpoint under `root` (any job id).
+fn newest_checkpoint(root: &Path) -> PathBuf {
+    let mut best: Option<(u64, PathBuf)> = None;
+    for job in std::fs::read_dir(root).unwrap().flatten() {
+        for chk in std::fs::read_dir(job.path()).unwrap().flatten() {
+            let meta = chk.path().join("_metadata");
+            if let Ok(m) = std::fs::metadata(&meta) {
+                let t = m.modified().unwrap().elapsed().unwrap().as_nanos() as u64;
+                if best.as_ref().is_none_or(|(b, _)| t < *b) {
+                    best = Some((t, chk.path()));
+                }
+            }
+        }
+    }
+    best.expect("a completed checkpoint").1
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_job_starts_from_a_copied_checkpoint_of_another_run_at_another_parallelism() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = write_input(&tmp.path().join("in"), 8, 1500, 32);
+    let file = manifest(tmp.path(), 1500, "exactly-once");
+    let mut job = start(&file, tmp.path(), &[]);
+    wait_running(&mut job, 0);
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = Command::new("kill").args(["-TERM", &job.child.id().to_string()]).status();
+    let (code, err) = job.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{err}");
+    // The old job's directory, copied elsewhere: a checkpoint's files are named relative to it.
+    let chk = newest_checkpoint(&tmp.path().join("checkpoints/default/wc-recovery"));
+    let copy = tmp.path().join("elsewhere/job");
+    copy_dir(chk.parent().unwrap(), &copy);
+    std::fs::remove_dir_all(tmp.path().join("checkpoints")).unwrap();
+    let from = copy.join(chk.file_name().unwrap()).join("_metadata");
+    let from = from.to_str().unwrap();
+    // Bad inputs first: nothing there, and --resume beside it.
+    let res = Command::new(WEIR)
+        .args(["run", file.to_str().unwrap(), "--from-savepoint", "/nonexistent/chk-9"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "{e}");
+    assert!(e.contains("/nonexistent/chk-9/_metadata") && e.contains("not a completed"), "{e}");
+    let res = Command::new(WEIR)
+        .args(["run", file.to_str().unwrap(), "--resume", "--from-savepoint", from])
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(2));
+    let job = start(&file, tmp.path(), &["--from-savepoint", from, "--parallelism", "3"]);
+    let (code, err) = job.finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("starting job wc-recovery from") && err.contains("parallelism 2"),
+        "{err}"
+    );
+    // The new job's checkpoints name only files of its own directory.
+    let chk = newest_checkpoint(&tmp.path().join("checkpoints/default/wc-recovery"));
+    let bytes = std::fs::read(chk.join("_metadata")).unwrap();
+    let body = bytes.strip_prefix(b"WEIR-CHECKPOINT 1\n".as_slice()).unwrap();
+    let m: weir_runtime::checkpoint::Metadata = serde_json::from_slice(body).unwrap();
+    let files: Vec<_> =
+        m.operators.iter().filter_map(|o| o.keyed.as_ref()).flat_map(|k| &k.files).collect();
+    assert!(!files.is_empty());
+    for f in files {
+        assert!(
+            chk.parent().unwrap().join(&f.key).exists(),
+            "{} is not in the new job's directory",
+            f.key
+        );
+    }
+    common::check_counts(
+        common::committed_texts(&tmp.path().join("out")).iter().map(String::as_str),
+        &expected,
+    );
+}
