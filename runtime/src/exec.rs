@@ -1196,6 +1196,7 @@ fn run_subtask(
     let exactly_once = settings.as_ref().is_none_or(|s| s.exactly_once);
     let mut aligner = Aligner::new(exactly_once, chain.unaligned_after, after_id);
     let mut actions = Vec::new();
+    let mut last_tick = 0;
     loop {
         if cancel.load(Ordering::Relaxed) {
             return Err(cancelled());
@@ -1213,7 +1214,11 @@ fn run_subtask(
                 aligner.received(&mut inbox, i, m, now, &mut actions);
             }
         }
-        aligner.tick(&mut inbox, now, &mut actions);
+        if now != last_tick {
+            // Timeouts are in milliseconds: look once a millisecond, not once a batch.
+            last_tick = now;
+            aligner.tick(&mut inbox, now, &mut actions);
+        }
         chain.act(&mut actions)?;
         chain.notify_complete()?;
         if inbox.all_ended() {

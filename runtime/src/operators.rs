@@ -298,6 +298,16 @@ impl GeneratorSource {
     }
 }
 
+/// The splits in a generator's snapshot.
+fn gen_splits(state: serde_json::Value) -> Result<Vec<GenSplit>, RuntimeError> {
+    #[derive(serde::Deserialize)]
+    struct State {
+        splits: Vec<GenSplit>,
+    }
+    let st: State = serde_json::from_value(state).map_err(|e| bad_state("a generator", e))?;
+    Ok(st.splits)
+}
+
 /// Records split `s` of a generator holds (`None`: unbounded).
 fn split_total(spec: &GeneratorSpec, s: u32) -> Option<u64> {
     let n = u64::from(spec.splits.max(1));
@@ -310,12 +320,7 @@ impl Source for GeneratorSource {
     }
 
     fn restore(&mut self, state: serde_json::Value) -> Result<(), RuntimeError> {
-        #[derive(serde::Deserialize)]
-        struct State {
-            splits: Vec<GenSplit>,
-        }
-        let st: State = serde_json::from_value(state).map_err(|e| bad_state("a generator", e))?;
-        self.take_splits(st.splits)
+        self.take_splits(gen_splits(state)?)
     }
 
     fn rescale(
@@ -323,14 +328,9 @@ impl Source for GeneratorSource {
         states: Vec<(u32, serde_json::Value)>,
         at: &Rescale,
     ) -> Result<(), RuntimeError> {
-        #[derive(serde::Deserialize)]
-        struct State {
-            splits: Vec<GenSplit>,
-        }
         let mut all = Vec::new();
         for (_, v) in states {
-            let st: State = serde_json::from_value(v).map_err(|e| bad_state("a generator", e))?;
-            all.extend(st.splits);
+            all.extend(gen_splits(v)?);
         }
         // Splits are dealt round-robin, as at the start.
         all.retain(|sp| sp.split % at.parallelism == at.subtask);
@@ -670,13 +670,8 @@ impl Source for FileSource {
     }
 
     fn restore(&mut self, state: serde_json::Value) -> Result<(), RuntimeError> {
-        #[derive(serde::Deserialize)]
-        struct State {
-            files: Vec<FilePosition>,
-        }
-        let st: State = serde_json::from_value(state).map_err(|e| bad_state("a file_source", e))?;
         self.current = None;
-        self.files = st.files.into_iter().rev().map(|f| (f.file, f.offset)).collect();
+        self.files = file_positions(state)?.into_iter().rev().map(|f| (f.file, f.offset)).collect();
         Ok(())
     }
 
@@ -685,14 +680,9 @@ impl Source for FileSource {
         states: Vec<(u32, serde_json::Value)>,
         at: &Rescale,
     ) -> Result<(), RuntimeError> {
-        #[derive(serde::Deserialize)]
-        struct State {
-            files: Vec<FilePosition>,
-        }
         let mut all = Vec::new();
         for (_, v) in states {
-            let st: State = serde_json::from_value(v).map_err(|e| bad_state("a file_source", e))?;
-            all.extend(st.files);
+            all.extend(file_positions(v)?);
         }
         // Every file left (part-read ones from where they stopped) is dealt round-robin, in
         // name order, so that the subtasks agree without talking.
@@ -707,6 +697,16 @@ impl Source for FileSource {
             .collect();
         Ok(())
     }
+}
+
+/// The positions in a file source's snapshot.
+fn file_positions(state: serde_json::Value) -> Result<Vec<FilePosition>, RuntimeError> {
+    #[derive(serde::Deserialize)]
+    struct State {
+        files: Vec<FilePosition>,
+    }
+    let st: State = serde_json::from_value(state).map_err(|e| bad_state("a file_source", e))?;
+    Ok(st.files)
 }
 
 /// Text lines from a TCP server (subtask 0 only), until it closes the connection.
@@ -1428,6 +1428,36 @@ impl FileSink {
         }
     }
 
+    /// Takes over restored sink states: the checkpoint they come from is complete, so their
+    /// pending parts are committed now; in-progress parts of their names and of this
+    /// subtask's are discarded. Numbering goes on from this subtask's own state, or after
+    /// the parts of its name found in the output.
+    fn settle(
+        &mut self,
+        states: impl Iterator<Item = serde_json::Value>,
+    ) -> Result<(), RuntimeError> {
+        let mut own = None;
+        for v in states {
+            let st: SinkState =
+                serde_json::from_value(v).map_err(|e| bad_state("a file_sink", e))?;
+            let stem = st.stem.clone().unwrap_or_else(|| self.stem.clone());
+            for n in st.pending.iter().flat_map(|(_, parts)| parts) {
+                self.commit_part(&stem, *n)?;
+            }
+            if stem == self.stem {
+                own = Some(st.next_part);
+            } else {
+                self.discard_in_progress(&stem)?;
+            }
+        }
+        self.discard_in_progress(&self.stem)?;
+        self.next_part = match own {
+            Some(n) => n,
+            None => self.next_free_part()?,
+        };
+        Ok(())
+    }
+
     /// The first part number of this subtask's name that no file in the output uses
     /// (committed or in progress): a subtask that restores without state of its own name must
     /// not write over parts of an earlier run at a higher parallelism.
@@ -1511,22 +1541,10 @@ impl Operator for FileSink {
     }
 
     fn restore(&mut self, state: Option<serde_json::Value>) -> Result<(), RuntimeError> {
-        if let Some(state) = state {
-            let st: SinkState =
-                serde_json::from_value(state).map_err(|e| bad_state("a file_sink", e))?;
-            let stem = st.stem.unwrap_or_else(|| self.stem.clone());
-            // The checkpoint restored from is complete: its pending parts are committed now.
-            for n in st.pending.iter().flat_map(|(_, parts)| parts) {
-                self.commit_part(&stem, *n)?;
-            }
-            if stem == self.stem {
-                self.next_part = st.next_part;
-            } else {
-                self.discard_in_progress(&stem)?;
-                self.next_part = self.next_free_part()?;
-            }
+        match state {
+            Some(state) => self.settle(std::iter::once(state)),
+            None => self.discard_in_progress(&self.stem),
         }
-        self.discard_in_progress(&self.stem)
     }
 
     fn rescale(
@@ -1535,29 +1553,12 @@ impl Operator for FileSink {
         at: &Rescale,
     ) -> Result<(), RuntimeError> {
         // Each old subtask's parts are settled by exactly one new subtask.
-        let mut own = None;
-        for (old, v) in states {
-            if old % at.parallelism != at.subtask || v.is_null() {
-                continue;
-            }
-            let st: SinkState =
-                serde_json::from_value(v).map_err(|e| bad_state("a file_sink", e))?;
-            let stem = st.stem.clone().unwrap_or_else(|| self.stem.clone());
-            for n in st.pending.iter().flat_map(|(_, parts)| parts) {
-                self.commit_part(&stem, *n)?;
-            }
-            if stem == self.stem {
-                own = Some(st.next_part);
-            } else {
-                self.discard_in_progress(&stem)?;
-            }
-        }
-        self.discard_in_progress(&self.stem)?;
-        self.next_part = match own {
-            Some(n) => n,
-            None => self.next_free_part()?,
-        };
-        Ok(())
+        self.settle(
+            states
+                .into_iter()
+                .filter(|(old, v)| old % at.parallelism == at.subtask && !v.is_null())
+                .map(|(_, v)| v),
+        )
     }
 
     fn snapshot(&mut self, id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
