@@ -1,14 +1,15 @@
 //! The coordinator and its workers as a user runs them: the HTTP API while a job runs,
 //! stopping with SIGTERM, a worker that dies, and workers that are refused.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod process;
+
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+use process::{Proc, WEIR, start};
 
 fn unbounded_job(dir: &std::path::Path, parallelism: u32) -> std::path::PathBuf {
     job_with(dir, parallelism, "")
@@ -34,70 +35,6 @@ fn job_with(dir: &std::path::Path, parallelism: u32, extra: &str) -> std::path::
     file
 }
 
-/// A started `weir` process whose stderr is read in the background; lines that announce an
-/// address are passed on.
-struct Proc {
-    child: Child,
-    addrs: mpsc::Receiver<(String, String)>,
-    seen: std::cell::RefCell<std::collections::HashMap<String, String>>,
-    stderr: std::thread::JoinHandle<String>,
-}
-
-fn start(args: &[&str]) -> Proc {
-    let mut child =
-        Command::new(WEIR).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let err = child.stderr.take().unwrap();
-    let (tx, addrs) = mpsc::channel();
-    let stderr = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if let Some((_, a)) = line.split_once("HTTP API on http://") {
-                let _ = tx.send(("api".into(), a.trim().to_string()));
-            }
-            if let Some((_, a)) = line.split_once(", control ") {
-                let _ = tx.send(("control".into(), a.trim().to_string()));
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    Proc { child, addrs, seen: Default::default(), stderr }
-}
-
-impl Proc {
-    fn addr(&self, what: &str) -> String {
-        loop {
-            if let Some(v) = self.seen.borrow().get(what) {
-                return v.clone();
-            }
-            let (k, v) = self.addrs.recv_timeout(Duration::from_secs(60)).expect("an address");
-            self.seen.borrow_mut().insert(k, v);
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
-        assert!(ok.success());
-    }
-
-    /// Waits for the exit (at most `limit`) and returns the code and everything on stderr.
-    fn finish(mut self, limit: Duration) -> (Option<i32>, String) {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return (st.code(), self.stderr.join().unwrap());
-            }
-            if t.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("did not exit within {limit:?}: {}", self.stderr.join().unwrap());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 /// Starts `weir worker --index i` for the coordinator at `control`, its state under `dir`.
 fn start_worker(control: &str, i: u32, dir: &std::path::Path) -> Proc {
     let state = dir.join("state");
@@ -114,15 +51,14 @@ fn start_worker(control: &str, i: u32, dir: &std::path::Path) -> Proc {
     ])
 }
 
-/// `GET path` with HTTP/1.1; the status code and body.
+/// `GET path`: the status code and body.
 fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
+    request(addr, "GET", path, None)
+}
+
+/// A request with an optional bearer token; the status code and body.
+fn request(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    process::request(addr, method, path, token).expect("the API answers")
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -315,22 +251,6 @@ fn a_worker_that_fails_at_setup_cancels_the_others_while_they_connect() {
     let (code, err) = w0.finish(Duration::from_secs(10));
     assert_ne!(code, Some(0), "{err}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}: {err}", t.elapsed());
-}
-
-/// A request with an optional bearer token; the status code and body.
-fn request(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
 }
 
 #[test]

@@ -4,17 +4,16 @@
 //! at-least-once mode nothing may be missing.
 
 mod common;
+mod process;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weir_runtime::operators::SplitMix64;
 
-const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+use process::{Proc, WEIR};
 
 /// Writes the input files; returns the true count of every word.
 fn write_input(dir: &Path, files: usize, lines: usize, seed: u64) -> BTreeMap<String, u64> {
@@ -55,72 +54,22 @@ spec:
     file
 }
 
-/// A `weir run` in the background, its stderr collected, its API address read from it.
-struct Job {
-    child: Child,
-    api: String,
-    stderr: std::thread::JoinHandle<String>,
+/// A `weir run` of `file` in the background, its API on a free port, its state under `dir`.
+fn start(file: &Path, dir: &Path, extra: &[&str]) -> Proc {
+    let state = dir.join("state");
+    let mut args = vec!["run", file.to_str().unwrap(), "--api-addr", "127.0.0.1:0"];
+    args.extend(["--state-dir", state.to_str().unwrap()]);
+    args.extend(extra);
+    process::start(&args)
 }
 
-fn start(file: &Path, dir: &Path, extra: &[&str]) -> Job {
-    let mut child = Command::new(WEIR)
-        .arg("run")
-        .arg(file)
-        .args(["--api-addr", "127.0.0.1:0", "--state-dir"])
-        .arg(dir.join("state"))
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if let Some((_, a)) = line.split_once("HTTP API on http://") {
-                let _ = tx.send(a.trim().to_string());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let api = rx.recv_timeout(Duration::from_secs(60)).expect("the API address");
-    Job { child, api, stderr }
-}
-
-impl Job {
-    /// Waits for the exit and returns its code and stderr.
-    fn finish(mut self, limit: Duration) -> (Option<i32>, String) {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return (st.code(), self.stderr.join().unwrap());
-            }
-            if t.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("did not finish within {limit:?}: {}", self.stderr.join().unwrap());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_some()
-    }
+fn exited(job: &mut Proc) -> bool {
+    job.child.try_wait().unwrap().is_some()
 }
 
 /// `GET path`: the status code and body (None if the API does not answer).
 fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.get(9..12)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((code, body))
+    process::request(addr, "GET", path, None)
 }
 
 fn job_info(api: &str) -> Option<serde_json::Value> {
@@ -145,13 +94,13 @@ fn children_of(pid: u32) -> Vec<u32> {
 }
 
 /// Waits until the job runs (all workers connected) after `restarts` restarts.
-fn wait_running(job: &mut Job, restarts: u64) -> bool {
+fn wait_running(job: &mut Proc, restarts: u64) -> bool {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(60) {
-        if job.exited() {
+        if exited(job) {
             return false;
         }
-        if let Some(i) = job_info(&job.api)
+        if let Some(i) = job_info(&job.addr("api"))
             && i["state"] == "running"
             && i["restarts"].as_u64() == Some(restarts)
             && i["workersConnected"] == i["workersExpected"]
@@ -178,7 +127,7 @@ fn killed_worker_processes_lose_and_duplicate_nothing() {
         // A random moment: before, during or after a checkpoint.
         std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 2200));
         let workers = children_of(job.child.id());
-        if workers.is_empty() || job.exited() {
+        if workers.is_empty() || exited(&mut job) {
             break;
         }
         let victim = workers[(rng.next_u64() % workers.len() as u64) as usize];
@@ -221,8 +170,8 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
         if runs <= 4 {
             wait_running(&mut job, 0);
             std::thread::sleep(Duration::from_millis(1200 + rng.next_u64() % 1500));
-            if !job.exited() {
-                let _ = Command::new("kill").args(["-KILL", &job.child.id().to_string()]).status();
+            if !exited(&mut job) {
+                job.signal("-KILL");
                 let _ = job.finish(Duration::from_secs(30));
                 continue;
             }
@@ -334,7 +283,7 @@ fn unaligned_checkpoints_complete_under_backpressure_where_aligned_ones_time_out
     let mut job = start(&file, &aligned, &["--processes"]);
     wait_running(&mut job, 0);
     std::thread::sleep(Duration::from_secs(7));
-    let c = checkpoints(&job.api);
+    let c = checkpoints(&job.addr("api"));
     let _ = job.child.kill();
     let (_, err) = job.finish(Duration::from_secs(30));
     assert_eq!(c["completed"], 0, "an aligned checkpoint completed under backpressure: {c}");
@@ -352,9 +301,9 @@ fn unaligned_checkpoints_complete_under_backpressure_where_aligned_ones_time_out
             break;
         }
         std::thread::sleep(Duration::from_millis(2500 + rng.next_u64() % 2000));
-        let c = checkpoints(&job.api);
+        let c = checkpoints(&job.addr("api"));
         let workers = children_of(job.child.id());
-        if workers.is_empty() || job.exited() {
+        if workers.is_empty() || exited(&mut job) {
             break;
         }
         // The checkpoint the job restores from after this kill (a newer one may complete in
@@ -387,7 +336,7 @@ fn checkpoints_switch_to_unaligned_after_the_alignment_timeout() {
     let mut job = start(&file, tmp.path(), &["--processes"]);
     wait_running(&mut job, 0);
     std::thread::sleep(Duration::from_secs(6));
-    let c = checkpoints(&job.api);
+    let c = checkpoints(&job.addr("api"));
     let _ = job.child.kill();
     let _ = job.finish(Duration::from_secs(30));
     assert!(c["completed"].as_u64().unwrap() >= 2, "{c}");
@@ -415,8 +364,8 @@ fn a_stopped_job_resumes_at_another_parallelism_2_3_1_exactly_once() {
         if run < 2 {
             // Stopped part-way: the final checkpoint holds where every source stopped.
             std::thread::sleep(Duration::from_millis(2500));
-            assert!(!job.exited(), "run {run} ended before it was stopped");
-            let _ = Command::new("kill").args(["-TERM", &job.child.id().to_string()]).status();
+            assert!(!exited(&mut job), "run {run} ended before it was stopped");
+            job.signal("-TERM");
         }
         let (code, err) = job.finish(Duration::from_secs(300));
         assert_eq!(code, Some(0), "run {run} at parallelism {p}: {err}");
@@ -517,7 +466,7 @@ fn a_job_starts_from_a_copied_checkpoint_of_another_run_at_another_parallelism()
     let mut job = start(&file, tmp.path(), &[]);
     wait_running(&mut job, 0);
     std::thread::sleep(Duration::from_millis(2500));
-    let _ = Command::new("kill").args(["-TERM", &job.child.id().to_string()]).status();
+    job.signal("-TERM");
     let (code, err) = job.finish(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{err}");
     // The old job's directory, copied elsewhere: a checkpoint's files are named relative to it.

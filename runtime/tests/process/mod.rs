@@ -1,0 +1,94 @@
+//! What the tests that run `weir` as a user does share: a process whose stderr is read in the
+//! background (with the addresses it announces), and plain HTTP requests to its API.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+
+/// A started `weir` process whose stderr is read in the background; lines that announce an
+/// address (`api`, `control`) are passed on.
+pub struct Proc {
+    pub child: Child,
+    addrs: mpsc::Receiver<(String, String)>,
+    seen: std::cell::RefCell<HashMap<String, String>>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// Starts `weir` with `args`.
+pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Proc {
+    let mut child =
+        Command::new(WEIR).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, addrs) = mpsc::channel();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if let Some((_, a)) = line.split_once("HTTP API on http://") {
+                let _ = tx.send(("api".into(), a.trim().to_string()));
+            }
+            if let Some((_, a)) = line.split_once(", control ") {
+                let _ = tx.send(("control".into(), a.trim().to_string()));
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    Proc { child, addrs, seen: Default::default(), stderr }
+}
+
+impl Proc {
+    /// The address the process announced as `what` (waiting up to a minute for it).
+    pub fn addr(&self, what: &str) -> String {
+        loop {
+            if let Some(v) = self.seen.borrow().get(what) {
+                return v.clone();
+            }
+            let (k, v) = self.addrs.recv_timeout(Duration::from_secs(60)).expect("an address");
+            self.seen.borrow_mut().insert(k, v);
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the exit (at most `limit`) and returns the code and everything on stderr.
+    pub fn finish(mut self, limit: Duration) -> (Option<i32>, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st.code(), self.stderr.join().unwrap());
+            }
+            if t.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("did not exit within {limit:?}: {}", self.stderr.join().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A request with an optional bearer token: the status code and body (`None` if the API does
+/// not answer).
+pub fn request(addr: &str, method: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.get(9..12)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
