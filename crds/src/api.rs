@@ -9,6 +9,9 @@
 //! | `GET /readyz` | 200 while every worker is connected and the job runs, 503 otherwise |
 //! | `GET /v1/checkpoints` | [`Checkpoints`] |
 //! | `POST /v1/checkpoints` | triggers a checkpoint now (needs the API token): 202 and [`Triggered`] |
+//! | `POST /v1/savepoints` | [`SavepointRequest`]: takes a savepoint (needs the API token): 202 and [`SavepointTriggered`] |
+//! | `GET /v1/savepoints` | [`Savepoints`]: the savepoints of this run, the newest first |
+//! | `GET /v1/savepoints/{id}` | [`SavepointInfo`], 404 for an id this coordinator does not know |
 //!
 //! Fields are only ever added to a version; a client ignores fields it does not know.
 
@@ -58,6 +61,9 @@ pub struct JobInfo {
     /// The last completed checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<CheckpointInfo>,
+    /// The last completed savepoint of this run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_savepoint: Option<SavepointInfo>,
     /// Why the job failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -136,4 +142,69 @@ pub struct Checkpoints {
 #[serde(rename_all = "camelCase")]
 pub struct Triggered {
     pub message: String,
+}
+
+/// `POST /v1/savepoints`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SavepointRequest {
+    /// Stop the job once the savepoint is complete: the sources take no more input after its
+    /// barrier, the sinks commit what came before it, and the job finishes.
+    #[serde(default)]
+    pub stop: bool,
+    /// Where the savepoint goes (`s3://bucket/prefix` or a directory) instead of
+    /// `spec.savepoints.directory`; the savepoint is `<directory>/<namespace>/<job>/sp-<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
+}
+
+/// `POST /v1/savepoints`: the request was taken; poll `GET /v1/savepoints/{id}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavepointTriggered {
+    pub id: String,
+}
+
+/// Where a savepoint is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SavepointStatus {
+    /// Requested, or its barrier is on its way.
+    InProgress,
+    Completed,
+    Failed,
+}
+
+/// One savepoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavepointInfo {
+    pub id: String,
+    pub status: SavepointStatus,
+    /// It stops the job.
+    pub stop: bool,
+    /// The checkpoint id its barrier carries (once triggered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_id: Option<u64>,
+    /// Milliseconds since the epoch: when it was requested.
+    pub requested_at: u64,
+    /// From the request to completion or failure (so far, while in progress).
+    pub duration_ms: u64,
+    /// Bytes of state written.
+    pub size_bytes: u64,
+    /// Its directory (completed ones): what `weir run --from-savepoint` and
+    /// `spec.restore.path` take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+/// `GET /v1/savepoints`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Savepoints {
+    /// The newest first.
+    pub savepoints: Vec<SavepointInfo>,
 }

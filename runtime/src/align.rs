@@ -80,7 +80,7 @@ struct Aligning {
     /// Channels that delivered the barrier.
     channels: Vec<usize>,
     first: Instant,
-    ts: u64,
+    barrier: Barrier,
 }
 
 #[derive(Debug)]
@@ -114,8 +114,11 @@ impl Aligner {
         }
     }
 
+    /// Whether checkpoint `b` goes unaligned now; a savepoint's barrier never does.
     fn timed_out(&self, b: &Barrier, now_ms: u64) -> bool {
-        b.unaligned || self.unaligned_after.is_some_and(|t| now_ms >= b.ts.saturating_add(t))
+        !b.savepoint
+            && (b.unaligned
+                || self.unaligned_after.is_some_and(|t| now_ms >= b.ts.saturating_add(t)))
     }
 
     /// `msg` was just taken off channel `i`: it joins the channel's pending messages,
@@ -168,7 +171,7 @@ impl Aligner {
         let a = self.aligning.entry(b.id).or_insert_with(|| Aligning {
             channels: Vec::new(),
             first: Instant::now(),
-            ts: b.ts,
+            barrier: b,
         });
         a.channels.push(i);
         if self.exactly_once {
@@ -189,10 +192,9 @@ impl Aligner {
             return;
         }
         let mut late: Option<Barrier> = None;
-        for (&id, a) in &self.aligning {
-            let b = Barrier { id, ts: a.ts, unaligned: false };
-            if self.timed_out(&b, now_ms) {
-                late = Some(b);
+        for a in self.aligning.values() {
+            if self.timed_out(&a.barrier, now_ms) {
+                late = Some(a.barrier);
             }
         }
         for ch in &inbox.channels {
@@ -221,20 +223,26 @@ impl Aligner {
         via: Option<usize>,
         actions: &mut Vec<Action>,
     ) {
-        let mut earlier: BTreeMap<u64, u64> =
-            self.aligning.iter().filter(|(id, _)| **id < b.id).map(|(id, a)| (*id, a.ts)).collect();
+        let mut earlier: BTreeMap<u64, Barrier> = self
+            .aligning
+            .iter()
+            .filter(|(id, _)| **id < b.id)
+            .map(|(id, a)| (*id, a.barrier))
+            .collect();
         for ch in &inbox.channels {
             for m in &ch.pending {
                 if let Msg::Barrier(e) = m
                     && e.id > self.taken
                     && e.id < b.id
                 {
-                    earlier.insert(e.id, e.ts);
+                    earlier.insert(e.id, *e);
                 }
             }
         }
-        for (id, ts) in earlier {
-            self.unaligned_one(inbox, Barrier { id, ts, unaligned: true }, None, actions);
+        // (The coordinator triggers no checkpoint while a savepoint is in flight, so no
+        // savepoint is among them.)
+        for (_, e) in earlier {
+            self.unaligned_one(inbox, Barrier { unaligned: true, ..e }, None, actions);
         }
         self.unaligned_one(inbox, Barrier { unaligned: true, ..b }, via, actions);
     }
@@ -300,7 +308,7 @@ impl Aligner {
                 c.blocked = false;
             }
             actions.push(Action::Take {
-                barrier: Barrier { id, ts: a.ts, unaligned: false },
+                barrier: Barrier { unaligned: false, ..a.barrier },
                 alignment_ms: a.first.elapsed().as_millis() as u64,
             });
         }
@@ -337,7 +345,7 @@ mod tests {
     }
 
     fn barrier(id: u64, ts: u64, unaligned: bool) -> Msg {
-        Msg::Barrier(Barrier { id, ts, unaligned })
+        Msg::Barrier(Barrier::checkpoint(id, ts, unaligned))
     }
 
     fn values(records: &[(u32, Vec<Record>)]) -> Vec<i64> {
@@ -417,7 +425,7 @@ mod tests {
         a.received(&mut inbox, 1, batch(10), 0, &mut act);
         assert!(matches!(
             act[..],
-            [Action::Take { barrier: Barrier { id: 1, ts: 5, unaligned: true }, .. }]
+            [Action::Take { barrier: Barrier { id: 1, ts: 5, unaligned: true, .. }, .. }]
         ));
         // Everything is processed after the snapshot, nothing held back.
         assert_eq!(process(&mut a, &mut inbox, &mut act), vec![1, 2, 3, 10]);
@@ -481,5 +489,24 @@ mod tests {
         a.received(&mut inbox, 1, Msg::End, 0, &mut act);
         let Action::InFlight { id: 3, records } = &act[1] else { panic!("{act:?}") };
         assert_eq!(values(records), vec![7]);
+    }
+
+    #[test]
+    fn a_savepoint_stays_aligned_when_checkpoints_are_unaligned_and_its_alignment_times_out() {
+        let (mut inbox, mut a, mut act) = (inbox(2), Aligner::new(true, Some(0), 0), Vec::new());
+        let sp = Barrier { id: 1, ts: 0, unaligned: false, savepoint: true, stop: true };
+        for m in [batch(1), Msg::Barrier(sp), batch(2)] {
+            a.received(&mut inbox, 0, m, 10_000, &mut act);
+        }
+        a.received(&mut inbox, 1, batch(10), 10_000, &mut act);
+        a.tick(&mut inbox, 20_000, &mut act);
+        assert!(act.is_empty(), "taken before it was aligned: {act:?}");
+        // Channel 0 is held back after the barrier; channel 1's 10 goes first.
+        assert_eq!(process(&mut a, &mut inbox, &mut act), vec![1, 10]);
+        assert!(act.is_empty());
+        a.received(&mut inbox, 1, Msg::Barrier(sp), 30_000, &mut act);
+        assert_eq!(process(&mut a, &mut inbox, &mut act), vec![2]);
+        let [Action::Take { barrier, .. }] = &act[..] else { panic!("{act:?}") };
+        assert_eq!(*barrier, sp, "taken aligned, as a stopping savepoint");
     }
 }

@@ -1,5 +1,6 @@
 //! The coordinator's HTTP API (types in [`weir_crds::api`]): `GET /v1/job`,
-//! `GET|POST /v1/checkpoints`, `/metrics`, `/healthz`, `/readyz`. Served on its own thread, so
+//! `GET|POST /v1/checkpoints`, `GET|POST /v1/savepoints`, `GET /v1/savepoints/{id}`,
+//! `/metrics`, `/healthz`, `/readyz`. Served on its own thread, so
 //! a slow client never touches the job.
 //!
 //! Requests that change the job (`POST`) need `Authorization: Bearer <token>`, the token in
@@ -18,7 +19,7 @@ use prometheus::{
 };
 use weir_crds::api::JobState;
 
-use crate::coordinator::Status;
+use crate::coordinator::{SavepointRefused, Status};
 use crate::error::RuntimeError;
 
 /// Listens on `addr` and serves the API until the process ends; returns the bound address.
@@ -96,7 +97,7 @@ fn router(status: Arc<Status>, token: Option<String>) -> Router {
         move || async move { Json(s.checkpoints()) }
     };
     let trigger = {
-        let s = status.clone();
+        let (s, token) = (status.clone(), token.clone());
         move |headers: axum::http::HeaderMap| async move {
             if let Err(r) = authorized(&headers, token.as_deref()) {
                 return *r;
@@ -123,6 +124,55 @@ fn router(status: Arc<Status>, token: Option<String>) -> Router {
                 }),
             )
                 .into_response()
+        }
+    };
+    let take_savepoint = {
+        let (s, token) = (status.clone(), token.clone());
+        move |headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+            if let Err(r) = authorized(&headers, token.as_deref()) {
+                return *r;
+            }
+            let req: weir_crds::api::SavepointRequest = if body.iter().all(u8::is_ascii_whitespace)
+            {
+                Default::default()
+            } else {
+                match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return (
+                            StatusCode::BAD_REQUEST,
+                            format!("the body must be {{\"stop\": true|false, \"directory\": \"s3://…\"}}: {e}\n"),
+                        )
+                            .into_response();
+                    }
+                }
+            };
+            match s.request_savepoint(req.stop, req.directory.as_deref()) {
+                Ok(id) => (StatusCode::ACCEPTED, Json(weir_crds::api::SavepointTriggered { id }))
+                    .into_response(),
+                Err(SavepointRefused::BadRequest(m)) => {
+                    (StatusCode::BAD_REQUEST, format!("{m}\n")).into_response()
+                }
+                Err(SavepointRefused::Conflict(m)) => {
+                    (StatusCode::CONFLICT, format!("{m}\n")).into_response()
+                }
+            }
+        }
+    };
+    let savepoints = {
+        let s = status.clone();
+        move || async move { Json(weir_crds::api::Savepoints { savepoints: s.savepoints() }) }
+    };
+    let savepoint = {
+        let s = status.clone();
+        move |axum::extract::Path(id): axum::extract::Path<String>| async move {
+            match s.read_savepoint(&id) {
+                Some(sp) => Json(sp).into_response(),
+                None => {
+                    (StatusCode::NOT_FOUND, format!("no savepoint {id:?} in this run of the job\n"))
+                        .into_response()
+                }
+            }
         }
     };
     let job = {
@@ -163,6 +213,8 @@ fn router(status: Arc<Status>, token: Option<String>) -> Router {
     Router::new()
         .route("/v1/job", get(job))
         .route("/v1/checkpoints", get(checkpoints).post(trigger))
+        .route("/v1/savepoints", get(savepoints).post(take_savepoint))
+        .route("/v1/savepoints/{id}", get(savepoint))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

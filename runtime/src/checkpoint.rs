@@ -71,15 +71,38 @@ pub fn default_storage() -> StorageUri {
     StorageUri::Local("/var/tmp/weir/checkpoints".into())
 }
 
+/// Where savepoints go when neither the request nor `spec.savepoints.directory` says:
+/// `savepoints` beside the checkpoint storage (`/var/tmp/weir/checkpoints` →
+/// `/var/tmp/weir/savepoints`; `s3://b/p/checkpoints` → `s3://b/p/savepoints`), or inside it
+/// when it is a bucket's or a file system's root.
+pub fn default_savepoint_dir(checkpoints: &StorageUri) -> StorageUri {
+    match checkpoints {
+        StorageUri::Local(p) => match p.parent() {
+            Some(parent) if p.file_name().is_some() => StorageUri::Local(parent.join("savepoints")),
+            _ => StorageUri::Local(p.join("savepoints")),
+        },
+        StorageUri::S3 { bucket, prefix } => {
+            let prefix = prefix.trim_end_matches('/');
+            let parent = prefix
+                .rsplit_once('/')
+                .map_or("savepoints".to_string(), |(parent, _)| format!("{parent}/savepoints"));
+            StorageUri::S3 { bucket: bucket.clone(), prefix: parent }
+        }
+    }
+}
+
 /// The state of one operator subtask in a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OperatorState {
     pub uid: String,
     pub subtask: u32,
-    /// Keyed state: the RocksDB files.
+    /// Keyed state: the RocksDB files (checkpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyed: Option<StateHandle>,
+    /// Keyed state: one file sorted by key group, with its index (savepoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyed_file: Option<crate::savepoint::KeyedFile>,
     /// Everything else the operator keeps (a source's position, a sink's pending files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<serde_json::Value>,
@@ -138,6 +161,9 @@ pub struct Metadata {
     pub operator_uids: Vec<String>,
     /// Taken when every source had ended (exhausted or stopped): the job's final state.
     pub final_: bool,
+    /// A savepoint: self-contained, its files named relative to its own directory.
+    #[serde(default)]
+    pub savepoint: bool,
     pub operators: Vec<OperatorState>,
 }
 
@@ -173,7 +199,18 @@ impl Metadata {
     }
 
     pub fn size_bytes(&self) -> u64 {
-        self.operators.iter().filter_map(|o| o.keyed.as_ref()).map(StateHandle::size).sum()
+        let files = self.operators.iter().filter_map(|o| o.keyed_file.as_ref());
+        self.operators.iter().filter_map(|o| o.keyed.as_ref()).map(StateHandle::size).sum::<u64>()
+            + files.map(|f| f.offsets.last().copied().unwrap_or(0)).sum::<u64>()
+    }
+
+    /// What it is, for messages: "checkpoint 3" or "savepoint (checkpoint 3)".
+    pub fn describe(&self) -> String {
+        if self.savepoint {
+            format!("savepoint (checkpoint {})", self.id)
+        } else {
+            format!("checkpoint {}", self.id)
+        }
     }
 
     /// The prefix of a checkpoint's own files, relative to the job's directory.
@@ -436,10 +473,17 @@ mod tests {
             max_parallelism: 128,
             operator_uids: vec!["a".into()],
             final_: false,
+            savepoint: true,
             operators: vec![OperatorState {
                 uid: "a".into(),
                 subtask: 1,
                 keyed: None,
+                keyed_file: Some(crate::savepoint::KeyedFile {
+                    file: "keyed/a-1".into(),
+                    key_groups: (64, 127),
+                    offsets: (0..66).map(|i| 13 + i * 10).collect(),
+                    entries: 65,
+                }),
                 state: Some(serde_json::json!({"x": 1})),
                 in_flight: Some(InFlightHandle {
                     key: "chk-3/inflight/a-1".into(),
@@ -455,5 +499,14 @@ mod tests {
         newer.version = 2;
         let e = Metadata::parse(&newer.to_bytes(), "m").unwrap_err();
         assert!(e.message.contains("version 2"), "{e}");
+    }
+
+    #[test]
+    fn savepoints_go_beside_the_checkpoints_by_default() {
+        let d = |s: &str| default_savepoint_dir(&s.parse().unwrap()).to_string();
+        assert_eq!(d("/var/tmp/weir/checkpoints"), "/var/tmp/weir/savepoints");
+        assert_eq!(d("s3://b/weir/checkpoints"), "s3://b/weir/savepoints");
+        assert_eq!(d("s3://b/checkpoints"), "s3://b/savepoints");
+        assert_eq!(d("s3://b"), "s3://b/savepoints");
     }
 }

@@ -6,7 +6,7 @@
 //!     ── Hello {index, dataAddr} ──►
 //!     ◄── Start {spec, placement} ──   (once every worker said hello; attempt k)
 //!     ── Progress {...} ──►            (every half second)
-//!     ◄── Trigger {id} ──              (checkpoint id: the sources emit barriers)
+//!     ◄── Trigger {id, savepoint?} ──  (checkpoint id: the sources emit barriers)
 //!     ── Ack {id, task} | Decline ──►  (each subtask's part of it)
 //!     ◄── Complete {id} ──             (the metadata is written: sinks commit)
 //!     ◄── Stop ──                      (Ctrl-C / SIGTERM: end like an exhausted source)
@@ -30,7 +30,7 @@ use crate::checkpoint::{OperatorState, Settings, TaskAck};
 
 /// Version of this protocol; a worker and a coordinator of different versions refuse each
 /// other with a clear error.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -74,9 +74,13 @@ pub enum ToWorker {
     #[serde(rename_all = "camelCase")]
     Trigger {
         id: u64,
+        /// Checkpoint `id` is a savepoint, written there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        savepoint: Option<SavepointTarget>,
     },
-    /// Checkpoint `id` completed; `final_`: the final checkpoint, after which the sinks commit
-    /// the rest and the workers report `Finished`.
+    /// Checkpoint `id` completed (the sinks commit what came before it); `final_`: the
+    /// final checkpoint, after which the sinks commit the rest and the workers report
+    /// `Finished`. A savepoint that does not stop the job commits nothing and is not sent.
     #[serde(rename_all = "camelCase")]
     Complete {
         id: u64,
@@ -84,6 +88,15 @@ pub enum ToWorker {
     },
     /// The job is over: the worker exits.
     Exit,
+}
+
+/// Where a savepoint goes, and whether it stops the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavepointTarget {
+    /// The savepoint's own directory (`…/sp-<id>`): every file it has is below it.
+    pub dir: StorageUri,
+    pub stop: bool,
 }
 
 /// How a worker takes part in checkpoints.

@@ -23,13 +23,15 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use weir_crds::api::{
-    CheckpointInfo, CheckpointStatus, Checkpoints, JobInfo, JobState, OperatorInfo,
+    CheckpointInfo, CheckpointStatus, Checkpoints, JobInfo, JobState, OperatorInfo, SavepointInfo,
+    SavepointStatus,
 };
 use weir_crds::{StorageUri, StreamJobSpec};
 
 use crate::checkpoint::{self, Metadata, Restarts, Settings, TaskAck};
 use crate::control::{
-    AssignedCheckpoints, Assignment, PROTOCOL, Reader, ToCoordinator, ToWorker, Writer,
+    AssignedCheckpoints, Assignment, PROTOCOL, Reader, SavepointTarget, ToCoordinator, ToWorker,
+    Writer,
 };
 use crate::error::{RuntimeError, Whose};
 use crate::exec::{FINAL, RunSummary};
@@ -80,6 +82,32 @@ pub struct Status {
     pub trigger: AtomicBool,
     /// Whether the job takes checkpoints (`POST /v1/checkpoints` is refused otherwise).
     pub checkpointing: AtomicBool,
+    /// Whether the job can take savepoints (it has checkpoint storage).
+    pub savepoints_allowed: AtomicBool,
+    /// Savepoints requested and not triggered yet, oldest first.
+    savepoint_requests: Mutex<VecDeque<SavepointRequested>>,
+    /// The savepoints of this run, newest first.
+    savepoints: Mutex<Vec<SavepointInfo>>,
+    savepoint_counter: std::sync::atomic::AtomicU64,
+    /// The result of the savepoint that stopped the job was read through the API.
+    stop_result_read: AtomicBool,
+}
+
+/// A savepoint request waiting for its trigger.
+#[derive(Debug, Clone)]
+struct SavepointRequested {
+    id: String,
+    stop: bool,
+    directory: Option<StorageUri>,
+}
+
+/// Why a savepoint cannot be requested now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SavepointRefused {
+    /// The request is wrong (400).
+    BadRequest(String),
+    /// Not now (409).
+    Conflict(String),
 }
 
 impl Status {
@@ -107,12 +135,143 @@ impl Status {
                     .collect(),
                 restarts: 0,
                 last_checkpoint: None,
+                last_savepoint: None,
                 error: None,
             }),
             started: Instant::now(),
             checkpoints: Mutex::default(),
             trigger: AtomicBool::new(false),
             checkpointing: AtomicBool::new(false),
+            savepoints_allowed: AtomicBool::new(false),
+            savepoint_requests: Mutex::default(),
+            savepoints: Mutex::default(),
+            savepoint_counter: Default::default(),
+            stop_result_read: AtomicBool::new(false),
+        }
+    }
+
+    /// Asks for a savepoint (`POST /v1/savepoints`); returns its id. It is taken as soon as
+    /// the job runs and no other savepoint is in flight.
+    pub fn request_savepoint(
+        &self,
+        stop: bool,
+        directory: Option<&str>,
+    ) -> Result<String, SavepointRefused> {
+        let directory = match directory.map(str::trim).filter(|d| !d.is_empty()) {
+            Some(d) => Some(d.parse::<StorageUri>().map_err(|e| {
+                SavepointRefused::BadRequest(format!(
+                    "directory {d:?}: {e}: give s3://bucket/prefix or an absolute directory"
+                ))
+            })?),
+            None => None,
+        };
+        if !self.savepoints_allowed.load(Ordering::Relaxed) {
+            return Err(SavepointRefused::Conflict(
+                "this job takes no checkpoints, and savepoints need them: set spec.checkpointing.interval above 0s".into(),
+            ));
+        }
+        let state = self.snapshot().state;
+        if state != JobState::Running {
+            return Err(SavepointRefused::Conflict(format!(
+                "the job is {state:?}, not running: a savepoint needs a running job"
+            )));
+        }
+        let mut queue = self.savepoint_requests.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.savepoints.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = all.iter().find(|s| s.stop && s.status == SavepointStatus::InProgress) {
+            return Err(SavepointRefused::Conflict(format!(
+                "savepoint {} is already stopping the job",
+                s.id
+            )));
+        }
+        let n = self.savepoint_counter.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:011x}{:03x}", checkpoint::now_ms(), n & 0xfff);
+        queue.push_back(SavepointRequested { id: id.clone(), stop, directory });
+        all.insert(
+            0,
+            SavepointInfo {
+                id: id.clone(),
+                status: SavepointStatus::InProgress,
+                stop,
+                checkpoint_id: None,
+                requested_at: checkpoint::now_ms(),
+                duration_ms: 0,
+                size_bytes: 0,
+                path: None,
+                failure: None,
+            },
+        );
+        all.truncate(100);
+        Ok(id)
+    }
+
+    /// Savepoint `id` of this run, now.
+    pub fn savepoint(&self, id: &str) -> Option<SavepointInfo> {
+        let all = self.savepoints.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter().find(|s| s.id == id).cloned().map(with_duration)
+    }
+
+    /// Savepoint `id` as a client asks for it: reading the end of a savepoint that stops the
+    /// job lets the coordinator exit.
+    pub fn read_savepoint(&self, id: &str) -> Option<SavepointInfo> {
+        let sp = self.savepoint(id)?;
+        if sp.stop && sp.status != SavepointStatus::InProgress {
+            self.stop_result_read.store(true, Ordering::Relaxed);
+        }
+        Some(sp)
+    }
+
+    /// The savepoint that stopped the job, while nobody has read its result through the API.
+    pub fn unread_stop_savepoint(&self) -> Option<String> {
+        if self.stop_result_read.load(Ordering::Relaxed) {
+            return None;
+        }
+        let all = self.savepoints.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter().find(|s| s.stop && s.status == SavepointStatus::Completed).map(|s| s.id.clone())
+    }
+
+    /// The savepoints of this run, newest first.
+    pub fn savepoints(&self) -> Vec<SavepointInfo> {
+        let all = self.savepoints.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter().cloned().map(with_duration).collect()
+    }
+
+    /// Changes savepoint `id`'s record.
+    fn update_savepoint(&self, id: &str, f: impl FnOnce(&mut SavepointInfo)) {
+        let mut all = self.savepoints.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = all.iter_mut().find(|s| s.id == id) {
+            f(s);
+            if s.status != SavepointStatus::InProgress {
+                s.duration_ms = checkpoint::now_ms().saturating_sub(s.requested_at);
+            }
+            if s.status == SavepointStatus::Completed {
+                let done = s.clone();
+                drop(all);
+                self.update(|i| i.last_savepoint = Some(done));
+            }
+        }
+    }
+
+    /// The next savepoint request, if any.
+    fn next_savepoint_request(&self) -> Option<SavepointRequested> {
+        self.savepoint_requests.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+    }
+
+    /// Fails every savepoint in progress (queued ones too when `queued`).
+    fn fail_savepoints(&self, why: &str, queued: bool) {
+        let waiting: Vec<String> = if queued {
+            let mut q = self.savepoint_requests.lock().unwrap_or_else(|e| e.into_inner());
+            q.drain(..).map(|r| r.id).collect()
+        } else {
+            Vec::new()
+        };
+        let mut all = self.savepoints.lock().unwrap_or_else(|e| e.into_inner());
+        for s in all.iter_mut().filter(|s| s.status == SavepointStatus::InProgress) {
+            if s.checkpoint_id.is_some() || waiting.contains(&s.id) {
+                s.status = SavepointStatus::Failed;
+                s.failure = Some(why.to_string());
+                s.duration_ms = checkpoint::now_ms().saturating_sub(s.requested_at);
+            }
         }
     }
 
@@ -150,6 +309,14 @@ impl Status {
             self.update(|i| i.last_checkpoint = Some(c));
         }
     }
+}
+
+/// A savepoint with its duration so far while it is in progress.
+fn with_duration(mut s: SavepointInfo) -> SavepointInfo {
+    if s.status == SavepointStatus::InProgress {
+        s.duration_ms = checkpoint::now_ms().saturating_sub(s.requested_at);
+    }
+    s
 }
 
 /// One worker runs every subtask in this process; otherwise one per subtask index.
@@ -199,6 +366,14 @@ struct Pending {
     triggered: Instant,
     triggered_at: u64,
     acks: BTreeMap<(String, u32), TaskAck>,
+    /// It is a savepoint.
+    savepoint: Option<PendingSavepoint>,
+}
+
+/// A savepoint in flight: its request and where it goes.
+struct PendingSavepoint {
+    request: String,
+    target: SavepointTarget,
 }
 
 impl Coordinator {
@@ -231,6 +406,7 @@ impl Coordinator {
         };
         let mut driver = Driver::new(&self).map_err(fail)?;
         let result = driver.drive();
+        self.status.fail_savepoints("the job ended before the savepoint was taken", true);
         // Workers that hang on (or never connected) go with the job.
         for slot in driver.slots.iter().flatten() {
             let _ = slot.writer.send(&ToWorker::Exit);
@@ -282,8 +458,14 @@ struct Driver<'a> {
     completed: VecDeque<Metadata>,
     /// The checkpoint the next attempt starts from.
     restore_from: Option<Metadata>,
-    /// The directory `restore_from` refers to its files in, when it is another job's.
+    /// The directory `restore_from` refers to its files in, when it is another job's (or a
+    /// savepoint).
     restore_uri: Option<StorageUri>,
+    /// Where savepoints go unless a request says otherwise.
+    savepoint_root: Option<StorageUri>,
+    /// The savepoint that stopped the job, once complete: a failure before the job ended
+    /// restarts from it.
+    stopped_into: Option<(Metadata, StorageUri)>,
     /// The last checkpoint id used.
     last_id: u64,
     restarts: Restarts,
@@ -371,15 +553,17 @@ impl<'a> Driver<'a> {
                 })?;
                 let m = Metadata::parse(&bytes, &there.describe(&key))?;
                 eprintln!(
-                    "weir: starting job {} from {} (checkpoint {} of job id {}, parallelism {})",
+                    "weir: starting job {} from {} ({} of job id {}, parallelism {})",
                     c.opts.name,
                     there.describe(&key),
-                    m.id,
+                    m.describe(),
                     m.job_id,
                     m.parallelism
                 );
+                // A savepoint names its files below its own directory, a checkpoint below
+                // its job's.
+                restore_uri = Some(if m.savepoint { parent.join(&name) } else { parent });
                 restore_from = Some(m);
-                restore_uri = Some(parent);
             }
             let dir = checkpoint::job_dir(&c.opts.namespace, &c.opts.name, &job_id);
             let job: Arc<dyn Storage> = Arc::new(Prefixed::new(root, &dir));
@@ -402,6 +586,14 @@ impl<'a> Driver<'a> {
         c.status
             .checkpointing
             .store(ck.is_some() && !settings.interval.is_zero(), Ordering::Relaxed);
+        c.status.savepoints_allowed.store(ck.is_some(), Ordering::Relaxed);
+        let savepoint_root = ck.as_ref().map(|ck| {
+            c.spec
+                .savepoints
+                .directory
+                .clone()
+                .unwrap_or_else(|| checkpoint::default_savepoint_dir(&ck.uri))
+        });
         let (tx, rx) = unbounded();
         spawn_acceptor(&c.listener, tx, expected, c.plan.parallelism)?;
         let (_, heads) = crate::exec::tasks(&c.plan);
@@ -419,6 +611,8 @@ impl<'a> Driver<'a> {
             completed,
             restore_from,
             restore_uri,
+            savepoint_root,
+            stopped_into: None,
             last_id,
             restarts: Restarts::new(&c.spec.restart_strategy),
             attempt: 0,
@@ -512,6 +706,10 @@ impl<'a> Driver<'a> {
                 }
                 AttemptEnd::Failed(e) => {
                     self.cancel_attempt();
+                    self.c.status.fail_savepoints(
+                        &format!("the job failed before the savepoint completed: {}", e.message),
+                        false,
+                    );
                     let restart = if e.whose == Whose::User {
                         Err("the error is in the job's spec or input, so a restart would fail the same way".to_string())
                     } else {
@@ -527,7 +725,12 @@ impl<'a> Driver<'a> {
                         }
                     };
                     self.attempt += 1;
-                    if let Some(own) = self.completed.back() {
+                    if let Some((m, uri)) = self.stopped_into.take() {
+                        // Stopped into a savepoint, then failed before every worker ended: its
+                        // output is committed, so the job goes on from it.
+                        self.restore_from = Some(m);
+                        self.restore_uri = Some(uri);
+                    } else if let Some(own) = self.completed.back() {
                         self.restore_from = Some(own.clone());
                         self.restore_uri = None;
                     }
@@ -801,6 +1004,8 @@ impl<'a> Driver<'a> {
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut final_acks: BTreeMap<(String, u32), TaskAck> = BTreeMap::new();
         let mut final_sent = false;
+        // A savepoint that stops the job was triggered: no checkpoint after it.
+        let mut stop_savepoint = false;
         let mut failures_in_a_row: u32 = 0;
         let attempt_start = Instant::now();
         let mut last_trigger: Option<Instant> = None;
@@ -811,16 +1016,49 @@ impl<'a> Driver<'a> {
                 self.c.status.update(|i| i.state = JobState::Stopping);
                 self.send_all(&ToWorker::Stop);
             }
-            // Checkpoints: trigger, time out.
+            // Checkpoints and savepoints: trigger, time out.
             if let Some(settings) = self.ck.as_ref().map(|ck| ck.settings.clone()) {
+                let open = !stopping && !stop_savepoint && final_acks.is_empty() && !final_sent;
+                // One savepoint at a time, and no checkpoint while it is in flight: nothing
+                // can turn its barrier into an unaligned one.
+                if open
+                    && !pending.iter().any(|p| p.savepoint.is_some())
+                    && let Some(req) = self.c.status.next_savepoint_request()
+                {
+                    let root = req.directory.clone().or_else(|| self.savepoint_root.clone());
+                    let dir = root.expect("checkpointing has a savepoint directory").join(
+                        &format!("{}/{}/sp-{}", self.c.opts.namespace, self.c.opts.name, req.id),
+                    );
+                    self.last_id += 1;
+                    let id = self.last_id;
+                    let target = SavepointTarget { dir: dir.clone(), stop: req.stop };
+                    eprintln!(
+                        "weir: coordinator: savepoint {} (checkpoint {id}) to {dir}{}",
+                        req.id,
+                        if req.stop { ", then the job stops" } else { "" }
+                    );
+                    self.send_all(&ToWorker::Trigger { id, savepoint: Some(target.clone()) });
+                    pending.push_back(Pending {
+                        id,
+                        triggered: Instant::now(),
+                        triggered_at: checkpoint::now_ms(),
+                        acks: BTreeMap::new(),
+                        savepoint: Some(PendingSavepoint { request: req.id.clone(), target }),
+                    });
+                    self.c.status.update_savepoint(&req.id, |s| s.checkpoint_id = Some(id));
+                    if req.stop {
+                        stop_savepoint = true;
+                        self.c.status.update(|i| i.state = JobState::Stopping);
+                    }
+                }
+                let open = open && !stop_savepoint;
                 let requested = self.c.status.trigger.load(Ordering::Relaxed);
                 let due = !settings.interval.is_zero()
                     && last_trigger.unwrap_or(attempt_start).elapsed() >= settings.interval
                     && last_done.elapsed() >= settings.min_pause;
                 if (due || requested)
-                    && !stopping
-                    && final_acks.is_empty()
-                    && !final_sent
+                    && open
+                    && !pending.iter().any(|p| p.savepoint.is_some())
                     && pending.len() < settings.max_concurrent as usize
                 {
                     self.c.status.trigger.store(false, Ordering::Relaxed);
@@ -832,9 +1070,10 @@ impl<'a> Driver<'a> {
                         triggered: Instant::now(),
                         triggered_at: now_ms,
                         acks: BTreeMap::new(),
+                        savepoint: None,
                     });
                     last_trigger = Some(Instant::now());
-                    self.send_all(&ToWorker::Trigger { id });
+                    self.send_all(&ToWorker::Trigger { id, savepoint: None });
                     self.c.status.record(self.info(
                         id,
                         CheckpointStatus::InProgress,
@@ -845,11 +1084,24 @@ impl<'a> Driver<'a> {
                         None,
                     ));
                 }
-                while let Some(pd) = pending.front() {
-                    if pd.triggered.elapsed() < settings.timeout {
-                        break;
+                let sp_timeout = self.c.spec.savepoints.timeout.as_std();
+                while let Some(pos) = pending.iter().position(|p| {
+                    let t = if p.savepoint.is_some() { sp_timeout } else { settings.timeout };
+                    p.triggered.elapsed() >= t
+                }) {
+                    let pd = pending.remove(pos).expect("found");
+                    if pd.savepoint.is_some() {
+                        let why = format!(
+                            "expired after {} (spec.savepoints.timeout) with {} of {} subtasks acknowledged",
+                            self.c.spec.savepoints.timeout,
+                            pd.acks.len(),
+                            self.acks_needed
+                        );
+                        if let Some(end) = self.savepoint_failed(&pd, &why) {
+                            return end;
+                        }
+                        continue;
                     }
-                    let pd = pending.pop_front().expect("looked at");
                     let why = format!(
                         "checkpoint {} expired after {} with {} of {} subtasks acknowledged",
                         pd.id,
@@ -892,6 +1144,17 @@ impl<'a> Driver<'a> {
                     self.publish(&progress);
                 }
                 Ok(Some(ToCoordinator::Ack { id, ack })) if id == FINAL => {
+                    // A savepoint cannot complete once a subtask has ended.
+                    while let Some(pos) = pending.iter().position(|p| p.savepoint.is_some()) {
+                        let pd = pending.remove(pos).expect("found");
+                        let why = format!(
+                            "subtask {} of {:?} ended (its input was exhausted) before the savepoint's barrier reached it",
+                            ack.subtask, ack.task
+                        );
+                        if let Some(end) = self.savepoint_failed(&pd, &why) {
+                            return end;
+                        }
+                    }
                     final_acks.insert((ack.task.clone(), ack.subtask), *ack);
                     if final_acks.len() == self.acks_needed && !final_sent {
                         // Pending checkpoints can no longer complete: the final one subsumes them.
@@ -913,9 +1176,28 @@ impl<'a> Driver<'a> {
                         continue;
                     }
                     let pos = pending.iter().position(|p| p.id == id).expect("found above");
-                    // Older checkpoints still in flight are subsumed by this one.
-                    let done: Vec<Pending> = pending.drain(..=pos).collect();
-                    let pd = done.last().expect("at least this one");
+                    let pd = pending.remove(pos).expect("found");
+                    if let Some(sp) = &pd.savepoint {
+                        match self.complete_savepoint(&pd, sp) {
+                            Ok(meta) if sp.target.stop => {
+                                // The sinks commit, then the workers end.
+                                self.send_all(&ToWorker::Complete { id, final_: false });
+                                self.stopped_into = Some((meta, sp.target.dir.clone()));
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                let why = format!("writing its metadata: {e}");
+                                if let Some(end) = self.savepoint_failed(&pd, &why) {
+                                    return end;
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    // Older checkpoints still in flight are subsumed by this one (savepoints
+                    // are not).
+                    pending.retain(|p| p.savepoint.is_some() || p.id > pd.id);
+                    let pd = &pd;
                     match self.complete(
                         pd.id,
                         pd.triggered_at,
@@ -950,6 +1232,13 @@ impl<'a> Driver<'a> {
                     }
                     let Some(pos) = pending.iter().position(|p| p.id == id) else { continue };
                     let pd = pending.remove(pos).expect("found");
+                    if pd.savepoint.is_some() {
+                        let why = format!("declined by worker {w}: {message}");
+                        if let Some(end) = self.savepoint_failed(&pd, &why) {
+                            return end;
+                        }
+                        continue;
+                    }
                     let settings = self.settings();
                     let why = format!("checkpoint {id} declined by worker {w}: {message}");
                     if let Some(end) =
@@ -1061,6 +1350,80 @@ impl<'a> Driver<'a> {
         None
     }
 
+    /// A savepoint failed: records why. One that was to stop the job fails the attempt (its
+    /// sources took no input after the barrier): the job restarts from its last checkpoint
+    /// and goes on running.
+    fn savepoint_failed(&self, pd: &Pending, why: &str) -> Option<AttemptEnd> {
+        let sp = pd.savepoint.as_ref()?;
+        eprintln!(
+            "weir: coordinator: savepoint {} (checkpoint {}) failed: {why}",
+            sp.request, pd.id
+        );
+        self.c.status.update_savepoint(&sp.request, |s| {
+            s.status = SavepointStatus::Failed;
+            s.failure = Some(why.to_string());
+        });
+        sp.target.stop.then(|| {
+            AttemptEnd::Failed(
+                RuntimeError::external(format!(
+                    "savepoint {} was to stop the job and failed: {why}",
+                    sp.request
+                ))
+                .retryable(),
+            )
+        })
+    }
+
+    /// Writes a savepoint's metadata into its directory: it exists from then on, and the
+    /// runtime never deletes it.
+    fn complete_savepoint(
+        &self,
+        pd: &Pending,
+        sp: &PendingSavepoint,
+    ) -> Result<Metadata, RuntimeError> {
+        let meta =
+            self.metadata(pd.id, pd.triggered_at, checkpoint::now_ms(), &pd.acks, false, true);
+        let storage = crate::storage::open_uri(&sp.target.dir, self.c.spec.s3.as_ref())?;
+        storage.put(checkpoint::METADATA, &meta.to_bytes())?;
+        let size = meta.size_bytes();
+        eprintln!(
+            "weir: coordinator: savepoint {} completed: {} ({size} bytes of keyed state)",
+            sp.request, sp.target.dir
+        );
+        self.c.status.update_savepoint(&sp.request, |s| {
+            s.status = SavepointStatus::Completed;
+            s.path = Some(sp.target.dir.to_string());
+            s.size_bytes = size;
+        });
+        Ok(meta)
+    }
+
+    fn metadata(
+        &self,
+        id: u64,
+        triggered_at: u64,
+        completed_at: u64,
+        acks: &BTreeMap<(String, u32), TaskAck>,
+        final_: bool,
+        savepoint: bool,
+    ) -> Metadata {
+        let plan = &self.c.plan;
+        Metadata {
+            version: checkpoint::VERSION,
+            job_name: self.c.opts.name.clone(),
+            job_id: self.job_id.clone(),
+            id,
+            triggered_at,
+            completed_at,
+            parallelism: plan.parallelism,
+            max_parallelism: plan.max_parallelism,
+            operator_uids: plan.ops.iter().map(|o| o.uid.clone()).collect(),
+            final_,
+            savepoint,
+            operators: acks.values().flat_map(|a| a.operators.iter().cloned()).collect(),
+        }
+    }
+
     /// Writes checkpoint `id`'s metadata (the moment it exists), then applies retention.
     fn complete(
         &mut self,
@@ -1072,20 +1435,7 @@ impl<'a> Driver<'a> {
     ) -> Result<(), RuntimeError> {
         let ck = self.ck.as_ref().expect("checkpointing");
         let (job, retained) = (ck.job.clone(), ck.settings.retained as usize);
-        let plan = &self.c.plan;
-        let meta = Metadata {
-            version: checkpoint::VERSION,
-            job_name: self.c.opts.name.clone(),
-            job_id: self.job_id.clone(),
-            id,
-            triggered_at,
-            completed_at,
-            parallelism: plan.parallelism,
-            max_parallelism: plan.max_parallelism,
-            operator_uids: plan.ops.iter().map(|o| o.uid.clone()).collect(),
-            final_,
-            operators: acks.values().flat_map(|a| a.operators.iter().cloned()).collect(),
-        };
+        let meta = self.metadata(id, triggered_at, completed_at, acks, final_, false);
         let key = format!("{}/{}", Metadata::dir(id), checkpoint::METADATA);
         job.put(&key, &meta.to_bytes())?;
         let mut info = self.info(
@@ -1126,8 +1476,10 @@ impl<'a> Driver<'a> {
 fn check_restore(m: &Metadata, plan: &Plan, allow_non_restored: bool) -> Result<(), RuntimeError> {
     if m.max_parallelism != plan.max_parallelism {
         return Err(RuntimeError::user(format!(
-            "checkpoint {} was taken with maxParallelism {}, but the job has {}: maxParallelism cannot change once a job has state",
-            m.id, m.max_parallelism, plan.max_parallelism
+            "{} was taken with maxParallelism {}, but the job has {}: maxParallelism cannot change once a job has state",
+            m.describe(),
+            m.max_parallelism,
+            plan.max_parallelism
         )));
     }
     if m.parallelism != plan.parallelism {
@@ -1139,18 +1491,31 @@ fn check_restore(m: &Metadata, plan: &Plan, allow_non_restored: bool) -> Result<
         {
             if m.operators.iter().any(|o| o.uid == op.uid && o.state.is_some()) {
                 return Err(RuntimeError::user(format!(
-                    "checkpoint {} was taken at parallelism {}: operator {:?} ({}) cannot be restored at parallelism {} yet; restore it at {}",
-                    m.id, m.parallelism, op.uid, op.type_name, plan.parallelism, m.parallelism
+                    "{} was taken at parallelism {}: operator {:?} ({}) cannot be restored at parallelism {} yet; restore it at {}",
+                    m.describe(),
+                    m.parallelism,
+                    op.uid,
+                    op.type_name,
+                    plan.parallelism,
+                    m.parallelism
                 )));
             }
         }
     }
     if !allow_non_restored {
-        for o in &m.operators {
+        // Operators without state (a map, a split) may come and go.
+        let has_state = |o: &&checkpoint::OperatorState| {
+            o.keyed.is_some()
+                || o.keyed_file.is_some()
+                || o.state.is_some()
+                || o.in_flight.is_some()
+        };
+        for o in m.operators.iter().filter(has_state) {
             if !plan.ops.iter().any(|p| p.uid == o.uid) {
                 return Err(RuntimeError::user(format!(
-                    "checkpoint {} holds state of operator uid {:?}, which the pipeline no longer has: put it back, or set spec.restore.allowNonRestoredState to drop its state",
-                    m.id, o.uid
+                    "{} holds state of operator uid {:?}, which the pipeline no longer has: put it back, or set spec.restore.allowNonRestoredState to drop its state",
+                    m.describe(),
+                    o.uid
                 )));
             }
         }

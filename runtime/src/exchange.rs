@@ -37,7 +37,7 @@ use crate::wire::{self, Barrier, HEADER_LEN, Header, Kind};
 
 /// Batches a producer may have in flight on one channel to another worker.
 pub const CREDITS: usize = 8;
-const MAGIC: &[u8; 8] = b"WEIRXCH2";
+const MAGIC: &[u8; 8] = b"WEIRXCH3";
 
 /// What a consumer receives.
 #[derive(Debug)]
@@ -335,7 +335,7 @@ impl Outlet {
     /// batches ahead of them and go on as unaligned ones.
     pub fn overtake(&mut self, now_ms: u64, timeout_ms: u64) -> Result<(), RuntimeError> {
         let last = self.queue.iter().rposition(|q| {
-            matches!(q, Queued::Barrier(b) if !b.unaligned && now_ms >= b.ts.saturating_add(timeout_ms))
+            matches!(q, Queued::Barrier(b) if !b.unaligned && !b.savepoint && now_ms >= b.ts.saturating_add(timeout_ms))
         });
         if let Some(k) = last {
             self.overdraft(k + 1)?;
@@ -343,8 +343,9 @@ impl Outlet {
         Ok(())
     }
 
-    /// Sends the first `n` queued messages at once: batches without credit, barriers as
-    /// unaligned ones.
+    /// Sends the first `n` queued messages at once: batches without credit, checkpoint
+    /// barriers as unaligned ones (a savepoint's stays aligned: the order is kept, so the
+    /// consumer still aligns it).
     fn overdraft(&mut self, n: usize) -> Result<(), RuntimeError> {
         for _ in 0..n {
             let Some(q) = self.queue.pop_front() else { break };
@@ -354,8 +355,10 @@ impl Outlet {
                     self.debt += 1;
                     q
                 }
-                Queued::Barrier(b) => Queued::Barrier(Barrier { unaligned: true, ..b }),
-                Queued::End => Queued::End,
+                Queued::Barrier(b) if !b.savepoint => {
+                    Queued::Barrier(Barrier { unaligned: true, ..b })
+                }
+                other => other,
             };
             self.send_now(q)?;
         }
@@ -826,10 +829,10 @@ mod tests {
         assert_eq!(take(&rx), ["Int(0)", "Int(1)"]);
         assert_eq!(o.backlog(), 2);
         // An aligned barrier waits behind them.
-        o.barrier(Barrier { id: 1, ts: 0, unaligned: false }).unwrap();
+        o.barrier(Barrier::checkpoint(1, 0, false)).unwrap();
         assert!(take(&rx).is_empty());
         // An unaligned one sends them at once, the aligned one among them as unaligned.
-        o.barrier(Barrier { id: 2, ts: 0, unaligned: true }).unwrap();
+        o.barrier(Barrier::checkpoint(2, 0, true)).unwrap();
         assert_eq!(take(&rx), ["Int(2)", "Int(3)", "barrier 1 true", "barrier 2 true"]);
         // Two batches went without credit: the next two credits pay them back.
         assert_eq!(o.backlog(), 2);
@@ -852,7 +855,7 @@ mod tests {
         let (tx, rx) = unbounded();
         let mut o = Outlet::local(tx, 0);
         o.enqueue(0, int(0)).unwrap();
-        o.barrier(Barrier { id: 1, ts: 1_000, unaligned: false }).unwrap();
+        o.barrier(Barrier::checkpoint(1, 1_000, false)).unwrap();
         o.enqueue(0, int(1)).unwrap();
         o.overtake(1_499, 500).unwrap();
         assert!(take(&rx).is_empty());

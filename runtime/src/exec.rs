@@ -96,6 +96,9 @@ impl RunOptions {
 /// coordinator gives the final checkpoint the next id when it completes.
 pub const FINAL: u64 = u64::MAX;
 
+/// The savepoints triggered in an attempt, by checkpoint id: where each goes.
+pub type SavepointTargets = Arc<std::sync::Mutex<HashMap<u64, crate::control::SavepointTarget>>>;
+
 /// What a subtask tells its worker about a checkpoint: its acknowledgement, or why it could
 /// not take its part.
 pub type AckEvent = (u64, Result<TaskAck, RuntimeError>);
@@ -123,6 +126,10 @@ pub struct CheckpointRun {
     pub triggered: Arc<AtomicU64>,
     /// The highest checkpoint id completed ([`FINAL`]: the final one).
     pub completed: Arc<AtomicU64>,
+    /// The checkpoints that are savepoints, and where they go.
+    pub savepoints: SavepointTargets,
+    /// S3 settings, for savepoints on S3.
+    pub s3: Option<weir_crds::streamjob::S3Spec>,
     pub acks: Sender<AckEvent>,
 }
 
@@ -248,6 +255,9 @@ struct Chain {
     /// Unaligned checkpoints whose overtaken records are still being collected: where they
     /// go once known (to the upload of that checkpoint).
     in_flight: BTreeMap<u64, Sender<InFlightRecords>>,
+    /// The savepoint that stops the job, once this subtask has taken its part: it takes no
+    /// more input, and ends without finishing its operators.
+    stopped: Option<u64>,
 }
 
 impl Chain {
@@ -410,8 +420,12 @@ impl Chain {
                 Some(s) => s.snapshot()?,
                 None => None,
             };
-            self.checkpoint(Barrier { id: FINAL, ts: now_ms(), unaligned: false }, position, 0)?;
+            self.checkpoint(Barrier::checkpoint(FINAL, now_ms(), false), position, 0)?;
         }
+        self.end_outputs(cancel)
+    }
+
+    fn end_outputs(&mut self, cancel: &AtomicBool) -> Result<(), RuntimeError> {
         for o in self.outlets() {
             o.end()?;
         }
@@ -419,6 +433,23 @@ impl Chain {
             o.drain(cancel)?;
         }
         Ok(())
+    }
+
+    /// After its part of savepoint `id`, which stops the job: waits until the savepoint is
+    /// complete (the sinks commit what came before it), then ends the outputs. The operators
+    /// are not finished and there is no final checkpoint: a job restored from the savepoint
+    /// goes on from there.
+    fn end_stopped(&mut self, id: u64, cancel: &AtomicBool) -> Result<(), RuntimeError> {
+        let completed = self.ckpt.as_ref().map(|c| c.completed.clone());
+        while completed.as_ref().is_some_and(|c| c.load(Ordering::Acquire) < id) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(cancelled());
+            }
+            self.pump()?;
+            Inbox::default().wait(&self.waiting_credits(), Duration::from_millis(5));
+        }
+        self.notify_complete()?;
+        self.end_outputs(cancel)
     }
 }
 
@@ -444,7 +475,11 @@ impl Chain {
                 None => position.take(),
             };
             if let Some(keyed) = &cop.keyed {
-                let tag = if id == FINAL { "final".to_string() } else { format!("{id}") };
+                let tag = match (id, barrier.savepoint) {
+                    (FINAL, _) => "final".to_string(),
+                    (_, true) => format!("sp-{id}"),
+                    _ => format!("{id}"),
+                };
                 let local = keyed.dir.join(format!("chk-{tag}"));
                 let _ = std::fs::remove_dir_all(&local);
                 crate::snapshot::take(&keyed.backend, &local)?;
@@ -461,6 +496,7 @@ impl Chain {
                 uid: cop.uid.clone(),
                 subtask: self.subtask,
                 keyed: None,
+                keyed_file: None,
                 state,
                 in_flight: None,
             });
@@ -470,6 +506,9 @@ impl Chain {
             for o in self.outlets() {
                 o.barrier(barrier)?;
             }
+        }
+        if barrier.stop {
+            self.stopped = Some(id);
         }
         let unaligned = barrier.unaligned && id != FINAL;
         let mut ack = TaskAck {
@@ -499,12 +538,54 @@ impl Chain {
         }
         let incremental = ck.settings.incremental;
         let in_flight_key = format!("{}/inflight/{}-{}", Metadata::dir(id), ack.task, self.subtask);
+        let savepoint = barrier.savepoint;
         let handle = std::thread::Builder::new()
             .name(format!("upload-{}-{}", self.ops[0].uid, self.subtask))
             .spawn(move || {
                 let t1 = Instant::now();
                 let mut result = Ok(());
+                // A savepoint writes each operator's keyed state as one file sorted by key
+                // group, below its own directory.
+                let savepoint_dir = if savepoint {
+                    match savepoint_storage(&ck, id) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            result = Err(e);
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
                 for (k, local, instance, key_groups, own, last) in to_upload {
+                    if result.is_err() {
+                        break;
+                    }
+                    if let Some(sp) = &savepoint_dir {
+                        let uid = ack.operators[k].uid.clone();
+                        let key = format!("keyed/{uid}-{}", ack.subtask);
+                        let scratch = local.with_extension("keyed");
+                        let r = crate::savepoint::save_keyed(
+                            &local,
+                            &uid,
+                            key_groups,
+                            sp.as_ref(),
+                            &key,
+                            &scratch,
+                        );
+                        let _ = std::fs::remove_dir_all(&local);
+                        let _ = std::fs::remove_file(&scratch);
+                        match r {
+                            Ok(file) => {
+                                let bytes = file.offsets.last().copied().unwrap_or(0);
+                                ack.state_bytes += bytes;
+                                ack.uploaded_bytes += bytes;
+                                ack.operators[k].keyed_file = Some(file);
+                            }
+                            Err(e) => result = Err(e),
+                        }
+                        continue;
+                    }
                     let previous = if incremental {
                         last.lock().unwrap_or_else(|e| e.into_inner()).clone()
                     } else {
@@ -593,6 +674,24 @@ impl Chain {
         for h in self.uploads.drain(..) {
             let _ = h.join();
         }
+    }
+}
+
+/// The directory of savepoint `id`. A barrier from another worker can come before this
+/// worker hears of the savepoint from the coordinator: wait a while for that.
+fn savepoint_storage(ck: &CheckpointRun, id: u64) -> Result<Arc<dyn Storage>, RuntimeError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let target = ck.savepoints.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+        if let Some(t) = target {
+            return crate::storage::open_uri(&t.dir, ck.s3.as_ref());
+        }
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::internal(format!(
+                "the barrier of savepoint {id} came, but not where it goes"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -707,6 +806,13 @@ pub fn run_worker(
         for &s in hosted {
             let dir = run_state.join(format!("{}-{s}", op.uid));
             let db = dir.join("db");
+            // A savepoint's keyed state: files sorted by key group, of which this subtask
+            // reads only the byte ranges of its own key groups, at any parallelism.
+            let files: Vec<crate::savepoint::KeyedFile> = restore
+                .iter()
+                .filter(|((uid, _), _)| uid == &op.uid)
+                .filter_map(|(_, o)| o.keyed_file.clone())
+                .collect();
             let restored = match rescale_from {
                 Some(_) => None,
                 None => restore.get(&(op.uid.clone(), s)).and_then(|o| o.keyed.clone()),
@@ -715,13 +821,37 @@ pub fn run_worker(
                 let _ = std::fs::remove_dir_all(&db);
                 crate::snapshot::download(ck.restore_storage.as_ref(), handle, &db)?;
             }
-            if rescale_from.is_some() {
+            if rescale_from.is_some() || !files.is_empty() {
                 let _ = std::fs::remove_dir_all(&db);
             }
             let backend = StateBackend::open(&db, std::slice::from_ref(&op.uid))
                 .map_err(|e| RuntimeError::internal(e.to_string()))?;
             let range = crate::keygroup::KeyGroupRange::of_subtask(plan.max_parallelism, p, s);
-            if let (Some(_), Some(ck)) = (rescale_from, &opts.checkpoints) {
+            if let (false, Some(ck)) = (files.is_empty(), &opts.checkpoints) {
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    RuntimeError::internal(format!("creating {}: {e}", dir.display()))
+                })?;
+                let t = Instant::now();
+                let read = crate::savepoint::restore_keyed(
+                    ck.restore_storage.as_ref(),
+                    &files,
+                    (range.start, range.end),
+                    &backend,
+                    &op.uid,
+                    &dir.join("restore.sst"),
+                )?;
+                eprintln!(
+                    "weir: {}-{s}: restored key groups {}..={} from {} savepoint files: {read} bytes read in {:.2} s",
+                    op.uid,
+                    range.start,
+                    range.end,
+                    files
+                        .iter()
+                        .filter(|f| f.byte_range((range.start, range.end)).is_some())
+                        .count(),
+                    t.elapsed().as_secs_f64()
+                );
+            } else if let (Some(_), Some(ck)) = (rescale_from, &opts.checkpoints) {
                 // The old instances holding any of this subtask's key groups, filtered into
                 // one SST file. The first checkpoint after it uploads everything.
                 let handles: Vec<StateHandle> = restore
@@ -908,6 +1038,7 @@ pub fn run_worker(
                     .filter(|s| s.unaligned && s.exactly_once)
                     .map(|s| s.alignment_timeout.as_millis() as u64),
                 in_flight: BTreeMap::new(),
+                stopped: None,
             };
             let name = format!("{}-{s}", plan.ops[h].uid);
             let inbox = inboxes.remove(&(t, s)).unwrap_or_default();
@@ -1042,7 +1173,11 @@ pub fn run_worker(
     }
     // With checkpoints, the output of the final snapshot is committed once the coordinator
     // has completed the final checkpoint.
+    // A job stopped with a savepoint has no final checkpoint: its sinks committed when the
+    // savepoint completed.
+    let stopped = chains.iter().any(|c| c.stopped.is_some());
     if first_error.is_none()
+        && !stopped
         && let Some(ck) = &opts.checkpoints
     {
         while ck.completed.load(Ordering::Acquire) != FINAL {
@@ -1154,13 +1289,31 @@ fn run_subtask(
             }
             if let Some(ck) = &chain.ckpt {
                 let triggered = ck.triggered.load(Ordering::Acquire);
-                while last_barrier < triggered {
+                while last_barrier < triggered && chain.stopped.is_none() {
                     last_barrier += 1;
                     let position = source.snapshot()?;
-                    let barrier = Barrier { id: last_barrier, ts: now_ms(), unaligned };
+                    let savepoint = chain.ckpt.as_ref().and_then(|c| {
+                        let s = c.savepoints.lock().unwrap_or_else(|e| e.into_inner());
+                        s.get(&last_barrier).cloned()
+                    });
+                    let barrier = match savepoint {
+                        // Savepoints are always aligned.
+                        Some(t) => Barrier {
+                            id: last_barrier,
+                            ts: now_ms(),
+                            unaligned: false,
+                            savepoint: true,
+                            stop: t.stop,
+                        },
+                        None => Barrier::checkpoint(last_barrier, now_ms(), unaligned),
+                    };
                     chain.checkpoint(barrier, position, 0)?;
                 }
                 chain.notify_complete()?;
+            }
+            if let Some(id) = chain.stopped {
+                // The savepoint stops the job: no record after its barrier.
+                return chain.end_stopped(id, cancel);
             }
             chain.pump()?;
             if !chain.output_ready() {
@@ -1241,5 +1394,8 @@ fn run_subtask(
         }
         chain.act(&mut actions)?;
     }
-    chain.finish(None, cancel)
+    match chain.stopped {
+        Some(id) => chain.end_stopped(id, cancel),
+        None => chain.finish(None, cancel),
+    }
 }

@@ -17,6 +17,7 @@
 pub mod align;
 pub mod api;
 pub mod checkpoint;
+pub mod client;
 pub mod control;
 pub mod coordinator;
 pub mod error;

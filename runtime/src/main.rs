@@ -5,6 +5,8 @@
 //!   a `weir worker` child process per subtask index.
 //! - `weir coordinator FILE` and `weir worker --coordinator ADDR --index I` are the same
 //!   parts started separately, as the pods run them.
+//! - `weir savepoint --api ADDR [--stop] [--dir DIR]` takes a savepoint of a running job
+//!   through its coordinator's API and waits for it (the token in `WEIR_API_TOKEN`).
 //!
 //! Exit codes: 0 when the job finished (a bounded job exhausted its sources, or it was
 //! stopped with Ctrl-C / SIGTERM), 2 when the manifest, the pipeline or a flag is refused
@@ -87,6 +89,22 @@ enum Cmd {
         #[arg(long)]
         job_id: Option<String>,
     },
+    /// Take a savepoint of a running job and wait for it; its path goes to stdout.
+    Savepoint {
+        /// The coordinator's API address (`host:port`, the job's `--api-addr`).
+        #[arg(long)]
+        api: String,
+        /// Stop the job once the savepoint is complete (the sinks commit what came before it).
+        #[arg(long)]
+        stop: bool,
+        /// Where the savepoint goes (`s3://bucket/prefix` or a directory), instead of
+        /// spec.savepoints.directory.
+        #[arg(long)]
+        dir: Option<String>,
+        /// How long to wait.
+        #[arg(long, default_value = "15m")]
+        timeout: weir_crds::Duration,
+    },
     /// Run one subtask index of the job a coordinator hands out.
     Worker {
         /// `host:port` of the coordinator's control address.
@@ -136,6 +154,22 @@ fn main() -> ExitCode {
         Cmd::Coordinator { job, control_addr, run_id, job_id } => {
             coordinate(job, Launch::External, control_addr, run_id, job_id, stop)
         }
+        Cmd::Savepoint { api, stop, dir, timeout } => {
+            let token = std::env::var("WEIR_API_TOKEN").ok();
+            let r = weir_runtime::client::Api::new(&api, token).and_then(|api| {
+                weir_runtime::client::take_savepoint(&api, stop, dir.as_deref(), timeout.as_std())
+            });
+            match r {
+                Ok(sp) => {
+                    println!("{}", sp.path.unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("weir: {e}");
+                    ExitCode::from(if e.whose == Whose::User { 2 } else { 1 })
+                }
+            }
+        }
         Cmd::Worker {
             coordinator,
             index,
@@ -168,6 +202,10 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How long a coordinator stays after a job stopped into a savepoint, for its result to be
+/// read.
+const LINGER: Duration = Duration::from_secs(60);
 
 fn coordinate(
     job: JobArgs,
@@ -251,6 +289,21 @@ fn coordinate(
     let result = coordinator.run();
     done.store(true, Ordering::Relaxed);
     let _ = progress.join();
+    // Whoever stopped the job into a savepoint learns where it is before the API goes.
+    if job.api_addr.is_some()
+        && let Some(id) = status.unread_stop_savepoint()
+    {
+        eprintln!(
+            "weir: waiting up to {} s for the path of savepoint {id} to be read (GET /v1/savepoints/{id})",
+            LINGER.as_secs()
+        );
+        let t = Instant::now();
+        while t.elapsed() < LINGER && status.unread_stop_savepoint().is_some() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Let the answer go out.
+        std::thread::sleep(Duration::from_millis(100));
+    }
     match result {
         Ok(summary) => {
             let per_op: Vec<String> = summary

@@ -9,8 +9,8 @@
 use std::fmt::Debug;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use weir_crds::StorageUri;
@@ -52,6 +52,18 @@ pub fn open(uri: &StorageUri, s3: Option<&S3Client>) -> Result<Box<dyn Storage>,
             Ok(Box::new(S3Storage::new(client.clone(), bucket, prefix)))
         }
     }
+}
+
+/// Opens `uri`, with an S3 client of `spec`'s settings when it is on S3.
+pub fn open_uri(
+    uri: &StorageUri,
+    spec: Option<&weir_crds::streamjob::S3Spec>,
+) -> Result<Arc<dyn Storage>, RuntimeError> {
+    let s3 = match uri {
+        StorageUri::S3 { .. } => Some(S3Client::new(spec)?),
+        StorageUri::Local(_) => None,
+    };
+    Ok(Arc::from(open(uri, s3.as_ref())?))
 }
 
 fn check_key(key: &str) -> Result<(), RuntimeError> {

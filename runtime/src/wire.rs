@@ -10,7 +10,8 @@
 //! `Batch` carries records from subtask `from` to subtask `to` over exchange `edge`; `End` says that channel is finished;
 //! `Credit` goes the other way and lets the sender of that channel send `n` more batches;
 //! `Barrier` carries a checkpoint barrier (payload: the checkpoint id, u64, the time it was
-//! triggered in milliseconds since the epoch, u64, and a flags byte, bit 0 = unaligned) and
+//! triggered in milliseconds since the epoch, u64, and a flags byte: bit 0 unaligned, bit 1
+//! savepoint, bit 2 the savepoint stops the job) and
 //! needs no credit. Integers are little-endian. A record is a varint field
 //! count followed by its values, each a tag byte and its bytes (strings as a varint length
 //! and UTF-8). Decoding checks everything: bytes from a socket never make the worker panic.
@@ -32,11 +33,22 @@ pub const BARRIER_LEN: u32 = 17;
 
 /// A checkpoint barrier: the checkpoint, when it was triggered (milliseconds since the
 /// epoch: the alignment timeout counts from then), and whether it overtakes records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Barrier {
     pub id: u64,
     pub ts: u64,
     pub unaligned: bool,
+    /// A savepoint's barrier: always aligned (it never times out into an unaligned one).
+    pub savepoint: bool,
+    /// A savepoint that stops the job: the subtasks take no more input after it.
+    pub stop: bool,
+}
+
+impl Barrier {
+    /// A checkpoint's barrier (aligned unless `unaligned`).
+    pub fn checkpoint(id: u64, ts: u64, unaligned: bool) -> Self {
+        Self { id, ts, unaligned, savepoint: false, stop: false }
+    }
 }
 
 /// A barrier's payload.
@@ -44,17 +56,25 @@ pub fn encode_barrier(b: Barrier) -> [u8; BARRIER_LEN as usize] {
     let mut out = [0u8; BARRIER_LEN as usize];
     out[..8].copy_from_slice(&b.id.to_le_bytes());
     out[8..16].copy_from_slice(&b.ts.to_le_bytes());
-    out[16] = u8::from(b.unaligned);
+    out[16] = u8::from(b.unaligned) | u8::from(b.savepoint) << 1 | u8::from(b.stop) << 2;
     out
 }
 
 /// Reads a barrier's payload.
 pub fn decode_barrier(b: &[u8]) -> Result<Barrier, String> {
-    if b.len() != BARRIER_LEN as usize || b[16] > 1 {
+    // A savepoint is never unaligned, and only a savepoint stops the job.
+    if b.len() != BARRIER_LEN as usize || b[16] > 7 || b[16] & 3 == 3 || b[16] & 6 == 4 {
         return Err("a malformed barrier".into());
     }
     let u = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));
-    Ok(Barrier { id: u(0..8), ts: u(8..16), unaligned: b[16] == 1 })
+    let f = b[16];
+    Ok(Barrier {
+        id: u(0..8),
+        ts: u(8..16),
+        unaligned: f & 1 != 0,
+        savepoint: f & 2 != 0,
+        stop: f & 4 != 0,
+    })
 }
 
 /// The fixed part of a frame.
@@ -270,8 +290,15 @@ mod tests {
         assert!(Header::decode(&big.to_bytes()).is_err());
         let bad = Header { kind: Kind::Barrier, edge: 0, from: 0, to: 0, n: 3 };
         assert!(Header::decode(&bad.to_bytes()).is_err());
-        let barrier = Barrier { id: u64::MAX - 1, ts: 1_790_000_000_000, unaligned: true };
+        let barrier = Barrier::checkpoint(u64::MAX - 1, 1_790_000_000_000, true);
         assert_eq!(decode_barrier(&encode_barrier(barrier)).unwrap(), barrier);
+        let sp = Barrier { id: 7, ts: 9, unaligned: false, savepoint: true, stop: true };
+        assert_eq!(decode_barrier(&encode_barrier(sp)).unwrap(), sp);
         assert!(decode_barrier(&[0; 5]).is_err());
+        for flags in [3u8, 4, 8] {
+            let mut b = encode_barrier(sp);
+            b[16] = flags;
+            assert!(decode_barrier(&b).is_err(), "flags {flags}");
+        }
     }
 }

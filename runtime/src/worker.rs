@@ -11,14 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use weir_crds::StorageUri;
-
 use crate::checkpoint::Restored;
 use crate::control::{Assignment, PROTOCOL, Reader, ToCoordinator, ToWorker, Writer};
 use crate::error::{RuntimeError, Whose};
 use crate::exchange::Network;
 use crate::exec::{AckEvent, CheckpointRun, FINAL, JobMetrics, Placement, RunOptions, run_worker};
-use crate::objstore::S3Client;
 use crate::storage::{Prefixed, Storage};
 
 /// How long a worker keeps trying to reach the coordinator and the other workers, unless
@@ -103,8 +100,15 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
                             c.cancel.store(true, Ordering::Relaxed);
                         }
                     }
-                    Ok(Some(ToWorker::Trigger { id })) => {
+                    Ok(Some(ToWorker::Trigger { id, savepoint })) => {
                         if let Some(c) = ctl {
+                            // Known before the sources emit its barrier.
+                            if let Some(sp) = savepoint {
+                                c.savepoints
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(id, sp);
+                            }
                             c.triggered.fetch_max(id, Ordering::AcqRel);
                         }
                     }
@@ -159,6 +163,7 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
             cancel: Arc::default(),
             triggered: Arc::new(AtomicU64::new(job.checkpoints.as_ref().map_or(0, |c| c.after_id))),
             completed: Arc::default(),
+            savepoints: Arc::default(),
         };
         *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctl.clone());
         let result = run_job(opts, &job, &listener, &writer, &ctl);
@@ -188,6 +193,7 @@ struct AttemptCtl {
     cancel: Arc<AtomicBool>,
     triggered: Arc<AtomicU64>,
     completed: Arc<AtomicU64>,
+    savepoints: crate::exec::SavepointTargets,
 }
 
 fn run_job(
@@ -229,22 +235,12 @@ fn run_job(
         })
     };
     if let Some(c) = &job.checkpoints {
-        let s3 = match &c.storage {
-            StorageUri::S3 { .. } => Some(S3Client::new(job.spec.s3.as_ref())?),
-            StorageUri::Local(_) => None,
-        };
-        let root: Arc<dyn Storage> = Arc::from(crate::storage::open(&c.storage, s3.as_ref())?);
+        let root = crate::storage::open_uri(&c.storage, job.spec.s3.as_ref())?;
         let restore: Restored =
             c.restore.iter().map(|o| ((o.uid.clone(), o.subtask), o.clone())).collect();
         let storage: Arc<dyn Storage> = Arc::new(Prefixed::new(root, &c.job_dir));
         let restore_storage: Arc<dyn Storage> = match &c.restore_storage {
-            Some(uri) => {
-                let s3 = match uri {
-                    StorageUri::S3 { .. } => Some(S3Client::new(job.spec.s3.as_ref())?),
-                    StorageUri::Local(_) => None,
-                };
-                Arc::from(crate::storage::open(uri, s3.as_ref())?)
-            }
+            Some(uri) => crate::storage::open_uri(uri, job.spec.s3.as_ref())?,
             None => storage.clone(),
         };
         run.checkpoints = Some(CheckpointRun {
@@ -257,6 +253,8 @@ fn run_job(
             after_id: c.after_id,
             triggered: ctl.triggered.clone(),
             completed: ctl.completed.clone(),
+            savepoints: ctl.savepoints.clone(),
+            s3: job.spec.s3.clone(),
             acks: acks_tx,
         });
     } else {

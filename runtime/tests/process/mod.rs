@@ -1,4 +1,4 @@
-//! What the tests that run `weir` as a user does share: a process whose stderr is read in the
+//! What the tests that run `weir` as a user share: a process whose stderr is read in the
 //! background (with the addresses it announces), and plain HTTP requests to its API.
 
 use std::collections::HashMap;
@@ -20,9 +20,20 @@ pub struct Proc {
 }
 
 /// Starts `weir` with `args`.
+#[allow(dead_code)] // not every test crate starts `weir` without an environment of its own
 pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Proc {
-    let mut child =
-        Command::new(WEIR).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    start_with_env(args, &[])
+}
+
+/// Starts `weir` with `args` and these environment variables.
+pub fn start_with_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Proc {
+    let mut child = Command::new(WEIR)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let err = child.stderr.take().unwrap();
     let (tx, addrs) = mpsc::channel();
     let stderr = std::thread::spawn(move || {
