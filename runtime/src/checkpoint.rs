@@ -505,8 +505,8 @@ mod tests {
     fn savepoints_go_beside_the_checkpoints_by_default() {
         let d = |s: &str| default_savepoint_dir(&s.parse().unwrap()).to_string();
         assert_eq!(d("/var/tmp/weir/checkpoints"), "/var/tmp/weir/savepoints");
-        assert_eq!(d("s3://b/weir/checkpoints"), "s3://b/weir/savepoints");
-        assert_eq!(d("s3://b/checkpoints"), "s3://b/savepoints");
-        assert_eq!(d("s3://b"), "s3://b/savepoints");
+        assert_eq!(d("s3://bkt/weir/checkpoints"), "s3://bkt/weir/savepoints");
+        assert_eq!(d("s3://bkt/checkpoints"), "s3://bkt/savepoints");
+        assert_eq!(d("s3://bkt"), "s3://bkt/savepoints");
     }
 }

@@ -236,7 +236,9 @@ fn a_worker_that_fails_at_setup_cancels_the_others_while_they_connect() {
     // answers on, takes the job, and reports a failure.
     let s = TcpStream::connect(&control).unwrap();
     let mut w = s.try_clone().unwrap();
-    writeln!(w, r#"{{"type":"hello","protocol":2,"index":1,"dataAddr":"127.0.0.1:1"}}"#).unwrap();
+    let protocol = weir_runtime::control::PROTOCOL;
+    writeln!(w, r#"{{"type":"hello","protocol":{protocol},"index":1,"dataAddr":"127.0.0.1:1"}}"#)
+        .unwrap();
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).unwrap();
     assert!(line.contains(r#""type":"start""#), "{line}");
