@@ -50,6 +50,7 @@ e2e: build
 	@trap 'bash tests/env/down.sh $(TESTENV_DIR)' EXIT; \
 	  source $(TESTENV_DIR)/env.sh; \
 	  $(CARGO) test -p weir-runtime --test s3 --test storage --test snapshots -- --include-ignored && \
+	  $(CARGO) test -p weir-runtime --test savepoints -- --ignored && \
 	  $(CARGO) test -p weir-e2e --test '*' -- --test-threads 4 && \
 	  $$WEIR_PYTHON -m pytest -q tests/python
 
