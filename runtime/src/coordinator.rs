@@ -1482,26 +1482,6 @@ fn check_restore(m: &Metadata, plan: &Plan, allow_non_restored: bool) -> Result<
             plan.max_parallelism
         )));
     }
-    if m.parallelism != plan.parallelism {
-        // Window state is kept per key in memory, and cannot be split by key group yet.
-        for op in plan
-            .ops
-            .iter()
-            .filter(|o| matches!(o.kind, crate::plan::OpKind::TumblingWindowCount(_)))
-        {
-            if m.operators.iter().any(|o| o.uid == op.uid && o.state.is_some()) {
-                return Err(RuntimeError::user(format!(
-                    "{} was taken at parallelism {}: operator {:?} ({}) cannot be restored at parallelism {} yet; restore it at {}",
-                    m.describe(),
-                    m.parallelism,
-                    op.uid,
-                    op.type_name,
-                    plan.parallelism,
-                    m.parallelism
-                )));
-            }
-        }
-    }
     if !allow_non_restored {
         // Operators without state (a map, a split) may come and go.
         let has_state = |o: &&checkpoint::OperatorState| {

@@ -965,6 +965,7 @@ pub fn run_worker(
                         Some(Box::new(crate::operators::TumblingWindowCount::new(
                             w,
                             &plan.ops[op.inputs[0]].fields,
+                            plan.max_parallelism,
                         )))
                     }
                     OpKind::Stdout => Some(Box::new(crate::operators::Stdout::default())),

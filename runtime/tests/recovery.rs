@@ -386,49 +386,6 @@ fn a_stopped_job_resumes_at_another_parallelism_2_3_1_exactly_once() {
     );
 }
 
-#[test]
-fn window_state_refuses_another_parallelism_before_anything_starts() {
-    let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("windows.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "apiVersion: weir.dev/v1alpha1
-kind: StreamJob
-metadata: {{name: wc-windows}}
-spec:
-  parallelism: 2
-  checkpointing: {{interval: 1s, storage: {chk}}}
-  pipeline:
-    operators:
-      - {{uid: events, type: generator, format: kv, count: 5000, keys: 20}}
-      - {{uid: per-key, type: tumbling_window_count, inputs: [events], key: key, size: 10ms}}
-      - {{uid: out, type: blackhole, inputs: [per-key]}}
-",
-            chk = tmp.path().join("checkpoints").display()
-        ),
-    )
-    .unwrap();
-    let run = |args: &[&str]| {
-        Command::new(WEIR)
-            .arg("run")
-            .arg(&file)
-            .args(["--state-dir", tmp.path().join("state").to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let first = run(&[]);
-    assert_eq!(first.status.code(), Some(0), "{}", String::from_utf8_lossy(&first.stderr));
-    let again = run(&["--resume", "--parallelism", "3"]);
-    let err = String::from_utf8_lossy(&again.stderr);
-    assert_eq!(again.status.code(), Some(2), "{err}");
-    assert!(err.contains("\"per-key\"") && err.contains("restore it at 2"), "{err}");
-    // At its own parallelism it resumes.
-    let same = run(&["--resume"]);
-    assert_eq!(same.status.code(), Some(0), "{}", String::from_utf8_lossy(&same.stderr));
-}
-
 /// The directory of the newest completed checkpoint under `root` (any job id).
 fn newest_checkpoint(root: &Path) -> PathBuf {
     let mut best: Option<(u64, PathBuf)> = None;

@@ -384,3 +384,76 @@ fn the_savepoint_api_refuses_what_it_cannot_do_and_a_savepoint_leaves_the_job_ru
     job.signal("-TERM");
     let _ = job.finish(Duration::from_secs(60));
 }
+
+/// Sorted lines of every committed file under `dir`.
+fn sorted_lines(dir: &Path) -> Vec<String> {
+    let mut lines: Vec<String> = common::committed_texts(dir)
+        .iter()
+        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn windows_restored_at_other_parallelisms_emit_what_an_uninterrupted_run_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let job = |name: &str, rate: &str, out: &str| {
+        let file = tmp.join(format!("{name}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: windows}}
+spec:
+  parallelism: 2
+  maxParallelism: 128
+  checkpointing: {{interval: 1s, storage: '{chk}'}}
+  savepoints: {{directory: '{sp}'}}
+  pipeline:
+    operators:
+      - {{uid: events, type: generator, format: kv, count: 30000, keys: 50, splits: 4{rate}}}
+      - {{uid: per-key, type: tumbling_window_count, inputs: [events], key: key, size: 1s, allowedLateness: 1h}}
+      - {{uid: out, type: file_sink, inputs: [per-key], path: {out}}}
+",
+                chk = tmp.join("checkpoints").display(),
+                sp = tmp.join("savepoints").display(),
+                out = tmp.join(out).display(),
+            ),
+        )
+        .unwrap();
+        file
+    };
+    // The same events uninterrupted, at parallelism 1.
+    let reference = job("reference", "", "out-reference");
+    let (code, err) =
+        run(&reference, tmp, &["--parallelism", "1"]).finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    let want = sorted_lines(&tmp.join("out-reference"));
+    assert!(want.len() > 50, "{want:?}");
+    // Windows held in state through two savepoints, at 2, 3 and 1.
+    let paced = job("paced", ", ratePerSecond: 6000", "out");
+    let mut from: Option<String> = None;
+    for (k, p) in ["2", "3", "1"].into_iter().enumerate() {
+        let mut args = vec!["--parallelism", p];
+        if let Some(f) = &from {
+            args.extend(["--from-savepoint", f.as_str()]);
+        }
+        let mut job = run(&paced, tmp, &args);
+        wait_running(&mut job);
+        if k == 2 {
+            let (code, err) = job.finish(Duration::from_secs(120));
+            assert_eq!(code, Some(0), "{err}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let (path, _) = stop_with_savepoint(job);
+        let meta = metadata(Path::new(&path));
+        let windows = meta.operators.iter().filter(|o| o.uid == "per-key" && o.state.is_some());
+        assert_eq!(windows.count(), p.parse::<usize>().unwrap(), "window state of every subtask");
+        from = Some(path);
+    }
+    assert_eq!(sorted_lines(&tmp.join("out")), want);
+}
