@@ -177,9 +177,13 @@ impl From<StateError> for RuntimeError {
     }
 }
 
+/// Bytes of a keyed state file read per ranged request while restoring.
+pub const RESTORE_CHUNK: u64 = 16 << 20;
+
 /// Loads into `backend` operator `uid`'s entries of key groups `range` from `files` (of a
-/// savepoint in `storage`): one ranged read per file that holds any, one SST file ingested.
-/// Returns the bytes read.
+/// savepoint in `storage`): from each file that holds any, only the byte range of those key
+/// groups, read in ranged requests of [`RESTORE_CHUNK`] bytes (the next one is fetched while
+/// the last is written), into one SST file, which is ingested. Returns the bytes read.
 pub fn restore_keyed(
     storage: &dyn Storage,
     files: &[KeyedFile],
@@ -187,6 +191,18 @@ pub fn restore_keyed(
     backend: &StateBackend,
     uid: &str,
     scratch: &Path,
+) -> Result<u64, RuntimeError> {
+    restore_keyed_in_chunks(storage, files, range, backend, uid, scratch, RESTORE_CHUNK)
+}
+
+fn restore_keyed_in_chunks(
+    storage: &dyn Storage,
+    files: &[KeyedFile],
+    range: (u16, u16),
+    backend: &StateBackend,
+    uid: &str,
+    scratch: &Path,
+    chunk_bytes: u64,
 ) -> Result<u64, RuntimeError> {
     let mut files: Vec<&KeyedFile> = files.iter().collect();
     files.sort_by_key(|f| f.key_groups.0);
@@ -198,21 +214,58 @@ pub fn restore_keyed(
     for f in files {
         f.check().map_err(RuntimeError::user)?;
         let Some((start, end)) = f.byte_range(range) else { continue };
-        let bytes = storage.get_range(&f.file, start, end)?;
-        if bytes.len() as u64 != end - start {
-            return Err(RuntimeError::external(format!(
-                "{}: read {} bytes of {start}..{end}: the savepoint is damaged",
-                storage.describe(&f.file),
-                bytes.len()
-            )));
-        }
-        read += bytes.len() as u64;
-        if !open {
-            writer.open(scratch).map_err(sst)?;
-            open = true;
-        }
-        read_entries(&bytes, |k, v| writer.put(k, v).map_err(sst))
-            .map_err(|e| RuntimeError::external(format!("{}: {e}", storage.describe(&f.file))))?;
+        let damaged = |what: String| {
+            RuntimeError::external(format!(
+                "{}: {what}: the savepoint is damaged",
+                storage.describe(&f.file)
+            ))
+        };
+        std::thread::scope(|scope| -> Result<(), RuntimeError> {
+            let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<u8>, RuntimeError>>(1);
+            scope.spawn(move || {
+                let mut at = start;
+                while at < end {
+                    let to = (at + chunk_bytes).min(end);
+                    let r = storage.get_range(&f.file, at, to);
+                    let failed = r.is_err();
+                    if tx.send(r).is_err() || failed {
+                        return;
+                    }
+                    at = to;
+                }
+            });
+            // Entries cross chunk boundaries: the part of one left at the end of a chunk
+            // waits for the next.
+            let mut carry: Vec<u8> = Vec::new();
+            let mut got = 0u64;
+            for chunk in rx {
+                let chunk = chunk?;
+                got += chunk.len() as u64;
+                let bytes = if carry.is_empty() {
+                    chunk
+                } else {
+                    carry.extend_from_slice(&chunk);
+                    std::mem::take(&mut carry)
+                };
+                let used = read_whole_entries(&bytes, |k, v| {
+                    if !open {
+                        writer.open(scratch).map_err(sst)?;
+                        open = true;
+                    }
+                    writer.put(k, v).map_err(sst)
+                })
+                .map_err(damaged)?;
+                carry = bytes[used..].to_vec();
+            }
+            if got != end - start || !carry.is_empty() {
+                return Err(damaged(format!(
+                    "read {got} bytes of {start}..{end}, {} left over",
+                    carry.len()
+                )));
+            }
+            read += got;
+            Ok(())
+        })?;
     }
     if open {
         writer.finish().map_err(sst)?;
@@ -220,6 +273,35 @@ pub fn restore_keyed(
         let _ = std::fs::remove_file(scratch);
     }
     Ok(read)
+}
+
+/// Calls `f` with each whole entry at the start of `bytes`; returns how many bytes they take
+/// (an entry cut off at the end is left for the caller).
+fn read_whole_entries(
+    bytes: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), RuntimeError>,
+) -> Result<usize, String> {
+    // A length no entry has: the file is damaged, rather than cut at a chunk's end.
+    const TOO_LONG: u64 = 1 << 30;
+    let mut at = 0;
+    loop {
+        let mut p = at;
+        let mut part = || -> Result<Option<&[u8]>, String> {
+            let n = match crate::wire::get_varint(bytes, &mut p) {
+                Ok(n) if n >= TOO_LONG => return Err(format!("an entry of {n} bytes")),
+                Ok(n) => n as usize,
+                Err(None) => return Ok(None),
+                Err(Some(e)) => return Err(e.to_string()),
+            };
+            let b = bytes.get(p..p + n);
+            p += n;
+            Ok(b)
+        };
+        let Some(k) = part()? else { return Ok(at) };
+        let Some(v) = part()? else { return Ok(at) };
+        f(k, v).map_err(|e| e.message)?;
+        at = p;
+    }
 }
 
 /// Loads into `backend` operator `uid`'s entries of key groups `range` from the RocksDB
@@ -412,33 +494,54 @@ mod tests {
                 .unwrap(),
             );
         }
-        let mut restored = Vec::new();
-        let mut read = 0;
-        for s in 0..3u32 {
-            let r = KeyGroupRange::of_subtask(max_p, 3, s);
-            let b = StateBackend::open(
-                &tmp.path().join(format!("new-{s}")),
-                std::slice::from_ref(&uid),
-            )
-            .unwrap();
-            read += restore_keyed(
-                &storage,
-                &files,
-                (r.start, r.end),
-                &b,
-                &uid,
-                &tmp.path().join("sst"),
-            )
-            .unwrap();
-            let got = b.scan(&uid).unwrap();
-            assert!(got.iter().all(|(g, _, _)| *g >= r.start && *g <= r.end));
-            restored.extend(got);
-        }
-        restored.sort();
         expected.sort();
-        assert_eq!(restored, expected);
         let total: u64 =
             files.iter().map(|f| f.offsets.last().unwrap() - KEYED_MAGIC.len() as u64).sum();
-        assert_eq!(read, total, "every byte read once");
+        // Entries cross the boundaries of small chunks.
+        for chunk in [7, 64, RESTORE_CHUNK] {
+            let mut restored = Vec::new();
+            let mut read = 0;
+            for s in 0..3u32 {
+                let r = KeyGroupRange::of_subtask(max_p, 3, s);
+                let b = StateBackend::open(
+                    &tmp.path().join(format!("new-{chunk}-{s}")),
+                    std::slice::from_ref(&uid),
+                )
+                .unwrap();
+                read += restore_keyed_in_chunks(
+                    &storage,
+                    &files,
+                    (r.start, r.end),
+                    &b,
+                    &uid,
+                    &tmp.path().join("sst"),
+                    chunk,
+                )
+                .unwrap();
+                let got = b.scan(&uid).unwrap();
+                assert!(got.iter().all(|(g, _, _)| *g >= r.start && *g <= r.end));
+                restored.extend(got);
+            }
+            restored.sort();
+            assert_eq!(restored, expected, "chunks of {chunk} bytes");
+            assert_eq!(read, total, "every byte read once");
+        }
+        // A file cut short (or overwritten) is an error naming it, not a panic.
+        let path = tmp.path().join("sp").join("counts-0");
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::write(&path, vec![0xff; len as usize]).unwrap();
+        let b =
+            StateBackend::open(&tmp.path().join("damaged"), std::slice::from_ref(&uid)).unwrap();
+        let e = restore_keyed_in_chunks(
+            &storage,
+            &files,
+            (0, 127),
+            &b,
+            &uid,
+            &tmp.path().join("sst"),
+            64,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("counts-0") && e.message.contains("damaged"), "{e}");
     }
 }
