@@ -66,6 +66,7 @@ lint: install-deps
 bench:
 	bash bench/keyed_count.sh
 	bash bench/checkpoints.sh
+	bash bench/savepoints.sh
 
 clean:
 	bash tests/env/down.sh $(TESTENV_DIR)

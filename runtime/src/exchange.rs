@@ -902,4 +902,21 @@ mod tests {
         drop(t.join().unwrap());
         assert!(err.message.contains("workers [1] did not connect"), "{err}");
     }
+
+    #[test]
+    fn a_savepoint_barrier_never_overtakes_and_stays_aligned_when_overdrawn() {
+        let (tx, rx) = unbounded();
+        let mut o = Outlet::local(tx, 1);
+        o.enqueue(0, int(1)).unwrap();
+        o.enqueue(0, int(2)).unwrap();
+        let sp = Barrier { id: 1, ts: 0, unaligned: false, savepoint: true, stop: false };
+        o.barrier(sp).unwrap();
+        // Long past any alignment timeout, it still waits behind the batches.
+        o.overtake(1_000_000, 10).unwrap();
+        assert_eq!(take(&rx), ["Int(1)"]);
+        // An unaligned checkpoint's barrier behind it sends everything at once; the
+        // savepoint's barrier goes in its place, still aligned.
+        o.barrier(Barrier::checkpoint(2, 0, true)).unwrap();
+        assert_eq!(take(&rx), ["Int(2)", "barrier 1 false", "barrier 2 true"]);
+    }
 }

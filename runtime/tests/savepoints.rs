@@ -308,6 +308,34 @@ fn a_new_version_of_the_pipeline_restores_with_allow_non_restored_state_and_refu
     assert_eq!(res.status.code(), Some(2), "{err}");
     assert!(err.contains("\"totals\"") && err.contains("allowNonRestoredState"), "{err}");
     assert!(!tmp.join("out2").exists(), "refused, yet something started");
+    // Other refusals before anything starts: another maxParallelism, a parallelism above it,
+    // and a savepoint of a format version this Weir does not know.
+    let newer = tmp.join("elsewhere/newer");
+    copy_dir(Path::new(&path), &newer);
+    let meta = std::fs::read_to_string(newer.join("_metadata")).unwrap();
+    std::fs::write(newer.join("_metadata"), meta.replacen("\"version\": 1", "\"version\": 7", 1))
+        .unwrap();
+    let newer = newer.display().to_string();
+    for (args, needles) in [
+        (
+            vec!["--from-savepoint", &path, "--max-parallelism", "64"],
+            vec!["maxParallelism 128", "64"],
+        ),
+        (vec!["--from-savepoint", &path, "--parallelism", "129"], vec!["129", "128"]),
+        (vec!["--from-savepoint", &newer], vec!["version 7", "version 1"]),
+    ] {
+        let res = Command::new(WEIR)
+            .args(["run", v1.to_str().unwrap()])
+            .args(&args)
+            .args(["--state-dir", tmp.join("state").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(2), "{args:?}: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{args:?}: {n:?} not in {err}");
+        }
+    }
     let v2 = manifest(tmp, "v2", &st, 1000, &v2_ops, "  restore: {allowNonRestoredState: true}\n");
     let job = run(&v2, tmp, &["--from-savepoint", &path]);
     let (code, err) = job.finish(Duration::from_secs(300));
@@ -349,6 +377,17 @@ fn the_savepoint_api_refuses_what_it_cannot_do_and_a_savepoint_leaves_the_job_ru
     assert!(err.contains("--api"), "{err}");
     let (code, body) = process::request(&api, "GET", "/v1/savepoints/nope", None).unwrap();
     assert_eq!(code, 404, "{body}");
+    // A stopping savepoint that cannot be written fails, says why, and the job goes on from
+    // its last checkpoint.
+    let (code, _, err) =
+        savepoint_cli(&api, &["--stop", "--dir", "/proc/weir-cannot-write-here"], Some(TOKEN));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("failed") && err.contains("/proc/weir-cannot-write-here"), "{err}");
+    let t = Instant::now();
+    while job_state(&api).as_deref() != Some("running") {
+        assert!(t.elapsed() < Duration::from_secs(30), "the job did not run again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // A savepoint that does not stop the job, into a directory of the request's choosing.
     let other = tmp.join("other-savepoints");
     let (code, path, err) = savepoint_cli(&api, &["--dir", other.to_str().unwrap()], Some(TOKEN));
@@ -360,8 +399,11 @@ fn the_savepoint_api_refuses_what_it_cannot_do_and_a_savepoint_leaves_the_job_ru
     let (code, body) = process::request(&api, "GET", "/v1/savepoints", None).unwrap();
     assert_eq!(code, 200);
     let all: weir_crds::api::Savepoints = serde_json::from_str(&body).unwrap();
-    assert_eq!(all.savepoints.len(), 1, "{body}");
+    // The newest first: the one that completed, then the stopping one that failed.
+    assert_eq!(all.savepoints.len(), 2, "{body}");
     assert_eq!(all.savepoints[0].path.as_deref(), Some(path.as_str()));
+    assert_eq!(all.savepoints[1].status, weir_crds::api::SavepointStatus::Failed);
+    assert!(all.savepoints[1].stop && all.savepoints[1].path.is_none());
     let (_, body) = process::request(&api, "GET", "/v1/job", None).unwrap();
     assert!(body.contains(&path), "the job names its last savepoint: {body}");
     job.signal("-TERM");

@@ -1,0 +1,212 @@
+//! Savepoint and rescale benchmark: keyed state of a given size in RocksDB instances of
+//! parallelism 4 (128 key groups), written to S3 as a savepoint, restored at 3 and at 2, the
+//! state at 2 saved again and restored at 4. For each: the wall-clock time (every subtask on a
+//! thread of its own, as in a job), the bytes each new subtask read against its share of the
+//! savepoint, and the restore's read rate against the server's raw GET rate measured in the
+//! same run at the same number of parallel readers.
+//!
+//! `cargo run --release --example savepoint_bench -- s3://bucket/prefix 1024`
+//! (size in MiB; S3 settings from the AWS environment variables).
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use weir_crds::StorageUri;
+use weir_runtime::keygroup::{KeyGroupRange, key_group_of, subtask_of};
+use weir_runtime::objstore::S3Client;
+use weir_runtime::operators::SplitMix64;
+use weir_runtime::savepoint::{KeyedFile, restore_keyed, save_keyed};
+use weir_runtime::state::{Num, StateBackend};
+use weir_runtime::storage::{Prefixed, Storage};
+
+const MIB: f64 = 1024.0 * 1024.0;
+const MAX_P: u32 = 128;
+/// Key bytes: random, so that the state does not compress.
+const KEY: usize = 64;
+const UID: &str = "counts";
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs `f(i)` for `i` in `0..n`, each on a thread of its own; returns the results in order.
+fn parallel<T: Send>(n: u32, f: impl Fn(u32) -> Result<T, Error> + Sync) -> Result<Vec<T>, Error> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = (0..n).map(|i| s.spawn(move || f(i))).collect();
+        handles.into_iter().map(|h| h.join().expect("a bench thread panicked")).collect()
+    })
+}
+
+/// The RocksDB instances of parallelism `p`, filled with `mib` MiB of keyed state.
+fn build(dir: &Path, mib: u64, p: u32) -> Result<Vec<StateBackend>, Error> {
+    let keys = mib * (1 << 20) / 85; // about 85 bytes a key in RocksDB
+    parallel(p, |s| {
+        let backend = StateBackend::open(&dir.join(format!("old-{s}")), &[UID.to_string()])?;
+        let mut state = backend.value_state(UID, MAX_P, 1 << 20);
+        let mut rng = SplitMix64::new(mib);
+        let mut k = [0u8; KEY];
+        for i in 0..keys {
+            for c in k.chunks_mut(8) {
+                c.copy_from_slice(&rng.next_u64().to_le_bytes()[..c.len()]);
+            }
+            if subtask_of(key_group_of(&k, MAX_P), MAX_P, p) == s {
+                state.update(&k, |_| Num::Int(i as i64))?;
+            }
+        }
+        state.write_back()?;
+        drop(state);
+        backend.compact();
+        Ok(backend)
+    })
+}
+
+/// A savepoint of `backends` (one per subtask of parallelism `backends.len()`): its files and
+/// the seconds it took.
+fn savepoint(
+    storage: &dyn Storage,
+    dir: &Path,
+    backends: &[StateBackend],
+    name: &str,
+) -> Result<(Vec<KeyedFile>, f64), Error> {
+    let p = backends.len() as u32;
+    let t = Instant::now();
+    let files = parallel(p, |s| {
+        let r = KeyGroupRange::of_subtask(MAX_P, p, s);
+        let local = dir.join(format!("{name}-chk-{s}"));
+        weir_runtime::snapshot::take(&backends[s as usize], &local)?;
+        let f = save_keyed(
+            &local,
+            UID,
+            (r.start, r.end),
+            storage,
+            &format!("{name}/keyed/{UID}-{s}"),
+            &dir.join(format!("{name}-scratch-{s}")),
+        )?;
+        std::fs::remove_dir_all(&local)?;
+        Ok(f)
+    })?;
+    Ok((files, t.elapsed().as_secs_f64()))
+}
+
+/// The server's raw GET rate in MiB/s with `n` readers, each reading its share of `key`
+/// (`len` bytes) in ranged requests of the restore's size.
+fn raw_get(storage: &dyn Storage, key: &str, len: u64, n: u32) -> Result<f64, Error> {
+    let chunk = weir_runtime::savepoint::RESTORE_CHUNK;
+    let share = len / u64::from(n);
+    let t = Instant::now();
+    parallel(n, |i| {
+        let (mut at, end) = (u64::from(i) * share, u64::from(i + 1) * share);
+        while at < end {
+            let to = (at + chunk).min(end);
+            let b = storage.get_range(key, at, to)?;
+            assert_eq!(b.len() as u64, to - at);
+            at = to;
+        }
+        Ok(())
+    })?;
+    Ok((share * u64::from(n)) as f64 / MIB / t.elapsed().as_secs_f64())
+}
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let uri: StorageUri =
+        args.first().ok_or("usage: savepoint_bench s3://bucket/prefix MIB")?.parse()?;
+    let mib: u64 = args.get(1).map_or(Ok(1024), |a| a.parse())?;
+    let client = S3Client::new(None)?;
+    let root: Arc<dyn Storage> = Arc::from(weir_runtime::storage::open(&uri, Some(&client))?);
+    let storage = Prefixed::new(root, &format!("savepoint-bench-{}", std::process::id()));
+    let tmp = tempfile::tempdir()?;
+
+    // The server's raw GET rate: one 256 MiB object of random bytes.
+    let raw_path = tmp.path().join("raw");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&raw_path)?);
+        let mut rng = SplitMix64::new(1);
+        for _ in 0..(256 << 20) / 8 {
+            f.write_all(&rng.next_u64().to_le_bytes())?;
+        }
+    }
+    let raw_len = storage.put_file("raw", &raw_path)?;
+    std::fs::remove_file(&raw_path)?;
+    let mut raw = std::collections::BTreeMap::new();
+    for n in [1, 2, 3, 4] {
+        raw.insert(n, raw_get(&storage, "raw", raw_len, n)?);
+    }
+    println!(
+        "raw GET (S3 {uri}): {}",
+        raw.iter()
+            .map(|(n, r)| format!("{r:.0} MiB/s with {n} reader(s)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let t = Instant::now();
+    let old = build(tmp.path(), mib, 4)?;
+    println!(
+        "built {mib} MiB of keyed state at parallelism 4 in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "{:<8} {:>10} {:>10} {:>11} {:>12} {:>10} {:>9} {:>8}",
+        "rescale",
+        "savepoint",
+        "restore",
+        "state MiB",
+        "worst/share",
+        "read MiB/s",
+        "raw GET",
+        "of raw"
+    );
+    let (files4, sp4) = savepoint(&storage, tmp.path(), &old, "sp-4")?;
+    drop(old);
+    let mut at2 = None;
+    let mut plan: Vec<(u32, u32)> = vec![(4, 3), (4, 2), (2, 4)];
+    let mut saved: std::collections::BTreeMap<u32, (Vec<KeyedFile>, f64)> =
+        [(4, (files4, sp4))].into();
+    for (from, to) in plan.drain(..) {
+        if !saved.contains_key(&from) {
+            let backends: Vec<StateBackend> = at2.take().ok_or("no state at parallelism 2")?;
+            let s = savepoint(&storage, tmp.path(), &backends, &format!("sp-{from}"))?;
+            saved.insert(from, s);
+        }
+        let (files, sp_secs) = &saved[&from];
+        let total: u64 = files.iter().map(|f| f.offsets.last().copied().unwrap_or(0)).sum();
+        let t = Instant::now();
+        let restored = parallel(to, |s| {
+            let r = KeyGroupRange::of_subtask(MAX_P, to, s);
+            let b = StateBackend::open(
+                &tmp.path().join(format!("new-{from}-{to}-{s}")),
+                &[UID.to_string()],
+            )?;
+            let read = restore_keyed(
+                &storage,
+                files,
+                (r.start, r.end),
+                &b,
+                UID,
+                &tmp.path().join(format!("restore-{from}-{to}-{s}.sst")),
+            )?;
+            Ok((b, read))
+        })?;
+        let secs = t.elapsed().as_secs_f64();
+        let share = total as f64 / f64::from(to);
+        let worst = restored.iter().map(|(_, r)| *r as f64 / share).fold(0.0, f64::max);
+        let read: u64 = restored.iter().map(|(_, r)| r).sum();
+        let rate = read as f64 / MIB / secs;
+        let raw_n = raw[&to.min(4)];
+        println!(
+            "{from}->{to:<5} {sp_secs:>9.2}s {secs:>9.2}s {:>11.0} {worst:>11.3}x {rate:>10.0} {raw_n:>9.0} {:>7.0}%",
+            total as f64 / MIB,
+            100.0 * rate / raw_n
+        );
+        let backends: Vec<StateBackend> = restored.into_iter().map(|(b, _)| b).collect();
+        if (from, to) == (4, 2) {
+            at2 = Some(backends);
+        }
+    }
+    for e in storage.list("")? {
+        storage.delete(&e.key)?;
+    }
+    Ok(())
+}
