@@ -161,14 +161,13 @@ fn main() -> Result<(), Error> {
     let (files4, sp4) = savepoint(&storage, tmp.path(), &old, "sp-4")?;
     drop(old);
     let mut at2 = None;
-    let mut plan: Vec<(u32, u32)> = vec![(4, 3), (4, 2), (2, 4)];
+    let plan: Vec<(u32, u32)> = vec![(4, 3), (4, 2), (2, 4)];
     let mut saved: std::collections::BTreeMap<u32, (Vec<KeyedFile>, f64)> =
         [(4, (files4, sp4))].into();
-    for (from, to) in plan.drain(..) {
-        if !saved.contains_key(&from) {
+    for (from, to) in plan {
+        if let std::collections::btree_map::Entry::Vacant(e) = saved.entry(from) {
             let backends: Vec<StateBackend> = at2.take().ok_or("no state at parallelism 2")?;
-            let s = savepoint(&storage, tmp.path(), &backends, &format!("sp-{from}"))?;
-            saved.insert(from, s);
+            e.insert(savepoint(&storage, tmp.path(), &backends, &format!("sp-{from}"))?);
         }
         let (files, sp_secs) = &saved[&from];
         let total: u64 = files.iter().map(|f| f.offsets.last().copied().unwrap_or(0)).sum();

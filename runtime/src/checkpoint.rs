@@ -10,6 +10,14 @@
 //!   <namespace>/<job-name>/<job-id>/shared/own-<n>/<instance>/<file>   other RocksDB files of checkpoint n
 //! ```
 //!
+//! and savepoints, below the savepoint directory, self-contained (their file names are
+//! relative to their own directory):
+//!
+//! ```text
+//!   <namespace>/<job-name>/sp-<id>/_metadata                           written last
+//!   <namespace>/<job-name>/sp-<id>/keyed/<uid>-<subtask>               keyed state by key group
+//! ```
+//!
 //! A checkpoint exists once its `_metadata` does: the coordinator writes it after every
 //! subtask has acknowledged, so a checkpoint that failed half-way is never restored from.
 
