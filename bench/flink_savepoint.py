@@ -45,8 +45,9 @@ the 4-parallel savepoint serves 4:3 and 4:2 (same savepoint_seconds), and the 2-
 the savepoint of the job restored for 4:2. Every savepoint must hold at least 95 % of
 state_bytes (checked: the state survived each rescale).
 
-Savepoints go to the LOCAL FILE SYSTEM (file:// under the state dir): PyFlink ships no S3 file
-system here. Weir's figure is taken against an S3 server, so the comparison favours Flink.
+Savepoints go to the LOCAL FILE SYSTEM (file:// under the state dir; Flink fsyncs each file):
+PyFlink ships no S3 file system here. Weir's figure is taken against an S3 server, so the
+comparison favours Flink.
 Everything runs in one JVM with Flink's local-execution defaults (managed memory 128 MB shared
 by the slots, which RocksDB uses), one new mini-cluster per job, on whatever cores there are.
 

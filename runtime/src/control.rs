@@ -119,6 +119,10 @@ pub struct AssignedCheckpoints {
     /// job's (`--from-savepoint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_storage: Option<StorageUri>,
+    /// The job was stopped into the savepoint it restores from, and failed before every
+    /// worker ended: the subtasks restore (the sinks commit what it holds) and end at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stop_at_start: bool,
 }
 
 /// The job as the coordinator hands it to a worker.

@@ -466,6 +466,8 @@ struct Driver<'a> {
     /// The savepoint that stopped the job, once complete: a failure before the job ended
     /// restarts from it.
     stopped_into: Option<(Metadata, StorageUri)>,
+    /// The next attempt restores the savepoint that stopped the job and ends at once.
+    stop_at_start: bool,
     /// The last checkpoint id used.
     last_id: u64,
     restarts: Restarts,
@@ -613,6 +615,7 @@ impl<'a> Driver<'a> {
             restore_uri,
             savepoint_root,
             stopped_into: None,
+            stop_at_start: false,
             last_id,
             restarts: Restarts::new(&c.spec.restart_strategy),
             attempt: 0,
@@ -726,16 +729,22 @@ impl<'a> Driver<'a> {
                     };
                     self.attempt += 1;
                     if let Some((m, uri)) = self.stopped_into.take() {
-                        // Stopped into a savepoint, then failed before every worker ended: its
-                        // output is committed, so the job goes on from it.
+                        // Stopped into a savepoint, then failed before every worker ended (and
+                        // so perhaps before every sink committed): the next attempt restores
+                        // it, which commits what it holds, and ends at once.
                         self.restore_from = Some(m);
                         self.restore_uri = Some(uri);
+                        self.stop_at_start = true;
                     } else if let Some(own) = self.completed.back() {
                         self.restore_from = Some(own.clone());
                         self.restore_uri = None;
                     }
                     let from = match &self.restore_from {
-                        Some(m) => format!("from checkpoint {}", m.id),
+                        Some(m) if self.stop_at_start => format!(
+                            "from {}, which it stopped into, to commit what it holds and end",
+                            m.describe()
+                        ),
+                        Some(m) => format!("from {}", m.describe()),
                         None => "from the beginning (no checkpoint completed yet)".into(),
                     };
                     eprintln!(
@@ -944,6 +953,7 @@ impl<'a> Driver<'a> {
                 restore,
                 restored_parallelism: self.restore_from.as_ref().map(|m| m.parallelism),
                 restore_storage: self.restore_uri.clone(),
+                stop_at_start: self.stop_at_start,
             }
         });
         Assignment {
@@ -1005,7 +1015,7 @@ impl<'a> Driver<'a> {
         let mut final_acks: BTreeMap<(String, u32), TaskAck> = BTreeMap::new();
         let mut final_sent = false;
         // A savepoint that stops the job was triggered: no checkpoint after it.
-        let mut stop_savepoint = false;
+        let mut stop_savepoint = self.stop_at_start;
         let mut failures_in_a_row: u32 = 0;
         let attempt_start = Instant::now();
         let mut last_trigger: Option<Instant> = None;

@@ -118,6 +118,9 @@ pub struct CheckpointRun {
     /// directory (then the first checkpoint uploads everything).
     pub restore_storage: Arc<dyn Storage>,
     pub restore_foreign: bool,
+    /// Restore, then end at once without finishing the operators (the job was stopped into
+    /// the savepoint it restores from).
+    pub stop_at_start: bool,
     /// Checkpoint ids of this run start above this one.
     pub after_id: u64,
     /// The highest checkpoint id triggered: sources emit a barrier for every id above the
@@ -1039,7 +1042,7 @@ pub fn run_worker(
                     .filter(|s| s.unaligned && s.exactly_once)
                     .map(|s| s.alignment_timeout.as_millis() as u64),
                 in_flight: BTreeMap::new(),
-                stopped: None,
+                stopped: opts.checkpoints.as_ref().filter(|c| c.stop_at_start).map(|_| 0),
             };
             let name = format!("{}-{s}", plan.ops[h].uid);
             let inbox = inboxes.remove(&(t, s)).unwrap_or_default();

@@ -250,6 +250,7 @@ fn run_job(
             restored_parallelism: c.restored_parallelism,
             restore_storage,
             restore_foreign: c.restore_storage.is_some(),
+            stop_at_start: c.stop_at_start,
             after_id: c.after_id,
             triggered: ctl.triggered.clone(),
             completed: ctl.completed.clone(),

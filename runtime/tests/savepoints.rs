@@ -63,7 +63,7 @@ spec:
   maxParallelism: 128
   checkpointing: {{interval: 1s, storage: '{chk}'}}
   savepoints: {{directory: '{sp}'}}
-  restartStrategy: {{type: fixed-delay, delay: 200ms, attempts: 5}}
+  restartStrategy: {{type: fixed-delay, delay: 200ms, attempts: 100}}
 {restore}{s3}  pipeline:
     operators:
       - {{uid: lines,  type: file_source, path: {input}, ratePerSecond: {rate}}}
@@ -498,4 +498,111 @@ spec:
         from = Some(path);
     }
     assert_eq!(sorted_lines(&tmp.join("out")), want);
+}
+
+/// The pids of the processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        if rest.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn stopping_savepoints_with_workers_killed_around_them_lose_and_duplicate_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let st = Storage::local(tmp);
+    let expected = write_input(&tmp.join("in"), 8, 1500, 46);
+    let file = manifest(tmp, "job", &st, 700, "", "");
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64;
+    eprintln!("kill seed {seed}");
+    let mut rng = weir_runtime::operators::SplitMix64::new(seed);
+    let mut after_completion = 0;
+    let mut from: Option<String> = None;
+    let mut stops = 0;
+    let mut failed_stops = 0;
+    let mut restarts = 0;
+    for (k, p) in ["2", "3", "2", "1"].into_iter().enumerate() {
+        let mut args = vec!["--parallelism", p, "--processes"];
+        if let Some(f) = &from {
+            args.extend(["--from-savepoint", f.as_str()]);
+        }
+        let mut job = run(&file, tmp, &args);
+        wait_running(&mut job);
+        if k == 3 {
+            let (code, err) = job.finish(Duration::from_secs(300));
+            assert_eq!(code, Some(0), "the last run: {err}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+        // A worker is killed at a random moment around the savepoint: before its barrier,
+        // while it is written, or after it completed.
+        let api = job.addr("api");
+        let path = loop {
+            let pid = job.child.id();
+            // Two times in three, 0 to 150 ms after the request.
+            let kill = rng.next_u64() % 3 != 0;
+            let delay = rng.next_u64() % 150;
+            let killer = std::thread::spawn(move || {
+                if !kill {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(delay));
+                let workers = children_of(pid);
+                if let Some(w) = workers.first() {
+                    let _ = Command::new("kill").args(["-KILL", &w.to_string()]).status();
+                }
+            });
+            let (code, path, err) =
+                savepoint_cli(&api, &["--stop", "--timeout", "60s"], Some(TOKEN));
+            killer.join().unwrap();
+            if code == Some(0) {
+                break Some(path);
+            }
+            assert!(err.contains("failed"), "{err}");
+            failed_stops += 1;
+            assert!(failed_stops < 30, "no stopping savepoint succeeded: {err}");
+            // The job restarted from its last checkpoint; wait until it runs again.
+            let t = Instant::now();
+            while job_state(&api).as_deref() != Some("running") {
+                if job.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(t.elapsed() < Duration::from_secs(60), "the job did not run again");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if job.child.try_wait().unwrap().is_some() {
+                break None; // it ran to its end meanwhile
+            }
+        };
+        let (code, err) = job.finish(Duration::from_secs(300));
+        assert_eq!(code, Some(0), "{err}");
+        restarts += err.matches("restarting in").count();
+        after_completion += err.matches("which it stopped into").count();
+        match path {
+            Some(p) => {
+                stops += 1;
+                committed_prefix(&tmp.join("out"));
+                from = Some(p);
+            }
+            None => break,
+        }
+    }
+    eprintln!(
+        "{stops} stopping savepoints completed, {failed_stops} failed under kills, {restarts} restarts ({after_completion} after a savepoint completed)"
+    );
+    assert!(stops >= 1, "no stopping savepoint succeeded");
+    common::check_counts(
+        common::committed_texts(&tmp.join("out")).iter().map(String::as_str),
+        &expected,
+    );
 }
