@@ -124,7 +124,10 @@ impl StateBackend {
     /// `uid`'s state.
     pub fn ingest(&self, uid: &str, sst: &Path) -> Result<(), StateError> {
         let cf = self.db.cf_handle(&cf_name(uid)).expect("column family opened with the backend");
-        self.db.ingest_external_file_cf(&cf, vec![sst])?;
+        // Moved (hard-linked) into the instance, not copied: it was written for it.
+        let mut opts = rocksdb::IngestExternalFileOptions::default();
+        opts.set_move_files(true);
+        self.db.ingest_external_file_cf_opts(&cf, &opts, vec![sst])?;
         Ok(())
     }
 
