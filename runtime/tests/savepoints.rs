@@ -550,7 +550,7 @@ fn stopping_savepoints_with_workers_killed_around_them_lose_and_duplicate_nothin
         let path = loop {
             let pid = job.child.id();
             // Two times in three, 0 to 150 ms after the request.
-            let kill = rng.next_u64() % 3 != 0;
+            let kill = !rng.next_u64().is_multiple_of(3);
             let delay = rng.next_u64() % 150;
             let killer = std::thread::spawn(move || {
                 if !kill {
