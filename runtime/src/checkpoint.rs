@@ -509,6 +509,66 @@ mod tests {
         assert!(e.message.contains("version 2"), "{e}");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn savepoint_metadata_round_trips(
+            id in 1u64..u64::MAX / 2,
+            max_p in 1u32..=1024,
+            p_seed in 0u32..1024,
+            uids in proptest::collection::vec("[a-z][a-z0-9-]{0,12}", 1..4),
+            lens in proptest::collection::vec(0u64..1_000_000, 1..40),
+            stop in proptest::bool::ANY,
+        ) {
+            let p = 1 + p_seed % max_p;
+            let mut operators = Vec::new();
+            for uid in &uids {
+                for s in 0..p.min(8) {
+                    let r = crate::keygroup::KeyGroupRange::of_subtask(max_p, p, s);
+                    let n = usize::from(r.end - r.start) + 2;
+                    let mut at = crate::savepoint::KEYED_MAGIC.len() as u64;
+                    let offsets: Vec<u64> = (0..n)
+                        .map(|i| {
+                            let o = at;
+                            at += lens[i % lens.len()];
+                            o
+                        })
+                        .collect();
+                    let file = crate::savepoint::KeyedFile {
+                        file: format!("keyed/{uid}-{s}"),
+                        key_groups: (r.start, r.end),
+                        offsets,
+                        entries: u64::from(s) * 7,
+                    };
+                    proptest::prop_assert!(file.check().is_ok());
+                    operators.push(OperatorState {
+                        uid: uid.clone(),
+                        subtask: s,
+                        keyed: None,
+                        keyed_file: Some(file),
+                        state: stop.then(|| serde_json::json!({"pending": [[id, [s]]]})),
+                        in_flight: None,
+                    });
+                }
+            }
+            let m = Metadata {
+                version: VERSION,
+                job_name: "j".into(),
+                job_id: "id".into(),
+                id,
+                triggered_at: 1,
+                completed_at: 2,
+                parallelism: p,
+                max_parallelism: max_p,
+                operator_uids: uids.clone(),
+                final_: false,
+                savepoint: true,
+                operators,
+            };
+            let back = Metadata::parse(&m.to_bytes(), "sp-x/_metadata").unwrap();
+            proptest::prop_assert_eq!(back, m);
+        }
+    }
+
     #[test]
     fn savepoints_go_beside_the_checkpoints_by_default() {
         let d = |s: &str| default_savepoint_dir(&s.parse().unwrap()).to_string();

@@ -728,7 +728,8 @@ impl<'a> Driver<'a> {
                         }
                     };
                     self.attempt += 1;
-                    if let Some((m, uri)) = self.stopped_into.take() {
+                    // (Kept: should that attempt fail too, the next one restores it again.)
+                    if let Some((m, uri)) = self.stopped_into.clone() {
                         // Stopped into a savepoint, then failed before every worker ended (and
                         // so perhaps before every sink committed): the next attempt restores
                         // it, which commits what it holds, and ends at once.
