@@ -69,10 +69,6 @@ impl KeyedFile {
     }
 }
 
-fn varint(b: &[u8], at: &mut usize) -> Result<u64, String> {
-    crate::wire::get_varint(b, at).map_err(|e| e.unwrap_or("keyed state cut short").to_string())
-}
-
 /// Calls a visitor with stored (key, value) entries in key order.
 pub type EntrySource<'a> = dyn FnMut(&mut EntryVisitor<'_>) -> Result<(), RuntimeError> + 'a;
 /// Takes one stored (key, value) entry.
@@ -135,19 +131,10 @@ pub fn write_entries<W: Write>(
 /// [`KeyedFile::byte_range`] gives), calling `f` with each (key, value).
 pub fn read_entries(
     bytes: &[u8],
-    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), RuntimeError>,
+    f: impl FnMut(&[u8], &[u8]) -> Result<(), RuntimeError>,
 ) -> Result<(), String> {
-    let mut at = 0;
-    while at < bytes.len() {
-        let klen = varint(bytes, &mut at)? as usize;
-        let k = bytes.get(at..at + klen).ok_or("keyed state cut short")?;
-        at += klen;
-        let vlen = varint(bytes, &mut at)? as usize;
-        let v = bytes.get(at..at + vlen).ok_or("keyed state cut short")?;
-        at += vlen;
-        f(k, v).map_err(|e| e.message)?;
-    }
-    Ok(())
+    let used = read_whole_entries(bytes, f)?;
+    if used == bytes.len() { Ok(()) } else { Err("keyed state cut short".into()) }
 }
 
 /// Writes operator `uid`'s state from the RocksDB checkpoint at `checkpoint` (key groups

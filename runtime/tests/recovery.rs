@@ -15,16 +15,6 @@ use weir_runtime::operators::SplitMix64;
 
 use process::{Proc, WEIR};
 
-/// Writes the input files; returns the true count of every word.
-fn write_input(dir: &Path, files: usize, lines: usize, seed: u64) -> BTreeMap<String, u64> {
-    std::fs::create_dir_all(dir).unwrap();
-    let (texts, counts) = common::word_texts(files, lines, seed, None, None);
-    for (f, text) in texts.iter().enumerate() {
-        std::fs::write(dir.join(format!("input-{f:02}.txt")), text).unwrap();
-    }
-    counts
-}
-
 /// A word count read at `rate` lines per second, checkpointed every second into `dir`.
 fn manifest(dir: &Path, rate: u32, mode: &str) -> PathBuf {
     let file = dir.join("job.yaml");
@@ -77,22 +67,6 @@ fn job_info(api: &str) -> Option<serde_json::Value> {
     (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
 }
 
-/// The pids of the processes whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        // pid (comm) state ppid ...: the command may hold spaces, so split after ')'.
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let ppid = rest.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            out.push(p);
-        }
-    }
-    out
-}
-
 /// Waits until the job runs (all workers connected) after `restarts` restarts.
 fn wait_running(job: &mut Proc, restarts: u64) -> bool {
     let t = Instant::now();
@@ -115,7 +89,7 @@ fn wait_running(job: &mut Proc, restarts: u64) -> bool {
 #[test]
 fn killed_worker_processes_lose_and_duplicate_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let expected = write_input(&tmp.path().join("in"), 8, 1500, 11);
+    let expected = common::write_input(&tmp.path().join("in"), 8, 1500, 11);
     let file = manifest(tmp.path(), 600, "exactly-once");
     let mut job = start(&file, tmp.path(), &["--processes"]);
     let mut rng = SplitMix64::new(0x5eed);
@@ -126,7 +100,7 @@ fn killed_worker_processes_lose_and_duplicate_nothing() {
         }
         // A random moment: before, during or after a checkpoint.
         std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 2200));
-        let workers = children_of(job.child.id());
+        let workers = common::children_of(job.child.id());
         if workers.is_empty() || exited(&mut job) {
             break;
         }
@@ -159,7 +133,7 @@ fn killed_worker_processes_lose_and_duplicate_nothing() {
 #[test]
 fn a_killed_run_resumes_from_its_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let expected = write_input(&tmp.path().join("in"), 8, 1500, 12);
+    let expected = common::write_input(&tmp.path().join("in"), 8, 1500, 12);
     let file = manifest(tmp.path(), 1000, "exactly-once");
     let mut rng = SplitMix64::new(0xfeed);
     let mut runs = 0;
@@ -191,7 +165,7 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
 #[test]
 fn at_least_once_loses_nothing_when_workers_die() {
     let tmp = tempfile::tempdir().unwrap();
-    let expected = write_input(&tmp.path().join("in"), 4, 1000, 13);
+    let expected = common::write_input(&tmp.path().join("in"), 4, 1000, 13);
     let file = manifest(tmp.path(), 800, "at-least-once");
     let mut job = start(&file, tmp.path(), &["--processes"]);
     let mut rng = SplitMix64::new(7);
@@ -200,7 +174,7 @@ fn at_least_once_loses_nothing_when_workers_die() {
             break;
         }
         std::thread::sleep(Duration::from_millis(800 + rng.next_u64() % 1500));
-        if let Some(&victim) = children_of(job.child.id()).first() {
+        if let Some(&victim) = common::children_of(job.child.id()).first() {
             let _ = Command::new("kill").args(["-KILL", &victim.to_string()]).status();
         }
     }
@@ -269,7 +243,7 @@ fn newest_completed(c: &serde_json::Value) -> Option<&serde_json::Value> {
 #[test]
 fn unaligned_checkpoints_complete_under_backpressure_where_aligned_ones_time_out() {
     let tmp = tempfile::tempdir().unwrap();
-    let expected = write_input(&tmp.path().join("in"), 8, 1500, 21);
+    let expected = common::write_input(&tmp.path().join("in"), 8, 1500, 21);
     let total: u64 = expected.values().sum();
 
     // Aligned: the barriers wait behind thousands of buffered words that the sink takes at
@@ -302,7 +276,7 @@ fn unaligned_checkpoints_complete_under_backpressure_where_aligned_ones_time_out
         }
         std::thread::sleep(Duration::from_millis(2500 + rng.next_u64() % 2000));
         let c = checkpoints(&job.addr("api"));
-        let workers = children_of(job.child.id());
+        let workers = common::children_of(job.child.id());
         if workers.is_empty() || exited(&mut job) {
             break;
         }
@@ -331,7 +305,7 @@ fn unaligned_checkpoints_complete_under_backpressure_where_aligned_ones_time_out
 #[test]
 fn checkpoints_switch_to_unaligned_after_the_alignment_timeout() {
     let tmp = tempfile::tempdir().unwrap();
-    write_input(&tmp.path().join("in"), 12, 1500, 22);
+    common::write_input(&tmp.path().join("in"), 12, 1500, 22);
     let file = backpressured(tmp.path(), 2000, "unaligned: true, alignmentTimeout: 300ms");
     let mut job = start(&file, tmp.path(), &["--processes"]);
     wait_running(&mut job, 0);
@@ -350,7 +324,7 @@ fn checkpoints_switch_to_unaligned_after_the_alignment_timeout() {
 #[test]
 fn a_stopped_job_resumes_at_another_parallelism_2_3_1_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let expected = write_input(&tmp.path().join("in"), 8, 1500, 31);
+    let expected = common::write_input(&tmp.path().join("in"), 8, 1500, 31);
     let file = manifest(tmp.path(), 1500, "exactly-once");
     let mut last_err = String::new();
     for (run, p) in [2, 3, 1].into_iter().enumerate() {
@@ -403,22 +377,10 @@ fn newest_checkpoint(root: &Path) -> PathBuf {
     best.expect("a completed checkpoint").1
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), &t).unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_job_starts_from_a_copied_checkpoint_of_another_run_at_another_parallelism() {
     let tmp = tempfile::tempdir().unwrap();
-    let expected = write_input(&tmp.path().join("in"), 8, 1500, 32);
+    let expected = common::write_input(&tmp.path().join("in"), 8, 1500, 32);
     let file = manifest(tmp.path(), 1500, "exactly-once");
     let mut job = start(&file, tmp.path(), &[]);
     wait_running(&mut job, 0);
@@ -429,7 +391,7 @@ fn a_job_starts_from_a_copied_checkpoint_of_another_run_at_another_parallelism()
     // The old job's directory, copied elsewhere: a checkpoint's files are named relative to it.
     let chk = newest_checkpoint(&tmp.path().join("checkpoints/default/wc-recovery"));
     let copy = tmp.path().join("elsewhere/job");
-    copy_dir(chk.parent().unwrap(), &copy);
+    common::copy_dir(chk.parent().unwrap(), &copy);
     std::fs::remove_dir_all(tmp.path().join("checkpoints")).unwrap();
     let from = copy.join(chk.file_name().unwrap()).join("_metadata");
     let from = from.to_str().unwrap();

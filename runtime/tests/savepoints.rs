@@ -15,16 +15,6 @@ use process::{Proc, WEIR};
 
 const TOKEN: &str = "savepoint-test-token";
 
-/// Writes the input files; returns the true count of every word.
-fn write_input(dir: &Path, files: usize, lines: usize, seed: u64) -> BTreeMap<String, u64> {
-    std::fs::create_dir_all(dir).unwrap();
-    let (texts, counts) = common::word_texts(files, lines, seed, None, None);
-    for (f, text) in texts.iter().enumerate() {
-        std::fs::write(dir.join(format!("input-{f:02}.txt")), text).unwrap();
-    }
-    counts
-}
-
 /// Where a test keeps its checkpoints and savepoints, and the S3 settings when on S3.
 struct Storage {
     checkpoints: String,
@@ -164,22 +154,10 @@ fn metadata(dir: &Path) -> weir_runtime::checkpoint::Metadata {
     weir_runtime::checkpoint::Metadata::parse(&bytes, "test").unwrap()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), &t).unwrap();
-        }
-    }
-}
-
 /// Parallelism 2, stopped into a savepoint part-way; restored at 3, stopped again; restored
 /// at 1 and run to the end. `copy`: each savepoint is moved to another directory first.
 fn rescale_chain(tmp: &Path, st: &Storage, seed: u64, copy: bool) {
-    let expected = write_input(&tmp.join("in"), 8, 1500, seed);
+    let expected = common::write_input(&tmp.join("in"), 8, 1500, seed);
     let file = manifest(tmp, "job", st, 1000, "", "");
     let mut from: Option<String> = None;
     let mut committed = 0;
@@ -226,7 +204,7 @@ fn rescale_chain(tmp: &Path, st: &Storage, seed: u64, copy: bool) {
             assert_eq!(files.len(), p as usize, "{meta:?}");
             assert!(meta.operators.iter().all(|o| o.keyed.is_none()));
             let moved = tmp.join(format!("elsewhere/sp-copy-{k}"));
-            copy_dir(&sp, &moved);
+            common::copy_dir(&sp, &moved);
             std::fs::remove_dir_all(&sp).unwrap();
             moved.display().to_string()
         } else {
@@ -277,7 +255,7 @@ fn a_new_version_of_the_pipeline_restores_with_allow_non_restored_state_and_refu
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();
     let st = Storage::local(tmp);
-    let expected = write_input(&tmp.join("in"), 6, 1500, 44);
+    let expected = common::write_input(&tmp.join("in"), 6, 1500, 44);
     // Version 1 also counts into a blackhole (operator `totals`).
     let v1 = manifest(
         tmp,
@@ -311,7 +289,7 @@ fn a_new_version_of_the_pipeline_restores_with_allow_non_restored_state_and_refu
     // Other refusals before anything starts: another maxParallelism, a parallelism above it,
     // and a savepoint of a format version this Weir does not know.
     let newer = tmp.join("elsewhere/newer");
-    copy_dir(Path::new(&path), &newer);
+    common::copy_dir(Path::new(&path), &newer);
     let meta = std::fs::read_to_string(newer.join("_metadata")).unwrap();
     std::fs::write(newer.join("_metadata"), meta.replacen("\"version\": 1", "\"version\": 7", 1))
         .unwrap();
@@ -357,7 +335,7 @@ fn the_savepoint_api_refuses_what_it_cannot_do_and_a_savepoint_leaves_the_job_ru
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();
     let st = Storage::local(tmp);
-    write_input(&tmp.join("in"), 4, 3000, 45);
+    common::write_input(&tmp.join("in"), 4, 3000, 45);
     let file = manifest(tmp, "job", &st, 300, "", "");
     let mut job = run(&file, tmp, &[]);
     wait_running(&mut job);
@@ -500,26 +478,12 @@ spec:
     assert_eq!(sorted_lines(&tmp.join("out")), want);
 }
 
-/// The pids of the processes whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        if rest.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid) {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[test]
 fn stopping_savepoints_with_workers_killed_around_them_lose_and_duplicate_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();
     let st = Storage::local(tmp);
-    let expected = write_input(&tmp.join("in"), 8, 1500, 46);
+    let expected = common::write_input(&tmp.join("in"), 8, 1500, 46);
     let file = manifest(tmp, "job", &st, 700, "", "");
     let seed =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
@@ -557,7 +521,7 @@ fn stopping_savepoints_with_workers_killed_around_them_lose_and_duplicate_nothin
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(delay));
-                let workers = children_of(pid);
+                let workers = common::children_of(pid);
                 if let Some(w) = workers.first() {
                     let _ = Command::new("kill").args(["-KILL", &w.to_string()]).status();
                 }

@@ -1,7 +1,10 @@
 //! What the word-count tests share: input text with counts computed independently of Weir,
-//! and the check of committed `word,count` output.
+//! the check of committed `word,count` output, and the files and processes those tests handle.
+
+#![allow(dead_code)] // each test crate uses some of these
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 /// `files` texts of `lines` lines of words from a skewed vocabulary (some words frequent, most
 /// rare), separated by single spaces or runs of whitespace, and the true count of each word.
@@ -83,4 +86,43 @@ pub fn check_counts<'a>(
         let want: Vec<u64> = (1..=expected[&w]).collect();
         assert_eq!(counts, want, "counts of {w:?}");
     }
+}
+
+/// Writes the input files; returns the true count of every word.
+pub fn write_input(dir: &Path, files: usize, lines: usize, seed: u64) -> BTreeMap<String, u64> {
+    std::fs::create_dir_all(dir).unwrap();
+    let (texts, counts) = word_texts(files, lines, seed, None, None);
+    for (f, text) in texts.iter().enumerate() {
+        std::fs::write(dir.join(format!("input-{f:02}.txt")), text).unwrap();
+    }
+    counts
+}
+
+/// Copies a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+/// The pids of the processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        // pid (comm) state ppid ...: the command may hold spaces, so split after ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let ppid = rest.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
 }
