@@ -52,6 +52,9 @@ pub struct JobInfo {
     pub workers_expected: u32,
     /// Seconds since the coordinator started.
     pub uptime_seconds: f64,
+    /// When the coordinator started, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub started_at: u64,
     /// Bytes of keyed state held by the workers (RocksDB's estimate of live data).
     pub state_bytes: u64,
     pub operators: Vec<OperatorInfo>,

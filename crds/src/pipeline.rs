@@ -57,6 +57,11 @@ pub enum PipelineError {
     UnknownInput { uid: String, input: String },
     #[error("operator {uid:?}: inputs names the operator itself")]
     SelfInput { uid: String },
+    #[error(
+        "pipeline.operators[{index}] ({uid:?}): type {kind:?} is unknown: use one of {known}",
+        known = OPERATOR_TYPES.join(", ")
+    )]
+    UnknownType { index: usize, uid: String, kind: String },
     #[error("operators {cycle:?} form a cycle through their inputs: a pipeline must be acyclic")]
     Cycle { cycle: Vec<String> },
 }
@@ -72,6 +77,15 @@ impl Pipeline {
         for (i, op) in self.operators.iter().enumerate() {
             if index.insert(op.uid.as_str(), i).is_some() {
                 return Err(PipelineError::DuplicateUid { index: i, uid: op.uid.clone() });
+            }
+        }
+        for (i, op) in self.operators.iter().enumerate() {
+            if !OPERATOR_TYPES.contains(&op.kind.as_str()) {
+                return Err(PipelineError::UnknownType {
+                    index: i,
+                    uid: op.uid.clone(),
+                    kind: op.kind.clone(),
+                });
             }
         }
         for op in &self.operators {
@@ -127,6 +141,26 @@ pub fn default_max_parallelism(parallelism: u32) -> u32 {
 }
 
 /// The largest maxParallelism (number of key groups) a job can have.
+/// The built-in operator types. The runtime checks each type's parameters; the type itself is
+/// checked here, so that the controller refuses an unknown one before it deploys anything.
+pub const OPERATOR_TYPES: &[&str] = &[
+    "generator",
+    "file_source",
+    "socket",
+    "split",
+    "map",
+    "filter",
+    "throttle",
+    "count",
+    "sum",
+    "min",
+    "max",
+    "tumbling_window_count",
+    "stdout",
+    "blackhole",
+    "file_sink",
+];
+
 pub const MAX_MAX_PARALLELISM: u32 = 32768;
 
 #[cfg(test)]
@@ -189,6 +223,12 @@ mod tests {
         assert_eq!(
             Pipeline { operators: vec![] }.validate_graph().unwrap_err(),
             PipelineError::Empty
+        );
+        let typo = Pipeline { operators: vec![op("a", "generator", &[]), op("b", "stdot", &["a"])] };
+        let e = typo.validate_graph().unwrap_err().to_string();
+        assert!(
+            e.starts_with("pipeline.operators[1] (\"b\"): type \"stdot\" is unknown: use one of generator,"),
+            "{e}"
         );
     }
 

@@ -10,8 +10,11 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The pattern every storage URI must match (bucket names as S3 allows them).
-pub const STORAGE_URI_PATTERN: &str =
-    r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*|/[^\s]*)$";
+/// An S3 key prefix is a list of `/`-separated segments, none of them `..` (the apiserver's
+/// regular expressions have no look-ahead, so the segment rule is spelled out), so that the
+/// apiserver refuses every location [`StorageUri::from_str`] refuses and the controller never
+/// meets a StreamJob it cannot read.
+pub const STORAGE_URI_PATTERN: &str = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/([^\s/.][^\s/]*|\.([^\s/.][^\s/]*)?|\.\.[^\s/]+)?)*|file:///[^\s]*|/[^\s]*)$";
 
 /// A parsed storage location.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -173,6 +176,38 @@ mod tests {
             let e = bad.parse::<StorageUri>().unwrap_err();
             assert!(e.to_string().contains(why), "{bad}: {e}");
             assert!(e.to_string().contains(bad), "{bad}: {e}");
+        }
+    }
+
+    /// The apiserver checks the schema's pattern, the controller and the runtime parse: the two
+    /// must agree, or a StreamJob the apiserver took could not be read by the controller.
+    #[test]
+    fn the_schema_pattern_accepts_exactly_what_parses() {
+        let re = regex::Regex::new(STORAGE_URI_PATTERN).unwrap();
+        for s in [
+            "s3://my-bucket/a/b/",
+            "s3://bkt",
+            "s3://bkt/",
+            "s3://bkt/a/./b",
+            "s3://bkt/..x/x..",
+            "s3://bkt/.hidden",
+            "s3://bkt/../x",
+            "s3://bkt/a/..",
+            "s3://bkt/a/../b",
+            "s3://bkt//x",
+            "s3://",
+            "s3://Upper/x",
+            "s3://ab",
+            "s3://-bkt/x",
+            "gs://bkt/x",
+            "relative/dir",
+            "file://rel",
+            "file:///data",
+            "/var/tmp/x",
+            "/a b",
+            "s3://bkt/a b",
+        ] {
+            assert_eq!(re.is_match(s), s.parse::<StorageUri>().is_ok(), "{s}");
         }
     }
 }

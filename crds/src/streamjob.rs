@@ -621,6 +621,8 @@ pub enum JobPhase {
     Deploying,
     /// The job runs.
     Running,
+    /// A bounded job ended after its sources were exhausted; its output is committed.
+    Finished,
     /// Moving to a new spec.
     Upgrading,
     /// Stopped with a savepoint, no pods.

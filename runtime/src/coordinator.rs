@@ -122,6 +122,9 @@ impl Status {
                 workers_connected: 0,
                 workers_expected,
                 uptime_seconds: 0.0,
+                started_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
                 state_bytes: 0,
                 operators: plan
                     .ops

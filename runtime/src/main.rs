@@ -88,6 +88,11 @@ enum Cmd {
         /// coordinator); default: the run id.
         #[arg(long)]
         job_id: Option<String>,
+        /// After the job ended (finished or failed), keep serving the HTTP API, which then
+        /// reports how it ended, until SIGTERM; in pods this keeps the coordinator from
+        /// being restarted into a job that is over.
+        #[arg(long)]
+        stay_after_end: bool,
     },
     /// Take a savepoint of a running job and wait for it; its path goes to stdout.
     Savepoint {
@@ -111,8 +116,12 @@ enum Cmd {
         #[arg(long)]
         coordinator: String,
         /// The subtask index this worker runs (0 ≤ index < parallelism).
-        #[arg(long)]
-        index: u32,
+        #[arg(long, required_unless_present = "pod_name")]
+        index: Option<u32>,
+        /// Take the index from a StatefulSet pod's name: the number after its last `-`
+        /// (`wordcount-worker-2` runs index 2).
+        #[arg(long, env = "WEIR_POD_NAME", conflicts_with = "index")]
+        pod_name: Option<String>,
         /// Where this worker's RocksDB instance goes.
         #[arg(long, default_value = "/var/tmp/weir/state")]
         state_dir: PathBuf,
@@ -149,10 +158,10 @@ fn main() -> ExitCode {
             } else {
                 Launch::InProcess { state_dir }
             };
-            coordinate(job, launch, "127.0.0.1:0".into(), None, None, stop)
+            coordinate(job, launch, "127.0.0.1:0".into(), None, None, false, stop)
         }
-        Cmd::Coordinator { job, control_addr, run_id, job_id } => {
-            coordinate(job, Launch::External, control_addr, run_id, job_id, stop)
+        Cmd::Coordinator { job, control_addr, run_id, job_id, stay_after_end } => {
+            coordinate(job, Launch::External, control_addr, run_id, job_id, stay_after_end, stop)
         }
         Cmd::Savepoint { api, stop, dir, timeout } => {
             let token = std::env::var("WEIR_API_TOKEN").ok();
@@ -173,6 +182,7 @@ fn main() -> ExitCode {
         Cmd::Worker {
             coordinator,
             index,
+            pod_name,
             state_dir,
             data_addr,
             advertise_host,
@@ -183,6 +193,19 @@ fn main() -> ExitCode {
             if std::env::var_os("WEIR_DIE_WITH_PARENT").is_some() {
                 let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
             }
+            let index = match (index, pod_name) {
+                (Some(i), _) => i,
+                (None, Some(name)) => match index_of_pod(&name) {
+                    Some(i) => i,
+                    None => {
+                        eprintln!(
+                            "weir: worker: --pod-name {name:?} does not end in -<index> (as a StatefulSet's pods do): give --index"
+                        );
+                        return ExitCode::from(2);
+                    }
+                },
+                (None, None) => unreachable!("clap requires --index or --pod-name"),
+            };
             let opts = weir_runtime::worker::WorkerOptions {
                 coordinator,
                 index: Some(index),
@@ -203,6 +226,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// The index in a StatefulSet pod's name (`job-worker-12` → 12).
+fn index_of_pod(name: &str) -> Option<u32> {
+    name.rsplit_once('-').and_then(|(_, i)| i.parse().ok())
+}
+
 /// How long a coordinator stays after a job stopped into a savepoint, for its result to be
 /// read.
 const LINGER: Duration = Duration::from_secs(60);
@@ -213,6 +241,7 @@ fn coordinate(
     control_addr: String,
     run_id: Option<String>,
     job_id: Option<String>,
+    stay_after_end: bool,
     stop: Arc<AtomicBool>,
 ) -> ExitCode {
     let (manifest, plan) = match weir_runtime::load_manifest(&job.file).and_then(|m| {
@@ -242,6 +271,7 @@ fn coordinate(
         Launch::External => "workers started separately".to_string(),
     };
     let namespace = manifest.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let stop_after = stop.clone();
     let opts = CoordinatorOptions {
         name,
         namespace,
@@ -303,6 +333,12 @@ fn coordinate(
         }
         // Let the answer go out.
         std::thread::sleep(Duration::from_millis(100));
+    }
+    if stay_after_end && job.api_addr.is_some() {
+        eprintln!("weir: the job is over; serving its final state until SIGTERM");
+        while !stop_after.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     match result {
         Ok(summary) => {

@@ -19,24 +19,9 @@ fn err(op: &OperatorSpec, msg: impl std::fmt::Display) -> PlanError {
     PlanError(format!("operator {:?} ({}): {msg}", op.uid, op.kind))
 }
 
-/// The operator types `weir` knows.
-pub const OPERATOR_TYPES: &[&str] = &[
-    "generator",
-    "file_source",
-    "socket",
-    "split",
-    "map",
-    "filter",
-    "throttle",
-    "count",
-    "sum",
-    "min",
-    "max",
-    "tumbling_window_count",
-    "stdout",
-    "blackhole",
-    "file_sink",
-];
+/// The operator types `weir` knows (the list lives in `weir-crds`, so that the controller
+/// refuses an unknown type before it deploys anything).
+pub use weir_crds::pipeline::OPERATOR_TYPES;
 
 /// Key distribution of the generator.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Default)]

@@ -1,0 +1,374 @@
+//! Build: the Kubernetes objects that run a validated StreamJob. Pure: plain objects out,
+//! applied by the reconciler with server-side apply under one field manager.
+//!
+//! ```text
+//!   <job>-job            ConfigMap   job.yaml: the StreamJob as the runtime reads it
+//!   <job>-coordinator    Service     control :6123 (workers), api :8081 (controller, CLI)
+//!   <job>-coordinator    Deployment  1 replica, Recreate: `weir coordinator --resume`
+//!   <job>-worker         Service     headless, the workers' data port :6124
+//!   <job>-worker         StatefulSet parallelism replicas, Parallel: `weir worker`
+//!   <job>-api-token      Secret      the token of the coordinator's mutating endpoints
+//!                                    (created once, never rewritten; see `api_token`)
+//! ```
+//!
+//! Every object carries the job's labels, an owner reference to the StreamJob (so deleting the
+//! job deletes them), and `weir.dev/applied-hash`, a hash of what was built: the reconciler
+//! applies an object only when the one in the cluster is missing or carries another hash.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
+use serde_json::{Value, json};
+use weir_crds::{LABEL_COMPONENT, LABEL_JOB, StreamJob};
+
+use crate::validate::Valid;
+
+/// Port the workers reach the coordinator on.
+pub const CONTROL_PORT: u16 = 6123;
+/// Port of the coordinator's HTTP API.
+pub const API_PORT: u16 = 8081;
+/// Port of a worker's data exchange.
+pub const DATA_PORT: u16 = 6124;
+/// Annotation holding the hash of the object as built.
+pub const APPLIED_HASH: &str = "weir.dev/applied-hash";
+/// Pod annotation: the hash of the ConfigMap, so that a new job file rolls the pods.
+pub const CONFIG_HASH: &str = "weir.dev/config-hash";
+/// Where the ConfigMap is mounted in the pods.
+const CONFIG_DIR: &str = "/etc/weir";
+/// The user the runtime's containers run as when the pod template says nothing else.
+const RUNTIME_UID: i64 = 65532;
+
+/// Operator-wide settings of what is built.
+#[derive(Debug, Clone)]
+pub struct BuildConfig {
+    /// Runtime image of jobs that name none.
+    pub runtime_image: String,
+    /// DNS suffix of Services after `<name>.<namespace>.` (`svc`, or `svc.cluster.local`).
+    pub service_domain: String,
+}
+
+/// What a job runs as, when running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Objects {
+    pub config_map: ConfigMap,
+    pub coordinator_service: Service,
+    pub coordinator: Deployment,
+    pub worker_service: Service,
+    pub workers: StatefulSet,
+}
+
+/// Names of a job's objects.
+pub fn config_map_name(job: &str) -> String {
+    format!("{job}-job")
+}
+pub fn coordinator_name(job: &str) -> String {
+    format!("{job}-coordinator")
+}
+pub fn workers_name(job: &str) -> String {
+    format!("{job}-worker")
+}
+pub fn token_secret_name(job: &str) -> String {
+    format!("{job}-api-token")
+}
+
+/// The job id under which the job's checkpoints are stored: stable for one StreamJob object
+/// (its uid), different for a StreamJob deleted and created again under the same name.
+pub fn job_id(job: &StreamJob) -> String {
+    let uid = job.metadata.uid.as_deref().unwrap_or("");
+    let short: String = uid.chars().filter(|c| *c != '-').take(12).collect();
+    if short.is_empty() { "job".into() } else { short }
+}
+
+/// The coordinator's API address as the controller reaches it.
+pub fn api_address(job: &StreamJob, cfg: &BuildConfig) -> String {
+    format!("{}.{}.{}:{API_PORT}", coordinator_name(&name(job)), namespace(job), cfg.service_domain)
+}
+
+/// The label selector of the worker pods (the scale subresource's `status.selector`).
+pub fn worker_selector(job: &str) -> String {
+    format!("{LABEL_JOB}={job},{LABEL_COMPONENT}=worker")
+}
+
+fn name(job: &StreamJob) -> String {
+    job.metadata.name.clone().unwrap_or_default()
+}
+
+fn namespace(job: &StreamJob) -> String {
+    job.metadata.namespace.clone().unwrap_or_else(|| "default".into())
+}
+
+fn owner(job: &StreamJob) -> OwnerReference {
+    job.controller_owner_ref(&()).unwrap_or_default()
+}
+
+fn labels(job: &str, component: Option<&str>) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        (LABEL_JOB.to_string(), job.to_string()),
+        ("app.kubernetes.io/name".into(), "weir".into()),
+        ("app.kubernetes.io/instance".into(), job.to_string()),
+        ("app.kubernetes.io/managed-by".into(), weir_crds::FIELD_MANAGER.into()),
+    ]);
+    if let Some(c) = component {
+        l.insert(LABEL_COMPONENT.into(), c.into());
+        l.insert("app.kubernetes.io/component".into(), c.into());
+    }
+    l
+}
+
+/// FNV-1a, 64 bits: stable across builds and platforms (the hash is stored in the cluster).
+pub fn hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Stamps the hash of `obj` (as built, before the stamp) on its annotations.
+fn stamped<K: serde::Serialize + serde::de::DeserializeOwned>(mut v: Value) -> K {
+    let h = hash(v.to_string().as_bytes());
+    v["metadata"]["annotations"][APPLIED_HASH] = Value::String(h);
+    serde_json::from_value(v).expect("built objects match their types")
+}
+
+/// The job file the runtime reads: the StreamJob's spec, with the operator's defaults filled
+/// in.
+pub fn job_file(job: &StreamJob, valid: &Valid) -> String {
+    let mut spec = job.spec.clone();
+    spec.checkpointing.storage = valid.checkpoint_storage.clone().or(spec.checkpointing.storage);
+    spec.max_parallelism = Some(valid.max_parallelism);
+    let v = json!({
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "StreamJob",
+        "metadata": {"name": name(job), "namespace": namespace(job)},
+        "spec": spec,
+    });
+    serde_saphyr::to_string(&v).expect("a StreamJob always serializes")
+}
+
+/// Every object of a running job. `workers` is the number of worker pods (the parallelism,
+/// or 0 once a bounded job has finished).
+pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) -> Objects {
+    let n = name(job);
+    let ns = namespace(job);
+    let owner = serde_json::to_value(owner(job)).unwrap_or_default();
+    let meta = |name: String, component: Option<&str>| {
+        json!({"name": name, "namespace": ns, "labels": labels(&n, component), "ownerReferences": [owner]})
+    };
+    let file = job_file(job, valid);
+    let config_hash = hash(file.as_bytes());
+    let config_map = stamped(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": meta(config_map_name(&n), None),
+        "data": {"job.yaml": file},
+    }));
+    let coordinator_service = stamped(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": meta(coordinator_name(&n), Some("coordinator")),
+        "spec": {
+            "selector": {LABEL_JOB: n, LABEL_COMPONENT: "coordinator"},
+            // Workers connect before the coordinator is ready (it is ready once they have).
+            "publishNotReadyAddresses": true,
+            "ports": [
+                {"name": "control", "port": CONTROL_PORT, "targetPort": CONTROL_PORT},
+                {"name": "api", "port": API_PORT, "targetPort": API_PORT},
+            ],
+        },
+    }));
+    let worker_service = stamped(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": meta(workers_name(&n), Some("worker")),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_JOB: n, LABEL_COMPONENT: "worker"},
+            "publishNotReadyAddresses": true,
+            "ports": [{"name": "data", "port": DATA_PORT, "targetPort": DATA_PORT}],
+        },
+    }));
+
+    let image = job.spec.image.clone().unwrap_or_else(|| cfg.runtime_image.clone());
+    let pull = job.spec.image_pull_policy.map(|p| serde_json::to_value(p).unwrap_or_default());
+    let mut env = vec![
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+    ];
+    if let Some(secret) = job.spec.s3.as_ref().and_then(|s| s.credentials_secret.as_ref()) {
+        let from = |var: &str, key: &str| {
+            json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+        };
+        env.push(from("AWS_ACCESS_KEY_ID", &secret.access_key_id_key));
+        env.push(from("AWS_SECRET_ACCESS_KEY", &secret.secret_access_key_key));
+        if let Some(k) = &secret.session_token_key {
+            env.push(from("AWS_SESSION_TOKEN", k));
+        }
+    }
+    let resources = |r: Option<&weir_crds::streamjob::ContainerResources>| {
+        r.map(|r| json!({"requests": r.requests, "limits": r.limits})).unwrap_or(json!({}))
+    };
+    let security = json!({
+        "runAsNonRoot": true,
+        "readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+    });
+    let volumes = json!([
+        {"name": "job", "configMap": {"name": config_map_name(&n)}},
+        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]);
+    let mounts = json!([
+        {"name": "job", "mountPath": CONFIG_DIR, "readOnly": true},
+        {"name": "work", "mountPath": "/var/tmp/weir"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]);
+    let pod_security = json!({"runAsNonRoot": true, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID});
+
+    let mut coord_env = env.clone();
+    coord_env.push(json!({"name": "WEIR_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret_name(&n), "key": "token"}}}));
+    let coord_pod = json!({
+        "metadata": {"labels": labels(&n, Some("coordinator")), "annotations": {CONFIG_HASH: config_hash}},
+        "spec": {
+            "securityContext": pod_security,
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 30,
+            "volumes": volumes,
+            "containers": [{
+                "name": "coordinator",
+                "image": image,
+                "imagePullPolicy": pull,
+                "args": [
+                    "coordinator", format!("{CONFIG_DIR}/job.yaml"),
+                    "--control-addr", format!("$(POD_IP):{CONTROL_PORT}"),
+                    "--api-addr", format!("$(POD_IP):{API_PORT}"),
+                    "--job-id", job_id(job),
+                    "--resume",
+                    "--stay-after-end",
+                ],
+                "env": coord_env,
+                "ports": [
+                    {"name": "control", "containerPort": CONTROL_PORT},
+                    {"name": "api", "containerPort": API_PORT},
+                ],
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 2},
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 10, "failureThreshold": 6},
+                "resources": resources(job.spec.resources.as_ref().and_then(|r| r.coordinator.as_ref())),
+                "securityContext": security,
+                "volumeMounts": mounts,
+            }],
+        },
+    });
+    let coordinator = stamped(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": meta(coordinator_name(&n), Some("coordinator")),
+        "spec": {
+            "replicas": 1,
+            // Never two coordinators of one job.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {LABEL_JOB: n, LABEL_COMPONENT: "coordinator"}},
+            "template": overlay(coord_pod, job.spec.pod_template.as_ref()),
+        },
+    }));
+
+    let worker_pod = json!({
+        "metadata": {"labels": labels(&n, Some("worker")), "annotations": {CONFIG_HASH: config_hash}},
+        "spec": {
+            "securityContext": pod_security,
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 30,
+            "volumes": volumes,
+            "containers": [{
+                "name": "worker",
+                "image": image,
+                "imagePullPolicy": pull,
+                "args": [
+                    "worker",
+                    "--coordinator", format!("{}.{ns}.{}:{CONTROL_PORT}", coordinator_name(&n), cfg.service_domain),
+                    "--pod-name", "$(POD_NAME)",
+                    "--data-addr", format!("$(POD_IP):{DATA_PORT}"),
+                    "--advertise-host", "$(POD_IP)",
+                    "--state-dir", "/var/tmp/weir/state",
+                ],
+                "env": env,
+                "ports": [{"name": "data", "containerPort": DATA_PORT}],
+                "resources": resources(job.spec.resources.as_ref().and_then(|r| r.worker.as_ref())),
+                "securityContext": security,
+                "volumeMounts": mounts,
+            }],
+        },
+    });
+    let workers = stamped(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": meta(workers_name(&n), Some("worker")),
+        "spec": {
+            "replicas": workers,
+            "serviceName": workers_name(&n),
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": {LABEL_JOB: n, LABEL_COMPONENT: "worker"}},
+            "template": overlay(worker_pod, job.spec.pod_template.as_ref()),
+        },
+    }));
+    Objects { config_map, coordinator_service, coordinator, worker_service, workers }
+}
+
+/// The Secret with the coordinator's API token (created once: a new token on every apply
+/// would lock the controller out of a running coordinator).
+pub fn api_token(job: &StreamJob, token: &str) -> Secret {
+    let n = name(job);
+    let owner = serde_json::to_value(owner(job)).unwrap_or_default();
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": token_secret_name(&n), "namespace": namespace(job), "labels": labels(&n, None), "ownerReferences": [owner]},
+        "type": "Opaque",
+        "stringData": {"token": token},
+    }))
+    .expect("a Secret")
+}
+
+/// `spec.podTemplate` over a built pod template: a JSON merge patch (RFC 7386), except that
+/// containers are merged by name, so that an overlay can add a sidecar or set one field of
+/// the runtime's container.
+pub fn overlay(mut base: Value, over: Option<&Value>) -> Value {
+    let Some(over) = over else { return base };
+    merge(&mut base, over);
+    base
+}
+
+fn merge(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                if v.is_null() {
+                    b.remove(k);
+                } else if (k == "containers" || k == "initContainers")
+                    && let (Some(Value::Array(bs)), Value::Array(os)) = (b.get_mut(k), v)
+                {
+                    for oc in os {
+                        let name = oc.get("name");
+                        match bs.iter_mut().find(|bc| bc.get("name") == name && name.is_some()) {
+                            Some(bc) => merge(bc, oc),
+                            None => bs.push(oc.clone()),
+                        }
+                    }
+                } else {
+                    merge(b.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+/// Objects of a job, by kind and name, for the reconciler to apply or delete.
+pub fn names(job: &str) -> [(&'static str, String); 5] {
+    [
+        ("ConfigMap", config_map_name(job)),
+        ("Service", coordinator_name(job)),
+        ("Deployment", coordinator_name(job)),
+        ("Service", workers_name(job)),
+        ("StatefulSet", workers_name(job)),
+    ]
+}

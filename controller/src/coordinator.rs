@@ -1,0 +1,88 @@
+//! Reads a job's coordinator: `GET /v1/job` over plain HTTP/1.1 (the coordinator's API is a
+//! versioned JSON contract whose types live in `weir-crds`). A read that fails is an
+//! observation ("unreachable"), not an error of the reconcile.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weir_crds::api::JobInfo;
+
+/// How long one read may take.
+pub const TIMEOUT: Duration = Duration::from_secs(3);
+/// The largest answer read.
+const MAX_BODY: usize = 4 << 20;
+
+/// `GET /v1/job` from the coordinator at `addr` (`host:port`).
+pub async fn job(addr: &str) -> Result<JobInfo, String> {
+    let body = tokio::time::timeout(TIMEOUT, get(addr, "/v1/job"))
+        .await
+        .map_err(|_| format!("no answer from {addr} within {} s", TIMEOUT.as_secs()))??;
+    serde_json::from_slice(&body).map_err(|e| format!("GET http://{addr}/v1/job: {e}"))
+}
+
+async fn get(addr: &str, path: &str) -> Result<Vec<u8>, String> {
+    let fail = |e: std::io::Error| format!("GET http://{addr}{path}: {e}");
+    let mut s = TcpStream::connect(addr).await.map_err(fail)?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .map_err(fail)?;
+    let mut buf = Vec::new();
+    (&mut s).take(MAX_BODY as u64).read_to_end(&mut buf).await.map_err(fail)?;
+    parse_response(&buf).map_err(|e| format!("GET http://{addr}{path}: {e}"))
+}
+
+/// The body of a complete HTTP/1.1 response with status 200 (Content-Length or read to the
+/// end; the coordinator does not chunk).
+pub fn parse_response(buf: &[u8]) -> Result<Vec<u8>, String> {
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("the answer has no complete header")?;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or("");
+    let code = status.split_whitespace().nth(1).unwrap_or("");
+    let mut body = buf[end + 4..].to_vec();
+    if code != "200" {
+        let text = String::from_utf8_lossy(&body);
+        return Err(format!("answered {status:?}: {}", text.trim()));
+    }
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                let n: usize = v.trim().parse().map_err(|_| "a bad Content-Length")?;
+                if body.len() < n {
+                    return Err(format!("the answer ended after {} of {n} bytes", body.len()));
+                }
+                body.truncate(n);
+            }
+            if k.trim().eq_ignore_ascii_case("transfer-encoding") {
+                return Err("a chunked answer (not expected from a coordinator)".into());
+            }
+        }
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_body_of_a_200_and_names_other_answers() {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(parse_response(ok).unwrap(), b"{}");
+        let short = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}";
+        assert!(parse_response(short).unwrap_err().contains("2 of 10"));
+        let no_len = b"HTTP/1.1 200 OK\r\n\r\nabc";
+        assert_eq!(parse_response(no_len).unwrap(), b"abc");
+        let err = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9\r\n\r\nstarting\n";
+        assert!(parse_response(err).unwrap_err().contains("503"));
+        assert!(parse_response(b"HTTP/1.1 200").is_err());
+    }
+}

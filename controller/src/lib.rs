@@ -1,0 +1,469 @@
+//! The Weir operator: turns an applied StreamJob into a running job and tells the truth about
+//! it in its status.
+//!
+//! One reconcile of one StreamJob is a pipeline:
+//!
+//! ```text
+//!   read        the StreamJob, the existence of its objects (metadata stores fed by the same
+//!               watches that trigger reconciles), the credentials Secret it names
+//!   validate    pure: validate::validate           refusal → Degraded + Warning event,
+//!                                                   a running job left untouched
+//!   build       pure: build::objects               ConfigMap, Services, Deployment, StatefulSet
+//!   act         server-side apply of each object whose applied hash differs (or delete them
+//!               all when suspended); every step idempotent
+//!   observe     GET /v1/job from the coordinator
+//!   status      pure: status::next, written only when it changed; status::notes → Events
+//! ```
+//!
+//! [`run`] drives it with kube's controller runtime; `main.rs` adds the flags, the logs, the
+//! metrics server and leader election.
+
+pub mod build;
+pub mod coordinator;
+pub mod metrics;
+pub mod status;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+use weir_crds::streamjob::{DesiredState, JobPhase};
+use weir_crds::{FIELD_MANAGER, LABEL_JOB, StreamJob};
+
+use crate::metrics::Metrics;
+use crate::status::Observation;
+use crate::validate::{Defaults, Invalid, Observed};
+
+/// Settings of the controller.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub build: build::BuildConfig,
+    pub defaults: Defaults,
+    /// Namespaces watched; empty means all.
+    pub namespaces: Vec<String>,
+    /// How often a running job's coordinator is read.
+    pub poll: Duration,
+    /// Name of this replica in events.
+    pub instance: Option<String>,
+}
+
+/// Why a reconcile failed; the category labels the failure metric.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the Kubernetes API refused {what}: {source}")]
+    Kube {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("reading the system's random source for the API token: {0}")]
+    Random(std::io::Error),
+}
+
+impl Error {
+    /// A short label for metrics and logs.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409 => "conflict",
+            Error::Kube { source: kube::Error::Api(s), .. } if s.code == 403 => "forbidden",
+            Error::Kube { .. } => "kube_api",
+            Error::Random(_) => "random",
+        }
+    }
+}
+
+fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Kube { what, source }
+}
+
+/// The metadata of one kind of owned object, as watched.
+type MetaStore<K> = Store<PartialObjectMeta<K>>;
+
+/// Which owned objects exist, and the hash they were applied with.
+#[derive(Clone)]
+pub struct Stores {
+    config_maps: MetaStore<ConfigMap>,
+    services: MetaStore<Service>,
+    deployments: MetaStore<Deployment>,
+    stateful_sets: MetaStore<StatefulSet>,
+    secrets: MetaStore<Secret>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores").finish_non_exhaustive()
+    }
+}
+
+fn applied_hash<K: Resource<DynamicType = ()> + Clone>(
+    store: &MetaStore<K>,
+    ns: &str,
+    name: &str,
+) -> Option<Option<String>>
+where
+    PartialObjectMeta<K>: Resource<DynamicType = ()> + Clone,
+{
+    store
+        .get(&ObjectRef::new(name).within(ns))
+        .map(|m| m.annotations().get(build::APPLIED_HASH).cloned())
+}
+
+/// What a reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub stores: Stores,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Reconciles one StreamJob (see the crate's documentation for the steps).
+pub async fn reconcile(job: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile();
+    let ns = job.namespace().unwrap_or_else(|| "default".into());
+    let name = job.name_any();
+    if job.metadata.deletion_timestamp.is_some() {
+        ctx.metrics.forget(&ns, &name);
+        return Ok(Action::await_change());
+    }
+
+    // Read.
+    let mut observed = Observed::default();
+    if let Some(secret) = job.spec.s3.as_ref().and_then(|s| s.credentials_secret.as_ref()) {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+        let found = api
+            .get_opt(&secret.name)
+            .await
+            .map_err(kube_err(format!("reading Secret {ns}/{}", secret.name)))?;
+        observed.credentials_secret = found.map(|s| {
+            let mut data = s.data.unwrap_or_default();
+            for (k, v) in s.string_data.unwrap_or_default() {
+                data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
+            }
+            data
+        });
+    }
+
+    // Validate.
+    let validation = validate::validate(&job, &observed, &ctx.config.defaults);
+    let exists = ctx.deployed(&ns, &name);
+
+    // Act.
+    let mut applied = Vec::new();
+    let deployed = match (&validation, job.spec.state) {
+        (Err(_), _) => exists,
+        (Ok(valid), DesiredState::Running) => {
+            ctx.ensure_token(&job, &ns, &name).await?;
+            let old = job.status.as_ref();
+            let over = old.is_some_and(|s| {
+                s.observed_generation == job.metadata.generation
+                    && matches!(s.phase, Some(JobPhase::Finished | JobPhase::Failed))
+            });
+            let workers = if over { 0 } else { job.spec.parallelism };
+            let objs = build::objects(&job, valid, &ctx.config.build, workers);
+            let s = &ctx.stores;
+            ctx.apply_if_changed(&s.config_maps, &ns, objs.config_map, &mut applied).await?;
+            ctx.apply_if_changed(&s.services, &ns, objs.coordinator_service, &mut applied).await?;
+            ctx.apply_if_changed(&s.services, &ns, objs.worker_service, &mut applied).await?;
+            ctx.apply_if_changed(&s.stateful_sets, &ns, objs.workers, &mut applied).await?;
+            ctx.apply_if_changed(&s.deployments, &ns, objs.coordinator, &mut applied).await?;
+            true
+        }
+        (Ok(_), DesiredState::Suspended) => {
+            ctx.delete_objects(&ns, &name).await?;
+            false
+        }
+    };
+
+    // Observe.
+    let coordinator = if deployed {
+        let addr = build::api_address(&job, &ctx.config.build);
+        Some(coordinator::job(&addr).await)
+    } else {
+        None
+    };
+
+    // Status.
+    let invalid: Option<&Invalid> = validation.as_ref().err();
+    let obs = Observation {
+        invalid,
+        deployed,
+        coordinator,
+        job_id: build::job_id(&job),
+        selector: build::worker_selector(&name),
+    };
+    let old = job.status.clone().unwrap_or_default();
+    let new = status::next(&job, &obs, &Time(Timestamp::now()));
+    if !applied.is_empty() {
+        let verb = if exists { "applied" } else { "created" };
+        ctx.publish(&job, false, "Deployed", format!("{verb} {}", applied.join(", "))).await;
+    }
+    for n in status::notes(&old, &new) {
+        ctx.publish(&job, n.warning, n.reason, n.message).await;
+    }
+    if new != old {
+        let api: Api<StreamJob> = Api::namespaced(ctx.client.clone(), &ns);
+        let mut v = serde_json::to_value(&new).unwrap_or_default();
+        if let (Some(map), Ok(serde_json::Value::Object(before))) =
+            (v.as_object_mut(), serde_json::to_value(&old))
+        {
+            for k in before.keys() {
+                map.entry(k.clone()).or_insert(serde_json::Value::Null);
+            }
+        }
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": v })),
+        )
+        .await
+        .map_err(kube_err(format!("writing the status of StreamJob {ns}/{name}")))?;
+    }
+    let phase = new.phase.map(|p| format!("{p:?}")).unwrap_or_default();
+    ctx.metrics.job(
+        &ns,
+        &name,
+        &phase,
+        new.last_checkpoint.as_ref().map(|c| c.completed_at.0.as_millisecond()),
+    );
+
+    Ok(match (&validation, new.phase) {
+        (Err(e), _) if e.external => Action::requeue(Duration::from_secs(60)),
+        (Err(_), _) if !deployed => Action::await_change(),
+        (_, Some(JobPhase::Suspended | JobPhase::Created)) => Action::await_change(),
+        (_, Some(JobPhase::Finished | JobPhase::Failed)) => Action::requeue(Duration::from_secs(60)),
+        (_, Some(JobPhase::Deploying)) => Action::requeue(Duration::from_secs(2).min(ctx.config.poll)),
+        _ => Action::requeue(ctx.config.poll),
+    })
+}
+
+/// After a failed reconcile: count it, and retry after a while.
+pub fn error_policy(job: Arc<StreamJob>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failures.with_label_values(&[err.category()]).inc();
+    warn!(job = %job.name_any(), namespace = ?job.namespace(), reason = err.category(), "reconcile failed: {err}");
+    Action::requeue(Duration::from_secs(5))
+}
+
+impl Context {
+    fn deployed(&self, ns: &str, name: &str) -> bool {
+        let s = &self.stores;
+        applied_hash(&s.config_maps, ns, &build::config_map_name(name)).is_some()
+            || applied_hash(&s.deployments, ns, &build::coordinator_name(name)).is_some()
+            || applied_hash(&s.stateful_sets, ns, &build::workers_name(name)).is_some()
+            || applied_hash(&s.services, ns, &build::coordinator_name(name)).is_some()
+            || applied_hash(&s.services, ns, &build::workers_name(name)).is_some()
+    }
+
+    /// Applies `obj` unless the one in the cluster carries the same applied hash.
+    async fn apply_if_changed<K>(
+        &self,
+        store: &MetaStore<K>,
+        ns: &str,
+        obj: K,
+        applied: &mut Vec<String>,
+    ) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+        K::Scope: Send,
+        PartialObjectMeta<K>: Resource<DynamicType = ()> + Clone,
+        K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    {
+        let name = obj.name_any();
+        let want = obj.annotations().get(build::APPLIED_HASH).cloned();
+        if applied_hash(store, ns, &name) == Some(want) {
+            return Ok(());
+        }
+        let kind = K::kind(&());
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj))
+            .await
+            .map_err(kube_err(format!("applying {kind} {ns}/{name}")))?;
+        info!(namespace = ns, "applied {kind} {name}");
+        applied.push(format!("{kind} {name}"));
+        Ok(())
+    }
+
+    /// Creates the API token Secret when it does not exist (never rewrites it).
+    async fn ensure_token(&self, job: &StreamJob, ns: &str, name: &str) -> Result<(), Error> {
+        let secret_name = build::token_secret_name(name);
+        if applied_hash(&self.stores.secrets, ns, &secret_name).is_some() {
+            return Ok(());
+        }
+        let mut bytes = [0u8; 24];
+        {
+            use std::io::Read;
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut bytes))
+                .map_err(Error::Random)?;
+        }
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        match api.create(&PostParams::default(), &build::api_token(job, &token)).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
+        }
+    }
+
+    /// Deletes the job's objects (those that exist).
+    async fn delete_objects(&self, ns: &str, name: &str) -> Result<(), Error> {
+        let s = &self.stores;
+        let dp = DeleteParams::background();
+        macro_rules! delete {
+            ($store:expr, $k:ty, $n:expr) => {
+                let n = $n;
+                if applied_hash(&$store, ns, &n).is_some() {
+                    let api: Api<$k> = Api::namespaced(self.client.clone(), ns);
+                    match api.delete(&n, &dp).await {
+                        Ok(_) => info!(namespace = ns, "deleted {} {n}", stringify!($k)),
+                        Err(kube::Error::Api(e)) if e.code == 404 => {}
+                        Err(e) => {
+                            return Err(kube_err(format!("deleting {} {ns}/{n}", stringify!($k)))(e))
+                        }
+                    }
+                }
+            };
+        }
+        delete!(s.deployments, Deployment, build::coordinator_name(name));
+        delete!(s.stateful_sets, StatefulSet, build::workers_name(name));
+        delete!(s.services, Service, build::coordinator_name(name));
+        delete!(s.services, Service, build::workers_name(name));
+        delete!(s.config_maps, ConfigMap, build::config_map_name(name));
+        Ok(())
+    }
+
+    async fn publish(&self, job: &StreamJob, warning: bool, reason: &str, note: String) {
+        let ev = KubeEvent {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.to_string(),
+            note: Some(truncate(note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &job.object_ref(&())).await {
+            warn!(job = %job.name_any(), "publishing event {reason}: {e}");
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Watches a kind's objects labelled with a job, as metadata: a store of them, and the stream
+/// that triggers their owners' reconciles.
+fn owned<K>(
+    client: &Client,
+    ns: Option<&str>,
+) -> (
+    MetaStore<K>,
+    impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    PartialObjectMeta<K>: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Send
+        + Sync
+        + std::fmt::Debug,
+{
+    let api: Api<PartialObjectMeta<K>> = match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (reader, writer) = reflector::store();
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default().labels(LABEL_JOB)))
+            .default_backoff()
+            .touched_objects();
+    (reader, stream)
+}
+
+/// Runs the controller for every namespace of `config` until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+    let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: config.instance.clone() };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let mut runs = Vec::new();
+    for scope in scopes {
+        let ns = scope.as_deref();
+        let (config_maps, cm) = owned::<ConfigMap>(&client, ns);
+        let (services, sv) = owned::<Service>(&client, ns);
+        let (deployments, dp) = owned::<Deployment>(&client, ns);
+        let (stateful_sets, ss) = owned::<StatefulSet>(&client, ns);
+        let (secrets, se) = owned::<Secret>(&client, ns);
+        let stores = Stores { config_maps, services, deployments, stateful_sets, secrets };
+        let jobs: Api<StreamJob> = match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            config: config.clone(),
+            metrics: metrics.clone(),
+            recorder: recorder.clone(),
+            stores,
+        });
+        info!(namespace = ns.unwrap_or("(all)"), "watching StreamJobs");
+        let controller = Controller::new(jobs, watcher::Config::default())
+            .owns_stream(cm)
+            .owns_stream(sv)
+            .owns_stream(dp)
+            .owns_stream(ss)
+            .owns_stream(se)
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile, error_policy, ctx)
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!("reconcile: {e}");
+                }
+            });
+        runs.push(controller);
+    }
+    futures::future::join_all(runs).await;
+}

@@ -1,0 +1,461 @@
+//! The controller's pure steps over YAML fixtures, no API: validate (each refusal names its
+//! field), build (the objects a job runs as), status (what is observed → what is written, and
+//! which events that is worth).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::{Value, json};
+use weir_controller::build::{self, BuildConfig};
+use weir_controller::status::{self, Observation};
+use weir_controller::validate::{self, Defaults, Observed};
+use weir_crds::api::{CheckpointInfo, CheckpointStatus, JobInfo, JobState};
+use weir_crds::streamjob::{JobPhase, StreamJobStatus};
+use weir_crds::{StorageUri, StreamJob};
+
+fn fixture(name: &str) -> StreamJob {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// `job` with a JSON merge patch applied (as `kubectl patch --type merge` would).
+fn patched(job: &StreamJob, patch: Value) -> StreamJob {
+    let mut v = serde_json::to_value(job).unwrap();
+    merge(&mut v, &patch);
+    serde_json::from_value(v).unwrap()
+}
+
+fn merge(a: &mut Value, b: &Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                if v.is_null() {
+                    a.remove(k);
+                } else {
+                    merge(a.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (a, b) => *a = b.clone(),
+    }
+}
+
+fn secret(keys: &[&str]) -> Observed {
+    Observed {
+        credentials_secret: Some(
+            keys.iter().map(|k| (k.to_string(), ByteString(b"x".to_vec()))).collect::<BTreeMap<_, _>>(),
+        ),
+    }
+}
+
+fn good_secret() -> Observed {
+    secret(&["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+}
+
+fn cfg() -> BuildConfig {
+    BuildConfig { runtime_image: "ghcr.io/weir-dev/weir:test".into(), service_domain: "svc".into() }
+}
+
+#[test]
+fn a_good_spec_passes_and_keeps_its_storage() {
+    let job = fixture("wordcount-s3.yaml");
+    let v = validate::validate(&job, &good_secret(), &Defaults::default()).unwrap();
+    assert_eq!(v.checkpoint_storage, Some("s3://weir-data/checkpoints".parse().unwrap()));
+    assert_eq!(v.max_parallelism, 128);
+    // A job without storage takes the operator's default, and is refused without one.
+    let generator = fixture("generator-default-storage.yaml");
+    let defaults =
+        Defaults { checkpoint_storage: Some("s3://ops/checkpoints".parse::<StorageUri>().unwrap()) };
+    let v = validate::validate(&generator, &Observed::default(), &defaults).unwrap();
+    assert_eq!(v.checkpoint_storage.unwrap().to_string(), "s3://ops/checkpoints");
+    let e = validate::validate(&generator, &Observed::default(), &Defaults::default()).unwrap_err();
+    assert_eq!(e.field, "spec.checkpointing.storage");
+    assert!(e.message.contains("s3://bucket/prefix"), "{}", e.message);
+    // No checkpoints, no storage needed.
+    let none = patched(&generator, json!({"spec": {"checkpointing": {"interval": "0s"}}}));
+    assert_eq!(validate::validate(&none, &Observed::default(), &Defaults::default()).unwrap().checkpoint_storage, None);
+}
+
+#[test]
+fn each_refusal_names_its_field_and_what_to_do() {
+    let job = fixture("wordcount-s3.yaml");
+    let ops = |f: &dyn Fn(&mut Vec<Value>)| {
+        let mut v = serde_json::to_value(&job.spec.pipeline.operators).unwrap();
+        f(v.as_array_mut().unwrap());
+        json!({"spec": {"pipeline": {"operators": v}}})
+    };
+    let cases: Vec<(&str, Value, Observed, &str, &str)> = vec![
+        (
+            "parallelism above maxParallelism",
+            json!({"spec": {"parallelism": 200}}),
+            good_secret(),
+            "spec.parallelism",
+            "spec.parallelism 200 is above spec.maxParallelism 128",
+        ),
+        (
+            "maxParallelism changed after the job has state",
+            json!({"spec": {"maxParallelism": 256}, "status": {"maxParallelism": 128}}),
+            good_secret(),
+            "spec.maxParallelism",
+            "spec.maxParallelism 256 differs from 128",
+        ),
+        (
+            "a duplicate uid",
+            ops(&|o| o[1]["uid"] = json!("lines")),
+            good_secret(),
+            "spec.pipeline",
+            "uid \"lines\" is used by more than one operator",
+        ),
+        (
+            "an unknown operator type",
+            ops(&|o| o[3]["type"] = json!("file_snk")),
+            good_secret(),
+            "spec.pipeline",
+            "type \"file_snk\" is unknown: use one of",
+        ),
+        (
+            "a malformed S3 URI among an operator's parameters",
+            ops(&|o| o[0]["path"] = json!("s3://Weir_Data/in")),
+            good_secret(),
+            "spec.pipeline.operators[0].path",
+            "the bucket name must be",
+        ),
+        (
+            "checkpoints on a local directory",
+            json!({"spec": {"checkpointing": {"storage": "/var/tmp/weir/checkpoints"}}}),
+            good_secret(),
+            "spec.checkpointing.storage",
+            "is a local directory",
+        ),
+        (
+            "savepoints on a local directory",
+            json!({"spec": {"savepoints": {"directory": "/sp"}}}),
+            good_secret(),
+            "spec.savepoints.directory",
+            "is a local directory",
+        ),
+        (
+            "an endpoint that is no URL",
+            json!({"spec": {"s3": {"endpoint": "s3.storage:9000"}}}),
+            good_secret(),
+            "spec.s3.endpoint",
+            "write http://host:port",
+        ),
+        (
+            "a missing credentials Secret",
+            json!({}),
+            Observed::default(),
+            "spec.s3.credentialsSecret",
+            "Secret \"s3-credentials\" does not exist in namespace \"team-a\"",
+        ),
+        (
+            "a credentials Secret without the key",
+            json!({}),
+            secret(&["AWS_ACCESS_KEY_ID"]),
+            "spec.s3.credentialsSecret.secretAccessKeyKey",
+            "has no key \"AWS_SECRET_ACCESS_KEY\"",
+        ),
+    ];
+    for (what, patch, observed, field, text) in cases {
+        let bad = patched(&job, patch);
+        let e = validate::validate(&bad, &observed, &Defaults::default())
+            .expect_err(what);
+        assert_eq!(e.field, field, "{what}: {}", e.message);
+        assert!(e.message.contains(text), "{what}: {}", e.message);
+        assert!(e.message.starts_with(field), "{what}: the message names the field first: {}", e.message);
+    }
+}
+
+#[test]
+fn a_missing_secret_is_worth_checking_again_a_bad_spec_is_not() {
+    let job = fixture("wordcount-s3.yaml");
+    let e = validate::validate(&job, &Observed::default(), &Defaults::default()).unwrap_err();
+    assert!(e.external);
+    let bad = patched(&job, json!({"spec": {"parallelism": 200}}));
+    assert!(!validate::validate(&bad, &good_secret(), &Defaults::default()).unwrap_err().external);
+    // A suspended job needs no credentials.
+    let suspended = patched(&job, json!({"spec": {"state": "suspended"}}));
+    assert!(validate::validate(&suspended, &Observed::default(), &Defaults::default()).is_ok());
+}
+
+fn objects(job: &StreamJob, workers: i32) -> build::Objects {
+    let v = validate::validate(job, &good_secret(), &Defaults::default()).unwrap();
+    build::objects(job, &v, &cfg(), workers)
+}
+
+fn to_json<T: serde::Serialize>(t: &T) -> Value {
+    serde_json::to_value(t).unwrap()
+}
+
+#[test]
+fn a_job_runs_as_five_owned_objects_named_from_it() {
+    let job = fixture("wordcount-s3.yaml");
+    let o = objects(&job, 3);
+    let all = [
+        to_json(&o.config_map),
+        to_json(&o.coordinator_service),
+        to_json(&o.coordinator),
+        to_json(&o.worker_service),
+        to_json(&o.workers),
+    ];
+    let names: Vec<(&str, &str)> = all
+        .iter()
+        .map(|v| (v["kind"].as_str().unwrap(), v["metadata"]["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("ConfigMap", "wordcount-job"),
+            ("Service", "wordcount-coordinator"),
+            ("Deployment", "wordcount-coordinator"),
+            ("Service", "wordcount-worker"),
+            ("StatefulSet", "wordcount-worker"),
+        ]
+    );
+    for v in &all {
+        let owner = &v["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "StreamJob");
+        assert_eq!(owner["name"], "wordcount");
+        assert_eq!(owner["uid"], "6f1c2a9e-0b7d-4c3e-9a51-2d8e4f7a1b30");
+        assert_eq!(owner["controller"], true);
+        assert_eq!(v["metadata"]["namespace"], "team-a");
+        assert_eq!(v["metadata"]["labels"]["weir.dev/job"], "wordcount");
+        assert!(v["metadata"]["annotations"][build::APPLIED_HASH].is_string());
+    }
+    let sts = to_json(&o.workers);
+    assert_eq!(sts["spec"]["replicas"], 3);
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+    assert_eq!(sts["spec"]["serviceName"], "wordcount-worker");
+    let worker = &sts["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = worker["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(args[..3], ["worker", "--coordinator", "wordcount-coordinator.team-a.svc:6123"]);
+    assert!(args.windows(2).any(|w| w == ["--pod-name", "$(POD_NAME)"]), "{args:?}");
+    assert_eq!(worker["image"], "ghcr.io/weir-dev/weir:test");
+    assert_eq!(worker["resources"]["limits"]["memory"], "2Gi");
+    // Credentials only through Secret references.
+    let env = worker["env"].as_array().unwrap();
+    let key_id = env.iter().find(|e| e["name"] == "AWS_ACCESS_KEY_ID").unwrap();
+    assert_eq!(key_id["valueFrom"]["secretKeyRef"], json!({"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}));
+    assert!(env.iter().all(|e| e.get("value").is_none()), "no literal values: {env:?}");
+    // Non-root, read-only root file system, nothing to escalate.
+    for pod in [&sts["spec"]["template"], &to_json(&o.coordinator)["spec"]["template"]] {
+        assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+        let c = &pod["spec"]["containers"][0];
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    }
+    let deploy = to_json(&o.coordinator);
+    assert_eq!(deploy["spec"]["replicas"], 1);
+    assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
+    let c = &deploy["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.contains(&"--resume") && args.contains(&"--stay-after-end"), "{args:?}");
+    assert!(args.windows(2).any(|w| w == ["--job-id", "6f1c2a9e0b7d"]), "{args:?}");
+    let token = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "WEIR_API_TOKEN").unwrap();
+    assert_eq!(token["valueFrom"]["secretKeyRef"]["name"], "wordcount-api-token");
+    assert_eq!(to_json(&o.worker_service)["spec"]["clusterIP"], "None");
+}
+
+#[test]
+fn the_job_file_is_the_spec_with_the_defaults_filled_in() {
+    let job = fixture("generator-default-storage.yaml");
+    let defaults = Defaults { checkpoint_storage: Some("s3://ops/chk".parse().unwrap()) };
+    let v = validate::validate(&job, &Observed::default(), &defaults).unwrap();
+    let o = build::objects(&job, &v, &cfg(), 2);
+    let file = o.config_map.data.as_ref().unwrap()["job.yaml"].clone();
+    let back: StreamJob = serde_saphyr::from_str(&file).unwrap();
+    assert_eq!(back.metadata.name.as_deref(), Some("gen"));
+    assert_eq!(back.spec.checkpointing.storage.unwrap().to_string(), "s3://ops/chk");
+    assert_eq!(back.spec.max_parallelism, Some(128));
+    assert_eq!(back.spec.pipeline, job.spec.pipeline);
+}
+
+#[test]
+fn hashes_change_with_the_spec_and_only_then() {
+    let job = fixture("wordcount-s3.yaml");
+    let h = |o: &build::Objects| {
+        [to_json(&o.config_map), to_json(&o.coordinator), to_json(&o.workers)]
+            .map(|v| v["metadata"]["annotations"][build::APPLIED_HASH].as_str().unwrap().to_string())
+    };
+    let a = h(&objects(&job, 3));
+    assert_eq!(a, h(&objects(&job, 3)), "the same spec builds the same objects");
+    let b = h(&objects(&patched(&job, json!({"spec": {"checkpointing": {"interval": "7s"}}})), 3));
+    assert!(a.iter().zip(&b).all(|(x, y)| x != y), "a new job file rolls both pods: {a:?} {b:?}");
+    let c = h(&objects(&job, 0));
+    assert_eq!((a[0].as_str(), a[1].as_str()), (c[0].as_str(), c[1].as_str()));
+    assert_ne!(a[2], c[2]);
+}
+
+#[test]
+fn a_pod_template_overlay_merges_containers_by_name() {
+    let job = patched(
+        &fixture("wordcount-s3.yaml"),
+        json!({"spec": {"podTemplate": {
+            "metadata": {"annotations": {"team": "a"}},
+            "spec": {
+                "nodeSelector": {"disk": "ssd"},
+                "containers": [
+                    {"name": "worker", "env": [{"name": "RUST_LOG", "value": "debug"}]},
+                    {"name": "sidecar", "image": "busybox"},
+                ],
+            },
+        }}}),
+    );
+    let o = objects(&job, 3);
+    let pod = &to_json(&o.workers)["spec"]["template"];
+    assert_eq!(pod["metadata"]["annotations"]["team"], "a");
+    assert!(pod["metadata"]["annotations"][build::CONFIG_HASH].is_string());
+    assert_eq!(pod["spec"]["nodeSelector"]["disk"], "ssd");
+    let cs = pod["spec"]["containers"].as_array().unwrap();
+    assert_eq!(cs.len(), 2);
+    assert_eq!(cs[0]["name"], "worker");
+    assert_eq!(cs[0]["args"][0], "worker", "the runtime's container keeps what the overlay does not set");
+    assert_eq!(cs[0]["env"], json!([{"name": "RUST_LOG", "value": "debug"}]));
+    assert_eq!(cs[1]["name"], "sidecar");
+}
+
+fn info(state: JobState, restarts: u32, checkpoint: Option<u64>) -> JobInfo {
+    serde_json::from_value(json!({
+        "name": "wordcount", "runId": "r1", "state": state, "parallelism": 3, "maxParallelism": 128,
+        "workersConnected": 3, "workersExpected": 3, "uptimeSeconds": 12.5, "startedAt": 1_763_000_000_000u64,
+        "stateBytes": 1000, "operators": [], "restarts": restarts,
+        "lastCheckpoint": checkpoint.map(|id| CheckpointInfo {
+            id, status: CheckpointStatus::Completed, trigger_time: 1_763_000_010_000, duration_ms: 250,
+            size_bytes: 4096, uploaded_bytes: 4096, alignment_ms: 0, unaligned: false, in_flight_bytes: 0,
+            acknowledged: 3, subtasks: 3, final_: false, path: Some("s3://weir-data/checkpoints/x/chk-1".into()),
+            failure: None,
+        }),
+    }))
+    .unwrap()
+}
+
+fn observe(job: &StreamJob, deployed: bool, c: Option<Result<JobInfo, String>>) -> StreamJobStatus {
+    let obs = Observation {
+        invalid: None,
+        deployed,
+        coordinator: c,
+        job_id: build::job_id(job),
+        selector: build::worker_selector("wordcount"),
+    };
+    status::next(job, &obs, &Time(Timestamp::from_second(1_763_000_100).unwrap()))
+}
+
+fn with_status(job: &StreamJob, s: &StreamJobStatus) -> StreamJob {
+    let mut j = job.clone();
+    j.status = Some(s.clone());
+    j
+}
+
+fn cond<'a>(s: &'a StreamJobStatus, t: &str) -> (&'a str, &'a str) {
+    let c = status::condition(s, t).unwrap();
+    (c.status.as_str(), c.reason.as_str())
+}
+
+#[test]
+fn the_status_follows_the_job_through_its_life() {
+    let job = fixture("wordcount-s3.yaml");
+    // Just applied, the coordinator not up yet.
+    let s1 = observe(&job, true, Some(Err("connection refused".into())));
+    assert_eq!(s1.phase, Some(JobPhase::Deploying));
+    assert_eq!(cond(&s1, "Progressing"), ("True", "Deploying"));
+    assert_eq!(cond(&s1, "Ready"), ("False", "Deploying"));
+    assert_eq!(s1.observed_generation, Some(3));
+    assert_eq!(s1.selector.as_deref(), Some("weir.dev/job=wordcount,weir.dev/component=worker"));
+    let notes = status::notes(&StreamJobStatus::default(), &s1);
+    assert!(notes.is_empty(), "{notes:?}");
+
+    // Running with a checkpoint.
+    let j1 = with_status(&job, &s1);
+    let s2 = observe(&j1, true, Some(Ok(info(JobState::Running, 0, Some(1)))));
+    assert_eq!(s2.phase, Some(JobPhase::Running));
+    assert_eq!(cond(&s2, "Ready"), ("True", "Running"));
+    assert_eq!(cond(&s2, "Degraded"), ("False", "AsExpected"));
+    let c = s2.last_checkpoint.as_ref().unwrap();
+    assert_eq!((c.id, c.size_bytes), (1, 4096));
+    assert_eq!(c.completed_at.0.as_millisecond(), 1_763_000_010_250);
+    assert_eq!(s2.max_parallelism, Some(128));
+    assert_eq!(s2.replicas, 3);
+    let j = s2.job.as_ref().unwrap();
+    assert_eq!((j.id.as_str(), j.parallelism, j.restarts), ("6f1c2a9e0b7d", 3, 0));
+    let notes = status::notes(&s1, &s2);
+    assert_eq!(notes.iter().map(|n| n.reason).collect::<Vec<_>>(), ["JobRunning"]);
+
+    // The same observation again: the same status (nothing to write, nothing to wake on).
+    let j2 = with_status(&job, &s2);
+    assert_eq!(observe(&j2, true, Some(Ok(info(JobState::Running, 0, Some(1))))), s2);
+
+    // A worker died: restarting, then running again with the restart counted.
+    let s3 = observe(&j2, true, Some(Ok(info(JobState::Restarting, 1, Some(1)))));
+    assert_eq!(s3.phase, Some(JobPhase::Running));
+    assert_eq!(cond(&s3, "Ready"), ("False", "Restarting"));
+    assert_eq!(cond(&s3, "Degraded"), ("True", "Restarting"));
+    let notes = status::notes(&s2, &s3);
+    assert_eq!(notes.iter().map(|n| n.reason).collect::<Vec<_>>(), ["Restarted"]);
+    assert!(notes[0].warning && notes[0].message.contains("from checkpoint 1"), "{notes:?}");
+    let j3 = with_status(&job, &s3);
+    let s4 = observe(&j3, true, Some(Ok(info(JobState::Running, 1, Some(2)))));
+    assert_eq!(s4.job.as_ref().unwrap().restarts, 1);
+    assert_eq!(cond(&s4, "Ready"), ("True", "Running"));
+    // Ready went False and back: its transition time is the new one; Progressing kept its own.
+    let t = |s: &StreamJobStatus, c: &str| status::condition(s, c).unwrap().last_transition_time.clone();
+    assert_eq!(t(&s4, "Progressing"), t(&s2, "Progressing"));
+
+    // The job fails for good.
+    let mut failed = info(JobState::Failed, 3, Some(2));
+    failed.error = Some("operator \"out\": S3 refused the credentials".into());
+    let j4 = with_status(&job, &s4);
+    let s5 = observe(&j4, true, Some(Ok(failed)));
+    assert_eq!(s5.phase, Some(JobPhase::Failed));
+    assert_eq!(cond(&s5, "Degraded"), ("True", "JobFailed"));
+    let notes = status::notes(&s4, &s5);
+    let failed = notes.iter().find(|n| n.reason == "JobFailed").unwrap();
+    assert!(failed.message.contains("S3 refused the credentials"), "{failed:?}");
+}
+
+#[test]
+fn an_invalid_change_is_reported_once_and_leaves_the_running_job_in_the_status() {
+    let job = fixture("wordcount-s3.yaml");
+    let running = observe(&job, true, Some(Ok(info(JobState::Running, 0, Some(4)))));
+    let bad = with_status(&patched(&job, json!({"spec": {"parallelism": 200}})), &running);
+    let invalid = validate::validate(&bad, &good_secret(), &Defaults::default()).unwrap_err();
+    let obs = Observation {
+        invalid: Some(&invalid),
+        deployed: true,
+        coordinator: Some(Ok(info(JobState::Running, 0, Some(5)))),
+        job_id: build::job_id(&bad),
+        selector: build::worker_selector("wordcount"),
+    };
+    let now = Time(Timestamp::from_second(1_763_000_200).unwrap());
+    let s = status::next(&bad, &obs, &now);
+    assert_eq!(s.phase, Some(JobPhase::Running));
+    assert_eq!(cond(&s, "Degraded"), ("True", "InvalidSpec"));
+    assert!(status::condition(&s, "Degraded").unwrap().message.starts_with("spec.parallelism 200"));
+    assert_eq!(cond(&s, "Ready"), ("True", "Running"), "the old job still runs");
+    assert_eq!(s.last_checkpoint.as_ref().unwrap().id, 5);
+    let notes = status::notes(&running, &s);
+    assert_eq!(notes.iter().map(|n| n.reason).collect::<Vec<_>>(), ["InvalidSpec"]);
+    // Observed again: no new event.
+    let again = status::next(&with_status(&bad, &s), &obs, &now);
+    assert_eq!(again, s);
+    assert!(status::notes(&s, &again).is_empty());
+
+    // Refused before anything was deployed: Created, Degraded, nothing running.
+    let fresh = patched(&job, json!({"spec": {"parallelism": 200}}));
+    let obs = Observation { deployed: false, coordinator: None, ..obs };
+    let s = status::next(&fresh, &obs, &now);
+    assert_eq!(s.phase, Some(JobPhase::Created));
+    assert_eq!(cond(&s, "Progressing"), ("False", "InvalidSpec"));
+    assert!(s.job.is_none());
+}
+
+#[test]
+fn a_suspended_job_has_no_pods_and_says_so() {
+    let job = patched(&fixture("wordcount-s3.yaml"), json!({"spec": {"state": "suspended"}}));
+    let s = observe(&job, false, None);
+    assert_eq!(s.phase, Some(JobPhase::Suspended));
+    assert_eq!(s.replicas, 0);
+    assert_eq!(cond(&s, "Ready"), ("False", "Suspended"));
+}
