@@ -26,6 +26,9 @@ use weir_crds::{LABEL_COMPONENT, LABEL_JOB, StreamJob};
 
 use crate::validate::Valid;
 
+// Every port names its protocol: server-side apply keys port lists by port and protocol, and
+// an apiserver before 1.26 refuses an element without it.
+
 /// Port the workers reach the coordinator on.
 pub const CONTROL_PORT: u16 = 6123;
 /// Port of the coordinator's HTTP API.
@@ -174,8 +177,8 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
             // Workers connect before the coordinator is ready (it is ready once they have).
             "publishNotReadyAddresses": true,
             "ports": [
-                {"name": "control", "port": CONTROL_PORT, "targetPort": CONTROL_PORT},
-                {"name": "api", "port": API_PORT, "targetPort": API_PORT},
+                {"name": "control", "port": CONTROL_PORT, "targetPort": CONTROL_PORT, "protocol": "TCP"},
+                {"name": "api", "port": API_PORT, "targetPort": API_PORT, "protocol": "TCP"},
             ],
         },
     }));
@@ -186,7 +189,7 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
             "clusterIP": "None",
             "selector": {LABEL_JOB: n, LABEL_COMPONENT: "worker"},
             "publishNotReadyAddresses": true,
-            "ports": [{"name": "data", "port": DATA_PORT, "targetPort": DATA_PORT}],
+            "ports": [{"name": "data", "port": DATA_PORT, "targetPort": DATA_PORT, "protocol": "TCP"}],
         },
     }));
 
@@ -250,8 +253,8 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
                 ],
                 "env": coord_env,
                 "ports": [
-                    {"name": "control", "containerPort": CONTROL_PORT},
-                    {"name": "api", "containerPort": API_PORT},
+                    {"name": "control", "containerPort": CONTROL_PORT, "protocol": "TCP"},
+                    {"name": "api", "containerPort": API_PORT, "protocol": "TCP"},
                 ],
                 "readinessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 2},
                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 10, "failureThreshold": 6},
@@ -293,7 +296,7 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
                     "--state-dir", "/var/tmp/weir/state",
                 ],
                 "env": env,
-                "ports": [{"name": "data", "containerPort": DATA_PORT}],
+                "ports": [{"name": "data", "containerPort": DATA_PORT, "protocol": "TCP"}],
                 "resources": resources(job.spec.resources.as_ref().and_then(|r| r.worker.as_ref())),
                 "securityContext": security,
                 "volumeMounts": mounts,

@@ -100,6 +100,14 @@ impl TestEnv {
         )
     }
 
+    /// A binary of this workspace (`cargo build --workspace --bins` builds them).
+    pub fn binary(&self, name: &str) -> PathBuf {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.repo.join("target"));
+        target.join("debug").join(name)
+    }
+
     /// A container's log file as the node agent writes it.
     pub fn container_log(&self, ns: &str, pod: &str, container: &str) -> String {
         std::fs::read_to_string(

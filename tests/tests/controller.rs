@@ -1,0 +1,465 @@
+//! The controller against the real control plane, node agent and S3 server: the example job
+//! runs, checkpoints to S3 and shows it in its status and in `kubectl get sj`; a killed worker
+//! is recovered and counted; objects deleted by hand come back; invalid specs are Degraded
+//! with an Event and change nothing; with two replicas one leads and the other takes over.
+//!
+//! Each test starts its own `weir-controller` process(es), limited to the test's namespace.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use weir_crds::StreamJob;
+use weir_crds::streamjob::JobPhase;
+use weir_e2e::testenv::{TestEnv, setting, wait_for};
+
+const T: Duration = Duration::from_secs(120);
+
+/// A `weir-controller` process, killed when dropped.
+struct Controller {
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Controller {
+    fn start(env: &TestEnv, ns: &str, extra: &[&str]) -> Controller {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("controller.log");
+        let bin = env.binary("weir-controller");
+        let child = Command::new(&bin)
+            .args(["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--poll-interval", "1s"])
+            .args(extra)
+            .env("WEIR_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e} (cargo build --workspace --bins)", bin.display()));
+        Controller { child, log, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The address of its metrics server, from its log.
+    async fn metrics_addr(&self) -> String {
+        wait_for("the controller's metrics address", T, || async {
+            self.log().lines().find_map(|l| {
+                let v: Value = serde_json::from_str(l).ok()?;
+                v["fields"]["addr"].as_str().filter(|_| {
+                    v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("serving /metrics"))
+                }).map(str::to_string)
+            })
+        })
+        .await
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return String::new() };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The value of an unlabelled metric.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn create_credentials(env: &TestEnv, ns: &str) {
+    let api: Api<Secret> = Api::namespaced(env.client.clone(), ns);
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s3-credentials"},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": setting("AWS_ACCESS_KEY_ID"),
+            "AWS_SECRET_ACCESS_KEY": setting("AWS_SECRET_ACCESS_KEY"),
+        },
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &s).await.unwrap();
+}
+
+/// manifests/examples/wordcount.yaml pointed at the test S3 server (storage, endpoint,
+/// credentials Secret) and made unbounded (a generator at 200 lines/s instead of 1,000
+/// lines), so that it runs long enough to checkpoint.
+fn wordcount_on_test_s3(env: &TestEnv, ns: &str) -> Value {
+    let text = std::fs::read_to_string(env.repo.join("manifests/examples/wordcount.yaml")).unwrap();
+    let mut v: Value = serde_saphyr::from_str(&text).unwrap();
+    v["metadata"]["namespace"] = json!(ns);
+    let spec = &mut v["spec"];
+    spec["checkpointing"]["storage"] = json!(format!("s3://{}/{ns}/checkpoints", setting("WEIR_TEST_BUCKET")));
+    spec["s3"] = json!({
+        "endpoint": setting("AWS_ENDPOINT_URL"),
+        "region": setting("AWS_REGION"),
+        "credentialsSecret": {"name": "s3-credentials"},
+    });
+    let source = &mut spec["pipeline"]["operators"][0];
+    source.as_object_mut().unwrap().remove("count");
+    source["ratePerSecond"] = json!(200);
+    v
+}
+
+fn apply(env: &TestEnv, manifest: &Value) -> (bool, String) {
+    let yaml = serde_saphyr::to_string(manifest).unwrap();
+    let (ok, out, err) = env.kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
+    (ok, format!("{out}{err}"))
+}
+
+async fn job(env: &TestEnv, ns: &str, name: &str) -> StreamJob {
+    Api::<StreamJob>::namespaced(env.client.clone(), ns).get(name).await.unwrap()
+}
+
+async fn wait_job(env: &TestEnv, ns: &str, name: &str, what: &str, f: impl Fn(&StreamJob) -> bool) -> StreamJob {
+    let api: Api<StreamJob> = Api::namespaced(env.client.clone(), ns);
+    wait_for(&format!("StreamJob {name}: {what}"), T, || async {
+        api.get_opt(name).await.ok().flatten().filter(|j| f(j))
+    })
+    .await
+}
+
+fn phase(j: &StreamJob) -> Option<JobPhase> {
+    j.status.as_ref().and_then(|s| s.phase)
+}
+
+fn condition(j: &StreamJob, t: &str) -> Option<(String, String, String)> {
+    let c = j.status.as_ref()?.conditions.iter().find(|c| c.type_ == t)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn ready(j: &StreamJob) -> bool {
+    condition(j, "Ready").is_some_and(|c| c.0 == "True")
+}
+
+async fn events(env: &TestEnv, ns: &str, name: &str) -> Vec<(String, String)> {
+    let api: Api<Event> = Api::namespaced(env.client.clone(), ns);
+    let mut out: Vec<(String, String)> = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect();
+    out.sort();
+    out
+}
+
+async fn wait_event(env: &TestEnv, ns: &str, name: &str, reason: &str) -> String {
+    wait_for(&format!("a {reason} event on {name}"), T, || async {
+        events(env, ns, name).await.into_iter().find(|(r, _)| r == reason).map(|(_, n)| n)
+    })
+    .await
+}
+
+/// The pid of the process running the worker of pod `pod` (the node agent runs pods as
+/// processes; the worker's command line carries its pod name).
+fn worker_pid(pod: &str, ns: &str) -> Option<i32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<String> =
+            cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.iter().any(|a| a == "worker")
+            && args.iter().any(|a| a == pod)
+            && args.iter().any(|a| a.contains(&format!(".{ns}.svc")))
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+async fn resource_version<K>(env: &TestEnv, ns: &str, name: &str) -> Option<String>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(env.client.clone(), ns);
+    api.get_opt(name).await.ok().flatten().and_then(|o| o.meta().resource_version.clone())
+}
+
+#[tokio::test]
+async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
+    let env = TestEnv::get().await;
+    env.install_crds();
+    let ns = env.namespace("ctl-run").await;
+    create_credentials(&env, &ns).await;
+    let _ctl = Controller::start(&env, &ns, &[]);
+    let (ok, out) = apply(&env, &wordcount_on_test_s3(&env, &ns));
+    assert!(ok, "kubectl apply: {out}");
+
+    // Running, with a checkpoint in the status and in the bucket.
+    let j = wait_job(&env, &ns, "wordcount", "Running with a checkpoint", |j| {
+        phase(j) == Some(JobPhase::Running) && ready(j)
+            && j.status.as_ref().is_some_and(|s| s.last_checkpoint.is_some())
+    })
+    .await;
+    let s = j.status.clone().unwrap();
+    assert_eq!(s.observed_generation, j.metadata.generation);
+    assert_eq!(s.replicas, 2);
+    assert_eq!(s.max_parallelism, Some(128));
+    let running = s.job.clone().unwrap();
+    assert_eq!(running.parallelism, 2);
+    assert_eq!(running.restarts, 0);
+    assert!(running.start_time.is_some());
+    let chk = s.last_checkpoint.clone().unwrap();
+    let path = chk.path.clone().expect("the checkpoint's path");
+    let bucket = setting("WEIR_TEST_BUCKET");
+    assert!(path.starts_with(&format!("s3://{bucket}/{ns}/checkpoints/{ns}/wordcount/")), "{path}");
+    let key = path.trim_start_matches(&format!("s3://{bucket}/")).to_string();
+    let key = if key.ends_with("_metadata") { key } else { format!("{key}/_metadata") };
+    let py = format!(
+        "import boto3,os; c=boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL']); print(c.head_object(Bucket='{bucket}', Key='{key}')['ContentLength'])"
+    );
+    let head = Command::new(setting("WEIR_PYTHON")).args(["-c", &py]).output().unwrap();
+    assert!(head.status.success(), "the checkpoint's metadata is in the bucket: {}", String::from_utf8_lossy(&head.stderr));
+
+    // The printer columns.
+    let (ok, table, err) = env.kubectl(&["get", "sj", "-n", &ns, "-o", "wide"]);
+    assert!(ok, "{err}");
+    let header = table.lines().next().unwrap_or("");
+    for col in ["NAME", "PHASE", "PARALLELISM", "LAST CHECKPOINT", "AGE", "CHECKPOINT"] {
+        assert!(header.contains(col), "{table}");
+    }
+    let row = table.lines().nth(1).unwrap_or("");
+    assert!(row.starts_with("wordcount") && row.contains("Running"), "{table}");
+    assert!(wait_event(&env, &ns, "wordcount", "Deployed").await.contains("StatefulSet wordcount-worker"));
+    wait_event(&env, &ns, "wordcount", "JobRunning").await;
+
+    // Kill a worker pod's process: the job restarts from its last checkpoint, and the status
+    // counts the restart.
+    let pid = wait_for("the process of pod wordcount-worker-1", T, || async { worker_pid("wordcount-worker-1", &ns) }).await;
+    let before = job(&env, &ns, "wordcount").await.status.unwrap().last_checkpoint.unwrap().id;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let j = wait_job(&env, &ns, "wordcount", "running again after the restart, with a newer checkpoint", |j| {
+        let s = j.status.as_ref().unwrap();
+        s.job.as_ref().is_some_and(|r| r.restarts >= 1)
+            && ready(j)
+            && s.last_checkpoint.as_ref().is_some_and(|c| c.id > before)
+    })
+    .await;
+    assert_eq!(j.status.unwrap().job.unwrap().start_time, running.start_time, "the same run of the coordinator");
+    let note = wait_event(&env, &ns, "wordcount", "Restarted").await;
+    assert!(note.contains("from checkpoint"), "{note}");
+
+    // What is deleted by hand comes back.
+    let svc: Api<Service> = Api::namespaced(env.client.clone(), &ns);
+    let cm: Api<ConfigMap> = Api::namespaced(env.client.clone(), &ns);
+    let old_uid = svc.get("wordcount-coordinator").await.unwrap().metadata.uid;
+    svc.delete("wordcount-coordinator", &DeleteParams::default()).await.unwrap();
+    cm.delete("wordcount-job", &DeleteParams::default()).await.unwrap();
+    wait_for("the coordinator Service and the ConfigMap recreated", T, || async {
+        let s = svc.get_opt("wordcount-coordinator").await.ok().flatten()?;
+        let c = cm.get_opt("wordcount-job").await.ok().flatten()?;
+        (s.metadata.uid != old_uid && c.data.is_some()).then_some(())
+    })
+    .await;
+
+    // A change that would break the state: maxParallelism after the job has state. Degraded
+    // with an Event; nothing changes, and the job keeps running.
+    let versions = (
+        resource_version::<ConfigMap>(&env, &ns, "wordcount-job").await,
+        resource_version::<Deployment>(&env, &ns, "wordcount-coordinator").await,
+        resource_version::<StatefulSet>(&env, &ns, "wordcount-worker").await,
+    );
+    let api: Api<StreamJob> = Api::namespaced(env.client.clone(), &ns);
+    api.patch("wordcount", &PatchParams::default(), &Patch::Merge(json!({"spec": {"maxParallelism": 256}})))
+        .await
+        .unwrap();
+    let j = wait_job(&env, &ns, "wordcount", "Degraded by the maxParallelism change", |j| {
+        condition(j, "Degraded").is_some_and(|c| c.1 == "InvalidSpec")
+    })
+    .await;
+    let (_, _, message) = condition(&j, "Degraded").unwrap();
+    assert!(message.starts_with("spec.maxParallelism 256 differs from 128"), "{message}");
+    let note = wait_event(&env, &ns, "wordcount", "InvalidSpec").await;
+    assert_eq!(note, message);
+    assert_eq!(phase(&j), Some(JobPhase::Running));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = (
+        resource_version::<ConfigMap>(&env, &ns, "wordcount-job").await,
+        resource_version::<Deployment>(&env, &ns, "wordcount-coordinator").await,
+        resource_version::<StatefulSet>(&env, &ns, "wordcount-worker").await,
+    );
+    assert_eq!(versions, after, "a refused change touches nothing");
+    let j = job(&env, &ns, "wordcount").await;
+    assert!(ready(&j), "the job still runs: {:?}", j.status);
+    let invalid_events = events(&env, &ns, "wordcount").await.into_iter().filter(|(r, _)| r == "InvalidSpec").count();
+    assert_eq!(invalid_events, 1, "one event for one refusal, not one per reconcile");
+    env.delete_namespace(&ns).await;
+}
+
+#[tokio::test]
+async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
+    let env = TestEnv::get().await;
+    env.install_crds();
+    let ns = env.namespace("ctl-bad").await;
+    let _ctl = Controller::start(&env, &ns, &["--default-checkpoint-storage", "s3://weir-default/chk"]);
+    let base = |name: &str| {
+        json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "StreamJob",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"parallelism": 2, "pipeline": {"operators": [
+                {"uid": "src", "type": "generator"},
+                {"uid": "out", "type": "blackhole", "inputs": ["src"]},
+            ]}},
+        })
+    };
+    let with = |name: &str, f: &dyn Fn(&mut Value)| {
+        let mut v = base(name);
+        f(&mut v);
+        v
+    };
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "p-above-max",
+            with("p-above-max", &|v| { v["spec"]["parallelism"] = json!(8); v["spec"]["maxParallelism"] = json!(4); }),
+            "spec.parallelism 8 is above spec.maxParallelism 4",
+        ),
+        (
+            "dup-uid",
+            with("dup-uid", &|v| v["spec"]["pipeline"]["operators"][1]["uid"] = json!("src")),
+            "uid \"src\" is used by more than one operator",
+        ),
+        (
+            "unknown-type",
+            with("unknown-type", &|v| v["spec"]["pipeline"]["operators"][1]["type"] = json!("blackhol")),
+            "type \"blackhol\" is unknown",
+        ),
+        (
+            "bad-sink-uri",
+            with("bad-sink-uri", &|v| {
+                v["spec"]["pipeline"]["operators"][1] = json!({"uid": "out", "type": "file_sink", "inputs": ["src"], "path": "s3://No_Such/out"});
+            }),
+            "spec.pipeline.operators[1].path",
+        ),
+        (
+            "no-secret",
+            with("no-secret", &|v| v["spec"]["s3"] = json!({"credentialsSecret": {"name": "missing"}})),
+            "spec.s3.credentialsSecret.name: Secret \"missing\" does not exist",
+        ),
+    ];
+    for (name, manifest, _) in &cases {
+        let (ok, out) = apply(&env, manifest);
+        assert!(ok, "{name}: kubectl apply: {out}");
+    }
+    for (name, _, text) in &cases {
+        let j = wait_job(&env, &ns, name, "Degraded", |j| condition(j, "Degraded").is_some_and(|c| c.0 == "True")).await;
+        let (_, reason, message) = condition(&j, "Degraded").unwrap();
+        assert_eq!(reason, "InvalidSpec", "{name}");
+        assert!(message.contains(text), "{name}: {message}");
+        assert_eq!(phase(&j), Some(JobPhase::Created), "{name}");
+        let note = wait_event(&env, &ns, name, "InvalidSpec").await;
+        assert_eq!(&note, &message, "{name}");
+    }
+    // Nothing was created for any of them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lp = ListParams::default().labels("weir.dev/job");
+    assert!(Api::<ConfigMap>::namespaced(env.client.clone(), &ns).list(&lp).await.unwrap().items.is_empty());
+    assert!(Api::<Deployment>::namespaced(env.client.clone(), &ns).list(&lp).await.unwrap().items.is_empty());
+    assert!(Api::<StatefulSet>::namespaced(env.client.clone(), &ns).list(&lp).await.unwrap().items.is_empty());
+    assert!(Api::<Service>::namespaced(env.client.clone(), &ns).list(&lp).await.unwrap().items.is_empty());
+
+    // What the schema can express, the apiserver refuses at apply, naming the field: a
+    // malformed S3 URI in the storage, a missing uid.
+    let (ok, out) = apply(&env, &with("bad-storage", &|v| v["spec"]["checkpointing"] = json!({"storage": "s3://Bad_Bucket/x"})));
+    assert!(!ok && out.contains("spec.checkpointing.storage"), "{out}");
+    let (ok, out) = apply(&env, &with("bad-storage", &|v| v["spec"]["checkpointing"] = json!({"storage": "s3://bucket/../x"})));
+    assert!(!ok && out.contains("spec.checkpointing.storage"), "{out}");
+    let (ok, out) = apply(&env, &with("no-uid", &|v| { v["spec"]["pipeline"]["operators"][1].as_object_mut().unwrap().remove("uid"); }));
+    assert!(!ok && out.contains("uid"), "{out}");
+
+    // The missing Secret, once created, is picked up without a change of the job.
+    let api: Api<Secret> = Api::namespaced(env.client.clone(), &ns);
+    let s: Secret = serde_json::from_value(json!({"metadata": {"name": "missing"}, "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}})).unwrap();
+    api.create(&PostParams::default(), &s).await.unwrap();
+    let api: Api<StreamJob> = Api::namespaced(env.client.clone(), &ns);
+    api.patch("no-secret", &PatchParams::default(), &Patch::Merge(json!({"spec": {"state": "suspended"}}))).await.unwrap();
+    wait_job(&env, &ns, "no-secret", "valid once suspended", |j| {
+        phase(j) == Some(JobPhase::Suspended) && condition(j, "Degraded").is_some_and(|c| c.0 == "False")
+    })
+    .await;
+    env.delete_namespace(&ns).await;
+}
+
+#[tokio::test]
+async fn with_two_controllers_one_leads_and_the_other_takes_over_when_it_dies() {
+    let env = TestEnv::get().await;
+    env.install_crds();
+    let ns = env.namespace("ctl-lead").await;
+    let args = |id: &'static str| -> Vec<&'static str> {
+        vec!["--leader-elect", "--lease-duration", "4s", "--identity", id]
+    };
+    let mut a_args = args("ctl-a");
+    let mut b_args = args("ctl-b");
+    let ns_static: &'static str = Box::leak(ns.clone().into_boxed_str());
+    a_args.extend(["--lease-namespace", ns_static]);
+    b_args.extend(["--lease-namespace", ns_static]);
+    let mut a = Controller::start(&env, &ns, &a_args);
+    let mut b = Controller::start(&env, &ns, &b_args);
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &ns);
+    let leader = wait_for("a leader", T, || async {
+        leases.get_opt("weir-controller").await.ok().flatten()?.spec?.holder_identity
+    })
+    .await;
+    let suspended = |name: &str| {
+        json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "StreamJob",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"state": "suspended", "pipeline": {"operators": [
+                {"uid": "src", "type": "generator"},
+                {"uid": "out", "type": "blackhole", "inputs": ["src"]},
+            ]}},
+        })
+    };
+    let (ok, out) = apply(&env, &suspended("first"));
+    assert!(ok, "{out}");
+    wait_job(&env, &ns, "first", "Suspended", |j| phase(j) == Some(JobPhase::Suspended)).await;
+    let (ma, mb) = (a.metrics_addr().await, b.metrics_addr().await);
+    let (ra, rb) = (
+        metric(&http_get(&ma, "/metrics"), "weir_controller_reconciles_total"),
+        metric(&http_get(&mb, "/metrics"), "weir_controller_reconciles_total"),
+    );
+    let (leading, standby) = if leader == "ctl-a" { (ra, rb) } else { (rb, ra) };
+    assert!(leading >= 1.0 && standby == 0.0, "only the leader reconciles: leader {leading}, standby {standby}");
+    assert!(http_get(if leader == "ctl-a" { &mb } else { &ma }, "/readyz").contains("standby"));
+
+    // The leader dies; the other takes over within the lease time and reconciles.
+    if leader == "ctl-a" { a.kill() } else { b.kill() }
+    let (ok, out) = apply(&env, &suspended("second"));
+    assert!(ok, "{out}");
+    wait_job(&env, &ns, "second", "Suspended (reconciled by the new leader)", |j| phase(j) == Some(JobPhase::Suspended)).await;
+    let holder = leases.get("weir-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    assert_ne!(holder, leader);
+    env.delete_namespace(&ns).await;
+}
