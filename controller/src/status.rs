@@ -47,16 +47,13 @@ pub fn next(job: &StreamJob, obs: &Observation<'_>, now: &Time) -> StreamJobStat
         s.job = Some(RunningJob {
             id: obs.job_id.clone(),
             parallelism: info.parallelism as i32,
-            start_time: Timestamp::from_millisecond(info.started_at as i64).ok().map(Time),
+            start_time: Some(time_of(info.started_at)),
             restarts: i64::from(info.restarts),
         });
         if let Some(c) = info.last_checkpoint.as_ref() {
             s.last_checkpoint = Some(CheckpointInfo {
                 id: c.id as i64,
-                completed_at: Time(
-                    Timestamp::from_millisecond((c.trigger_time + c.duration_ms) as i64)
-                        .unwrap_or(Timestamp::UNIX_EPOCH),
-                ),
+                completed_at: time_of(c.trigger_time + c.duration_ms),
                 size_bytes: c.size_bytes as i64,
                 path: c.path.clone(),
             });
@@ -146,6 +143,12 @@ pub fn next(job: &StreamJob, obs: &Observation<'_>, now: &Time) -> StreamJobStat
     };
     set(&mut s.conditions, DEGRADED, degraded, d_reason, &d_msg, generation, now);
     s
+}
+
+/// A time in milliseconds since the epoch as the API stores it: whole seconds (a finer time
+/// would differ from what is read back, and every reconcile would write the status again).
+fn time_of(ms: u64) -> Time {
+    Time(Timestamp::from_second((ms / 1000) as i64).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
 fn unreachable_message(c: &Option<Result<JobInfo, String>>) -> String {
