@@ -159,9 +159,7 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
     let n = name(job);
     let ns = namespace(job);
     let owner = serde_json::to_value(owner(job)).unwrap_or_default();
-    let meta = |name: String, component: Option<&str>| {
-        json!({"name": name, "namespace": ns, "labels": labels(&n, component), "ownerReferences": [owner]})
-    };
+    let meta = |name: String, component: Option<&str>| json!({"name": name, "namespace": ns, "labels": labels(&n, component), "ownerReferences": [owner]});
     let file = job_file(job, valid);
     let config_hash = hash(file.as_bytes());
     let config_map = stamped(json!({
@@ -200,9 +198,7 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
         json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
     ];
     if let Some(secret) = job.spec.s3.as_ref().and_then(|s| s.credentials_secret.as_ref()) {
-        let from = |var: &str, key: &str| {
-            json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
-        };
+        let from = |var: &str, key: &str| json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}});
         env.push(from("AWS_ACCESS_KEY_ID", &secret.access_key_id_key));
         env.push(from("AWS_SECRET_ACCESS_KEY", &secret.secret_access_key_key));
         if let Some(k) = &secret.session_token_key {

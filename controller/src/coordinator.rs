@@ -39,10 +39,8 @@ async fn get(addr: &str, path: &str) -> Result<Vec<u8>, String> {
 /// The body of a complete HTTP/1.1 response with status 200 (Content-Length or read to the
 /// end; the coordinator does not chunk).
 pub fn parse_response(buf: &[u8]) -> Result<Vec<u8>, String> {
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("the answer has no complete header")?;
+    let end =
+        buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or("the answer has no complete header")?;
     let head = String::from_utf8_lossy(&buf[..end]);
     let mut lines = head.lines();
     let status = lines.next().unwrap_or("");
@@ -75,7 +73,8 @@ mod tests {
 
     #[test]
     fn reads_the_body_of_a_200_and_names_other_answers() {
-        let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        let ok =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
         assert_eq!(parse_response(ok).unwrap(), b"{}");
         let short = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}";
         assert!(parse_response(short).unwrap_err().contains("2 of 10"));

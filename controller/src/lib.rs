@@ -253,8 +253,12 @@ pub async fn reconcile(job: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action,
         (Err(e), _) if e.external => Action::requeue(Duration::from_secs(60)),
         (Err(_), _) if !deployed => Action::await_change(),
         (_, Some(JobPhase::Suspended | JobPhase::Created)) => Action::await_change(),
-        (_, Some(JobPhase::Finished | JobPhase::Failed)) => Action::requeue(Duration::from_secs(60)),
-        (_, Some(JobPhase::Deploying)) => Action::requeue(Duration::from_secs(2).min(ctx.config.poll)),
+        (_, Some(JobPhase::Finished | JobPhase::Failed)) => {
+            Action::requeue(Duration::from_secs(60))
+        }
+        (_, Some(JobPhase::Deploying)) => {
+            Action::requeue(Duration::from_secs(2).min(ctx.config.poll))
+        }
         _ => Action::requeue(ctx.config.poll),
     })
 }
@@ -340,7 +344,9 @@ impl Context {
                         Ok(_) => info!(namespace = ns, "deleted {} {n}", stringify!($k)),
                         Err(kube::Error::Api(e)) if e.code == 404 => {}
                         Err(e) => {
-                            return Err(kube_err(format!("deleting {} {ns}/{n}", stringify!($k)))(e))
+                            return Err(kube_err(format!("deleting {} {ns}/{n}", stringify!($k)))(
+                                e,
+                            ));
                         }
                     }
                 }

@@ -92,7 +92,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         instance: Some(identity.clone()),
     };
     let client = Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!("no Kubernetes client (in a pod: the service account; else KUBECONFIG): {e}")
+        anyhow::anyhow!(
+            "no Kubernetes client (in a pod: the service account; else KUBECONFIG): {e}"
+        )
     })?;
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
@@ -138,7 +140,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .with_parameters(LeaseParams::new(identity.clone(), secs, (secs / 3).max(1)))
         .build()
         .await
-        .map_err(|e| anyhow::anyhow!("setting up Lease {}/{}: {e}", args.lease_namespace, args.lease_name))?;
+        .map_err(|e| {
+            anyhow::anyhow!("setting up Lease {}/{}: {e}", args.lease_namespace, args.lease_name)
+        })?;
     let (mut leading, lease_task) = manager.watch().await;
     info!(lease = %args.lease_name, identity = %identity, "waiting to lead");
     let mut stop = stop_rx.clone();
@@ -177,7 +181,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     drop(leading);
     let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
     if !still_leading && !*stop_rx.borrow() {
-        anyhow::bail!("lost the Lease {}: exiting so that only the leader reconciles", args.lease_name);
+        anyhow::bail!(
+            "lost the Lease {}: exiting so that only the leader reconciles",
+            args.lease_name
+        );
     }
     Ok(())
 }

@@ -42,8 +42,8 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new_custom(Some("weir_controller".into()), None)
-            .expect("a valid prefix");
+        let registry =
+            Registry::new_custom(Some("weir_controller".into()), None).expect("a valid prefix");
         let reconciles =
             IntCounter::new("reconciles_total", "Reconciles run").expect("a valid metric");
         let failures = IntCounterVec::new(
@@ -118,7 +118,9 @@ impl Metrics {
         for ((ns, name), f) in self.jobs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             self.jobs_by_phase.with_label_values(&[f.phase.as_str()]).inc();
             if let Some(t) = f.last_checkpoint {
-                self.checkpoint_age.with_label_values(&[ns.as_str(), name.as_str()]).set((now - t).max(0.0));
+                self.checkpoint_age
+                    .with_label_values(&[ns.as_str(), name.as_str()])
+                    .set((now - t).max(0.0));
             }
         }
         let mut out = Vec::new();

@@ -99,11 +99,9 @@ pub fn next(job: &StreamJob, obs: &Observation<'_>, now: &Time) -> StreamJobStat
         (JobPhase::Running, Some(JobState::Stopping)) => {
             (false, "Stopping", "the job is stopping".into())
         }
-        (JobPhase::Running, _) => (
-            false,
-            "CoordinatorUnreachable",
-            unreachable_message(&obs.coordinator),
-        ),
+        (JobPhase::Running, _) => {
+            (false, "CoordinatorUnreachable", unreachable_message(&obs.coordinator))
+        }
         (JobPhase::Finished, _) => {
             (false, "Finished", "the job finished: its sources are exhausted".into())
         }
@@ -202,7 +200,9 @@ pub struct Note {
 pub fn notes(old: &StreamJobStatus, new: &StreamJobStatus) -> Vec<Note> {
     let mut out = Vec::new();
     let degraded = |s: &StreamJobStatus| {
-        condition(s, DEGRADED).filter(|c| c.status == "True").map(|c| (c.reason.clone(), c.message.clone()))
+        condition(s, DEGRADED)
+            .filter(|c| c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
     };
     if let Some((reason, message)) = degraded(new)
         && reason == "InvalidSpec"
@@ -216,7 +216,9 @@ pub fn notes(old: &StreamJobStatus, new: &StreamJobStatus) -> Vec<Note> {
                 warning: false,
                 reason: "JobRunning",
                 message: match &new.job {
-                    Some(j) => format!("the job runs at parallelism {} (job id {})", j.parallelism, j.id),
+                    Some(j) => {
+                        format!("the job runs at parallelism {} (job id {})", j.parallelism, j.id)
+                    }
                     None => "the job runs".into(),
                 },
             }),

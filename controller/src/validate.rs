@@ -55,7 +55,11 @@ pub struct Valid {
 }
 
 /// Checks `job` against the rules the schema cannot express.
-pub fn validate(job: &StreamJob, observed: &Observed, defaults: &Defaults) -> Result<Valid, Invalid> {
+pub fn validate(
+    job: &StreamJob,
+    observed: &Observed,
+    defaults: &Defaults,
+) -> Result<Valid, Invalid> {
     let spec = &job.spec;
     spec.validate().map_err(|e| {
         let text = e.to_string();

@@ -45,7 +45,9 @@ fn merge(a: &mut Value, b: &Value) {
 fn secret(keys: &[&str]) -> Observed {
     Observed {
         credentials_secret: Some(
-            keys.iter().map(|k| (k.to_string(), ByteString(b"x".to_vec()))).collect::<BTreeMap<_, _>>(),
+            keys.iter()
+                .map(|k| (k.to_string(), ByteString(b"x".to_vec())))
+                .collect::<BTreeMap<_, _>>(),
         ),
     }
 }
@@ -66,8 +68,9 @@ fn a_good_spec_passes_and_keeps_its_storage() {
     assert_eq!(v.max_parallelism, 128);
     // A job without storage takes the operator's default, and is refused without one.
     let generator = fixture("generator-default-storage.yaml");
-    let defaults =
-        Defaults { checkpoint_storage: Some("s3://ops/checkpoints".parse::<StorageUri>().unwrap()) };
+    let defaults = Defaults {
+        checkpoint_storage: Some("s3://ops/checkpoints".parse::<StorageUri>().unwrap()),
+    };
     let v = validate::validate(&generator, &Observed::default(), &defaults).unwrap();
     assert_eq!(v.checkpoint_storage.unwrap().to_string(), "s3://ops/checkpoints");
     let e = validate::validate(&generator, &Observed::default(), &Defaults::default()).unwrap_err();
@@ -75,7 +78,12 @@ fn a_good_spec_passes_and_keeps_its_storage() {
     assert!(e.message.contains("s3://bucket/prefix"), "{}", e.message);
     // No checkpoints, no storage needed.
     let none = patched(&generator, json!({"spec": {"checkpointing": {"interval": "0s"}}}));
-    assert_eq!(validate::validate(&none, &Observed::default(), &Defaults::default()).unwrap().checkpoint_storage, None);
+    assert_eq!(
+        validate::validate(&none, &Observed::default(), &Defaults::default())
+            .unwrap()
+            .checkpoint_storage,
+        None
+    );
 }
 
 #[test]
@@ -160,11 +168,14 @@ fn each_refusal_names_its_field_and_what_to_do() {
     ];
     for (what, patch, observed, field, text) in cases {
         let bad = patched(&job, patch);
-        let e = validate::validate(&bad, &observed, &Defaults::default())
-            .expect_err(what);
+        let e = validate::validate(&bad, &observed, &Defaults::default()).expect_err(what);
         assert_eq!(e.field, field, "{what}: {}", e.message);
         assert!(e.message.contains(text), "{what}: {}", e.message);
-        assert!(e.message.starts_with(field), "{what}: the message names the field first: {}", e.message);
+        assert!(
+            e.message.starts_with(field),
+            "{what}: the message names the field first: {}",
+            e.message
+        );
     }
 }
 
@@ -229,7 +240,8 @@ fn a_job_runs_as_five_owned_objects_named_from_it() {
     assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
     assert_eq!(sts["spec"]["serviceName"], "wordcount-worker");
     let worker = &sts["spec"]["template"]["spec"]["containers"][0];
-    let args: Vec<&str> = worker["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let args: Vec<&str> =
+        worker["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert_eq!(args[..3], ["worker", "--coordinator", "wordcount-coordinator.team-a.svc:6123"]);
     assert!(args.windows(2).any(|w| w == ["--pod-name", "$(POD_NAME)"]), "{args:?}");
     assert_eq!(worker["image"], "ghcr.io/weir-dev/weir:test");
@@ -237,7 +249,10 @@ fn a_job_runs_as_five_owned_objects_named_from_it() {
     // Credentials only through Secret references.
     let env = worker["env"].as_array().unwrap();
     let key_id = env.iter().find(|e| e["name"] == "AWS_ACCESS_KEY_ID").unwrap();
-    assert_eq!(key_id["valueFrom"]["secretKeyRef"], json!({"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}));
+    assert_eq!(
+        key_id["valueFrom"]["secretKeyRef"],
+        json!({"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"})
+    );
     assert!(env.iter().all(|e| e.get("value").is_none()), "no literal values: {env:?}");
     // Non-root, read-only root file system, nothing to escalate.
     for pod in [&sts["spec"]["template"], &to_json(&o.coordinator)["spec"]["template"]] {
@@ -251,10 +266,12 @@ fn a_job_runs_as_five_owned_objects_named_from_it() {
     assert_eq!(deploy["spec"]["replicas"], 1);
     assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
     let c = &deploy["spec"]["template"]["spec"]["containers"][0];
-    let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let args: Vec<&str> =
+        c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert!(args.contains(&"--resume") && args.contains(&"--stay-after-end"), "{args:?}");
     assert!(args.windows(2).any(|w| w == ["--job-id", "6f1c2a9e0b7d"]), "{args:?}");
-    let token = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "WEIR_API_TOKEN").unwrap();
+    let token =
+        c["env"].as_array().unwrap().iter().find(|e| e["name"] == "WEIR_API_TOKEN").unwrap();
     assert_eq!(token["valueFrom"]["secretKeyRef"]["name"], "wordcount-api-token");
     assert_eq!(to_json(&o.worker_service)["spec"]["clusterIP"], "None");
 }
@@ -277,8 +294,9 @@ fn the_job_file_is_the_spec_with_the_defaults_filled_in() {
 fn hashes_change_with_the_spec_and_only_then() {
     let job = fixture("wordcount-s3.yaml");
     let h = |o: &build::Objects| {
-        [to_json(&o.config_map), to_json(&o.coordinator), to_json(&o.workers)]
-            .map(|v| v["metadata"]["annotations"][build::APPLIED_HASH].as_str().unwrap().to_string())
+        [to_json(&o.config_map), to_json(&o.coordinator), to_json(&o.workers)].map(|v| {
+            v["metadata"]["annotations"][build::APPLIED_HASH].as_str().unwrap().to_string()
+        })
     };
     let a = h(&objects(&job, 3));
     assert_eq!(a, h(&objects(&job, 3)), "the same spec builds the same objects");
@@ -312,7 +330,10 @@ fn a_pod_template_overlay_merges_containers_by_name() {
     let cs = pod["spec"]["containers"].as_array().unwrap();
     assert_eq!(cs.len(), 2);
     assert_eq!(cs[0]["name"], "worker");
-    assert_eq!(cs[0]["args"][0], "worker", "the runtime's container keeps what the overlay does not set");
+    assert_eq!(
+        cs[0]["args"][0], "worker",
+        "the runtime's container keeps what the overlay does not set"
+    );
     assert_eq!(cs[0]["env"], json!([{"name": "RUST_LOG", "value": "debug"}]));
     assert_eq!(cs[1]["name"], "sidecar");
 }
@@ -401,7 +422,9 @@ fn the_status_follows_the_job_through_its_life() {
     assert_eq!(s4.job.as_ref().unwrap().restarts, 1);
     assert_eq!(cond(&s4, "Ready"), ("True", "Running"));
     // Ready went False and back: its transition time is the new one; Progressing kept its own.
-    let t = |s: &StreamJobStatus, c: &str| status::condition(s, c).unwrap().last_transition_time.clone();
+    let t = |s: &StreamJobStatus, c: &str| {
+        status::condition(s, c).unwrap().last_transition_time.clone()
+    };
     assert_eq!(t(&s4, "Progressing"), t(&s2, "Progressing"));
 
     // The job fails for good.

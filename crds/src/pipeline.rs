@@ -224,10 +224,13 @@ mod tests {
             Pipeline { operators: vec![] }.validate_graph().unwrap_err(),
             PipelineError::Empty
         );
-        let typo = Pipeline { operators: vec![op("a", "generator", &[]), op("b", "stdot", &["a"])] };
+        let typo =
+            Pipeline { operators: vec![op("a", "generator", &[]), op("b", "stdot", &["a"])] };
         let e = typo.validate_graph().unwrap_err().to_string();
         assert!(
-            e.starts_with("pipeline.operators[1] (\"b\"): type \"stdot\" is unknown: use one of generator,"),
+            e.starts_with(
+                "pipeline.operators[1] (\"b\"): type \"stdot\" is unknown: use one of generator,"
+            ),
             "{e}"
         );
     }

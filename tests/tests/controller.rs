@@ -42,7 +42,9 @@ impl Controller {
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e} (cargo build --workspace --bins)", bin.display()));
+            .unwrap_or_else(|e| {
+                panic!("starting {}: {e} (cargo build --workspace --bins)", bin.display())
+            });
         Controller { child, log, _dir: dir }
     }
 
@@ -55,9 +57,14 @@ impl Controller {
         wait_for("the controller's metrics address", T, || async {
             self.log().lines().find_map(|l| {
                 let v: Value = serde_json::from_str(l).ok()?;
-                v["fields"]["addr"].as_str().filter(|_| {
-                    v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("serving /metrics"))
-                }).map(str::to_string)
+                v["fields"]["addr"]
+                    .as_str()
+                    .filter(|_| {
+                        v["fields"]["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("serving /metrics"))
+                    })
+                    .map(str::to_string)
             })
         })
         .await
@@ -114,7 +121,8 @@ fn wordcount_on_test_s3(env: &TestEnv, ns: &str) -> Value {
     let mut v: Value = serde_saphyr::from_str(&text).unwrap();
     v["metadata"]["namespace"] = json!(ns);
     let spec = &mut v["spec"];
-    spec["checkpointing"]["storage"] = json!(format!("s3://{}/{ns}/checkpoints", setting("WEIR_TEST_BUCKET")));
+    spec["checkpointing"]["storage"] =
+        json!(format!("s3://{}/{ns}/checkpoints", setting("WEIR_TEST_BUCKET")));
     spec["s3"] = json!({
         "endpoint": setting("AWS_ENDPOINT_URL"),
         "region": setting("AWS_REGION"),
@@ -136,7 +144,13 @@ async fn job(env: &TestEnv, ns: &str, name: &str) -> StreamJob {
     Api::<StreamJob>::namespaced(env.client.clone(), ns).get(name).await.unwrap()
 }
 
-async fn wait_job(env: &TestEnv, ns: &str, name: &str, what: &str, f: impl Fn(&StreamJob) -> bool) -> StreamJob {
+async fn wait_job(
+    env: &TestEnv,
+    ns: &str,
+    name: &str,
+    what: &str,
+    f: impl Fn(&StreamJob) -> bool,
+) -> StreamJob {
     let api: Api<StreamJob> = Api::namespaced(env.client.clone(), ns);
     wait_for(&format!("StreamJob {name}: {what}"), T, || async {
         api.get_opt(name).await.ok().flatten().filter(|j| f(j))
@@ -220,7 +234,8 @@ async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
 
     // Running, with a checkpoint in the status and in the bucket.
     let j = wait_job(&env, &ns, "wordcount", "Running with a checkpoint", |j| {
-        phase(j) == Some(JobPhase::Running) && ready(j)
+        phase(j) == Some(JobPhase::Running)
+            && ready(j)
             && j.status.as_ref().is_some_and(|s| s.last_checkpoint.is_some())
     })
     .await;
@@ -257,22 +272,40 @@ async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
     }
     let row = table.lines().nth(1).unwrap_or("");
     assert!(row.starts_with("wordcount") && row.contains("Running"), "{table}");
-    assert!(wait_event(&env, &ns, "wordcount", "Deployed").await.contains("StatefulSet wordcount-worker"));
+    assert!(
+        wait_event(&env, &ns, "wordcount", "Deployed")
+            .await
+            .contains("StatefulSet wordcount-worker")
+    );
     wait_event(&env, &ns, "wordcount", "JobRunning").await;
 
     // Kill a worker pod's process: the job restarts from its last checkpoint, and the status
     // counts the restart.
-    let pid = wait_for("the process of pod wordcount-worker-1", T, || async { worker_pid("wordcount-worker-1", &ns) }).await;
-    let before = job(&env, &ns, "wordcount").await.status.unwrap().last_checkpoint.unwrap().id;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let j = wait_job(&env, &ns, "wordcount", "running again after the restart, with a newer checkpoint", |j| {
-        let s = j.status.as_ref().unwrap();
-        s.job.as_ref().is_some_and(|r| r.restarts >= 1)
-            && ready(j)
-            && s.last_checkpoint.as_ref().is_some_and(|c| c.id > before)
+    let pid = wait_for("the process of pod wordcount-worker-1", T, || async {
+        worker_pid("wordcount-worker-1", &ns)
     })
     .await;
-    assert_eq!(j.status.unwrap().job.unwrap().start_time, running.start_time, "the same run of the coordinator");
+    let before = job(&env, &ns, "wordcount").await.status.unwrap().last_checkpoint.unwrap().id;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let j = wait_job(
+        &env,
+        &ns,
+        "wordcount",
+        "running again after the restart, with a newer checkpoint",
+        |j| {
+            let s = j.status.as_ref().unwrap();
+            s.job.as_ref().is_some_and(|r| r.restarts >= 1)
+                && ready(j)
+                && s.last_checkpoint.as_ref().is_some_and(|c| c.id > before)
+        },
+    )
+    .await;
+    assert_eq!(
+        j.status.unwrap().job.unwrap().start_time,
+        running.start_time,
+        "the same run of the coordinator"
+    );
     let note = wait_event(&env, &ns, "wordcount", "Restarted").await;
     assert!(note.contains("from checkpoint"), "{note}");
 
@@ -297,9 +330,13 @@ async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
         resource_version::<StatefulSet>(&env, &ns, "wordcount-worker").await,
     );
     let api: Api<StreamJob> = Api::namespaced(env.client.clone(), &ns);
-    api.patch("wordcount", &PatchParams::default(), &Patch::Merge(json!({"spec": {"maxParallelism": 256}})))
-        .await
-        .unwrap();
+    api.patch(
+        "wordcount",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"maxParallelism": 256}})),
+    )
+    .await
+    .unwrap();
     let j = wait_job(&env, &ns, "wordcount", "Degraded by the maxParallelism change", |j| {
         condition(j, "Degraded").is_some_and(|c| c.1 == "InvalidSpec")
     })
@@ -318,7 +355,11 @@ async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
     assert_eq!(versions, after, "a refused change touches nothing");
     let j = job(&env, &ns, "wordcount").await;
     assert!(ready(&j), "the job still runs: {:?}", j.status);
-    let invalid_events = events(&env, &ns, "wordcount").await.into_iter().filter(|(r, _)| r == "InvalidSpec").count();
+    let invalid_events = events(&env, &ns, "wordcount")
+        .await
+        .into_iter()
+        .filter(|(r, _)| r == "InvalidSpec")
+        .count();
     assert_eq!(invalid_events, 1, "one event for one refusal, not one per reconcile");
     env.delete_namespace(&ns).await;
 }
@@ -328,7 +369,8 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
     let env = TestEnv::get().await;
     env.install_crds();
     let ns = env.namespace("ctl-bad").await;
-    let _ctl = Controller::start(&env, &ns, &["--default-checkpoint-storage", "s3://weir-default/chk"]);
+    let _ctl =
+        Controller::start(&env, &ns, &["--default-checkpoint-storage", "s3://weir-default/chk"]);
     let base = |name: &str| {
         json!({
             "apiVersion": "weir.dev/v1alpha1", "kind": "StreamJob",
@@ -347,7 +389,10 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
     let cases: Vec<(&str, Value, &str)> = vec![
         (
             "p-above-max",
-            with("p-above-max", &|v| { v["spec"]["parallelism"] = json!(8); v["spec"]["maxParallelism"] = json!(4); }),
+            with("p-above-max", &|v| {
+                v["spec"]["parallelism"] = json!(8);
+                v["spec"]["maxParallelism"] = json!(4);
+            }),
             "spec.parallelism 8 is above spec.maxParallelism 4",
         ),
         (
@@ -357,7 +402,9 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
         ),
         (
             "unknown-type",
-            with("unknown-type", &|v| v["spec"]["pipeline"]["operators"][1]["type"] = json!("blackhol")),
+            with("unknown-type", &|v| {
+                v["spec"]["pipeline"]["operators"][1]["type"] = json!("blackhol")
+            }),
             "type \"blackhol\" is unknown",
         ),
         (
@@ -369,7 +416,9 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
         ),
         (
             "no-secret",
-            with("no-secret", &|v| v["spec"]["s3"] = json!({"credentialsSecret": {"name": "missing"}})),
+            with("no-secret", &|v| {
+                v["spec"]["s3"] = json!({"credentialsSecret": {"name": "missing"}})
+            }),
             "spec.s3.credentialsSecret.name: Secret \"missing\" does not exist",
         ),
     ];
@@ -378,7 +427,10 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
         assert!(ok, "{name}: kubectl apply: {out}");
     }
     for (name, _, text) in &cases {
-        let j = wait_job(&env, &ns, name, "Degraded", |j| condition(j, "Degraded").is_some_and(|c| c.0 == "True")).await;
+        let j = wait_job(&env, &ns, name, "Degraded", |j| {
+            condition(j, "Degraded").is_some_and(|c| c.0 == "True")
+        })
+        .await;
         let (_, reason, message) = condition(&j, "Degraded").unwrap();
         assert_eq!(reason, "InvalidSpec", "{name}");
         assert!(message.contains(text), "{name}: {message}");
@@ -389,18 +441,61 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
     // Nothing was created for any of them.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let lp = ListParams::default().labels("weir.dev/job");
-    assert!(Api::<ConfigMap>::namespaced(env.client.clone(), &ns).list(&lp).await.unwrap().items.is_empty());
-    assert!(Api::<Deployment>::namespaced(env.client.clone(), &ns).list(&lp).await.unwrap().items.is_empty());
-    assert!(Api::<StatefulSet>::namespaced(env.client.clone(), &ns).list(&lp).await.unwrap().items.is_empty());
-    assert!(Api::<Service>::namespaced(env.client.clone(), &ns).list(&lp).await.unwrap().items.is_empty());
+    assert!(
+        Api::<ConfigMap>::namespaced(env.client.clone(), &ns)
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        Api::<Deployment>::namespaced(env.client.clone(), &ns)
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        Api::<StatefulSet>::namespaced(env.client.clone(), &ns)
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        Api::<Service>::namespaced(env.client.clone(), &ns)
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 
     // What the schema can express, the apiserver refuses at apply, naming the field: a
     // malformed S3 URI in the storage, a missing uid.
-    let (ok, out) = apply(&env, &with("bad-storage", &|v| v["spec"]["checkpointing"] = json!({"storage": "s3://Bad_Bucket/x"})));
+    let (ok, out) = apply(
+        &env,
+        &with("bad-storage", &|v| {
+            v["spec"]["checkpointing"] = json!({"storage": "s3://Bad_Bucket/x"})
+        }),
+    );
     assert!(!ok && out.contains("spec.checkpointing.storage"), "{out}");
-    let (ok, out) = apply(&env, &with("bad-storage", &|v| v["spec"]["checkpointing"] = json!({"storage": "s3://bucket/../x"})));
+    let (ok, out) = apply(
+        &env,
+        &with("bad-storage", &|v| {
+            v["spec"]["checkpointing"] = json!({"storage": "s3://bucket/../x"})
+        }),
+    );
     assert!(!ok && out.contains("spec.checkpointing.storage"), "{out}");
-    let (ok, out) = apply(&env, &with("no-uid", &|v| { v["spec"]["pipeline"]["operators"][1].as_object_mut().unwrap().remove("uid"); }));
+    let (ok, out) = apply(
+        &env,
+        &with("no-uid", &|v| {
+            v["spec"]["pipeline"]["operators"][1].as_object_mut().unwrap().remove("uid");
+        }),
+    );
     assert!(!ok && out.contains("uid"), "{out}");
 
     // The missing Secret, once created, is picked up without a change of the job.
@@ -408,9 +503,16 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
     let s: Secret = serde_json::from_value(json!({"metadata": {"name": "missing"}, "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}})).unwrap();
     api.create(&PostParams::default(), &s).await.unwrap();
     let api: Api<StreamJob> = Api::namespaced(env.client.clone(), &ns);
-    api.patch("no-secret", &PatchParams::default(), &Patch::Merge(json!({"spec": {"state": "suspended"}}))).await.unwrap();
+    api.patch(
+        "no-secret",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"state": "suspended"}})),
+    )
+    .await
+    .unwrap();
     wait_job(&env, &ns, "no-secret", "valid once suspended", |j| {
-        phase(j) == Some(JobPhase::Suspended) && condition(j, "Degraded").is_some_and(|c| c.0 == "False")
+        phase(j) == Some(JobPhase::Suspended)
+            && condition(j, "Degraded").is_some_and(|c| c.0 == "False")
     })
     .await;
     env.delete_namespace(&ns).await;
@@ -455,15 +557,26 @@ async fn with_two_controllers_one_leads_and_the_other_takes_over_when_it_dies() 
         metric(&http_get(&mb, "/metrics"), "weir_controller_reconciles_total"),
     );
     let (leading, standby) = if leader == "ctl-a" { (ra, rb) } else { (rb, ra) };
-    assert!(leading >= 1.0 && standby == 0.0, "only the leader reconciles: leader {leading}, standby {standby}");
+    assert!(
+        leading >= 1.0 && standby == 0.0,
+        "only the leader reconciles: leader {leading}, standby {standby}"
+    );
     assert!(http_get(if leader == "ctl-a" { &mb } else { &ma }, "/readyz").contains("standby"));
 
     // The leader dies; the other takes over within the lease time and reconciles.
-    if leader == "ctl-a" { a.kill() } else { b.kill() }
+    if leader == "ctl-a" {
+        a.kill()
+    } else {
+        b.kill()
+    }
     let (ok, out) = apply(&env, &suspended("second"));
     assert!(ok, "{out}");
-    wait_job(&env, &ns, "second", "Suspended (reconciled by the new leader)", |j| phase(j) == Some(JobPhase::Suspended)).await;
-    let holder = leases.get("weir-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    wait_job(&env, &ns, "second", "Suspended (reconciled by the new leader)", |j| {
+        phase(j) == Some(JobPhase::Suspended)
+    })
+    .await;
+    let holder =
+        leases.get("weir-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
     assert_ne!(holder, leader);
     env.delete_namespace(&ns).await;
 }
