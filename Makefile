@@ -67,6 +67,7 @@ bench:
 	bash bench/keyed_count.sh
 	bash bench/checkpoints.sh
 	bash bench/savepoints.sh
+	bash bench/controller.sh
 
 clean:
 	bash tests/env/down.sh $(TESTENV_DIR)

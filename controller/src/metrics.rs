@@ -45,7 +45,7 @@ impl Metrics {
         let registry =
             Registry::new_custom(Some("weir_controller".into()), None).expect("a valid prefix");
         let reconciles =
-            IntCounter::new("reconciles_total", "Reconciles run").expect("a valid metric");
+            IntCounter::new("reconciles_total", "Reconciles run to their end").expect("a valid metric");
         let failures = IntCounterVec::new(
             Opts::new("reconcile_failures_total", "Reconciles that failed, by reason"),
             &["reason"],
@@ -90,9 +90,9 @@ impl Metrics {
         }
     }
 
-    /// Starts timing a reconcile; the time is recorded when the guard drops.
+    /// Starts timing a reconcile; the time is recorded and the reconcile counted when the
+    /// guard drops.
     pub fn reconcile(&self) -> ReconcileTimer<'_> {
-        self.reconciles.inc();
         ReconcileTimer { m: self, start: Instant::now() }
     }
 
@@ -139,6 +139,7 @@ pub struct ReconcileTimer<'a> {
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
         self.m.duration.observe(self.start.elapsed().as_secs_f64());
+        self.m.reconciles.inc();
     }
 }
 
