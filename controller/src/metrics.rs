@@ -44,8 +44,8 @@ impl Metrics {
     pub fn new() -> Self {
         let registry =
             Registry::new_custom(Some("weir_controller".into()), None).expect("a valid prefix");
-        let reconciles =
-            IntCounter::new("reconciles_total", "Reconciles run to their end").expect("a valid metric");
+        let reconciles = IntCounter::new("reconciles_total", "Reconciles run to their end")
+            .expect("a valid metric");
         let failures = IntCounterVec::new(
             Opts::new("reconcile_failures_total", "Reconciles that failed, by reason"),
             &["reason"],

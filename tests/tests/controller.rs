@@ -228,7 +228,7 @@ async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
     env.install_crds();
     let ns = env.namespace("ctl-run").await;
     create_credentials(&env, &ns).await;
-    let _ctl = Controller::start(&env, &ns, &[]);
+    let ctl = Controller::start(&env, &ns, &[]);
     let (ok, out) = apply(&env, &wordcount_on_test_s3(&env, &ns));
     assert!(ok, "kubectl apply: {out}");
 
@@ -278,6 +278,22 @@ async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
             .contains("StatefulSet wordcount-worker")
     );
     wait_event(&env, &ns, "wordcount", "JobRunning").await;
+    // The controller's metrics: jobs by phase, the age of each job's last checkpoint.
+    let addr = ctl.metrics_addr().await;
+    let text = http_get(&addr, "/metrics");
+    assert!(text.contains("weir_controller_jobs{phase=\"Running\"} 1"), "{text}");
+    let age_line =
+        format!("weir_controller_checkpoint_age_seconds{{job=\"wordcount\",namespace=\"{ns}\"}} ");
+    let age: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&age_line))
+        .unwrap_or_else(|| panic!("no checkpoint age for the job: {text}"))
+        .parse()
+        .unwrap();
+    assert!((0.0..120.0).contains(&age), "{age}");
+    assert!(metric(&text, "weir_controller_reconciles_total") >= 1.0);
+    assert!(text.contains("weir_controller_reconcile_duration_seconds_count"), "{text}");
+    assert!(http_get(&addr, "/healthz").contains("200 OK"));
 
     // Kill a worker pod's process: the job restarts from its last checkpoint, and the status
     // counts the restart.
