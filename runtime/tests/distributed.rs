@@ -326,3 +326,55 @@ fn checkpoints_are_listed_triggered_with_the_token_and_counted_in_the_metrics() 
     let st = child.wait().unwrap();
     assert!(st.success());
 }
+
+#[test]
+fn in_pods_workers_take_their_index_from_the_pod_name_and_an_ended_job_keeps_its_coordinator() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A bounded job: the generator stops after 2,000 records.
+    let file = job_with(tmp.path(), 2, "").to_str().unwrap().to_string();
+    let text =
+        std::fs::read_to_string(&file).unwrap().replace("ratePerSecond: 20000", "count: 2000");
+    std::fs::write(&file, text).unwrap();
+    let coord = start(&[
+        "coordinator",
+        &file,
+        "--control-addr",
+        "127.0.0.1:0",
+        "--api-addr",
+        "127.0.0.1:0",
+        "--stay-after-end",
+    ]);
+    let (control, api) = (coord.addr("control"), coord.addr("api"));
+    let state = tmp.path().join("state");
+    let worker = |pod: &str| {
+        start(&[
+            "worker",
+            "--coordinator",
+            &control,
+            "--pod-name",
+            pod,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--data-addr",
+            "127.0.0.1:0",
+        ])
+    };
+    // A pod name without an ordinal is refused, naming the flag.
+    let (code, err) = worker("counter-worker").finish(Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--pod-name \"counter-worker\" does not end in -<index>"), "{err}");
+    let (w0, w1) = (worker("counter-worker-0"), worker("counter-worker-1"));
+    for w in [w0, w1] {
+        let (code, err) = w.finish(Duration::from_secs(60));
+        assert_eq!(code, Some(0), "{err}");
+    }
+    // The job is over; the coordinator stays and says how it ended, until SIGTERM.
+    wait_until("the job to finish", || get(&api, "/v1/job").1.contains("\"state\":\"finished\""));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(get(&api, "/healthz").0, 200, "the coordinator still serves after the end");
+    coord.signal("-TERM");
+    let (code, err) = coord.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("serving its final state until SIGTERM"), "{err}");
+    check_counts(&tmp.path().join("out"));
+}
