@@ -85,9 +85,14 @@ pub fn job_id(job: &StreamJob) -> String {
     if short.is_empty() { "job".into() } else { short }
 }
 
+/// The coordinator Service's DNS name.
+fn coordinator_host(job: &StreamJob, cfg: &BuildConfig) -> String {
+    format!("{}.{}.{}", coordinator_name(&name(job)), namespace(job), cfg.service_domain)
+}
+
 /// The coordinator's API address as the controller reaches it.
 pub fn api_address(job: &StreamJob, cfg: &BuildConfig) -> String {
-    format!("{}.{}.{}:{API_PORT}", coordinator_name(&name(job)), namespace(job), cfg.service_domain)
+    format!("{}:{API_PORT}", coordinator_host(job, cfg))
 }
 
 /// The label selector of the worker pods (the scale subresource's `status.selector`).
@@ -226,40 +231,52 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
     ]);
     let pod_security = json!({"runAsNonRoot": true, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID});
 
+    // What both pods share; `container` holds what differs (name, args, env, ports, probes).
+    let pod = |component: &str, mut container: Value, resources: Value| {
+        let c = container.as_object_mut().expect("a container object");
+        c.insert("image".into(), json!(image));
+        c.insert("imagePullPolicy".into(), json!(pull));
+        c.insert("resources".into(), resources);
+        c.insert("securityContext".into(), security.clone());
+        c.insert("volumeMounts".into(), mounts.clone());
+        let template = json!({
+            "metadata": {"labels": labels(&n, Some(component)), "annotations": {CONFIG_HASH: config_hash}},
+            "spec": {
+                "securityContext": pod_security,
+                "automountServiceAccountToken": false,
+                "terminationGracePeriodSeconds": 30,
+                "volumes": volumes,
+                "containers": [container],
+            },
+        });
+        overlay(template, job.spec.pod_template.as_ref())
+    };
+    let wanted = job.spec.resources.as_ref();
+
     let mut coord_env = env.clone();
     coord_env.push(json!({"name": "WEIR_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret_name(&n), "key": "token"}}}));
-    let coord_pod = json!({
-        "metadata": {"labels": labels(&n, Some("coordinator")), "annotations": {CONFIG_HASH: config_hash}},
-        "spec": {
-            "securityContext": pod_security,
-            "automountServiceAccountToken": false,
-            "terminationGracePeriodSeconds": 30,
-            "volumes": volumes,
-            "containers": [{
-                "name": "coordinator",
-                "image": image,
-                "imagePullPolicy": pull,
-                "args": [
-                    "coordinator", format!("{CONFIG_DIR}/job.yaml"),
-                    "--control-addr", format!("$(POD_IP):{CONTROL_PORT}"),
-                    "--api-addr", format!("$(POD_IP):{API_PORT}"),
-                    "--job-id", job_id(job),
-                    "--resume",
-                    "--stay-after-end",
-                ],
-                "env": coord_env,
-                "ports": [
-                    {"name": "control", "containerPort": CONTROL_PORT, "protocol": "TCP"},
-                    {"name": "api", "containerPort": API_PORT, "protocol": "TCP"},
-                ],
-                "readinessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 2},
-                "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 10, "failureThreshold": 6},
-                "resources": resources(job.spec.resources.as_ref().and_then(|r| r.coordinator.as_ref())),
-                "securityContext": security,
-                "volumeMounts": mounts,
-            }],
-        },
-    });
+    let coord_pod = pod(
+        "coordinator",
+        json!({
+            "name": "coordinator",
+            "args": [
+                "coordinator", format!("{CONFIG_DIR}/job.yaml"),
+                "--control-addr", format!("$(POD_IP):{CONTROL_PORT}"),
+                "--api-addr", format!("$(POD_IP):{API_PORT}"),
+                "--job-id", job_id(job),
+                "--resume",
+                "--stay-after-end",
+            ],
+            "env": coord_env,
+            "ports": [
+                {"name": "control", "containerPort": CONTROL_PORT, "protocol": "TCP"},
+                {"name": "api", "containerPort": API_PORT, "protocol": "TCP"},
+            ],
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 2},
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 10, "failureThreshold": 6},
+        }),
+        resources(wanted.and_then(|r| r.coordinator.as_ref())),
+    );
     let coordinator = stamped(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": meta(coordinator_name(&n), Some("coordinator")),
@@ -268,37 +285,27 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
             // Never two coordinators of one job.
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {LABEL_JOB: n, LABEL_COMPONENT: "coordinator"}},
-            "template": overlay(coord_pod, job.spec.pod_template.as_ref()),
+            "template": coord_pod,
         },
     }));
 
-    let worker_pod = json!({
-        "metadata": {"labels": labels(&n, Some("worker")), "annotations": {CONFIG_HASH: config_hash}},
-        "spec": {
-            "securityContext": pod_security,
-            "automountServiceAccountToken": false,
-            "terminationGracePeriodSeconds": 30,
-            "volumes": volumes,
-            "containers": [{
-                "name": "worker",
-                "image": image,
-                "imagePullPolicy": pull,
-                "args": [
-                    "worker",
-                    "--coordinator", format!("{}.{ns}.{}:{CONTROL_PORT}", coordinator_name(&n), cfg.service_domain),
-                    "--pod-name", "$(POD_NAME)",
-                    "--data-addr", format!("$(POD_IP):{DATA_PORT}"),
-                    "--advertise-host", "$(POD_IP)",
-                    "--state-dir", "/var/tmp/weir/state",
-                ],
-                "env": env,
-                "ports": [{"name": "data", "containerPort": DATA_PORT, "protocol": "TCP"}],
-                "resources": resources(job.spec.resources.as_ref().and_then(|r| r.worker.as_ref())),
-                "securityContext": security,
-                "volumeMounts": mounts,
-            }],
-        },
-    });
+    let worker_pod = pod(
+        "worker",
+        json!({
+            "name": "worker",
+            "args": [
+                "worker",
+                "--coordinator", format!("{}:{CONTROL_PORT}", coordinator_host(job, cfg)),
+                "--pod-name", "$(POD_NAME)",
+                "--data-addr", format!("$(POD_IP):{DATA_PORT}"),
+                "--advertise-host", "$(POD_IP)",
+                "--state-dir", "/var/tmp/weir/state",
+            ],
+            "env": env,
+            "ports": [{"name": "data", "containerPort": DATA_PORT, "protocol": "TCP"}],
+        }),
+        resources(wanted.and_then(|r| r.worker.as_ref())),
+    );
     let workers = stamped(json!({
         "apiVersion": "apps/v1", "kind": "StatefulSet",
         "metadata": meta(workers_name(&n), Some("worker")),
@@ -307,7 +314,7 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
             "serviceName": workers_name(&n),
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": {LABEL_JOB: n, LABEL_COMPONENT: "worker"}},
-            "template": overlay(worker_pod, job.spec.pod_template.as_ref()),
+            "template": worker_pod,
         },
     }));
     Objects { config_map, coordinator_service, coordinator, worker_service, workers }
@@ -359,15 +366,4 @@ fn merge(base: &mut Value, over: &Value) {
         }
         (b, o) => *b = o.clone(),
     }
-}
-
-/// Objects of a job, by kind and name, for the reconciler to apply or delete.
-pub fn names(job: &str) -> [(&'static str, String); 5] {
-    [
-        ("ConfigMap", config_map_name(job)),
-        ("Service", coordinator_name(job)),
-        ("Deployment", coordinator_name(job)),
-        ("Service", workers_name(job)),
-        ("StatefulSet", workers_name(job)),
-    ]
 }

@@ -211,6 +211,18 @@ fn worker_pid(pod: &str, ns: &str) -> Option<i32> {
     None
 }
 
+/// How many objects of kind `K` in `ns` carry a job label.
+async fn labelled<K>(env: &TestEnv, ns: &str) -> usize
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(env.client.clone(), ns);
+    api.list(&ListParams::default().labels("weir.dev/job")).await.unwrap().items.len()
+}
+
 async fn resource_version<K>(env: &TestEnv, ns: &str, name: &str) -> Option<String>
 where
     K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
@@ -456,39 +468,10 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
     }
     // Nothing was created for any of them.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let lp = ListParams::default().labels("weir.dev/job");
-    assert!(
-        Api::<ConfigMap>::namespaced(env.client.clone(), &ns)
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
-    assert!(
-        Api::<Deployment>::namespaced(env.client.clone(), &ns)
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
-    assert!(
-        Api::<StatefulSet>::namespaced(env.client.clone(), &ns)
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
-    assert!(
-        Api::<Service>::namespaced(env.client.clone(), &ns)
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
+    assert_eq!(labelled::<ConfigMap>(&env, &ns).await, 0);
+    assert_eq!(labelled::<Deployment>(&env, &ns).await, 0);
+    assert_eq!(labelled::<StatefulSet>(&env, &ns).await, 0);
+    assert_eq!(labelled::<Service>(&env, &ns).await, 0);
 
     // What the schema can express, the apiserver refuses at apply, naming the field: a
     // malformed S3 URI in the storage, a missing uid.
