@@ -16,7 +16,9 @@ use weir_crds::StorageUri;
 use weir_runtime::keygroup::{KeyGroupRange, key_group_of, subtask_of};
 use weir_runtime::objstore::S3Client;
 use weir_runtime::operators::SplitMix64;
-use weir_runtime::savepoint::{GETS_IN_FLIGHT, KeyedFile, Restored, restore_keyed, save_keyed};
+use weir_runtime::savepoint::{
+    GETS_IN_FLIGHT, KeyedFile, Restored, restore_keyed_with, save_keyed,
+};
 use weir_runtime::state::{Num, StateBackend};
 use weir_runtime::storage::{Prefixed, Storage};
 
@@ -185,6 +187,7 @@ fn main() -> Result<(), Error> {
         ));
     }
     println!("raw GET (S3 {uri}): {}", raw_text.join(", "));
+    storage.delete("raw")?;
 
     let t = Instant::now();
     let old = build(tmp.path(), mib, 4)?;
@@ -204,15 +207,33 @@ fn main() -> Result<(), Error> {
         "of raw"
     );
     let (files4, sp4) = savepoint(&storage, tmp.path(), &old, "sp-4")?;
-    drop(old);
+    // Disk is scarce where this runs: every instance goes as soon as it is no longer needed.
+    let remove = |backends: Vec<StateBackend>| -> Result<(), Error> {
+        let dirs: Vec<_> = backends.iter().map(|b| b.path().to_path_buf()).collect();
+        drop(backends);
+        for d in dirs {
+            std::fs::remove_dir_all(d)?;
+        }
+        Ok(())
+    };
+    remove(old)?;
     let mut at2 = None;
-    let plan: Vec<(u32, u32)> = vec![(4, 3), (4, 2), (2, 4)];
+    // (from, to, SST files without compression): the third kind is a comparison, not what a
+    // job does (its SST files are compressed as the column family's are, LZ4).
+    let plan: Vec<(u32, u32, bool)> =
+        vec![(4, 3, false), (4, 2, true), (4, 2, false), (2, 4, false)];
     let mut saved: std::collections::BTreeMap<u32, (Vec<KeyedFile>, f64)> =
         [(4, (files4, sp4))].into();
-    for (from, to) in plan {
+    for (from, to, plain) in plan {
+        let mut sst = weir_runtime::state::sst_options();
+        if plain {
+            sst.set_compression_type(rocksdb::DBCompressionType::None);
+        }
+        let tag = if plain { "-plain" } else { "" };
         if let std::collections::btree_map::Entry::Vacant(e) = saved.entry(from) {
             let backends: Vec<StateBackend> = at2.take().ok_or("no state at parallelism 2")?;
             e.insert(savepoint(&storage, tmp.path(), &backends, &format!("sp-{from}"))?);
+            remove(backends)?;
         }
         let (files, sp_secs) = &saved[&from];
         let total: u64 = files.iter().map(|f| f.offsets.last().copied().unwrap_or(0)).sum();
@@ -220,16 +241,17 @@ fn main() -> Result<(), Error> {
         let restored = parallel(to, |s| {
             let r = KeyGroupRange::of_subtask(MAX_P, to, s);
             let b = StateBackend::open(
-                &tmp.path().join(format!("new-{from}-{to}-{s}")),
+                &tmp.path().join(format!("new-{from}-{to}{tag}-{s}")),
                 &[UID.to_string()],
             )?;
-            let done = restore_keyed(
+            let done = restore_keyed_with(
                 &storage,
                 files,
                 (r.start, r.end),
                 &b,
                 UID,
-                &tmp.path().join(format!("restore-{from}-{to}-{s}.sst")),
+                &tmp.path().join(format!("restore-{from}-{to}{tag}-{s}.sst")),
+                &sst,
             )?;
             Ok((b, done))
         })?;
@@ -239,22 +261,30 @@ fn main() -> Result<(), Error> {
         let read: u64 = restored.iter().map(|(_, r)| r.bytes).sum();
         let rate = read as f64 / MIB / secs;
         let raw_n = raw[&to.min(4)];
+        let rescale = format!("{from}->{to}{}", if plain { "*" } else { "" });
         println!(
-            "{from}->{to:<5} {sp_secs:>9.2}s {secs:>9.2}s {:>11.0} {worst:>11.3}x {rate:>10.0} {raw_n:>9.0} {:>7.0}%",
+            "{rescale:<8} {sp_secs:>9.2}s {secs:>9.2}s {:>11.0} {worst:>11.3}x {rate:>10.0} {raw_n:>9.0} {:>7.0}%",
             total as f64 / MIB,
             100.0 * rate / raw_n
         );
         let most = |f: fn(&Restored) -> f64| restored.iter().map(|(_, r)| f(r)).fold(0.0, f64::max);
         println!(
-            "  restore at {to}, the most of one subtask: waiting for S3 {:.2} s, decoding and \
+            "  restore at {to}{}, the most of one subtask: waiting for S3 {:.2} s, decoding and \
              writing its SST file {:.2} s, ingesting it {:.2} s",
+            if plain {
+                " (* SST files not compressed: a comparison, not what jobs do)"
+            } else {
+                ""
+            },
             most(|r| r.waiting_secs),
             most(|r| r.writing_secs),
             most(|r| r.ingest_secs)
         );
         let backends: Vec<StateBackend> = restored.into_iter().map(|(b, _)| b).collect();
-        if (from, to) == (4, 2) {
+        if (from, to, plain) == (4, 2, false) {
             at2 = Some(backends);
+        } else {
+            remove(backends)?;
         }
     }
     for e in storage.list("")? {

@@ -185,7 +185,27 @@ pub fn restore_keyed(
     uid: &str,
     scratch: &Path,
 ) -> Result<Restored, RuntimeError> {
-    restore_keyed_in_chunks(storage, files, range, backend, uid, scratch, RESTORE_CHUNK)
+    restore_keyed_with(storage, files, range, backend, uid, scratch, &sst_options())
+}
+
+/// [`restore_keyed`], with the SST file written with `sst` (for comparisons: the table
+/// options must be ones the column family can read, which RocksDB checks when ingesting).
+pub fn restore_keyed_with(
+    storage: &dyn Storage,
+    files: &[KeyedFile],
+    range: (u16, u16),
+    backend: &StateBackend,
+    uid: &str,
+    scratch: &Path,
+    sst: &rocksdb::Options,
+) -> Result<Restored, RuntimeError> {
+    restore_keyed_in_chunks(
+        storage,
+        files,
+        range,
+        SstTarget { backend, uid, scratch, options: sst },
+        RESTORE_CHUNK,
+    )
 }
 
 /// What a restore of keyed state read and where its time went.
@@ -202,6 +222,15 @@ pub struct Restored {
     pub ingest_secs: f64,
 }
 
+/// Where a restore writes: the SST file `scratch` (written with `options`), ingested into
+/// operator `uid`'s state in `backend`.
+struct SstTarget<'a> {
+    backend: &'a StateBackend,
+    uid: &'a str,
+    scratch: &'a Path,
+    options: &'a rocksdb::Options,
+}
+
 /// One ranged request of a restore.
 struct Piece<'a> {
     file: &'a KeyedFile,
@@ -215,9 +244,7 @@ fn restore_keyed_in_chunks(
     storage: &dyn Storage,
     files: &[KeyedFile],
     range: (u16, u16),
-    backend: &StateBackend,
-    uid: &str,
-    scratch: &Path,
+    into: SstTarget<'_>,
     chunk_bytes: u64,
 ) -> Result<Restored, RuntimeError> {
     let mut files: Vec<&KeyedFile> = files.iter().collect();
@@ -237,10 +264,9 @@ fn restore_keyed_in_chunks(
     if pieces.is_empty() {
         return Ok(done);
     }
-    let opts = sst_options();
-    let mut writer = rocksdb::SstFileWriter::create(&opts);
+    let mut writer = rocksdb::SstFileWriter::create(into.options);
     writer
-        .open(scratch)
+        .open(into.scratch)
         .map_err(|e| RuntimeError::internal(format!("writing an SST file: {e}")))?;
     // Fetcher `i` reads pieces i, i + k, i + 2k, ... into a channel of its own, one piece
     // ahead; the pieces are taken in order, round the channels.
@@ -286,20 +312,34 @@ fn restore_keyed_in_chunks(
                 )));
             }
             done.bytes += chunk.len() as u64;
-            let bytes = if carry.is_empty() {
-                chunk
-            } else {
-                carry.extend_from_slice(&chunk);
-                std::mem::take(&mut carry)
-            };
-            let used = read_whole_entries(&bytes, |k, v| {
+            let mut put = |k: &[u8], v: &[u8]| {
                 done.entries += 1;
                 writer
                     .put(k, v)
                     .map_err(|e| RuntimeError::internal(format!("writing an SST file: {e}")))
-            })
-            .map_err(damaged)?;
-            carry.extend_from_slice(&bytes[used..]);
+            };
+            // The entry cut at the end of the last chunk is completed in `carry` with bytes
+            // of this one, a few at a time (not the whole chunk copied after it); the bytes
+            // that turn out to belong to the entries after it are read where they are.
+            let mut from = 0;
+            let mut step = 4 << 10;
+            while !carry.is_empty() && from < chunk.len() {
+                let take = step.min(chunk.len() - from);
+                let before = carry.len();
+                carry.extend_from_slice(&chunk[from..from + take]);
+                from += take;
+                let used = read_whole_entries(&carry, &mut put).map_err(&damaged)?;
+                if used > 0 {
+                    // What was carried is part of the first whole entry: all that is left
+                    // over came from this chunk.
+                    debug_assert!(used >= before);
+                    from -= carry.len() - used;
+                    carry.clear();
+                }
+                step *= 2;
+            }
+            let used = read_whole_entries(&chunk[from..], &mut put).map_err(&damaged)?;
+            carry.extend_from_slice(&chunk[from + used..]);
             done.writing_secs += t.elapsed().as_secs_f64();
             if p.last && !carry.is_empty() {
                 return Err(damaged(format!(
@@ -318,11 +358,11 @@ fn restore_keyed_in_chunks(
         writer.finish().map_err(|e| RuntimeError::internal(format!("writing an SST file: {e}")))?;
         done.writing_secs += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        backend.ingest(uid, scratch)?;
+        into.backend.ingest(into.uid, into.scratch)?;
         done.ingest_secs = t.elapsed().as_secs_f64();
     }
     drop(writer);
-    let _ = std::fs::remove_file(scratch);
+    let _ = std::fs::remove_file(into.scratch);
     Ok(done)
 }
 
@@ -496,6 +536,59 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Through RocksDB, entries of any size (some far larger than a chunk) read in chunks
+        /// of any size, several on their way: the restored instance holds exactly the entries
+        /// of its key groups.
+        #[test]
+        fn chunked_restores_hold_exactly_their_key_groups(
+            sizes in prop::collection::vec((0u16..8, 0usize..20_000), 0..60),
+            chunk in 1u64..30_000,
+            range in (0u16..8, 0u16..8),
+        ) {
+            let range = (range.0.min(range.1), range.0.max(range.1));
+            let mut es: Vec<(Vec<u8>, Vec<u8>)> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, (g, n))| {
+                    let mut k = g.to_be_bytes().to_vec();
+                    k.extend_from_slice(format!("k{i:03}").as_bytes());
+                    (k, vec![i as u8; *n])
+                })
+                .collect();
+            es.sort();
+            let tmp = tempfile::tempdir().unwrap();
+            let storage = crate::storage::LocalStorage::new(&tmp.path().join("sp"));
+            let (bytes, mut f) = file_of((0, 7), &es);
+            storage.put("counts-0", &bytes).unwrap();
+            f.file = "counts-0".into();
+            let uid = "counts".to_string();
+            let b = StateBackend::open(&tmp.path().join("db"), std::slice::from_ref(&uid)).unwrap();
+            let into = SstTarget {
+                backend: &b,
+                uid: &uid,
+                scratch: &tmp.path().join("sst"),
+                options: &sst_options(),
+            };
+            let done = restore_keyed_in_chunks(&storage, &[f.clone()], range, into, chunk).unwrap();
+            let want: Vec<_> = es
+                .iter()
+                .filter(|(k, _)| (range.0..=range.1).contains(&u16::from_be_bytes([k[0], k[1]])))
+                .collect();
+            let got = b.scan(&uid).unwrap();
+            prop_assert_eq!(got.len(), want.len());
+            for ((g, k, v), (wk, wv)) in got.iter().zip(&want) {
+                prop_assert_eq!(&g.to_be_bytes()[..], &wk[..2]);
+                prop_assert_eq!(&k[..], &wk[2..]);
+                prop_assert_eq!(v, wv);
+            }
+            let (a, z) = f.byte_range(range).unwrap_or((0, 0));
+            prop_assert_eq!(done.bytes, z - a, "only the key groups' bytes are read");
+            prop_assert_eq!(done.entries, want.len() as u64);
+        }
+    }
+
     #[test]
     fn a_bad_index_is_refused() {
         let (_, mut f) = file_of((3, 6), &entries((3, 6), 2));
@@ -555,9 +648,12 @@ mod tests {
                     &storage,
                     &files,
                     (r.start, r.end),
-                    &b,
-                    &uid,
-                    &tmp.path().join("sst"),
+                    SstTarget {
+                        backend: &b,
+                        uid: &uid,
+                        scratch: &tmp.path().join("sst"),
+                        options: &sst_options(),
+                    },
                     chunk,
                 )
                 .unwrap()
@@ -581,9 +677,12 @@ mod tests {
             &faulty,
             &files,
             (0, 127),
-            &b,
-            &uid,
-            &tmp.path().join("sst"),
+            SstTarget {
+                backend: &b,
+                uid: &uid,
+                scratch: &tmp.path().join("sst"),
+                options: &sst_options(),
+            },
             64,
         )
         .unwrap_err();
@@ -599,9 +698,12 @@ mod tests {
             &storage,
             &files,
             (0, 127),
-            &b,
-            &uid,
-            &tmp.path().join("sst"),
+            SstTarget {
+                backend: &b,
+                uid: &uid,
+                scratch: &tmp.path().join("sst"),
+                options: &sst_options(),
+            },
             64,
         )
         .unwrap_err();
