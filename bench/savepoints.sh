@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 mib=${1:-1024}
 target=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build -q --release -p weir-runtime --example savepoint_bench
-cargo build -q -p weir-e2e --bin weir-node # the test environment's node agent
+# The test environment's node agent (WEIR_BIN_DIR: one built already, as tests/env/up.sh takes).
+[ -x "${WEIR_BIN_DIR:-/nonexistent}/weir-node" ] || cargo build -q -p weir-e2e --bin weir-node
 venv=$(bash tests/env/install-flink.sh)
 tmp=$(mktemp -d)
 bash tests/env/up.sh "$tmp/env" >"$tmp/env-up.log" 2>&1 || { cat "$tmp/env-up.log"; exit 1; }
