@@ -45,9 +45,16 @@ the 4-parallel savepoint serves 4:3 and 4:2 (same savepoint_seconds), and the 2-
 the savepoint of the job restored for 4:2. Every savepoint must hold at least 95 % of
 state_bytes (checked: the state survived each rescale).
 
-Savepoints go to the LOCAL FILE SYSTEM (file:// under the state dir; Flink fsyncs each file):
-PyFlink ships no S3 file system here. Weir's figure is taken against an S3 server, so the
-comparison favours Flink.
+Where savepoints (and the checkpoint directory) go, --storage:
+- s3 (the fair peer of Weir's figures, which are taken against S3): the S3 bucket of the
+  standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+  AWS_REGION, and WEIR_TEST_BUCKET for the bucket, as tests/env/up.sh writes them), mounted
+  with s3fs-fuse (Debian's `s3fs`) for the run; Flink writes and reads file:// paths on the
+  mount. Flink's own S3 file systems (flink-s3-fs-hadoop / -presto) are not in the PyFlink
+  wheel, and their jars come only from Maven Central, which these machines cannot reach.
+  s3fs behaves as flink-s3-fs-presto does: a file is staged on local disk and uploaded
+  (multipart, parts in parallel) when Flink flushes or closes it; reads are ranged GETs.
+- local: the local file system (file:// under the state dir; Flink fsyncs each file).
 Everything runs in one JVM with Flink's local-execution defaults (managed memory 128 MB shared
 by the slots, which RocksDB uses), one new mini-cluster per job, on whatever cores there are.
 
@@ -62,6 +69,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,6 +106,8 @@ def parse_args():
     p.add_argument("--value-bytes", type=int, default=1000, help="V, bytes per key (default 1000)")
     p.add_argument("--pairs", type=parse_pairs, default=parse_pairs("4:3,4:2,2:4"),
                    help="rescale pairs FROM:TO, comma-separated (default 4:3,4:2,2:4)")
+    p.add_argument("--storage", choices=["s3", "local"], default="s3",
+                   help="where savepoints and checkpoints go (default s3: see above)")
     p.add_argument("--state-dir", help="RocksDB, savepoints and temporary files "
                    "(default: a new temp dir, removed after)")
     p.add_argument("--managed-memory", help="taskmanager.memory.managed.size, e.g. 512m "
@@ -141,13 +151,23 @@ def main():
     os.makedirs(state_dir, exist_ok=True)
     load_start = os.getloadavg()[0]
     start = time.perf_counter()
+    mount = None
     try:
-        result = Bench(args, state_dir).run()
+        if args.storage == "s3":
+            mount = S3Mount(state_dir)
+            durable_dir, storage = mount.dir, f"S3 {mount.describe} (s3fs mount)"
+        else:
+            durable_dir, storage = state_dir, "local file system"
+        result = Bench(args, state_dir, durable_dir).run()
+        result["savepoint_storage"] = storage
     except BenchError as e:
         log(f"FAILED: {e}")
         sys.exit(1)
     finally:
-        if own_dir:
+        if mount:
+            mount.close()
+        # Never through a mount that is still there: that would delete objects in the bucket.
+        if own_dir and not (mount and os.path.ismount(mount.point)):
             shutil.rmtree(state_dir, ignore_errors=True)
     result["total_seconds"] = round(time.perf_counter() - start, 1)
     result["loadavg_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
@@ -170,6 +190,55 @@ def dir_bytes(path):
         for f in files:
             total += os.path.getsize(os.path.join(root, f))
     return total
+
+
+class S3Mount:
+    """The test bucket mounted with s3fs for the run; Flink's files go below a prefix of their
+    own in it (`dir`), which is removed (objects deleted) and unmounted by close()."""
+
+    def __init__(self, state_dir):
+        env = {k: os.environ.get(k, "") for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                   "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                                                   "WEIR_TEST_BUCKET")}
+        missing = [k for k, v in env.items() if not v]
+        if missing:
+            raise BenchError(f"--storage s3 needs {', '.join(missing)} in the environment "
+                             "(source the env.sh that tests/env/up.sh writes)")
+        if not shutil.which("s3fs"):
+            raise BenchError("--storage s3 needs s3fs (tests/env/install-flink.sh installs it)")
+        self.point = os.path.join(state_dir, "s3")
+        os.makedirs(self.point, exist_ok=True)
+        # s3fs reads the key from a file only its owner may read.
+        self.passwd = os.path.join(state_dir, "s3fs-passwd")
+        fd = os.open(self.passwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}\n")
+        bucket, endpoint = env["WEIR_TEST_BUCKET"], env["AWS_ENDPOINT_URL"]
+        self.describe = f"{endpoint}/{bucket}"
+        opts = ",".join([f"passwd_file={self.passwd}", f"url={endpoint}", "use_path_request_style",
+                         f"endpoint={env['AWS_REGION']}", "sigv4",
+                         f"tmpdir={os.path.join(state_dir, 'tmp')}"])
+        os.makedirs(os.path.join(state_dir, "tmp"), exist_ok=True)
+        run = subprocess.run(["s3fs", bucket, self.point, "-o", opts],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.point):
+            if run.returncode != 0 or time.monotonic() > deadline:
+                os.remove(self.passwd)
+                raise BenchError(f"s3fs could not mount {self.describe} on {self.point} "
+                                 f"(exit {run.returncode}; is /dev/fuse there?): {run.stdout.strip()}")
+            time.sleep(0.1)
+        self.dir = os.path.join(self.point, f"flink-savepoint-bench-{os.getpid()}-{int(time.time())}")
+        os.makedirs(self.dir)
+        log(f"{self.describe} mounted on {self.point} (s3fs); Flink's files under {self.dir}")
+
+    def close(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+        subprocess.run(["fusermount", "-u", self.point], check=False)
+        try:
+            os.remove(self.passwd)
+        except OSError:
+            pass
 
 
 def local_path(uri):
@@ -216,12 +285,13 @@ class Job:
 
 
 class Bench:
-    def __init__(self, args, state_dir):
+    def __init__(self, args, state_dir, durable_dir):
         self.args = args
         self.state_dir = state_dir
+        self.durable_dir = durable_dir  # savepoints and checkpoints: local disk or the S3 mount
         self.keys = math.ceil(args.state_bytes / args.value_bytes)
         self.state_bytes = self.keys * args.value_bytes
-        self.savepoint_dir = os.path.join(state_dir, "savepoints")
+        self.savepoint_dir = os.path.join(durable_dir, "savepoints")
 
     # ---- jobs ----
 
@@ -237,7 +307,7 @@ class Bench:
         # Savepoints above a few MB need a file-system checkpoint storage (the default
         # JobManager storage caps state at 5 MB). Periodic checkpoints stay off.
         conf.set_string("execution.checkpointing.storage", "filesystem")
-        conf.set_string("execution.checkpointing.dir", "file://" + os.path.join(self.state_dir, "checkpoints"))
+        conf.set_string("execution.checkpointing.dir", "file://" + os.path.join(self.durable_dir, "checkpoints"))
         conf.set_string("parallelism.default", str(parallelism))
         conf.set_string("table.exec.mini-batch.enabled", "false")
         conf.set_string("rest.port", str(port))
@@ -428,7 +498,6 @@ class Bench:
             "value_bytes": a.value_bytes,
             "savepoint_bytes": savepoints[first]["bytes"],
             "savepoint_format": "canonical",
-            "savepoint_storage": "local file system",
             "fill_seconds": round(fill_seconds, 1),
             "runs": runs,
             "savepoints": [{k: v for k, v in sp.items() if k != "path"} for sp in savepoints.values()],

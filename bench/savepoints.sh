@@ -5,14 +5,16 @@
 #     savepoint and restore times, the bytes the worst new subtask read against its share, and
 #     the restore's read rate against the server's raw GET rate at as many readers;
 #  2. Flink 2.3, the peer (bench/flink_savepoint.py): the same rescales with stop-with-savepoint
-#     and a restore at the new parallelism, savepoints on the local file system.
+#     and a restore at the new parallelism, savepoints and checkpoints on the same S3 server
+#     (through an s3fs mount); with FLINK_LOCAL=1 also on the local file system.
 # Usage: bench/savepoints.sh [SIZE_MIB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=${1:-1024}
 target=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build -q --release -p weir-runtime --example savepoint_bench
-cargo build -q -p weir-e2e --bin weir-node # the test environment's node agent
+# The test environment's node agent (WEIR_BIN_DIR: one built already, as tests/env/up.sh takes).
+[ -x "${WEIR_BIN_DIR:-/nonexistent}/weir-node" ] || cargo build -q -p weir-e2e --bin weir-node
 venv=$(bash tests/env/install-flink.sh)
 tmp=$(mktemp -d)
 bash tests/env/up.sh "$tmp/env" >"$tmp/env-up.log" 2>&1 || { cat "$tmp/env-up.log"; exit 1; }
@@ -23,8 +25,25 @@ source "$tmp/env/env.sh"
 echo "== weir: savepoint and restore of $mib MiB of keyed state (S3: $AWS_ENDPOINT_URL)"
 "$target/release/examples/savepoint_bench" "s3://$WEIR_TEST_BUCKET/bench-$$" "$mib"
 
-echo "== flink $mib MiB: stop-with-savepoint and restore at the new parallelism (local disk)"
-if [ -f bench/flink_savepoint.py ]; then
-  "$venv/bin/python" bench/flink_savepoint.py --state-bytes "${mib}m" 2>"$tmp/flink.log" \
-    || { tail -30 "$tmp/flink.log"; exit 1; }
-fi
+# One line per rescale from the peer's JSON file $1 (its docstring says what each figure covers).
+flink_table() {
+  "$venv/bin/python" - "$1" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"savepoints on {r['savepoint_storage']}, {r['savepoint_bytes'] / 2**20:.0f} MiB")
+print(f"{'rescale':<8} {'savepoint':>10} {'restore':>10} {'state init':>11} {'from SQL call':>14}")
+for x in r["runs"]:
+    print(f"{x['from']}->{x['to']:<5} {x['savepoint_seconds']:>9.2f}s {x['restore_seconds']:>9.2f}s "
+          f"{x['state_init_seconds']:>10.2f}s {x['restore_wall_seconds']:>13.2f}s")
+print(json.dumps(r))
+PY
+}
+storages=s3
+[ "${FLINK_LOCAL:-0}" = 1 ] && storages="s3 local"
+for storage in $storages; do
+  echo "== flink $mib MiB: stop-with-savepoint and restore at the new parallelism ($storage)"
+  "$venv/bin/python" bench/flink_savepoint.py --state-bytes "${mib}m" --storage "$storage" \
+    2>"$tmp/flink-$storage.log" >"$tmp/flink-$storage.json" \
+    || { tail -30 "$tmp/flink-$storage.log"; exit 1; }
+  flink_table "$tmp/flink-$storage.json"
+done

@@ -8,7 +8,6 @@
 //! `cargo run --release --example savepoint_bench -- s3://bucket/prefix 1024`
 //! (size in MiB; S3 settings from the AWS environment variables).
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +16,9 @@ use weir_crds::StorageUri;
 use weir_runtime::keygroup::{KeyGroupRange, key_group_of, subtask_of};
 use weir_runtime::objstore::S3Client;
 use weir_runtime::operators::SplitMix64;
-use weir_runtime::savepoint::{KeyedFile, restore_keyed, save_keyed};
+use weir_runtime::savepoint::{
+    GETS_IN_FLIGHT, KeyedFile, Restored, restore_keyed_with, save_keyed,
+};
 use weir_runtime::state::{Num, StateBackend};
 use weir_runtime::storage::{Prefixed, Storage};
 
@@ -62,7 +63,10 @@ fn build(dir: &Path, mib: u64, p: u32) -> Result<Vec<StateBackend>, Error> {
 }
 
 /// A savepoint of `backends` (one per subtask of parallelism `backends.len()`): its files and
-/// the seconds it took.
+/// the seconds it took (RocksDB checkpoints, then keyed files streamed to storage, every
+/// subtask at the same time). Before the timed savepoint, where its time goes is measured
+/// apart and printed: the checkpoints, and reading them and encoding the keyed files into
+/// nothing (no upload).
 fn savepoint(
     storage: &dyn Storage,
     dir: &Path,
@@ -70,23 +74,58 @@ fn savepoint(
     name: &str,
 ) -> Result<(Vec<KeyedFile>, f64), Error> {
     let p = backends.len() as u32;
+    let local = |s: u32| dir.join(format!("{name}-chk-{s}"));
+    let range = |s: u32| {
+        let r = KeyGroupRange::of_subtask(MAX_P, p, s);
+        (r.start, r.end)
+    };
+    let t = Instant::now();
+    parallel(p, |s| Ok(weir_runtime::snapshot::take(&backends[s as usize], &local(s))?))?;
+    let checkpoint_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    parallel(p, |s| {
+        let src = &mut |f: &mut weir_runtime::savepoint::EntryVisitor<'_>| {
+            StateBackend::for_each_in_checkpoint(&local(s), UID, |k, v| f(k, v))
+        };
+        Ok(weir_runtime::savepoint::write_entries(std::io::sink(), range(s), src)?)
+    })?;
+    let encode_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let files = parallel(p, |s| {
-        let r = KeyGroupRange::of_subtask(MAX_P, p, s);
-        let local = dir.join(format!("{name}-chk-{s}"));
-        weir_runtime::snapshot::take(&backends[s as usize], &local)?;
-        let f = save_keyed(
-            &local,
-            UID,
-            (r.start, r.end),
-            storage,
-            &format!("{name}/keyed/{UID}-{s}"),
-            &dir.join(format!("{name}-scratch-{s}")),
-        )?;
-        std::fs::remove_dir_all(&local)?;
+        let f = save_keyed(&local(s), UID, range(s), storage, &format!("{name}/keyed/{UID}-{s}"))?;
+        std::fs::remove_dir_all(local(s))?;
         Ok(f)
     })?;
-    Ok((files, t.elapsed().as_secs_f64()))
+    let save_secs = t.elapsed().as_secs_f64();
+    println!(
+        "  savepoint at {p}: RocksDB checkpoints {checkpoint_secs:.2} s; reading them and encoding \
+         (no upload) {encode_secs:.2} s; streaming to storage {save_secs:.2} s"
+    );
+    Ok((files, checkpoint_secs + save_secs))
+}
+
+/// The server's raw PUT rate in MiB/s with `n` writers, each streaming its share of `data`
+/// as an object of its own (multipart, as savepoints are written).
+fn raw_put(storage: &dyn Storage, data: &[u8], n: u32) -> Result<f64, Error> {
+    let share = data.len() / n as usize;
+    let t = Instant::now();
+    parallel(n, |i| {
+        let part = &data[i as usize * share..(i as usize + 1) * share];
+        storage.put_streamed(&format!("raw-put-{i}"), &mut |out| {
+            for c in part.chunks(64 << 10) {
+                out.write_all(c).map_err(|e| {
+                    weir_runtime::error::RuntimeError::internal(format!("writing: {e}"))
+                })?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    })?;
+    let rate = (share * n as usize) as f64 / MIB / t.elapsed().as_secs_f64();
+    for i in 0..n {
+        storage.delete(&format!("raw-put-{i}"))?;
+    }
+    Ok(rate)
 }
 
 /// The server's raw GET rate in MiB/s with `n` readers, each reading its share of `key`
@@ -118,28 +157,37 @@ fn main() -> Result<(), Error> {
     let storage = Prefixed::new(root, &format!("savepoint-bench-{}", std::process::id()));
     let tmp = tempfile::tempdir()?;
 
-    // The server's raw GET rate: one 256 MiB object of random bytes.
-    let raw_path = tmp.path().join("raw");
-    {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&raw_path)?);
-        let mut rng = SplitMix64::new(1);
-        for _ in 0..(256 << 20) / 8 {
-            f.write_all(&rng.next_u64().to_le_bytes())?;
-        }
+    // The server's raw PUT and GET rates: 256 MiB of random bytes.
+    let mut data = Vec::with_capacity(256 << 20);
+    let mut rng = SplitMix64::new(1);
+    for _ in 0..(256 << 20) / 8 {
+        data.extend_from_slice(&rng.next_u64().to_le_bytes());
     }
-    let raw_len = storage.put_file("raw", &raw_path)?;
-    std::fs::remove_file(&raw_path)?;
+    let mut raw_puts = Vec::new();
+    for n in [2, 4] {
+        raw_puts.push(format!("{:.0} MiB/s with {n} writers", raw_put(&storage, &data, n)?));
+    }
+    println!("raw PUT (streamed multipart, S3 {uri}): {}", raw_puts.join(", "));
+    let raw_len = storage.put_streamed("raw", &mut |out| {
+        out.write_all(&data)
+            .map_err(|e| weir_runtime::error::RuntimeError::internal(format!("writing: {e}")))
+    })?;
+    drop(data);
+    // Per number of readers, the better of: that many sequential readers, and that many with
+    // as many requests on their way each as a restoring subtask has.
     let mut raw = std::collections::BTreeMap::new();
+    let mut raw_text = Vec::new();
     for n in [1, 2, 3, 4] {
-        raw.insert(n, raw_get(&storage, "raw", raw_len, n)?);
+        let one = raw_get(&storage, "raw", raw_len, n)?;
+        let many = raw_get(&storage, "raw", raw_len, n * GETS_IN_FLIGHT as u32)?;
+        raw.insert(n, one.max(many));
+        raw_text.push(format!(
+            "{n} reader(s) {one:.0} MiB/s ({} requests at a time: {many:.0})",
+            n * GETS_IN_FLIGHT as u32
+        ));
     }
-    println!(
-        "raw GET (S3 {uri}): {}",
-        raw.iter()
-            .map(|(n, r)| format!("{r:.0} MiB/s with {n} reader(s)"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    println!("raw GET (S3 {uri}): {}", raw_text.join(", "));
+    storage.delete("raw")?;
 
     let t = Instant::now();
     let old = build(tmp.path(), mib, 4)?;
@@ -159,15 +207,33 @@ fn main() -> Result<(), Error> {
         "of raw"
     );
     let (files4, sp4) = savepoint(&storage, tmp.path(), &old, "sp-4")?;
-    drop(old);
+    // Disk is scarce where this runs: every instance goes as soon as it is no longer needed.
+    let remove = |backends: Vec<StateBackend>| -> Result<(), Error> {
+        let dirs: Vec<_> = backends.iter().map(|b| b.path().to_path_buf()).collect();
+        drop(backends);
+        for d in dirs {
+            std::fs::remove_dir_all(d)?;
+        }
+        Ok(())
+    };
+    remove(old)?;
     let mut at2 = None;
-    let plan: Vec<(u32, u32)> = vec![(4, 3), (4, 2), (2, 4)];
+    // (from, to, SST files without compression): the third kind is a comparison, not what a
+    // job does (its SST files are compressed as the column family's are, LZ4).
+    let plan: Vec<(u32, u32, bool)> =
+        vec![(4, 3, false), (4, 2, true), (4, 2, false), (2, 4, false)];
     let mut saved: std::collections::BTreeMap<u32, (Vec<KeyedFile>, f64)> =
         [(4, (files4, sp4))].into();
-    for (from, to) in plan {
+    for (from, to, plain) in plan {
+        let mut sst = weir_runtime::state::sst_options();
+        if plain {
+            sst.set_compression_type(rocksdb::DBCompressionType::None);
+        }
+        let tag = if plain { "-plain" } else { "" };
         if let std::collections::btree_map::Entry::Vacant(e) = saved.entry(from) {
             let backends: Vec<StateBackend> = at2.take().ok_or("no state at parallelism 2")?;
             e.insert(savepoint(&storage, tmp.path(), &backends, &format!("sp-{from}"))?);
+            remove(backends)?;
         }
         let (files, sp_secs) = &saved[&from];
         let total: u64 = files.iter().map(|f| f.offsets.last().copied().unwrap_or(0)).sum();
@@ -175,33 +241,50 @@ fn main() -> Result<(), Error> {
         let restored = parallel(to, |s| {
             let r = KeyGroupRange::of_subtask(MAX_P, to, s);
             let b = StateBackend::open(
-                &tmp.path().join(format!("new-{from}-{to}-{s}")),
+                &tmp.path().join(format!("new-{from}-{to}{tag}-{s}")),
                 &[UID.to_string()],
             )?;
-            let read = restore_keyed(
+            let done = restore_keyed_with(
                 &storage,
                 files,
                 (r.start, r.end),
                 &b,
                 UID,
-                &tmp.path().join(format!("restore-{from}-{to}-{s}.sst")),
+                &tmp.path().join(format!("restore-{from}-{to}{tag}-{s}.sst")),
+                &sst,
             )?;
-            Ok((b, read))
+            Ok((b, done))
         })?;
         let secs = t.elapsed().as_secs_f64();
         let share = total as f64 / f64::from(to);
-        let worst = restored.iter().map(|(_, r)| *r as f64 / share).fold(0.0, f64::max);
-        let read: u64 = restored.iter().map(|(_, r)| r).sum();
+        let worst = restored.iter().map(|(_, r)| r.bytes as f64 / share).fold(0.0, f64::max);
+        let read: u64 = restored.iter().map(|(_, r)| r.bytes).sum();
         let rate = read as f64 / MIB / secs;
         let raw_n = raw[&to.min(4)];
+        let rescale = format!("{from}->{to}{}", if plain { "*" } else { "" });
         println!(
-            "{from}->{to:<5} {sp_secs:>9.2}s {secs:>9.2}s {:>11.0} {worst:>11.3}x {rate:>10.0} {raw_n:>9.0} {:>7.0}%",
+            "{rescale:<8} {sp_secs:>9.2}s {secs:>9.2}s {:>11.0} {worst:>11.3}x {rate:>10.0} {raw_n:>9.0} {:>7.0}%",
             total as f64 / MIB,
             100.0 * rate / raw_n
         );
+        let most = |f: fn(&Restored) -> f64| restored.iter().map(|(_, r)| f(r)).fold(0.0, f64::max);
+        println!(
+            "  restore at {to}{}, the most of one subtask: waiting for S3 {:.2} s, decoding and \
+             writing its SST file {:.2} s, ingesting it {:.2} s",
+            if plain {
+                " (* SST files not compressed: a comparison, not what jobs do)"
+            } else {
+                ""
+            },
+            most(|r| r.waiting_secs),
+            most(|r| r.writing_secs),
+            most(|r| r.ingest_secs)
+        );
         let backends: Vec<StateBackend> = restored.into_iter().map(|(b, _)| b).collect();
-        if (from, to) == (4, 2) {
+        if (from, to, plain) == (4, 2, false) {
             at2 = Some(backends);
+        } else {
+            remove(backends)?;
         }
     }
     for e in storage.list("")? {

@@ -567,17 +567,14 @@ impl Chain {
                     if let Some(sp) = &savepoint_dir {
                         let uid = ack.operators[k].uid.clone();
                         let key = format!("keyed/{uid}-{}", ack.subtask);
-                        let scratch = local.with_extension("keyed");
                         let r = crate::savepoint::save_keyed(
                             &local,
                             &uid,
                             key_groups,
                             sp.as_ref(),
                             &key,
-                            &scratch,
                         );
                         let _ = std::fs::remove_dir_all(&local);
-                        let _ = std::fs::remove_file(&scratch);
                         match r {
                             Ok(file) => {
                                 let bytes = file.offsets.last().copied().unwrap_or(0);
@@ -835,7 +832,7 @@ pub fn run_worker(
                     RuntimeError::internal(format!("creating {}: {e}", dir.display()))
                 })?;
                 let t = Instant::now();
-                let read = crate::savepoint::restore_keyed(
+                let done = crate::savepoint::restore_keyed(
                     ck.restore_storage.as_ref(),
                     &files,
                     (range.start, range.end),
@@ -844,7 +841,8 @@ pub fn run_worker(
                     &dir.join("restore.sst"),
                 )?;
                 eprintln!(
-                    "weir: {}-{s}: restored key groups {}..={} from {} savepoint files: {read} bytes read in {:.2} s",
+                    "weir: {}-{s}: restored key groups {}..={} from {} savepoint files: {} bytes read in {:.2} s \
+                     (waiting for storage {:.2} s, writing the SST file {:.2} s, ingesting it {:.2} s)",
                     op.uid,
                     range.start,
                     range.end,
@@ -852,7 +850,11 @@ pub fn run_worker(
                         .iter()
                         .filter(|f| f.byte_range((range.start, range.end)).is_some())
                         .count(),
-                    t.elapsed().as_secs_f64()
+                    done.bytes,
+                    t.elapsed().as_secs_f64(),
+                    done.waiting_secs,
+                    done.writing_secs,
+                    done.ingest_secs,
                 );
             } else if let (Some(_), Some(ck)) = (rescale_from, &opts.checkpoints) {
                 // The old instances holding any of this subtask's key groups, filtered into

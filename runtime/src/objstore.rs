@@ -290,7 +290,8 @@ impl S3Client {
                 .await
                 .map_err(|e| Fail::Sdk(Box::new(e)))?;
             let bytes = out.body.collect().await.map_err(|e| Fail::Body(e.to_string()))?;
-            Ok::<_, Fail<_>>(bytes.into_bytes().to_vec())
+            // One copy, from the received pieces into the vector.
+            Ok::<_, Fail<_>>(bytes.to_vec())
         });
         result.map_err(|f| match f {
             Fail::Sdk(e) => {
@@ -407,6 +408,40 @@ impl S3Client {
         result
     }
 
+    /// Writes the object `key` from what `write` writes, without a local file: the bytes are
+    /// cut into [`UPLOAD_PART`]-byte parts of a multipart upload, and up to
+    /// [`PARTS_IN_FLIGHT`] parts go up at the same time while `write` produces the next one
+    /// (so at most `PARTS_IN_FLIGHT + 1` parts are in memory). Less than one part is one PUT.
+    /// If `write` or an upload fails, the upload is aborted and nothing is written; an upload's
+    /// error is reported rather than the write error it caused. Returns the object's size.
+    pub fn put_streamed(
+        &self,
+        bucket: &str,
+        key: &str,
+        write: &mut dyn FnMut(&mut dyn std::io::Write) -> Result<(), RuntimeError>,
+    ) -> Result<u64, RuntimeError> {
+        let mut w = PartWriter {
+            s3: self,
+            bucket,
+            key,
+            buf: Vec::with_capacity(UPLOAD_PART),
+            upload_id: None,
+            in_flight: std::collections::VecDeque::new(),
+            parts: Vec::new(),
+            error: None,
+            size: 0,
+        };
+        let written = write(&mut w);
+        let result = match (w.error.take(), written) {
+            (Some(e), _) | (None, Err(e)) => Err(e),
+            (None, Ok(())) => w.finish(),
+        };
+        if result.is_err() {
+            w.abort();
+        }
+        result
+    }
+
     /// Copies the object `from` to `to` in the same bucket (server-side, up to 5 GiB).
     pub fn copy(&self, bucket: &str, from: &str, to: &str) -> Result<(), RuntimeError> {
         let (client, b, t) = (self.inner.client.clone(), bucket.to_string(), to.to_string());
@@ -476,6 +511,177 @@ impl S3Client {
             ))
             .retryable(),
         }
+    }
+}
+
+/// Parts of a streamed upload ([`S3Client::put_streamed`]) sent at the same time.
+pub const PARTS_IN_FLIGHT: usize = 3;
+
+type PartResult = Result<CompletedPart, RuntimeError>;
+
+/// The writer behind [`S3Client::put_streamed`]: fills a part, hands it to the client's
+/// runtime, and waits only when [`PARTS_IN_FLIGHT`] parts are already on their way.
+struct PartWriter<'a> {
+    s3: &'a S3Client,
+    bucket: &'a str,
+    key: &'a str,
+    buf: Vec<u8>,
+    upload_id: Option<String>,
+    in_flight: std::collections::VecDeque<tokio::task::JoinHandle<PartResult>>,
+    parts: Vec<CompletedPart>,
+    /// The first failure of an upload; writes fail from then on.
+    error: Option<RuntimeError>,
+    size: u64,
+}
+
+impl PartWriter<'_> {
+    fn what(&self) -> String {
+        location(self.bucket, self.key)
+    }
+
+    /// Waits for the oldest part on its way.
+    fn wait_oldest(&mut self) -> Result<(), RuntimeError> {
+        let Some(h) = self.in_flight.pop_front() else { return Ok(()) };
+        let part = block_on(&self.s3.inner.handle, h).unwrap_or_else(|e| {
+            Err(RuntimeError::internal(format!(
+                "S3 writing {}: a part upload died: {e}",
+                self.what()
+            )))
+        })?;
+        self.parts.push(part);
+        Ok(())
+    }
+
+    /// Sends the filled buffer as the next part (starting the upload first if needed).
+    fn send_part(&mut self) -> Result<(), RuntimeError> {
+        let inner = &self.s3.inner;
+        let id = match &self.upload_id {
+            Some(id) => id.clone(),
+            None => {
+                let (client, b, k) =
+                    (inner.client.clone(), self.bucket.to_string(), self.key.to_string());
+                let what = self.what();
+                let id =
+                    self.s3
+                        .run(async move {
+                            client.create_multipart_upload().bucket(b).key(k).send().await
+                        })
+                        .map_err(|e| self.s3.error("starting an upload of", &what, e))?
+                        .upload_id()
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            RuntimeError::external(format!(
+                                "S3 writing {what}: the server gave no upload id"
+                            ))
+                        })?;
+                self.upload_id = Some(id.clone());
+                id
+            }
+        };
+        while self.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.wait_oldest()?;
+        }
+        let n = (self.parts.len() + self.in_flight.len()) as i32 + 1;
+        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(UPLOAD_PART));
+        let (client, b, k) = (inner.client.clone(), self.bucket.to_string(), self.key.to_string());
+        let s3 = self.s3.clone();
+        let what = self.what();
+        self.in_flight.push_back(inner.handle.spawn(async move {
+            let out = client
+                .upload_part()
+                .bucket(b)
+                .key(k)
+                .upload_id(id)
+                .part_number(n)
+                .body(ByteStream::from(piece))
+                .send()
+                .await
+                .map_err(|e| s3.error(&format!("writing part {n} of"), &what, e))?;
+            Ok(CompletedPart::builder()
+                .part_number(n)
+                .set_e_tag(out.e_tag().map(str::to_string))
+                .build())
+        }));
+        Ok(())
+    }
+
+    /// Sends what is left and completes the upload (or PUTs a small object whole).
+    fn finish(&mut self) -> Result<u64, RuntimeError> {
+        if self.upload_id.is_none() {
+            let piece = std::mem::take(&mut self.buf);
+            self.s3.put(self.bucket, self.key, piece)?;
+            return Ok(self.size);
+        }
+        if !self.buf.is_empty() {
+            self.send_part()?;
+        }
+        while !self.in_flight.is_empty() {
+            self.wait_oldest()?;
+        }
+        let inner = &self.s3.inner;
+        let (client, b, k) = (inner.client.clone(), self.bucket.to_string(), self.key.to_string());
+        let id = self.upload_id.clone().unwrap_or_default();
+        let done = CompletedMultipartUpload::builder()
+            .set_parts(Some(std::mem::take(&mut self.parts)))
+            .build();
+        let what = self.what();
+        self.s3
+            .run(async move {
+                client
+                    .complete_multipart_upload()
+                    .bucket(b)
+                    .key(k)
+                    .upload_id(id)
+                    .multipart_upload(done)
+                    .send()
+                    .await
+            })
+            .map_err(|e| self.s3.error("completing the upload of", &what, e))?;
+        self.upload_id = None;
+        Ok(self.size)
+    }
+
+    /// Stops the parts on their way and aborts the upload (best effort: the first error is
+    /// the one to report).
+    fn abort(&mut self) {
+        for h in self.in_flight.drain(..) {
+            h.abort();
+        }
+        if let Some(id) = self.upload_id.take() {
+            let inner = &self.s3.inner;
+            let (client, b, k) =
+                (inner.client.clone(), self.bucket.to_string(), self.key.to_string());
+            let _ = self.s3.run(async move {
+                client.abort_multipart_upload().bucket(b).key(k).upload_id(id).send().await
+            });
+        }
+    }
+}
+
+impl std::io::Write for PartWriter<'_> {
+    fn write(&mut self, mut data: &[u8]) -> std::io::Result<usize> {
+        if let Some(e) = &self.error {
+            return Err(std::io::Error::other(e.message.clone()));
+        }
+        let n = data.len();
+        while !data.is_empty() {
+            let take = (UPLOAD_PART - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() == UPLOAD_PART
+                && let Err(e) = self.send_part()
+            {
+                let io = std::io::Error::other(e.message.clone());
+                self.error = Some(e);
+                return Err(io);
+            }
+        }
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -138,23 +139,24 @@ pub fn read_entries(
 }
 
 /// Writes operator `uid`'s state from the RocksDB checkpoint at `checkpoint` (key groups
-/// `key_groups`) to `storage` as `key`, through the local file `scratch`.
+/// `key_groups`) to `storage` as `key`, streamed: on S3 its parts go up while RocksDB is read
+/// (no local copy).
 pub fn save_keyed(
     checkpoint: &Path,
     uid: &str,
     key_groups: (u16, u16),
     storage: &dyn Storage,
     key: &str,
-    scratch: &Path,
 ) -> Result<KeyedFile, RuntimeError> {
-    let file = std::fs::File::create(scratch)
-        .map_err(|e| RuntimeError::internal(format!("creating {}: {e}", scratch.display())))?;
-    let (offsets, entries) =
-        write_entries(std::io::BufWriter::with_capacity(1 << 20, file), key_groups, &mut |f| {
+    let mut index = None;
+    storage.put_streamed(key, &mut |out| {
+        index = Some(write_entries(out, key_groups, &mut |f| {
             StateBackend::for_each_in_checkpoint(checkpoint, uid, |k, v| f(k, v))
-        })?;
-    storage.put_file(key, scratch)?;
-    let _ = std::fs::remove_file(scratch);
+        })?);
+        Ok(())
+    })?;
+    let (offsets, entries) = index
+        .ok_or_else(|| RuntimeError::internal("a keyed state file written without an index"))?;
     Ok(KeyedFile { file: key.to_string(), key_groups, offsets, entries })
 }
 
@@ -165,12 +167,16 @@ impl From<StateError> for RuntimeError {
 }
 
 /// Bytes of a keyed state file read per ranged request while restoring.
-pub const RESTORE_CHUNK: u64 = 16 << 20;
+pub const RESTORE_CHUNK: u64 = 8 << 20;
+
+/// Ranged requests a restoring subtask has on their way at the same time (each of
+/// [`RESTORE_CHUNK`] bytes; at most twice as many chunks are in memory).
+pub const GETS_IN_FLIGHT: usize = 3;
 
 /// Loads into `backend` operator `uid`'s entries of key groups `range` from `files` (of a
 /// savepoint in `storage`): from each file that holds any, only the byte range of those key
-/// groups, read in ranged requests of [`RESTORE_CHUNK`] bytes (the next one is fetched while
-/// the last is written), into one SST file, which is ingested. Returns the bytes read.
+/// groups, read in ranged requests of [`RESTORE_CHUNK`] bytes ([`GETS_IN_FLIGHT`] on their way
+/// while the entries of earlier ones are written), into one SST file, which is ingested.
 pub fn restore_keyed(
     storage: &dyn Storage,
     files: &[KeyedFile],
@@ -178,88 +184,186 @@ pub fn restore_keyed(
     backend: &StateBackend,
     uid: &str,
     scratch: &Path,
-) -> Result<u64, RuntimeError> {
-    restore_keyed_in_chunks(storage, files, range, backend, uid, scratch, RESTORE_CHUNK)
+) -> Result<Restored, RuntimeError> {
+    restore_keyed_with(storage, files, range, backend, uid, scratch, &sst_options())
 }
 
-fn restore_keyed_in_chunks(
+/// [`restore_keyed`], with the SST file written with `sst` (for comparisons: the table
+/// options must be ones the column family can read, which RocksDB checks when ingesting).
+pub fn restore_keyed_with(
     storage: &dyn Storage,
     files: &[KeyedFile],
     range: (u16, u16),
     backend: &StateBackend,
     uid: &str,
     scratch: &Path,
+    sst: &rocksdb::Options,
+) -> Result<Restored, RuntimeError> {
+    restore_keyed_in_chunks(
+        storage,
+        files,
+        range,
+        SstTarget { backend, uid, scratch, options: sst },
+        RESTORE_CHUNK,
+    )
+}
+
+/// What a restore of keyed state read and where its time went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Restored {
+    /// Bytes of the savepoint's files read.
+    pub bytes: u64,
+    pub entries: u64,
+    /// Seconds spent waiting for bytes from storage (none had arrived yet).
+    pub waiting_secs: f64,
+    /// Seconds spent decoding entries and writing them into the SST file (finishing it too).
+    pub writing_secs: f64,
+    /// Seconds spent ingesting the SST file into RocksDB.
+    pub ingest_secs: f64,
+}
+
+/// Where a restore writes: the SST file `scratch` (written with `options`), ingested into
+/// operator `uid`'s state in `backend`.
+struct SstTarget<'a> {
+    backend: &'a StateBackend,
+    uid: &'a str,
+    scratch: &'a Path,
+    options: &'a rocksdb::Options,
+}
+
+/// One ranged request of a restore.
+struct Piece<'a> {
+    file: &'a KeyedFile,
+    start: u64,
+    end: u64,
+    /// The last piece of its file's range: no entry may run on past it.
+    last: bool,
+}
+
+fn restore_keyed_in_chunks(
+    storage: &dyn Storage,
+    files: &[KeyedFile],
+    range: (u16, u16),
+    into: SstTarget<'_>,
     chunk_bytes: u64,
-) -> Result<u64, RuntimeError> {
+) -> Result<Restored, RuntimeError> {
     let mut files: Vec<&KeyedFile> = files.iter().collect();
     files.sort_by_key(|f| f.key_groups.0);
-    let opts = sst_options();
-    let mut writer = rocksdb::SstFileWriter::create(&opts);
-    let mut open = false;
-    let mut read = 0u64;
-    let sst = |e: rocksdb::Error| RuntimeError::internal(format!("writing an SST file: {e}"));
+    let mut pieces = Vec::new();
     for f in files {
         f.check().map_err(RuntimeError::user)?;
         let Some((start, end)) = f.byte_range(range) else { continue };
-        let damaged = |what: String| {
-            RuntimeError::external(format!(
-                "{}: {what}: the savepoint is damaged",
-                storage.describe(&f.file)
-            ))
-        };
-        std::thread::scope(|scope| -> Result<(), RuntimeError> {
+        let mut at = start;
+        while at < end {
+            let to = at.saturating_add(chunk_bytes.max(1)).min(end);
+            pieces.push(Piece { file: f, start: at, end: to, last: to == end });
+            at = to;
+        }
+    }
+    let mut done = Restored::default();
+    if pieces.is_empty() {
+        return Ok(done);
+    }
+    let mut writer = rocksdb::SstFileWriter::create(into.options);
+    writer
+        .open(into.scratch)
+        .map_err(|e| RuntimeError::internal(format!("writing an SST file: {e}")))?;
+    // Fetcher `i` reads pieces i, i + k, i + 2k, ... into a channel of its own, one piece
+    // ahead; the pieces are taken in order, round the channels.
+    let k = GETS_IN_FLIGHT.min(pieces.len());
+    std::thread::scope(|scope| -> Result<(), RuntimeError> {
+        let mut fetched = Vec::with_capacity(k);
+        for i in 0..k {
             let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<u8>, RuntimeError>>(1);
+            fetched.push(rx);
+            let pieces = &pieces;
             scope.spawn(move || {
-                let mut at = start;
-                while at < end {
-                    let to = (at + chunk_bytes).min(end);
-                    let r = storage.get_range(&f.file, at, to);
+                for p in pieces.iter().skip(i).step_by(k) {
+                    let r = storage.get_range(&p.file.file, p.start, p.end);
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
                         return;
                     }
-                    at = to;
                 }
             });
-            // Entries cross chunk boundaries: the part of one left at the end of a chunk
-            // waits for the next.
-            let mut carry: Vec<u8> = Vec::new();
-            let mut got = 0u64;
-            for chunk in rx {
-                let chunk = chunk?;
-                got += chunk.len() as u64;
-                let bytes = if carry.is_empty() {
-                    chunk
-                } else {
-                    carry.extend_from_slice(&chunk);
-                    std::mem::take(&mut carry)
-                };
-                let used = read_whole_entries(&bytes, |k, v| {
-                    if !open {
-                        writer.open(scratch).map_err(sst)?;
-                        open = true;
-                    }
-                    writer.put(k, v).map_err(sst)
-                })
-                .map_err(damaged)?;
-                carry = bytes[used..].to_vec();
-            }
-            if got != end - start || !carry.is_empty() {
+        }
+        // Entries cross chunk boundaries: the part of one left at the end of a chunk waits
+        // for the next.
+        let mut carry: Vec<u8> = Vec::new();
+        for (j, p) in pieces.iter().enumerate() {
+            let damaged = |what: String| {
+                RuntimeError::external(format!(
+                    "{}: {what}: the savepoint is damaged",
+                    storage.describe(&p.file.file)
+                ))
+            };
+            let t = Instant::now();
+            let chunk = fetched[j % k]
+                .recv()
+                .map_err(|_| RuntimeError::internal("a savepoint reader stopped early"))??;
+            done.waiting_secs += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            if chunk.len() as u64 != p.end - p.start {
                 return Err(damaged(format!(
-                    "read {got} bytes of {start}..{end}, {} left over",
-                    carry.len()
+                    "read {} bytes of {}..{}",
+                    chunk.len(),
+                    p.start,
+                    p.end
                 )));
             }
-            read += got;
-            Ok(())
-        })?;
+            done.bytes += chunk.len() as u64;
+            let mut put = |k: &[u8], v: &[u8]| {
+                done.entries += 1;
+                writer
+                    .put(k, v)
+                    .map_err(|e| RuntimeError::internal(format!("writing an SST file: {e}")))
+            };
+            // The entry cut at the end of the last chunk is completed in `carry` with bytes
+            // of this one, a few at a time (not the whole chunk copied after it); the bytes
+            // that turn out to belong to the entries after it are read where they are.
+            let mut from = 0;
+            let mut step = 4 << 10;
+            while !carry.is_empty() && from < chunk.len() {
+                let take = step.min(chunk.len() - from);
+                let before = carry.len();
+                carry.extend_from_slice(&chunk[from..from + take]);
+                from += take;
+                let used = read_whole_entries(&carry, &mut put).map_err(&damaged)?;
+                if used > 0 {
+                    // What was carried is part of the first whole entry: all that is left
+                    // over came from this chunk.
+                    debug_assert!(used >= before);
+                    from -= carry.len() - used;
+                    carry.clear();
+                }
+                step *= 2;
+            }
+            let used = read_whole_entries(&chunk[from..], &mut put).map_err(&damaged)?;
+            carry.extend_from_slice(&chunk[from + used..]);
+            done.writing_secs += t.elapsed().as_secs_f64();
+            if p.last && !carry.is_empty() {
+                return Err(damaged(format!(
+                    "{} bytes left over at the end of {}..{}",
+                    carry.len(),
+                    p.start,
+                    p.end
+                )));
+            }
+        }
+        Ok(())
+    })?;
+    // RocksDB refuses to finish a file without entries (key groups that hold none).
+    if done.entries > 0 {
+        let t = Instant::now();
+        writer.finish().map_err(|e| RuntimeError::internal(format!("writing an SST file: {e}")))?;
+        done.writing_secs += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        into.backend.ingest(into.uid, into.scratch)?;
+        done.ingest_secs = t.elapsed().as_secs_f64();
     }
-    if open {
-        writer.finish().map_err(sst)?;
-        backend.ingest(uid, scratch)?;
-        let _ = std::fs::remove_file(scratch);
-    }
-    Ok(read)
+    drop(writer);
+    let _ = std::fs::remove_file(into.scratch);
+    Ok(done)
 }
 
 /// Calls `f` with each whole entry at the start of `bytes`; returns how many bytes they take
@@ -432,6 +536,59 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Through RocksDB, entries of any size (some far larger than a chunk) read in chunks
+        /// of any size, several on their way: the restored instance holds exactly the entries
+        /// of its key groups.
+        #[test]
+        fn chunked_restores_hold_exactly_their_key_groups(
+            sizes in prop::collection::vec((0u16..8, 0usize..20_000), 0..60),
+            chunk in 1u64..30_000,
+            range in (0u16..8, 0u16..8),
+        ) {
+            let range = (range.0.min(range.1), range.0.max(range.1));
+            let mut es: Vec<(Vec<u8>, Vec<u8>)> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, (g, n))| {
+                    let mut k = g.to_be_bytes().to_vec();
+                    k.extend_from_slice(format!("k{i:03}").as_bytes());
+                    (k, vec![i as u8; *n])
+                })
+                .collect();
+            es.sort();
+            let tmp = tempfile::tempdir().unwrap();
+            let storage = crate::storage::LocalStorage::new(&tmp.path().join("sp"));
+            let (bytes, mut f) = file_of((0, 7), &es);
+            storage.put("counts-0", &bytes).unwrap();
+            f.file = "counts-0".into();
+            let uid = "counts".to_string();
+            let b = StateBackend::open(&tmp.path().join("db"), std::slice::from_ref(&uid)).unwrap();
+            let into = SstTarget {
+                backend: &b,
+                uid: &uid,
+                scratch: &tmp.path().join("sst"),
+                options: &sst_options(),
+            };
+            let done = restore_keyed_in_chunks(&storage, &[f.clone()], range, into, chunk).unwrap();
+            let want: Vec<_> = es
+                .iter()
+                .filter(|(k, _)| (range.0..=range.1).contains(&u16::from_be_bytes([k[0], k[1]])))
+                .collect();
+            let got = b.scan(&uid).unwrap();
+            prop_assert_eq!(got.len(), want.len());
+            for ((g, k, v), (wk, wv)) in got.iter().zip(&want) {
+                prop_assert_eq!(&g.to_be_bytes()[..], &wk[..2]);
+                prop_assert_eq!(&k[..], &wk[2..]);
+                prop_assert_eq!(v, wv);
+            }
+            let (a, z) = f.byte_range(range).unwrap_or((0, 0));
+            prop_assert_eq!(done.bytes, z - a, "only the key groups' bytes are read");
+            prop_assert_eq!(done.entries, want.len() as u64);
+        }
+    }
+
     #[test]
     fn a_bad_index_is_refused() {
         let (_, mut f) = file_of((3, 6), &entries((3, 6), 2));
@@ -470,15 +627,7 @@ mod tests {
             let ck = tmp.path().join(format!("ck-{s}"));
             b.checkpoint(&ck).unwrap();
             files.push(
-                save_keyed(
-                    &ck,
-                    &uid,
-                    (r.start, r.end),
-                    &storage,
-                    &format!("counts-{s}"),
-                    &tmp.path().join("scratch"),
-                )
-                .unwrap(),
+                save_keyed(&ck, &uid, (r.start, r.end), &storage, &format!("counts-{s}")).unwrap(),
             );
         }
         expected.sort();
@@ -499,12 +648,16 @@ mod tests {
                     &storage,
                     &files,
                     (r.start, r.end),
-                    &b,
-                    &uid,
-                    &tmp.path().join("sst"),
+                    SstTarget {
+                        backend: &b,
+                        uid: &uid,
+                        scratch: &tmp.path().join("sst"),
+                        options: &sst_options(),
+                    },
                     chunk,
                 )
-                .unwrap();
+                .unwrap()
+                .bytes;
                 let got = b.scan(&uid).unwrap();
                 assert!(got.iter().all(|(g, _, _)| *g >= r.start && *g <= r.end));
                 restored.extend(got);
@@ -513,6 +666,28 @@ mod tests {
             assert_eq!(restored, expected, "chunks of {chunk} bytes");
             assert_eq!(read, total, "every byte read once");
         }
+        // A read that fails while others are on their way is the restore's error (no hang).
+        let faulty = crate::storage::Faulty::new(
+            crate::storage::LocalStorage::new(&tmp.path().join("sp")),
+            crate::storage::Faults { fail_every: 5, ..Default::default() },
+        );
+        let b =
+            StateBackend::open(&tmp.path().join("failing"), std::slice::from_ref(&uid)).unwrap();
+        let e = restore_keyed_in_chunks(
+            &faulty,
+            &files,
+            (0, 127),
+            SstTarget {
+                backend: &b,
+                uid: &uid,
+                scratch: &tmp.path().join("sst"),
+                options: &sst_options(),
+            },
+            64,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("injected failure"), "{e}");
+        assert!(b.scan(&uid).unwrap().is_empty(), "nothing ingested");
         // A file cut short (or overwritten) is an error naming it, not a panic.
         let path = tmp.path().join("sp").join("counts-0");
         let len = std::fs::metadata(&path).unwrap().len();
@@ -523,9 +698,12 @@ mod tests {
             &storage,
             &files,
             (0, 127),
-            &b,
-            &uid,
-            &tmp.path().join("sst"),
+            SstTarget {
+                backend: &b,
+                uid: &uid,
+                scratch: &tmp.path().join("sst"),
+                options: &sst_options(),
+            },
             64,
         )
         .unwrap_err();

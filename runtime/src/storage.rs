@@ -32,6 +32,10 @@ pub trait Storage: Send + Sync + Debug {
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), RuntimeError>;
     /// Writes the local file `path` as `key` (large files in parts); returns its size.
     fn put_file(&self, key: &str, path: &Path) -> Result<u64, RuntimeError>;
+    /// Writes as `key` what `write` writes, as it writes it (no local copy first; on S3 the
+    /// parts of a multipart upload go up while `write` goes on). If `write` fails, nothing is
+    /// stored and its error is returned. Returns the size written.
+    fn put_streamed(&self, key: &str, write: &mut StreamWriter<'_>) -> Result<u64, RuntimeError>;
     /// The object `key`, or `None` if there is none.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RuntimeError>;
     /// Bytes `start..end` (end exclusive) of `key`.
@@ -42,6 +46,9 @@ pub trait Storage: Send + Sync + Debug {
     /// Where `key` is, for messages and metadata (`s3://...` or a path).
     fn describe(&self, key: &str) -> String;
 }
+
+/// Writes an object's bytes, for [`Storage::put_streamed`].
+pub type StreamWriter<'a> = dyn FnMut(&mut dyn Write) -> Result<(), RuntimeError> + 'a;
 
 /// Opens the storage a URI names (`s3://bucket/prefix` needs a client).
 pub fn open(uri: &StorageUri, s3: Option<&S3Client>) -> Result<Box<dyn Storage>, RuntimeError> {
@@ -147,6 +154,24 @@ impl Storage for LocalStorage {
         self.write_atomic(key, |f| std::io::copy(&mut src, f))
     }
 
+    fn put_streamed(&self, key: &str, write: &mut StreamWriter<'_>) -> Result<u64, RuntimeError> {
+        let mut failed = None;
+        let r = self.write_atomic(key, |f| {
+            let mut out =
+                CountingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, f), n: 0 };
+            if let Err(e) = write(&mut out) {
+                failed = Some(e);
+                return Err(std::io::Error::other("the writer failed"));
+            }
+            out.flush()?;
+            Ok(out.n)
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => r,
+        }
+    }
+
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
         match std::fs::read(self.path(key)?) {
             Ok(b) => Ok(Some(b)),
@@ -214,6 +239,24 @@ impl Storage for LocalStorage {
     }
 }
 
+/// Counts the bytes written through it.
+struct CountingWriter<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// A bucket and a prefix on S3.
 #[derive(Debug)]
 pub struct S3Storage {
@@ -247,6 +290,10 @@ impl Storage for S3Storage {
             .len();
         self.client.put_file(&self.bucket, &self.key(key)?, path)?;
         Ok(size)
+    }
+
+    fn put_streamed(&self, key: &str, write: &mut StreamWriter<'_>) -> Result<u64, RuntimeError> {
+        self.client.put_streamed(&self.bucket, &self.key(key)?, write)
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
@@ -357,6 +404,12 @@ impl<S: Storage> Storage for Faulty<S> {
         self.after_write(fail, "writing", key).map(|_| n)
     }
 
+    fn put_streamed(&self, key: &str, write: &mut StreamWriter<'_>) -> Result<u64, RuntimeError> {
+        let fail = self.before("writing", key)?;
+        let n = self.inner.put_streamed(key, write)?;
+        self.after_write(fail, "writing", key).map(|_| n)
+    }
+
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
         self.before("reading", key)?;
         self.inner.get(key)
@@ -408,6 +461,10 @@ impl Storage for Prefixed {
 
     fn put_file(&self, key: &str, path: &Path) -> Result<u64, RuntimeError> {
         self.inner.put_file(&self.full(key), path)
+    }
+
+    fn put_streamed(&self, key: &str, write: &mut StreamWriter<'_>) -> Result<u64, RuntimeError> {
+        self.inner.put_streamed(&self.full(key), write)
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {

@@ -74,6 +74,50 @@ fn conformance(s: &dyn Storage, scratch: &Path) {
     assert_eq!(s.get("shared/big.sst").unwrap().unwrap(), big);
     assert_eq!(s.list("shared/big").unwrap()[0].size, big.len() as u64);
 
+    // Streamed writes: written as they are produced, in writes of any size; past one upload
+    // part, several parts (with the part boundaries inside writes); a small one whole.
+    let unit = weir_runtime::objstore::UPLOAD_PART;
+    for (n, key) in [(0, "stream/empty"), (1000, "stream/small"), (3 * unit + 12345, "stream/big")]
+    {
+        let data = pattern(n, 7);
+        let written = s
+            .put_streamed(key, &mut |out| {
+                let mut at = 0;
+                let mut step = 1;
+                while at < data.len() {
+                    let to = (at + step).min(data.len());
+                    out.write_all(&data[at..to]).map_err(|e| {
+                        weir_runtime::error::RuntimeError::internal(format!("writing: {e}"))
+                    })?;
+                    at = to;
+                    step = step * 3 + 7; // 1, 10, 37, ... up to whole parts and more
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(written, n as u64, "{key}");
+        assert_eq!(s.get(key).unwrap().unwrap(), data, "{key}");
+        if n > unit {
+            let at = unit as u64 - 5;
+            assert_eq!(s.get_range(key, at, at + 10).unwrap(), data[at as usize..at as usize + 10]);
+        }
+    }
+    // A writer that fails, early or after more than one part, leaves nothing and its error
+    // is the one returned.
+    for n in [10, 2 * unit + 1] {
+        let e = s
+            .put_streamed("stream/failed", &mut |out| {
+                out.write_all(&pattern(n, 8)).unwrap();
+                Err(weir_runtime::error::RuntimeError::internal("the producer broke"))
+            })
+            .unwrap_err();
+        assert!(e.message.contains("the producer broke"), "{e}");
+        assert_eq!(s.get("stream/failed").unwrap(), None, "after {n} bytes");
+    }
+    for key in ["stream/empty", "stream/small", "stream/big"] {
+        s.delete(key).unwrap();
+    }
+
     // Deleting: gone from get and list; deleting again is fine.
     s.delete("chk-1/empty").unwrap();
     s.delete("chk-1/empty").unwrap();
