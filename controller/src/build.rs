@@ -63,6 +63,18 @@ pub struct Objects {
     pub workers: StatefulSet,
 }
 
+/// Which run of the job the objects start: the job id its checkpoints go under, and the
+/// state it starts from when it has no checkpoint of its own yet.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Run {
+    pub job_id: String,
+    pub restore_path: Option<String>,
+}
+
+/// Pod annotation of the coordinator: the spec's `restartNonce`, so that a new nonce restarts
+/// the job from its last checkpoint.
+pub const RESTART_NONCE: &str = "weir.dev/restart-nonce";
+
 /// Names of a job's objects.
 pub fn config_map_name(job: &str) -> String {
     format!("{job}-job")
@@ -77,12 +89,32 @@ pub fn token_secret_name(job: &str) -> String {
     format!("{job}-api-token")
 }
 
-/// The job id under which the job's checkpoints are stored: stable for one StreamJob object
-/// (its uid), different for a StreamJob deleted and created again under the same name.
+/// The job id of a StreamJob's first run: stable for one StreamJob object (its uid),
+/// different for a StreamJob deleted and created again under the same name.
 pub fn job_id(job: &StreamJob) -> String {
     let uid = job.metadata.uid.as_deref().unwrap_or("");
     let short: String = uid.chars().filter(|c| *c != '-').take(12).collect();
     if short.is_empty() { "job".into() } else { short }
+}
+
+/// The job id of the run after `id` (`abc` → `abc-2` → `abc-3`).
+pub fn next_job_id(id: &str) -> String {
+    match id.rsplit_once('-').and_then(|(base, n)| Some((base, n.parse::<u64>().ok()?))) {
+        Some((base, n)) => format!("{base}-{}", n + 1),
+        None => format!("{id}-2"),
+    }
+}
+
+/// A hash of everything the spec builds, apart from the run: two specs with the same hash run
+/// the same way, so a change of spec that keeps it (a savepoint nonce, retention, the upgrade
+/// mode) needs no upgrade.
+pub fn spec_hash(job: &StreamJob, valid: &Valid, cfg: &BuildConfig) -> String {
+    let mut job = job.clone();
+    job.spec.restart_nonce = None;
+    let o = objects(&job, valid, cfg, job.spec.parallelism, &Run::default());
+    let v =
+        json!([o.config_map, o.coordinator_service, o.coordinator, o.worker_service, o.workers]);
+    hash(v.to_string().as_bytes())
 }
 
 /// The coordinator Service's DNS name.
@@ -144,28 +176,63 @@ fn stamped<K: serde::Serialize + serde::de::DeserializeOwned>(mut v: Value) -> K
 }
 
 /// The job file the runtime reads: the StreamJob's spec, with the operator's defaults filled
-/// in.
-pub fn job_file(job: &StreamJob, valid: &Valid) -> String {
+/// in, the restore point of the run, and without what only the controller acts on (the
+/// desired state, the upgrade mode and settings, nonces, periodic savepoints and retention).
+pub fn job_file(job: &StreamJob, valid: &Valid, run: &Run) -> String {
     let mut spec = job.spec.clone();
     spec.checkpointing.storage = valid.checkpoint_storage.clone().or(spec.checkpointing.storage);
     spec.max_parallelism = Some(valid.max_parallelism);
+    let allow = spec.restore.as_ref().is_some_and(|r| r.allow_non_restored_state);
+    spec.restore = run.restore_path.as_ref().map(|p| weir_crds::streamjob::RestoreSpec {
+        snapshot: None,
+        path: p.parse().ok(),
+        allow_non_restored_state: allow,
+    });
+    spec.savepoints.trigger_nonce = None;
+    spec.savepoints.interval = None;
+    spec.savepoints.retention = Default::default();
+    spec.restart_nonce = None;
+    let mut v = serde_json::to_value(&spec).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        for k in [
+            "state",
+            "upgradeMode",
+            "upgrade",
+            "image",
+            "imagePullPolicy",
+            "resources",
+            "podTemplate",
+        ] {
+            m.remove(k);
+        }
+        // Only the directory and the timeout of savepoints are the runtime's.
+        if let Some(sp) = m.get_mut("savepoints").and_then(Value::as_object_mut) {
+            sp.retain(|k, _| k == "directory" || k == "timeout");
+        }
+    }
     let v = json!({
         "apiVersion": "weir.dev/v1alpha1",
         "kind": "StreamJob",
         "metadata": {"name": name(job), "namespace": namespace(job)},
-        "spec": spec,
+        "spec": v,
     });
     serde_saphyr::to_string(&v).expect("a StreamJob always serializes")
 }
 
 /// Every object of a running job. `workers` is the number of worker pods (the parallelism,
 /// or 0 once a bounded job has finished).
-pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) -> Objects {
+pub fn objects(
+    job: &StreamJob,
+    valid: &Valid,
+    cfg: &BuildConfig,
+    workers: i32,
+    run: &Run,
+) -> Objects {
     let n = name(job);
     let ns = namespace(job);
     let owner = serde_json::to_value(owner(job)).unwrap_or_default();
     let meta = |name: String, component: Option<&str>| json!({"name": name, "namespace": ns, "labels": labels(&n, component), "ownerReferences": [owner]});
-    let file = job_file(job, valid);
+    let file = job_file(job, valid, run);
     let config_hash = hash(file.as_bytes());
     let config_map = stamped(json!({
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -232,7 +299,7 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
     let pod_security = json!({"runAsNonRoot": true, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID});
 
     // What both pods share; `container` holds what differs (name, args, env, ports, probes).
-    let pod = |component: &str, mut container: Value, resources: Value| {
+    let pod = |component: &str, mut container: Value, resources: Value, annotations: Value| {
         let c = container.as_object_mut().expect("a container object");
         c.insert("image".into(), json!(image));
         c.insert("imagePullPolicy".into(), json!(pull));
@@ -240,7 +307,7 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
         c.insert("securityContext".into(), security.clone());
         c.insert("volumeMounts".into(), mounts.clone());
         let template = json!({
-            "metadata": {"labels": labels(&n, Some(component)), "annotations": {CONFIG_HASH: config_hash}},
+            "metadata": {"labels": labels(&n, Some(component)), "annotations": annotations},
             "spec": {
                 "securityContext": pod_security,
                 "automountServiceAccountToken": false,
@@ -263,7 +330,7 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
                 "coordinator", format!("{CONFIG_DIR}/job.yaml"),
                 "--control-addr", format!("$(POD_IP):{CONTROL_PORT}"),
                 "--api-addr", format!("$(POD_IP):{API_PORT}"),
-                "--job-id", job_id(job),
+                "--job-id", run.job_id,
                 "--resume",
                 "--stay-after-end",
             ],
@@ -276,6 +343,8 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
             "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 10, "failureThreshold": 6},
         }),
         resources(wanted.and_then(|r| r.coordinator.as_ref())),
+        // The coordinator reads the job file: a new one (or a new restart nonce) restarts it.
+        json!({CONFIG_HASH: config_hash, RESTART_NONCE: job.spec.restart_nonce.unwrap_or(0).to_string()}),
     );
     let coordinator = stamped(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -305,6 +374,9 @@ pub fn objects(job: &StreamJob, valid: &Valid, cfg: &BuildConfig, workers: i32) 
             "ports": [{"name": "data", "containerPort": DATA_PORT, "protocol": "TCP"}],
         }),
         resources(wanted.and_then(|r| r.worker.as_ref())),
+        // Workers take the job from the coordinator and outlive its runs: a new job file
+        // leaves them be, so a rescale keeps the pods whose index survives.
+        json!({}),
     );
     let workers = stamped(json!({
         "apiVersion": "apps/v1", "kind": "StatefulSet",

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weir_crds::api::JobInfo;
+use weir_crds::api::{JobInfo, SavepointInfo, SavepointRequest, SavepointTriggered, Savepoints};
 
 /// How long one read may take.
 pub const TIMEOUT: Duration = Duration::from_secs(3);
@@ -15,25 +15,73 @@ const MAX_BODY: usize = 4 << 20;
 
 /// `GET /v1/job` from the coordinator at `addr` (`host:port`).
 pub async fn job(addr: &str) -> Result<JobInfo, String> {
-    let body = tokio::time::timeout(TIMEOUT, get(addr, "/v1/job"))
-        .await
-        .map_err(|_| format!("no answer from {addr} within {} s", TIMEOUT.as_secs()))??;
-    serde_json::from_slice(&body).map_err(|e| format!("GET http://{addr}/v1/job: {e}"))
+    call(addr, "GET", "/v1/job", None, None).await
 }
 
-async fn get(addr: &str, path: &str) -> Result<Vec<u8>, String> {
-    let fail = |e: std::io::Error| format!("GET http://{addr}{path}: {e}");
+/// `POST /v1/savepoints`: asks for a savepoint (`stop`: and stop the job with it); the
+/// coordinator's id for it.
+pub async fn trigger_savepoint(addr: &str, token: &str, stop: bool) -> Result<String, String> {
+    let body = serde_json::to_vec(&SavepointRequest { stop, directory: None })
+        .map_err(|e| e.to_string())?;
+    let t: SavepointTriggered =
+        call(addr, "POST", "/v1/savepoints", Some(token), Some(body)).await?;
+    Ok(t.id)
+}
+
+/// `GET /v1/savepoints/{id}`.
+pub async fn savepoint(addr: &str, id: &str) -> Result<SavepointInfo, String> {
+    call(addr, "GET", &format!("/v1/savepoints/{id}"), None, None).await
+}
+
+/// `GET /v1/savepoints`: the newest first.
+pub async fn savepoints(addr: &str) -> Result<Savepoints, String> {
+    call(addr, "GET", "/v1/savepoints", None, None).await
+}
+
+async fn call<T: serde::de::DeserializeOwned>(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Result<T, String> {
+    let what = format!("{method} http://{addr}{path}");
+    let answer = tokio::time::timeout(TIMEOUT, request(addr, method, path, token, body))
+        .await
+        .map_err(|_| format!("{what}: no answer within {} s", TIMEOUT.as_secs()))?
+        .map_err(|e| format!("{what}: {e}"))?;
+    serde_json::from_slice(&answer).map_err(|e| format!("{what}: {e}"))
+}
+
+async fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Result<Vec<u8>, String> {
+    let fail = |e: std::io::Error| e.to_string();
     let mut s = TcpStream::connect(addr).await.map_err(fail)?;
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .map_err(fail)?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n"
+    );
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    if method != "GET" {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.map_err(fail)?;
+    s.write_all(&body).await.map_err(fail)?;
     let mut buf = Vec::new();
     (&mut s).take(MAX_BODY as u64).read_to_end(&mut buf).await.map_err(fail)?;
-    parse_response(&buf).map_err(|e| format!("GET http://{addr}{path}: {e}"))
+    parse_response(&buf)
 }
 
 /// The body of a complete HTTP/1.1 response with status 200 (Content-Length or read to the
@@ -46,7 +94,7 @@ pub fn parse_response(buf: &[u8]) -> Result<Vec<u8>, String> {
     let status = lines.next().unwrap_or("");
     let code = status.split_whitespace().nth(1).unwrap_or("");
     let mut body = buf[end + 4..].to_vec();
-    if code != "200" {
+    if code != "200" && code != "202" {
         let text = String::from_utf8_lossy(&body);
         return Err(format!("answered {status:?}: {}", text.trim()));
     }

@@ -20,6 +20,7 @@
 
 pub mod build;
 pub mod coordinator;
+pub mod lifecycle;
 pub mod metrics;
 pub mod status;
 pub mod validate;
@@ -73,6 +74,8 @@ pub enum Error {
     },
     #[error("reading the system's random source for the API token: {0}")]
     Random(std::io::Error),
+    #[error("{0}")]
+    Coordinator(String),
 }
 
 impl Error {
@@ -83,6 +86,7 @@ impl Error {
             Error::Kube { source: kube::Error::Api(s), .. } if s.code == 403 => "forbidden",
             Error::Kube { .. } => "kube_api",
             Error::Random(_) => "random",
+            Error::Coordinator(_) => "coordinator",
         }
     }
 }
@@ -139,14 +143,21 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// The finalizer that makes deleting a job in savepoint mode take a final savepoint first.
+pub const FINALIZER: &str = "weir.dev/final-savepoint";
+/// Attempts at the final savepoint before a deleted job is let go without one.
+const FINAL_SAVEPOINT_ATTEMPTS: i32 = 3;
+
 /// Reconciles one StreamJob (see the crate's documentation for the steps).
 pub async fn reconcile(job: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile();
     let ns = job.namespace().unwrap_or_else(|| "default".into());
     let name = job.name_any();
+    let exists = ctx.deployed(&ns, &name);
+    let addr = build::api_address(&job, &ctx.config.build);
+    let old = job.status.clone().unwrap_or_default();
     if job.metadata.deletion_timestamp.is_some() {
-        ctx.metrics.forget(&ns, &name);
-        return Ok(Action::await_change());
+        return ctx.finalize(&job, &ns, &name, exists, &addr, old).await;
     }
 
     // Read.
@@ -165,82 +176,80 @@ pub async fn reconcile(job: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action,
             data
         });
     }
+    let mut info = if exists { Some(coordinator::job(&addr).await) } else { None };
 
     // Validate.
     let validation = validate::validate(&job, &observed, &ctx.config.defaults);
-    let exists = ctx.deployed(&ns, &name);
 
-    // Act.
-    let mut applied = Vec::new();
-    let deployed = match (&validation, job.spec.state) {
-        (Err(_), _) => exists,
+    // Act: one step of whatever is under way, each recorded in the status before it is taken.
+    let mut written = old.clone();
+    let mut st = old.clone();
+    let mut step = Step { problem: None, requeue: None, applied: Vec::new(), deployed: exists };
+    match (&validation, job.spec.state) {
+        (Err(_), _) => {}
         (Ok(valid), DesiredState::Running) => {
-            ctx.ensure_token(&job, &ns, &name).await?;
-            let old = job.status.as_ref();
-            let over = old.is_some_and(|s| {
-                s.observed_generation == job.metadata.generation
-                    && matches!(s.phase, Some(JobPhase::Finished | JobPhase::Failed))
-            });
-            let workers = if over { 0 } else { job.spec.parallelism };
-            let objs = build::objects(&job, valid, &ctx.config.build, workers);
-            let s = &ctx.stores;
-            ctx.apply_if_changed(&s.config_maps, &ns, objs.config_map, &mut applied).await?;
-            ctx.apply_if_changed(&s.services, &ns, objs.coordinator_service, &mut applied).await?;
-            ctx.apply_if_changed(&s.services, &ns, objs.worker_service, &mut applied).await?;
-            ctx.apply_if_changed(&s.stateful_sets, &ns, objs.workers, &mut applied).await?;
-            ctx.apply_if_changed(&s.deployments, &ns, objs.coordinator, &mut applied).await?;
-            true
+            ctx.run(
+                &job,
+                valid,
+                &ns,
+                &name,
+                &addr,
+                info.as_ref(),
+                &mut st,
+                &mut written,
+                &mut step,
+            )
+            .await?;
         }
-        (Ok(_), DesiredState::Suspended) => {
-            ctx.delete_objects(&ns, &name).await?;
-            false
+        (Ok(valid), DesiredState::Suspended) => {
+            ctx.suspend(
+                &job,
+                valid,
+                &ns,
+                &name,
+                &addr,
+                info.as_ref(),
+                &mut st,
+                &mut written,
+                &mut step,
+            )
+            .await?;
         }
-    };
+    }
+    if step.deployed && !exists {
+        info = Some(coordinator::job(&addr).await);
+    } else if !step.deployed {
+        info = None;
+    }
 
-    // Observe.
-    let coordinator = if deployed {
-        let addr = build::api_address(&job, &ctx.config.build);
-        Some(coordinator::job(&addr).await)
-    } else {
-        None
-    };
-
-    // Status.
+    // Status, from the coordinator of the run deployed: another one answering is one on its
+    // way out (an upgrade's old job, or the job of a StreamJob deleted under the same name).
+    let job_id = st.deployed.as_ref().map_or_else(|| build::job_id(&job), |d| d.job_id.clone());
+    let info = info.map(|r| match r {
+        Ok(i) if !i.job_id.is_empty() && i.job_id != job_id && st.upgrade.is_none() => Err(format!(
+            "the coordinator that answers runs job id {}, not {job_id}: the new one is not up yet",
+            i.job_id
+        )),
+        r => r,
+    });
     let invalid: Option<&Invalid> = validation.as_ref().err();
     let obs = Observation {
         invalid,
-        deployed,
-        coordinator,
-        job_id: build::job_id(&job),
+        deployed: step.deployed,
+        coordinator: info,
+        job_id,
         selector: build::worker_selector(&name),
+        problem: step.problem.clone(),
     };
-    let old = job.status.clone().unwrap_or_default();
-    let new = status::next(&job, &obs, &Time(Timestamp::now()));
-    if !applied.is_empty() {
+    let new = status::next(&job, &st, &obs, &Time(Timestamp::now()));
+    if !step.applied.is_empty() {
         let verb = if exists { "applied" } else { "created" };
-        ctx.publish(&job, false, "Deployed", format!("{verb} {}", applied.join(", "))).await;
+        ctx.publish(&job, false, "Deployed", format!("{verb} {}", step.applied.join(", "))).await;
     }
     for n in status::notes(&old, &new) {
         ctx.publish(&job, n.warning, n.reason, n.message).await;
     }
-    if new != old {
-        let api: Api<StreamJob> = Api::namespaced(ctx.client.clone(), &ns);
-        let mut v = serde_json::to_value(&new).unwrap_or_default();
-        if let (Some(map), Ok(serde_json::Value::Object(before))) =
-            (v.as_object_mut(), serde_json::to_value(&old))
-        {
-            for k in before.keys() {
-                map.entry(k.clone()).or_insert(serde_json::Value::Null);
-            }
-        }
-        api.patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "status": v })),
-        )
-        .await
-        .map_err(kube_err(format!("writing the status of StreamJob {ns}/{name}")))?;
-    }
+    ctx.save_status(&job, &mut written, &new).await?;
     let phase = new.phase.map(|p| format!("{p:?}")).unwrap_or_default();
     ctx.metrics.job(
         &ns,
@@ -249,18 +258,34 @@ pub async fn reconcile(job: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action,
         new.last_checkpoint.as_ref().map(|c| c.completed_at.0.as_millisecond()),
     );
 
+    if let Some(after) = step.requeue {
+        return Ok(Action::requeue(after));
+    }
     Ok(match (&validation, new.phase) {
         (Err(e), _) if e.external => Action::requeue(Duration::from_secs(60)),
-        (Err(_), _) if !deployed => Action::await_change(),
+        (Err(_), _) if !step.deployed => Action::await_change(),
         (_, Some(JobPhase::Suspended | JobPhase::Created)) => Action::await_change(),
         (_, Some(JobPhase::Finished | JobPhase::Failed)) => {
             Action::requeue(Duration::from_secs(60))
         }
-        (_, Some(JobPhase::Deploying)) => {
-            Action::requeue(Duration::from_secs(2).min(ctx.config.poll))
+        (_, Some(JobPhase::Deploying | JobPhase::Upgrading)) => {
+            Action::requeue(Duration::from_secs(1).min(ctx.config.poll))
         }
         _ => Action::requeue(ctx.config.poll),
     })
+}
+
+/// What one reconcile's act step did and learned.
+#[derive(Debug)]
+struct Step {
+    /// Degraded's reason and message, when the step found a problem.
+    problem: Option<(&'static str, String)>,
+    /// Look again after this long instead of the phase's usual interval.
+    requeue: Option<Duration>,
+    /// Objects applied.
+    applied: Vec<String>,
+    /// Whether the job's objects exist after the step.
+    deployed: bool,
 }
 
 /// After a failed reconcile: count it, and retry after a while.

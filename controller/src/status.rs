@@ -26,15 +26,23 @@ pub struct Observation<'a> {
     pub job_id: String,
     /// The worker pods' label selector.
     pub selector: String,
+    /// Something that needs attention besides an invalid spec (an upgrade refused, a
+    /// savepoint that failed): the Degraded reason and message.
+    pub problem: Option<(&'static str, String)>,
 }
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 
-/// The status after `obs`, from the status `job` has.
-pub fn next(job: &StreamJob, obs: &Observation<'_>, now: &Time) -> StreamJobStatus {
-    let old = job.status.clone().unwrap_or_default();
+/// The status after `obs`, from `base` (the status as this reconcile's steps left it).
+pub fn next(
+    job: &StreamJob,
+    base: &StreamJobStatus,
+    obs: &Observation<'_>,
+    now: &Time,
+) -> StreamJobStatus {
+    let old = base.clone();
     let mut s = old.clone();
     let generation = job.metadata.generation;
     s.observed_generation = generation;
@@ -82,6 +90,13 @@ pub fn next(job: &StreamJob, obs: &Observation<'_>, now: &Time) -> StreamJobStat
             _ => JobPhase::Deploying,
         },
     };
+    // While an upgrade runs, the old job stopping (or finished into its savepoint) is a step
+    // of it, not the job's end; so is a job stopping into a savepoint to be suspended.
+    let phase = match (&s.upgrade, &s.savepoint_in_progress) {
+        (Some(_), _) => JobPhase::Upgrading,
+        (None, Some(sp)) if sp.stop && obs.deployed => JobPhase::Running,
+        _ => phase,
+    };
     s.phase = Some(phase);
 
     // Ready: the job runs and checkpoints.
@@ -108,12 +123,17 @@ pub fn next(job: &StreamJob, obs: &Observation<'_>, now: &Time) -> StreamJobStat
         (JobPhase::Failed, _) => (false, "Failed", "the job failed".into()),
         (JobPhase::Suspended, _) => (false, "Suspended", "the job is suspended".into()),
         (JobPhase::Created, _) => (false, "NotDeployed", "nothing is deployed".into()),
+        (JobPhase::Upgrading, _) => (false, "Upgrading", upgrade_message(&s)),
         (_, _) => (false, "Deploying", "the job's pods are starting".into()),
     };
     set(&mut s.conditions, READY, ready, ready_reason, &ready_msg, generation, now);
 
     let (progressing, p_reason, p_msg) = match phase {
         JobPhase::Deploying => (true, "Deploying", "the job's pods are starting".to_string()),
+        JobPhase::Upgrading => (true, "Upgrading", upgrade_message(&s)),
+        _ if s.savepoint_in_progress.as_ref().is_some_and(|p| p.stop) => {
+            (true, "Suspending", "the job is stopping with a savepoint".to_string())
+        }
         _ if obs.invalid.is_some() => {
             (false, "InvalidSpec", "the spec is refused; see Degraded".to_string())
         }
@@ -123,6 +143,8 @@ pub fn next(job: &StreamJob, obs: &Observation<'_>, now: &Time) -> StreamJobStat
 
     let (degraded, d_reason, d_msg) = if let Some(e) = obs.invalid {
         (true, "InvalidSpec", e.message.clone())
+    } else if let Some((reason, message)) = &obs.problem {
+        (true, *reason, message.clone())
     } else if let Some(info) = info.filter(|i| i.state == JobState::Failed) {
         (true, "JobFailed", info.error.clone().unwrap_or_else(|| "the job failed".into()))
     } else if let Some(info) = info.filter(|i| i.state == JobState::Restarting) {
@@ -141,6 +163,15 @@ pub fn next(job: &StreamJob, obs: &Observation<'_>, now: &Time) -> StreamJobStat
     };
     set(&mut s.conditions, DEGRADED, degraded, d_reason, &d_msg, generation, now);
     s
+}
+
+fn upgrade_message(s: &StreamJobStatus) -> String {
+    match &s.upgrade {
+        Some(u) => {
+            format!("upgrading to generation {} ({:?} mode): {:?}", u.to_generation, u.mode, u.step)
+        }
+        None => "upgrading".into(),
+    }
 }
 
 /// A time in milliseconds since the epoch as the API stores it: whole seconds (a finer time
@@ -205,10 +236,13 @@ pub fn notes(old: &StreamJobStatus, new: &StreamJobStatus) -> Vec<Note> {
             .map(|c| (c.reason.clone(), c.message.clone()))
     };
     if let Some((reason, message)) = degraded(new)
-        && reason == "InvalidSpec"
         && degraded(old) != Some((reason.clone(), message.clone()))
     {
-        out.push(Note { warning: true, reason: "InvalidSpec", message });
+        for r in ["InvalidSpec", "UpgradeRefused", "SavepointFailed", "UpgradeFailed"] {
+            if reason == r {
+                out.push(Note { warning: true, reason: r, message: message.clone() });
+            }
+        }
     }
     if new.phase != old.phase {
         match new.phase {

@@ -6,6 +6,7 @@
 //! condition and a Warning event, and leaves a running job untouched.
 
 use std::collections::BTreeMap;
+use weir_crds::streamjob::{DeployedRun, StreamJobStatus};
 
 use k8s_openapi::ByteString;
 use weir_crds::streamjob::DesiredState;
@@ -185,4 +186,49 @@ pub fn validate(
 
 fn job_namespace(job: &StreamJob) -> &str {
     job.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+/// Pre-flight of an upgrade, before anything stops: can the new spec restore the state of
+/// the version that runs (`deployed`)?
+pub fn preflight(
+    job: &StreamJob,
+    deployed: &DeployedRun,
+    status: &StreamJobStatus,
+) -> Result<(), Invalid> {
+    let spec = &job.spec;
+    let has_state = status.last_checkpoint.is_some() || status.last_savepoint.is_some();
+    let max = spec.effective_max_parallelism();
+    if has_state && max != deployed.max_parallelism {
+        return Err(Invalid::new(
+            "spec.maxParallelism",
+            format!(
+                "spec.maxParallelism {max} differs from {}, the number of key groups of the running version's state: it cannot change; set spec.maxParallelism: {}",
+                deployed.max_parallelism, deployed.max_parallelism
+            ),
+        ));
+    }
+    if spec.parallelism > max {
+        return Err(Invalid::new(
+            "spec.parallelism",
+            format!(
+                "spec.parallelism {} exceeds spec.maxParallelism {max}: lower it",
+                spec.parallelism
+            ),
+        ));
+    }
+    let allow = spec.restore.as_ref().is_some_and(|r| r.allow_non_restored_state);
+    if !allow {
+        let now: Vec<&str> = spec.pipeline.operators.iter().map(|o| o.uid.as_str()).collect();
+        let dropped: Vec<&String> =
+            deployed.stateful_uids.iter().filter(|u| !now.contains(&u.as_str())).collect();
+        if !dropped.is_empty() {
+            return Err(Invalid::new(
+                "spec.pipeline.operators",
+                format!(
+                    "spec.pipeline.operators: the running version keeps state for operator uid(s) {dropped:?}, which the new pipeline does not have: keep their uids, or set spec.restore.allowNonRestoredState: true to drop their state"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

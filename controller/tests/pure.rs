@@ -193,7 +193,11 @@ fn a_missing_secret_is_worth_checking_again_a_bad_spec_is_not() {
 
 fn objects(job: &StreamJob, workers: i32) -> build::Objects {
     let v = validate::validate(job, &good_secret(), &Defaults::default()).unwrap();
-    build::objects(job, &v, &cfg(), workers)
+    build::objects(job, &v, &cfg(), workers, &run(job))
+}
+
+fn run(job: &StreamJob) -> build::Run {
+    build::Run { job_id: build::job_id(job), restore_path: None }
 }
 
 fn to_json<T: serde::Serialize>(t: &T) -> Value {
@@ -281,7 +285,7 @@ fn the_job_file_is_the_spec_with_the_defaults_filled_in() {
     let job = fixture("generator-default-storage.yaml");
     let defaults = Defaults { checkpoint_storage: Some("s3://ops/chk".parse().unwrap()) };
     let v = validate::validate(&job, &Observed::default(), &defaults).unwrap();
-    let o = build::objects(&job, &v, &cfg(), 2);
+    let o = build::objects(&job, &v, &cfg(), 2, &run(&job));
     let file = o.config_map.data.as_ref().unwrap()["job.yaml"].clone();
     let back: StreamJob = serde_saphyr::from_str(&file).unwrap();
     assert_eq!(back.metadata.name.as_deref(), Some("gen"));
@@ -301,10 +305,98 @@ fn hashes_change_with_the_spec_and_only_then() {
     let a = h(&objects(&job, 3));
     assert_eq!(a, h(&objects(&job, 3)), "the same spec builds the same objects");
     let b = h(&objects(&patched(&job, json!({"spec": {"checkpointing": {"interval": "7s"}}})), 3));
-    assert!(a.iter().zip(&b).all(|(x, y)| x != y), "a new job file rolls both pods: {a:?} {b:?}");
+    assert_ne!(a[0], b[0]);
+    assert_ne!(a[1], b[1], "a new job file restarts the coordinator");
+    assert_eq!(a[2], b[2], "workers take the job from the coordinator: they stay");
     let c = h(&objects(&job, 0));
     assert_eq!((a[0].as_str(), a[1].as_str()), (c[0].as_str(), c[1].as_str()));
     assert_ne!(a[2], c[2]);
+    // A restart nonce restarts the coordinator only.
+    let d = h(&objects(&patched(&job, json!({"spec": {"restartNonce": 2}})), 3));
+    assert_eq!((a[0].as_str(), a[2].as_str()), (d[0].as_str(), d[2].as_str()));
+    assert_ne!(a[1], d[1]);
+}
+
+#[test]
+fn an_upgrade_is_a_change_of_what_the_spec_runs_and_not_of_what_only_the_controller_reads() {
+    let job = fixture("wordcount-s3.yaml");
+    let hash = |j: &StreamJob| {
+        let v = validate::validate(j, &good_secret(), &Defaults::default()).unwrap();
+        build::spec_hash(j, &v, &cfg())
+    };
+    let a = hash(&job);
+    for same in [
+        json!({"spec": {"restartNonce": 3}}),
+        json!({"spec": {"upgradeMode": "stateless"}}),
+        json!({"spec": {"savepoints": {"triggerNonce": 1, "interval": "1h", "retention": {"maxCount": 2}}}}),
+        json!({"spec": {"upgrade": {"readyTimeout": "1m"}}}),
+        json!({"spec": {"state": "suspended"}}),
+    ] {
+        assert_eq!(hash(&patched(&job, same.clone())), a, "{same}");
+    }
+    for other in [
+        json!({"spec": {"parallelism": 5}}),
+        json!({"spec": {"image": "weir:2"}}),
+        json!({"spec": {"checkpointing": {"interval": "9s"}}}),
+        json!({"spec": {"resources": {"worker": {"limits": {"memory": "1Gi"}}}}}),
+    ] {
+        assert_ne!(hash(&patched(&job, other.clone())), a, "{other}");
+    }
+    // Each run after the first gets a job id of its own.
+    assert_eq!(build::next_job_id("0a1b2c3d4e5f"), "0a1b2c3d4e5f-2");
+    assert_eq!(build::next_job_id("0a1b2c3d4e5f-2"), "0a1b2c3d4e5f-3");
+    // The run's restore point goes to the job file; the controller's fields do not.
+    let v = validate::validate(&job, &good_secret(), &Defaults::default()).unwrap();
+    let run = build::Run { job_id: "x-2".into(), restore_path: Some("s3://bucket/sp/sp-1".into()) };
+    let file = build::job_file(&patched(&job, json!({"spec": {"restartNonce": 3}})), &v, &run);
+    let back: StreamJob = serde_saphyr::from_str(&file).unwrap();
+    assert_eq!(back.spec.restore.unwrap().path.expect(&file).to_string(), "s3://bucket/sp/sp-1");
+    assert!(!file.contains("restartNonce") && !file.contains("upgradeMode"), "{file}");
+}
+
+#[test]
+fn an_upgrade_that_cannot_restore_the_running_state_is_refused_before_anything_stops() {
+    let job = fixture("wordcount-s3.yaml");
+    let v = validate::validate(&job, &good_secret(), &Defaults::default()).unwrap();
+    let d = weir_controller::lifecycle::deployed(
+        &job,
+        "h".into(),
+        v.max_parallelism,
+        "id".into(),
+        None,
+    );
+    assert!(!d.stateful_uids.is_empty());
+    let with_state = StreamJobStatus {
+        last_checkpoint: Some(
+            serde_json::from_value(
+                json!({"id": 3, "completedAt": "2026-11-21T00:00:00Z", "sizeBytes": 1}),
+            )
+            .unwrap(),
+        ),
+        ..Default::default()
+    };
+    assert!(validate::preflight(&job, &d, &with_state).is_ok());
+    // A stateful operator dropped.
+    let uid = d.stateful_uids.last().unwrap().clone();
+    let mut dropped = job.clone();
+    dropped.spec.pipeline.operators.retain(|o| o.uid != uid);
+    for o in &mut dropped.spec.pipeline.operators {
+        o.inputs.retain(|i| *i != uid);
+    }
+    let e = validate::preflight(&dropped, &d, &with_state).unwrap_err();
+    assert_eq!(e.field, "spec.pipeline.operators");
+    assert!(
+        e.message.contains(&format!("{uid:?}")) && e.message.contains("allowNonRestoredState"),
+        "{}",
+        e.message
+    );
+    let allowed = patched(&dropped, json!({"spec": {"restore": {"allowNonRestoredState": true}}}));
+    assert!(validate::preflight(&allowed, &d, &with_state).is_ok());
+    // Another number of key groups, once there is state.
+    let more = patched(&job, json!({"spec": {"maxParallelism": 256}}));
+    let e = validate::preflight(&more, &d, &with_state).unwrap_err();
+    assert_eq!(e.field, "spec.maxParallelism");
+    assert!(validate::preflight(&more, &d, &StreamJobStatus::default()).is_ok(), "no state yet");
 }
 
 #[test]
@@ -325,7 +417,10 @@ fn a_pod_template_overlay_merges_containers_by_name() {
     let o = objects(&job, 3);
     let pod = &to_json(&o.workers)["spec"]["template"];
     assert_eq!(pod["metadata"]["annotations"]["team"], "a");
-    assert!(pod["metadata"]["annotations"][build::CONFIG_HASH].is_string());
+    assert!(
+        to_json(&o.coordinator)["spec"]["template"]["metadata"]["annotations"][build::CONFIG_HASH]
+            .is_string()
+    );
     assert_eq!(pod["spec"]["nodeSelector"]["disk"], "ssd");
     let cs = pod["spec"]["containers"].as_array().unwrap();
     assert_eq!(cs.len(), 2);
@@ -360,8 +455,14 @@ fn observe(job: &StreamJob, deployed: bool, c: Option<Result<JobInfo, String>>) 
         coordinator: c,
         job_id: build::job_id(job),
         selector: build::worker_selector("wordcount"),
+        problem: None,
     };
-    status::next(job, &obs, &Time(Timestamp::from_second(1_763_000_100).unwrap()))
+    status::next(
+        job,
+        &job.status.clone().unwrap_or_default(),
+        &obs,
+        &Time(Timestamp::from_second(1_763_000_100).unwrap()),
+    )
 }
 
 fn with_status(job: &StreamJob, s: &StreamJobStatus) -> StreamJob {
@@ -451,9 +552,10 @@ fn an_invalid_change_is_reported_once_and_leaves_the_running_job_in_the_status()
         coordinator: Some(Ok(info(JobState::Running, 0, Some(5)))),
         job_id: build::job_id(&bad),
         selector: build::worker_selector("wordcount"),
+        problem: None,
     };
     let now = Time(Timestamp::from_second(1_763_000_200).unwrap());
-    let s = status::next(&bad, &obs, &now);
+    let s = status::next(&bad, bad.status.as_ref().unwrap(), &obs, &now);
     assert_eq!(s.phase, Some(JobPhase::Running));
     assert_eq!(cond(&s, "Degraded"), ("True", "InvalidSpec"));
     assert!(status::condition(&s, "Degraded").unwrap().message.starts_with("spec.parallelism 200"));
@@ -462,14 +564,14 @@ fn an_invalid_change_is_reported_once_and_leaves_the_running_job_in_the_status()
     let notes = status::notes(&running, &s);
     assert_eq!(notes.iter().map(|n| n.reason).collect::<Vec<_>>(), ["InvalidSpec"]);
     // Observed again: no new event.
-    let again = status::next(&with_status(&bad, &s), &obs, &now);
+    let again = status::next(&bad, &s, &obs, &now);
     assert_eq!(again, s);
     assert!(status::notes(&s, &again).is_empty());
 
     // Refused before anything was deployed: Created, Degraded, nothing running.
     let fresh = patched(&job, json!({"spec": {"parallelism": 200}}));
     let obs = Observation { deployed: false, coordinator: None, ..obs };
-    let s = status::next(&fresh, &obs, &now);
+    let s = status::next(&fresh, &Default::default(), &obs, &now);
     assert_eq!(s.phase, Some(JobPhase::Created));
     assert_eq!(cond(&s, "Progressing"), ("False", "InvalidSpec"));
     assert!(s.job.is_none());

@@ -44,6 +44,9 @@ pub struct JobInfo {
     pub name: String,
     /// Unique per run of the job.
     pub run_id: String,
+    /// The id its checkpoints are stored under (`--job-id`, else the run id).
+    #[serde(default)]
+    pub job_id: String,
     pub state: JobState,
     pub parallelism: u32,
     pub max_parallelism: u32,

@@ -163,6 +163,22 @@ pub const OPERATOR_TYPES: &[&str] = &[
 
 pub const MAX_MAX_PARALLELISM: u32 = 32768;
 
+/// Operator types that keep no state in checkpoints: a new version of a job may add or drop
+/// them without losing anything.
+pub const STATELESS_TYPES: &[&str] =
+    &["socket", "split", "map", "filter", "throttle", "stdout", "blackhole"];
+
+impl Pipeline {
+    /// Uids of the operators whose state a checkpoint or savepoint holds.
+    pub fn stateful_uids(&self) -> Vec<String> {
+        self.operators
+            .iter()
+            .filter(|o| !STATELESS_TYPES.contains(&o.kind.as_str()))
+            .map(|o| o.uid.clone())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -581,6 +581,10 @@ pub struct StreamJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub savepoint_in_progress: Option<SavepointInProgress>,
 
+    /// What the job's objects were last built from: written before they are applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed: Option<DeployedRun>,
+
     /// The upgrade in progress, step by step (each step recorded before it is taken).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<UpgradeProgress>,
@@ -714,6 +718,30 @@ pub struct SavepointInProgress {
     /// Failed attempts so far (a failed savepoint is retried with backoff).
     #[serde(default)]
     pub failed_attempts: i32,
+}
+
+/// The version of the job its objects run, as the controller decided it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeployedRun {
+    /// The metadata.generation of the spec the objects were built from.
+    pub generation: i64,
+    /// Hash of the objects the spec builds (without the job id and restore path): a spec
+    /// change that changes it is an upgrade; one that does not (a nonce, retention) is not.
+    pub spec_hash: String,
+    /// The job id the pods run under (it names the checkpoints). A savepoint or stateless
+    /// upgrade starts a new one; last-state keeps it.
+    pub job_id: String,
+    /// The savepoint or checkpoint the run started from, when it had no checkpoint of its
+    /// own yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_path: Option<String>,
+    /// Uids of the operators that keep state in this version: a new version must claim them
+    /// or allow non-restored state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stateful_uids: Vec<String>,
+    /// `maxParallelism` of this version.
+    pub max_parallelism: i32,
 }
 
 /// An upgrade in progress.

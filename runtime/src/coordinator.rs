@@ -116,6 +116,7 @@ impl Status {
             info: Mutex::new(JobInfo {
                 name: name.to_string(),
                 run_id: run_id.to_string(),
+                job_id: String::new(),
                 state: JobState::Starting,
                 parallelism: plan.parallelism,
                 max_parallelism: plan.max_parallelism,
@@ -515,7 +516,13 @@ impl<'a> Driver<'a> {
             };
             let root: Arc<dyn Storage> = Arc::from(crate::storage::open(&uri, s3.as_ref())?);
             if c.opts.resume {
-                let all = checkpoint::completed(root.as_ref(), &c.opts.namespace, &c.opts.name)?;
+                let mut all =
+                    checkpoint::completed(root.as_ref(), &c.opts.namespace, &c.opts.name)?;
+                // An explicit job id resumes that job only: a job started anew from a savepoint
+                // (or empty) under a new id must not pick up an older run's checkpoints.
+                if let Some(id) = &c.opts.job_id {
+                    all.retain(|m| &m.job_id == id);
+                }
                 match all.last() {
                     Some(last) => {
                         job_id = last.job_id.clone();
@@ -602,6 +609,7 @@ impl<'a> Driver<'a> {
         let (tx, rx) = unbounded();
         spawn_acceptor(&c.listener, tx, expected, c.plan.parallelism)?;
         let (_, heads) = crate::exec::tasks(&c.plan);
+        c.status.update(|i| i.job_id = job_id.clone());
         let mut d = Driver {
             c,
             connect_to,

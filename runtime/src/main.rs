@@ -88,9 +88,11 @@ enum Cmd {
         /// coordinator); default: the run id.
         #[arg(long)]
         job_id: Option<String>,
-        /// After the job ended (finished or failed), keep serving the HTTP API, which then
-        /// reports how it ended, until SIGTERM; in pods this keeps the coordinator from
-        /// being restarted into a job that is over.
+        /// Run as in a pod: after the job ended (finished, failed or stopped into a
+        /// savepoint), keep serving the HTTP API, which then reports how it ended, so the
+        /// coordinator is not restarted into a job that is over; and on SIGTERM exit at once
+        /// without ending the job, which the next coordinator resumes from its last
+        /// checkpoint.
         #[arg(long)]
         stay_after_end: bool,
     },
@@ -161,6 +163,9 @@ fn main() -> ExitCode {
             coordinate(job, launch, "127.0.0.1:0".into(), None, None, false, stop)
         }
         Cmd::Coordinator { job, control_addr, run_id, job_id, stay_after_end } => {
+            if stay_after_end {
+                exit_on_signal(&stop, "coordinator");
+            }
             coordinate(job, Launch::External, control_addr, run_id, job_id, stay_after_end, stop)
         }
         Cmd::Savepoint { api, stop, dir, timeout } => {
@@ -193,6 +198,13 @@ fn main() -> ExitCode {
             if std::env::var_os("WEIR_DIE_WITH_PARENT").is_some() {
                 let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
             }
+            // A StatefulSet's worker outlives runs: when its job ends (an upgrade stopped it
+            // into a savepoint) or its coordinator goes, it waits for the next coordinator
+            // instead of exiting into the kubelet's restart back-off.
+            let outlives_runs = pod_name.is_some();
+            if outlives_runs {
+                exit_on_signal(&stop, "worker");
+            }
             let index = match (index, pod_name) {
                 (Some(i), _) => i,
                 (None, Some(name)) => match index_of_pod(&name) {
@@ -215,15 +227,40 @@ fn main() -> ExitCode {
                 stop,
                 connect_timeout: connect_timeout.as_std(),
             };
-            match weir_runtime::worker::run(&opts) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("weir: worker {index}: {e}");
-                    ExitCode::from(if e.whose == Whose::User { 2 } else { 1 })
+            loop {
+                let r = weir_runtime::worker::run(&opts);
+                let again = outlives_runs
+                    && !opts.stop.load(Ordering::Relaxed)
+                    && r.as_ref().err().is_none_or(|e| e.retryable);
+                match r {
+                    Ok(()) if again => {
+                        eprintln!("weir: worker {index}: the run ended; waiting for the next one")
+                    }
+                    Ok(()) => return ExitCode::SUCCESS,
+                    Err(e) if again => eprintln!("weir: worker {index}: {e}; joining the next run"),
+                    Err(e) => {
+                        eprintln!("weir: worker {index}: {e}");
+                        return ExitCode::from(if e.whose == Whose::User { 2 } else { 1 });
+                    }
                 }
+                std::thread::sleep(Duration::from_millis(250));
             }
         }
     }
+}
+
+/// In a pod, SIGTERM (the pod deleted, a rollout, a node drained) ends the process at once,
+/// without ending the job: the job resumes from its last completed checkpoint in the next
+/// coordinator, as after a crash (ending it like an exhausted source would finish it).
+fn exit_on_signal(stop: &Arc<AtomicBool>, who: &'static str) {
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("weir: {who}: terminated; the job goes on from its last checkpoint");
+        std::process::exit(143);
+    });
 }
 
 /// The index in a StatefulSet pod's name (`job-worker-12` → 12).

@@ -1,0 +1,812 @@
+//! The multi-step operations of a job: upgrades (savepoint, last-state, stateless), suspend
+//! and resume, savepoints asked for by nonce, and the final savepoint before deletion.
+//!
+//! The status is their write-ahead log. Each step is recorded (and the status written) before
+//! it is taken, and every step is idempotent or recognises that it was already taken, so a
+//! controller killed at any moment resumes where it stopped:
+//!
+//! ```text
+//!   savepoint upgrade   Accepted ─► SavepointRequested ─► OldJobStopped ─► NewSpecApplied ─► done
+//!                                  (savepointInProgress:    (restorePath)    (deployed: new
+//!                                   triggerId once known)                     job id, restore)
+//!   last-state          Accepted ─────────────────────────────────────────► NewSpecApplied ─► done
+//!                       (same job id: the new coordinator resumes from the last checkpoint)
+//!   stateless           Accepted ─────────────────────────────────────────► NewSpecApplied ─► done
+//!                       (a new job id, nothing to restore)
+//! ```
+//!
+//! A savepoint is driven by `savepointInProgress`: recorded, then requested (a request whose
+//! id was not recorded is found again in the coordinator's list instead of being made twice),
+//! then polled until it completes (a StreamSnapshot records it) or fails (retried with
+//! back-off, the old job left running).
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use weir_crds::api::{JobInfo, JobState, SavepointStatus};
+use weir_crds::snapshot::{
+    SnapshotPhase, StreamSnapshot, StreamSnapshotSpec, StreamSnapshotStatus,
+};
+use weir_crds::streamjob::{
+    DeployedRun, SavepointInProgress, SavepointInfo, SavepointReason, StreamJobStatus, UpgradeMode,
+    UpgradeProgress, UpgradeStep,
+};
+use weir_crds::{FIELD_MANAGER, LABEL_JOB, StreamJob};
+
+use crate::build::{self, Run};
+use crate::validate::{self, Valid};
+use crate::{Context, Error, Step, coordinator, kube_err};
+
+/// Where a savepoint stands after one look.
+#[derive(Debug)]
+pub enum Savepoint {
+    /// Not done yet.
+    Pending,
+    /// Done: its path.
+    Completed(String),
+    /// It failed (the job, when it was to stop, keeps running); why.
+    Failed(String),
+}
+
+/// The run a job's first deployment starts: its own job id, and the state named by
+/// `spec.restore`, else the newest snapshot of an earlier job of the same name.
+pub async fn first_run(
+    ctx: &Context,
+    job: &StreamJob,
+    ns: &str,
+) -> Result<Result<(String, Option<String>), String>, Error> {
+    let job_id = crate::build::job_id(job);
+    let snaps: Api<StreamSnapshot> = Api::namespaced(ctx.client.clone(), ns);
+    if let Some(r) = &job.spec.restore {
+        if let Some(p) = &r.path {
+            return Ok(Ok((job_id, Some(p.to_string()))));
+        }
+        if let Some(name) = &r.snapshot {
+            let found = snaps
+                .get_opt(name)
+                .await
+                .map_err(kube_err(format!("reading StreamSnapshot {ns}/{name}")))?;
+            return Ok(match found {
+                Some(s)
+                    if s.status.as_ref().and_then(|s| s.phase)
+                        == Some(SnapshotPhase::Completed) =>
+                {
+                    Ok((job_id, Some(s.spec.path.to_string())))
+                }
+                Some(_) => Err(format!(
+                    "spec.restore.snapshot: StreamSnapshot {name:?} is not a completed savepoint: name a completed one"
+                )),
+                None => Err(format!(
+                    "spec.restore.snapshot: StreamSnapshot {name:?} does not exist in namespace {ns:?}: name one that does (kubectl get streamsnapshots)"
+                )),
+            });
+        }
+    }
+    // A job created again under a name picks up where the last one of that name stopped.
+    let name = job.name_any();
+    let list = snaps
+        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={name}")))
+        .await
+        .map_err(kube_err(format!("listing the StreamSnapshots of {ns}/{name}")))?;
+    let newest = list
+        .items
+        .into_iter()
+        .filter(|s| s.spec.job == name)
+        .filter(|s| s.status.as_ref().and_then(|s| s.phase) == Some(SnapshotPhase::Completed))
+        .max_by_key(|s| s.status.as_ref().and_then(|s| s.completed_at.as_ref()).map(|t| t.0));
+    Ok(Ok((job_id, newest.map(|s| s.spec.path.to_string()))))
+}
+
+/// The deployed run of `job` (its spec now) under `job_id` from `restore_path`.
+pub fn deployed(
+    job: &StreamJob,
+    hash: String,
+    max_parallelism: i32,
+    job_id: String,
+    restore_path: Option<String>,
+) -> DeployedRun {
+    DeployedRun {
+        generation: job.metadata.generation.unwrap_or(0),
+        spec_hash: hash,
+        job_id,
+        restore_path,
+        stateful_uids: job.spec.pipeline.stateful_uids(),
+        max_parallelism,
+    }
+}
+
+/// Records a savepoint to take (the caller writes the status before calling [`drive`]).
+pub fn intend(st: &mut StreamJobStatus, job: &StreamJob, reason: SavepointReason, stop: bool) {
+    if st.savepoint_in_progress.is_none() {
+        st.savepoint_in_progress = Some(SavepointInProgress {
+            reason,
+            stop,
+            trigger_id: None,
+            generation: job.metadata.generation.unwrap_or(0),
+            requested_at: now(),
+            failed_attempts: 0,
+        });
+    }
+}
+
+/// How long after a failed savepoint the next attempt is made: 10 s, doubling, at most 5 min.
+pub fn backoff(failed_attempts: i32) -> std::time::Duration {
+    let s = 10u64.saturating_mul(1 << failed_attempts.clamp(0, 5) as u64).min(300);
+    std::time::Duration::from_secs(s)
+}
+
+/// Takes the savepoint `st.savepoint_in_progress` records one step further. Writes the
+/// status whenever it learns the coordinator's id for it.
+pub async fn drive(
+    ctx: &Context,
+    job: &StreamJob,
+    addr: &str,
+    st: &mut StreamJobStatus,
+    written: &mut StreamJobStatus,
+) -> Result<Savepoint, Error> {
+    let Some(sp) = st.savepoint_in_progress.clone() else {
+        return Ok(Savepoint::Failed("no savepoint is in progress".into()));
+    };
+    let id = match sp.trigger_id.clone() {
+        Some(id) => id,
+        None => {
+            // After a failure, wait out the back-off before asking again.
+            if sp.failed_attempts > 0 {
+                let since = Timestamp::now().duration_since(sp.requested_at.0);
+                if since.as_secs() < backoff(sp.failed_attempts - 1).as_secs() as i64 {
+                    return Ok(Savepoint::Pending);
+                }
+            }
+            let requested_ms = sp.requested_at.0.as_millisecond().max(0) as u64;
+            // An earlier controller may have asked and died before recording the answer.
+            let known = match coordinator::savepoints(addr).await {
+                Ok(list) => list.savepoints.into_iter().find(|s| {
+                    s.stop == sp.stop
+                        && s.requested_at + 2000 >= requested_ms
+                        && s.status != SavepointStatus::Failed
+                }),
+                Err(e) => return Ok(Savepoint::Failed(format!("the coordinator: {e}"))),
+            };
+            let id = match known {
+                Some(s) => s.id,
+                None => {
+                    let token = ctx.api_token(job).await?;
+                    match coordinator::trigger_savepoint(addr, &token, sp.stop).await {
+                        Ok(id) => id,
+                        Err(e) => return Ok(Savepoint::Failed(e)),
+                    }
+                }
+            };
+            if let Some(p) = st.savepoint_in_progress.as_mut() {
+                p.trigger_id = Some(id.clone());
+            }
+            ctx.save_status(job, written, st).await?;
+            id
+        }
+    };
+    match coordinator::savepoint(addr, &id).await {
+        Ok(info) => match info.status {
+            SavepointStatus::InProgress => {
+                let limit = job.spec.savepoints.timeout.as_std();
+                let since = Timestamp::now().duration_since(sp.requested_at.0);
+                if since.as_secs() > limit.as_secs() as i64 && !limit.is_zero() {
+                    Ok(Savepoint::Failed(format!(
+                        "savepoint {id} did not complete within spec.savepoints.timeout ({} s)",
+                        limit.as_secs()
+                    )))
+                } else {
+                    Ok(Savepoint::Pending)
+                }
+            }
+            SavepointStatus::Completed => match info.path.clone() {
+                Some(p) => {
+                    record(ctx, job, st, &info, &p, sp.reason).await?;
+                    Ok(Savepoint::Completed(p))
+                }
+                None => Ok(Savepoint::Failed(format!("savepoint {id} completed without a path"))),
+            },
+            SavepointStatus::Failed => Ok(Savepoint::Failed(
+                info.failure.unwrap_or_else(|| format!("savepoint {id} failed")),
+            )),
+        },
+        // The coordinator may be restarting; the next look decides.
+        Err(e) => {
+            tracing::info!(job = %job.name_any(), "reading savepoint {id}: {e}");
+            Ok(Savepoint::Pending)
+        }
+    }
+}
+
+/// After a failed attempt: count it, forget the request, keep the old job.
+pub fn failed(st: &mut StreamJobStatus) -> i32 {
+    match st.savepoint_in_progress.as_mut() {
+        Some(p) => {
+            p.failed_attempts += 1;
+            p.trigger_id = None;
+            p.requested_at = now();
+            p.failed_attempts
+        }
+        None => 0,
+    }
+}
+
+/// A completed savepoint: a StreamSnapshot (created once; its name comes from the
+/// savepoint's id) and `status.lastSavepoint`.
+async fn record(
+    ctx: &Context,
+    job: &StreamJob,
+    st: &mut StreamJobStatus,
+    info: &weir_crds::api::SavepointInfo,
+    path: &str,
+    reason: SavepointReason,
+) -> Result<(), Error> {
+    let ns = job.namespace().unwrap_or_else(|| "default".into());
+    let name = job.name_any();
+    let snap_name = snapshot_name(&name, &info.id);
+    let completed = Time(
+        Timestamp::from_millisecond(((info.requested_at + info.duration_ms) / 1000 * 1000) as i64)
+            .unwrap_or(Timestamp::UNIX_EPOCH),
+    );
+    let spec = StreamSnapshotSpec {
+        job: name.clone(),
+        job_id: st.deployed.as_ref().map(|d| d.job_id.clone()),
+        generation: st.deployed.as_ref().map(|d| d.generation),
+        path: path
+            .parse()
+            .map_err(|e| Error::Coordinator(format!("savepoint path {path}: {e}")))?,
+        parallelism: st.job.as_ref().map(|j| j.parallelism),
+        max_parallelism: st.max_parallelism.or(st.deployed.as_ref().map(|d| d.max_parallelism)),
+        operator_uids: st.deployed.as_ref().map(|d| d.stateful_uids.clone()).unwrap_or_default(),
+        reason: Some(reason),
+        keep: false,
+    };
+    let mut snap = StreamSnapshot::new(&snap_name, spec);
+    snap.metadata.namespace = Some(ns.clone());
+    snap.metadata.labels = Some([(LABEL_JOB.to_string(), name.clone())].into());
+    let api: Api<StreamSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    match api.create(&PostParams::default(), &snap).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(kube_err(format!("creating StreamSnapshot {ns}/{snap_name}"))(e)),
+    }
+    let status = StreamSnapshotStatus {
+        phase: Some(SnapshotPhase::Completed),
+        completed_at: Some(completed.clone()),
+        size_bytes: Some(info.size_bytes as i64),
+        message: None,
+    };
+    api.patch_status(
+        &snap_name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "StreamSnapshot", "status": status,
+        })),
+    )
+    .await
+    .map_err(kube_err(format!("writing the status of StreamSnapshot {ns}/{snap_name}")))?;
+    st.last_savepoint = Some(SavepointInfo {
+        snapshot: Some(snap_name),
+        path: path.to_string(),
+        completed_at: completed,
+        reason,
+    });
+    st.savepoint_in_progress = None;
+    Ok(())
+}
+
+/// The StreamSnapshot name of savepoint `id` of job `job`.
+pub fn snapshot_name(job: &str, id: &str) -> String {
+    let mut n = format!("{job}-{}", id.to_ascii_lowercase());
+    n.truncate(253);
+    n
+}
+
+/// The upgrade mode an upgrade uses: the spec's, except that a savepoint cannot be asked of
+/// a job that does not run, which then goes on from its last checkpoint.
+pub fn mode_for(spec_mode: UpgradeMode, info: Option<&JobInfo>) -> UpgradeMode {
+    match (spec_mode, info.map(|i| i.state)) {
+        (UpgradeMode::Savepoint, Some(JobState::Running)) => UpgradeMode::Savepoint,
+        (UpgradeMode::Savepoint, _) => UpgradeMode::LastState,
+        (m, _) => m,
+    }
+}
+
+pub fn now() -> Time {
+    Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The steps, as the reconciler takes them.
+
+impl Context {
+    /// Desired state running: deploy, upgrade, take the savepoints asked for.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn run(
+        &self,
+        job: &StreamJob,
+        valid: &Valid,
+        ns: &str,
+        name: &str,
+        addr: &str,
+        info: Option<&Result<JobInfo, String>>,
+        st: &mut StreamJobStatus,
+        written: &mut StreamJobStatus,
+        step: &mut Step,
+    ) -> Result<(), Error> {
+        self.ensure_token(job, ns, name).await?;
+        let hash = build::spec_hash(job, valid, &self.config.build);
+        let info = info.and_then(|r| r.as_ref().ok());
+        let generation = job.metadata.generation.unwrap_or(0);
+        if st.deployed.is_none() {
+            match first_run(self, job, ns).await? {
+                Err(message) => {
+                    step.problem = Some(("InvalidSpec", message));
+                    return Ok(());
+                }
+                Ok((job_id, restore)) => {
+                    st.deployed =
+                        Some(deployed(job, hash.clone(), valid.max_parallelism, job_id, restore));
+                    self.save_status(job, written, st).await?;
+                }
+            }
+        }
+        if job.spec.upgrade_mode == UpgradeMode::Savepoint {
+            self.add_finalizer(job, ns, name).await?;
+        }
+        let Some(mut d) = st.deployed.clone() else { return Ok(()) };
+
+        // A new spec: an upgrade, once any savepoint under way is done.
+        if st.upgrade.is_none() && d.spec_hash != hash && st.savepoint_in_progress.is_none() {
+            if let Err(refused) = validate::preflight(job, &d, st) {
+                step.problem = Some(("UpgradeRefused", refused.message));
+                return Ok(());
+            }
+            let mode = mode_for(job.spec.upgrade_mode, info.filter(|i| i.job_id == d.job_id));
+            let mut u = UpgradeProgress {
+                from_generation: Some(d.generation),
+                to_generation: generation,
+                mode,
+                step: UpgradeStep::Accepted,
+                restore_path: None,
+                started_at: now(),
+            };
+            if mode == UpgradeMode::Savepoint {
+                intend(st, job, SavepointReason::Upgrade, true);
+                u.step = UpgradeStep::SavepointRequested;
+            }
+            st.upgrade = Some(u);
+            self.save_status(job, written, st).await?;
+            self.note(
+                job,
+                "UpgradeStarted",
+                format!(
+                    "upgrading from generation {} to {generation} ({mode:?} mode)",
+                    d.generation
+                ),
+            )
+            .await;
+        }
+
+        while let Some(mut u) = st.upgrade.clone() {
+            match (u.mode, u.step) {
+                (
+                    UpgradeMode::Savepoint,
+                    UpgradeStep::Accepted | UpgradeStep::SavepointRequested,
+                ) => {
+                    intend(st, job, SavepointReason::Upgrade, true);
+                    match drive(self, job, addr, st, written).await? {
+                        Savepoint::Pending => {
+                            step.requeue = Some(Duration::from_secs(1));
+                            return Ok(());
+                        }
+                        Savepoint::Failed(why) => {
+                            let n = failed(st);
+                            step.problem = Some((
+                                "SavepointFailed",
+                                format!(
+                                    "the upgrade's savepoint failed (attempt {n}): {why}; the running version goes on, and the savepoint is tried again in {} s",
+                                    backoff(n - 1).as_secs()
+                                ),
+                            ));
+                            step.requeue = Some(backoff(n - 1));
+                            self.save_status(job, written, st).await?;
+                            return Ok(());
+                        }
+                        Savepoint::Completed(path) => {
+                            u.restore_path = Some(path);
+                            u.step = UpgradeStep::OldJobStopped;
+                        }
+                    }
+                }
+                (
+                    _,
+                    UpgradeStep::OldJobStopped
+                    | UpgradeStep::Accepted
+                    | UpgradeStep::SavepointRequested,
+                ) => {
+                    let (job_id, restore) = match u.mode {
+                        // The new coordinator resumes from the last checkpoint of this job id.
+                        UpgradeMode::LastState => (d.job_id.clone(), d.restore_path.clone()),
+                        UpgradeMode::Savepoint => {
+                            (build::next_job_id(&d.job_id), u.restore_path.clone())
+                        }
+                        UpgradeMode::Stateless => (build::next_job_id(&d.job_id), None),
+                    };
+                    d = deployed(job, hash.clone(), valid.max_parallelism, job_id, restore);
+                    st.deployed = Some(d.clone());
+                    u.step = UpgradeStep::NewSpecApplied;
+                }
+                (_, UpgradeStep::NewSpecApplied | UpgradeStep::Restoring) => {
+                    self.apply_run(job, valid, ns, &d, job.spec.parallelism, step).await?;
+                    match info.filter(|i| i.job_id == d.job_id) {
+                        Some(i) if i.state == JobState::Running => {
+                            let took = Timestamp::now().duration_since(u.started_at.0);
+                            st.upgrade = None;
+                            st.last_stable_generation = Some(generation);
+                            st.last_stable_spec = serde_json::to_value(&job.spec).ok();
+                            self.note(
+                                job,
+                                "UpgradeCompleted",
+                                format!(
+                                    "generation {generation} runs at parallelism {} ({:?} upgrade, {} s{})",
+                                    i.parallelism,
+                                    u.mode,
+                                    took.as_secs(),
+                                    d.restore_path.as_ref().map_or(String::new(), |p| format!(", from {p}"))
+                                ),
+                            )
+                            .await;
+                            self.save_status(job, written, st).await?;
+                        }
+                        Some(i) if i.state == JobState::Failed => {
+                            step.problem = Some((
+                                "UpgradeFailed",
+                                format!(
+                                    "generation {generation} failed on start: {}; fix the spec (the state it starts from is kept: {})",
+                                    i.error.clone().unwrap_or_default(),
+                                    d.restore_path
+                                        .clone()
+                                        .unwrap_or_else(|| "its last checkpoint".into())
+                                ),
+                            ));
+                        }
+                        _ => {
+                            if u.step == UpgradeStep::NewSpecApplied {
+                                u.step = UpgradeStep::Restoring;
+                                st.upgrade = Some(u);
+                                self.save_status(job, written, st).await?;
+                            }
+                            step.requeue = Some(Duration::from_secs(1));
+                        }
+                    }
+                    step.deployed = true;
+                    return Ok(());
+                }
+            }
+            st.upgrade = Some(u);
+            self.save_status(job, written, st).await?;
+        }
+
+        // Steady: the objects of the deployed run (created again if someone deleted them; a
+        // new restart nonce restarts the coordinator, which resumes from the last checkpoint).
+        if d.generation != generation && d.spec_hash == hash {
+            d.generation = generation;
+            st.deployed = Some(d.clone());
+        }
+        let over = info.is_some_and(|i| {
+            i.job_id == d.job_id && matches!(i.state, JobState::Finished | JobState::Failed)
+        }) && st.savepoint_in_progress.is_none();
+        let workers = if over { 0 } else { job.spec.parallelism };
+        if d.spec_hash == hash {
+            self.apply_run(job, valid, ns, &d, workers, step).await?;
+            st.observed_restart_nonce = job.spec.restart_nonce;
+        }
+
+        // Savepoints asked for: by nonce, or every `savepoints.interval`.
+        let running = info.is_some_and(|i| i.job_id == d.job_id && i.state == JobState::Running);
+        if st.savepoint_in_progress.is_none() && running {
+            let nonce = job.spec.savepoints.trigger_nonce;
+            let due = job
+                .spec
+                .savepoints
+                .interval
+                .map(|i| i.as_std())
+                .filter(|i| !i.is_zero())
+                .is_some_and(|every| {
+                    let since = st
+                        .last_savepoint
+                        .as_ref()
+                        .map(|s| s.completed_at.0)
+                        .or(info.map(|i| {
+                            Timestamp::from_millisecond(i.started_at as i64)
+                                .unwrap_or(Timestamp::UNIX_EPOCH)
+                        }))
+                        .unwrap_or(Timestamp::UNIX_EPOCH);
+                    Timestamp::now().duration_since(since).as_secs() >= every.as_secs() as i64
+                });
+            if nonce.is_some() && nonce != st.observed_savepoint_nonce {
+                st.observed_savepoint_nonce = nonce;
+                intend(st, job, SavepointReason::Requested, false);
+                self.save_status(job, written, st).await?;
+            } else if due {
+                intend(st, job, SavepointReason::Periodic, false);
+                self.save_status(job, written, st).await?;
+            }
+        }
+        if st.savepoint_in_progress.as_ref().is_some_and(|p| !p.stop) {
+            match drive(self, job, addr, st, written).await? {
+                Savepoint::Pending => step.requeue = Some(Duration::from_secs(1)),
+                Savepoint::Completed(path) => {
+                    self.note(job, "SavepointCompleted", format!("savepoint at {path}")).await;
+                }
+                Savepoint::Failed(why) => {
+                    // One asked for by nonce or period is not retried: the next nonce or
+                    // period asks again.
+                    st.savepoint_in_progress = None;
+                    step.problem =
+                        Some(("SavepointFailed", format!("the savepoint failed: {why}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Desired state suspended: in savepoint mode stop with a savepoint first; then delete
+    /// the pods. Resuming starts from that savepoint (or the last checkpoint in last-state
+    /// mode, or empty in stateless mode).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn suspend(
+        &self,
+        job: &StreamJob,
+        _valid: &Valid,
+        ns: &str,
+        name: &str,
+        addr: &str,
+        info: Option<&Result<JobInfo, String>>,
+        st: &mut StreamJobStatus,
+        written: &mut StreamJobStatus,
+        step: &mut Step,
+    ) -> Result<(), Error> {
+        if !step.deployed {
+            return Ok(());
+        }
+        let info = info.and_then(|r| r.as_ref().ok());
+        if let Some(d) = st.deployed.clone() {
+            let running =
+                info.is_some_and(|i| i.job_id == d.job_id && i.state == JobState::Running);
+            let stopping = st.savepoint_in_progress.as_ref().is_some_and(|p| p.stop);
+            let mut next = d.clone();
+            match job.spec.upgrade_mode {
+                UpgradeMode::Savepoint if running || stopping => {
+                    intend(st, job, SavepointReason::Suspend, true);
+                    match drive(self, job, addr, st, written).await? {
+                        Savepoint::Pending => {
+                            step.requeue = Some(Duration::from_secs(1));
+                            return Ok(());
+                        }
+                        Savepoint::Failed(why) => {
+                            let n = failed(st);
+                            step.problem = Some((
+                                "SavepointFailed",
+                                format!(
+                                    "the savepoint to suspend the job failed (attempt {n}): {why}; the job goes on running, and the savepoint is tried again in {} s",
+                                    backoff(n - 1).as_secs()
+                                ),
+                            ));
+                            step.requeue = Some(backoff(n - 1));
+                            self.save_status(job, written, st).await?;
+                            return Ok(());
+                        }
+                        Savepoint::Completed(path) => {
+                            next.job_id = build::next_job_id(&d.job_id);
+                            next.restore_path = Some(path);
+                        }
+                    }
+                }
+                UpgradeMode::Stateless => {
+                    next.job_id = build::next_job_id(&d.job_id);
+                    next.restore_path = None;
+                }
+                // Last-state, or a job that does not run: resume from the last checkpoint.
+                _ => {}
+            }
+            st.deployed = Some(next);
+            st.upgrade = None;
+            self.save_status(job, written, st).await?;
+        }
+        self.delete_objects(ns, name).await?;
+        step.deployed = false;
+        Ok(())
+    }
+
+    /// A deleted job: in savepoint mode, a final savepoint (recorded as a StreamSnapshot)
+    /// before the finalizer lets it go.
+    pub(crate) async fn finalize(
+        &self,
+        job: &StreamJob,
+        ns: &str,
+        name: &str,
+        exists: bool,
+        addr: &str,
+        mut st: StreamJobStatus,
+    ) -> Result<Action, Error> {
+        self.metrics.forget(ns, name);
+        if !job.finalizers().iter().any(|f| f == crate::FINALIZER) {
+            return Ok(Action::await_change());
+        }
+        let mut written = st.clone();
+        let info = if exists { coordinator::job(addr).await.ok() } else { None };
+        let running = info.as_ref().is_some_and(|i| {
+            st.deployed.as_ref().is_some_and(|d| d.job_id == i.job_id)
+                && i.state == JobState::Running
+        });
+        let stopping = st.savepoint_in_progress.as_ref().is_some_and(|p| p.stop);
+        if job.spec.upgrade_mode == UpgradeMode::Savepoint && exists && (running || stopping) {
+            intend(&mut st, job, SavepointReason::Deletion, true);
+            match drive(self, job, addr, &mut st, &mut written).await? {
+                Savepoint::Pending => return Ok(Action::requeue(Duration::from_secs(1))),
+                Savepoint::Completed(path) => {
+                    self.note(
+                        job,
+                        "FinalSavepoint",
+                        format!("the job stopped with a savepoint at {path}"),
+                    )
+                    .await;
+                }
+                Savepoint::Failed(why) => {
+                    let n = failed(&mut st);
+                    if n < crate::FINAL_SAVEPOINT_ATTEMPTS {
+                        self.warn(
+                            job,
+                            "SavepointFailed",
+                            format!(
+                                "the final savepoint failed (attempt {n} of {}): {why}",
+                                crate::FINAL_SAVEPOINT_ATTEMPTS
+                            ),
+                        )
+                        .await;
+                        self.save_status(job, &mut written, &st).await?;
+                        return Ok(Action::requeue(backoff(n - 1)));
+                    }
+                    self.warn(job, "SavepointFailed", format!("the final savepoint failed {n} times ({why}): the job is deleted without one; its last checkpoint stays in storage")).await;
+                }
+            }
+        }
+        let api: Api<StreamJob> = Api::namespaced(self.client.clone(), ns);
+        let left: Vec<String> =
+            job.finalizers().iter().filter(|f| *f != crate::FINALIZER).cloned().collect();
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([
+                    {"op": "test", "path": "/metadata/finalizers", "value": job.finalizers()},
+                    {"op": "replace", "path": "/metadata/finalizers", "value": left},
+                ]))
+                .expect("a JSON patch"),
+            ),
+        )
+        .await
+        .map_err(kube_err(format!("removing the finalizer of StreamJob {ns}/{name}")))?;
+        Ok(Action::await_change())
+    }
+
+    /// Applies the objects of run `d` (those that changed).
+    async fn apply_run(
+        &self,
+        job: &StreamJob,
+        valid: &Valid,
+        ns: &str,
+        d: &DeployedRun,
+        workers: i32,
+        step: &mut Step,
+    ) -> Result<(), Error> {
+        let run = Run { job_id: d.job_id.clone(), restore_path: d.restore_path.clone() };
+        let objs = build::objects(job, valid, &self.config.build, workers, &run);
+        let s = &self.stores;
+        let applied = &mut step.applied;
+        self.apply_if_changed(&s.config_maps, ns, objs.config_map, applied).await?;
+        self.apply_if_changed(&s.services, ns, objs.coordinator_service, applied).await?;
+        self.apply_if_changed(&s.services, ns, objs.worker_service, applied).await?;
+        self.apply_if_changed(&s.stateful_sets, ns, objs.workers, applied).await?;
+        self.apply_if_changed(&s.deployments, ns, objs.coordinator, applied).await?;
+        step.deployed = true;
+        Ok(())
+    }
+
+    async fn add_finalizer(&self, job: &StreamJob, ns: &str, name: &str) -> Result<(), Error> {
+        if job.finalizers().iter().any(|f| f == crate::FINALIZER) {
+            return Ok(());
+        }
+        let mut all = job.finalizers().to_vec();
+        all.push(crate::FINALIZER.into());
+        let api: Api<StreamJob> = Api::namespaced(self.client.clone(), ns);
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": all}})),
+        )
+        .await
+        .map_err(kube_err(format!("adding a finalizer to StreamJob {ns}/{name}")))?;
+        Ok(())
+    }
+
+    /// The coordinator's API token, from the Secret the controller made.
+    pub(crate) async fn api_token(&self, job: &StreamJob) -> Result<String, Error> {
+        let ns = job.namespace().unwrap_or_else(|| "default".into());
+        let secret = build::token_secret_name(&job.name_any());
+        let api: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(self.client.clone(), &ns);
+        let s =
+            api.get(&secret).await.map_err(kube_err(format!("reading Secret {ns}/{secret}")))?;
+        s.data
+            .and_then(|d| d.get("token").map(|t| String::from_utf8_lossy(&t.0).into_owned()))
+            .ok_or_else(|| Error::Coordinator(format!("Secret {ns}/{secret} has no key \"token\"")))
+    }
+
+    /// Writes `st` as the status when it differs from `written` (a merge patch that removes
+    /// the fields `st` no longer has), then remembers it as written.
+    pub(crate) async fn save_status(
+        &self,
+        job: &StreamJob,
+        written: &mut StreamJobStatus,
+        st: &StreamJobStatus,
+    ) -> Result<(), Error> {
+        if st == written {
+            return Ok(());
+        }
+        let ns = job.namespace().unwrap_or_else(|| "default".into());
+        let name = job.name_any();
+        let api: Api<StreamJob> = Api::namespaced(self.client.clone(), &ns);
+        let mut v = serde_json::to_value(st).unwrap_or_default();
+        if let (Some(map), Ok(serde_json::Value::Object(before))) =
+            (v.as_object_mut(), serde_json::to_value(&*written))
+        {
+            for k in before.keys() {
+                map.entry(k.clone()).or_insert(serde_json::Value::Null);
+            }
+        }
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": v })))
+            .await
+            .map_err(kube_err(format!("writing the status of StreamJob {ns}/{name}")))?;
+        *written = st.clone();
+        Ok(())
+    }
+
+    async fn note(&self, job: &StreamJob, reason: &str, message: String) {
+        self.publish(job, false, reason, message).await;
+    }
+
+    async fn warn(&self, job: &StreamJob, reason: &str, message: String) {
+        self.publish(job, true, reason, message).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_ten_seconds_to_five_minutes() {
+        let s: Vec<u64> = (0..8).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(s, [10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+
+    #[test]
+    fn a_savepoint_upgrade_of_a_job_that_does_not_run_goes_on_from_its_last_checkpoint() {
+        let info = |state| {
+            JobInfo { state, ..serde_json::from_value(json!({"name": "j", "runId": "r", "state": "running", "parallelism": 1, "maxParallelism": 128, "workersConnected": 1, "workersExpected": 1, "uptimeSeconds": 1.0, "startedAt": 0, "stateBytes": 0, "operators": [], "restarts": 0})).unwrap() }
+        };
+        let running = info(JobState::Running);
+        let failed = info(JobState::Failed);
+        assert_eq!(mode_for(UpgradeMode::Savepoint, Some(&running)), UpgradeMode::Savepoint);
+        assert_eq!(mode_for(UpgradeMode::Savepoint, Some(&failed)), UpgradeMode::LastState);
+        assert_eq!(mode_for(UpgradeMode::Savepoint, None), UpgradeMode::LastState);
+        assert_eq!(mode_for(UpgradeMode::Stateless, Some(&running)), UpgradeMode::Stateless);
+    }
+}

@@ -1,0 +1,246 @@
+//! Upgrades through the controller, against the real control plane, node agent and S3
+//! server: the GitOps story of a bounded-but-long word count writing its counts to S3 through
+//! the files sink. Applied at parallelism 2, re-applied at 3, `kubectl scale`d to 1, given a
+//! new image tag, deleted and applied again: after each step the job goes on from its state,
+//! and at the end the committed output holds each count of each word exactly once, up to the
+//! exact final counts.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use weir_crds::StreamJob;
+use weir_crds::snapshot::StreamSnapshot;
+use weir_crds::streamjob::JobPhase;
+use weir_e2e::testenv::{TestEnv, setting, wait_for};
+
+const T: Duration = Duration::from_secs(180);
+const LINES: u64 = 24_000;
+const WORDS_PER_LINE: u64 = 8;
+
+struct Controller(Child);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn controller(env: &TestEnv, ns: &str) -> Controller {
+    let child = Command::new(env.binary("weir-controller"))
+        .args(["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--poll-interval", "1s"])
+        .env("WEIR_LOG", "info,kube=warn")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(format!("/tmp/weir-upgrade-controller-{ns}.log")).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Controller(child)
+}
+
+fn manifest(ns: &str, parallelism: i32, image: Option<&str>) -> Value {
+    let bucket = setting("WEIR_TEST_BUCKET");
+    let mut spec = json!({
+        "parallelism": parallelism,
+        "maxParallelism": 128,
+        "checkpointing": {"interval": "1s", "storage": format!("s3://{bucket}/{ns}/checkpoints")},
+        "s3": {
+            "endpoint": setting("AWS_ENDPOINT_URL"),
+            "region": setting("AWS_REGION"),
+            "credentialsSecret": {"name": "s3-credentials"},
+        },
+        "pipeline": {"operators": [
+            {"uid": "lines", "type": "generator", "seed": 7, "count": LINES, "ratePerSecond": 200,
+             "format": "text", "wordsPerLine": WORDS_PER_LINE, "keys": 300, "distribution": "zipf"},
+            {"uid": "words", "type": "split", "inputs": ["lines"]},
+            {"uid": "counts", "type": "count", "inputs": ["words"], "key": "word"},
+            {"uid": "out", "type": "file_sink", "inputs": ["counts"], "path": format!("s3://{bucket}/{ns}/out")},
+        ]},
+    });
+    if let Some(i) = image {
+        spec["image"] = json!(i);
+    }
+    json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "StreamJob",
+        "metadata": {"name": "wc", "namespace": ns},
+        "spec": spec,
+    })
+}
+
+fn apply(env: &TestEnv, m: &Value) {
+    let yaml = serde_saphyr::to_string(m).unwrap();
+    let (ok, out, err) = env.kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
+    assert!(ok, "kubectl apply: {out}{err}");
+}
+
+async fn wait_job(
+    env: &TestEnv,
+    ns: &str,
+    what: &str,
+    f: impl Fn(&StreamJob) -> bool,
+) -> StreamJob {
+    let api: Api<StreamJob> = Api::namespaced(env.client.clone(), ns);
+    wait_for(&format!("StreamJob wc: {what}"), T, || async {
+        api.get_opt("wc").await.ok().flatten().filter(|j| f(j))
+    })
+    .await
+}
+
+fn status(j: &StreamJob) -> weir_crds::StreamJobStatus {
+    j.status.clone().unwrap_or_default()
+}
+
+/// Running the generation it has, at `parallelism`, under another job id than `not`, with a
+/// checkpoint of its own.
+async fn runs_anew(env: &TestEnv, ns: &str, parallelism: i32, not: &str) -> StreamJob {
+    wait_job(env, ns, &format!("running at parallelism {parallelism} after the upgrade"), |j| {
+        let s = status(j);
+        s.phase == Some(JobPhase::Running)
+            && s.upgrade.is_none()
+            && s.observed_generation == j.metadata.generation
+            && s.job.as_ref().is_some_and(|r| r.parallelism == parallelism && r.id != not)
+            && s.replicas == parallelism
+    })
+    .await
+}
+
+fn show(step: &str, j: &StreamJob) {
+    let s = status(j);
+    eprintln!(
+        "{step}: phase {:?}, job {:?}, checkpoint {:?}, deployed {:?}",
+        s.phase,
+        s.job,
+        s.last_checkpoint.map(|c| c.id),
+        s.deployed.map(|d| (d.job_id, d.restore_path))
+    );
+}
+
+fn job_id(j: &StreamJob) -> String {
+    status(j).job.map(|r| r.id).unwrap_or_default()
+}
+
+/// Every committed `word,count` line under the job's output prefix.
+fn committed(ns: &str) -> Vec<(String, u64)> {
+    let bucket = setting("WEIR_TEST_BUCKET");
+    let py = format!(
+        "import boto3,os\nc=boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\np=c.get_paginator('list_objects_v2')\nfor page in p.paginate(Bucket='{bucket}', Prefix='{ns}/out/'):\n  for o in page.get('Contents', []):\n    k=o['Key']\n    if k.rsplit('/',1)[-1].startswith('.'): continue\n    print(c.get_object(Bucket='{bucket}', Key=k)['Body'].read().decode(), end='')"
+    );
+    let out = Command::new(setting("WEIR_PYTHON")).args(["-c", &py]).output().unwrap();
+    assert!(out.status.success(), "reading the output: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (w, c) = l.rsplit_once(',').unwrap_or_else(|| panic!("a bad line {l:?}"));
+            (w.to_string(), c.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn gitops_upgrades_keep_the_state_and_count_every_word_exactly_once() {
+    let env = TestEnv::get().await;
+    env.install_crds();
+    let ns = env.namespace("ctl-upgrade").await;
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &ns);
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s3-credentials"},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": setting("AWS_ACCESS_KEY_ID"),
+            "AWS_SECRET_ACCESS_KEY": setting("AWS_SECRET_ACCESS_KEY"),
+        },
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &s).await.unwrap();
+    let _ctl = controller(&env, &ns);
+
+    // 1. Applied at parallelism 2.
+    apply(&env, &manifest(&ns, 2, None));
+    let j = wait_job(&env, &ns, "running with a checkpoint", |j| {
+        let s = status(j);
+        s.phase == Some(JobPhase::Running) && s.last_checkpoint.is_some() && s.replicas == 2
+    })
+    .await;
+    show("applied", &j);
+    let first = job_id(&j);
+    assert!(j.finalizers().iter().any(|f| f == "weir.dev/final-savepoint"));
+
+    // 2. Re-applied at parallelism 3: a savepoint upgrade, restored with the key groups
+    // redistributed, under a new job id.
+    apply(&env, &manifest(&ns, 3, None));
+    let j = runs_anew(&env, &ns, 3, &first).await;
+    let s = status(&j);
+    let sp = s.last_savepoint.clone().expect("the upgrade's savepoint");
+    assert_eq!(s.deployed.as_ref().unwrap().restore_path.as_deref(), Some(sp.path.as_str()));
+    let snaps: Api<StreamSnapshot> = Api::namespaced(env.client.clone(), &ns);
+    let snap = snaps.get(sp.snapshot.as_deref().unwrap()).await.unwrap();
+    assert_eq!(snap.spec.job, "wc");
+    assert_eq!(snap.spec.path.to_string(), sp.path);
+    assert!(snap.metadata.owner_references.is_none(), "a snapshot outlives its job");
+    show("at 3", &j);
+    let second = job_id(&j);
+
+    // 3. `kubectl scale` to 1.
+    let (ok, out, err) = env.kubectl(&["scale", "sj/wc", "-n", &ns, "--replicas", "1"]);
+    assert!(ok, "kubectl scale: {out}{err}");
+    let j = runs_anew(&env, &ns, 1, &second).await;
+    show("scaled to 1", &j);
+    let third = job_id(&j);
+
+    // 4. A new image tag (the node agent maps any tag of `weir` to the runtime built here).
+    apply(&env, &manifest(&ns, 1, Some("weir:v2")));
+    let j = runs_anew(&env, &ns, 1, &third).await;
+    show("new image", &j);
+    let fourth = job_id(&j);
+    let before = status(&j).last_checkpoint.map(|c| c.id).unwrap_or(0);
+    wait_job(&env, &ns, "a checkpoint of the new version", |j| {
+        status(j).last_checkpoint.is_some_and(|c| c.id > before) && job_id(j) == fourth
+    })
+    .await;
+
+    // 5. Deleted (a final savepoint first), then the same manifest applied again: the new
+    // StreamJob starts from the deleted one's final savepoint.
+    let (ok, out, err) =
+        env.kubectl(&["delete", "sj/wc", "-n", &ns, "--wait=true", "--timeout=120s"]);
+    assert!(ok, "kubectl delete: {out}{err}");
+    let finals: Vec<StreamSnapshot> = snaps
+        .list(&ListParams::default().labels("weir.dev/job=wc"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|s| s.spec.reason == Some(weir_crds::streamjob::SavepointReason::Deletion))
+        .collect();
+    assert_eq!(finals.len(), 1, "one final savepoint: {finals:?}");
+    apply(&env, &manifest(&ns, 1, Some("weir:v2")));
+    let j = wait_job(&env, &ns, "the new StreamJob running from the final savepoint", |j| {
+        let s = status(j);
+        s.phase == Some(JobPhase::Running) || s.phase == Some(JobPhase::Finished)
+    })
+    .await;
+    show("created again", &j);
+    assert_eq!(
+        status(&j).deployed.and_then(|d| d.restore_path),
+        Some(finals[0].spec.path.to_string())
+    );
+
+    // The end: every count of every word exactly once, up to the exact totals.
+    wait_job(&env, &ns, "finished", |j| status(j).phase == Some(JobPhase::Finished)).await;
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (w, c) in committed(&ns) {
+        seen.entry(w).or_default().push(c);
+    }
+    let mut total = 0;
+    for (w, mut counts) in seen {
+        counts.sort_unstable();
+        let n = counts.len() as u64;
+        assert_eq!(counts, (1..=n).collect::<Vec<_>>(), "the counts of {w:?}");
+        total += n;
+    }
+    assert_eq!(total, LINES * WORDS_PER_LINE, "every word of every line counted once");
+}
