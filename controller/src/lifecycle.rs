@@ -360,6 +360,27 @@ impl Context {
         }
         let Some(mut d) = st.deployed.clone() else { return Ok(()) };
 
+        // A stopping savepoint no upgrade asked for: a suspend taken back while it was under
+        // way. Once it completes the job has stopped, and a new run starts from it.
+        if st.upgrade.is_none() && st.savepoint_in_progress.as_ref().is_some_and(|p| p.stop) {
+            match drive(self, job, addr, st, written).await? {
+                Savepoint::Pending => {
+                    step.requeue = Some(Duration::from_secs(1));
+                    return Ok(());
+                }
+                Savepoint::Completed(path) => {
+                    d.job_id = build::next_job_id(&d.job_id);
+                    d.restore_path = Some(path);
+                    st.deployed = Some(d.clone());
+                    self.save_status(job, written, st).await?;
+                }
+                Savepoint::Failed(_) => {
+                    st.savepoint_in_progress = None;
+                    self.save_status(job, written, st).await?;
+                }
+            }
+        }
+
         // A new spec: an upgrade, once any savepoint under way is done.
         if st.upgrade.is_none() && d.spec_hash != hash && st.savepoint_in_progress.is_none() {
             if let Err(refused) = validate::preflight(job, &d, st) {
