@@ -188,32 +188,10 @@ pub async fn reconcile(job: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action,
     match (&validation, job.spec.state) {
         (Err(_), _) => {}
         (Ok(valid), DesiredState::Running) => {
-            ctx.run(
-                &job,
-                valid,
-                &ns,
-                &name,
-                &addr,
-                info.as_ref(),
-                &mut st,
-                &mut written,
-                &mut step,
-            )
-            .await?;
+            ctx.run(&job, valid, info.as_ref(), &mut st, &mut written, &mut step).await?;
         }
-        (Ok(valid), DesiredState::Suspended) => {
-            ctx.suspend(
-                &job,
-                valid,
-                &ns,
-                &name,
-                &addr,
-                info.as_ref(),
-                &mut st,
-                &mut written,
-                &mut step,
-            )
-            .await?;
+        (Ok(_), DesiredState::Suspended) => {
+            ctx.suspend(&job, info.as_ref(), &mut st, &mut written, &mut step).await?;
         }
     }
     if step.deployed && !exists {

@@ -325,19 +325,17 @@ pub fn now() -> Time {
 
 impl Context {
     /// Desired state running: deploy, upgrade, take the savepoints asked for.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn run(
         &self,
         job: &StreamJob,
         valid: &Valid,
-        ns: &str,
-        name: &str,
-        addr: &str,
         info: Option<&Result<JobInfo, String>>,
         st: &mut StreamJobStatus,
         written: &mut StreamJobStatus,
         step: &mut Step,
     ) -> Result<(), Error> {
+        let (ns, name, addr) = self.names(job);
+        let (ns, name, addr) = (ns.as_str(), name.as_str(), addr.as_str());
         self.ensure_token(job, ns, name).await?;
         let hash = build::spec_hash(job, valid, &self.config.build);
         let info = info.and_then(|r| r.as_ref().ok());
@@ -426,17 +424,8 @@ impl Context {
                             return Ok(());
                         }
                         Savepoint::Failed(why) => {
-                            let n = failed(st);
-                            step.problem = Some((
-                                "SavepointFailed",
-                                format!(
-                                    "the upgrade's savepoint failed (attempt {n}): {why}; the running version goes on, and the savepoint is tried again in {} s",
-                                    backoff(n - 1).as_secs()
-                                ),
-                            ));
-                            step.requeue = Some(backoff(n - 1));
-                            self.save_status(job, written, st).await?;
-                            return Ok(());
+                            let what = "the upgrade's savepoint";
+                            return self.retry_later(job, st, written, step, what, &why).await;
                         }
                         Savepoint::Completed(path) => {
                             u.restore_path = Some(path);
@@ -580,14 +569,9 @@ impl Context {
     /// Desired state suspended: in savepoint mode stop with a savepoint first; then delete
     /// the pods. Resuming starts from that savepoint (or the last checkpoint in last-state
     /// mode, or empty in stateless mode).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn suspend(
         &self,
         job: &StreamJob,
-        _valid: &Valid,
-        ns: &str,
-        name: &str,
-        addr: &str,
         info: Option<&Result<JobInfo, String>>,
         st: &mut StreamJobStatus,
         written: &mut StreamJobStatus,
@@ -596,6 +580,8 @@ impl Context {
         if !step.deployed {
             return Ok(());
         }
+        let (ns, name, addr) = self.names(job);
+        let (ns, name, addr) = (ns.as_str(), name.as_str(), addr.as_str());
         let info = info.and_then(|r| r.as_ref().ok());
         if let Some(d) = st.deployed.clone() {
             let running =
@@ -611,17 +597,8 @@ impl Context {
                             return Ok(());
                         }
                         Savepoint::Failed(why) => {
-                            let n = failed(st);
-                            step.problem = Some((
-                                "SavepointFailed",
-                                format!(
-                                    "the savepoint to suspend the job failed (attempt {n}): {why}; the job goes on running, and the savepoint is tried again in {} s",
-                                    backoff(n - 1).as_secs()
-                                ),
-                            ));
-                            step.requeue = Some(backoff(n - 1));
-                            self.save_status(job, written, st).await?;
-                            return Ok(());
+                            let what = "the savepoint to suspend the job";
+                            return self.retry_later(job, st, written, step, what, &why).await;
                         }
                         Savepoint::Completed(path) => {
                             next.job_id = build::next_job_id(&d.job_id);
@@ -717,6 +694,30 @@ impl Context {
         Ok(Action::await_change())
     }
 
+    /// A stopping savepoint failed: the job goes on running; count the attempt, say so
+    /// (Degraded), and try again after the back-off.
+    async fn retry_later(
+        &self,
+        job: &StreamJob,
+        st: &mut StreamJobStatus,
+        written: &mut StreamJobStatus,
+        step: &mut Step,
+        what: &str,
+        why: &str,
+    ) -> Result<(), Error> {
+        let n = failed(st);
+        let wait = backoff(n - 1);
+        step.problem = Some((
+            "SavepointFailed",
+            format!(
+                "{what} failed (attempt {n}): {why}; the job goes on running, and the savepoint is tried again in {} s",
+                wait.as_secs()
+            ),
+        ));
+        step.requeue = Some(wait);
+        self.save_status(job, written, st).await
+    }
+
     /// Applies the objects of run `d` (those that changed).
     async fn apply_run(
         &self,
@@ -755,6 +756,12 @@ impl Context {
         .await
         .map_err(kube_err(format!("adding a finalizer to StreamJob {ns}/{name}")))?;
         Ok(())
+    }
+
+    /// A job's namespace, name and coordinator API address.
+    fn names(&self, job: &StreamJob) -> (String, String, String) {
+        let ns = job.namespace().unwrap_or_else(|| "default".into());
+        (ns, job.name_any(), build::api_address(job, &self.config.build))
     }
 
     /// The coordinator's API token, from the Secret the controller made.
