@@ -100,6 +100,22 @@ impl TestEnv {
         )
     }
 
+    /// The Secret `s3-credentials` in `ns`, holding the test S3 server's keys as
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (what `spec.s3.credentialsSecret`
+    /// names by default).
+    pub async fn create_s3_credentials(&self, ns: &str) {
+        let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(self.client.clone(), ns);
+        let s = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s3-credentials"},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": setting("AWS_ACCESS_KEY_ID"),
+                "AWS_SECRET_ACCESS_KEY": setting("AWS_SECRET_ACCESS_KEY"),
+            },
+        }))
+        .expect("a Secret");
+        api.create(&PostParams::default(), &s).await.expect("creating Secret s3-credentials");
+    }
+
     /// A binary of this workspace (`cargo build --workspace --bins` builds them).
     pub fn binary(&self, name: &str) -> PathBuf {
         let target = std::env::var_os("CARGO_TARGET_DIR")

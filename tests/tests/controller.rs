@@ -100,19 +100,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn create_credentials(env: &TestEnv, ns: &str) {
-    let api: Api<Secret> = Api::namespaced(env.client.clone(), ns);
-    let s: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "s3-credentials"},
-        "stringData": {
-            "AWS_ACCESS_KEY_ID": setting("AWS_ACCESS_KEY_ID"),
-            "AWS_SECRET_ACCESS_KEY": setting("AWS_SECRET_ACCESS_KEY"),
-        },
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &s).await.unwrap();
-}
-
 /// manifests/examples/wordcount.yaml pointed at the test S3 server (storage, endpoint,
 /// credentials Secret) and made unbounded (a generator at 200 lines/s instead of 1,000
 /// lines), so that it runs long enough to checkpoint.
@@ -239,7 +226,7 @@ async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
     let env = TestEnv::get().await;
     env.install_crds();
     let ns = env.namespace("ctl-run").await;
-    create_credentials(&env, &ns).await;
+    env.create_s3_credentials(&ns).await;
     let ctl = Controller::start(&env, &ns, &[]);
     let (ok, out) = apply(&env, &wordcount_on_test_s3(&env, &ns));
     assert!(ok, "kubectl apply: {out}");

@@ -9,8 +9,7 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use weir_crds::StreamJob;
@@ -147,16 +146,7 @@ async fn gitops_upgrades_keep_the_state_and_count_every_word_exactly_once() {
     let env = TestEnv::get().await;
     env.install_crds();
     let ns = env.namespace("ctl-upgrade").await;
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &ns);
-    let s: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "s3-credentials"},
-        "stringData": {
-            "AWS_ACCESS_KEY_ID": setting("AWS_ACCESS_KEY_ID"),
-            "AWS_SECRET_ACCESS_KEY": setting("AWS_SECRET_ACCESS_KEY"),
-        },
-    }))
-    .unwrap();
-    secrets.create(&PostParams::default(), &s).await.unwrap();
+    env.create_s3_credentials(&ns).await;
     let _ctl = controller(&env, &ns);
 
     // 1. Applied at parallelism 2.
