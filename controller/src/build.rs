@@ -68,7 +68,7 @@ pub struct Objects {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Run {
     pub job_id: String,
-    pub restore_path: Option<String>,
+    pub restore_path: Option<weir_crds::StorageUri>,
 }
 
 /// Pod annotation of the coordinator: the spec's `restartNonce`, so that a new nonce restarts
@@ -185,7 +185,7 @@ pub fn job_file(job: &StreamJob, valid: &Valid, run: &Run) -> String {
     let allow = spec.restore.as_ref().is_some_and(|r| r.allow_non_restored_state);
     spec.restore = run.restore_path.as_ref().map(|p| weir_crds::streamjob::RestoreSpec {
         snapshot: None,
-        path: p.parse().ok(),
+        path: Some(p.clone()),
         allow_non_restored_state: allow,
     });
     spec.savepoints.trigger_nonce = None;

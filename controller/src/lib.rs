@@ -76,6 +76,8 @@ pub enum Error {
     Random(std::io::Error),
     #[error("{0}")]
     Coordinator(String),
+    #[error("{0}")]
+    Status(String),
 }
 
 impl Error {
@@ -87,6 +89,7 @@ impl Error {
             Error::Kube { .. } => "kube_api",
             Error::Random(_) => "random",
             Error::Coordinator(_) => "coordinator",
+            Error::Status(_) => "status",
         }
     }
 }

@@ -728,7 +728,16 @@ impl Context {
         workers: i32,
         step: &mut Step,
     ) -> Result<(), Error> {
-        let run = Run { job_id: d.job_id.clone(), restore_path: d.restore_path.clone() };
+        // Never start empty in place of a restore point that cannot be read.
+        let restore_path = match &d.restore_path {
+            Some(p) => Some(p.parse().map_err(|e| {
+                Error::Status(format!(
+                    "status.deployed.restorePath {p:?} is not a storage location ({e}): set it to the savepoint or checkpoint to start from"
+                ))
+            })?),
+            None => None,
+        };
+        let run = Run { job_id: d.job_id.clone(), restore_path };
         let objs = build::objects(job, valid, &self.config.build, workers, &run);
         let s = &self.stores;
         let applied = &mut step.applied;

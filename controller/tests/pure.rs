@@ -347,7 +347,10 @@ fn an_upgrade_is_a_change_of_what_the_spec_runs_and_not_of_what_only_the_control
     assert_eq!(build::next_job_id("0a1b2c3d4e5f-2"), "0a1b2c3d4e5f-3");
     // The run's restore point goes to the job file; the controller's fields do not.
     let v = validate::validate(&job, &good_secret(), &Defaults::default()).unwrap();
-    let run = build::Run { job_id: "x-2".into(), restore_path: Some("s3://bucket/sp/sp-1".into()) };
+    let run = build::Run {
+        job_id: "x-2".into(),
+        restore_path: Some("s3://bucket/sp/sp-1".parse().unwrap()),
+    };
     let file = build::job_file(&patched(&job, json!({"spec": {"restartNonce": 3}})), &v, &run);
     let back: StreamJob = serde_saphyr::from_str(&file).unwrap();
     assert_eq!(back.spec.restore.unwrap().path.expect(&file).to_string(), "s3://bucket/sp/sp-1");
