@@ -602,6 +602,47 @@ const REFUSE: u8 = 1;
 const DROP: u8 = 2;
 /// Waits 300 ms before forwarding each chunk.
 const SLOW: u8 = 3;
+/// Answers every upload (PUT or POST) with an S3 error the client does not retry, so the
+/// upload fails at once and deterministically (a decline, not an expiry).
+const FAIL: u8 = 4;
+
+/// In FAIL mode: takes the rest of the request that `first` starts (headers and a body of
+/// Content-Length bytes), then answers 400 and closes.
+fn refuse_upload(client: &mut std::net::TcpStream, first: &[u8]) {
+    use std::io::{Read, Write};
+    let mut req = first.to_vec();
+    let mut buf = [0u8; 16 << 10];
+    let head_end = loop {
+        if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&req[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut have = req.len() - head_end;
+    while have < len {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => have += n,
+        }
+    }
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InvalidRequest</Code>\
+                <Message>refused by the test's fault proxy</Message></Error>";
+    let _ = write!(
+        client,
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
 
 /// A TCP proxy in front of the S3 server whose behaviour the test switches.
 struct FaultProxy {
@@ -638,6 +679,13 @@ impl FaultProxy {
                             };
                             match m.load(Ordering::Relaxed) {
                                 REFUSE => break,
+                                FAIL if limit
+                                    && (buf[..n].starts_with(b"PUT ")
+                                        || buf[..n].starts_with(b"POST ")) =>
+                                {
+                                    refuse_upload(&mut from, &buf[..n]);
+                                    break;
+                                }
                                 DROP if limit && sent + n > 4 << 10 => break,
                                 SLOW => std::thread::sleep(std::time::Duration::from_millis(300)),
                                 _ => {}
@@ -725,6 +773,8 @@ spec:
     };
     phase(PASS, 3);
     phase(DROP, 4); // uploads cut off in the middle
+    phase(PASS, 2);
+    phase(FAIL, 3); // uploads refused: workers decline their checkpoints
     phase(PASS, 2);
     phase(SLOW, 6); // slower than the checkpoint timeout
     phase(PASS, 2);
