@@ -191,7 +191,8 @@ pub async fn reconcile(job: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action,
     match (&validation, job.spec.state) {
         (Err(_), _) => {}
         (Ok(valid), DesiredState::Running) => {
-            ctx.run(&job, valid, info.as_ref(), &mut st, &mut written, &mut step).await?;
+            ctx.run(&job, valid, &observed, info.as_ref(), &mut st, &mut written, &mut step)
+                .await?;
         }
         (Ok(_), DesiredState::Suspended) => {
             ctx.suspend(&job, info.as_ref(), &mut st, &mut written, &mut step).await?;
@@ -249,7 +250,7 @@ pub async fn reconcile(job: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action,
         (_, Some(JobPhase::Finished | JobPhase::Failed)) => {
             Action::requeue(Duration::from_secs(60))
         }
-        (_, Some(JobPhase::Deploying | JobPhase::Upgrading)) => {
+        (_, Some(JobPhase::Deploying | JobPhase::Upgrading | JobPhase::RollingBack)) => {
             Action::requeue(Duration::from_secs(1).min(ctx.config.poll))
         }
         _ => Action::requeue(ctx.config.poll),

@@ -33,13 +33,13 @@ use weir_crds::snapshot::{
     SnapshotPhase, StreamSnapshot, StreamSnapshotSpec, StreamSnapshotStatus,
 };
 use weir_crds::streamjob::{
-    DeployedRun, SavepointInProgress, SavepointInfo, SavepointReason, StreamJobStatus, UpgradeMode,
-    UpgradeProgress, UpgradeStep,
+    DeployedRun, RolledBack, SavepointInProgress, SavepointInfo, SavepointReason, StreamJobSpec,
+    StreamJobStatus, UpgradeMode, UpgradeProgress, UpgradeStep,
 };
 use weir_crds::{FIELD_MANAGER, LABEL_JOB, StreamJob};
 
 use crate::build::{self, Run};
-use crate::validate::{self, Valid};
+use crate::validate::{self, Observed, Valid};
 use crate::{Context, Error, Step, coordinator, kube_err};
 
 /// Where a savepoint stands after one look.
@@ -177,7 +177,10 @@ pub async fn drive(
                 None => {
                     let token = ctx.api_token(job).await?;
                     match coordinator::trigger_savepoint(addr, &token, sp.stop).await {
-                        Ok(id) => id,
+                        Ok(id) => {
+                            crash_point("savepoint-requested");
+                            id
+                        }
                         Err(e) => return Ok(Savepoint::Failed(e)),
                     }
                 }
@@ -299,6 +302,50 @@ async fn record(
     Ok(())
 }
 
+/// Makes `new` a JSON merge patch from `old`: every key of an object in `old` that `new`
+/// lacks, at any depth, is set to null (a merge patch keeps what it does not mention).
+/// Arrays are replaced whole by a merge patch, so they are left as they are.
+pub fn null_removed(new: &mut serde_json::Value, old: &serde_json::Value) {
+    let (Some(n), Some(o)) = (new.as_object_mut(), old.as_object()) else { return };
+    for (k, ov) in o {
+        match n.get_mut(k) {
+            None => {
+                n.insert(k.clone(), serde_json::Value::Null);
+            }
+            Some(nv) => null_removed(nv, ov),
+        }
+    }
+}
+
+/// For the tests that kill the controller at each step boundary of an upgrade: with
+/// `WEIR_CONTROLLER_CRASH_AT` set to a point's name, the process exits (code 86, no clean-up,
+/// like a kill) when it gets there. The points: `savepoint-requested` (the coordinator took
+/// the request, its id not recorded yet), `savepoint-completed` (OldJobStopped recorded),
+/// `new-spec-recorded` (the new run recorded, nothing applied), `objects-applied` (the new
+/// objects applied), `restoring` (Restoring recorded).
+fn crash_point(name: &str) {
+    if std::env::var("WEIR_CONTROLLER_CRASH_AT").is_ok_and(|v| v == name) {
+        tracing::warn!("WEIR_CONTROLLER_CRASH_AT={name}: exiting here");
+        std::process::exit(86);
+    }
+}
+
+/// Degraded's reason and message while a version is rolled back, and after.
+pub fn rolled_back_problem(r: &RolledBack, rolling: bool) -> (&'static str, String) {
+    let to = r.to_generation.unwrap_or(0);
+    if rolling {
+        ("RollingBack", format!("{}; rolling back to generation {to}", r.reason))
+    } else {
+        (
+            "RolledBack",
+            format!(
+                "{}; rolled back to generation {to}, which runs; generation {} is not tried again until the spec changes",
+                r.reason, r.generation
+            ),
+        )
+    }
+}
+
 /// The StreamSnapshot name of savepoint `id` of job `job`.
 pub fn snapshot_name(job: &str, id: &str) -> String {
     let mut n = format!("{job}-{}", id.to_ascii_lowercase());
@@ -324,11 +371,13 @@ pub fn now() -> Time {
 // The steps, as the reconciler takes them.
 
 impl Context {
-    /// Desired state running: deploy, upgrade, take the savepoints asked for.
+    /// Desired state running: deploy, upgrade (and roll back), take the savepoints asked for.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn run(
         &self,
         job: &StreamJob,
         valid: &Valid,
+        observed: &Observed,
         info: Option<&Result<JobInfo, String>>,
         st: &mut StreamJobStatus,
         written: &mut StreamJobStatus,
@@ -358,6 +407,35 @@ impl Context {
         }
         let Some(mut d) = st.deployed.clone() else { return Ok(()) };
 
+        // A version rolled back is not tried again while the spec asks for it; any other
+        // spec (a fix, or the stable one again) is.
+        if st.upgrade.is_none() && st.rolled_back.as_ref().is_some_and(|r| r.spec_hash != hash) {
+            st.rolled_back = None;
+            self.save_status(job, written, st).await?;
+        }
+        // What the objects are built from: the spec, or after a rollback the last stable one.
+        let stable;
+        let (tjob, tvalid, thash) = match &st.rolled_back {
+            None => (job, valid, hash.clone()),
+            Some(r) => match self.stable(job, st, observed) {
+                Ok(s) => {
+                    step.problem = Some(rolled_back_problem(r, st.upgrade.is_some()));
+                    stable = s;
+                    (&stable.0, &stable.1, stable.2.clone())
+                }
+                Err(why) => {
+                    step.problem = Some((
+                        "UpgradeFailed",
+                        format!(
+                            "generation {} was rolled back, but the last stable spec cannot be run: {why}; change the spec",
+                            r.generation
+                        ),
+                    ));
+                    return Ok(());
+                }
+            },
+        };
+
         // A stopping savepoint no upgrade asked for: a suspend taken back while it was under
         // way. Once it completes the job has stopped, and a new run starts from it.
         if st.upgrade.is_none() && st.savepoint_in_progress.as_ref().is_some_and(|p| p.stop) {
@@ -380,12 +458,13 @@ impl Context {
         }
 
         // A new spec: an upgrade, once any savepoint under way is done.
-        if st.upgrade.is_none() && d.spec_hash != hash && st.savepoint_in_progress.is_none() {
+        if st.upgrade.is_none() && d.spec_hash != thash && st.savepoint_in_progress.is_none() {
             if let Err(refused) = validate::preflight(job, &d, st) {
                 step.problem = Some(("UpgradeRefused", refused.message));
                 return Ok(());
             }
-            let mode = mode_for(job.spec.upgrade_mode, info.filter(|i| i.job_id == d.job_id));
+            let old = info.filter(|i| i.job_id == d.job_id);
+            let mode = mode_for(job.spec.upgrade_mode, old);
             let mut u = UpgradeProgress {
                 from_generation: Some(d.generation),
                 to_generation: generation,
@@ -393,6 +472,9 @@ impl Context {
                 step: UpgradeStep::Accepted,
                 restore_path: None,
                 started_at: now(),
+                applied_at: None,
+                from_run_id: old.map(|i| i.run_id.clone()),
+                rollback: false,
             };
             if mode == UpgradeMode::Savepoint {
                 intend(st, job, SavepointReason::Upgrade, true);
@@ -450,56 +532,63 @@ impl Context {
                     d = deployed(job, hash.clone(), valid.max_parallelism, job_id, restore);
                     st.deployed = Some(d.clone());
                     u.step = UpgradeStep::NewSpecApplied;
+                    u.applied_at = Some(now());
                 }
                 (_, UpgradeStep::NewSpecApplied | UpgradeStep::Restoring) => {
-                    self.apply_run(job, valid, ns, &d, job.spec.parallelism, step).await?;
-                    match info.filter(|i| i.job_id == d.job_id) {
-                        Some(i) if i.state == JobState::Running => {
-                            let took = Timestamp::now().duration_since(u.started_at.0);
-                            st.upgrade = None;
-                            st.last_stable_generation = Some(generation);
-                            st.last_stable_spec = serde_json::to_value(&job.spec).ok();
-                            self.note(
-                                job,
-                                "UpgradeCompleted",
-                                format!(
-                                    "generation {generation} runs at parallelism {} ({:?} upgrade, {} s{})",
-                                    i.parallelism,
-                                    u.mode,
-                                    took.as_secs(),
-                                    d.restore_path.as_ref().map_or(String::new(), |p| format!(", from {p}"))
-                                ),
-                            )
-                            .await;
-                            self.save_status(job, written, st).await?;
-                        }
-                        Some(i) if i.state == JobState::Failed => {
-                            step.problem = Some((
-                                "UpgradeFailed",
-                                format!(
-                                    "generation {generation} failed on start: {}; fix the spec (the state it starts from is kept: {})",
-                                    i.error.clone().unwrap_or_default(),
-                                    d.restore_path
-                                        .clone()
-                                        .unwrap_or_else(|| "its last checkpoint".into())
-                                ),
-                            ));
-                        }
-                        _ => {
-                            if u.step == UpgradeStep::NewSpecApplied {
-                                u.step = UpgradeStep::Restoring;
-                                st.upgrade = Some(u);
-                                self.save_status(job, written, st).await?;
-                            }
-                            step.requeue = Some(Duration::from_secs(1));
-                        }
-                    }
+                    self.apply_run(tjob, tvalid, ns, &d, tjob.spec.parallelism, step).await?;
                     step.deployed = true;
+                    crash_point("objects-applied");
+                    // The new version: the deployed job id, another coordinator than the one
+                    // the upgrade started from.
+                    let new = info.filter(|i| {
+                        i.job_id == d.job_id && u.from_run_id.as_ref() != Some(&i.run_id)
+                    });
+                    let applied = u.applied_at.as_ref().unwrap_or(&u.started_at).0;
+                    let waited = Timestamp::now().duration_since(applied).as_secs().max(0) as u64;
+                    let limit = job.spec.upgrade.ready_timeout.as_std();
+                    let failure = match new {
+                        Some(i) if i.state == JobState::Running => {
+                            return self.upgraded(job, i, &d, &u, st, written).await;
+                        }
+                        Some(i) if i.state == JobState::Failed => Some(format!(
+                            "generation {} failed on start: {}",
+                            u.to_generation,
+                            i.error.clone().unwrap_or_else(|| "no reason given".into())
+                        )),
+                        _ if waited > limit.as_secs() => Some(format!(
+                            "generation {} was not running within spec.upgrade.readyTimeout ({} s){}",
+                            u.to_generation,
+                            limit.as_secs(),
+                            match new {
+                                Some(i) => format!(": it is {:?}", i.state),
+                                None => String::new(),
+                            }
+                        )),
+                        _ => None,
+                    };
+                    if let Some(why) = failure {
+                        return self
+                            .roll_back(job, new, &d, &u, why, observed, st, written, step)
+                            .await;
+                    }
+                    if u.step == UpgradeStep::NewSpecApplied {
+                        u.step = UpgradeStep::Restoring;
+                        st.upgrade = Some(u);
+                        self.save_status(job, written, st).await?;
+                        crash_point("restoring");
+                    }
+                    step.requeue = Some(Duration::from_secs(1));
                     return Ok(());
                 }
             }
+            let at = u.step;
             st.upgrade = Some(u);
             self.save_status(job, written, st).await?;
+            match at {
+                UpgradeStep::OldJobStopped => crash_point("savepoint-completed"),
+                UpgradeStep::NewSpecApplied => crash_point("new-spec-recorded"),
+                _ => {}
+            }
         }
 
         // Steady: the objects of the deployed run (created again if someone deleted them; a
@@ -511,14 +600,23 @@ impl Context {
         let over = info.is_some_and(|i| {
             i.job_id == d.job_id && matches!(i.state, JobState::Finished | JobState::Failed)
         }) && st.savepoint_in_progress.is_none();
-        let workers = if over { 0 } else { job.spec.parallelism };
-        if d.spec_hash == hash {
-            self.apply_run(job, valid, ns, &d, workers, step).await?;
+        let workers = if over { 0 } else { tjob.spec.parallelism };
+        if d.spec_hash == thash {
+            self.apply_run(tjob, tvalid, ns, &d, workers, step).await?;
             st.observed_restart_nonce = job.spec.restart_nonce;
+        }
+        let running = info.is_some_and(|i| i.job_id == d.job_id && i.state == JobState::Running);
+        // The spec runs: it is what a later failed upgrade rolls back to.
+        if running
+            && st.rolled_back.is_none()
+            && d.spec_hash == hash
+            && st.last_stable_generation != Some(d.generation)
+        {
+            st.last_stable_generation = Some(d.generation);
+            st.last_stable_spec = serde_json::to_value(&job.spec).ok();
         }
 
         // Savepoints asked for: by nonce, or every `savepoints.interval`.
-        let running = info.is_some_and(|i| i.job_id == d.job_id && i.state == JobState::Running);
         if st.savepoint_in_progress.is_none() && running {
             let nonce = job.spec.savepoints.trigger_nonce;
             let due = job
@@ -718,6 +816,148 @@ impl Context {
         self.save_status(job, written, st).await
     }
 
+    /// The last stable spec as a job to build objects from: the job with
+    /// `status.lastStableSpec` for its spec, validated, and its hash.
+    fn stable(
+        &self,
+        job: &StreamJob,
+        st: &StreamJobStatus,
+        observed: &Observed,
+    ) -> Result<(StreamJob, Valid, String), String> {
+        let Some(spec) = st.last_stable_spec.clone() else {
+            return Err("no version of the job has run yet (status.lastStableSpec is empty)".into());
+        };
+        let spec: StreamJobSpec = serde_json::from_value(spec)
+            .map_err(|e| format!("status.lastStableSpec cannot be read: {e}"))?;
+        let mut stable = job.clone();
+        stable.spec = spec;
+        let valid = validate::validate(&stable, observed, &self.config.defaults)
+            .map_err(|e| format!("the last stable spec is no longer valid: {e}"))?;
+        let hash = build::spec_hash(&stable, &valid, &self.config.build);
+        Ok((stable, valid, hash))
+    }
+
+    /// The new version runs: the upgrade (or the rollback) is done.
+    async fn upgraded(
+        &self,
+        job: &StreamJob,
+        i: &JobInfo,
+        d: &DeployedRun,
+        u: &UpgradeProgress,
+        st: &mut StreamJobStatus,
+        written: &mut StreamJobStatus,
+    ) -> Result<(), Error> {
+        let took = Timestamp::now().duration_since(u.started_at.0).as_secs();
+        let from = d.restore_path.as_ref().map_or(String::new(), |p| format!(", from {p}"));
+        st.upgrade = None;
+        self.save_status(job, written, st).await?;
+        if u.rollback {
+            let failed = st.rolled_back.as_ref().map_or(0, |r| r.generation);
+            self.warn(
+                job,
+                "RolledBack",
+                format!(
+                    "generation {} runs again at parallelism {} ({} s{from}); generation {failed} is not tried again until the spec changes",
+                    u.to_generation, i.parallelism, took
+                ),
+            )
+            .await;
+        } else {
+            self.note(
+                job,
+                "UpgradeCompleted",
+                format!(
+                    "generation {} runs at parallelism {} ({:?} upgrade, {took} s{from})",
+                    u.to_generation, i.parallelism, u.mode
+                ),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// The new version failed to start or did not run in time: go back to the last stable
+    /// spec, from the state the new version started from (the upgrade's savepoint, or in
+    /// last-state mode the last checkpoint). Recorded before anything is applied; the next
+    /// reconcile applies it. Not done when it would lose or repeat something, then the
+    /// failure is reported instead (Degraded UpgradeFailed).
+    #[allow(clippy::too_many_arguments)]
+    async fn roll_back(
+        &self,
+        job: &StreamJob,
+        new: Option<&JobInfo>,
+        d: &DeployedRun,
+        u: &UpgradeProgress,
+        why: String,
+        observed: &Observed,
+        st: &mut StreamJobStatus,
+        written: &mut StreamJobStatus,
+        step: &mut Step,
+    ) -> Result<(), Error> {
+        let mut no = |reason: String| {
+            step.problem = Some(("UpgradeFailed", format!("{why}; {reason}")));
+            step.requeue = Some(Duration::from_secs(5));
+            Ok(())
+        };
+        if u.rollback {
+            return no("this was the rollback to the last stable spec, which is not rolled back again: fix the spec or what keeps the job from starting".into());
+        }
+        // Output the new version committed would be produced again from the savepoint.
+        let applied = u.applied_at.as_ref().unwrap_or(&u.started_at).0;
+        let own = format!("/{}/", d.job_id);
+        let checkpointed =
+            new.and_then(|i| i.last_checkpoint.as_ref()).map(|c| c.id).or_else(|| {
+                st.last_checkpoint
+                    .as_ref()
+                    .filter(|c| c.completed_at.0 >= applied)
+                    .filter(|c| c.path.as_deref().is_some_and(|p| p.contains(&own)))
+                    .map(|c| c.id as u64)
+            });
+        if let Some(id) = checkpointed {
+            return no(format!(
+                "it is not rolled back: it completed checkpoint {id}, and the output committed with it would be counted twice by a job going back to the state before it; fix the spec"
+            ));
+        }
+        let (stable, valid, hash) = match self.stable(job, st, observed) {
+            Ok(s) => s,
+            Err(e) => return no(format!("it cannot be rolled back: {e}")),
+        };
+        let (job_id, restore) = match u.mode {
+            UpgradeMode::LastState => (d.job_id.clone(), d.restore_path.clone()),
+            UpgradeMode::Savepoint => (build::next_job_id(&d.job_id), u.restore_path.clone()),
+            UpgradeMode::Stateless => (build::next_job_id(&d.job_id), None),
+        };
+        let to = st.last_stable_generation.unwrap_or(0);
+        let mut back = deployed(&stable, hash, valid.max_parallelism, job_id, restore);
+        back.generation = to;
+        st.rolled_back = Some(RolledBack {
+            generation: u.to_generation,
+            spec_hash: d.spec_hash.clone(),
+            to_generation: Some(to),
+            reason: why.clone(),
+            at: now(),
+        });
+        st.upgrade = Some(UpgradeProgress {
+            from_generation: Some(u.to_generation),
+            to_generation: to,
+            mode: u.mode,
+            step: UpgradeStep::NewSpecApplied,
+            restore_path: back.restore_path.clone(),
+            started_at: now(),
+            applied_at: Some(now()),
+            from_run_id: new.map(|i| i.run_id.clone()),
+            rollback: true,
+        });
+        let from = back.restore_path.as_ref().map_or(String::new(), |p| format!(" from {p}"));
+        st.deployed = Some(back);
+        self.save_status(job, written, st).await?;
+        self.warn(job, "RollingBack", format!("{why}; rolling back to generation {to}{from}"))
+            .await;
+        step.problem = st.rolled_back.as_ref().map(|r| rolled_back_problem(r, true));
+        step.requeue = Some(Duration::from_secs(1));
+        Ok(())
+    }
+
     /// Applies the objects of run `d` (those that changed).
     async fn apply_run(
         &self,
@@ -801,12 +1041,8 @@ impl Context {
         let name = job.name_any();
         let api: Api<StreamJob> = Api::namespaced(self.client.clone(), &ns);
         let mut v = serde_json::to_value(st).unwrap_or_default();
-        if let (Some(map), Ok(serde_json::Value::Object(before))) =
-            (v.as_object_mut(), serde_json::to_value(&*written))
-        {
-            for k in before.keys() {
-                map.entry(k.clone()).or_insert(serde_json::Value::Null);
-            }
+        if let Ok(before) = serde_json::to_value(&*written) {
+            null_removed(&mut v, &before);
         }
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": v })))
             .await
@@ -827,6 +1063,31 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_patch_removes_what_the_new_status_dropped_at_any_depth() {
+        let old = json!({
+            "phase": "Upgrading",
+            "savepointInProgress": {"stop": true, "triggerId": "7", "failedAttempts": 1},
+            "deployed": {"jobId": "a-2", "restorePath": "s3://b/sp-1", "statefulUids": ["c"]},
+            "conditions": [{"type": "Ready"}],
+        });
+        let mut new = json!({
+            "phase": "Running",
+            "savepointInProgress": {"stop": true, "failedAttempts": 2},
+            "deployed": {"jobId": "a-3", "statefulUids": []},
+        });
+        null_removed(&mut new, &old);
+        assert_eq!(
+            new,
+            json!({
+                "phase": "Running",
+                "savepointInProgress": {"stop": true, "failedAttempts": 2, "triggerId": null},
+                "deployed": {"jobId": "a-3", "statefulUids": [], "restorePath": null},
+                "conditions": null,
+            })
+        );
+    }
 
     #[test]
     fn backoff_doubles_from_ten_seconds_to_five_minutes() {

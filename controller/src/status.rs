@@ -93,6 +93,7 @@ pub fn next(
     // While an upgrade runs, the old job stopping (or finished into its savepoint) is a step
     // of it, not the job's end; so is a job stopping into a savepoint to be suspended.
     let phase = match (&s.upgrade, &s.savepoint_in_progress) {
+        (Some(u), _) if u.rollback => JobPhase::RollingBack,
         (Some(_), _) => JobPhase::Upgrading,
         (None, Some(sp)) if sp.stop && obs.deployed => JobPhase::Running,
         _ => phase,
@@ -124,6 +125,7 @@ pub fn next(
         (JobPhase::Suspended, _) => (false, "Suspended", "the job is suspended".into()),
         (JobPhase::Created, _) => (false, "NotDeployed", "nothing is deployed".into()),
         (JobPhase::Upgrading, _) => (false, "Upgrading", upgrade_message(&s)),
+        (JobPhase::RollingBack, _) => (false, "RollingBack", upgrade_message(&s)),
         (_, _) => (false, "Deploying", "the job's pods are starting".into()),
     };
     set(&mut s.conditions, READY, ready, ready_reason, &ready_msg, generation, now);
@@ -131,6 +133,7 @@ pub fn next(
     let (progressing, p_reason, p_msg) = match phase {
         JobPhase::Deploying => (true, "Deploying", "the job's pods are starting".to_string()),
         JobPhase::Upgrading => (true, "Upgrading", upgrade_message(&s)),
+        JobPhase::RollingBack => (true, "RollingBack", upgrade_message(&s)),
         _ if s.savepoint_in_progress.as_ref().is_some_and(|p| p.stop) => {
             (true, "Suspending", "the job is stopping with a savepoint".to_string())
         }
@@ -167,6 +170,10 @@ pub fn next(
 
 fn upgrade_message(s: &StreamJobStatus) -> String {
     match &s.upgrade {
+        Some(u) if u.rollback => format!(
+            "rolling back to generation {} ({:?} mode): {:?}",
+            u.to_generation, u.mode, u.step
+        ),
         Some(u) => {
             format!("upgrading to generation {} ({:?} mode): {:?}", u.to_generation, u.mode, u.step)
         }

@@ -599,6 +599,10 @@ pub struct StreamJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_stable_generation: Option<i64>,
 
+    /// The last upgrade that was rolled back, while the spec still asks for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<RolledBack>,
+
     /// The `restartNonce` last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_restart_nonce: Option<i64>,
@@ -762,6 +766,36 @@ pub struct UpgradeProgress {
     pub restore_path: Option<String>,
     /// When the upgrade started.
     pub started_at: Time,
+    /// When the new version's objects were applied: it has `upgrade.readyTimeout` from then
+    /// to run, or it is rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<Time>,
+    /// The run id of the coordinator that ran when the upgrade started: the new version is
+    /// a coordinator with another (in last-state mode both have the same job id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_run_id: Option<String>,
+    /// True when this is the way back to the last stable spec after a failed upgrade (which
+    /// is not rolled back again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback: bool,
+}
+
+/// A version that failed to become ready and was rolled back. The controller does not try
+/// that spec again: a change of the spec (or back to the stable one) clears it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolledBack {
+    /// The generation that failed.
+    pub generation: i64,
+    /// `deployed.specHash` of that generation.
+    pub spec_hash: String,
+    /// The generation of the stable spec the job went back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_generation: Option<i64>,
+    /// Why the new version was rolled back.
+    pub reason: String,
+    /// When.
+    pub at: Time,
 }
 
 /// The steps of an upgrade, in order.

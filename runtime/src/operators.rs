@@ -1329,6 +1329,10 @@ struct SinkState {
     /// subtask that takes over another's state, commits and discards the old names.
     #[serde(default)]
     stem: Option<String>,
+    /// The output its parts are in (`s3://bucket/prefix/` or a directory): a job restored
+    /// with another path commits the pending parts where they were written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    out: Option<String>,
     next_part: u32,
     /// (checkpoint, parts) closed and waiting for that checkpoint to complete.
     pending: Vec<(u64, Vec<u32>)>,
@@ -1471,8 +1475,37 @@ impl FileSink {
 
     /// Makes part `n` of `stem` visible; a part committed before is left as it is.
     fn commit_part(&self, stem: &str, n: u32) -> Result<(), RuntimeError> {
+        self.out.commit(stem, n)
+    }
+}
+
+impl SinkOut {
+    /// Where the parts go, as the sink's state records it.
+    fn location(&self) -> String {
+        match self {
+            SinkOut::Local(dir) => dir.display().to_string(),
+            SinkOut::S3 { bucket, dir, .. } => format!("s3://{bucket}/{dir}"),
+        }
+    }
+
+    /// The output at `location` (another job's, restored from its state), reached the way
+    /// this one is.
+    fn elsewhere(&self, location: &str) -> Result<SinkOut, RuntimeError> {
+        match (self, location.strip_prefix("s3://")) {
+            (SinkOut::S3 { client, .. }, Some(rest)) => {
+                let (bucket, dir) = rest.split_once('/').unwrap_or((rest, ""));
+                Ok(SinkOut::S3 { client: client.clone(), bucket: bucket.into(), dir: dir.into() })
+            }
+            (_, None) => Ok(SinkOut::Local(PathBuf::from(location))),
+            (SinkOut::Local(_), Some(_)) => Err(RuntimeError::user(format!(
+                "file_sink: the restored state has parts waiting to be committed in {location}, which a sink writing to a local directory cannot reach: restore into a sink on S3, or let the job that wrote them commit them"
+            ))),
+        }
+    }
+
+    fn commit(&self, stem: &str, n: u32) -> Result<(), RuntimeError> {
         let (from, to) = (in_progress_name(stem, n), format!("{stem}-{n}"));
-        match &self.out {
+        match self {
             SinkOut::Local(dir) => match std::fs::rename(dir.join(&from), dir.join(&to)) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.join(&to).exists() => {
@@ -1494,7 +1527,9 @@ impl FileSink {
             }
         }
     }
+}
 
+impl FileSink {
     /// Takes over restored sink states: the checkpoint they come from is complete, so their
     /// pending parts are committed now; in-progress parts of their names and of this
     /// subtask's are discarded. Numbering goes on from this subtask's own state, or after
@@ -1508,6 +1543,16 @@ impl FileSink {
             let st: SinkState =
                 serde_json::from_value(v).map_err(|e| bad_state("a file_sink", e))?;
             let stem = st.stem.clone().unwrap_or_else(|| self.stem.clone());
+            let here = self.out.location();
+            if let Some(there) = st.out.as_ref().filter(|o| **o != here) {
+                // Another output (a savepoint restored into a job writing elsewhere): its
+                // parts are committed where they are, and the rest there is left alone.
+                let other = self.out.elsewhere(there)?;
+                for n in st.pending.iter().flat_map(|(_, parts)| parts) {
+                    other.commit(&stem, *n)?;
+                }
+                continue;
+            }
             for n in st.pending.iter().flat_map(|(_, parts)| parts) {
                 self.commit_part(&stem, *n)?;
             }
@@ -1635,6 +1680,7 @@ impl Operator for FileSink {
         }
         let st = SinkState {
             stem: Some(self.stem.clone()),
+            out: Some(self.out.location()),
             next_part: self.next_part,
             pending: self.pending.clone(),
         };
@@ -1688,6 +1734,36 @@ mod tests {
         new.snapshot(8).unwrap();
         new.checkpoint_complete(8).unwrap();
         assert_eq!(names(tmp.path()), ["part-jobA-0-0", "part-jobB-1-0"]);
+    }
+
+    #[test]
+    fn a_sink_restored_with_another_path_commits_the_old_parts_where_they_were_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let line = |w: &str| vec![vec![Value::str(w)]];
+        let mut old = FileSink::new(&StorageUri::Local(a.clone()), None, "jobA", 0, true).unwrap();
+        old.process(0, line("a"), &mut Vec::new()).unwrap();
+        let state = old.snapshot(7).unwrap();
+        // A part in progress after the checkpoint belongs to the old job's output: left.
+        old.process(0, line("b"), &mut Vec::new()).unwrap();
+        old.close_part().unwrap();
+        drop(old);
+        let mut new = FileSink::new(&StorageUri::Local(b.clone()), None, "jobB", 0, true).unwrap();
+        new.restore(state.clone()).unwrap();
+        assert_eq!(names(&a), [".part-jobA-0-1.inprogress", "part-jobA-0-0"]);
+        assert!(names(&b).is_empty(), "{:?}", names(&b));
+        new.process(0, line("c"), &mut Vec::new()).unwrap();
+        new.snapshot(8).unwrap();
+        new.checkpoint_complete(8).unwrap();
+        assert_eq!(names(&b), ["part-jobB-0-0"]);
+        // Restoring the same state again (a second job from one savepoint) is a no-op there.
+        let mut again =
+            FileSink::new(&StorageUri::Local(b.clone()), None, "jobC", 0, true).unwrap();
+        again.restore(state).unwrap();
+        assert_eq!(names(&a), [".part-jobA-0-1.inprogress", "part-jobA-0-0"]);
+        assert_eq!(std::fs::read_to_string(a.join("part-jobA-0-0")).unwrap(), "a\n");
     }
 
     #[test]

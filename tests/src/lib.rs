@@ -2,9 +2,12 @@
 //!
 //! - [`node`]: the node agent (`weir-node`) that plays the kubelet, running pods as local
 //!   processes;
+//! - [`jobs`]: what the tests of a job's life under the controller share (a controller per
+//!   namespace, the word-count manifest, the exactly-once check of its output);
 //! - [`testenv`]: what a test needs to use the environment that `make env-up` started
 //!   (clients, a namespace of its own, waiting helpers);
 //! - `tests/`: the end-to-end tests, run by `make e2e` against that environment.
 
+pub mod jobs;
 pub mod node;
 pub mod testenv;

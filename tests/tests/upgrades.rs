@@ -5,76 +5,25 @@
 //! and at the end the committed output holds each count of each word exactly once, up to the
 //! exact final counts.
 
-use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use weir_crds::StreamJob;
 use weir_crds::snapshot::StreamSnapshot;
 use weir_crds::streamjob::JobPhase;
-use weir_e2e::testenv::{TestEnv, setting, wait_for};
+use weir_e2e::jobs::{
+    Controller, WORDS_PER_LINE, apply, assert_exactly_once, job_id, show, status, wordcount,
+};
+use weir_e2e::testenv::TestEnv;
 
-const T: Duration = Duration::from_secs(180);
 const LINES: u64 = 24_000;
-const WORDS_PER_LINE: u64 = 8;
-
-struct Controller(Child);
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn controller(env: &TestEnv, ns: &str) -> Controller {
-    let child = Command::new(env.binary("weir-controller"))
-        .args(["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--poll-interval", "1s"])
-        .env("WEIR_LOG", "info,kube=warn")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(format!("/tmp/weir-upgrade-controller-{ns}.log")).unwrap())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Controller(child)
-}
 
 fn manifest(ns: &str, parallelism: i32, image: Option<&str>) -> Value {
-    let bucket = setting("WEIR_TEST_BUCKET");
-    let mut spec = json!({
-        "parallelism": parallelism,
-        "maxParallelism": 128,
-        "checkpointing": {"interval": "1s", "storage": format!("s3://{bucket}/{ns}/checkpoints")},
-        "s3": {
-            "endpoint": setting("AWS_ENDPOINT_URL"),
-            "region": setting("AWS_REGION"),
-            "credentialsSecret": {"name": "s3-credentials"},
-        },
-        "pipeline": {"operators": [
-            {"uid": "lines", "type": "generator", "seed": 7, "count": LINES, "ratePerSecond": 200,
-             "format": "text", "wordsPerLine": WORDS_PER_LINE, "keys": 300, "distribution": "zipf"},
-            {"uid": "words", "type": "split", "inputs": ["lines"]},
-            {"uid": "counts", "type": "count", "inputs": ["words"], "key": "word"},
-            {"uid": "out", "type": "file_sink", "inputs": ["counts"], "path": format!("s3://{bucket}/{ns}/out")},
-        ]},
-    });
+    let mut m = wordcount(ns, "wc", parallelism, LINES);
     if let Some(i) = image {
-        spec["image"] = json!(i);
+        m["spec"]["image"] = json!(i);
     }
-    json!({
-        "apiVersion": "weir.dev/v1alpha1", "kind": "StreamJob",
-        "metadata": {"name": "wc", "namespace": ns},
-        "spec": spec,
-    })
-}
-
-fn apply(env: &TestEnv, m: &Value) {
-    let yaml = serde_saphyr::to_string(m).unwrap();
-    let (ok, out, err) = env.kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
-    assert!(ok, "kubectl apply: {out}{err}");
+    m
 }
 
 async fn wait_job(
@@ -83,15 +32,7 @@ async fn wait_job(
     what: &str,
     f: impl Fn(&StreamJob) -> bool,
 ) -> StreamJob {
-    let api: Api<StreamJob> = Api::namespaced(env.client.clone(), ns);
-    wait_for(&format!("StreamJob wc: {what}"), T, || async {
-        api.get_opt("wc").await.ok().flatten().filter(|j| f(j))
-    })
-    .await
-}
-
-fn status(j: &StreamJob) -> weir_crds::StreamJobStatus {
-    j.status.clone().unwrap_or_default()
+    weir_e2e::jobs::wait_job(env, ns, "wc", what, f).await
 }
 
 /// Running the generation it has, at `parallelism`, under another job id than `not`, with a
@@ -108,46 +49,13 @@ async fn runs_anew(env: &TestEnv, ns: &str, parallelism: i32, not: &str) -> Stre
     .await
 }
 
-fn show(step: &str, j: &StreamJob) {
-    let s = status(j);
-    eprintln!(
-        "{step}: phase {:?}, job {:?}, checkpoint {:?}, deployed {:?}",
-        s.phase,
-        s.job,
-        s.last_checkpoint.map(|c| c.id),
-        s.deployed.map(|d| (d.job_id, d.restore_path))
-    );
-}
-
-fn job_id(j: &StreamJob) -> String {
-    status(j).job.map(|r| r.id).unwrap_or_default()
-}
-
-/// Every committed `word,count` line under the job's output prefix.
-fn committed(ns: &str) -> Vec<(String, u64)> {
-    let bucket = setting("WEIR_TEST_BUCKET");
-    let py = format!(
-        "import boto3,os\nc=boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\np=c.get_paginator('list_objects_v2')\nfor page in p.paginate(Bucket='{bucket}', Prefix='{ns}/out/'):\n  for o in page.get('Contents', []):\n    k=o['Key']\n    if k.rsplit('/',1)[-1].startswith('.'): continue\n    print(c.get_object(Bucket='{bucket}', Key=k)['Body'].read().decode(), end='')"
-    );
-    let out = Command::new(setting("WEIR_PYTHON")).args(["-c", &py]).output().unwrap();
-    assert!(out.status.success(), "reading the output: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let (w, c) = l.rsplit_once(',').unwrap_or_else(|| panic!("a bad line {l:?}"));
-            (w.to_string(), c.parse().unwrap())
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn gitops_upgrades_keep_the_state_and_count_every_word_exactly_once() {
     let env = TestEnv::get().await;
     env.install_crds();
     let ns = env.namespace("ctl-upgrade").await;
     env.create_s3_credentials(&ns).await;
-    let _ctl = controller(&env, &ns);
+    let _ctl = Controller::start(&env, &ns, &[]);
 
     // 1. Applied at parallelism 2.
     apply(&env, &manifest(&ns, 2, None));
@@ -221,16 +129,5 @@ async fn gitops_upgrades_keep_the_state_and_count_every_word_exactly_once() {
 
     // The end: every count of every word exactly once, up to the exact totals.
     wait_job(&env, &ns, "finished", |j| status(j).phase == Some(JobPhase::Finished)).await;
-    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for (w, c) in committed(&ns) {
-        seen.entry(w).or_default().push(c);
-    }
-    let mut total = 0;
-    for (w, mut counts) in seen {
-        counts.sort_unstable();
-        let n = counts.len() as u64;
-        assert_eq!(counts, (1..=n).collect::<Vec<_>>(), "the counts of {w:?}");
-        total += n;
-    }
-    assert_eq!(total, LINES * WORDS_PER_LINE, "every word of every line counted once");
+    assert_exactly_once(&format!("{ns}/wc/out"), LINES * WORDS_PER_LINE);
 }

@@ -1,0 +1,209 @@
+//! What the tests of a job's life under the controller share: starting (and killing) a
+//! controller for one namespace, the word-count manifest they run, applying it, waiting for
+//! a status, the job's events, and the check that the committed output holds every count of
+//! every word exactly once.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::ListParams;
+use serde_json::{Value, json};
+use weir_crds::StreamJob;
+use weir_crds::streamjob::StreamJobStatus;
+
+use crate::testenv::{TestEnv, setting, wait_for};
+
+/// How long a step of a job's life may take in these tests.
+pub const T: Duration = Duration::from_secs(180);
+
+/// A controller process watching one namespace; killed when dropped.
+#[derive(Debug)]
+pub struct Controller {
+    child: Child,
+}
+
+impl Controller {
+    /// Starts `weir-controller` for `ns`, its log in `/tmp/weir-controller-<ns>.log`, with
+    /// `env` added to its environment (e.g. `WEIR_CONTROLLER_CRASH_AT`).
+    pub fn start(env: &TestEnv, ns: &str, vars: &[(&str, &str)]) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!("/tmp/weir-controller-{ns}.log"))
+            .unwrap();
+        let child = Command::new(env.binary("weir-controller"))
+            .args(["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--poll-interval", "1s"])
+            .env("WEIR_LOG", "info,kube=warn")
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Self { child }
+    }
+
+    /// Waits for the controller to exit on its own; its exit code.
+    pub async fn exited(&mut self, what: &str) -> Option<i32> {
+        wait_for(what, T, || {
+            let r = self.child.try_wait().unwrap();
+            async move { r }
+        })
+        .await
+        .code()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bounded-but-long word count named `name` in `ns`: a generator of `lines` lines of 8
+/// words at 200 lines/s, a keyed count, and the files sink writing `word,count` lines to
+/// `s3://<test bucket>/<ns>/<name>/out`, checkpointing every second to the test bucket.
+pub fn wordcount(ns: &str, name: &str, parallelism: i32, lines: u64) -> Value {
+    let bucket = setting("WEIR_TEST_BUCKET");
+    json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "StreamJob",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "parallelism": parallelism,
+            "maxParallelism": 128,
+            "checkpointing": {"interval": "1s", "storage": format!("s3://{bucket}/{ns}/checkpoints")},
+            "s3": {
+                "endpoint": setting("AWS_ENDPOINT_URL"),
+                "region": setting("AWS_REGION"),
+                "credentialsSecret": {"name": "s3-credentials"},
+            },
+            "pipeline": {"operators": [
+                {"uid": "lines", "type": "generator", "seed": 7, "count": lines,
+                 "ratePerSecond": 200, "format": "text", "wordsPerLine": WORDS_PER_LINE,
+                 "keys": 300, "distribution": "zipf"},
+                {"uid": "words", "type": "split", "inputs": ["lines"]},
+                {"uid": "counts", "type": "count", "inputs": ["words"], "key": "word"},
+                {"uid": "out", "type": "file_sink", "inputs": ["counts"],
+                 "path": format!("s3://{bucket}/{ns}/{name}/out")},
+            ]},
+        },
+    })
+}
+
+/// Words per generated line in [`wordcount`].
+pub const WORDS_PER_LINE: u64 = 8;
+
+/// `kubectl apply` of a manifest.
+pub fn apply(env: &TestEnv, m: &Value) {
+    let yaml = serde_saphyr::to_string(m).unwrap();
+    let (ok, out, err) = env.kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
+    assert!(ok, "kubectl apply: {out}{err}");
+}
+
+/// Waits until StreamJob `ns/name` satisfies `f`.
+pub async fn wait_job(
+    env: &TestEnv,
+    ns: &str,
+    name: &str,
+    what: &str,
+    f: impl Fn(&StreamJob) -> bool,
+) -> StreamJob {
+    wait_job_within(env, ns, name, what, T, f).await
+}
+
+/// [`wait_job`] with a time limit of its own.
+pub async fn wait_job_within(
+    env: &TestEnv,
+    ns: &str,
+    name: &str,
+    what: &str,
+    limit: Duration,
+    f: impl Fn(&StreamJob) -> bool,
+) -> StreamJob {
+    let api: Api<StreamJob> = Api::namespaced(env.client.clone(), ns);
+    wait_for(&format!("StreamJob {name}: {what}"), limit, || async {
+        api.get_opt(name).await.ok().flatten().filter(|j| f(j))
+    })
+    .await
+}
+
+/// The status, or an empty one.
+pub fn status(j: &StreamJob) -> StreamJobStatus {
+    j.status.clone().unwrap_or_default()
+}
+
+/// The id of the run the status reports.
+pub fn job_id(j: &StreamJob) -> String {
+    status(j).job.map(|r| r.id).unwrap_or_default()
+}
+
+/// A condition's status and reason.
+pub fn condition(j: &StreamJob, type_: &str) -> Option<(String, String)> {
+    status(j).conditions.into_iter().find(|c| c.type_ == type_).map(|c| (c.status, c.reason))
+}
+
+/// One line of how the job stands, for the test's log.
+pub fn show(step: &str, j: &StreamJob) {
+    let s = status(j);
+    eprintln!(
+        "{step}: phase {:?}, job {:?}, checkpoint {:?}, deployed {:?}",
+        s.phase,
+        s.job,
+        s.last_checkpoint.map(|c| c.id),
+        s.deployed.map(|d| (d.job_id, d.restore_path))
+    );
+}
+
+/// The events about object `name`, as (reason, note), in order of creation.
+pub async fn events(env: &TestEnv, ns: &str, name: &str) -> Vec<(String, String)> {
+    let api: Api<Event> = Api::namespaced(env.client.clone(), ns);
+    let mut all: Vec<Event> = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect();
+    all.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+    all.into_iter().map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default())).collect()
+}
+
+/// Every committed `word,count` line under an S3 prefix of the test bucket.
+pub fn committed(prefix: &str) -> Vec<(String, u64)> {
+    let bucket = setting("WEIR_TEST_BUCKET");
+    let py = format!(
+        "import boto3,os\nc=boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\np=c.get_paginator('list_objects_v2')\nfor page in p.paginate(Bucket='{bucket}', Prefix='{prefix}/'):\n  for o in page.get('Contents', []):\n    k=o['Key']\n    if k.rsplit('/',1)[-1].startswith('.'): continue\n    print(c.get_object(Bucket='{bucket}', Key=k)['Body'].read().decode(), end='')"
+    );
+    let out = Command::new(setting("WEIR_PYTHON")).args(["-c", &py]).output().unwrap();
+    assert!(out.status.success(), "reading the output: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (w, c) = l.rsplit_once(',').unwrap_or_else(|| panic!("a bad line {l:?}"));
+            (w.to_string(), c.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Asserts that the output under `prefix` holds each count of each word exactly once, from 1
+/// up, and `words` counts in all.
+pub fn assert_exactly_once(prefix: &str, words: u64) {
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (w, c) in committed(prefix) {
+        seen.entry(w).or_default().push(c);
+    }
+    let mut total = 0;
+    for (w, mut counts) in seen {
+        counts.sort_unstable();
+        let n = counts.len() as u64;
+        assert_eq!(counts, (1..=n).collect::<Vec<_>>(), "the counts of {w:?}");
+        total += n;
+    }
+    assert_eq!(total, words, "every word of every line counted once");
+}
