@@ -24,7 +24,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use aws_smithy_http_client::tls;
 use weir_crds::streamjob::{RequestChecksums, S3Spec};
 
@@ -546,6 +546,87 @@ impl S3Client {
             .map_err(|e| self.error("deleting", &location(bucket, key), e))
     }
 
+    /// Deletes every object under `prefix`, which names a directory and so ends with `/`
+    /// (`x/y/` takes `x/y/a` and `x/y/z/b`, never `x/yz`): lists it, then deletes what it
+    /// found with DeleteObjects, [`DELETE_BATCH`] keys a request. Returns how many objects it
+    /// deleted: 0 when there were none, so deleting again is not an error.
+    ///
+    /// An empty prefix (the whole bucket) is refused as the user's error; a prefix without
+    /// the trailing `/` (which would take the siblings whose names start the same, `sp-1`
+    /// and `sp-12`) or with a leading one is refused as the caller's. The first key S3 would
+    /// not delete is reported with its code; the objects deleted before it stay deleted, and
+    /// calling again goes on. Objects written under the prefix meanwhile may stay.
+    pub fn delete_prefix(&self, bucket: &str, prefix: &str) -> Result<u64, RuntimeError> {
+        let under = location(bucket, prefix);
+        if prefix.trim_matches('/').is_empty() {
+            return Err(RuntimeError::user(format!(
+                "S3 deleting under {under}: refusing to delete the whole bucket: name a prefix"
+            )));
+        }
+        if !prefix.ends_with('/') || prefix.starts_with('/') {
+            return Err(RuntimeError {
+                retryable: false,
+                ..RuntimeError::internal(format!(
+                    "S3 deleting under {under}: not a directory prefix: it must end with `/` and not start with one"
+                ))
+            });
+        }
+        let objects = self.list(bucket, prefix)?;
+        let mut deleted = 0u64;
+        for batch in objects.chunks(DELETE_BATCH) {
+            let ids = batch
+                .iter()
+                .map(|o| ObjectIdentifier::builder().key(&o.key).build())
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|ids| Delete::builder().set_objects(Some(ids)).quiet(true).build())
+                .map_err(|e| {
+                    RuntimeError::internal(format!("S3 deleting under {under}: {}", causes(&e)))
+                })?;
+            let (client, b) = (self.inner.client.clone(), bucket.to_string());
+            let out = self
+                .run(async move { client.delete_objects().bucket(b).delete(ids).send().await })
+                .map_err(|e| self.error("deleting the objects under", &under, e))?;
+            // A key already gone is deleted (S3 says so itself; some servers say NoSuchKey).
+            let gone = out.errors().iter().filter(|e| e.code() == Some("NoSuchKey")).count();
+            if let Some(e) = out.errors().iter().find(|e| e.code() != Some("NoSuchKey")) {
+                let failed = out.errors().len() - gone;
+                return Err(self.key_error(bucket, e, (failed, batch.len()), deleted, &under));
+            }
+            deleted += (batch.len() - gone) as u64;
+        }
+        Ok(deleted)
+    }
+
+    /// The error of a key that DeleteObjects would not delete.
+    fn key_error(
+        &self,
+        bucket: &str,
+        e: &aws_sdk_s3::types::Error,
+        (failed, sent): (usize, usize),
+        deleted: u64,
+        under: &str,
+    ) -> RuntimeError {
+        let code = e.code().unwrap_or("");
+        let mut text = format!("S3 deleting {}: ", location(bucket, e.key().unwrap_or("")));
+        match (code, e.message().unwrap_or("")) {
+            ("", "") => text.push_str("not deleted"),
+            (c, "") | ("", c) => text.push_str(c),
+            (c, m) => text.push_str(&format!("{c}: {m}")),
+        }
+        text.push_str(&format!(
+            " ({failed} of {sent} objects under {under} not deleted by this request; {deleted} deleted before it)"
+        ));
+        if let Some(hint) = hint(code, self.inner.explicit_credentials) {
+            text.push_str("; ");
+            text.push_str(hint);
+        }
+        let users = matches!(
+            code,
+            "AccessDenied" | "AllAccessDisabled" | "InvalidAccessKeyId" | "SignatureDoesNotMatch"
+        );
+        if users { RuntimeError::user(text) } else { RuntimeError::external(text).retryable() }
+    }
+
     /// A runtime error for a failed request: the operation and what it was on, the S3 error
     /// code and message, and who has to act.
     fn error<E>(&self, op: &str, what: &str, err: SdkError<E, HttpResponse>) -> RuntimeError
@@ -592,6 +673,9 @@ impl S3Client {
         }
     }
 }
+
+/// Keys a DeleteObjects request of [`S3Client::delete_prefix`] takes (S3's limit).
+pub const DELETE_BATCH: usize = 1000;
 
 /// Parts of a streamed upload ([`S3Client::put_streamed`]) sent at the same time.
 pub const PARTS_IN_FLIGHT: usize = 3;
@@ -883,32 +967,55 @@ mod tests {
         }
     }
 
-    /// A server that answers every request with `403 InvalidAccessKeyId`, on a free port.
-    fn refusing_server() -> String {
+    /// A server on a free port that answers each request with what `answer` returns for its
+    /// request line and body: a status and an XML body.
+    fn scripted_server(answer: fn(&str, &str) -> (u16, String)) -> String {
         use std::io::{Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         std::thread::spawn(move || {
             for mut conn in listener.incoming().flatten() {
-                let mut head = Vec::new();
+                let mut req = Vec::new();
                 let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let head_end = loop {
+                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break req.len(),
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&req[..head_end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while req.len() < head_end + len {
                     match conn.read(&mut buf) {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
                     }
                 }
-                let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>\
-                            <Code>InvalidAccessKeyId</Code><Message>no such key</Message></Error>";
+                let line = head.lines().next().unwrap_or("").to_string();
+                let (status, body) = answer(&line, &String::from_utf8_lossy(&req[head_end..]));
                 let _ = write!(
                     conn,
-                    "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\n\
+                    "HTTP/1.1 {status} Whatever\r\nContent-Type: application/xml\r\n\
                      Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
             }
         });
         format!("http://127.0.0.1:{port}")
+    }
+
+    /// Answers every request with `403 InvalidAccessKeyId`.
+    fn refuse(_: &str, _: &str) -> (u16, String) {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>\
+                    <Code>InvalidAccessKeyId</Code><Message>no such key</Message></Error>";
+        (403, body.to_string())
     }
 
     #[test]
@@ -935,12 +1042,85 @@ mod tests {
         }
     }
 
+    #[test]
+    fn deleting_refuses_the_whole_bucket_and_prefixes_that_are_not_directories() {
+        // Refused before any request: nothing listens at the endpoint.
+        let client = S3Client::with_credentials(
+            Some(&test_spec("http://127.0.0.1:1")),
+            Some(test_credentials()),
+        )
+        .unwrap();
+        for prefix in ["", "/", "//"] {
+            let e = client.delete_prefix("bucket", prefix).unwrap_err();
+            assert_eq!(e.whose, Whose::User, "{e}");
+            assert!(e.message.contains("whole bucket"), "{e}");
+        }
+        for prefix in ["p/a", "/p/a/", "sp-1"] {
+            let e = client.delete_prefix("bucket", prefix).unwrap_err();
+            assert!(e.whose == Whose::Internal && !e.retryable, "{e:?}");
+            assert!(e.message.contains("not a directory prefix"), "{e}");
+        }
+    }
+
+    /// A listing of `d/a`, `d/b` and `d/c` under `denied/` or `gone/`; DeleteObjects answers
+    /// that `d/b` is not deleted (AccessDenied) and `d/c` was not there (NoSuchKey) under
+    /// `denied/`, and only the latter under `gone/`.
+    fn delete_with_key_errors(line: &str, body: &str) -> (u16, String) {
+        const NS: &str = "xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"";
+        let dir =
+            if line.contains("denied") || body.contains("denied/") { "denied" } else { "gone" };
+        if line.starts_with("get ") {
+            let contents: String = ["a", "b", "c"]
+                .iter()
+                .map(|k| format!("<Contents><Key>{dir}/d/{k}</Key><Size>1</Size></Contents>"))
+                .collect();
+            let xml = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult {NS}>\
+                 <Name>bucket</Name><Prefix>{dir}/</Prefix><KeyCount>3</KeyCount>\
+                 <MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>{contents}\
+                 </ListBucketResult>"
+            );
+            return (200, xml);
+        }
+        assert!(line.starts_with("post ") && line.contains("delete"), "{line}");
+        let mut errors = String::new();
+        if dir == "denied" {
+            errors.push_str(&format!(
+                "<Error><Key>{dir}/d/b</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+            ));
+        }
+        errors.push_str(&format!(
+            "<Error><Key>{dir}/d/c</Key><Code>NoSuchKey</Code><Message>gone</Message></Error>"
+        ));
+        (
+            200,
+            format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><DeleteResult {NS}>{errors}</DeleteResult>"
+            ),
+        )
+    }
+
+    #[test]
+    fn deleting_reports_the_first_key_not_deleted_and_counts_keys_already_gone() {
+        let endpoint = scripted_server(delete_with_key_errors);
+        let client =
+            S3Client::with_credentials(Some(&test_spec(&endpoint)), Some(test_credentials()))
+                .unwrap();
+        let e = client.delete_prefix("bucket", "denied/").unwrap_err();
+        assert_eq!(e.whose, Whose::User, "{e}");
+        assert!(e.message.contains("s3://bucket/denied/d/b: AccessDenied: Access Denied"), "{e}");
+        assert!(e.message.contains("1 of 3 objects under s3://bucket/denied/ not deleted"), "{e}");
+        assert!(e.message.contains("spec.s3.credentialsSecret"), "{e}");
+        // A key that was already gone is not an error, and not counted.
+        assert_eq!(client.delete_prefix("bucket", "gone/").unwrap(), 2);
+    }
+
     /// The controller calls the client from `spawn_blocking` on a multi-threaded runtime: the
     /// client is made, used and dropped there (and its last clone dropped on a worker thread
     /// of that runtime) without nesting runtimes or panicking.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_is_made_used_and_dropped_inside_spawn_blocking() {
-        let endpoint = refusing_server();
+        let endpoint = scripted_server(refuse);
         let kept = tokio::task::spawn_blocking(move || {
             let client =
                 S3Client::with_credentials(Some(&test_spec(&endpoint)), Some(test_credentials()))
