@@ -1,7 +1,8 @@
 //! Weir's streaming engine, in layers from the bottom up:
 //!
 //! - [`keygroup`]: key groups and their assignment to subtasks;
-//! - [`objstore`]: a blocking S3 client for the operators' files;
+//! - [`error`], [`objstore`], [`storage`]: errors that say whose they are, a blocking S3
+//!   client, and where checkpoints and savepoints go (from `weir-storage`);
 //! - [`state`]: keyed state in RocksDB with a write-back cache;
 //! - [`record`], [`operators`]: records and the built-in operators;
 //! - [`plan`]: a StreamJob's pipeline checked and typed;
@@ -20,20 +21,21 @@ pub mod checkpoint;
 pub mod client;
 pub mod control;
 pub mod coordinator;
-pub mod error;
 pub mod exchange;
 pub mod exec;
 pub mod keygroup;
-pub mod objstore;
 pub mod operators;
 pub mod plan;
 pub mod record;
 pub mod savepoint;
 pub mod snapshot;
 pub mod state;
-pub mod storage;
 pub mod wire;
 pub mod worker;
+
+// The storage layer lives in `weir-storage` (no RocksDB there, so the controller can link
+// it); its modules keep their paths here.
+pub use weir_storage::{error, objstore, storage};
 
 use std::path::Path;
 

@@ -2,8 +2,9 @@
 //! them with its `env.sh` sourced): the word count over objects under a prefix gives exactly
 //! the counts the test computes on its own, at parallelism 1, 2 and 3 through the `weir`
 //! command, with committed output only; bad S3 settings stop the job with a message that
-//! names what to fix and never the secret key; `spec.s3` wins over the environment; and the
-//! client's calls, ranged reads of large objects and rolling sink parts, round-trip.
+//! names what to fix and never the secret key; `spec.s3` wins over the environment; the
+//! client's calls, ranged reads of large objects and rolling sink parts, round-trip; and the
+//! controller's calls delete a directory and nothing beside it, with credentials it gives.
 
 mod common;
 
@@ -12,7 +13,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use weir_crds::StorageUri;
-use weir_runtime::objstore::S3Client;
+use weir_crds::streamjob::S3Spec;
+use weir_runtime::error::Whose;
+use weir_runtime::objstore::{Credentials, S3Client};
 use weir_runtime::operators::{FileSink, FileSource, Operator, Source, list_source_files};
 use weir_runtime::record::Value;
 
@@ -321,6 +324,109 @@ fn the_client_round_trips_and_lists_every_page() {
     let big = format!("{base}/big.bin");
     s3.put_file(&b, &big, &tmp.path().join("big")).unwrap();
     assert!(s3.get(&b, &big).unwrap() == data, "the object differs from the file");
+}
+
+/// The keys under `prefix`, in order.
+fn keys_under(s3: &S3Client, prefix: &str) -> Vec<String> {
+    s3.list(&bucket(), prefix).unwrap().into_iter().map(|o| o.key).collect()
+}
+
+#[test]
+#[ignore = "needs S3: run by make e2e"]
+fn delete_prefix_takes_a_directory_and_nothing_beside_it() {
+    let s3 = client();
+    let b = bucket();
+    let base = unique_prefix("delete-prefix");
+    // More keys than one DeleteObjects request takes, and one a level down.
+    let mut doomed: Vec<String> = (0..1003).map(|i| format!("{base}/p/a/k{i:05}")).collect();
+    doomed.push(format!("{base}/p/a/sub/deep.txt"));
+    // Beside the directory: names that start as it does, and the key `p/a` itself.
+    let kept: Vec<String> = ["p/a", "p/ab", "p/ab/x", "p/a-b/y", "p/b/z"]
+        .iter()
+        .map(|k| format!("{base}/{k}"))
+        .collect();
+    std::thread::scope(|scope| {
+        for chunk in doomed.chunks(doomed.len().div_ceil(4)).chain([&kept[..]]) {
+            let (s3, b) = (s3.clone(), b.clone());
+            scope.spawn(move || {
+                for k in chunk {
+                    s3.put(&b, k, k.as_bytes().to_vec()).unwrap();
+                }
+            });
+        }
+    });
+    let dir = format!("{base}/p/a/");
+    assert_eq!(keys_under(&s3, &dir).len(), doomed.len());
+
+    assert_eq!(s3.delete_prefix(&b, &dir).unwrap(), doomed.len() as u64);
+    assert!(keys_under(&s3, &dir).is_empty());
+    let mut expected = kept.clone();
+    expected.sort();
+    assert_eq!(keys_under(&s3, &format!("{base}/")), expected);
+
+    // Again: nothing is there, and that is not an error.
+    assert_eq!(s3.delete_prefix(&b, &dir).unwrap(), 0);
+    // Neither the whole bucket nor a prefix without its `/` (it would take `p/ab`).
+    let e = s3.delete_prefix(&b, "").unwrap_err();
+    assert_eq!(e.whose, Whose::User, "{e}");
+    assert!(e.message.contains("whole bucket"), "{e}");
+    let e = s3.delete_prefix(&b, &format!("{base}/p/a")).unwrap_err();
+    assert!(e.message.contains("not a directory prefix"), "{e}");
+    assert_eq!(keys_under(&s3, &format!("{base}/")), expected);
+
+    // A missing bucket is an error, not 0.
+    let missing = format!("weir-no-such-bucket-{}", std::process::id());
+    let e = s3.delete_prefix(&missing, "x/").unwrap_err();
+    assert!(e.message.contains("NoSuchBucket"), "{e}");
+
+    assert_eq!(s3.delete_prefix(&b, &format!("{base}/")).unwrap(), kept.len() as u64);
+}
+
+#[test]
+#[ignore = "needs S3: run by make e2e"]
+fn given_credentials_are_used_instead_of_the_environment() {
+    let b = bucket();
+    let base = unique_prefix("given-credentials");
+    let spec = S3Spec {
+        endpoint: Some(env("AWS_ENDPOINT_URL")),
+        region: Some(env("AWS_REGION")),
+        ..S3Spec::default()
+    };
+    // The environment's keys, given explicitly, as the controller gives a Secret's.
+    let keys = Credentials::new(env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"));
+    let s3 = S3Client::with_credentials(Some(&spec), Some(keys.clone())).unwrap();
+    let key = format!("{base}/sp-1/_metadata");
+    s3.put(&b, &key, b"metadata".to_vec()).unwrap();
+    assert_eq!(s3.get(&b, &key).unwrap(), b"metadata");
+    let debug = format!("{s3:?} {keys:?}");
+    assert!(!debug.contains(&env("AWS_SECRET_ACCESS_KEY")), "{debug}");
+
+    // Wrong keys fail though the environment's are right: the environment is not asked.
+    let wrong_secret = "0123456789abcdef-wrong-secret-key";
+    let unknown_key = "GK0000000000000000000000";
+    for (what, creds) in [
+        ("a wrong secret key", Credentials { secret_access_key: wrong_secret.into(), ..keys }),
+        ("an unknown key id", Credentials::new(unknown_key, wrong_secret)),
+    ] {
+        let wrong = S3Client::with_credentials(Some(&spec), Some(creds)).unwrap();
+        for e in [
+            wrong.check_bucket(&b, &format!("{base}/")).unwrap_err(),
+            wrong.delete_prefix(&b, &format!("{base}/")).unwrap_err(),
+        ] {
+            assert_eq!(e.whose, Whose::User, "{what}: {e}");
+            assert!(
+                ["InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"]
+                    .iter()
+                    .any(|c| e.message.contains(c)),
+                "{what}: {e}"
+            );
+            assert!(e.message.contains("spec.s3.credentialsSecret"), "{what}: {e}");
+            assert!(!e.message.contains(wrong_secret), "{what}: {e}");
+        }
+    }
+    // Nothing was deleted by the refused calls.
+    assert_eq!(s3.get(&b, &key).unwrap(), b"metadata");
+    assert_eq!(s3.delete_prefix(&b, &format!("{base}/")).unwrap(), 1);
 }
 
 #[test]

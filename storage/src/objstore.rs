@@ -1,10 +1,14 @@
 //! A small blocking S3 client: the calls the runtime's operators make (list a prefix, get an
-//! object or a byte range of it, put, copy, delete), each a plain function call on the
-//! caller's thread. It wraps `aws-sdk-s3` and owns a small tokio runtime that drives the
-//! requests.
+//! object or a byte range of it, put, copy, delete) and the controller's (delete everything
+//! under a prefix), each a plain function call on the caller's thread. It wraps `aws-sdk-s3`
+//! and owns a small tokio runtime that drives the requests, so it may be used from any
+//! thread, inside another tokio runtime too (from `spawn_blocking`, or blocking a worker
+//! thread as any blocking call does).
 //!
 //! Settings come from the job's `spec.s3` where given, and otherwise from the standard AWS
-//! environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+//! environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, profiles). Credentials are the ones given
+//! to [`S3Client::with_credentials`] (the controller reads them from the Secret that
+//! `spec.s3.credentialsSecret` names), or else the environment's (`AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, profiles, web identity). Errors name the
 //! operation, the bucket and the key, with the S3 error code and message; they never contain
 //! credentials.
@@ -20,7 +24,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use aws_smithy_http_client::tls;
 use weir_crds::streamjob::{RequestChecksums, S3Spec};
 
@@ -41,10 +45,16 @@ struct Inner {
     endpoint: Option<String>,
     region: String,
     path_style: bool,
+    /// Whether the credentials were given ([`S3Client::with_credentials`]) rather than found
+    /// in the environment, for the hints of refused credentials.
+    explicit_credentials: bool,
 }
 
-/// Owns the client's runtime and shuts it down without waiting when dropped (dropping a
-/// runtime the ordinary way panics inside an async context).
+/// Owns the client's runtime and shuts it down without waiting when dropped: dropping a
+/// runtime the ordinary way blocks until its threads end, which panics inside an async
+/// context, and the last clone of a client may go there (on a worker thread of the caller's
+/// runtime, or of the client's own when a part upload held it). Outside one (on a plain
+/// thread, in `spawn_blocking`) it makes no difference.
 struct RuntimeOwner(Option<tokio::runtime::Runtime>);
 
 impl Drop for RuntimeOwner {
@@ -62,7 +72,40 @@ impl std::fmt::Debug for S3Client {
             .field("endpoint", &self.inner.endpoint.as_deref().unwrap_or("AWS S3"))
             .field("region", &self.inner.region)
             .field("force_path_style", &self.inner.path_style)
+            .field("explicit_credentials", &self.inner.explicit_credentials)
             .finish_non_exhaustive()
+    }
+}
+
+/// Static S3 credentials, given to [`S3Client::with_credentials`] instead of the ones of the
+/// process environment. `Debug` shows the access key id only, never the secret key or the
+/// session token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// For temporary credentials (STS); `None` for long-term keys.
+    pub session_token: Option<String>,
+}
+
+impl Credentials {
+    /// Long-term keys, without a session token.
+    pub fn new(access_key_id: impl Into<String>, secret_access_key: impl Into<String>) -> Self {
+        Self {
+            access_key_id: access_key_id.into(),
+            secret_access_key: secret_access_key.into(),
+            session_token: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"** redacted **")
+            .field("session_token", &self.session_token.as_ref().map(|_| "** redacted **"))
+            .finish()
     }
 }
 
@@ -104,6 +147,25 @@ impl S3Client {
     /// Builds a client from `spec` (the job's `spec.s3`) over the standard AWS environment,
     /// and checks that a region and credentials are there. The endpoint is not contacted.
     pub fn new(spec: Option<&S3Spec>) -> Result<S3Client, RuntimeError> {
+        Self::with_credentials(spec, None)
+    }
+
+    /// Builds a client as [`S3Client::new`] does, signing with `credentials` when given
+    /// instead of looking for credentials in the environment; `None` is [`S3Client::new`].
+    /// The region and the endpoint still come from `spec`, then the environment. The endpoint
+    /// is not contacted: wrong keys show at the first request.
+    pub fn with_credentials(
+        spec: Option<&S3Spec>,
+        credentials: Option<Credentials>,
+    ) -> Result<S3Client, RuntimeError> {
+        if let Some(c) = &credentials
+            && (c.access_key_id.trim().is_empty() || c.secret_access_key.trim().is_empty())
+        {
+            return Err(RuntimeError::user(
+                "S3: the access key id or the secret access key given is empty (in Kubernetes: check the keys of spec.s3.credentialsSecret)",
+            ));
+        }
+        let explicit_credentials = credentials.is_some();
         let default_spec = S3Spec::default();
         let spec = spec.unwrap_or(&default_spec);
         if let Some(e) = &spec.endpoint
@@ -148,6 +210,15 @@ impl S3Client {
         if let Some(e) = &spec.endpoint {
             loader = loader.endpoint_url(e.clone());
         }
+        if let Some(c) = credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                c.access_key_id,
+                c.secret_access_key,
+                c.session_token,
+                None,
+                "weir-explicit",
+            ));
+        }
         let sdk = block_on(&handle, loader.load());
         let Some(region) = sdk.region().map(|r| r.to_string()) else {
             return Err(RuntimeError::user(
@@ -174,7 +245,15 @@ impl S3Client {
         }
         let client = aws_sdk_s3::Client::from_conf(conf.build());
         Ok(S3Client {
-            inner: Arc::new(Inner { client, handle, _rt: rt, endpoint, region, path_style }),
+            inner: Arc::new(Inner {
+                client,
+                handle,
+                _rt: rt,
+                endpoint,
+                region,
+                path_style,
+                explicit_credentials,
+            }),
         })
     }
 
@@ -467,6 +546,87 @@ impl S3Client {
             .map_err(|e| self.error("deleting", &location(bucket, key), e))
     }
 
+    /// Deletes every object under `prefix`, which names a directory and so ends with `/`
+    /// (`x/y/` takes `x/y/a` and `x/y/z/b`, never `x/yz`): lists it, then deletes what it
+    /// found with DeleteObjects, [`DELETE_BATCH`] keys a request. Returns how many objects it
+    /// deleted: 0 when there were none, so deleting again is not an error.
+    ///
+    /// An empty prefix (the whole bucket) is refused as the user's error; a prefix without
+    /// the trailing `/` (which would take the siblings whose names start the same, `sp-1`
+    /// and `sp-12`) or with a leading one is refused as the caller's. The first key S3 would
+    /// not delete is reported with its code; the objects deleted before it stay deleted, and
+    /// calling again goes on. Objects written under the prefix meanwhile may stay.
+    pub fn delete_prefix(&self, bucket: &str, prefix: &str) -> Result<u64, RuntimeError> {
+        let under = location(bucket, prefix);
+        if prefix.trim_matches('/').is_empty() {
+            return Err(RuntimeError::user(format!(
+                "S3 deleting under {under}: refusing to delete the whole bucket: name a prefix"
+            )));
+        }
+        if !prefix.ends_with('/') || prefix.starts_with('/') {
+            return Err(RuntimeError {
+                retryable: false,
+                ..RuntimeError::internal(format!(
+                    "S3 deleting under {under}: not a directory prefix: it must end with `/` and not start with one"
+                ))
+            });
+        }
+        let objects = self.list(bucket, prefix)?;
+        let mut deleted = 0u64;
+        for batch in objects.chunks(DELETE_BATCH) {
+            let ids = batch
+                .iter()
+                .map(|o| ObjectIdentifier::builder().key(&o.key).build())
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|ids| Delete::builder().set_objects(Some(ids)).quiet(true).build())
+                .map_err(|e| {
+                    RuntimeError::internal(format!("S3 deleting under {under}: {}", causes(&e)))
+                })?;
+            let (client, b) = (self.inner.client.clone(), bucket.to_string());
+            let out = self
+                .run(async move { client.delete_objects().bucket(b).delete(ids).send().await })
+                .map_err(|e| self.error("deleting the objects under", &under, e))?;
+            // A key already gone is deleted (S3 says so itself; some servers say NoSuchKey).
+            let gone = out.errors().iter().filter(|e| e.code() == Some("NoSuchKey")).count();
+            if let Some(e) = out.errors().iter().find(|e| e.code() != Some("NoSuchKey")) {
+                let failed = out.errors().len() - gone;
+                return Err(self.key_error(bucket, e, (failed, batch.len()), deleted, &under));
+            }
+            deleted += (batch.len() - gone) as u64;
+        }
+        Ok(deleted)
+    }
+
+    /// The error of a key that DeleteObjects would not delete.
+    fn key_error(
+        &self,
+        bucket: &str,
+        e: &aws_sdk_s3::types::Error,
+        (failed, sent): (usize, usize),
+        deleted: u64,
+        under: &str,
+    ) -> RuntimeError {
+        let code = e.code().unwrap_or("");
+        let mut text = format!("S3 deleting {}: ", location(bucket, e.key().unwrap_or("")));
+        match (code, e.message().unwrap_or("")) {
+            ("", "") => text.push_str("not deleted"),
+            (c, "") | ("", c) => text.push_str(c),
+            (c, m) => text.push_str(&format!("{c}: {m}")),
+        }
+        text.push_str(&format!(
+            " ({failed} of {sent} objects under {under} not deleted by this request; {deleted} deleted before it)"
+        ));
+        if let Some(hint) = hint(code, self.inner.explicit_credentials) {
+            text.push_str("; ");
+            text.push_str(hint);
+        }
+        let users = matches!(
+            code,
+            "AccessDenied" | "AllAccessDisabled" | "InvalidAccessKeyId" | "SignatureDoesNotMatch"
+        );
+        if users { RuntimeError::user(text) } else { RuntimeError::external(text).retryable() }
+    }
+
     /// A runtime error for a failed request: the operation and what it was on, the S3 error
     /// code and message, and who has to act.
     fn error<E>(&self, op: &str, what: &str, err: SdkError<E, HttpResponse>) -> RuntimeError
@@ -487,7 +647,7 @@ impl S3Client {
                     (true, true) => text.push_str("the request failed"),
                 }
                 text.push_str(&format!(" (HTTP {status})"));
-                if let Some(hint) = hint(code) {
+                if let Some(hint) = hint(code, self.inner.explicit_credentials) {
                     text.push_str("; ");
                     text.push_str(hint);
                 }
@@ -513,6 +673,9 @@ impl S3Client {
         }
     }
 }
+
+/// Keys a DeleteObjects request of [`S3Client::delete_prefix`] takes (S3's limit).
+pub const DELETE_BATCH: usize = 1000;
 
 /// Parts of a streamed upload ([`S3Client::put_streamed`]) sent at the same time.
 pub const PARTS_IN_FLIGHT: usize = 3;
@@ -728,9 +891,16 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-fn hint(code: &str) -> Option<&'static str> {
+/// What to do about an S3 error code; `explicit`: the client was given its credentials.
+fn hint(code: &str, explicit: bool) -> Option<&'static str> {
     match code {
         "NoSuchBucket" => Some("the bucket does not exist: check the bucket name of the path"),
+        "InvalidAccessKeyId" | "SignatureDoesNotMatch" if explicit => Some(
+            "the credentials are refused: check the access key id and secret access key given (in Kubernetes: the keys of spec.s3.credentialsSecret)",
+        ),
+        "AccessDenied" if explicit => Some(
+            "the credentials are refused or not allowed to do this: check the access key id and secret access key given (in Kubernetes: the keys of spec.s3.credentialsSecret) and the key's permissions",
+        ),
         "InvalidAccessKeyId" | "SignatureDoesNotMatch" => Some(
             "the credentials are refused: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or spec.s3.credentialsSecret)",
         ),
@@ -767,6 +937,7 @@ fn encode_copy_source(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Whose;
 
     #[test]
     fn endpoints_lose_their_user_info() {
@@ -778,5 +949,206 @@ mod tests {
     #[test]
     fn copy_sources_are_percent_encoded() {
         assert_eq!(encode_copy_source("a/b c/ü+x.txt"), "a/b%20c/%C3%BC%2Bx.txt");
+    }
+
+    const SECRET: &str = "wJalrXUtnFEMI-test-secret-key";
+    const TOKEN: &str = "session-token-test-value";
+
+    fn test_credentials() -> Credentials {
+        Credentials { session_token: Some(TOKEN.into()), ..Credentials::new("AKIATEST", SECRET) }
+    }
+
+    /// A spec with an endpoint and a region, so that nothing comes from the environment.
+    fn test_spec(endpoint: &str) -> S3Spec {
+        S3Spec {
+            endpoint: Some(endpoint.into()),
+            region: Some("us-east-1".into()),
+            ..S3Spec::default()
+        }
+    }
+
+    /// A server on a free port that answers each request with what `answer` returns for its
+    /// request line and body: a status and an XML body.
+    fn scripted_server(answer: fn(&str, &str) -> (u16, String)) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                let head_end = loop {
+                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break req.len(),
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&req[..head_end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while req.len() < head_end + len {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = head.lines().next().unwrap_or("").to_string();
+                let (status, body) = answer(&line, &String::from_utf8_lossy(&req[head_end..]));
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} Whatever\r\nContent-Type: application/xml\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Answers every request with `403 InvalidAccessKeyId`.
+    fn refuse(_: &str, _: &str) -> (u16, String) {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>\
+                    <Code>InvalidAccessKeyId</Code><Message>no such key</Message></Error>";
+        (403, body.to_string())
+    }
+
+    #[test]
+    fn credentials_never_show_their_secrets() {
+        let text = format!("{:?}", test_credentials());
+        assert!(text.contains("AKIATEST"), "{text}");
+        assert!(!text.contains(SECRET) && !text.contains(TOKEN), "{text}");
+        let client = S3Client::with_credentials(
+            Some(&test_spec("http://127.0.0.1:1")),
+            Some(test_credentials()),
+        )
+        .unwrap();
+        let text = format!("{client:?}");
+        assert!(!text.contains(SECRET) && !text.contains(TOKEN) && !text.contains("AKIATEST"));
+    }
+
+    #[test]
+    fn empty_explicit_keys_are_refused() {
+        let spec = test_spec("http://127.0.0.1:1");
+        for c in [Credentials::new("", SECRET), Credentials::new("AKIATEST", " ")] {
+            let e = S3Client::with_credentials(Some(&spec), Some(c)).unwrap_err();
+            assert_eq!(e.whose, Whose::User, "{e}");
+            assert!(e.message.contains("spec.s3.credentialsSecret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn deleting_refuses_the_whole_bucket_and_prefixes_that_are_not_directories() {
+        // Refused before any request: nothing listens at the endpoint.
+        let client = S3Client::with_credentials(
+            Some(&test_spec("http://127.0.0.1:1")),
+            Some(test_credentials()),
+        )
+        .unwrap();
+        for prefix in ["", "/", "//"] {
+            let e = client.delete_prefix("bucket", prefix).unwrap_err();
+            assert_eq!(e.whose, Whose::User, "{e}");
+            assert!(e.message.contains("whole bucket"), "{e}");
+        }
+        for prefix in ["p/a", "/p/a/", "sp-1"] {
+            let e = client.delete_prefix("bucket", prefix).unwrap_err();
+            assert!(e.whose == Whose::Internal && !e.retryable, "{e:?}");
+            assert!(e.message.contains("not a directory prefix"), "{e}");
+        }
+    }
+
+    /// A listing of `d/a`, `d/b` and `d/c` under `denied/` or `gone/`; DeleteObjects answers
+    /// that `d/b` is not deleted (AccessDenied) and `d/c` was not there (NoSuchKey) under
+    /// `denied/`, and only the latter under `gone/`.
+    fn delete_with_key_errors(line: &str, body: &str) -> (u16, String) {
+        const NS: &str = "xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"";
+        let dir =
+            if line.contains("denied") || body.contains("denied/") { "denied" } else { "gone" };
+        if line.starts_with("get ") {
+            let contents: String = ["a", "b", "c"]
+                .iter()
+                .map(|k| format!("<Contents><Key>{dir}/d/{k}</Key><Size>1</Size></Contents>"))
+                .collect();
+            let xml = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult {NS}>\
+                 <Name>bucket</Name><Prefix>{dir}/</Prefix><KeyCount>3</KeyCount>\
+                 <MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>{contents}\
+                 </ListBucketResult>"
+            );
+            return (200, xml);
+        }
+        assert!(line.starts_with("post ") && line.contains("delete"), "{line}");
+        let mut errors = String::new();
+        if dir == "denied" {
+            errors.push_str(&format!(
+                "<Error><Key>{dir}/d/b</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+            ));
+        }
+        errors.push_str(&format!(
+            "<Error><Key>{dir}/d/c</Key><Code>NoSuchKey</Code><Message>gone</Message></Error>"
+        ));
+        (
+            200,
+            format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><DeleteResult {NS}>{errors}</DeleteResult>"
+            ),
+        )
+    }
+
+    #[test]
+    fn deleting_reports_the_first_key_not_deleted_and_counts_keys_already_gone() {
+        let endpoint = scripted_server(delete_with_key_errors);
+        let client =
+            S3Client::with_credentials(Some(&test_spec(&endpoint)), Some(test_credentials()))
+                .unwrap();
+        let e = client.delete_prefix("bucket", "denied/").unwrap_err();
+        assert_eq!(e.whose, Whose::User, "{e}");
+        assert!(e.message.contains("s3://bucket/denied/d/b: AccessDenied: Access Denied"), "{e}");
+        assert!(e.message.contains("1 of 3 objects under s3://bucket/denied/ not deleted"), "{e}");
+        assert!(e.message.contains("spec.s3.credentialsSecret"), "{e}");
+        // A key that was already gone is not an error, and not counted.
+        assert_eq!(client.delete_prefix("bucket", "gone/").unwrap(), 2);
+    }
+
+    /// The controller calls the client from `spawn_blocking` on a multi-threaded runtime: the
+    /// client is made, used and dropped there (and its last clone dropped on a worker thread
+    /// of that runtime) without nesting runtimes or panicking.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_is_made_used_and_dropped_inside_spawn_blocking() {
+        let endpoint = scripted_server(refuse);
+        let kept = tokio::task::spawn_blocking(move || {
+            let client =
+                S3Client::with_credentials(Some(&test_spec(&endpoint)), Some(test_credentials()))
+                    .unwrap();
+            let e = client.check_bucket("bucket", "prefix/").unwrap_err();
+            // A refused key is the user's to fix, with a hint for given credentials.
+            assert_eq!(e.whose, Whose::User, "{e}");
+            assert!(e.message.contains("InvalidAccessKeyId"), "{e}");
+            assert!(e.message.contains("spec.s3.credentialsSecret"), "{e}");
+            assert!(!e.message.contains(SECRET), "{e}");
+            let kept = client.clone();
+            drop(client);
+            kept
+        })
+        .await
+        .unwrap();
+        // And the last clone goes in an async context, on a worker thread.
+        tokio::spawn(async move { drop(kept) }).await.unwrap();
+        // One made and dropped without being used.
+        tokio::task::spawn_blocking(|| {
+            let client = S3Client::with_credentials(
+                Some(&test_spec("http://127.0.0.1:1")),
+                Some(test_credentials()),
+            )
+            .unwrap();
+            drop(client);
+        })
+        .await
+        .unwrap();
     }
 }
