@@ -20,9 +20,20 @@ pub async fn job(addr: &str) -> Result<JobInfo, String> {
 
 /// `POST /v1/savepoints`: asks for a savepoint (`stop`: and stop the job with it); the
 /// coordinator's id for it.
-pub async fn trigger_savepoint(addr: &str, token: &str, stop: bool) -> Result<String, String> {
-    let body = serde_json::to_vec(&SavepointRequest { stop, directory: None })
-        .map_err(|e| e.to_string())?;
+/// `POST /v1/savepoints` with idempotency key `request_id`: asked again with the same key,
+/// the coordinator answers the same savepoint.
+pub async fn trigger_savepoint(
+    addr: &str,
+    token: &str,
+    stop: bool,
+    request_id: &str,
+) -> Result<String, String> {
+    let body = serde_json::to_vec(&SavepointRequest {
+        stop,
+        directory: None,
+        request_id: Some(request_id.to_string()),
+    })
+    .map_err(|e| e.to_string())?;
     let t: SavepointTriggered =
         call(addr, "POST", "/v1/savepoints", Some(token), Some(body)).await?;
     Ok(t.id)

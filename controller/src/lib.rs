@@ -22,6 +22,7 @@ pub mod build;
 pub mod coordinator;
 pub mod lifecycle;
 pub mod metrics;
+pub mod retention;
 pub mod status;
 pub mod validate;
 
@@ -138,6 +139,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub stores: Stores,
+    /// When retention last went over each job's snapshots (`namespace/name`).
+    pub retention_passes: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -367,7 +370,7 @@ impl Context {
         Ok(())
     }
 
-    async fn publish(&self, job: &StreamJob, warning: bool, reason: &str, note: String) {
+    pub(crate) async fn publish(&self, job: &StreamJob, warning: bool, reason: &str, note: String) {
         let ev = KubeEvent {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.to_string(),
@@ -461,6 +464,7 @@ pub async fn run(
             metrics: metrics.clone(),
             recorder: recorder.clone(),
             stores,
+            retention_passes: Default::default(),
         });
         info!(namespace = ns.unwrap_or("(all)"), "watching StreamJobs");
         let controller = Controller::new(jobs, watcher::Config::default())

@@ -120,6 +120,10 @@ pub fn deployed(
     }
 }
 
+/// How often retention looks at a job's snapshots for age (it also looks after every new
+/// savepoint).
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
 /// Records a savepoint to take (the caller writes the status before calling [`drive`]).
 pub fn intend(st: &mut StreamJobStatus, job: &StreamJob, reason: SavepointReason, stop: bool) {
     if st.savepoint_in_progress.is_none() {
@@ -130,6 +134,8 @@ pub fn intend(st: &mut StreamJobStatus, job: &StreamJob, reason: SavepointReason
             generation: job.metadata.generation.unwrap_or(0),
             requested_at: now(),
             failed_attempts: 0,
+            last_failure: None,
+            request_id: None,
         });
     }
 }
@@ -162,28 +168,20 @@ pub async fn drive(
                     return Ok(Savepoint::Pending);
                 }
             }
-            let requested_ms = sp.requested_at.0.as_millisecond().max(0) as u64;
-            // An earlier controller may have asked and died before recording the answer.
-            let known = match coordinator::savepoints(addr).await {
-                Ok(list) => list.savepoints.into_iter().find(|s| {
-                    s.stop == sp.stop
-                        && s.requested_at + 2000 >= requested_ms
-                        && s.status != SavepointStatus::Failed
-                }),
-                Err(e) => return Ok(Savepoint::Failed(format!("the coordinator: {e}"))),
-            };
-            let id = match known {
-                Some(s) => s.id,
-                None => {
-                    let token = ctx.api_token(job).await?;
-                    match coordinator::trigger_savepoint(addr, &token, sp.stop).await {
-                        Ok(id) => {
-                            crash_point("savepoint-requested");
-                            id
-                        }
-                        Err(e) => return Ok(Savepoint::Failed(e)),
-                    }
+            // The key goes into the status before the request: a controller that dies after
+            // asking asks again with it, and the coordinator answers the same savepoint.
+            let key = request_key(&sp);
+            if let Some(p) = st.savepoint_in_progress.as_mut() {
+                p.request_id = Some(key.clone());
+            }
+            ctx.save_status(job, written, st).await?;
+            let token = ctx.api_token(job).await?;
+            let id = match coordinator::trigger_savepoint(addr, &token, sp.stop, &key).await {
+                Ok(id) => {
+                    crash_point("savepoint-requested");
+                    id
                 }
+                Err(e) => return Ok(Savepoint::Failed(e)),
             };
             if let Some(p) = st.savepoint_in_progress.as_mut() {
                 p.trigger_id = Some(id.clone());
@@ -225,17 +223,46 @@ pub async fn drive(
     }
 }
 
+/// The idempotency key of the request `sp` records: its generation, when it was first
+/// recorded and the attempt, so that each attempt is a request of its own.
+pub fn request_key(sp: &SavepointInProgress) -> String {
+    sp.request_id.clone().unwrap_or_else(|| {
+        format!("g{}-{}-a{}", sp.generation, sp.requested_at.0.as_second(), sp.failed_attempts)
+    })
+}
+
 /// After a failed attempt: count it, forget the request, keep the old job.
-pub fn failed(st: &mut StreamJobStatus) -> i32 {
+pub fn failed(st: &mut StreamJobStatus, why: &str) -> i32 {
     match st.savepoint_in_progress.as_mut() {
         Some(p) => {
             p.failed_attempts += 1;
             p.trigger_id = None;
             p.requested_at = now();
+            p.last_failure = Some(why.to_string());
+            p.request_id = None;
             p.failed_attempts
         }
         None => 0,
     }
+}
+
+/// Degraded while a stopping savepoint that failed is tried again: `what` failed, the job
+/// goes on, and when the next attempt is.
+pub fn retrying(st: &StreamJobStatus, what: &str) -> Option<(&'static str, String)> {
+    let p = st.savepoint_in_progress.as_ref().filter(|p| p.failed_attempts > 0)?;
+    let n = p.failed_attempts;
+    let wait = k8s_openapi::jiff::SignedDuration::from_secs(backoff(n - 1).as_secs() as i64);
+    let next = match p.requested_at.0.checked_add(wait) {
+        Ok(at) if p.trigger_id.is_none() => format!("the savepoint is tried again at {at}"),
+        _ => "it is being tried again".to_string(),
+    };
+    Some((
+        "SavepointFailed",
+        format!(
+            "{what} failed (attempt {n}): {}; the job goes on running, and {next}",
+            p.last_failure.as_deref().unwrap_or("no reason given")
+        ),
+    ))
 }
 
 /// A completed savepoint: a StreamSnapshot (created once; its name comes from the
@@ -502,6 +529,7 @@ impl Context {
                     intend(st, job, SavepointReason::Upgrade, true);
                     match drive(self, job, addr, st, written).await? {
                         Savepoint::Pending => {
+                            step.problem = retrying(st, "the upgrade's savepoint");
                             step.requeue = Some(Duration::from_secs(1));
                             return Ok(());
                         }
@@ -548,7 +576,7 @@ impl Context {
                     let limit = job.spec.upgrade.ready_timeout.as_std();
                     let failure = match new {
                         Some(i) if i.state == JobState::Running => {
-                            return self.upgraded(job, i, &d, &u, st, written).await;
+                            return self.upgraded(job, i, &d, &u, st, written, step).await;
                         }
                         Some(i) if i.state == JobState::Failed => Some(format!(
                             "generation {} failed on start: {}",
@@ -661,6 +689,26 @@ impl Context {
                 }
             }
         }
+
+        // Retention: after a new savepoint, and once a minute for age.
+        let recorded = job.status.as_ref().and_then(|s| s.last_savepoint.as_ref())
+            != st.last_savepoint.as_ref();
+        if st.upgrade.is_none() && st.savepoint_in_progress.is_none() {
+            let key = format!("{ns}/{name}");
+            let due = {
+                let mut passes = self.retention_passes.lock().unwrap_or_else(|e| e.into_inner());
+                let due =
+                    recorded || passes.get(&key).is_none_or(|t| t.elapsed() >= RETENTION_EVERY);
+                if due {
+                    passes.insert(key, std::time::Instant::now());
+                }
+                due
+            };
+            if due {
+                self.save_status(job, written, st).await?;
+                self.retain(job, st, observed.credentials_secret.as_ref()).await?;
+            }
+        }
         Ok(())
     }
 
@@ -691,6 +739,7 @@ impl Context {
                     intend(st, job, SavepointReason::Suspend, true);
                     match drive(self, job, addr, st, written).await? {
                         Savepoint::Pending => {
+                            step.problem = retrying(st, "the savepoint to suspend the job");
                             step.requeue = Some(Duration::from_secs(1));
                             return Ok(());
                         }
@@ -755,7 +804,7 @@ impl Context {
                     .await;
                 }
                 Savepoint::Failed(why) => {
-                    let n = failed(&mut st);
+                    let n = failed(&mut st, &why);
                     if n < crate::FINAL_SAVEPOINT_ATTEMPTS {
                         self.warn(
                             job,
@@ -803,16 +852,9 @@ impl Context {
         what: &str,
         why: &str,
     ) -> Result<(), Error> {
-        let n = failed(st);
-        let wait = backoff(n - 1);
-        step.problem = Some((
-            "SavepointFailed",
-            format!(
-                "{what} failed (attempt {n}): {why}; the job goes on running, and the savepoint is tried again in {} s",
-                wait.as_secs()
-            ),
-        ));
-        step.requeue = Some(wait);
+        let n = failed(st, why);
+        step.problem = retrying(st, what);
+        step.requeue = Some(backoff(n - 1));
         self.save_status(job, written, st).await
     }
 
@@ -838,6 +880,7 @@ impl Context {
     }
 
     /// The new version runs: the upgrade (or the rollback) is done.
+    #[allow(clippy::too_many_arguments)]
     async fn upgraded(
         &self,
         job: &StreamJob,
@@ -846,12 +889,14 @@ impl Context {
         u: &UpgradeProgress,
         st: &mut StreamJobStatus,
         written: &mut StreamJobStatus,
+        step: &mut Step,
     ) -> Result<(), Error> {
         let took = Timestamp::now().duration_since(u.started_at.0).as_secs();
         let from = d.restore_path.as_ref().map_or(String::new(), |p| format!(", from {p}"));
         st.upgrade = None;
         self.save_status(job, written, st).await?;
         if u.rollback {
+            step.problem = st.rolled_back.as_ref().map(|r| rolled_back_problem(r, false));
             let failed = st.rolled_back.as_ref().map_or(0, |r| r.generation);
             self.warn(
                 job,
@@ -1087,6 +1132,34 @@ mod tests {
                 "conditions": null,
             })
         );
+    }
+
+    #[test]
+    fn each_attempt_at_a_savepoint_has_a_key_of_its_own_and_keeps_it() {
+        let mut st = StreamJobStatus {
+            savepoint_in_progress: Some(SavepointInProgress {
+                reason: SavepointReason::Requested,
+                stop: false,
+                trigger_id: None,
+                generation: 3,
+                requested_at: Time(Timestamp::from_second(1_000).unwrap()),
+                failed_attempts: 0,
+                last_failure: None,
+                request_id: None,
+            }),
+            ..Default::default()
+        };
+        let first = request_key(st.savepoint_in_progress.as_ref().unwrap());
+        assert_eq!(first, "g3-1000-a0");
+        st.savepoint_in_progress.as_mut().unwrap().request_id = Some(first.clone());
+        // Recorded, it stays (a controller that comes back asks with the same key).
+        assert_eq!(request_key(st.savepoint_in_progress.as_ref().unwrap()), first);
+        // A failed attempt forgets it; the next attempt has another.
+        assert_eq!(failed(&mut st, "S3 was away"), 1);
+        let p = st.savepoint_in_progress.as_ref().unwrap();
+        assert_eq!((p.request_id.as_ref(), p.trigger_id.as_ref()), (None, None));
+        assert_ne!(request_key(p), first);
+        assert_eq!(p.last_failure.as_deref(), Some("S3 was away"));
     }
 
     #[test]

@@ -162,6 +162,11 @@ pub struct SavepointRequest {
     /// `spec.savepoints.directory`; the savepoint is `<directory>/<namespace>/<job>/sp-<id>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directory: Option<String>,
+    /// An idempotency key: a request with the key of an earlier one of this run that has not
+    /// failed answers that savepoint's id instead of taking another (a client that died
+    /// before it read the answer asks again safely).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// `POST /v1/savepoints`: the request was taken; poll `GET /v1/savepoints/{id}`.
@@ -205,6 +210,9 @@ pub struct SavepointInfo {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The request's idempotency key, when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// `GET /v1/savepoints`.

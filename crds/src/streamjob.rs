@@ -722,6 +722,13 @@ pub struct SavepointInProgress {
     /// Failed attempts so far (a failed savepoint is retried with backoff).
     #[serde(default)]
     pub failed_attempts: i32,
+    /// Why the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
+    /// The idempotency key the request carries (new for each attempt): a controller that
+    /// died after asking asks again with it and gets the same savepoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// The version of the job its objects run, as the controller decided it.

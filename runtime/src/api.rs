@@ -147,7 +147,8 @@ fn router(status: Arc<Status>, token: Option<String>) -> Router {
                     }
                 }
             };
-            match s.request_savepoint(req.stop, req.directory.as_deref()) {
+            match s.request_savepoint(req.stop, req.directory.as_deref(), req.request_id.as_deref())
+            {
                 Ok(id) => (StatusCode::ACCEPTED, Json(weir_crds::api::SavepointTriggered { id }))
                     .into_response(),
                 Err(SavepointRefused::BadRequest(m)) => {

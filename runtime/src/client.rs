@@ -82,7 +82,8 @@ impl Api {
                 "taking a savepoint changes the job and needs the API token: set WEIR_API_TOKEN",
             ));
         }
-        let req = SavepointRequest { stop, directory: directory.map(str::to_string) };
+        let req =
+            SavepointRequest { stop, directory: directory.map(str::to_string), request_id: None };
         let body = serde_json::to_string(&req).expect("a request serializes");
         let (code, text) = self.call("POST", "/v1/savepoints", Some(&body))?;
         match code {

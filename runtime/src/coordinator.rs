@@ -160,7 +160,17 @@ impl Status {
         &self,
         stop: bool,
         directory: Option<&str>,
+        request_id: Option<&str>,
     ) -> Result<String, SavepointRefused> {
+        let request_id = request_id.map(str::trim).filter(|r| !r.is_empty());
+        if let Some(key) = request_id {
+            let all = self.savepoints.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = all.iter().find(|s| {
+                s.request_id.as_deref() == Some(key) && s.status != SavepointStatus::Failed
+            }) {
+                return Ok(s.id.clone());
+            }
+        }
         let directory = match directory.map(str::trim).filter(|d| !d.is_empty()) {
             Some(d) => Some(d.parse::<StorageUri>().map_err(|e| {
                 SavepointRefused::BadRequest(format!(
@@ -203,6 +213,7 @@ impl Status {
                 size_bytes: 0,
                 path: None,
                 failure: None,
+                request_id: request_id.map(str::to_string),
             },
         );
         all.truncate(100);

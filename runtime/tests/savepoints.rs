@@ -384,6 +384,20 @@ fn the_savepoint_api_refuses_what_it_cannot_do_and_a_savepoint_leaves_the_job_ru
     assert!(all.savepoints[1].stop && all.savepoints[1].path.is_none());
     let (_, body) = process::request(&api, "GET", "/v1/job", None).unwrap();
     assert!(body.contains(&path), "the job names its last savepoint: {body}");
+    // A request with the idempotency key of an earlier one answers that one.
+    let ask = |key: &str| {
+        let body = format!("{{\"requestId\": \"{key}\"}}");
+        let (code, body) =
+            process::request_with(&api, "POST", "/v1/savepoints", Some(TOKEN), &body).unwrap();
+        assert_eq!(code, 202, "{body}");
+        serde_json::from_str::<weir_crds::api::SavepointTriggered>(&body).unwrap().id
+    };
+    let k1 = ask("k1");
+    assert_eq!(ask("k1"), k1);
+    assert_ne!(ask("k2"), k1);
+    let (_, body) = process::request(&api, "GET", &format!("/v1/savepoints/{k1}"), None).unwrap();
+    let info: weir_crds::api::SavepointInfo = serde_json::from_str(&body).unwrap();
+    assert_eq!(info.request_id.as_deref(), Some("k1"));
     job.signal("-TERM");
     let (code, err) = job.finish(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{err}");

@@ -158,7 +158,8 @@ pub fn show(step: &str, j: &StreamJob) {
     );
 }
 
-/// The events about object `name`, as (reason, note), in order of creation.
+/// The events about object `name`, as (reason, note), in order of creation; an event
+/// published n times counts n times (with the note it was first published with).
 pub async fn events(env: &TestEnv, ns: &str, name: &str) -> Vec<(String, String)> {
     let api: Api<Event> = Api::namespaced(env.client.clone(), ns);
     let mut all: Vec<Event> = api
@@ -170,7 +171,26 @@ pub async fn events(env: &TestEnv, ns: &str, name: &str) -> Vec<(String, String)
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
         .collect();
     all.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
-    all.into_iter().map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default())).collect()
+    // An event published again with the same reason is a series on one object (the
+    // recorder keys events by reason, not note): one entry per time it was published.
+    all.into_iter()
+        .flat_map(|e| {
+            let n = e.series.as_ref().map_or(1, |s| s.count.max(1)) as usize;
+            let entry = (e.reason.unwrap_or_default(), e.note.unwrap_or_default());
+            std::iter::repeat_n(entry, n)
+        })
+        .collect()
+}
+
+/// The keys under `prefix` in the test bucket.
+pub fn s3_keys(prefix: &str) -> Vec<String> {
+    let bucket = setting("WEIR_TEST_BUCKET");
+    let py = format!(
+        "import boto3,os\nc=boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\np=c.get_paginator('list_objects_v2')\nfor page in p.paginate(Bucket='{bucket}', Prefix='{prefix}'):\n  for o in page.get('Contents', []): print(o['Key'])"
+    );
+    let out = Command::new(setting("WEIR_PYTHON")).args(["-c", &py]).output().unwrap();
+    assert!(out.status.success(), "listing {prefix}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
 }
 
 /// Every committed `word,count` line under an S3 prefix of the test bucket.

@@ -15,7 +15,7 @@ use weir_crds::snapshot::{SnapshotPhase, StreamSnapshot};
 use weir_crds::streamjob::{JobPhase, SavepointReason};
 use weir_e2e::jobs::{
     Controller, WORDS_PER_LINE, apply, assert_exactly_once, committed, condition, events, job_id,
-    show, status, wait_job, wait_job_within, wordcount,
+    s3_keys, show, status, wait_job, wait_job_within, wordcount,
 };
 use weir_e2e::testenv::{TestEnv, setting, wait_for};
 
@@ -266,7 +266,10 @@ async fn refused_upgrades_and_a_savepoint_s3_does_not_take_leave_the_old_job_run
     })
     .await;
     let msg = status(&j).conditions.into_iter().find(|c| c.type_ == "Degraded").unwrap().message;
-    assert!(msg.contains("attempt 1") && msg.contains("goes on running"), "{msg}");
+    assert!(
+        msg.contains("attempt 1") && msg.contains("goes on running") && msg.contains("503"),
+        "{msg}"
+    );
     assert_eq!(job_id(&j), first);
     keeps_running(&env, &ns, "wc", &j).await;
     let j = wait_job(&env, &ns, "wc", "still the old job", |j| job_id(j) == first).await;
@@ -406,5 +409,76 @@ async fn an_upgrade_completes_once_with_the_controller_killed_at_each_step() {
     assert_eq!(count("UpgradeStarted"), points.len(), "{ev:?}");
     assert_eq!(count("UpgradeCompleted"), points.len(), "{ev:?}");
     let _ctl = Controller::start(&env, &ns, &[]);
+    finished_exactly_once(&env, &ns, "wc", LINES).await;
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_snapshots_and_deletes_the_others_with_their_data() {
+    const LINES: u64 = 16_000;
+    let env = TestEnv::get().await;
+    env.install_crds();
+    let ns = env.namespace("ctl-retain").await;
+    env.create_s3_credentials(&ns).await;
+    let _ctl = Controller::start(&env, &ns, &[]);
+    let mut m = wordcount(&ns, "wc", 2, LINES);
+    m["spec"]["savepoints"] = json!({"retention": {"maxCount": 2}});
+    apply(&env, &m);
+    running_with_checkpoint(&env, &ns, "wc").await;
+    let bucket = setting("WEIR_TEST_BUCKET");
+    let key_of = |s: &StreamSnapshot| {
+        let p = s.spec.path.to_string();
+        format!("{}/", p.trim_start_matches(&format!("s3://{bucket}/")))
+    };
+    // Four savepoints asked for by nonce, each waited for.
+    let mut taken: Vec<String> = Vec::new();
+    for nonce in 1..=4 {
+        patch_spec(&env, &ns, "wc", json!({"savepoints": {"triggerNonce": nonce}})).await;
+        let j = wait_job(&env, &ns, "wc", &format!("savepoint {nonce}"), |j| {
+            status(j)
+                .last_savepoint
+                .is_some_and(|s| !taken.contains(&s.path) && s.reason == SavepointReason::Requested)
+        })
+        .await;
+        taken.push(status(&j).last_savepoint.unwrap().path);
+    }
+    // The two newest stay; the others go, their data first.
+    let left = wait_for("retention down to 2 snapshots", Duration::from_secs(60), || async {
+        let s = snapshots(&env, &ns, "wc").await;
+        (s.len() == 2).then_some(s)
+    })
+    .await;
+    let mut kept: Vec<String> = left.iter().map(|s| s.spec.path.to_string()).collect();
+    kept.sort();
+    let mut newest = taken[2..].to_vec();
+    newest.sort();
+    assert_eq!(kept, newest);
+    for s in &left {
+        assert!(s3_keys(&key_of(s)).iter().any(|k| k.ends_with("/_metadata")), "{:?}", s.spec.path);
+    }
+    for gone in &taken[..2] {
+        let prefix = format!("{}/", gone.trim_start_matches(&format!("s3://{bucket}/")));
+        assert_eq!(s3_keys(&prefix), Vec::<String>::new(), "the data of {gone} is deleted");
+    }
+    let ev = events(&env, &ns, "wc").await;
+    assert_eq!(ev.iter().filter(|(r, _)| r == "SnapshotDeleted").count(), 2, "{ev:?}");
+
+    // By age: everything but the newest is older than a second.
+    patch_spec(
+        &env,
+        &ns,
+        "wc",
+        json!({"savepoints": {"triggerNonce": 5, "retention": {"maxCount": 10, "maxAge": "1s"}}}),
+    )
+    .await;
+    let left = wait_for("retention by age down to the newest", Duration::from_secs(60), || async {
+        let s = snapshots(&env, &ns, "wc").await;
+        (s.len() == 1 && !taken.contains(&s[0].spec.path.to_string())).then_some(s)
+    })
+    .await;
+    assert!(s3_keys(&key_of(&left[0])).iter().any(|k| k.ends_with("/_metadata")));
+    for gone in &taken {
+        let prefix = format!("{}/", gone.trim_start_matches(&format!("s3://{bucket}/")));
+        assert!(s3_keys(&prefix).is_empty(), "the data of {gone} is deleted");
+    }
     finished_exactly_once(&env, &ns, "wc", LINES).await;
 }

@@ -90,11 +90,23 @@ impl Proc {
 /// A request with an optional bearer token: the status code and body (`None` if the API does
 /// not answer).
 pub fn request(addr: &str, method: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    request_with(addr, method, path, token, "")
+}
+
+/// [`request`] with a body.
+pub fn request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .ok()?;
     let mut text = String::new();
