@@ -120,6 +120,26 @@ pub fn deployed(
     }
 }
 
+/// A metric label for an upgrade mode.
+fn mode_label(m: UpgradeMode) -> &'static str {
+    match m {
+        UpgradeMode::Savepoint => "savepoint",
+        UpgradeMode::LastState => "last-state",
+        UpgradeMode::Stateless => "stateless",
+    }
+}
+
+/// A metric label for why a savepoint is taken.
+fn reason_label(r: SavepointReason) -> &'static str {
+    match r {
+        SavepointReason::Requested => "requested",
+        SavepointReason::Periodic => "periodic",
+        SavepointReason::Upgrade => "upgrade",
+        SavepointReason::Suspend => "suspend",
+        SavepointReason::Deletion => "deletion",
+    }
+}
+
 /// How often retention looks at a job's snapshots for age (it also looks after every new
 /// savepoint).
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
@@ -207,6 +227,10 @@ pub async fn drive(
             SavepointStatus::Completed => match info.path.clone() {
                 Some(p) => {
                     record(ctx, job, st, &info, &p, sp.reason).await?;
+                    ctx.metrics
+                        .savepoints
+                        .with_label_values(&[reason_label(sp.reason), "completed"])
+                        .inc();
                     Ok(Savepoint::Completed(p))
                 }
                 None => Ok(Savepoint::Failed(format!("savepoint {id} completed without a path"))),
@@ -487,6 +511,11 @@ impl Context {
         // A new spec: an upgrade, once any savepoint under way is done.
         if st.upgrade.is_none() && d.spec_hash != thash && st.savepoint_in_progress.is_none() {
             if let Err(refused) = validate::preflight(job, &d, st) {
+                // Counted once per refused spec, not once per reconcile.
+                if job.status.as_ref().and_then(|s| s.observed_generation) != Some(generation) {
+                    let mode = mode_label(job.spec.upgrade_mode);
+                    self.metrics.upgrades.with_label_values(&[mode, "refused"]).inc();
+                }
                 step.problem = Some(("UpgradeRefused", refused.message));
                 return Ok(());
             }
@@ -683,7 +712,10 @@ impl Context {
                 Savepoint::Failed(why) => {
                     // One asked for by nonce or period is not retried: the next nonce or
                     // period asks again.
-                    st.savepoint_in_progress = None;
+                    if let Some(p) = st.savepoint_in_progress.take() {
+                        let r = reason_label(p.reason);
+                        self.metrics.savepoints.with_label_values(&[r, "failed"]).inc();
+                    }
                     step.problem =
                         Some(("SavepointFailed", format!("the savepoint failed: {why}")));
                 }
@@ -852,6 +884,10 @@ impl Context {
         what: &str,
         why: &str,
     ) -> Result<(), Error> {
+        let reason = st.savepoint_in_progress.as_ref().map(|p| p.reason);
+        if let Some(r) = reason {
+            self.metrics.savepoints.with_label_values(&[reason_label(r), "failed"]).inc();
+        }
         let n = failed(st, why);
         step.problem = retrying(st, what);
         step.requeue = Some(backoff(n - 1));
@@ -892,6 +928,13 @@ impl Context {
         step: &mut Step,
     ) -> Result<(), Error> {
         let took = Timestamp::now().duration_since(u.started_at.0).as_secs();
+        let mode = mode_label(u.mode);
+        if !u.rollback {
+            self.metrics.upgrades.with_label_values(&[mode, "completed"]).inc();
+            self.metrics
+                .upgrade_duration
+                .observe(Timestamp::now().duration_since(u.started_at.0).as_secs_f64());
+        }
         let from = d.restore_path.as_ref().map_or(String::new(), |p| format!(", from {p}"));
         st.upgrade = None;
         self.save_status(job, written, st).await?;
@@ -993,6 +1036,7 @@ impl Context {
             from_run_id: new.map(|i| i.run_id.clone()),
             rollback: true,
         });
+        self.metrics.upgrades.with_label_values(&[mode_label(u.mode), "rolled-back"]).inc();
         let from = back.restore_path.as_ref().map_or(String::new(), |p| format!(" from {p}"));
         st.deployed = Some(back);
         self.save_status(job, written, st).await?;

@@ -20,6 +20,12 @@ pub struct Metrics {
     pub reconciles: IntCounter,
     pub failures: IntCounterVec,
     pub duration: Histogram,
+    /// Upgrades by mode and how they ended: completed, rolled-back, refused.
+    pub upgrades: IntCounterVec,
+    /// From the start of an upgrade to the new version running.
+    pub upgrade_duration: Histogram,
+    /// Savepoints the controller took, by reason and result (completed, failed).
+    pub savepoints: IntCounterVec,
     jobs_by_phase: IntGaugeVec,
     checkpoint_age: GaugeVec,
     jobs: Mutex<BTreeMap<(String, String), JobFacts>>,
@@ -56,6 +62,24 @@ impl Metrics {
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         )
         .expect("a valid metric");
+        let upgrades = IntCounterVec::new(
+            Opts::new("upgrades_total", "Upgrades by mode and how they ended"),
+            &["mode", "result"],
+        )
+        .expect("a valid metric");
+        let upgrade_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "upgrade_duration_seconds",
+                "From the start of an upgrade to the new version running",
+            )
+            .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]),
+        )
+        .expect("a valid metric");
+        let savepoints = IntCounterVec::new(
+            Opts::new("savepoints_total", "Savepoints the controller took, by reason and result"),
+            &["reason", "result"],
+        )
+        .expect("a valid metric");
         let jobs_by_phase = IntGaugeVec::new(
             Opts::new("jobs", "StreamJobs by phase (as this replica last reconciled them)"),
             &["phase"],
@@ -73,6 +97,9 @@ impl Metrics {
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
             Box::new(duration.clone()),
+            Box::new(upgrades.clone()),
+            Box::new(upgrade_duration.clone()),
+            Box::new(savepoints.clone()),
             Box::new(jobs_by_phase.clone()),
             Box::new(checkpoint_age.clone()),
         ] {
@@ -83,6 +110,9 @@ impl Metrics {
             reconciles,
             failures,
             duration,
+            upgrades,
+            upgrade_duration,
+            savepoints,
             jobs_by_phase,
             checkpoint_age,
             jobs: Mutex::default(),

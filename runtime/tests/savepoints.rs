@@ -401,7 +401,7 @@ fn the_savepoint_api_refuses_what_it_cannot_do_and_a_savepoint_leaves_the_job_ru
     job.signal("-TERM");
     let (code, err) = job.finish(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{err}");
-    // Savepoints are never deleted, by retention or otherwise.
+    // The runtime never deletes a savepoint (only the controller's retention does).
     assert!(Path::new(&path).join("_metadata").exists());
     // A job without checkpoints cannot take savepoints.
     let plain = tmp.join("plain.yaml");

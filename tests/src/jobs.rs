@@ -23,6 +23,8 @@ pub const T: Duration = Duration::from_secs(180);
 #[derive(Debug)]
 pub struct Controller {
     child: Child,
+    /// Where it serves `/metrics`.
+    pub metrics_addr: String,
 }
 
 impl Controller {
@@ -34,8 +36,13 @@ impl Controller {
             .append(true)
             .open(format!("/tmp/weir-controller-{ns}.log"))
             .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let metrics_addr = format!("127.0.0.1:{port}");
         let child = Command::new(env.binary("weir-controller"))
-            .args(["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--poll-interval", "1s"])
+            .args(["--namespace", ns, "--metrics-addr", &metrics_addr, "--poll-interval", "1s"])
             .env("WEIR_LOG", "info,kube=warn")
             .envs(vars.iter().copied())
             .stdin(Stdio::null())
@@ -43,7 +50,19 @@ impl Controller {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        Self { child }
+        Self { child, metrics_addr }
+    }
+
+    /// The value of a sample of `/metrics` (`name{labels}` as exposed), or 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(&self.metrics_addr) else { return 0.0 };
+        let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
     }
 
     /// Waits for the controller to exit on its own; its exit code.

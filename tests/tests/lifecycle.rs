@@ -332,6 +332,19 @@ async fn suspend_resume_and_a_named_snapshot_restored_into_a_new_job() {
     patch_spec(&env, &ns, "wc", json!({"state": "running"})).await;
     let j = runs_anew(&env, &ns, "wc", 2, &first).await;
     assert_eq!(status(&j).deployed.and_then(|d| d.restore_path), Some(sp.path.clone()));
+    // restartNonce: the coordinator starts again and resumes the same run from its last
+    // checkpoint.
+    let (resumed, started) = (job_id(&j), status(&j).job.and_then(|r| r.start_time));
+    running_with_checkpoint(&env, &ns, "wc").await;
+    patch_spec(&env, &ns, "wc", json!({"restartNonce": 1})).await;
+    let j = wait_job(&env, &ns, "wc", "restarted by the nonce", |j| {
+        let s = status(j);
+        s.phase == Some(JobPhase::Running)
+            && s.observed_restart_nonce == Some(1)
+            && s.job.as_ref().is_some_and(|r| r.start_time > started)
+    })
+    .await;
+    assert_eq!(job_id(&j), resumed, "the same run goes on");
 
     finished_exactly_once(&env, &ns, "wc", LINES).await;
     // The job restored from the snapshot counted on from the counts in it: its counts of a
@@ -480,5 +493,11 @@ async fn retention_keeps_the_newest_snapshots_and_deletes_the_others_with_their_
         let prefix = format!("{}/", gone.trim_start_matches(&format!("s3://{bucket}/")));
         assert!(s3_keys(&prefix).is_empty(), "the data of {gone} is deleted");
     }
+    // Periodic savepoints, every 3 s.
+    patch_spec(&env, &ns, "wc", json!({"savepoints": {"interval": "3s"}})).await;
+    wait_job(&env, &ns, "wc", "a periodic savepoint", |j| {
+        status(j).last_savepoint.is_some_and(|s| s.reason == SavepointReason::Periodic)
+    })
+    .await;
     finished_exactly_once(&env, &ns, "wc", LINES).await;
 }

@@ -55,7 +55,7 @@ async fn gitops_upgrades_keep_the_state_and_count_every_word_exactly_once() {
     env.install_crds();
     let ns = env.namespace("ctl-upgrade").await;
     env.create_s3_credentials(&ns).await;
-    let _ctl = Controller::start(&env, &ns, &[]);
+    let ctl = Controller::start(&env, &ns, &[]);
 
     // 1. Applied at parallelism 2.
     apply(&env, &manifest(&ns, 2, None));
@@ -126,6 +126,15 @@ async fn gitops_upgrades_keep_the_state_and_count_every_word_exactly_once() {
         status(&j).deployed.and_then(|d| d.restore_path),
         Some(finals[0].spec.path.to_string())
     );
+
+    // The controller counted three savepoint upgrades and the savepoints it took.
+    let completed = r#"weir_controller_upgrades_total{mode="savepoint",result="completed"}"#;
+    assert_eq!(ctl.metric(completed), 3.0);
+    let sp = r#"weir_controller_savepoints_total{reason="upgrade",result="completed"}"#;
+    assert_eq!(ctl.metric(sp), 3.0);
+    let fin = r#"weir_controller_savepoints_total{reason="deletion",result="completed"}"#;
+    assert_eq!(ctl.metric(fin), 1.0);
+    assert!(ctl.metric("weir_controller_upgrade_duration_seconds_count") >= 3.0);
 
     // The end: every count of every word exactly once, up to the exact totals.
     wait_job(&env, &ns, "finished", |j| status(j).phase == Some(JobPhase::Finished)).await;
