@@ -15,10 +15,15 @@
 //!                       (a new job id, nothing to restore)
 //! ```
 //!
-//! A savepoint is driven by `savepointInProgress`: recorded, then requested (a request whose
-//! id was not recorded is found again in the coordinator's list instead of being made twice),
-//! then polled until it completes (a StreamSnapshot records it) or fails (retried with
-//! back-off, the old job left running).
+//! A new version that does not run within `spec.upgrade.readyTimeout` of NewSpecApplied (or
+//! fails on start) is rolled back: `rolledBack`, `deployed` (built from `lastStableSpec`, from
+//! the state the failed version started from) and an upgrade with `rollback: true` at
+//! NewSpecApplied are recorded in one write, then applied like any new version.
+//!
+//! A savepoint is driven by `savepointInProgress`: recorded with an idempotency key, then
+//! requested with it (a controller that died before recording the answer asks again with the
+//! same key and gets the same savepoint), then polled until it completes (a StreamSnapshot
+//! records it) or fails (retried with back-off under a new key, the old job left running).
 
 use std::time::Duration;
 
