@@ -24,8 +24,9 @@ done
 rm -rf "$dir"; mkdir -p "$dir"/{pids,logs,pki,etcd,garage}
 dir=$(cd "$dir" && pwd)
 # The node's state (pod volumes, logs, pulled images) must be reachable by pods that run as
-# any user, wherever the checkout is: it lives under /var/tmp, linked from $dir/node.
-node_dir=/var/tmp/weir-testenv-$(printf '%s' "$dir" | sha256sum | cut -c1-12)
+# any user, wherever the checkout is: it lives under /var/tmp (or $WEIR_NODE_ROOT, e.g. a
+# tmpfs), linked from $dir/node.
+node_dir=${WEIR_NODE_ROOT:-/var/tmp}/weir-testenv-$(printf '%s' "$dir" | sha256sum | cut -c1-12)
 rm -rf "$node_dir"; mkdir -p "$node_dir"; chmod 755 "$node_dir"
 ln -s "$node_dir" "$dir/node"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
