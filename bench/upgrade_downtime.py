@@ -18,8 +18,10 @@ the test virtualenv ($WEIR_PYTHON: boto3, pyyaml). What it does, for SIZE MiB:
    state holds about SIZE MiB as a savepoint writes it (uncompressed entries; RocksDB's own
    estimate, `stateBytes`, LZ4-compressed, is printed beside it). `fill` cannot be bounded:
    once a source has ended, its job takes no checkpoint and no savepoint any more. So the job
-   is then applied again with `fill` at 1 line/s (a savepoint upgrade at the same
-   parallelism, not measured), and runs --steady-seconds after its first checkpoint.
+   is then applied again with `fill` at --slow-fill-rate lines/s (default 100: a generator
+   subtask sleeps until its next record is due and takes no barrier meanwhile, so a slower one
+   would hold every checkpoint back), a savepoint upgrade at the same parallelism, not
+   measured; it runs --steady-seconds after its first checkpoint.
 3. `kubectl scale sj/NAME --replicas 3`, and while the upgrade runs a monitor samples, every
    200 to 300 ms: the StreamJob's status (phase, upgrade step), the pods, every coordinator's
    API (/v1/job, /v1/savepoints, /v1/checkpoints), and the output prefix on S3.
@@ -402,6 +404,9 @@ def main():
     p.add_argument("--controller", required=True, help="weir-controller binary")
     p.add_argument("--work", required=True, help="directory for logs")
     p.add_argument("--tick-rate", type=float, default=1000.0)
+    # A generator subtask sleeps until its next record is due, and takes no barrier meanwhile:
+    # a slower fill holds every checkpoint back by up to 1 / (its share of the rate).
+    p.add_argument("--slow-fill-rate", type=float, default=100.0)
     p.add_argument("--steady-seconds", type=float, default=10.0)
     p.add_argument("--build-seconds", type=float, default=40.0,
                    help="fill's rate during the build: the lines over this time (an upper bound)")
@@ -483,10 +488,10 @@ def main():
         wait("the state built", 3600, built, every=0.25)
         phases["build the state"] = time.monotonic() - t
         # A source that ends stops every checkpoint of its job (and a savepoint then never
-        # starts), so `fill` cannot be bounded: it is slowed to 1 line/s by an upgrade instead.
+        # starts), so `fill` cannot be bounded: it is slowed down by an upgrade instead.
         t = time.monotonic()
-        apply(1)
-        log("applied again with `fill` at 1 line/s (a savepoint upgrade at the same parallelism)")
+        apply(a.slow_fill_rate)
+        log(f"applied again with `fill` at {a.slow_fill_rate:g} lines/s (a savepoint upgrade at the same parallelism)")
         run = wait("the job slowed down", 1800, lambda: running(first_id, a.from_p), every=0.5)
         old_id = run["job"]["jobId"]
         phases["upgrade to the slow fill (savepoint, restore at the same parallelism)"] = time.monotonic() - t
