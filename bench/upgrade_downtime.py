@@ -455,6 +455,10 @@ def main():
             s = (j or {}).get("status", {})
             if s.get("phase") in ("Failed", "RollingBack") or ctl.poll() is not None:
                 raise SystemExit(f"the job failed or the controller exited: {json.dumps(s)}")
+            u = s.get("upgrade") or {}
+            if u and u.get("mode") != "Savepoint":
+                raise SystemExit(f"the upgrade went in {u.get('mode')} mode, not Savepoint (the "
+                                 f"controller did not reach the old coordinator?): {json.dumps(s)}")
             r = s.get("job") or {}
             if (s.get("phase") == "Running" and not s.get("upgrade")
                     and r.get("parallelism") == parallelism and r.get("id") != not_id):

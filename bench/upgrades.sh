@@ -30,7 +30,9 @@ tmp=$(mktemp -d)
 # The node agent maps an image to the binary of its name in WEIR_BIN_DIR: the release builds.
 mkdir "$tmp/bin"
 ln -s "$target/release/weir" "$target/release/weir-controller" "$node_bin" "$tmp/bin/"
-WEIR_BIN_DIR=$tmp/bin bash tests/env/up.sh "$tmp/env" >"$tmp/env-up.log" 2>&1 || { cat "$tmp/env-up.log"; exit 1; }
+# A node name of its own: it tags the node agent's block of /etc/hosts, which another test
+# environment running at the same time would otherwise overwrite (and remove when it stops).
+WEIR_NODE_NAME=weir-node-upgrades-$$ WEIR_BIN_DIR=$tmp/bin bash tests/env/up.sh "$tmp/env" >"$tmp/env-up.log" 2>&1 || { cat "$tmp/env-up.log"; exit 1; }
 trap 'bash tests/env/down.sh "$tmp/env" >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 # shellcheck disable=SC1091
 source "$tmp/env/env.sh"
