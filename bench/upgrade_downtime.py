@@ -456,7 +456,7 @@ def main():
             if s.get("phase") in ("Failed", "RollingBack") or ctl.poll() is not None:
                 raise SystemExit(f"the job failed or the controller exited: {json.dumps(s)}")
             u = s.get("upgrade") or {}
-            if u and u.get("mode") != "Savepoint":
+            if u and str(u.get("mode")).lower() != "savepoint":
                 raise SystemExit(f"the upgrade went in {u.get('mode')} mode, not Savepoint (the "
                                  f"controller did not reach the old coordinator?): {json.dumps(s)}")
             r = s.get("job") or {}
