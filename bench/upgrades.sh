@@ -71,12 +71,15 @@ printf '%s\n' "${results[@]}" > "$tmp/results.jsonl"
 "$WEIR_PYTHON" - "$tmp/results.jsonl" <<'PY'
 import json, sys
 print(f"{'state':>8} {'savepoint':>10} {'sp time':>10} {'restore':>8} {'1st ckpt':>9} "
-      f"{'transfer':>9} {'downtime':>9} {'beyond':>8}  target")
+      f"{'transfer':>9} {'downtime':>9} {'beyond':>8} {'target':>7} {'stall':>8} {'beyond':>8}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
     rs = max(r["restore_s"].values(), default=float("nan"))
     ck = (r["first_checkpoint"] or {}).get("durationMs", float("nan")) / 1000
     print(f"{r['mib']:>5}MiB {r['savepoint_bytes'] / 2**20:>7.0f}MiB {r['savepoint_s']:>9.2f}s "
           f"{rs:>7.2f}s {ck:>8.2f}s {r['transfer_s']:>8.2f}s {r['downtime_s']:>8.2f}s "
-          f"{r['beyond_transfer_s']:>7.2f}s  " + ("met" if r["beyond_transfer_s"] <= 10 else "missed"))
+          f"{r['beyond_transfer_s']:>7.2f}s {'met' if r['beyond_transfer_s'] <= 10 else 'missed':>7} "
+          f"{r['stall_s']:>7.2f}s {r['stall_s'] - r['transfer_s']:>7.2f}s")
+print("(downtime: last part committed by the old job to the first by the new; stall: from the "
+      "stop-with-savepoint request to the first part committed by the new job)")
 PY
