@@ -68,6 +68,7 @@ bench:
 	bash bench/checkpoints.sh
 	bash bench/savepoints.sh
 	bash bench/controller.sh
+	bash bench/upgrades.sh
 
 clean:
 	bash tests/env/down.sh $(TESTENV_DIR)

@@ -23,7 +23,8 @@ stop weir-node
 if [ -f "$dir/node/pids" ]; then
   while read -r pg; do [ -n "$pg" ] && kill -KILL -- "-$pg" 2>/dev/null; done < "$dir/node/pids"
 fi
-sed -i '/^# BEGIN weir-node weir-node$/,/^# END weir-node weir-node$/d' /etc/hosts 2>/dev/null || true
+node_name=$(cat "$dir/node-name" 2>/dev/null || echo weir-node)
+sed -i "/^# BEGIN weir-node $node_name\$/,/^# END weir-node $node_name\$/d" /etc/hosts 2>/dev/null || true
 for c in kube-scheduler kube-controller-manager kube-apiserver garage etcd; do stop "$c"; done
 rm -rf "$dir/pids" "$dir/env.sh"
 log "test environment down"

@@ -23,9 +23,15 @@ done
 
 rm -rf "$dir"; mkdir -p "$dir"/{pids,logs,pki,etcd,garage}
 dir=$(cd "$dir" && pwd)
+# The node's name also tags its block of /etc/hosts: environments that run at the same time
+# need names of their own (WEIR_NODE_NAME), or each one's agent overwrites the other's block
+# (and down.sh removes it).
+node_name=${WEIR_NODE_NAME:-weir-node}
+echo "$node_name" > "$dir/node-name"
 # The node's state (pod volumes, logs, pulled images) must be reachable by pods that run as
-# any user, wherever the checkout is: it lives under /var/tmp, linked from $dir/node.
-node_dir=/var/tmp/weir-testenv-$(printf '%s' "$dir" | sha256sum | cut -c1-12)
+# any user, wherever the checkout is: it lives under /var/tmp (or $WEIR_NODE_ROOT, e.g. a
+# tmpfs), linked from $dir/node.
+node_dir=${WEIR_NODE_ROOT:-/var/tmp}/weir-testenv-$(printf '%s' "$dir" | sha256sum | cut -c1-12)
 rm -rf "$node_dir"; mkdir -p "$node_dir"; chmod 755 "$node_dir"
 ln -s "$node_dir" "$dir/node"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -127,10 +133,10 @@ GARAGE_DEFAULT_ACCESS_KEY=$s3_key GARAGE_DEFAULT_SECRET_KEY=$s3_secret GARAGE_DE
 wait_for garage 30 curl -fsS "http://127.0.0.1:$s3_admin/health"
 
 # --- the node agent
-KUBECONFIG=$kubeconfig start weir-node "$bin_dir/weir-node" run --node-name weir-node --state-dir "$node_dir" \
+KUBECONFIG=$kubeconfig start weir-node "$bin_dir/weir-node" run --node-name "$node_name" --state-dir "$node_dir" \
   --image-path "$bin_dir" --pod-network "$pod_network" --apiserver "127.0.0.1:$api_port"
 export KUBECONFIG=$kubeconfig
-wait_for "a Ready node" 60 sh -c "kubectl get node weir-node -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' 2>/dev/null | grep -qx True"
+wait_for "a Ready node" 60 sh -c "kubectl get node $node_name -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' 2>/dev/null | grep -qx True"
 wait_for "the default service account" 60 kubectl -n default get serviceaccount default
 
 cat > "$dir/env.sh" <<ENV
@@ -144,7 +150,7 @@ export AWS_ACCESS_KEY_ID="$s3_key"
 export AWS_SECRET_ACCESS_KEY="$s3_secret"
 export WEIR_TEST_BUCKET="$bucket"
 export WEIR_PYTHON="$venv/bin/python"
-export WEIR_NODE_NAME=weir-node
+export WEIR_NODE_NAME=$node_name
 export WEIR_POD_NETWORK="$pod_network"
 ENV
 up_ok=1
