@@ -22,9 +22,10 @@ the test virtualenv ($WEIR_PYTHON: boto3, pyyaml). What it does, for SIZE MiB:
    subtask sleeps until its next record is due and takes no barrier meanwhile, so a slower one
    would hold every checkpoint back), a savepoint upgrade at the same parallelism, not
    measured; it runs --steady-seconds after its first checkpoint.
-3. `kubectl scale sj/NAME --replicas 3`, and while the upgrade runs a monitor samples, every
-   200 to 300 ms: the StreamJob's status (phase, upgrade step), the pods, every coordinator's
-   API (/v1/job, /v1/savepoints, /v1/checkpoints), and the output prefix on S3.
+3. `kubectl scale sj/NAME --replicas 3`, and while the upgrade runs a monitor follows the
+   StreamJob through a watch (every status write: phase, upgrade step) and samples every 200
+   to 300 ms the pods, every coordinator's API (/v1/job, /v1/savepoints, /v1/checkpoints) and
+   the output prefix on S3.
 4. Downtime = LastModified of the first part committed by the new job (`part-<new job id>-*`)
    - LastModified of the last part committed by the old one (`part-<old job id>-*`). Garage
    gives LastModified to the millisecond; the monitor's first sighting of each part (a list
@@ -32,12 +33,14 @@ the test virtualenv ($WEIR_PYTHON: boto3, pyyaml). What it does, for SIZE MiB:
    APIs (savepoint request time, duration and bytes; the new run's start, Running, first
    checkpoint), the workers' logs (each restored subtask's "restored key groups" line), the
    controller's log (objects applied) and the status steps as the monitor saw them.
+   Stall = the same first part - the stop-with-savepoint request (the sources stop at its
+   barrier): unlike the downtime it holds the savepoint's upload, because the old job commits
+   its last part once the savepoint completes.
 
 Prints a table and one JSON line (prefix `RESULT `) on stdout; progress on stderr.
 """
 
 import argparse
-import base64
 import concurrent.futures as futures
 import datetime as dt
 import json
@@ -64,10 +67,6 @@ ENTRY_BYTES = 123
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def iso_ms(t):
-    return dt.datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")[:-3]
 
 
 # ------------------------------------------------------------------------------------------

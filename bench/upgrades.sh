@@ -33,7 +33,8 @@ ln -s "$target/release/weir" "$target/release/weir-controller" "$node_bin" "$tmp
 # A node name of its own: it tags the node agent's block of /etc/hosts, which another test
 # environment running at the same time would otherwise overwrite (and remove when it stops).
 WEIR_NODE_NAME=weir-node-upgrades-$$ WEIR_BIN_DIR=$tmp/bin bash tests/env/up.sh "$tmp/env" >"$tmp/env-up.log" 2>&1 || { cat "$tmp/env-up.log"; exit 1; }
-trap 'bash tests/env/down.sh "$tmp/env" >/dev/null 2>&1; rm -rf "$tmp"' EXIT
+# Down, and the node's directory (the pods' volumes: GBs of RocksDB, in memory on a tmpfs) too.
+trap 'node=$(readlink "$tmp/env/node"); bash tests/env/down.sh "$tmp/env" >/dev/null 2>&1; rm -rf "$tmp" "$node"' EXIT
 # shellcheck disable=SC1091
 source "$tmp/env/env.sh"
 kubectl apply --server-side -f crds/weir-crds.yaml >/dev/null
