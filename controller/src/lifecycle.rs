@@ -125,6 +125,21 @@ pub fn deployed(
     }
 }
 
+/// How long a job must have been not Ready before a savepoint upgrade whose old job does
+/// not answer goes on from the last checkpoint instead (one failed look is not enough).
+const NOT_READY_BEFORE_LAST_STATE: i64 = 30;
+
+/// Whether the status has said not Ready (or nothing) for [`NOT_READY_BEFORE_LAST_STATE`].
+pub fn long_not_ready(st: &StreamJobStatus, now: Timestamp) -> bool {
+    match st.conditions.iter().find(|c| c.type_ == "Ready") {
+        Some(c) if c.status == "True" => false,
+        Some(c) => {
+            now.duration_since(c.last_transition_time.0).as_secs() >= NOT_READY_BEFORE_LAST_STATE
+        }
+        None => true,
+    }
+}
+
 /// A metric label for an upgrade mode.
 fn mode_label(m: UpgradeMode) -> &'static str {
     match m {
@@ -525,6 +540,15 @@ impl Context {
                 return Ok(());
             }
             let old = info.filter(|i| i.job_id == d.job_id);
+            // A coordinator that does not answer once is no reason to give up the savepoint:
+            // the job must have been not Ready for a while before last-state is the way.
+            if job.spec.upgrade_mode == UpgradeMode::Savepoint
+                && old.is_none()
+                && !long_not_ready(st, Timestamp::now())
+            {
+                step.requeue = Some(Duration::from_secs(2));
+                return Ok(());
+            }
             let mode = mode_for(job.spec.upgrade_mode, old);
             let mut u = UpgradeProgress {
                 from_generation: Some(d.generation),
@@ -1157,6 +1181,7 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
     #[test]
     fn a_status_patch_removes_what_the_new_status_dropped_at_any_depth() {
@@ -1209,6 +1234,27 @@ mod tests {
         assert_eq!((p.request_id.as_ref(), p.trigger_id.as_ref()), (None, None));
         assert_ne!(request_key(p), first);
         assert_eq!(p.last_failure.as_deref(), Some("S3 was away"));
+    }
+
+    #[test]
+    fn a_savepoint_upgrade_waits_out_a_coordinator_that_stopped_answering_just_now() {
+        let at = |secs: i64| Time(Timestamp::from_second(secs).unwrap());
+        let ready = |status: &str, since: i64| StreamJobStatus {
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: status.into(),
+                last_transition_time: at(since),
+                message: String::new(),
+                observed_generation: None,
+                reason: "R".into(),
+            }],
+            ..Default::default()
+        };
+        let now = Timestamp::from_second(1_000).unwrap();
+        assert!(!long_not_ready(&ready("True", 0), now));
+        assert!(!long_not_ready(&ready("False", 990), now));
+        assert!(long_not_ready(&ready("False", 900), now));
+        assert!(long_not_ready(&StreamJobStatus::default(), now));
     }
 
     #[test]
