@@ -122,6 +122,30 @@ pub struct ObjectInfo {
     pub etag: Option<String>,
 }
 
+/// Sends part `n` of multipart upload `id`; the part as the upload's completion names it.
+async fn upload_part(
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    key: String,
+    id: String,
+    n: i32,
+    piece: Vec<u8>,
+) -> Result<
+    CompletedPart,
+    SdkError<aws_sdk_s3::operation::upload_part::UploadPartError, HttpResponse>,
+> {
+    let out = client
+        .upload_part()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(id)
+        .part_number(n)
+        .body(ByteStream::from(piece))
+        .send()
+        .await?;
+    Ok(CompletedPart::builder().part_number(n).set_e_tag(out.e_tag().map(str::to_string)).build())
+}
+
 /// `s3://bucket/key`, for messages.
 fn location(bucket: &str, key: &str) -> String {
     format!("s3://{bucket}/{key}")
@@ -438,25 +462,10 @@ impl S3Client {
                     key.to_string(),
                     upload_id.clone(),
                 );
-                let out = self
-                    .run(async move {
-                        client
-                            .upload_part()
-                            .bucket(b)
-                            .key(k)
-                            .upload_id(id)
-                            .part_number(n)
-                            .body(ByteStream::from(piece))
-                            .send()
-                            .await
-                    })
+                let part = self
+                    .run(upload_part(client, b, k, id, n, piece))
                     .map_err(|e| self.error(&format!("writing part {n} of"), &what, e))?;
-                parts.push(
-                    CompletedPart::builder()
-                        .part_number(n)
-                        .set_e_tag(out.e_tag().map(str::to_string))
-                        .build(),
-                );
+                parts.push(part);
                 piece = next_piece()?;
             }
             let (client, b, k, id) =
@@ -750,20 +759,9 @@ impl PartWriter<'_> {
         let s3 = self.s3.clone();
         let what = self.what();
         self.in_flight.push_back(inner.handle.spawn(async move {
-            let out = client
-                .upload_part()
-                .bucket(b)
-                .key(k)
-                .upload_id(id)
-                .part_number(n)
-                .body(ByteStream::from(piece))
-                .send()
+            upload_part(client, b, k, id, n, piece)
                 .await
-                .map_err(|e| s3.error(&format!("writing part {n} of"), &what, e))?;
-            Ok(CompletedPart::builder()
-                .part_number(n)
-                .set_e_tag(out.e_tag().map(str::to_string))
-                .build())
+                .map_err(|e| s3.error(&format!("writing part {n} of"), &what, e))
         }));
         Ok(())
     }
