@@ -585,21 +585,14 @@ impl Context {
                     UpgradeStep::Accepted | UpgradeStep::SavepointRequested,
                 ) => {
                     intend(st, job, SavepointReason::Upgrade, true);
-                    match drive(self, job, addr, st, written).await? {
-                        Savepoint::Pending => {
-                            step.problem = retrying(st, "the upgrade's savepoint");
-                            step.requeue = Some(Duration::from_secs(1));
-                            return Ok(());
-                        }
-                        Savepoint::Failed(why) => {
-                            let what = "the upgrade's savepoint";
-                            return self.retry_later(job, st, written, step, what, &why).await;
-                        }
-                        Savepoint::Completed(path) => {
-                            u.restore_path = Some(path);
-                            u.step = UpgradeStep::OldJobStopped;
-                        }
-                    }
+                    let what = "the upgrade's savepoint";
+                    let Some(path) =
+                        self.stop_with_savepoint(job, addr, st, written, step, what).await?
+                    else {
+                        return Ok(());
+                    };
+                    u.restore_path = Some(path);
+                    u.step = UpgradeStep::OldJobStopped;
                 }
                 (
                     _,
@@ -798,21 +791,14 @@ impl Context {
             match job.spec.upgrade_mode {
                 UpgradeMode::Savepoint if running || stopping => {
                     intend(st, job, SavepointReason::Suspend, true);
-                    match drive(self, job, addr, st, written).await? {
-                        Savepoint::Pending => {
-                            step.problem = retrying(st, "the savepoint to suspend the job");
-                            step.requeue = Some(Duration::from_secs(1));
-                            return Ok(());
-                        }
-                        Savepoint::Failed(why) => {
-                            let what = "the savepoint to suspend the job";
-                            return self.retry_later(job, st, written, step, what, &why).await;
-                        }
-                        Savepoint::Completed(path) => {
-                            next.job_id = build::next_job_id(&d.job_id);
-                            next.restore_path = Some(path);
-                        }
-                    }
+                    let what = "the savepoint to suspend the job";
+                    let Some(path) =
+                        self.stop_with_savepoint(job, addr, st, written, step, what).await?
+                    else {
+                        return Ok(());
+                    };
+                    next.job_id = build::next_job_id(&d.job_id);
+                    next.restore_path = Some(path);
                 }
                 UpgradeMode::Stateless => {
                     next.job_id = build::next_job_id(&d.job_id);
@@ -900,6 +886,32 @@ impl Context {
         .await
         .map_err(kube_err(format!("removing the finalizer of StreamJob {ns}/{name}")))?;
         Ok(Action::await_change())
+    }
+
+    /// Takes the stopping savepoint `savepointInProgress` records one step further: its path
+    /// once complete; `None` while it is under way or after a failed attempt (Degraded says
+    /// so, and it is tried again after the back-off), when the caller stops here.
+    async fn stop_with_savepoint(
+        &self,
+        job: &StreamJob,
+        addr: &str,
+        st: &mut StreamJobStatus,
+        written: &mut StreamJobStatus,
+        step: &mut Step,
+        what: &str,
+    ) -> Result<Option<String>, Error> {
+        match drive(self, job, addr, st, written).await? {
+            Savepoint::Pending => {
+                step.problem = retrying(st, what);
+                step.requeue = Some(Duration::from_secs(1));
+                Ok(None)
+            }
+            Savepoint::Failed(why) => {
+                self.retry_later(job, st, written, step, what, &why).await?;
+                Ok(None)
+            }
+            Savepoint::Completed(path) => Ok(Some(path)),
+        }
     }
 
     /// A stopping savepoint failed: the job goes on running; count the attempt, say so
