@@ -12,12 +12,12 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use weir_crds::StreamJob;
 use weir_crds::streamjob::JobPhase;
+use weir_e2e::jobs::events;
 use weir_e2e::testenv::{TestEnv, setting, wait_for};
 
 const T: Duration = Duration::from_secs(120);
@@ -156,21 +156,6 @@ fn condition(j: &StreamJob, t: &str) -> Option<(String, String, String)> {
 
 fn ready(j: &StreamJob) -> bool {
     condition(j, "Ready").is_some_and(|c| c.0 == "True")
-}
-
-async fn events(env: &TestEnv, ns: &str, name: &str) -> Vec<(String, String)> {
-    let api: Api<Event> = Api::namespaced(env.client.clone(), ns);
-    let mut out: Vec<(String, String)> = api
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect();
-    out.sort();
-    out
 }
 
 async fn wait_event(env: &TestEnv, ns: &str, name: &str, reason: &str) -> String {
