@@ -32,6 +32,7 @@ run: build
 generate:
 	$(CARGO) run -q -p weir-crds --bin crdgen > crds/weir-crds.yaml
 	cp crds/weir-crds.yaml charts/weir/crds/weir-crds.yaml
+	$$(bash tests/env/install-python.sh)/bin/python charts/render.py > manifests/install.yaml
 
 unit: install-deps
 	$(CARGO) test --workspace --lib --bins --tests --exclude weir-e2e
@@ -78,3 +79,4 @@ clean:
 check-generated:
 	@$(CARGO) run -q -p weir-crds --bin crdgen | diff -u crds/weir-crds.yaml - >/dev/null || { echo "crds/weir-crds.yaml is stale: run make generate"; exit 1; }
 	@diff -q crds/weir-crds.yaml charts/weir/crds/weir-crds.yaml >/dev/null || { echo "charts/weir/crds is stale: run make generate"; exit 1; }
+	@$$(bash tests/env/install-python.sh)/bin/python charts/render.py | diff -u manifests/install.yaml - >/dev/null || { echo "manifests/install.yaml is stale (the chart rendered with default values differs): run make generate"; exit 1; }

@@ -296,7 +296,7 @@ pub fn objects(
         {"name": "work", "mountPath": "/var/tmp/weir"},
         {"name": "tmp", "mountPath": "/tmp"},
     ]);
-    let pod_security = json!({"runAsNonRoot": true, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID});
+    let pod_security = json!({"runAsNonRoot": true, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}});
 
     // What both pods share; `container` holds what differs (name, args, env, ports, probes).
     let pod = |component: &str, mut container: Value, resources: Value, annotations: Value| {

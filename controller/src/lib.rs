@@ -110,7 +110,6 @@ pub struct Stores {
     services: MetaStore<Service>,
     deployments: MetaStore<Deployment>,
     stateful_sets: MetaStore<StatefulSet>,
-    secrets: MetaStore<Secret>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -141,6 +140,10 @@ pub struct Context {
     pub stores: Stores,
     /// When retention last went over each job's snapshots (`namespace/name`).
     pub retention_passes: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Jobs (by uid) whose API token Secret is known to exist. Secrets are not watched: that
+    /// would need `list` and `watch` on every Secret of the namespaces (RBAC cannot narrow a
+    /// list to a label), so the controller only `get`s and `create`s the Secrets it names.
+    pub tokens: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -319,26 +322,37 @@ impl Context {
         Ok(())
     }
 
-    /// Creates the API token Secret when it does not exist (never rewrites it).
+    /// Creates the API token Secret when it does not exist (never rewrites it). Looked up once
+    /// per job and controller process; a Secret deleted by hand comes back when the controller
+    /// restarts, or at once if the job is deleted and applied again.
     async fn ensure_token(&self, job: &StreamJob, ns: &str, name: &str) -> Result<(), Error> {
-        let secret_name = build::token_secret_name(name);
-        if applied_hash(&self.stores.secrets, ns, &secret_name).is_some() {
+        let uid = job.uid().unwrap_or_else(|| format!("{ns}/{name}"));
+        if self.tokens.lock().unwrap().contains(&uid) {
             return Ok(());
         }
-        let mut bytes = [0u8; 24];
-        {
-            use std::io::Read;
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| f.read_exact(&mut bytes))
-                .map_err(Error::Random)?;
-        }
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let secret_name = build::token_secret_name(name);
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        match api.create(&PostParams::default(), &build::api_token(job, &token)).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-            Err(e) => Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
+        let found = api
+            .get_opt(&secret_name)
+            .await
+            .map_err(kube_err(format!("reading Secret {ns}/{secret_name}")))?;
+        if found.is_none() {
+            let mut bytes = [0u8; 24];
+            {
+                use std::io::Read;
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| f.read_exact(&mut bytes))
+                    .map_err(Error::Random)?;
+            }
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            match api.create(&PostParams::default(), &build::api_token(job, &token)).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
+            }
         }
+        self.tokens.lock().unwrap().insert(uid);
+        Ok(())
     }
 
     /// Deletes the job's objects (those that exist).
@@ -452,8 +466,7 @@ pub async fn run(
         let (services, sv) = owned::<Service>(&client, ns);
         let (deployments, dp) = owned::<Deployment>(&client, ns);
         let (stateful_sets, ss) = owned::<StatefulSet>(&client, ns);
-        let (secrets, se) = owned::<Secret>(&client, ns);
-        let stores = Stores { config_maps, services, deployments, stateful_sets, secrets };
+        let stores = Stores { config_maps, services, deployments, stateful_sets };
         let jobs: Api<StreamJob> = match ns {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
@@ -465,6 +478,7 @@ pub async fn run(
             recorder: recorder.clone(),
             stores,
             retention_passes: Default::default(),
+            tokens: Default::default(),
         });
         info!(namespace = ns.unwrap_or("(all)"), "watching StreamJobs");
         let controller = Controller::new(jobs, watcher::Config::default())
@@ -472,7 +486,6 @@ pub async fn run(
             .owns_stream(sv)
             .owns_stream(dp)
             .owns_stream(ss)
-            .owns_stream(se)
             .graceful_shutdown_on(shutdown.clone())
             .run(reconcile, error_policy, ctx)
             .for_each(|r| async move {

@@ -53,20 +53,35 @@ struct Args {
     /// and process id).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Log lines as JSON objects (for log collectors) or as text (for people).
+    #[arg(long, env = "WEIR_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
 }
 
-fn init_logs() {
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Logs go to stdout, filtered by `WEIR_LOG` (else `RUST_LOG`; an EnvFilter directive such as
+/// `info,kube=warn` or `debug`).
+fn init_logs(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("WEIR_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
-    tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(false).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+        LogFormat::Text => logs.with_ansi(false).init(),
+    }
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_logs();
+    init_logs(args.log_format);
     match serve(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

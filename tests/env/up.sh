@@ -139,10 +139,37 @@ export KUBECONFIG=$kubeconfig
 wait_for "a Ready node" 60 sh -c "kubectl get node $node_name -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' 2>/dev/null | grep -qx True"
 wait_for "the default service account" 60 kubectl -n default get serviceaccount default
 
+# --- the controller's identity: the chart's ServiceAccount and RBAC (rendered by the Helm SDK
+# with two replicas, so with the leader-election Role in weir-system), and a kubeconfig with
+# its token. The end-to-end tests run their controllers with it, so they pass only if the
+# chart grants enough.
+"$venv/bin/python" "$root/charts/render.py" --set-json '{"replicas": 2}' \
+  --only Namespace,ServiceAccount,ClusterRole,ClusterRoleBinding,Role,RoleBinding | kubectl apply -f - >/dev/null
+sa_secret() { kubectl -n weir-system get serviceaccount weir-controller -o jsonpath='{.secrets[0].name}'; }
+wait_for "the controller's ServiceAccount token" 60 sh -c "kubectl -n weir-system get serviceaccount weir-controller -o jsonpath='{.secrets[0].name}' | grep -q ."
+sa_token=$(kubectl -n weir-system get secret "$(sa_secret)" -o jsonpath='{.data.token}' | base64 -d)
+cat > "$dir/controller.kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: weir-testenv
+  cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$pki/ca.crt"}
+users:
+- name: weir-controller
+  user: {token: "$sa_token"}
+contexts:
+- name: weir-controller
+  context: {cluster: weir-testenv, user: weir-controller, namespace: weir-system}
+current-context: weir-controller
+KC
+chmod 600 "$dir/controller.kubeconfig"
+
 cat > "$dir/env.sh" <<ENV
 # Written by tests/env/up.sh: source it to use the test environment.
 export WEIR_TESTENV_DIR="$dir"
 export KUBECONFIG="$kubeconfig"
+# The chart's ServiceAccount (controllers under test run with it).
+export WEIR_CONTROLLER_KUBECONFIG="$dir/controller.kubeconfig"
 export WEIR_APISERVER="https://127.0.0.1:$api_port"
 export AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port"
 export AWS_REGION=garage

@@ -37,3 +37,8 @@ def namespace(kubeconfig):
 def kubectl(kubeconfig: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["kubectl", *args], capture_output=True, text=True,
                           env={**os.environ, "KUBECONFIG": kubeconfig})
+
+
+def kubectl_stdin(kubeconfig: str, stdin: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["kubectl", *args], capture_output=True, text=True, input=stdin,
+                          env={**os.environ, "KUBECONFIG": kubeconfig})

@@ -29,7 +29,8 @@ pub struct Controller {
 
 impl Controller {
     /// Starts `weir-controller` for `ns`, its log in `/tmp/weir-controller-<ns>.log`, with
-    /// `env` added to its environment (e.g. `WEIR_CONTROLLER_CRASH_AT`).
+    /// `env` added to its environment (e.g. `WEIR_CONTROLLER_CRASH_AT`). It runs as the Helm
+    /// chart's ServiceAccount, with the chart's RBAC ([`controller_kubeconfig`]).
     pub fn start(env: &TestEnv, ns: &str, vars: &[(&str, &str)]) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -44,6 +45,7 @@ impl Controller {
         let child = Command::new(env.binary("weir-controller"))
             .args(["--namespace", ns, "--metrics-addr", &metrics_addr, "--poll-interval", "1s"])
             .env("WEIR_LOG", "info,kube=warn")
+            .env("KUBECONFIG", controller_kubeconfig())
             .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
@@ -81,6 +83,14 @@ impl Drop for Controller {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The kubeconfig of the chart's ServiceAccount, bound to the chart's ClusterRole (and the
+/// leader-election Role in `weir-system`): `tests/env/up.sh` applies them from the chart as
+/// the Helm SDK renders it. Controllers under test run with it, so the end-to-end tests fail
+/// when the chart's RBAC lacks something the controller does.
+pub fn controller_kubeconfig() -> String {
+    setting("WEIR_CONTROLLER_KUBECONFIG")
 }
 
 /// A bounded-but-long word count named `name` in `ns`: a generator of `lines` lines of 8

@@ -38,6 +38,7 @@ impl Controller {
             .args(["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--poll-interval", "1s"])
             .args(extra)
             .env("WEIR_LOG", "info,kube=warn")
+            .env("KUBECONFIG", weir_e2e::jobs::controller_kubeconfig())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::inherit())
@@ -497,16 +498,18 @@ async fn with_two_controllers_one_leads_and_the_other_takes_over_when_it_dies() 
     let args = |id: &'static str| -> Vec<&'static str> {
         vec!["--leader-elect", "--lease-duration", "4s", "--identity", id]
     };
+    // The Lease lives where the chart's leader-election Role allows it: the release's
+    // namespace, under a name of this test's own.
+    let lease: &'static str = Box::leak(format!("weir-controller-{ns}").into_boxed_str());
     let mut a_args = args("ctl-a");
     let mut b_args = args("ctl-b");
-    let ns_static: &'static str = Box::leak(ns.clone().into_boxed_str());
-    a_args.extend(["--lease-namespace", ns_static]);
-    b_args.extend(["--lease-namespace", ns_static]);
+    a_args.extend(["--lease-namespace", "weir-system", "--lease-name", lease]);
+    b_args.extend(["--lease-namespace", "weir-system", "--lease-name", lease]);
     let mut a = Controller::start(&env, &ns, &a_args);
     let mut b = Controller::start(&env, &ns, &b_args);
-    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &ns);
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), "weir-system");
     let leader = wait_for("a leader", T, || async {
-        leases.get_opt("weir-controller").await.ok().flatten()?.spec?.holder_identity
+        leases.get_opt(lease).await.ok().flatten()?.spec?.holder_identity
     })
     .await;
     let suspended = |name: &str| {
@@ -547,7 +550,7 @@ async fn with_two_controllers_one_leads_and_the_other_takes_over_when_it_dies() 
     })
     .await;
     let holder =
-        leases.get("weir-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
+        leases.get(lease).await.unwrap().spec.unwrap().holder_identity.unwrap();
     assert_ne!(holder, leader);
     env.delete_namespace(&ns).await;
 }
