@@ -7,7 +7,7 @@ TESTENV_DIR ?= $(CURDIR)/target/testenv
 BIN_DIR = $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/debug
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help install-deps build run test unit e2e env-up env-down generate check-generated fmt lint bench clean
+.PHONY: help install-deps build run test unit e2e env-up env-down generate check-generated fmt lint bench images clean
 
 help:
 	@echo "make run        run the example job locally (no Kubernetes, no S3)"
@@ -19,6 +19,7 @@ help:
 	@echo "make generate   regenerate the CRD YAML and other generated files"
 	@echo "make lint       rustfmt and clippy"
 	@echo "make bench      benchmarks, with the peer's figures from the same run"
+	@echo "make images     container images of the controller and the runtime (docker or podman)"
 
 install-deps:
 	@bash tests/env/install-build-deps.sh
@@ -70,6 +71,17 @@ bench:
 	bash bench/savepoints.sh
 	bash bench/controller.sh
 	bash bench/upgrades.sh
+
+# Container images, where an engine runs (docker or podman): IMAGE_PREFIX/weir-controller and
+# IMAGE_PREFIX/weir, tagged with the workspace version (what the chart's values name).
+IMAGE_PREFIX ?= ghcr.io/weir-dev
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+ENGINE ?= $(shell for e in docker podman; do $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
+images:
+	@if [ -z "$(ENGINE)" ]; then echo "make images: no container engine answers (docker info, podman info): nothing built"; exit 0; fi; \
+	  set -x; \
+	  DOCKER_BUILDKIT=1 $(ENGINE) build -f Dockerfile.controller -t $(IMAGE_PREFIX)/weir-controller:$(IMAGE_TAG) . && \
+	  DOCKER_BUILDKIT=1 $(ENGINE) build -f Dockerfile.runtime -t $(IMAGE_PREFIX)/weir:$(IMAGE_TAG) .
 
 clean:
 	bash tests/env/down.sh $(TESTENV_DIR)
