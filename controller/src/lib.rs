@@ -324,11 +324,12 @@ impl Context {
 
     /// Creates the API token Secret when it does not exist (never rewrites it). Looked up once
     /// per job and controller process; a Secret deleted by hand comes back when the controller
-    /// restarts, or at once if the job is deleted and applied again.
-    async fn ensure_token(&self, job: &StreamJob, ns: &str, name: &str) -> Result<(), Error> {
+    /// restarts. False while the Secret found belongs to another job of the same name (one
+    /// deleted, whose Secret the garbage collector is about to remove): the caller waits.
+    async fn ensure_token(&self, job: &StreamJob, ns: &str, name: &str) -> Result<bool, Error> {
         let uid = job.uid().unwrap_or_else(|| format!("{ns}/{name}"));
         if self.tokens.lock().unwrap().contains(&uid) {
-            return Ok(());
+            return Ok(true);
         }
         let secret_name = build::token_secret_name(name);
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
@@ -336,23 +337,33 @@ impl Context {
             .get_opt(&secret_name)
             .await
             .map_err(kube_err(format!("reading Secret {ns}/{secret_name}")))?;
-        if found.is_none() {
-            let mut bytes = [0u8; 24];
-            {
-                use std::io::Read;
-                std::fs::File::open("/dev/urandom")
-                    .and_then(|mut f| f.read_exact(&mut bytes))
-                    .map_err(Error::Random)?;
+        match found {
+            Some(s) if is_going(&s, &uid) => {
+                info!(namespace = ns, "waiting for Secret {secret_name} of a deleted job to go");
+                return Ok(false);
             }
-            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            match api.create(&PostParams::default(), &build::api_token(job, &token)).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(e) => return Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
+            Some(_) => {}
+            None => {
+                let mut bytes = [0u8; 24];
+                {
+                    use std::io::Read;
+                    std::fs::File::open("/dev/urandom")
+                        .and_then(|mut f| f.read_exact(&mut bytes))
+                        .map_err(Error::Random)?;
+                }
+                let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                match api.create(&PostParams::default(), &build::api_token(job, &token)).await {
+                    Ok(_) => {}
+                    // Another replica's or an earlier attempt's: looked at again next time.
+                    Err(kube::Error::Api(s)) if s.code == 409 => return Ok(false),
+                    Err(e) => {
+                        return Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e));
+                    }
+                }
             }
         }
         self.tokens.lock().unwrap().insert(uid);
-        Ok(())
+        Ok(true)
     }
 
     /// Deletes the job's objects (those that exist).
@@ -396,6 +407,14 @@ impl Context {
             warn!(job = %job.name_any(), "publishing event {reason}: {e}");
         }
     }
+}
+
+/// Whether a job's token Secret is on its way out: being deleted, or owned by other objects
+/// only (a deleted job of the same name, which the garbage collector removes it with).
+fn is_going(secret: &Secret, job_uid: &str) -> bool {
+    let owners = secret.metadata.owner_references.as_deref().unwrap_or_default();
+    secret.metadata.deletion_timestamp.is_some()
+        || (!owners.is_empty() && owners.iter().all(|o| o.uid != job_uid))
 }
 
 fn truncate(mut s: String, max: usize) -> String {
@@ -496,4 +515,30 @@ pub async fn run(
         runs.push(controller);
     }
     futures::future::join_all(runs).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(owners: &[&str], deleting: bool) -> Secret {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "wc-api-token",
+                "deletionTimestamp": deleting.then_some("2026-11-21T12:00:00Z"),
+                "ownerReferences": owners.iter().map(|uid| serde_json::json!({
+                    "apiVersion": "weir.dev/v1alpha1", "kind": "StreamJob", "name": "wc", "uid": uid,
+                })).collect::<Vec<_>>(),
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_token_secret_of_a_deleted_job_of_the_same_name_is_waited_for() {
+        assert!(!is_going(&secret(&["new"], false), "new"), "the job's own");
+        assert!(is_going(&secret(&["old"], false), "new"), "a deleted job's, not yet collected");
+        assert!(is_going(&secret(&["new"], true), "new"), "being deleted");
+        assert!(!is_going(&secret(&[], false), "new"), "made by hand: used as it is");
+    }
 }

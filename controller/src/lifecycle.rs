@@ -456,7 +456,10 @@ impl Context {
     ) -> Result<(), Error> {
         let (ns, name, addr) = self.names(job);
         let (ns, name, addr) = (ns.as_str(), name.as_str(), addr.as_str());
-        self.ensure_token(job, ns, name).await?;
+        if !self.ensure_token(job, ns, name).await? {
+            step.requeue = Some(Duration::from_secs(1));
+            return Ok(());
+        }
         let hash = build::spec_hash(job, valid, &self.config.build);
         let info = info.and_then(|r| r.as_ref().ok());
         let generation = job.metadata.generation.unwrap_or(0);
