@@ -23,11 +23,11 @@ use crate::streamjob::SavepointReason;
     status = "StreamSnapshotStatus",
     derive = "PartialEq",
     doc = "One savepoint of a StreamJob, kept after the job is gone so that a job can start from it.",
-    printcolumn = r#"{"name":"Job", "type":"string", "jsonPath":".spec.job"}"#,
-    printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Parallelism", "type":"integer", "jsonPath":".spec.parallelism"}"#,
-    printcolumn = r#"{"name":"Path", "type":"string", "jsonPath":".spec.path", "priority":1}"#,
-    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Job", "type":"string", "jsonPath":".spec.job", "description":"The StreamJob whose state this is"}"#,
+    printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase", "description":"Completed, Failed or Disposing"}"#,
+    printcolumn = r#"{"name":"Parallelism", "type":"integer", "jsonPath":".spec.parallelism", "description":"Parallelism of the job that took it"}"#,
+    printcolumn = r#"{"name":"Path", "type":"string", "jsonPath":".spec.path", "priority":1, "description":"Where the savepoint is"}"#,
+    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp", "description":"Time since the savepoint was recorded"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StreamSnapshotSpec {
