@@ -75,7 +75,7 @@ pub struct StreamSnapshotStatus {
     /// Total size of the savepoint in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<i64>,
-    /// What went wrong, for a failed snapshot.
+    /// What went wrong, for a failed snapshot; why retention deletes it, while Disposing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
