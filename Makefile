@@ -16,7 +16,7 @@ help:
 	@echo "make e2e        end-to-end tests against the test environment (starts and stops it)"
 	@echo "make env-up     start the test environment; writes target/testenv/env.sh"
 	@echo "make env-down   stop it"
-	@echo "make generate   regenerate the CRD YAML and other generated files"
+	@echo "make generate   regenerate the CRD YAML (crds/, charts/weir/crds/) and the CRD reference (docs/reference/crds.md)"
 	@echo "make lint       rustfmt and clippy"
 	@echo "make bench      benchmarks, with the peer's figures from the same run"
 	@echo "make images     container images of the controller and the runtime (docker or podman)"
@@ -33,6 +33,8 @@ run: build
 generate:
 	$(CARGO) run -q -p weir-crds --bin crdgen > crds/weir-crds.yaml
 	cp crds/weir-crds.yaml charts/weir/crds/weir-crds.yaml
+	@mkdir -p docs/reference
+	$(CARGO) run -q -p weir-crds --bin crdgen -- --markdown > docs/reference/crds.md
 	$$(bash tests/env/install-python.sh)/bin/python charts/render.py > manifests/install.yaml
 
 unit: install-deps
@@ -87,8 +89,10 @@ clean:
 	bash tests/env/down.sh $(TESTENV_DIR)
 	$(CARGO) clean
 
-# Fails when a generated file is stale (the crds crate's test checks the CRD YAML too).
+# Fails when a generated file is stale (the crds crate's tests check the CRD YAML and the
+# reference too).
 check-generated:
 	@$(CARGO) run -q -p weir-crds --bin crdgen | diff -u crds/weir-crds.yaml - >/dev/null || { echo "crds/weir-crds.yaml is stale: run make generate"; exit 1; }
 	@diff -q crds/weir-crds.yaml charts/weir/crds/weir-crds.yaml >/dev/null || { echo "charts/weir/crds is stale: run make generate"; exit 1; }
+	@$(CARGO) run -q -p weir-crds --bin crdgen -- --markdown | diff -u docs/reference/crds.md - >/dev/null || { echo "docs/reference/crds.md is stale: run make generate"; exit 1; }
 	@$$(bash tests/env/install-python.sh)/bin/python charts/render.py | diff -u manifests/install.yaml - >/dev/null || { echo "manifests/install.yaml is stale (the chart rendered with default values differs): run make generate"; exit 1; }

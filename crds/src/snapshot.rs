@@ -23,11 +23,11 @@ use crate::streamjob::SavepointReason;
     status = "StreamSnapshotStatus",
     derive = "PartialEq",
     doc = "One savepoint of a StreamJob, kept after the job is gone so that a job can start from it.",
-    printcolumn = r#"{"name":"Job", "type":"string", "jsonPath":".spec.job"}"#,
-    printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Parallelism", "type":"integer", "jsonPath":".spec.parallelism"}"#,
-    printcolumn = r#"{"name":"Path", "type":"string", "jsonPath":".spec.path", "priority":1}"#,
-    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Job", "type":"string", "jsonPath":".spec.job", "description":"The StreamJob whose state this is"}"#,
+    printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase", "description":"Completed, Failed or Disposing"}"#,
+    printcolumn = r#"{"name":"Parallelism", "type":"integer", "jsonPath":".spec.parallelism", "description":"Parallelism of the job that took it"}"#,
+    printcolumn = r#"{"name":"Path", "type":"string", "jsonPath":".spec.path", "priority":1, "description":"Where the savepoint is"}"#,
+    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp", "description":"Time since the savepoint was recorded"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StreamSnapshotSpec {
@@ -75,7 +75,7 @@ pub struct StreamSnapshotStatus {
     /// Total size of the savepoint in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<i64>,
-    /// What went wrong, for a failed snapshot.
+    /// What went wrong, for a failed snapshot; why retention deletes it, while Disposing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

@@ -42,7 +42,7 @@ use crate::{is_default, preserve_unknown_object, quantity_map};
     printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase", "description":"Where the job is in its lifecycle"}"#,
     printcolumn = r#"{"name":"Parallelism", "type":"integer", "jsonPath":".spec.parallelism", "description":"Desired number of parallel subtasks"}"#,
     printcolumn = r#"{"name":"Last Checkpoint", "type":"date", "jsonPath":".status.lastCheckpoint.completedAt", "description":"When the last checkpoint completed"}"#,
-    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp", "description":"Time since the StreamJob was created"}"#,
     printcolumn = r#"{"name":"Checkpoint", "type":"integer", "jsonPath":".status.lastCheckpoint.id", "description":"Id of the last completed checkpoint", "priority":1}"#,
     printcolumn = r#"{"name":"Savepoint", "type":"string", "jsonPath":".status.lastSavepoint.snapshot", "description":"StreamSnapshot of the last savepoint", "priority":1}"#
 )]
@@ -71,8 +71,9 @@ pub struct StreamJobSpec {
     #[schemars(range(min = 1, max = 32768))]
     pub max_parallelism: Option<i32>,
 
-    /// Desired state: `running`, or `suspended` (stop with a savepoint and remove the pods;
-    /// set back to `running` to restore from that savepoint).
+    /// Desired state: `running`, or `suspended` (remove the pods; in savepoint mode the job
+    /// first stops with a savepoint, which `running` restores; in last-state mode `running`
+    /// resumes from the last checkpoint, in stateless mode from nothing).
     #[serde(default)]
     pub state: DesiredState,
 
@@ -108,11 +109,14 @@ pub struct StreamJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_nonce: Option<i64>,
 
-    /// Upgrade behaviour: how long a new version has to become ready before it is rolled back.
+    /// Upgrade behaviour: how long a new version has to start running before it is rolled
+    /// back.
     #[serde(default, skip_serializing_if = "is_default")]
     pub upgrade: UpgradeSpec,
 
     /// S3 endpoint, region and credentials, for checkpoint, savepoint and job data on S3.
+    /// What is left out comes from the standard AWS environment of the pods (`AWS_REGION`,
+    /// `AWS_ENDPOINT_URL`, ...); a region is needed from one or the other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Spec>,
 
@@ -121,8 +125,10 @@ pub struct StreamJobSpec {
     pub resources: Option<PodResources>,
 
     /// A Pod template merged into the coordinator and worker pods (labels, annotations,
-    /// node selector, tolerations, service account, extra env and volumes, sidecars). Fields
-    /// that Weir sets itself (command, the runtime container's image and ports) win.
+    /// node selector, tolerations, service account, extra env and volumes, sidecars), as a
+    /// JSON merge patch over the pods Weir builds, with containers merged by name (the
+    /// runtime's are `coordinator` and `worker`; another name adds a sidecar). What it sets
+    /// wins, so leave the runtime containers' image, args and ports to Weir (set `image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "preserve_unknown_object")]
     pub pod_template: Option<serde_json::Value>,
@@ -168,8 +174,9 @@ pub enum UpgradeMode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointingSpec {
-    /// Time between the start of one checkpoint and the next; `0s` turns periodic checkpoints
-    /// off (savepoints still work).
+    /// Time between the start of one checkpoint and the next. `0s` turns checkpoints off, and
+    /// savepoints with them (the coordinator refuses a savepoint of a job that takes no
+    /// checkpoints), so such a job can only be upgraded in last-state or stateless mode.
     #[serde(default = "default_checkpoint_interval")]
     pub interval: Duration,
 
@@ -217,7 +224,8 @@ pub struct CheckpointingSpec {
     pub retained: i32,
 
     /// Where checkpoints go: `s3://bucket/prefix`, or a local directory (an absolute path or
-    /// `file:///path`) for jobs that run on one machine.
+    /// `file:///path`) for `weir run` on one machine. When empty: the operator's default
+    /// checkpoint storage in a cluster, `/var/tmp/weir/checkpoints` for `weir run`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageUri>,
 }
@@ -267,7 +275,8 @@ pub enum CheckpointMode {
 #[serde(rename_all = "camelCase")]
 pub struct SavepointsSpec {
     /// Where savepoints go (`s3://bucket/prefix` or a local directory). When empty:
-    /// `savepoints/` beside the checkpoint storage.
+    /// `savepoints` beside the checkpoint storage (`s3://b/p/checkpoints` gives
+    /// `s3://b/p/savepoints`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directory: Option<StorageUri>,
 
@@ -280,12 +289,15 @@ pub struct SavepointsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<Duration>,
 
-    /// A savepoint not completed within this time is abandoned; the job keeps running.
+    /// The controller gives up on a savepoint not completed within this time (`0s`: no
+    /// limit) and counts it as failed; the job keeps running. A stopping savepoint (an
+    /// upgrade's, a suspend's) is then tried again with back-off.
     #[serde(default = "default_savepoint_timeout")]
     pub timeout: Duration,
 
     /// Which StreamSnapshots of this job are kept; the controller deletes the others and
-    /// their data. The latest snapshot is always kept.
+    /// their data. Never deleted: the newest, one marked `keep`, one imported by hand (no
+    /// reason), and one the job may restore from.
     #[serde(default, skip_serializing_if = "is_default")]
     pub retention: SnapshotRetention,
 }
@@ -336,7 +348,8 @@ impl Default for SnapshotRetention {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestoreSpec {
-    /// Name of a StreamSnapshot in the job's namespace to start from.
+    /// Name of a StreamSnapshot in the job's namespace to start from (its phase must be
+    /// Completed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
     /// Path of a savepoint or checkpoint to start from (`s3://...` or a local directory).
@@ -437,8 +450,10 @@ pub enum RestartStrategyType {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpgradeSpec {
-    /// A new version that is not running and ready within this time is rolled back to the
-    /// last stable spec, from the savepoint taken for the upgrade.
+    /// A new version that does not report Running within this time of its objects being
+    /// applied (or that fails on start) is rolled back to the last stable spec, from the state
+    /// it started from: the upgrade's savepoint, or the last checkpoint in last-state mode. A
+    /// new version that completed a checkpoint is not rolled back (Degraded UpgradeFailed).
     #[serde(default = "default_ready_timeout")]
     pub ready_timeout: Duration,
 }
@@ -470,8 +485,10 @@ pub struct S3Spec {
     /// when an endpoint is given, false for AWS S3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_path_style: Option<bool>,
-    /// Secret in the job's namespace holding the access key; never copied into logs,
-    /// status or events.
+    /// Secret in the job's namespace holding the access key. The pods get its keys as
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) from the
+    /// Secret; the controller reads them to delete expired savepoints. Never copied into
+    /// logs, status or events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<S3CredentialsRef>,
     /// `when-supported` sends request checksums on every upload; `when-required` only where
@@ -611,7 +628,7 @@ pub struct StreamJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_savepoint_nonce: Option<i64>,
 
-    /// Number of worker pods that run (scale subresource).
+    /// Number of workers connected to the coordinator (scale subresource).
     #[serde(default)]
     pub replicas: i32,
 
@@ -620,7 +637,11 @@ pub struct StreamJobStatus {
     pub selector: Option<String>,
 }
 
-/// The lifecycle phases of a StreamJob.
+/// Where the job is in its lifecycle: `Created` (accepted, nothing deployed yet),
+/// `Deploying` (pods starting, or the job restoring), `Running`, `Finished` (a bounded job's
+/// sources are exhausted and its output committed), `Upgrading` (moving to a new spec),
+/// `Suspended` (stopped, no pods), `Failed` (the conditions say why), `RollingBack` (a new
+/// version failed to run; going back to the last stable spec).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum JobPhase {
     /// Accepted, nothing deployed yet.
@@ -645,7 +666,8 @@ pub enum JobPhase {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunningJob {
-    /// Id of this run of the job (new on every deployment of a new spec).
+    /// Job id of the run, under which its checkpoints are stored: an upgrade or a suspend in
+    /// savepoint or stateless mode starts a new one, last-state mode keeps it.
     pub id: String,
     /// Parallelism the job runs at.
     pub parallelism: i32,
@@ -688,7 +710,10 @@ pub struct SavepointInfo {
     pub reason: SavepointReason,
 }
 
-/// Why a savepoint was taken.
+/// Why the savepoint was taken: `Requested` (`savepoints.triggerNonce` changed), `Periodic`
+/// (`savepoints.interval` elapsed), `Upgrade` (an upgrade in savepoint mode), `Suspend`
+/// (`state: suspended`) or `Deletion` (the StreamJob was deleted). Empty for a savepoint
+/// imported by hand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum SavepointReason {
     /// `savepoints.triggerNonce` changed.
