@@ -76,6 +76,7 @@ enum Cmd {
     },
     /// Show everything a StreamJob's status says, in sections.
     Status {
+        /// The StreamJob's name.
         job: String,
         /// Print the whole object instead, as JSON or YAML.
         #[arg(short, long, value_enum)]
@@ -88,6 +89,7 @@ enum Cmd {
     /// 1 with the controller's message. `path=$(kubectl weir savepoint JOB)` works.
     #[command(after_help = GITOPS)]
     Savepoint {
+        /// The StreamJob's name.
         job: String,
         /// Stop the job with the savepoint: suspends it (spec.state: suspended), which in
         /// upgradeMode savepoint makes the controller take a stopping savepoint and then
@@ -99,9 +101,13 @@ enum Cmd {
         #[arg(long, default_value = "10m")]
         timeout: weir_crds::Duration,
     },
-    /// Change a StreamJob's parallelism (spec.parallelism); an upgrade that keeps the state.
+    /// Change a StreamJob's parallelism (spec.parallelism).
+    ///
+    /// The controller treats it as an upgrade: in upgradeMode savepoint it stops the job with
+    /// a savepoint and starts it from it at the new parallelism, redistributing the key groups.
     #[command(after_help = GITOPS)]
     Rescale {
+        /// The StreamJob's name.
         job: String,
         /// The new parallelism, from 1 to the job's maxParallelism.
         #[arg(value_parser = change::parse_parallelism)]
@@ -109,18 +115,25 @@ enum Cmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Suspend a StreamJob (spec.state: suspended): in upgradeMode savepoint the controller
-    /// stops it with a savepoint first; then its pods are removed.
+    /// Suspend a StreamJob (spec.state: suspended) and remove its pods.
+    ///
+    /// In upgradeMode savepoint the controller stops the job with a savepoint first, and
+    /// `resume` starts it from that savepoint; in last-state mode it resumes from its last
+    /// checkpoint, in stateless mode with empty state.
     #[command(after_help = GITOPS)]
     Suspend {
+        /// The StreamJob's name.
         job: String,
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Resume a suspended StreamJob (spec.state: running), from the savepoint it was
-    /// suspended with (or its last checkpoint in upgradeMode last-state).
+    /// Resume a suspended StreamJob (spec.state: running).
+    ///
+    /// It starts from the savepoint it was suspended with (upgradeMode savepoint), from its
+    /// last checkpoint (last-state), or with empty state (stateless).
     #[command(after_help = GITOPS)]
     Resume {
+        /// The StreamJob's name.
         job: String,
         #[command(flatten)]
         wait: WaitArgs,
@@ -215,10 +228,19 @@ async fn jobs(c: &Cluster, all: bool) -> Result<(), Failure> {
 }
 
 async fn status(c: &Cluster, name: &str, output: Option<Output>) -> Result<(), Failure> {
-    let mut j = c.job(name).await?;
+    let j = c.job(name).await?;
     match output {
         None => print!("{}", show::status_text(&j, Timestamp::now())),
         Some(format) => {
+            // The object as the apiserver has it, not as this program's types would write it
+            // back (with their defaults filled in).
+            let ar = kube::api::ApiResource::erase::<StreamJob>(&());
+            let api: kube::Api<kube::api::DynamicObject> =
+                kube::Api::namespaced_with(c.client.clone(), &c.namespace, &ar);
+            let mut j = api
+                .get(name)
+                .await
+                .map_err(|e| c.error(&format!("reading streamjob {name:?}"), e))?;
             // As kubectl prints it: without the bookkeeping of who wrote which field.
             j.metadata.managed_fields = None;
             let text = match format {

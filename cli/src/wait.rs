@@ -263,23 +263,31 @@ pub fn suspended(j: &StreamJob, generation: i64) -> Look<()> {
 /// `parallelism` when given.
 pub fn running(j: &StreamJob, generation: i64, parallelism: Option<i32>) -> Look<()> {
     let s = status(j);
-    if !observed(j, generation) {
+    // The controller records the generation it observed at the end of a reconcile; the steps
+    // of an upgrade it writes on the way still carry the one before.
+    let seen = observed(j, generation);
+    if seen {
+        if let Some(r) = s.rolled_back.as_ref().filter(|r| r.generation >= generation) {
+            return Look::Fail(format!(
+                "generation {} was rolled back: {}",
+                r.generation, r.reason
+            ));
+        }
+        for reason in ["UpgradeRefused", "UpgradeFailed", "InvalidSpec", "JobFailed"] {
+            if let Some(m) = degraded(&s, reason) {
+                return Look::Fail(format!("{reason}: {m}"));
+            }
+        }
+    } else if s.upgrade.is_none() && s.savepoint_in_progress.is_none() {
         return Look::Wait(format!(
             "waiting for the controller to see the change ({})",
             going_on(&s)
         ));
     }
-    if let Some(r) = s.rolled_back.as_ref().filter(|r| r.generation >= generation) {
-        return Look::Fail(format!("generation {} was rolled back: {}", r.generation, r.reason));
-    }
-    for reason in ["UpgradeRefused", "UpgradeFailed", "InvalidSpec", "JobFailed"] {
-        if let Some(m) = degraded(&s, reason) {
-            return Look::Fail(format!("{reason}: {m}"));
-        }
-    }
     let at = s.job.as_ref().map(|r| r.parallelism);
     let ready = condition(&s, "Ready").is_some_and(|(on, _, _)| on);
-    let done = s.phase == Some(JobPhase::Running)
+    let done = seen
+        && s.phase == Some(JobPhase::Running)
         && ready
         && s.upgrade.is_none()
         && parallelism.is_none_or(|n| at == Some(n));
@@ -417,7 +425,18 @@ mod tests {
                     "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z"}]}),
             )
         };
-        assert!(matches!(running(&ready(4, 2), 5, Some(1)), Look::Wait(_)));
+        assert!(
+            matches!(running(&ready(4, 2), 5, Some(1)), Look::Wait(m) if m.contains("to see the change"))
+        );
+        // An upgrade under way was seen, though the observed generation is written later.
+        let mut upgrading = ready(4, 1);
+        upgrading.status.as_mut().unwrap().upgrade =
+            serde_json::from_value(json!({"toGeneration": 5,
+            "mode": "savepoint", "step": "Restoring", "startedAt": "2025-01-01T00:00:00Z"}))
+            .unwrap();
+        assert!(
+            matches!(running(&upgrading, 5, Some(1)), Look::Wait(m) if m.contains("step Restoring"))
+        );
         assert!(
             matches!(running(&ready(5, 2), 5, Some(1)), Look::Wait(m) if m.contains("running at 2 of 1"))
         );
