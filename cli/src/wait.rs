@@ -185,7 +185,9 @@ impl SavepointWait {
             .savepoint_in_progress
             .as_ref()
             .is_some_and(|p| p.reason == SavepointReason::Requested);
-        if !s.observed_savepoint_nonce.is_some_and(|n| n >= self.nonce) {
+        // The controller records the nonce it acted on (a later one acts on ours too).
+        let acted_on = s.observed_savepoint_nonce.is_some_and(|n| n >= self.nonce);
+        if !acted_on {
             return match s.phase {
                 Some(p @ (JobPhase::Suspended | JobPhase::Finished | JobPhase::Failed)) => {
                     Look::Fail(format!(
