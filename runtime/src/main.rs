@@ -7,6 +7,9 @@
 //!   parts started separately, as the pods run them.
 //! - `weir savepoint --api ADDR [--stop] [--dir DIR]` takes a savepoint of a running job
 //!   through its coordinator's API and waits for it (the token in `WEIR_API_TOKEN`).
+//! - `weir jobs|status|snapshots|rescale|suspend|resume ...` and `weir savepoint JOB ...`
+//!   (without `--api`) are the commands for jobs under the operator: `weir` runs
+//!   `kubectl-weir` with the same arguments (the runtime never talks to the Kubernetes API).
 //!
 //! Exit codes: 0 when the job finished (a bounded job exhausted its sources, or it was
 //! stopped with Ctrl-C / SIGTERM), 2 when the manifest, the pipeline or a flag is refused
@@ -97,6 +100,10 @@ enum Cmd {
         stay_after_end: bool,
     },
     /// Take a savepoint of a running job and wait for it; its path goes to stdout.
+    ///
+    /// With --api: directly from the job's coordinator. Without it, `weir savepoint JOB
+    /// [--stop] [-n NAMESPACE]` asks the operator for one through the Kubernetes API
+    /// (`kubectl-weir savepoint`; see `kubectl weir savepoint --help`).
     Savepoint {
         /// The coordinator's API address (`host:port`, the job's `--api-addr`).
         #[arg(long)]
@@ -138,6 +145,68 @@ enum Cmd {
         #[arg(long, env = "WEIR_CONNECT_TIMEOUT", default_value = "60s")]
         connect_timeout: weir_crds::Duration,
     },
+    /// List the operator's StreamJobs (runs kubectl-weir jobs).
+    Jobs(Forwarded),
+    /// Show a StreamJob's status (runs kubectl-weir status).
+    Status(Forwarded),
+    /// List StreamSnapshots (runs kubectl-weir snapshots).
+    Snapshots(Forwarded),
+    /// Change a StreamJob's parallelism (runs kubectl-weir rescale).
+    Rescale(Forwarded),
+    /// Suspend a StreamJob (runs kubectl-weir suspend).
+    Suspend(Forwarded),
+    /// Resume a StreamJob (runs kubectl-weir resume).
+    Resume(Forwarded),
+}
+
+/// The arguments of a command `weir` hands to `kubectl-weir` as they are.
+#[derive(clap::Args, Debug)]
+#[command(disable_help_flag = true)]
+struct Forwarded {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<std::ffi::OsString>,
+}
+
+/// The commands for jobs under the operator, which `kubectl-weir` has.
+const FORWARDED: [&str; 6] = ["jobs", "status", "snapshots", "rescale", "suspend", "resume"];
+
+/// Whether `weir` hands this command line to `kubectl-weir`: one of [`FORWARDED`], or a
+/// savepoint without `--api` (with it, `weir savepoint` asks the coordinator itself).
+fn forwarded(args: &[std::ffi::OsString]) -> bool {
+    let Some(cmd) = args.get(1).and_then(|a| a.to_str()) else { return false };
+    if FORWARDED.contains(&cmd) {
+        return true;
+    }
+    cmd == "savepoint"
+        && !args[2..]
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .any(|a| a == "--api" || a.starts_with("--api=") || a == "-h" || a == "--help")
+}
+
+/// `kubectl-weir`: next to this program first (they are installed together), else on PATH.
+fn kubectl_weir() -> Option<PathBuf> {
+    const NAME: &str = "kubectl-weir";
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join(NAME)));
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(NAME)).collect::<Vec<_>>())
+        .unwrap_or_default();
+    beside.into_iter().chain(on_path).find(|p| p.is_file())
+}
+
+/// Replaces this process with `kubectl-weir` and the arguments after `weir`.
+fn forward(args: &[std::ffi::OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let cmd = args.get(1).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+    let Some(exe) = kubectl_weir() else {
+        eprintln!(
+            "weir: `weir {cmd}` runs kubectl-weir, which is neither next to weir nor on PATH: install kubectl-weir (cargo install --path cli, or copy the kubectl-weir binary onto PATH)"
+        );
+        return ExitCode::from(1);
+    };
+    let e = std::process::Command::new(&exe).args(&args[1..]).exec();
+    eprintln!("weir: running {}: {e}", exe.display());
+    ExitCode::from(1)
 }
 
 fn main() -> ExitCode {
@@ -147,7 +216,18 @@ fn main() -> ExitCode {
             eprintln!("weir: installing the signal handler: {e}");
         }
     }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if forwarded(&args) {
+        return forward(&args);
+    }
     match Cli::parse().cmd {
+        // Handed over above; here only if clap took a command line `forwarded` did not.
+        Cmd::Jobs(_)
+        | Cmd::Status(_)
+        | Cmd::Snapshots(_)
+        | Cmd::Rescale(_)
+        | Cmd::Suspend(_)
+        | Cmd::Resume(_) => forward(&args),
         Cmd::Run { job, state_dir, processes } => {
             let launch = if processes {
                 match std::env::current_exe() {
@@ -438,5 +518,39 @@ fn report_progress(status: &Status, done: &AtomicBool) {
     }
     if tty {
         eprint!("\r\x1b[2K");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(args: &[&str]) -> Vec<std::ffi::OsString> {
+        std::iter::once("weir").chain(args.iter().copied()).map(Into::into).collect()
+    }
+
+    #[test]
+    fn the_commands_for_jobs_under_the_operator_go_to_kubectl_weir() {
+        for cmd in FORWARDED {
+            assert!(forwarded(&line(&[cmd, "wc", "-n", "prod"])), "{cmd}");
+        }
+        assert!(forwarded(&line(&["savepoint", "wc"])));
+        assert!(forwarded(&line(&["savepoint", "wc", "--stop", "-n", "prod"])));
+        // With --api, weir asks the coordinator itself.
+        assert!(!forwarded(&line(&["savepoint", "--api", "127.0.0.1:8081"])));
+        assert!(!forwarded(&line(&["savepoint", "--api=127.0.0.1:8081", "--stop"])));
+        assert!(!forwarded(&line(&["savepoint", "--help"])));
+        assert!(!forwarded(&line(&["run", "job.yaml"])));
+        assert!(!forwarded(&line(&[])));
+    }
+
+    #[test]
+    fn help_lists_the_forwarded_commands() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let help = Cli::command().render_help().to_string();
+        for cmd in FORWARDED {
+            assert!(help.contains(&format!("  {cmd} ")), "{cmd} in:\n{help}");
+        }
     }
 }
