@@ -549,8 +549,7 @@ async fn with_two_controllers_one_leads_and_the_other_takes_over_when_it_dies() 
         phase(j) == Some(JobPhase::Suspended)
     })
     .await;
-    let holder =
-        leases.get(lease).await.unwrap().spec.unwrap().holder_identity.unwrap();
+    let holder = leases.get(lease).await.unwrap().spec.unwrap().holder_identity.unwrap();
     assert_ne!(holder, leader);
     env.delete_namespace(&ns).await;
 }
