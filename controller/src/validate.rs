@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use weir_crds::streamjob::{DeployedRun, StreamJobStatus};
 
 use k8s_openapi::ByteString;
-use weir_crds::streamjob::DesiredState;
+use weir_crds::streamjob::{DesiredState, UpgradeMode};
 use weir_crds::{StorageUri, StreamJob};
 
 /// What validation needs to know about the cluster.
@@ -84,6 +84,21 @@ pub fn validate(
     }
 
     let checkpointing = &spec.checkpointing;
+    // Savepoints ride on the checkpoint machinery: without checkpoints, every upgrade,
+    // suspend and deletion in savepoint mode would fail and be retried for ever, and
+    // last-state would have nothing to go on from.
+    if checkpointing.interval.is_zero() && spec.upgrade_mode != UpgradeMode::Stateless {
+        let mode = match spec.upgrade_mode {
+            UpgradeMode::Savepoint => "savepoint",
+            _ => "last-state",
+        };
+        return Err(Invalid::new(
+            "spec.checkpointing.interval",
+            format!(
+                "spec.checkpointing.interval 0s turns checkpoints off, and spec.upgradeMode {mode} needs them (upgrades, suspend and deletion go through a savepoint or the last checkpoint): set an interval such as 10s, or spec.upgradeMode: stateless"
+            ),
+        ));
+    }
     let checkpoint_storage = if checkpointing.interval.is_zero() {
         None
     } else {

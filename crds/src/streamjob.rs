@@ -176,7 +176,7 @@ pub enum UpgradeMode {
 pub struct CheckpointingSpec {
     /// Time between the start of one checkpoint and the next. `0s` turns checkpoints off, and
     /// savepoints with them (the coordinator refuses a savepoint of a job that takes no
-    /// checkpoints), so such a job can only be upgraded in last-state or stateless mode.
+    /// checkpoints), so the operator takes `0s` only with `upgradeMode: stateless`.
     #[serde(default = "default_checkpoint_interval")]
     pub interval: Duration,
 

@@ -422,6 +422,11 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
             }),
             "spec.s3.credentialsSecret.name: Secret \"missing\" does not exist",
         ),
+        (
+            "no-checkpoints",
+            with("no-checkpoints", &|v| v["spec"]["checkpointing"] = json!({"interval": "0s"})),
+            "spec.checkpointing.interval 0s turns checkpoints off, and spec.upgradeMode savepoint needs them",
+        ),
     ];
     for (name, manifest, _) in &cases {
         let (ok, out) = apply(&env, manifest);
