@@ -76,8 +76,11 @@ fn a_good_spec_passes_and_keeps_its_storage() {
     let e = validate::validate(&generator, &Observed::default(), &Defaults::default()).unwrap_err();
     assert_eq!(e.field, "spec.checkpointing.storage");
     assert!(e.message.contains("s3://bucket/prefix"), "{}", e.message);
-    // No checkpoints, no storage needed.
-    let none = patched(&generator, json!({"spec": {"checkpointing": {"interval": "0s"}}}));
+    // No checkpoints (which only a stateless job may do), no storage needed.
+    let none = patched(
+        &generator,
+        json!({"spec": {"checkpointing": {"interval": "0s"}, "upgradeMode": "stateless"}}),
+    );
     assert_eq!(
         validate::validate(&none, &Observed::default(), &Defaults::default())
             .unwrap()
@@ -101,6 +104,20 @@ fn each_refusal_names_its_field_and_what_to_do() {
             good_secret(),
             "spec.parallelism",
             "spec.parallelism 200 is above spec.maxParallelism 128",
+        ),
+        (
+            "checkpoints off in savepoint mode",
+            json!({"spec": {"checkpointing": {"interval": "0s"}}}),
+            good_secret(),
+            "spec.checkpointing.interval",
+            "spec.checkpointing.interval 0s turns checkpoints off, and spec.upgradeMode savepoint needs them",
+        ),
+        (
+            "checkpoints off in last-state mode",
+            json!({"spec": {"checkpointing": {"interval": "0s"}, "upgradeMode": "last-state"}}),
+            good_secret(),
+            "spec.checkpointing.interval",
+            "spec.upgradeMode last-state needs them",
         ),
         (
             "maxParallelism changed after the job has state",
