@@ -146,15 +146,33 @@ async fn upgrade_refuse_suspend(env: &TestEnv, ns: &str) -> String {
     .await;
     capture("streamsnapshot-completed", serde_json::to_value(s).unwrap());
 
-    // A changed maxParallelism is refused; the job goes on: Degraded all the same.
+    // A changed maxParallelism is refused as an invalid spec (the key groups are fixed once
+    // the job has state), a stateful operator dropped without allowNonRestoredState as an
+    // upgrade the state does not allow; the job goes on running: Degraded all the same.
+    let spec = |v: &Value| v["spec"].clone();
+    let before = spec(&job_json(env, ns, "wc").await);
     patch_spec(env, ns, "wc", json!({"maxParallelism": 256})).await;
     let v = wait_json(env, ns, "wc", "the maxParallelism change refused", |v| {
+        current(v) && cond_is(v, "Degraded", "True", "InvalidSpec")
+    })
+    .await;
+    assert_eq!(v["status"]["phase"], "Running", "a refused spec leaves the job running");
+    capture("streamjob-invalid-spec", v);
+    let mut dropped = before.clone();
+    let ops = dropped["pipeline"]["operators"].as_array_mut().unwrap();
+    ops.remove(2);
+    ops[2]["inputs"] = json!(["words"]);
+    let api: Api<StreamJob> = Api::namespaced(env.client.clone(), ns);
+    api.patch("wc", &PatchParams::default(), &Patch::Merge(json!({"spec": dropped})))
+        .await
+        .unwrap();
+    let v = wait_json(env, ns, "wc", "the dropped stateful operator refused", |v| {
         current(v) && cond_is(v, "Degraded", "True", "UpgradeRefused")
     })
     .await;
     assert_eq!(v["status"]["phase"], "Running", "a refused upgrade leaves the job running");
     capture("streamjob-upgrade-refused", v);
-    patch_spec(env, ns, "wc", json!({"maxParallelism": 128})).await;
+    api.patch("wc", &PatchParams::default(), &Patch::Merge(json!({"spec": before}))).await.unwrap();
     let v = wait_json(env, ns, "wc", "Degraded cleared after the revert", |v| {
         current(v) && cond_is(v, "Degraded", "False", "AsExpected")
     })
