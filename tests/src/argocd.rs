@@ -215,8 +215,14 @@ pub const CAPTURES: &[(&str, &str, &str, &str)] = &[
         "upgrading to generation 2",
     ),
     (
+        "streamjob-invalid-spec",
+        "Running, Degraded InvalidSpec (maxParallelism changed)",
+        "Degraded",
+        "InvalidSpec: spec.maxParallelism 256",
+    ),
+    (
         "streamjob-upgrade-refused",
-        "Running, Degraded UpgradeRefused",
+        "Running, Degraded UpgradeRefused (a stateful operator dropped)",
         "Degraded",
         "UpgradeRefused: ",
     ),
