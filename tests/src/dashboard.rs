@@ -122,11 +122,11 @@ pub fn labels_used(expr: &str) -> Vec<(String, String)> {
         }
     }
     // label_values(metric{...}, label).
-    if let Some(args) = expr.trim().strip_prefix("label_values(") {
-        if let Some((_, label)) = args.trim_end_matches(')').rsplit_once(',') {
-            for name in &names {
-                out.push((name.clone(), label.trim().to_string()));
-            }
+    if let Some(args) = expr.trim().strip_prefix("label_values(")
+        && let Some((_, label)) = args.trim_end_matches(')').rsplit_once(',')
+    {
+        for name in &names {
+            out.push((name.clone(), label.trim().to_string()));
         }
     }
     out
