@@ -109,6 +109,7 @@ def test_watch_namespaces_and_two_replicas_render_roles_and_leader_election():
     assert env_of(c)["WEIR_LOG_FORMAT"] == "text"
     sm = objs[("ServiceMonitor", "ops", "weir-controller")]
     assert sm["spec"]["endpoints"][0]["interval"] == "15s"
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True, "the per-job labels win"
     dash = objs[("ConfigMap", "ops", "weir-dashboard")]
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
     if (CHART / "dashboards" / "weir.json").exists():
