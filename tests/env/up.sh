@@ -67,21 +67,26 @@ openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 token=$(openssl rand -hex 24)
 echo "$token,admin,admin,system:masters" > "$pki/tokens.csv"
 
-kubeconfig=$dir/kubeconfig
-cat > "$kubeconfig" <<KC
+# write_kubeconfig FILE USER TOKEN: a kubeconfig for the apiserver with a bearer token.
+write_kubeconfig() {
+  cat > "$1" <<KC
 apiVersion: v1
 kind: Config
 clusters:
 - name: weir-testenv
   cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$pki/ca.crt"}
 users:
-- name: admin
-  user: {token: "$token"}
+- name: $2
+  user: {token: "$3"}
 contexts:
-- name: weir-testenv
-  context: {cluster: weir-testenv, user: admin, namespace: default}
-current-context: weir-testenv
+- name: $2
+  context: {cluster: weir-testenv, user: $2}
+current-context: $2
 KC
+  chmod 600 "$1"
+}
+kubeconfig=$dir/kubeconfig
+write_kubeconfig "$kubeconfig" admin "$token"
 
 # --- etcd
 start etcd /usr/bin/etcd --name weir --data-dir "$dir/etcd" \
@@ -146,23 +151,9 @@ wait_for "the default service account" 60 kubectl -n default get serviceaccount 
 "$venv/bin/python" "$root/charts/render.py" --set-json '{"replicas": 2}' \
   --only Namespace,ServiceAccount,ClusterRole,ClusterRoleBinding,Role,RoleBinding | kubectl apply -f - >/dev/null
 sa_secret() { kubectl -n weir-system get serviceaccount weir-controller -o jsonpath='{.secrets[0].name}'; }
-wait_for "the controller's ServiceAccount token" 60 sh -c "kubectl -n weir-system get serviceaccount weir-controller -o jsonpath='{.secrets[0].name}' | grep -q ."
-sa_token=$(kubectl -n weir-system get secret "$(sa_secret)" -o jsonpath='{.data.token}' | base64 -d)
-cat > "$dir/controller.kubeconfig" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: weir-testenv
-  cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$pki/ca.crt"}
-users:
-- name: weir-controller
-  user: {token: "$sa_token"}
-contexts:
-- name: weir-controller
-  context: {cluster: weir-testenv, user: weir-controller, namespace: weir-system}
-current-context: weir-controller
-KC
-chmod 600 "$dir/controller.kubeconfig"
+wait_for "the controller's ServiceAccount token" 60 sh -c "$(declare -f sa_secret); sa_secret | grep -q ."
+write_kubeconfig "$dir/controller.kubeconfig" weir-controller \
+  "$(kubectl -n weir-system get secret "$(sa_secret)" -o jsonpath='{.data.token}' | base64 -d)"
 
 cat > "$dir/env.sh" <<ENV
 # Written by tests/env/up.sh: source it to use the test environment.
