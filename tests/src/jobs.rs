@@ -154,10 +154,31 @@ pub async fn wait_job_within(
     f: impl Fn(&StreamJob) -> bool,
 ) -> StreamJob {
     let api: Api<StreamJob> = Api::namespaced(env.client.clone(), ns);
-    wait_for(&format!("StreamJob {name}: {what}"), limit, || async {
-        api.get_opt(name).await.ok().flatten().filter(|j| f(j))
+    let mut last = None;
+    let waited = tokio::time::timeout(limit, async {
+        loop {
+            if let Some(j) = api.get_opt(name).await.ok().flatten() {
+                if f(&j) {
+                    return j;
+                }
+                last = Some(j);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     })
-    .await
+    .await;
+    waited.unwrap_or_else(|_| {
+        // What the job was doing instead, so that a failure says why.
+        let mut seen = last.as_ref().map(|j| serde_json::to_value(status(j)).unwrap());
+        if let Some(s) = seen.as_mut().and_then(Value::as_object_mut) {
+            s.remove("lastStableSpec");
+        }
+        panic!(
+            "timed out after {}s waiting for StreamJob {ns}/{name}: {what}; its last status: {}; the controller's log: /tmp/weir-controller-{ns}.log",
+            limit.as_secs(),
+            seen.map_or_else(|| "none".into(), |v| v.to_string())
+        )
+    })
 }
 
 /// The status, or an empty one.
