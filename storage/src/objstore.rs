@@ -289,6 +289,54 @@ impl S3Client {
         block_on(&self.inner.handle, fut)
     }
 
+    /// Starts a multipart upload of `key`; its upload id. `what` names the object in errors.
+    fn start_upload(&self, bucket: &str, key: &str, what: &str) -> Result<String, RuntimeError> {
+        let (client, b, k) = (self.inner.client.clone(), bucket.to_string(), key.to_string());
+        self.run(async move { client.create_multipart_upload().bucket(b).key(k).send().await })
+            .map_err(|e| self.error("starting an upload of", what, e))?
+            .upload_id()
+            .map(str::to_string)
+            .ok_or_else(|| {
+                RuntimeError::external(format!("S3 writing {what}: the server gave no upload id"))
+            })
+    }
+
+    /// Completes the multipart upload `id` of `key` from its parts, in order.
+    fn complete_upload(
+        &self,
+        bucket: &str,
+        key: &str,
+        id: &str,
+        parts: Vec<CompletedPart>,
+        what: &str,
+    ) -> Result<(), RuntimeError> {
+        let (client, b, k, id) =
+            (self.inner.client.clone(), bucket.to_string(), key.to_string(), id.to_string());
+        let done = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+        self.run(async move {
+            client
+                .complete_multipart_upload()
+                .bucket(b)
+                .key(k)
+                .upload_id(id)
+                .multipart_upload(done)
+                .send()
+                .await
+        })
+        .map(|_| ())
+        .map_err(|e| self.error("completing the upload of", what, e))
+    }
+
+    /// Aborts the multipart upload `id` of `key`, best effort: the error that led here is
+    /// the one to report.
+    fn abort_upload(&self, bucket: &str, key: &str, id: &str) {
+        let (client, b, k, id) =
+            (self.inner.client.clone(), bucket.to_string(), key.to_string(), id.to_string());
+        let _ = self.run(async move {
+            client.abort_multipart_upload().bucket(b).key(k).upload_id(id).send().await
+        });
+    }
+
     /// Every object whose key starts with `prefix` (all pages), in key order.
     pub fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectInfo>, RuntimeError> {
         let (client, b, p) = (self.inner.client.clone(), bucket.to_string(), prefix.to_string());
@@ -442,15 +490,7 @@ impl S3Client {
         if first.len() < UPLOAD_PART {
             return self.put(bucket, key, first);
         }
-        let (client, b, k) = (self.inner.client.clone(), bucket.to_string(), key.to_string());
-        let upload_id = self
-            .run(async move { client.create_multipart_upload().bucket(b).key(k).send().await })
-            .map_err(|e| self.error("starting an upload of", &what, e))?
-            .upload_id()
-            .map(str::to_string)
-            .ok_or_else(|| {
-                RuntimeError::external(format!("S3 writing {what}: the server gave no upload id"))
-            })?;
+        let upload_id = self.start_upload(bucket, key, &what)?;
         let upload = || -> Result<(), RuntimeError> {
             let mut parts = Vec::new();
             let mut piece = first;
@@ -468,30 +508,11 @@ impl S3Client {
                 parts.push(part);
                 piece = next_piece()?;
             }
-            let (client, b, k, id) =
-                (self.inner.client.clone(), bucket.to_string(), key.to_string(), upload_id.clone());
-            let done = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
-            self.run(async move {
-                client
-                    .complete_multipart_upload()
-                    .bucket(b)
-                    .key(k)
-                    .upload_id(id)
-                    .multipart_upload(done)
-                    .send()
-                    .await
-            })
-            .map(|_| ())
-            .map_err(|e| self.error("completing the upload of", &what, e))
+            self.complete_upload(bucket, key, &upload_id, parts, &what)
         };
         let result = upload();
         if result.is_err() {
-            let (client, b, k, id) =
-                (self.inner.client.clone(), bucket.to_string(), key.to_string(), upload_id);
-            // Best effort: the first error is the one to report.
-            let _ = self.run(async move {
-                client.abort_multipart_upload().bucket(b).key(k).upload_id(id).send().await
-            });
+            self.abort_upload(bucket, key, &upload_id);
         }
         result
     }
@@ -730,22 +751,7 @@ impl PartWriter<'_> {
         let id = match &self.upload_id {
             Some(id) => id.clone(),
             None => {
-                let (client, b, k) =
-                    (inner.client.clone(), self.bucket.to_string(), self.key.to_string());
-                let what = self.what();
-                let id =
-                    self.s3
-                        .run(async move {
-                            client.create_multipart_upload().bucket(b).key(k).send().await
-                        })
-                        .map_err(|e| self.s3.error("starting an upload of", &what, e))?
-                        .upload_id()
-                        .map(str::to_string)
-                        .ok_or_else(|| {
-                            RuntimeError::external(format!(
-                                "S3 writing {what}: the server gave no upload id"
-                            ))
-                        })?;
+                let id = self.s3.start_upload(self.bucket, self.key, &self.what())?;
                 self.upload_id = Some(id.clone());
                 id
             }
@@ -779,25 +785,9 @@ impl PartWriter<'_> {
         while !self.in_flight.is_empty() {
             self.wait_oldest()?;
         }
-        let inner = &self.s3.inner;
-        let (client, b, k) = (inner.client.clone(), self.bucket.to_string(), self.key.to_string());
         let id = self.upload_id.clone().unwrap_or_default();
-        let done = CompletedMultipartUpload::builder()
-            .set_parts(Some(std::mem::take(&mut self.parts)))
-            .build();
-        let what = self.what();
-        self.s3
-            .run(async move {
-                client
-                    .complete_multipart_upload()
-                    .bucket(b)
-                    .key(k)
-                    .upload_id(id)
-                    .multipart_upload(done)
-                    .send()
-                    .await
-            })
-            .map_err(|e| self.s3.error("completing the upload of", &what, e))?;
+        let parts = std::mem::take(&mut self.parts);
+        self.s3.complete_upload(self.bucket, self.key, &id, parts, &self.what())?;
         self.upload_id = None;
         Ok(self.size)
     }
@@ -809,12 +799,7 @@ impl PartWriter<'_> {
             h.abort();
         }
         if let Some(id) = self.upload_id.take() {
-            let inner = &self.s3.inner;
-            let (client, b, k) =
-                (inner.client.clone(), self.bucket.to_string(), self.key.to_string());
-            let _ = self.s3.run(async move {
-                client.abort_multipart_upload().bucket(b).key(k).upload_id(id).send().await
-            });
+            self.s3.abort_upload(self.bucket, self.key, &id);
         }
     }
 }
