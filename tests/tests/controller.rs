@@ -139,11 +139,7 @@ async fn wait_job(
     what: &str,
     f: impl Fn(&StreamJob) -> bool,
 ) -> StreamJob {
-    let api: Api<StreamJob> = Api::namespaced(env.client.clone(), ns);
-    wait_for(&format!("StreamJob {name}: {what}"), T, || async {
-        api.get_opt(name).await.ok().flatten().filter(|j| f(j))
-    })
-    .await
+    weir_e2e::jobs::wait_job_within(env, ns, name, what, T, f).await
 }
 
 fn phase(j: &StreamJob) -> Option<JobPhase> {
