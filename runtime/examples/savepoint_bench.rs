@@ -3,7 +3,8 @@
 //! state at 2 saved again and restored at 4. For each: the wall-clock time (every subtask on a
 //! thread of its own, as in a job), the bytes each new subtask read against its share of the
 //! savepoint, and the restore's read rate against the server's raw GET rate measured in the
-//! same run at the same number of parallel readers.
+//! same run at the same number of parallel readers. As a comparison, the state at 4 is also
+//! saved in format 1 (entries, which a restore decodes and builds tables of) and restored at 2.
 //!
 //! `cargo run --release --example savepoint_bench -- s3://bucket/prefix 1024`
 //! (size in MiB; S3 settings from the AWS environment variables).
@@ -17,7 +18,7 @@ use weir_runtime::keygroup::{KeyGroupRange, key_group_of, subtask_of};
 use weir_runtime::objstore::S3Client;
 use weir_runtime::operators::SplitMix64;
 use weir_runtime::savepoint::{
-    GETS_IN_FLIGHT, KeyedFile, Restored, restore_keyed_with, save_keyed,
+    GETS_IN_FLIGHT, KeyedFile, KeyedFormat, Restored, restore_keyed, save_keyed_as,
 };
 use weir_runtime::state::{Num, StateBackend};
 use weir_runtime::storage::{Prefixed, Storage};
@@ -62,16 +63,17 @@ fn build(dir: &Path, mib: u64, p: u32) -> Result<Vec<StateBackend>, Error> {
     })
 }
 
-/// A savepoint of `backends` (one per subtask of parallelism `backends.len()`): its files and
-/// the seconds it took (RocksDB checkpoints, then keyed files streamed to storage, every
-/// subtask at the same time). Before the timed savepoint, where its time goes is measured
-/// apart and printed: the checkpoints, and reading them and encoding the keyed files into
-/// nothing (no upload).
+/// A savepoint of `backends` (one per subtask of parallelism `backends.len()`) in `format`: its
+/// files and the seconds it took (RocksDB checkpoints, then keyed files streamed to storage,
+/// every subtask at the same time). Before the timed savepoint, where its time goes is
+/// measured apart and printed: the checkpoints, and reading them and encoding the keyed files
+/// into nothing (no upload).
 fn savepoint(
     storage: &dyn Storage,
     dir: &Path,
     backends: &[StateBackend],
     name: &str,
+    format: KeyedFormat,
 ) -> Result<(Vec<KeyedFile>, f64), Error> {
     let p = backends.len() as u32;
     let local = |s: u32| dir.join(format!("{name}-chk-{s}"));
@@ -87,19 +89,34 @@ fn savepoint(
         let src = &mut |f: &mut weir_runtime::savepoint::EntryVisitor<'_>| {
             StateBackend::for_each_in_checkpoint(&local(s), UID, |k, v| f(k, v))
         };
-        Ok(weir_runtime::savepoint::write_entries(std::io::sink(), range(s), src)?)
+        match format {
+            KeyedFormat::Entries => {
+                weir_runtime::savepoint::write_entries(std::io::sink(), range(s), src)?;
+            }
+            KeyedFormat::Sst => {
+                let scratch = dir.join(format!("{name}-encode-{s}.sst"));
+                weir_runtime::savepoint::write_sst_groups(
+                    std::io::sink(),
+                    range(s),
+                    src,
+                    &scratch,
+                )?;
+            }
+        }
+        Ok(())
     })?;
     let encode_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let files = parallel(p, |s| {
-        let f = save_keyed(&local(s), UID, range(s), storage, &format!("{name}/keyed/{UID}-{s}"))?;
+        let key = format!("{name}/keyed/{UID}-{s}");
+        let f = save_keyed_as(&local(s), UID, range(s), storage, &key, format)?;
         std::fs::remove_dir_all(local(s))?;
         Ok(f)
     })?;
     let save_secs = t.elapsed().as_secs_f64();
     println!(
-        "  savepoint at {p}: RocksDB checkpoints {checkpoint_secs:.2} s; reading them and encoding \
-         (no upload) {encode_secs:.2} s; streaming to storage {save_secs:.2} s"
+        "  savepoint at {p} ({format:?}): RocksDB checkpoints {checkpoint_secs:.2} s; reading them \
+         and encoding (no upload) {encode_secs:.2} s; streaming to storage {save_secs:.2} s"
     );
     Ok((files, checkpoint_secs + save_secs))
 }
@@ -206,7 +223,9 @@ fn main() -> Result<(), Error> {
         "raw GET",
         "of raw"
     );
-    let (files4, sp4) = savepoint(&storage, tmp.path(), &old, "sp-4")?;
+    let (files4, sp4) = savepoint(&storage, tmp.path(), &old, "sp-4", KeyedFormat::Sst)?;
+    let (files4_v1, sp4_v1) =
+        savepoint(&storage, tmp.path(), &old, "sp-4-v1", KeyedFormat::Entries)?;
     // Disk is scarce where this runs: every instance goes as soon as it is no longer needed.
     let remove = |backends: Vec<StateBackend>| -> Result<(), Error> {
         let dirs: Vec<_> = backends.iter().map(|b| b.path().to_path_buf()).collect();
@@ -218,24 +237,22 @@ fn main() -> Result<(), Error> {
     };
     remove(old)?;
     let mut at2 = None;
-    // (from, to, SST files without compression): the third kind is a comparison, not what a
-    // job does (its SST files are compressed as the column family's are, LZ4).
+    // (from, to, the savepoint in format 1): the format-1 restore is a comparison, not what a
+    // job does now (its savepoints are written in format 2).
     let plan: Vec<(u32, u32, bool)> =
         vec![(4, 3, false), (4, 2, true), (4, 2, false), (2, 4, false)];
     let mut saved: std::collections::BTreeMap<u32, (Vec<KeyedFile>, f64)> =
         [(4, (files4, sp4))].into();
-    for (from, to, plain) in plan {
-        let mut sst = weir_runtime::state::sst_options();
-        if plain {
-            sst.set_compression_type(rocksdb::DBCompressionType::None);
-        }
-        let tag = if plain { "-plain" } else { "" };
+    for (from, to, v1) in plan {
+        let tag = if v1 { "-v1" } else { "" };
         if let std::collections::btree_map::Entry::Vacant(e) = saved.entry(from) {
             let backends: Vec<StateBackend> = at2.take().ok_or("no state at parallelism 2")?;
-            e.insert(savepoint(&storage, tmp.path(), &backends, &format!("sp-{from}"))?);
+            let name = format!("sp-{from}");
+            e.insert(savepoint(&storage, tmp.path(), &backends, &name, KeyedFormat::Sst)?);
             remove(backends)?;
         }
-        let (files, sp_secs) = &saved[&from];
+        let (files, sp_secs) =
+            if v1 { (&files4_v1, &sp4_v1) } else { (&saved[&from].0, &saved[&from].1) };
         let total: u64 = files.iter().map(|f| f.offsets.last().copied().unwrap_or(0)).sum();
         let t = Instant::now();
         let restored = parallel(to, |s| {
@@ -244,15 +261,9 @@ fn main() -> Result<(), Error> {
                 &tmp.path().join(format!("new-{from}-{to}{tag}-{s}")),
                 &[UID.to_string()],
             )?;
-            let done = restore_keyed_with(
-                &storage,
-                files,
-                (r.start, r.end),
-                &b,
-                UID,
-                &tmp.path().join(format!("restore-{from}-{to}{tag}-{s}.sst")),
-                &sst,
-            )?;
+            let scratch = tmp.path().join(format!("restore-{from}-{to}{tag}-{s}"));
+            let done = restore_keyed(&storage, files, (r.start, r.end), &b, UID, &scratch)?;
+            std::fs::remove_dir_all(&scratch)?;
             Ok((b, done))
         })?;
         let secs = t.elapsed().as_secs_f64();
@@ -261,7 +272,7 @@ fn main() -> Result<(), Error> {
         let read: u64 = restored.iter().map(|(_, r)| r.bytes).sum();
         let rate = read as f64 / MIB / secs;
         let raw_n = raw[&to.min(4)];
-        let rescale = format!("{from}->{to}{}", if plain { "*" } else { "" });
+        let rescale = format!("{from}->{to}{}", if v1 { "*" } else { "" });
         println!(
             "{rescale:<8} {sp_secs:>9.2}s {secs:>9.2}s {:>11.0} {worst:>11.3}x {rate:>10.0} {raw_n:>9.0} {:>7.0}%",
             total as f64 / MIB,
@@ -269,19 +280,20 @@ fn main() -> Result<(), Error> {
         );
         let most = |f: fn(&Restored) -> f64| restored.iter().map(|(_, r)| f(r)).fold(0.0, f64::max);
         println!(
-            "  restore at {to}{}, the most of one subtask: waiting for S3 {:.2} s, decoding and \
-             writing its SST file {:.2} s, ingesting it {:.2} s",
-            if plain {
-                " (* SST files not compressed: a comparison, not what jobs do)"
+            "  restore at {to}{}, the most of one subtask: waiting for S3 {:.2} s, writing its SST \
+             files {:.2} s, ingesting them {:.2} s ({} files)",
+            if v1 {
+                " (* a savepoint of format 1: entries decoded into a new SST file, a comparison)"
             } else {
                 ""
             },
             most(|r| r.waiting_secs),
             most(|r| r.writing_secs),
-            most(|r| r.ingest_secs)
+            most(|r| r.ingest_secs),
+            restored.iter().map(|(_, r)| r.files).sum::<u64>(),
         );
         let backends: Vec<StateBackend> = restored.into_iter().map(|(b, _)| b).collect();
-        if (from, to, plain) == (4, 2, false) {
+        if (from, to, v1) == (4, 2, false) {
             at2 = Some(backends);
         } else {
             remove(backends)?;

@@ -36,8 +36,12 @@ use crate::storage::Storage;
 
 /// The first bytes of a metadata file: the format and its version.
 pub const MAGIC: &[u8] = b"WEIR-CHECKPOINT 1\n";
-/// The metadata format this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The metadata format this build writes. Version 2 added savepoints' keyed files of format 2
+/// (an SST file per key group, [`crate::savepoint::KeyedFormat`]); a Weir that reads only
+/// version 1 would take them for entries, so it must refuse them by the version.
+pub const VERSION: u32 = 2;
+/// The oldest metadata format this build reads (its savepoints' keyed files are of format 1).
+pub const OLDEST_VERSION: u32 = 1;
 pub const METADATA: &str = "_metadata";
 
 /// The checkpoint settings of a job, checked.
@@ -192,9 +196,9 @@ impl Metadata {
         let m: Metadata = serde_json::from_slice(body).map_err(|e| {
             RuntimeError::user(format!("{where_}: damaged checkpoint metadata: {e}"))
         })?;
-        if m.version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&m.version) {
             return Err(RuntimeError::user(format!(
-                "{where_}: metadata version {}; this Weir reads version {VERSION}",
+                "{where_}: metadata version {}; this Weir reads version {OLDEST_VERSION} to {VERSION}",
                 m.version
             )));
         }
@@ -488,8 +492,10 @@ mod tests {
                 keyed: None,
                 keyed_file: Some(crate::savepoint::KeyedFile {
                     file: "keyed/a-1".into(),
+                    format: crate::savepoint::KeyedFormat::Sst,
                     key_groups: (64, 127),
                     offsets: (0..66).map(|i| 13 + i * 10).collect(),
+                    checksums: (0..64u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect(),
                     entries: 65,
                 }),
                 state: Some(serde_json::json!({"x": 1})),
@@ -504,9 +510,22 @@ mod tests {
         let e = Metadata::parse(b"{\"id\": 3}", "s3://b/chk-3/_metadata").unwrap_err();
         assert!(e.message.contains("s3://b/chk-3/_metadata"), "{e}");
         let mut newer = m.clone();
-        newer.version = 2;
+        newer.version = VERSION + 1;
         let e = Metadata::parse(&newer.to_bytes(), "m").unwrap_err();
-        assert!(e.message.contains("version 2"), "{e}");
+        assert!(e.message.contains(&format!("version {}", VERSION + 1)), "{e}");
+        // Version 1 (format 1 keyed files, named without a format) still reads.
+        let mut old = m.clone();
+        old.version = 1;
+        let mut file = old.operators[0].keyed_file.take().unwrap();
+        file.format = crate::savepoint::KeyedFormat::Entries;
+        file.checksums.clear();
+        old.operators[0].keyed_file = Some(file);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&old.to_bytes()[MAGIC.len()..]).unwrap();
+        json["operators"][0]["keyedFile"].as_object_mut().unwrap().remove("format").unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend(serde_json::to_vec(&json).unwrap());
+        assert_eq!(Metadata::parse(&bytes, "m").unwrap(), old);
     }
 
     proptest::proptest! {
@@ -525,7 +544,7 @@ mod tests {
                 for s in 0..p.min(8) {
                     let r = crate::keygroup::KeyGroupRange::of_subtask(max_p, p, s);
                     let n = usize::from(r.end - r.start) + 2;
-                    let mut at = crate::savepoint::KEYED_MAGIC.len() as u64;
+                    let mut at = crate::savepoint::KEYED_MAGIC_SST.len() as u64;
                     let offsets: Vec<u64> = (0..n)
                         .map(|i| {
                             let o = at;
@@ -535,8 +554,10 @@ mod tests {
                         .collect();
                     let file = crate::savepoint::KeyedFile {
                         file: format!("keyed/{uid}-{s}"),
+                        format: crate::savepoint::KeyedFormat::Sst,
                         key_groups: (r.start, r.end),
                         offsets,
+                        checksums: (0..n as u64 - 1).map(|i| i ^ id).collect(),
                         entries: u64::from(s) * 7,
                     };
                     proptest::prop_assert!(file.check().is_ok());

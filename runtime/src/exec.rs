@@ -838,11 +838,12 @@ pub fn run_worker(
                     (range.start, range.end),
                     &backend,
                     &op.uid,
-                    &dir.join("restore.sst"),
+                    &dir.join("restore"),
                 )?;
+                let _ = std::fs::remove_dir_all(dir.join("restore"));
                 eprintln!(
                     "weir: {}-{s}: restored key groups {}..={} from {} savepoint files: {} bytes read in {:.2} s \
-                     (waiting for storage {:.2} s, writing the SST file {:.2} s, ingesting it {:.2} s)",
+                     (waiting for storage {:.2} s, writing {} SST files {:.2} s, ingesting them {:.2} s)",
                     op.uid,
                     range.start,
                     range.end,
@@ -853,6 +854,7 @@ pub fn run_worker(
                     done.bytes,
                     t.elapsed().as_secs_f64(),
                     done.waiting_secs,
+                    done.files,
                     done.writing_secs,
                     done.ingest_secs,
                 );

@@ -1,18 +1,30 @@
 //! Keyed state in savepoints: self-contained files, sorted by key group, that a job restored
 //! at any parallelism reads only its own part of.
 //!
-//! The keyed state of one operator subtask is one file:
+//! The keyed state of one operator subtask is one file. Savepoints are written in format 2:
+//!
+//! ```text
+//!   WEIR-KEYED 2\n
+//!   for each key group that holds entries, in order: an SST file of its entries
+//! ```
+//!
+//! Each key group's SST file is written with the options of the state's column family (LZ4,
+//! bloom filter), so a restoring subtask copies the bytes of its key groups into files as they
+//! arrive and ingests them into RocksDB as they are: it decodes and encodes no entry. The
+//! savepoint pays for building the tables instead, once, while its parts go up.
+//!
+//! Format 1, which this version still restores, holds the entries themselves:
 //!
 //! ```text
 //!   WEIR-KEYED 1\n
 //!   entries, in key order: varint key length, key, varint value length, value
 //! ```
 //!
-//! where a key is the stored key (its key group as 2 big-endian bytes, then the key's bytes).
-//! The savepoint's metadata keeps, beside the file's name, the offset where each of its key
-//! groups starts ([`KeyedFile`]). A subtask that owns key groups `a..=b` after a restore reads
-//! from each file that holds any of them the one byte range `offset(a)..offset(b + 1)` (a
-//! ranged GET on S3), writes the entries into an SST file and ingests it into RocksDB.
+//! In both, a key is the stored key (its key group as 2 big-endian bytes, then the key's
+//! bytes). The savepoint's metadata keeps, beside the file's name and format, the offset where
+//! each of its key groups starts, and in format 2 the XXH3 checksum of each key group's bytes
+//! ([`KeyedFile`]). A subtask that owns key groups `a..=b` after a restore reads from each file
+//! that holds any of them the one byte range `offset(a)..offset(b + 1)` (ranged GETs on S3).
 
 use std::io::Write;
 use std::path::Path;
@@ -25,8 +37,31 @@ use crate::state::{StateBackend, StateError, sst_options};
 use crate::storage::Storage;
 use crate::wire::put_varint;
 
-/// The first bytes of a keyed state file.
+/// The first bytes of a keyed state file of format 1 (entries).
 pub const KEYED_MAGIC: &[u8] = b"WEIR-KEYED 1\n";
+/// The first bytes of a keyed state file of format 2 (an SST file per key group).
+pub const KEYED_MAGIC_SST: &[u8] = b"WEIR-KEYED 2\n";
+
+/// How a keyed state file holds its entries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum KeyedFormat {
+    /// Format 1: the entries, length-prefixed (the metadata of savepoints written before
+    /// format 2 names no format).
+    #[default]
+    Entries,
+    /// Format 2: an SST file per key group, ingested as it is.
+    Sst,
+}
+
+impl KeyedFormat {
+    fn magic(self) -> &'static [u8] {
+        match self {
+            KeyedFormat::Entries => KEYED_MAGIC,
+            KeyedFormat::Sst => KEYED_MAGIC_SST,
+        }
+    }
+}
 
 /// A keyed state file of a savepoint and its key-group index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,10 +69,15 @@ pub const KEYED_MAGIC: &[u8] = b"WEIR-KEYED 1\n";
 pub struct KeyedFile {
     /// The file, relative to the savepoint's directory.
     pub file: String,
+    #[serde(default)]
+    pub format: KeyedFormat,
     /// The key groups it holds, first and last.
     pub key_groups: (u16, u16),
     /// Where each key group starts (`offsets[g - first]`), then the file's length.
     pub offsets: Vec<u64>,
+    /// Format 2: the XXH3 (64 bits) of each key group's bytes (0 for an empty one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checksums: Vec<u64>,
     pub entries: u64,
 }
 
@@ -61,7 +101,18 @@ impl KeyedFile {
         if a > b || self.offsets.len() != usize::from(b - a) + 2 {
             return Err(format!("{}: a key-group index that does not fit its range", self.file));
         }
-        if self.offsets[0] != KEYED_MAGIC.len() as u64
+        let checksums = match self.format {
+            KeyedFormat::Entries => 0,
+            KeyedFormat::Sst => usize::from(b - a) + 1,
+        };
+        if self.checksums.len() != checksums {
+            return Err(format!(
+                "{}: {} key-group checksums for {checksums} key groups",
+                self.file,
+                self.checksums.len()
+            ));
+        }
+        if self.offsets[0] != self.format.magic().len() as u64
             || self.offsets.windows(2).any(|w| w[0] > w[1])
         {
             return Err(format!("{}: key-group offsets out of order", self.file));
@@ -138,9 +189,135 @@ pub fn read_entries(
     if used == bytes.len() { Ok(()) } else { Err("keyed state cut short".into()) }
 }
 
+/// The index of a keyed state file of format 2, as [`write_sst_groups`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SstGroups {
+    /// Where each key group starts, then the file's length.
+    pub offsets: Vec<u64>,
+    /// The XXH3 of each key group's bytes (0 for an empty one).
+    pub checksums: Vec<u64>,
+    pub entries: u64,
+}
+
+/// Writes entries (in key order) of key groups `key_groups` as a keyed state file of format 2
+/// into `out`: each key group's entries as an SST file (built at `scratch`, then copied out).
+pub fn write_sst_groups<W: Write>(
+    out: W,
+    key_groups: (u16, u16),
+    entries: &mut EntrySource<'_>,
+    scratch: &Path,
+) -> Result<SstGroups, RuntimeError> {
+    let options = sst_options();
+    let mut w = GroupWriter {
+        out,
+        scratch,
+        options: &options,
+        first: key_groups.0,
+        at: KEYED_MAGIC_SST.len() as u64,
+        open: None,
+        index: SstGroups {
+            offsets: Vec::with_capacity(usize::from(key_groups.1 - key_groups.0) + 2),
+            checksums: Vec::with_capacity(usize::from(key_groups.1 - key_groups.0) + 1),
+            entries: 0,
+        },
+        buf: Vec::new(),
+    };
+    w.out.write_all(KEYED_MAGIC_SST).map_err(write_error)?;
+    let result = entries(&mut |k: &[u8], v: &[u8]| {
+        if k.len() < 2 {
+            return Err(RuntimeError::internal("a stored key without its key group"));
+        }
+        let g = u16::from_be_bytes([k[0], k[1]]);
+        if g < key_groups.0 || g > key_groups.1 {
+            return Err(RuntimeError::internal(format!(
+                "key group {g} in the state of key groups {}..={}",
+                key_groups.0, key_groups.1
+            )));
+        }
+        w.put(g, k, v)
+    });
+    let finished = result.and_then(|()| w.finish_group());
+    let _ = std::fs::remove_file(scratch);
+    finished?;
+    // The key groups after the last with entries are empty; the file's length ends the index.
+    while w.index.checksums.len() <= usize::from(key_groups.1 - key_groups.0) {
+        w.index.offsets.push(w.at);
+        w.index.checksums.push(0);
+    }
+    w.index.offsets.push(w.at);
+    w.out.flush().map_err(write_error)?;
+    Ok(w.index)
+}
+
+fn write_error(e: std::io::Error) -> RuntimeError {
+    RuntimeError::internal(format!("writing keyed state: {e}"))
+}
+
+fn sst_error(e: rocksdb::Error) -> RuntimeError {
+    RuntimeError::internal(format!("writing an SST file: {e}"))
+}
+
+/// Builds the SST file of one key group at a time and appends it to the keyed state file.
+struct GroupWriter<'a, W> {
+    out: W,
+    scratch: &'a Path,
+    options: &'a rocksdb::Options,
+    first: u16,
+    /// The keyed state file's length so far.
+    at: u64,
+    /// The key group being written, and its SST file.
+    open: Option<(u16, rocksdb::SstFileWriter<'a>)>,
+    index: SstGroups,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> GroupWriter<'_, W> {
+    fn put(&mut self, g: u16, k: &[u8], v: &[u8]) -> Result<(), RuntimeError> {
+        if self.open.as_ref().is_none_or(|(at, _)| *at != g) {
+            self.finish_group()?;
+            // Every key group up to this one starts here (empty ones too).
+            while self.index.offsets.len() <= usize::from(g - self.first) {
+                self.index.offsets.push(self.at);
+                self.index.checksums.push(0);
+            }
+            let sst = rocksdb::SstFileWriter::create(self.options);
+            sst.open(self.scratch).map_err(sst_error)?;
+            self.open = Some((g, sst));
+        }
+        let (_, sst) = self.open.as_mut().expect("opened above");
+        sst.put(k, v).map_err(sst_error)?;
+        self.index.entries += 1;
+        Ok(())
+    }
+
+    /// Finishes the open key group's SST file and appends it, with its checksum.
+    fn finish_group(&mut self) -> Result<(), RuntimeError> {
+        let Some((g, mut sst)) = self.open.take() else { return Ok(()) };
+        sst.finish().map_err(sst_error)?;
+        drop(sst);
+        let io = |e: std::io::Error| {
+            RuntimeError::internal(format!("reading {}: {e}", self.scratch.display()))
+        };
+        let mut file = std::fs::File::open(self.scratch).map_err(io)?;
+        self.buf.resize(1 << 20, 0);
+        let mut hash = xxhash_rust::xxh3::Xxh3Default::new();
+        loop {
+            let n = std::io::Read::read(&mut file, &mut self.buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&self.buf[..n]);
+            self.out.write_all(&self.buf[..n]).map_err(write_error)?;
+            self.at += n as u64;
+        }
+        self.index.checksums[usize::from(g - self.first)] = hash.digest();
+        Ok(())
+    }
+}
+
 /// Writes operator `uid`'s state from the RocksDB checkpoint at `checkpoint` (key groups
-/// `key_groups`) to `storage` as `key`, streamed: on S3 its parts go up while RocksDB is read
-/// (no local copy).
+/// `key_groups`) to `storage` as `key`, in format 2, streamed: on S3 its parts go up while
+/// RocksDB is read and the next key group's SST file is built (no local copy of the file).
 pub fn save_keyed(
     checkpoint: &Path,
     uid: &str,
@@ -148,16 +325,38 @@ pub fn save_keyed(
     storage: &dyn Storage,
     key: &str,
 ) -> Result<KeyedFile, RuntimeError> {
+    save_keyed_as(checkpoint, uid, key_groups, storage, key, KeyedFormat::Sst)
+}
+
+/// [`save_keyed`] in the given format (format 1 for comparisons and for tests that it still
+/// restores).
+pub fn save_keyed_as(
+    checkpoint: &Path,
+    uid: &str,
+    key_groups: (u16, u16),
+    storage: &dyn Storage,
+    key: &str,
+    format: KeyedFormat,
+) -> Result<KeyedFile, RuntimeError> {
     let mut index = None;
+    // One key group's SST file at a time, beside the checkpoint.
+    let scratch = checkpoint.with_extension("keyed.sst");
     storage.put_streamed(key, &mut |out| {
-        index = Some(write_entries(out, key_groups, &mut |f| {
+        let mut source = |f: &mut EntryVisitor<'_>| {
             StateBackend::for_each_in_checkpoint(checkpoint, uid, |k, v| f(k, v))
-        })?);
+        };
+        index = Some(match format {
+            KeyedFormat::Entries => {
+                let (offsets, entries) = write_entries(out, key_groups, &mut source)?;
+                SstGroups { offsets, checksums: Vec::new(), entries }
+            }
+            KeyedFormat::Sst => write_sst_groups(out, key_groups, &mut source, &scratch)?,
+        });
         Ok(())
     })?;
-    let (offsets, entries) = index
+    let SstGroups { offsets, checksums, entries } = index
         .ok_or_else(|| RuntimeError::internal("a keyed state file written without an index"))?;
-    Ok(KeyedFile { file: key.to_string(), key_groups, offsets, entries })
+    Ok(KeyedFile { file: key.to_string(), format, key_groups, offsets, checksums, entries })
 }
 
 impl From<StateError> for RuntimeError {
@@ -176,7 +375,9 @@ pub const GETS_IN_FLIGHT: usize = 3;
 /// Loads into `backend` operator `uid`'s entries of key groups `range` from `files` (of a
 /// savepoint in `storage`): from each file that holds any, only the byte range of those key
 /// groups, read in ranged requests of [`RESTORE_CHUNK`] bytes ([`GETS_IN_FLIGHT`] on their way
-/// while the entries of earlier ones are written), into one SST file, which is ingested.
+/// while earlier ones are written out). Format 2: each key group's SST file is written under
+/// the directory `scratch` as its bytes arrive, checked against its checksum, and all are
+/// ingested at once. Format 1: the entries are written into one SST file, which is ingested.
 pub fn restore_keyed(
     storage: &dyn Storage,
     files: &[KeyedFile],
@@ -185,27 +386,7 @@ pub fn restore_keyed(
     uid: &str,
     scratch: &Path,
 ) -> Result<Restored, RuntimeError> {
-    restore_keyed_with(storage, files, range, backend, uid, scratch, &sst_options())
-}
-
-/// [`restore_keyed`], with the SST file written with `sst` (for comparisons: the table
-/// options must be ones the column family can read, which RocksDB checks when ingesting).
-pub fn restore_keyed_with(
-    storage: &dyn Storage,
-    files: &[KeyedFile],
-    range: (u16, u16),
-    backend: &StateBackend,
-    uid: &str,
-    scratch: &Path,
-    sst: &rocksdb::Options,
-) -> Result<Restored, RuntimeError> {
-    restore_keyed_in_chunks(
-        storage,
-        files,
-        range,
-        SstTarget { backend, uid, scratch, options: sst },
-        RESTORE_CHUNK,
-    )
+    restore_keyed_in_chunks(storage, files, range, backend, uid, scratch, RESTORE_CHUNK)
 }
 
 /// What a restore of keyed state read and where its time went.
@@ -213,17 +394,58 @@ pub fn restore_keyed_with(
 pub struct Restored {
     /// Bytes of the savepoint's files read.
     pub bytes: u64,
+    /// Entries decoded (format 1; format 2 decodes none).
     pub entries: u64,
+    /// SST files ingested.
+    pub files: u64,
     /// Seconds spent waiting for bytes from storage (none had arrived yet).
     pub waiting_secs: f64,
-    /// Seconds spent decoding entries and writing them into the SST file (finishing it too).
+    /// Seconds spent writing what arrived into SST files: format 2 copies the bytes (and checks
+    /// them), format 1 decodes the entries and builds a table of them (finishing it too).
     pub writing_secs: f64,
-    /// Seconds spent ingesting the SST file into RocksDB.
+    /// Seconds spent ingesting the SST files into RocksDB.
     pub ingest_secs: f64,
 }
 
-/// Where a restore writes: the SST file `scratch` (written with `options`), ingested into
-/// operator `uid`'s state in `backend`.
+impl std::ops::AddAssign for Restored {
+    fn add_assign(&mut self, o: Restored) {
+        self.bytes += o.bytes;
+        self.entries += o.entries;
+        self.files += o.files;
+        self.waiting_secs += o.waiting_secs;
+        self.writing_secs += o.writing_secs;
+        self.ingest_secs += o.ingest_secs;
+    }
+}
+
+fn restore_keyed_in_chunks(
+    storage: &dyn Storage,
+    files: &[KeyedFile],
+    range: (u16, u16),
+    backend: &StateBackend,
+    uid: &str,
+    scratch: &Path,
+    chunk_bytes: u64,
+) -> Result<Restored, RuntimeError> {
+    std::fs::create_dir_all(scratch)
+        .map_err(|e| RuntimeError::internal(format!("creating {}: {e}", scratch.display())))?;
+    // A savepoint's files share a format; format 1's key groups are other than format 2's.
+    let (ssts, entries): (Vec<&KeyedFile>, Vec<&KeyedFile>) =
+        files.iter().partition(|f| f.format == KeyedFormat::Sst);
+    let mut done = Restored::default();
+    if !entries.is_empty() {
+        let sst = scratch.join("entries.sst");
+        let target = SstTarget { backend, uid, scratch: &sst, options: &sst_options() };
+        done += restore_entries_in_chunks(storage, &entries, range, target, chunk_bytes)?;
+    }
+    if !ssts.is_empty() {
+        done += restore_sst_groups(storage, &ssts, range, backend, uid, scratch, chunk_bytes)?;
+    }
+    Ok(done)
+}
+
+/// Where a restore of format 1 writes: the SST file `scratch` (written with `options`),
+/// ingested into operator `uid`'s state in `backend`.
 struct SstTarget<'a> {
     backend: &'a StateBackend,
     uid: &'a str,
@@ -240,14 +462,13 @@ struct Piece<'a> {
     last: bool,
 }
 
-fn restore_keyed_in_chunks(
-    storage: &dyn Storage,
-    files: &[KeyedFile],
+/// The ranged requests that read key groups `range` from `files`, in key-group order.
+fn pieces<'a>(
+    files: &[&'a KeyedFile],
     range: (u16, u16),
-    into: SstTarget<'_>,
     chunk_bytes: u64,
-) -> Result<Restored, RuntimeError> {
-    let mut files: Vec<&KeyedFile> = files.iter().collect();
+) -> Result<Vec<Piece<'a>>, RuntimeError> {
+    let mut files = files.to_vec();
     files.sort_by_key(|f| f.key_groups.0);
     let mut pieces = Vec::new();
     for f in files {
@@ -260,14 +481,27 @@ fn restore_keyed_in_chunks(
             at = to;
         }
     }
-    let mut done = Restored::default();
+    Ok(pieces)
+}
+
+fn damaged(storage: &dyn Storage, file: &KeyedFile, what: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::external(format!(
+        "{}: {what}: the savepoint is damaged",
+        storage.describe(&file.file)
+    ))
+}
+
+/// Reads `pieces` with [`GETS_IN_FLIGHT`] requests on their way and gives each to `take` in
+/// order; adds the time spent waiting for one to `waiting`.
+fn fetch_in_order(
+    storage: &dyn Storage,
+    pieces: &[Piece<'_>],
+    waiting: &mut f64,
+    mut take: impl FnMut(&Piece<'_>, &[u8]) -> Result<(), RuntimeError>,
+) -> Result<(), RuntimeError> {
     if pieces.is_empty() {
-        return Ok(done);
+        return Ok(());
     }
-    let mut writer = rocksdb::SstFileWriter::create(into.options);
-    writer
-        .open(into.scratch)
-        .map_err(|e| RuntimeError::internal(format!("writing an SST file: {e}")))?;
     // Fetcher `i` reads pieces i, i + k, i + 2k, ... into a channel of its own, one piece
     // ahead; the pieces are taken in order, round the channels.
     let k = GETS_IN_FLIGHT.min(pieces.len());
@@ -276,7 +510,6 @@ fn restore_keyed_in_chunks(
         for i in 0..k {
             let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<u8>, RuntimeError>>(1);
             fetched.push(rx);
-            let pieces = &pieces;
             scope.spawn(move || {
                 for p in pieces.iter().skip(i).step_by(k) {
                     let r = storage.get_range(&p.file.file, p.start, p.end);
@@ -287,83 +520,218 @@ fn restore_keyed_in_chunks(
                 }
             });
         }
-        // Entries cross chunk boundaries: the part of one left at the end of a chunk waits
-        // for the next.
-        let mut carry: Vec<u8> = Vec::new();
         for (j, p) in pieces.iter().enumerate() {
-            let damaged = |what: String| {
-                RuntimeError::external(format!(
-                    "{}: {what}: the savepoint is damaged",
-                    storage.describe(&p.file.file)
-                ))
-            };
             let t = Instant::now();
             let chunk = fetched[j % k]
                 .recv()
                 .map_err(|_| RuntimeError::internal("a savepoint reader stopped early"))??;
-            done.waiting_secs += t.elapsed().as_secs_f64();
-            let t = Instant::now();
+            *waiting += t.elapsed().as_secs_f64();
             if chunk.len() as u64 != p.end - p.start {
-                return Err(damaged(format!(
-                    "read {} bytes of {}..{}",
-                    chunk.len(),
-                    p.start,
-                    p.end
-                )));
+                let what = format!("read {} bytes of {}..{}", chunk.len(), p.start, p.end);
+                return Err(damaged(storage, p.file, what));
             }
-            done.bytes += chunk.len() as u64;
-            let mut put = |k: &[u8], v: &[u8]| {
-                done.entries += 1;
-                writer
-                    .put(k, v)
-                    .map_err(|e| RuntimeError::internal(format!("writing an SST file: {e}")))
+            take(p, &chunk)?;
+        }
+        Ok(())
+    })
+}
+
+/// Format 2: the key groups' SST files, written under `scratch` as their bytes arrive, checked
+/// and ingested at once.
+fn restore_sst_groups(
+    storage: &dyn Storage,
+    files: &[&KeyedFile],
+    range: (u16, u16),
+    backend: &StateBackend,
+    uid: &str,
+    scratch: &Path,
+    chunk_bytes: u64,
+) -> Result<Restored, RuntimeError> {
+    let pieces = pieces(files, range, chunk_bytes)?;
+    // The key groups with entries, in the order of the pieces: (file, group, start, end).
+    let mut groups = Vec::new();
+    let mut files: Vec<&KeyedFile> = files.to_vec();
+    files.sort_by_key(|f| f.key_groups.0);
+    for f in files {
+        let lo = range.0.max(f.key_groups.0);
+        let hi = range.1.min(f.key_groups.1);
+        for g in lo..=hi {
+            let i = usize::from(g - f.key_groups.0);
+            let (start, end) = (f.offsets[i], f.offsets[i + 1]);
+            if end > start {
+                groups.push((f, g, start, end));
+            }
+        }
+    }
+    let mut done = Restored::default();
+    let mut paths = Vec::with_capacity(groups.len());
+    let mut next = 0;
+    let mut open: Option<(std::fs::File, xxhash_rust::xxh3::Xxh3Default)> = None;
+    let io = |p: &Path, e: std::io::Error| {
+        RuntimeError::internal(format!("writing {}: {e}", p.display()))
+    };
+    let result = fetch_in_order(storage, &pieces, &mut done.waiting_secs, |p, chunk| {
+        let t = Instant::now();
+        done.bytes += chunk.len() as u64;
+        let mut at = p.start;
+        while at < p.end {
+            let Some(&(f, g, start, end)) = groups.get(next) else {
+                return Err(RuntimeError::internal("restore pieces past the key groups"));
             };
-            // The entry cut at the end of the last chunk is completed in `carry` with bytes
-            // of this one, a few at a time (not the whole chunk copied after it); the bytes
-            // that turn out to belong to the entries after it are read where they are.
-            let mut from = 0;
-            let mut step = 4 << 10;
-            while !carry.is_empty() && from < chunk.len() {
-                let take = step.min(chunk.len() - from);
-                let before = carry.len();
-                carry.extend_from_slice(&chunk[from..from + take]);
-                from += take;
-                let used = read_whole_entries(&carry, &mut put).map_err(&damaged)?;
-                if used > 0 {
-                    // What was carried is part of the first whole entry: all that is left
-                    // over came from this chunk.
-                    debug_assert!(used >= before);
-                    from -= carry.len() - used;
-                    carry.clear();
+            if !std::ptr::eq(f, p.file) || at < start || at >= end {
+                return Err(RuntimeError::internal("restore pieces out of key-group order"));
+            }
+            let path = scratch.join(format!("{next:06}-{g}.sst"));
+            let (file, hash) = match &mut open {
+                Some(o) => o,
+                None => {
+                    let file = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
+                    open.insert((file, xxhash_rust::xxh3::Xxh3Default::new()))
                 }
-                step *= 2;
+            };
+            let to = end.min(p.end);
+            let bytes = &chunk[(at - p.start) as usize..(to - p.start) as usize];
+            hash.update(bytes);
+            std::io::Write::write_all(file, bytes).map_err(|e| io(&path, e))?;
+            at = to;
+            if to == end {
+                let (_, hash) = open.take().expect("opened above");
+                let want = f.checksums[usize::from(g - f.key_groups.0)];
+                if hash.digest() != want {
+                    return Err(damaged(storage, f, format!("key group {g} fails its checksum")));
+                }
+                paths.push(path);
+                next += 1;
             }
-            let used = read_whole_entries(&chunk[from..], &mut put).map_err(&damaged)?;
-            carry.extend_from_slice(&chunk[from + used..]);
+        }
+        done.writing_secs += t.elapsed().as_secs_f64();
+        Ok(())
+    });
+    let result = result.and_then(|()| {
+        if next != groups.len() {
+            return Err(RuntimeError::internal("a restore ended before its last key group"));
+        }
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        backend.ingest_files(uid, &paths).map_err(|e| {
+            RuntimeError::external(format!(
+                "ingesting the key groups {}..={} of {}: {e}",
+                range.0,
+                range.1,
+                files_named(storage, &groups)
+            ))
+        })?;
+        done.ingest_secs = t.elapsed().as_secs_f64();
+        done.files = paths.len() as u64;
+        Ok(())
+    });
+    // Ingested files were moved into the instance; the rest go.
+    for i in 0..=next.min(groups.len().saturating_sub(1)) {
+        if let Some(&(_, g, _, _)) = groups.get(i) {
+            let _ = std::fs::remove_file(scratch.join(format!("{i:06}-{g}.sst")));
+        }
+    }
+    result.map(|()| done)
+}
+
+/// The savepoint files `groups` come from, for messages.
+fn files_named(storage: &dyn Storage, groups: &[(&KeyedFile, u16, u64, u64)]) -> String {
+    let mut names: Vec<String> = groups.iter().map(|(f, ..)| storage.describe(&f.file)).collect();
+    names.dedup();
+    names.join(", ")
+}
+
+/// Format 1: the entries, decoded and written into one SST file, which is ingested.
+fn restore_entries_in_chunks(
+    storage: &dyn Storage,
+    files: &[&KeyedFile],
+    range: (u16, u16),
+    into: SstTarget<'_>,
+    chunk_bytes: u64,
+) -> Result<Restored, RuntimeError> {
+    let pieces = pieces(files, range, chunk_bytes)?;
+    let mut done = Restored::default();
+    if pieces.is_empty() {
+        return Ok(done);
+    }
+    let mut writer = rocksdb::SstFileWriter::create(into.options);
+    let result = write_entries_into(storage, &pieces, &mut writer, into.scratch, &mut done);
+    let result = result.and_then(|()| {
+        // RocksDB refuses to finish a file without entries (key groups that hold none).
+        if done.entries > 0 {
+            let t = Instant::now();
+            writer.finish().map_err(sst_error)?;
             done.writing_secs += t.elapsed().as_secs_f64();
-            if p.last && !carry.is_empty() {
-                return Err(damaged(format!(
-                    "{} bytes left over at the end of {}..{}",
-                    carry.len(),
-                    p.start,
-                    p.end
-                )));
+            let t = Instant::now();
+            into.backend.ingest(into.uid, into.scratch)?;
+            done.ingest_secs = t.elapsed().as_secs_f64();
+            done.files = 1;
+        }
+        Ok(())
+    });
+    drop(writer);
+    let _ = std::fs::remove_file(into.scratch);
+    result.map(|()| done)
+}
+
+/// Format 1: decodes the entries of `pieces` into `writer` (opened at `path`).
+fn write_entries_into(
+    storage: &dyn Storage,
+    pieces: &[Piece<'_>],
+    writer: &mut rocksdb::SstFileWriter<'_>,
+    path: &Path,
+    done: &mut Restored,
+) -> Result<(), RuntimeError> {
+    writer.open(path).map_err(sst_error)?;
+    // Entries cross chunk boundaries: the part of one left at the end of a chunk waits for the
+    // next.
+    let mut carry: Vec<u8> = Vec::new();
+    let (mut entries, mut bytes, mut writing) = (0u64, 0u64, 0f64);
+    fetch_in_order(storage, pieces, &mut done.waiting_secs, |p, chunk| {
+        let t = Instant::now();
+        let damaged = |what: String| damaged(storage, p.file, what);
+        bytes += chunk.len() as u64;
+        let mut put = |k: &[u8], v: &[u8]| {
+            entries += 1;
+            writer.put(k, v).map_err(sst_error)
+        };
+        // The entry cut at the end of the last chunk is completed in `carry` with bytes of
+        // this one, a few at a time (not the whole chunk copied after it); the bytes that turn
+        // out to belong to the entries after it are read where they are.
+        let mut from = 0;
+        let mut step = 4 << 10;
+        while !carry.is_empty() && from < chunk.len() {
+            let take = step.min(chunk.len() - from);
+            let before = carry.len();
+            carry.extend_from_slice(&chunk[from..from + take]);
+            from += take;
+            let used = read_whole_entries(&carry, &mut put).map_err(&damaged)?;
+            if used > 0 {
+                // What was carried is part of the first whole entry: all that is left over
+                // came from this chunk.
+                debug_assert!(used >= before);
+                from -= carry.len() - used;
+                carry.clear();
             }
+            step *= 2;
+        }
+        let used = read_whole_entries(&chunk[from..], &mut put).map_err(&damaged)?;
+        carry.extend_from_slice(&chunk[from + used..]);
+        writing += t.elapsed().as_secs_f64();
+        if p.last && !carry.is_empty() {
+            return Err(damaged(format!(
+                "{} bytes left over at the end of {}..{}",
+                carry.len(),
+                p.start,
+                p.end
+            )));
         }
         Ok(())
     })?;
-    // RocksDB refuses to finish a file without entries (key groups that hold none).
-    if done.entries > 0 {
-        let t = Instant::now();
-        writer.finish().map_err(|e| RuntimeError::internal(format!("writing an SST file: {e}")))?;
-        done.writing_secs += t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        into.backend.ingest(into.uid, into.scratch)?;
-        done.ingest_secs = t.elapsed().as_secs_f64();
-    }
-    drop(writer);
-    let _ = std::fs::remove_file(into.scratch);
-    Ok(done)
+    (done.entries, done.bytes, done.writing_secs) = (entries, bytes, writing);
+    Ok(())
 }
 
 /// Calls `f` with each whole entry at the start of `bytes`; returns how many bytes they take
@@ -470,7 +838,41 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        (bytes, KeyedFile { file: "f".into(), key_groups: kgs, offsets, entries: n })
+        let file = KeyedFile {
+            file: "f".into(),
+            format: KeyedFormat::Entries,
+            key_groups: kgs,
+            offsets,
+            checksums: Vec::new(),
+            entries: n,
+        };
+        (bytes, file)
+    }
+
+    /// [`file_of`] in format 2 (SST files built under `dir`).
+    fn sst_file_of(kgs: (u16, u16), es: &[(Vec<u8>, Vec<u8>)], dir: &Path) -> (Vec<u8>, KeyedFile) {
+        let mut bytes = Vec::new();
+        let index = write_sst_groups(
+            &mut bytes,
+            kgs,
+            &mut |f| {
+                for (k, v) in es {
+                    f(k, v)?;
+                }
+                Ok(())
+            },
+            &dir.join("group.sst"),
+        )
+        .unwrap();
+        let file = KeyedFile {
+            file: "f".into(),
+            format: KeyedFormat::Sst,
+            key_groups: kgs,
+            offsets: index.offsets,
+            checksums: index.checksums,
+            entries: index.entries,
+        };
+        (bytes, file)
     }
 
     proptest! {
@@ -538,14 +940,15 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
-        /// Through RocksDB, entries of any size (some far larger than a chunk) read in chunks
-        /// of any size, several on their way: the restored instance holds exactly the entries
-        /// of its key groups.
+        /// Through RocksDB, in both formats: entries of any size (some far larger than a
+        /// chunk) read in chunks of any size, several on their way: the restored instance
+        /// holds exactly the entries of its key groups, and only their bytes are read.
         #[test]
         fn chunked_restores_hold_exactly_their_key_groups(
             sizes in prop::collection::vec((0u16..8, 0usize..20_000), 0..60),
             chunk in 1u64..30_000,
             range in (0u16..8, 0u16..8),
+            sst in any::<bool>(),
         ) {
             let range = (range.0.min(range.1), range.0.max(range.1));
             let mut es: Vec<(Vec<u8>, Vec<u8>)> = sizes
@@ -560,18 +963,17 @@ mod tests {
             es.sort();
             let tmp = tempfile::tempdir().unwrap();
             let storage = crate::storage::LocalStorage::new(&tmp.path().join("sp"));
-            let (bytes, mut f) = file_of((0, 7), &es);
+            let (bytes, mut f) =
+                if sst { sst_file_of((0, 7), &es, tmp.path()) } else { file_of((0, 7), &es) };
+            prop_assert!(f.check().is_ok());
             storage.put("counts-0", &bytes).unwrap();
             f.file = "counts-0".into();
             let uid = "counts".to_string();
             let b = StateBackend::open(&tmp.path().join("db"), std::slice::from_ref(&uid)).unwrap();
-            let into = SstTarget {
-                backend: &b,
-                uid: &uid,
-                scratch: &tmp.path().join("sst"),
-                options: &sst_options(),
-            };
-            let done = restore_keyed_in_chunks(&storage, &[f.clone()], range, into, chunk).unwrap();
+            let scratch = tmp.path().join("scratch");
+            let done =
+                restore_keyed_in_chunks(&storage, &[f.clone()], range, &b, &uid, &scratch, chunk)
+                    .unwrap();
             let want: Vec<_> = es
                 .iter()
                 .filter(|(k, _)| (range.0..=range.1).contains(&u16::from_be_bytes([k[0], k[1]])))
@@ -585,7 +987,52 @@ mod tests {
             }
             let (a, z) = f.byte_range(range).unwrap_or((0, 0));
             prop_assert_eq!(done.bytes, z - a, "only the key groups' bytes are read");
-            prop_assert_eq!(done.entries, want.len() as u64);
+            if !sst {
+                prop_assert_eq!(done.entries, want.len() as u64);
+            }
+            prop_assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "no file left behind");
+        }
+
+        /// Format 2's index: each key group's byte range is an SST file of exactly its
+        /// entries, with its checksum; the index round-trips through JSON.
+        #[test]
+        fn each_key_group_is_an_sst_file_of_its_entries(
+            first in 0u16..100, len in 0u16..12, per in 0u16..5
+        ) {
+            let kgs = (first, first + len);
+            let es = entries(kgs, per);
+            let tmp = tempfile::tempdir().unwrap();
+            let (bytes, f) = sst_file_of(kgs, &es, tmp.path());
+            prop_assert!(f.check().is_ok());
+            prop_assert_eq!(&bytes[..KEYED_MAGIC_SST.len()], KEYED_MAGIC_SST);
+            let back: KeyedFile = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+            prop_assert_eq!(&back, &f);
+            prop_assert_eq!(*f.offsets.last().unwrap(), bytes.len() as u64);
+            prop_assert_eq!(f.entries, es.len() as u64);
+            for g in kgs.0..=kgs.1 {
+                let want: Vec<_> =
+                    es.iter().filter(|(k, _)| u16::from_be_bytes([k[0], k[1]]) == g).collect();
+                let i = usize::from(g - kgs.0);
+                let Some((a, b)) = f.byte_range((g, g)) else {
+                    prop_assert!(want.is_empty());
+                    prop_assert_eq!(f.checksums[i], 0);
+                    continue;
+                };
+                let sst = &bytes[a as usize..b as usize];
+                prop_assert_eq!(xxhash_rust::xxh3::xxh3_64(sst), f.checksums[i]);
+                let path = tmp.path().join(format!("g{g}.sst"));
+                std::fs::write(&path, sst).unwrap();
+                let uid = "u".to_string();
+                let db = StateBackend::open(&tmp.path().join(format!("db{g}")), std::slice::from_ref(&uid)).unwrap();
+                db.ingest(&uid, &path).unwrap();
+                let got = db.scan(&uid).unwrap();
+                prop_assert_eq!(got.len(), want.len());
+                for ((gg, k, v), (wk, wv)) in got.iter().zip(want) {
+                    prop_assert_eq!(*gg, g);
+                    prop_assert_eq!(&k[..], &wk[2..]);
+                    prop_assert_eq!(v, wv);
+                }
+            }
         }
     }
 
@@ -597,10 +1044,18 @@ mod tests {
         assert!(f.check().unwrap_err().contains("does not fit"));
     }
 
-    /// Through RocksDB: state written by two subtasks, saved from their checkpoints, restored
-    /// by three into fresh instances; each holds exactly its key groups' values.
+    /// Through RocksDB, in both formats: state written by two subtasks, saved from their
+    /// checkpoints, restored by three into fresh instances; each holds exactly its key groups'
+    /// values, every byte is read once, and a failing or damaged read is an error naming the
+    /// file, with nothing ingested.
     #[test]
     fn rocksdb_state_rescales_from_two_subtasks_to_three() {
+        for format in [KeyedFormat::Sst, KeyedFormat::Entries] {
+            rescales_from_two_to_three(format);
+        }
+    }
+
+    fn rescales_from_two_to_three(format: KeyedFormat) {
         let tmp = tempfile::tempdir().unwrap();
         let storage = crate::storage::LocalStorage::new(&tmp.path().join("sp"));
         let uid = "counts".to_string();
@@ -626,15 +1081,18 @@ mod tests {
             expected.extend(b.scan(&uid).unwrap());
             let ck = tmp.path().join(format!("ck-{s}"));
             b.checkpoint(&ck).unwrap();
-            files.push(
-                save_keyed(&ck, &uid, (r.start, r.end), &storage, &format!("counts-{s}")).unwrap(),
-            );
+            let key = format!("counts-{s}");
+            let f = save_keyed_as(&ck, &uid, (r.start, r.end), &storage, &key, format).unwrap();
+            assert_eq!(f.format, format);
+            assert!(f.check().is_ok());
+            assert!(!ck.with_extension("keyed.sst").exists(), "the scratch SST file is gone");
+            files.push(f);
         }
         expected.sort();
-        let total: u64 =
-            files.iter().map(|f| f.offsets.last().unwrap() - KEYED_MAGIC.len() as u64).sum();
-        // Entries cross the boundaries of small chunks.
-        for chunk in [7, 64, RESTORE_CHUNK] {
+        let magic = format.magic().len() as u64;
+        let total: u64 = files.iter().map(|f| f.offsets.last().unwrap() - magic).sum();
+        // Key groups and entries cross the boundaries of small chunks.
+        for chunk in [7, 64, 4096, RESTORE_CHUNK] {
             let mut restored = Vec::new();
             let mut read = 0;
             for s in 0..3u32 {
@@ -644,27 +1102,36 @@ mod tests {
                     std::slice::from_ref(&uid),
                 )
                 .unwrap();
-                read += restore_keyed_in_chunks(
+                let scratch = tmp.path().join("scratch");
+                let done = restore_keyed_in_chunks(
                     &storage,
                     &files,
                     (r.start, r.end),
-                    SstTarget {
-                        backend: &b,
-                        uid: &uid,
-                        scratch: &tmp.path().join("sst"),
-                        options: &sst_options(),
-                    },
+                    &b,
+                    &uid,
+                    &scratch,
                     chunk,
                 )
-                .unwrap()
-                .bytes;
+                .unwrap();
+                read += done.bytes;
+                if format == KeyedFormat::Sst {
+                    let groups = files
+                        .iter()
+                        .flat_map(|f| {
+                            (f.key_groups.0..=f.key_groups.1).filter(|&g| {
+                                g >= r.start && g <= r.end && f.byte_range((g, g)).is_some()
+                            })
+                        })
+                        .count();
+                    assert_eq!(done.files, groups as u64, "an SST file per key group");
+                }
                 let got = b.scan(&uid).unwrap();
                 assert!(got.iter().all(|(g, _, _)| *g >= r.start && *g <= r.end));
                 restored.extend(got);
             }
             restored.sort();
-            assert_eq!(restored, expected, "chunks of {chunk} bytes");
-            assert_eq!(read, total, "every byte read once");
+            assert_eq!(restored, expected, "{format:?}, chunks of {chunk} bytes");
+            assert_eq!(read, total, "{format:?}: every byte read once");
         }
         // A read that fails while others are on their way is the restore's error (no hang).
         let faulty = crate::storage::Faulty::new(
@@ -673,40 +1140,46 @@ mod tests {
         );
         let b =
             StateBackend::open(&tmp.path().join("failing"), std::slice::from_ref(&uid)).unwrap();
-        let e = restore_keyed_in_chunks(
-            &faulty,
-            &files,
-            (0, 127),
-            SstTarget {
-                backend: &b,
-                uid: &uid,
-                scratch: &tmp.path().join("sst"),
-                options: &sst_options(),
-            },
-            64,
-        )
-        .unwrap_err();
+        let scratch = tmp.path().join("scratch");
+        let e =
+            restore_keyed_in_chunks(&faulty, &files, (0, 127), &b, &uid, &scratch, 64).unwrap_err();
         assert!(e.message.contains("injected failure"), "{e}");
         assert!(b.scan(&uid).unwrap().is_empty(), "nothing ingested");
-        // A file cut short (or overwritten) is an error naming it, not a panic.
+        assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "no file left behind");
+        // A file with a byte changed, or overwritten, is an error naming it, not a panic.
         let path = tmp.path().join("sp").join("counts-0");
-        let len = std::fs::metadata(&path).unwrap().len();
-        std::fs::write(&path, vec![0xff; len as usize]).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        let flipped = restore_keyed_in_chunks(&storage, &files, (0, 127), &b, &uid, &scratch, 64);
+        if format == KeyedFormat::Sst {
+            let e = flipped.unwrap_err();
+            assert!(e.message.contains("counts-0") && e.message.contains("checksum"), "{e}");
+            assert!(b.scan(&uid).unwrap().is_empty(), "nothing ingested");
+        }
+        std::fs::write(&path, vec![0xff; bytes.len()]).unwrap();
         let b =
             StateBackend::open(&tmp.path().join("damaged"), std::slice::from_ref(&uid)).unwrap();
-        let e = restore_keyed_in_chunks(
-            &storage,
-            &files,
-            (0, 127),
-            SstTarget {
-                backend: &b,
-                uid: &uid,
-                scratch: &tmp.path().join("sst"),
-                options: &sst_options(),
-            },
-            64,
-        )
-        .unwrap_err();
+        let e = restore_keyed_in_chunks(&storage, &files, (0, 127), &b, &uid, &scratch, 64)
+            .unwrap_err();
         assert!(e.message.contains("counts-0") && e.message.contains("damaged"), "{e}");
+        assert!(b.scan(&uid).unwrap().is_empty(), "nothing ingested");
+    }
+
+    #[test]
+    fn an_index_without_its_checksums_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, mut f) = sst_file_of((3, 6), &entries((3, 6), 2), tmp.path());
+        assert!(f.check().is_ok());
+        f.checksums.pop();
+        assert!(f.check().unwrap_err().contains("3 key-group checksums for 4 key groups"));
+        // Format 1 metadata (no format, no checksums) still reads as format 1.
+        let (_, old) = file_of((3, 6), &entries((3, 6), 2));
+        let mut json = serde_json::to_value(&old).unwrap();
+        json.as_object_mut().unwrap().remove("format");
+        let back: KeyedFile = serde_json::from_value(json).unwrap();
+        assert_eq!(back.format, KeyedFormat::Entries);
+        assert!(back.check().is_ok());
     }
 }

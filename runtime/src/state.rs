@@ -123,11 +123,22 @@ impl StateBackend {
     /// Loads the SST file `sst` (written with [`sst_options`], keys in order) into operator
     /// `uid`'s state.
     pub fn ingest(&self, uid: &str, sst: &Path) -> Result<(), StateError> {
+        self.ingest_files(uid, &[sst])
+    }
+
+    /// Loads the SST files `ssts` (each written with options the column family can read,
+    /// keys in order; no two overlapping) into operator `uid`'s state in one ingestion: they
+    /// form one sorted run, and RocksDB places them in the lowest level.
+    pub fn ingest_files<P: AsRef<Path>>(&self, uid: &str, ssts: &[P]) -> Result<(), StateError> {
         let cf = self.db.cf_handle(&cf_name(uid)).expect("column family opened with the backend");
-        // Moved (hard-linked) into the instance, not copied: it was written for it.
+        // Moved (hard-linked) into the instance, not copied: they were written for it.
         let mut opts = rocksdb::IngestExternalFileOptions::default();
         opts.set_move_files(true);
-        self.db.ingest_external_file_cf_opts(&cf, &opts, vec![sst])?;
+        self.db.ingest_external_file_cf_opts(
+            &cf,
+            &opts,
+            ssts.iter().map(AsRef::as_ref).collect(),
+        )?;
         Ok(())
     }
 

@@ -291,7 +291,7 @@ fn a_new_version_of_the_pipeline_restores_with_allow_non_restored_state_and_refu
     let newer = tmp.join("elsewhere/newer");
     common::copy_dir(Path::new(&path), &newer);
     let meta = std::fs::read_to_string(newer.join("_metadata")).unwrap();
-    std::fs::write(newer.join("_metadata"), meta.replacen("\"version\": 1", "\"version\": 7", 1))
+    std::fs::write(newer.join("_metadata"), meta.replacen("\"version\": 2", "\"version\": 7", 1))
         .unwrap();
     let newer = newer.display().to_string();
     for (args, needles) in [
