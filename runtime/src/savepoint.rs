@@ -298,6 +298,12 @@ impl<W: Write> GroupWriter<'_, W> {
     fn put(&mut self, g: u16, k: &[u8], v: &[u8]) -> Result<(), RuntimeError> {
         if self.open.as_ref().is_none_or(|(at, _)| *at != g) {
             self.finish_group()?;
+            if self.index.offsets.len() > usize::from(g - self.first) {
+                return Err(RuntimeError::internal(format!(
+                    "key group {g} after key group {}: keys out of order",
+                    self.first as usize + self.index.offsets.len() - 1
+                )));
+            }
             // Every key group up to this one starts here (empty ones too).
             while self.index.offsets.len() <= usize::from(g - self.first) {
                 self.index.offsets.push(self.at);
@@ -1250,6 +1256,23 @@ mod tests {
             assert_eq!(got.len(), es.len());
             assert!(got.iter().zip(&es).all(|((_, k, v), (wk, wv))| k == &wk[2..] && v == wv));
         }
+    }
+
+    #[test]
+    fn keys_out_of_key_group_order_are_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let es: Vec<(Vec<u8>, Vec<u8>)> = [2u16, 1]
+            .iter()
+            .map(|g| ([&g.to_be_bytes()[..], b"k"].concat(), b"v".to_vec()))
+            .collect();
+        let e = write_sst_groups(
+            std::io::sink(),
+            (0, 3),
+            &mut |f| es.iter().try_for_each(|(k, v)| f(k, v)),
+            &tmp.path().join("g.sst"),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("key group 1 after key group 2"), "{e}");
     }
 
     #[test]
