@@ -8,19 +8,33 @@
 #     and a restore at the new parallelism, savepoints and checkpoints on the same S3 server
 #     (through an s3fs mount); with FLINK_LOCAL=1 also on the local file system.
 # Usage: bench/savepoints.sh [SIZE_MIB]
+# With WEIR_BENCH_BUCKET set, both run against an S3 server of your own instead of the test
+# environment's Garage: a bucket there, and AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+# AWS_SECRET_ACCESS_KEY and AWS_REGION in the environment (Garage on the bench's own cores
+# caps what any engine can show; see bench/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=${1:-1024}
 target=${CARGO_TARGET_DIR:-$PWD/target}
+if [ -n "${WEIR_BENCH_BUCKET:-}" ]; then
+  for v in AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION; do
+    [ -n "${!v:-}" ] || { echo "WEIR_BENCH_BUCKET is set: $v must be set too" >&2; exit 2; }
+  done
+fi
 cargo build -q --release -p weir-runtime --example savepoint_bench
-# The test environment's node agent (WEIR_BIN_DIR: one built already, as tests/env/up.sh takes).
-[ -x "${WEIR_BIN_DIR:-/nonexistent}/weir-node" ] || cargo build -q -p weir-e2e --bin weir-node
 venv=$(bash tests/env/install-flink.sh)
 tmp=$(mktemp -d)
-bash tests/env/up.sh "$tmp/env" >"$tmp/env-up.log" 2>&1 || { cat "$tmp/env-up.log"; exit 1; }
-trap 'bash tests/env/down.sh "$tmp/env" >/dev/null 2>&1; rm -rf "$tmp"' EXIT
-# shellcheck disable=SC1091
-source "$tmp/env/env.sh"
+if [ -n "${WEIR_BENCH_BUCKET:-}" ]; then
+  export WEIR_TEST_BUCKET=$WEIR_BENCH_BUCKET
+  trap 'rm -rf "$tmp"' EXIT
+else
+  # The test environment's node agent (WEIR_BIN_DIR: one built already, as up.sh takes).
+  [ -x "${WEIR_BIN_DIR:-/nonexistent}/weir-node" ] || cargo build -q -p weir-e2e --bin weir-node
+  bash tests/env/up.sh "$tmp/env" >"$tmp/env-up.log" 2>&1 || { cat "$tmp/env-up.log"; exit 1; }
+  trap 'bash tests/env/down.sh "$tmp/env" >/dev/null 2>&1; rm -rf "$tmp"' EXIT
+  # shellcheck disable=SC1091
+  source "$tmp/env/env.sh"
+fi
 
 echo "== weir: savepoint and restore of $mib MiB of keyed state (S3: $AWS_ENDPOINT_URL)"
 "$target/release/examples/savepoint_bench" "s3://$WEIR_TEST_BUCKET/bench-$$" "$mib"
