@@ -468,8 +468,10 @@ fn restore_keyed_in_chunks(
     std::fs::create_dir_all(scratch)
         .map_err(|e| RuntimeError::internal(format!("creating {}: {e}", scratch.display())))?;
     // A savepoint's files share a format; format 1's key groups are other than format 2's.
+    let mut files: Vec<&KeyedFile> = files.iter().collect();
+    files.sort_by_key(|f| f.key_groups.0);
     let (ssts, entries): (Vec<&KeyedFile>, Vec<&KeyedFile>) =
-        files.iter().partition(|f| f.format == KeyedFormat::Sst);
+        files.into_iter().partition(|f| f.format == KeyedFormat::Sst);
     let mut done = Restored::default();
     if !entries.is_empty() {
         let sst = scratch.join("entries.sst");
@@ -500,16 +502,14 @@ struct Piece<'a> {
     last: bool,
 }
 
-/// The ranged requests that read key groups `range` from `files`, in key-group order.
+/// The ranged requests that read key groups `range` from `files` (in key-group order).
 fn pieces<'a>(
     files: &[&'a KeyedFile],
     range: (u16, u16),
     chunk_bytes: u64,
 ) -> Result<Vec<Piece<'a>>, RuntimeError> {
-    let mut files = files.to_vec();
-    files.sort_by_key(|f| f.key_groups.0);
     let mut pieces = Vec::new();
-    for f in files {
+    for &f in files {
         f.check().map_err(RuntimeError::user)?;
         let Some((start, end)) = f.byte_range(range) else { continue };
         let mut at = start;
@@ -574,8 +574,8 @@ fn fetch_in_order(
     })
 }
 
-/// Format 2: the key groups' SST files, written under `scratch` as their bytes arrive, checked
-/// and ingested at once.
+/// Format 2: the key groups' SST files of `files` (in key-group order), written under
+/// `scratch` as their bytes arrive, checked and ingested at once.
 fn restore_sst_groups(
     storage: &dyn Storage,
     files: &[&KeyedFile],
@@ -588,9 +588,7 @@ fn restore_sst_groups(
     let pieces = pieces(files, range, chunk_bytes)?;
     // The key groups with entries, in the order of the pieces: (file, group, start, end).
     let mut groups = Vec::new();
-    let mut files: Vec<&KeyedFile> = files.to_vec();
-    files.sort_by_key(|f| f.key_groups.0);
-    for f in files {
+    for &f in files {
         let lo = range.0.max(f.key_groups.0);
         let hi = range.1.min(f.key_groups.1);
         for g in lo..=hi {
@@ -605,6 +603,7 @@ fn restore_sst_groups(
     let mut paths = Vec::with_capacity(groups.len());
     let mut next = 0;
     let mut open: Option<(std::fs::File, xxhash_rust::xxh3::Xxh3Default)> = None;
+    let path_of = |i: usize, g: u16| scratch.join(format!("{i:06}-{g}.sst"));
     let io = |p: &Path, e: std::io::Error| {
         RuntimeError::internal(format!("writing {}: {e}", p.display()))
     };
@@ -619,7 +618,7 @@ fn restore_sst_groups(
             if !std::ptr::eq(f, p.file) || at < start || at >= end {
                 return Err(RuntimeError::internal("restore pieces out of key-group order"));
             }
-            let path = scratch.join(format!("{next:06}-{g}.sst"));
+            let path = path_of(next, g);
             let (file, hash) = match &mut open {
                 Some(o) => o,
                 None => {
@@ -665,11 +664,9 @@ fn restore_sst_groups(
         done.files = paths.len() as u64;
         Ok(())
     });
-    // Ingested files were moved into the instance; the rest go.
-    for i in 0..=next.min(groups.len().saturating_sub(1)) {
-        if let Some(&(_, g, _, _)) = groups.get(i) {
-            let _ = std::fs::remove_file(scratch.join(format!("{i:06}-{g}.sst")));
-        }
+    // Ingested files were moved into the instance; the rest go (the one open too).
+    for (i, &(_, g, ..)) in groups.iter().enumerate().take(next + 1) {
+        let _ = std::fs::remove_file(path_of(i, g));
     }
     result.map(|()| done)
 }
@@ -726,13 +723,12 @@ fn write_entries_into(
     // Entries cross chunk boundaries: the part of one left at the end of a chunk waits for the
     // next.
     let mut carry: Vec<u8> = Vec::new();
-    let (mut entries, mut bytes, mut writing) = (0u64, 0u64, 0f64);
     fetch_in_order(storage, pieces, &mut done.waiting_secs, |p, chunk| {
         let t = Instant::now();
         let damaged = |what: String| damaged(storage, p.file, what);
-        bytes += chunk.len() as u64;
+        done.bytes += chunk.len() as u64;
         let mut put = |k: &[u8], v: &[u8]| {
-            entries += 1;
+            done.entries += 1;
             writer.put(k, v).map_err(sst_error)
         };
         // The entry cut at the end of the last chunk is completed in `carry` with bytes of
@@ -757,7 +753,7 @@ fn write_entries_into(
         }
         let used = read_whole_entries(&chunk[from..], &mut put).map_err(&damaged)?;
         carry.extend_from_slice(&chunk[from + used..]);
-        writing += t.elapsed().as_secs_f64();
+        done.writing_secs += t.elapsed().as_secs_f64();
         if p.last && !carry.is_empty() {
             return Err(damaged(format!(
                 "{} bytes left over at the end of {}..{}",
@@ -767,9 +763,7 @@ fn write_entries_into(
             )));
         }
         Ok(())
-    })?;
-    (done.entries, done.bytes, done.writing_secs) = (entries, bytes, writing);
-    Ok(())
+    })
 }
 
 /// Calls `f` with each whole entry at the start of `bytes`; returns how many bytes they take
