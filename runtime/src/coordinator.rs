@@ -89,7 +89,7 @@ pub struct Status {
     /// The savepoints of this run, newest first.
     savepoints: Mutex<Vec<SavepointInfo>>,
     savepoint_counter: std::sync::atomic::AtomicU64,
-    /// The result of the savepoint that stopped the job was read through the API.
+    /// The result of the savepoint that stopped the job (completed) was read through the API.
     stop_result_read: AtomicBool,
 }
 
@@ -226,11 +226,12 @@ impl Status {
         all.iter().find(|s| s.id == id).cloned().map(with_duration)
     }
 
-    /// Savepoint `id` as a client asks for it: reading the end of a savepoint that stops the
-    /// job lets the coordinator exit.
+    /// Savepoint `id` as a client asks for it: reading that a savepoint stopped the job lets
+    /// the coordinator exit. Reading that one failed does not: the job goes on, and a later
+    /// stop's result must still be read.
     pub fn read_savepoint(&self, id: &str) -> Option<SavepointInfo> {
         let sp = self.savepoint(id)?;
-        if sp.stop && sp.status != SavepointStatus::InProgress {
+        if sp.stop && sp.status == SavepointStatus::Completed {
             self.stop_result_read.store(true, Ordering::Relaxed);
         }
         Some(sp)

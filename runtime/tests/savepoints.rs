@@ -546,7 +546,10 @@ fn stopping_savepoints_with_workers_killed_around_them_lose_and_duplicate_nothin
             if code == Some(0) {
                 break Some(path);
             }
-            assert!(err.contains("failed"), "{err}");
+            if !err.contains("failed") {
+                let (code, out) = job.finish(Duration::from_secs(10));
+                panic!("{err}\nthe job (exit {code:?}):\n{out}");
+            }
             failed_stops += 1;
             assert!(failed_stops < 30, "no stopping savepoint succeeded: {err}");
             // The job restarted from its last checkpoint; wait until it runs again.
