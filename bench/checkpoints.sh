@@ -4,7 +4,9 @@
 #     changed) checkpoints of 100 MiB and 1 GiB of keyed state (runtime/examples/checkpoint_bench.rs);
 #  2. keyed-count throughput (R records, K keys, parallelism 2, into a blackhole) with
 #     checkpoints every 10 s and every 1 s, against none: Weir checkpointing to S3, Flink 2.3
-#     (the peer) checkpointing incrementally to the local file system, in the same run.
+#     (the peer) checkpointing incrementally (RocksDB) to the same S3 server through its own S3
+#     file system (the flink-s3-fs-hadoop plugin of tests/env/install-flink.sh), in the same
+#     run. FLINK_CHECKPOINTS=local puts Flink's checkpoints on the local file system instead.
 # Usage: bench/checkpoints.sh [RECORDS] [KEYS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,7 +64,7 @@ YAML
   printf '%-6s %-10s %10.2f %14s %12s  (%.0f%% of none)\n' weir "$interval" "$(python3 -c "print($t1 - $t0)")" "$eps" "$done_ck" "$(python3 -c "print(100 * $eps / $base_weir)")"
   rm -rf "$tmp/state"
   flink_args=(--parallelism 2 --keys "$keys" --records "$records")
-  [ "$interval" = 0s ] || flink_args+=(--checkpoint-interval "$interval")
+  [ "$interval" = 0s ] || flink_args+=(--checkpoint-interval "$interval" --checkpoint-storage "${FLINK_CHECKPOINTS:-s3}")
   flink=$("$venv/bin/python" bench/flink_keyed_count.py "${flink_args[@]}" 2>"$tmp/flink.log") || { tail -20 "$tmp/flink.log"; exit 1; }
   feps=$(python3 -c "import json,sys; print(round(json.loads(sys.argv[1])['events_per_second']))" "$flink")
   fs=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['seconds'])" "$flink")

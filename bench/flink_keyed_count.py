@@ -5,7 +5,11 @@ Runs the Flink SQL job
     datagen (BIGINT k uniform in [0, K), R rows) -> SELECT k, COUNT(*) ... GROUP BY k -> blackhole
 
 in streaming mode with the RocksDB state backend, checkpointing off and mini-batch off, so the
-aggregation emits each key's new count on every record (as Weir's count does). The time is the
+aggregation emits each key's new count on every record (as Weir's count does).
+With --checkpoint-interval, incremental RocksDB checkpoints go to --checkpoint-storage: local
+(STATE_DIR/checkpoints) or s3 (s3://$WEIR_TEST_BUCKET/flink-keyed-count-<pid>-<time>/ through
+Flink's own S3 file system, the flink-s3-fs-hadoop plugin, on the S3 server of the AWS
+environment: see bench/flink_s3.py; removed after the run). The time is the
 wall-clock time from submitting the job to its completion (execute_insert(...).wait()),
 including job start-up; nothing is subtracted.
 
@@ -22,6 +26,8 @@ import sys
 import tempfile
 import time
 
+import flink_s3
+
 FLINK_VERSION = "2.3.0"
 
 
@@ -34,7 +40,10 @@ def parse_args():
     p.add_argument("--managed-memory", help="taskmanager.memory.managed.size, e.g. 512m "
                    "(default: Flink's local-execution default, 128m shared by the slots)")
     p.add_argument("--checkpoint-interval", help="take incremental RocksDB checkpoints this often "
-                   "(e.g. 1s, 10s) into STATE_DIR/checkpoints (default: checkpointing off)")
+                   "(e.g. 1s, 10s) (default: checkpointing off)")
+    p.add_argument("--checkpoint-storage", choices=["local", "s3"], default="local",
+                   help="where checkpoints go: STATE_DIR/checkpoints, or the S3 bucket of the "
+                        "AWS environment through Flink's S3 plugin (default local)")
     p.add_argument("--verify", action="store_true",
                    help="also read the finished job's archive and check on stderr that the source "
                         "emitted, and the aggregation read, exactly R records (exit 1 otherwise)")
@@ -64,9 +73,26 @@ def main():
     state_dir = os.path.abspath(args.state_dir or tempfile.mkdtemp(prefix="flink-bench-"))
     os.makedirs(state_dir, exist_ok=True)
     archive_dir = os.path.join(state_dir, "archive")
+    s3 = None
     try:
-        seconds, verified = run(args, state_dir, archive_dir)
+        if args.checkpoint_interval and args.checkpoint_storage == "s3":
+            try:
+                s3 = flink_s3.S3(f"flink-keyed-count-{os.getpid()}-{int(time.time())}",
+                                 os.path.join(state_dir, "s3-staging"))
+            except flink_s3.S3ConfigError as e:
+                log(f"FAILED: {e}")
+                sys.exit(1)
+            flink_s3.initialize_file_systems(s3.flink_conf())
+            log(f"checkpoints under {s3.uri} on {s3.endpoint} (Flink's S3 plugin)")
+        seconds, verified = run(args, state_dir, archive_dir, s3)
     finally:
+        if s3:
+            try:
+                files, size = flink_s3.du(s3.uri)
+                flink_s3.delete(s3.uri)
+                log(f"removed {s3.uri} ({files} objects, {size} bytes)")
+            except Exception as e:  # noqa: BLE001 -- a failed clean-up must not hide the result
+                log(f"could not remove {s3.uri}: {e}")
         if own_dir:
             shutil.rmtree(state_dir, ignore_errors=True)
 
@@ -79,6 +105,7 @@ def main():
         "seconds": round(seconds, 3),
         "events_per_second": round(args.records / seconds, 1),
         "checkpoint_interval": args.checkpoint_interval,
+        "checkpoint_storage": (args.checkpoint_storage if args.checkpoint_interval else None),
     }
     if args.source_only:
         result["query"] = "source-only"
@@ -88,7 +115,7 @@ def main():
         sys.exit(1)
 
 
-def run(args, state_dir, archive_dir):
+def run(args, state_dir, archive_dir, s3):
     from pyflink.common import Configuration
     from pyflink.table import EnvironmentSettings, TableEnvironment
 
@@ -102,7 +129,11 @@ def run(args, state_dir, archive_dir):
     conf.set_string("table.exec.mini-batch.enabled", "false")
     if args.checkpoint_interval:
         conf.set_string("execution.checkpointing.interval", args.checkpoint_interval)
-        conf.set_string("execution.checkpointing.dir", "file://" + os.path.join(state_dir, "checkpoints"))
+        if s3:
+            conf.set_string("execution.checkpointing.dir", s3.uri + "/checkpoints")
+            flink_s3.apply(conf, s3.flink_conf())
+        else:
+            conf.set_string("execution.checkpointing.dir", "file://" + os.path.join(state_dir, "checkpoints"))
         conf.set_string("execution.checkpointing.incremental", "true")
     if args.managed_memory:
         conf.set_string("taskmanager.memory.managed.size", args.managed_memory)

@@ -46,14 +46,15 @@ the savepoint of the job restored for 4:2. Every savepoint must hold at least 95
 state_bytes (checked: the state survived each rescale).
 
 Where savepoints (and the checkpoint directory) go, --storage:
-- s3 (the fair peer of Weir's figures, which are taken against S3): the S3 bucket of the
-  standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-  AWS_REGION, and WEIR_TEST_BUCKET for the bucket, as tests/env/up.sh writes them), mounted
-  with s3fs-fuse (Debian's `s3fs`) for the run; Flink writes and reads file:// paths on the
-  mount. Flink's own S3 file systems (flink-s3-fs-hadoop / -presto) are not in the PyFlink
-  wheel, and their jars come only from Maven Central, which these machines cannot reach.
-  s3fs behaves as flink-s3-fs-presto does: a file is staged on local disk and uploaded
-  (multipart, parts in parallel) when Flink flushes or closes it; reads are ranged GETs.
+- s3 (the fair peer of Weir's figures, which are taken against S3): s3://BUCKET/PREFIX through
+  Flink's own S3 file system, flink-s3-fs-hadoop (the plugin tests/env/install-flink.sh puts in
+  the distribution's plugins/), on the S3 server of the standard AWS environment
+  (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, and
+  WEIR_TEST_BUCKET for the bucket, as tests/env/up.sh writes them; bench/flink_s3.py has the
+  settings), path-style. PREFIX is flink-savepoint-bench-<pid>-<time>, removed after the run
+  unless --keep. The plugin (Hadoop's S3A) buffers what Flink writes on local disk (under the
+  state dir) and uploads it in parts as they fill and when Flink closes the file (multipart
+  for large ones); reads are ranged GETs.
 - local: the local file system (file:// under the state dir; Flink fsyncs each file).
 Everything runs in one JVM with Flink's local-execution defaults (managed memory 128 MB shared
 by the slots, which RocksDB uses), one new mini-cluster per job, on whatever cores there are.
@@ -69,12 +70,13 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+
+import flink_s3
 
 FLINK_VERSION = "2.3.0"
 
@@ -114,6 +116,9 @@ def parse_args():
                    "(default: Flink's local-execution default, 128m shared by the slots)")
     p.add_argument("--heap", default="2g", help="-Xmx of the JVM (mini-cluster and client), "
                    "unless JVM_ARGS already has one (default 2g)")
+    p.add_argument("--keep", action="store_true",
+                   help="--storage s3: leave the run's savepoints and checkpoints in the bucket "
+                        "(default: removed at the end)")
     p.add_argument("--settle-seconds", type=float, default=5.0,
                    help="wait this long after the state is built before the first savepoint, "
                         "so RocksDB's flushes and compactions of the load settle (default 5)")
@@ -151,23 +156,35 @@ def main():
     os.makedirs(state_dir, exist_ok=True)
     load_start = os.getloadavg()[0]
     start = time.perf_counter()
-    mount = None
+    s3 = None
     try:
         if args.storage == "s3":
-            mount = S3Mount(state_dir)
-            durable_dir, storage = mount.dir, f"S3 {mount.describe} (s3fs mount)"
+            try:
+                s3 = flink_s3.S3(f"flink-savepoint-bench-{os.getpid()}-{int(time.time())}",
+                                 os.path.join(state_dir, "s3-staging"))
+            except flink_s3.S3ConfigError as e:
+                raise BenchError(str(e))
+            flink_s3.initialize_file_systems(s3.flink_conf())
+            durable, storage = s3.uri, f"S3 {s3.describe} (Flink's flink-s3-fs-hadoop plugin)"
+            log(f"savepoints and checkpoints under {s3.uri} on {s3.endpoint}")
         else:
-            durable_dir, storage = state_dir, "local file system"
-        result = Bench(args, state_dir, durable_dir).run()
+            durable, storage = "file://" + state_dir, "local file system"
+        result = Bench(args, state_dir, durable, s3).run()
         result["savepoint_storage"] = storage
     except BenchError as e:
         log(f"FAILED: {e}")
         sys.exit(1)
     finally:
-        if mount:
-            mount.close()
-        # Never through a mount that is still there: that would delete objects in the bucket.
-        if own_dir and not (mount and os.path.ismount(mount.point)):
+        if s3 and args.keep:
+            log(f"--keep: the run's objects stay under {s3.uri}")
+        elif s3:
+            try:
+                files, size = flink_s3.du(s3.uri)
+                flink_s3.delete(s3.uri)
+                log(f"removed {s3.uri} ({files} objects, {size} bytes)")
+            except Exception as e:  # noqa: BLE001 -- a failed clean-up must not hide the result
+                log(f"could not remove {s3.uri}: {e}")
+        if own_dir:
             shutil.rmtree(state_dir, ignore_errors=True)
     result["total_seconds"] = round(time.perf_counter() - start, 1)
     result["loadavg_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
@@ -184,66 +201,13 @@ def free_port():
     return port
 
 
-def dir_bytes(path):
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            total += os.path.getsize(os.path.join(root, f))
-    return total
-
-
-class S3Mount:
-    """The test bucket mounted with s3fs for the run; Flink's files go below a prefix of their
-    own in it (`dir`), which is removed (objects deleted) and unmounted by close()."""
-
-    def __init__(self, state_dir):
-        env = {k: os.environ.get(k, "") for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                   "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-                                                   "WEIR_TEST_BUCKET")}
-        missing = [k for k, v in env.items() if not v]
-        if missing:
-            raise BenchError(f"--storage s3 needs {', '.join(missing)} in the environment "
-                             "(source the env.sh that tests/env/up.sh writes)")
-        if not shutil.which("s3fs"):
-            raise BenchError("--storage s3 needs s3fs (tests/env/install-flink.sh installs it)")
-        self.point = os.path.join(state_dir, "s3")
-        os.makedirs(self.point, exist_ok=True)
-        # s3fs reads the key from a file only its owner may read.
-        self.passwd = os.path.join(state_dir, "s3fs-passwd")
-        fd = os.open(self.passwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}\n")
-        bucket, endpoint = env["WEIR_TEST_BUCKET"], env["AWS_ENDPOINT_URL"]
-        self.describe = f"{endpoint}/{bucket}"
-        opts = ",".join([f"passwd_file={self.passwd}", f"url={endpoint}", "use_path_request_style",
-                         f"endpoint={env['AWS_REGION']}", "sigv4",
-                         f"tmpdir={os.path.join(state_dir, 'tmp')}"])
-        os.makedirs(os.path.join(state_dir, "tmp"), exist_ok=True)
-        run = subprocess.run(["s3fs", bucket, self.point, "-o", opts],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(self.point):
-            if run.returncode != 0 or time.monotonic() > deadline:
-                os.remove(self.passwd)
-                raise BenchError(f"s3fs could not mount {self.describe} on {self.point} "
-                                 f"(exit {run.returncode}; is /dev/fuse there?): {run.stdout.strip()}")
-            time.sleep(0.1)
-        self.dir = os.path.join(self.point, f"flink-savepoint-bench-{os.getpid()}-{int(time.time())}")
-        os.makedirs(self.dir)
-        log(f"{self.describe} mounted on {self.point} (s3fs); Flink's files under {self.dir}")
-
-    def close(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
-        subprocess.run(["fusermount", "-u", self.point], check=False)
-        try:
-            os.remove(self.passwd)
-        except OSError:
-            pass
-
-
-def local_path(uri):
-    # Flink answers "file:/tmp/..." (or "file:///tmp/...").
-    return re.sub(r"^file:(//)?", "", uri)
+def same_path(a, b):
+    """Whether two savepoint paths Flink printed name the same place ("file:/x" and
+    "file:///x/" do; "s3://b/p/" and "s3://b/p" do)."""
+    def norm(uri):
+        uri = re.sub(r"^file:(//)?", "file://", uri)
+        return uri.rstrip("/")
+    return norm(a) == norm(b)
 
 
 class Job:
@@ -285,13 +249,14 @@ class Job:
 
 
 class Bench:
-    def __init__(self, args, state_dir, durable_dir):
+    def __init__(self, args, state_dir, durable, s3):
         self.args = args
         self.state_dir = state_dir
-        self.durable_dir = durable_dir  # savepoints and checkpoints: local disk or the S3 mount
+        self.durable = durable  # savepoints and checkpoints: a file:// or s3:// URI
+        self.s3 = s3  # flink_s3.S3 for --storage s3
         self.keys = math.ceil(args.state_bytes / args.value_bytes)
         self.state_bytes = self.keys * args.value_bytes
-        self.savepoint_dir = os.path.join(durable_dir, "savepoints")
+        self.savepoint_dir = durable + "/savepoints"
 
     # ---- jobs ----
 
@@ -307,7 +272,9 @@ class Bench:
         # Savepoints above a few MB need a file-system checkpoint storage (the default
         # JobManager storage caps state at 5 MB). Periodic checkpoints stay off.
         conf.set_string("execution.checkpointing.storage", "filesystem")
-        conf.set_string("execution.checkpointing.dir", "file://" + os.path.join(self.durable_dir, "checkpoints"))
+        conf.set_string("execution.checkpointing.dir", self.durable + "/checkpoints")
+        if self.s3:
+            flink_s3.apply(conf, self.s3.flink_conf())
         conf.set_string("parallelism.default", str(parallelism))
         conf.set_string("table.exec.mini-batch.enabled", "false")
         conf.set_string("rest.port", str(port))
@@ -406,7 +373,7 @@ class Bench:
                     state_init_ms = max(state_init_ms, ts["RUNNING"] - ts["INITIALIZING"])
         cps = job.rest(f"/jobs/{job.job_id}/checkpoints", deadline)
         restored = (cps.get("latest") or {}).get("restored") or {}
-        if not restored.get("is_savepoint") or local_path(restored.get("external_path", "")) != local_path(restore_path):
+        if not restored.get("is_savepoint") or not same_path(restored.get("external_path", ""), restore_path):
             raise BenchError(f"job {job.job_id} did not report restoring {restore_path}: {restored}")
         return {
             "restore_seconds": round((last_running_ms - submitted_ms) / 1000, 3),
@@ -421,7 +388,7 @@ class Bench:
         # PyFlink's JobClient.stop_with_savepoint calls a Java signature Flink 2.x no longer
         # has (it lacks the SavepointFormatType): call the Java JobClient directly.
         canonical = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType.CANONICAL
-        target = "file://" + self.savepoint_dir
+        target = self.savepoint_dir
         log(f"stop-with-savepoint of job {job.job_id} at parallelism {job.parallelism}")
         start = time.perf_counter()
         try:
@@ -431,8 +398,9 @@ class Bench:
             stopped = time.perf_counter() - start
         except Py4JJavaError as e:
             raise BenchError(f"stop-with-savepoint of job {job.job_id} failed: {e.java_exception}")
-        size = dir_bytes(local_path(path))
-        log(f"savepoint {path}: {size} bytes in {seconds:.3f} s (job finished after {stopped:.3f} s)")
+        files, size = flink_s3.du(path)
+        log(f"savepoint {path}: {files} files, {size} bytes in {seconds:.3f} s "
+            f"(job finished after {stopped:.3f} s)")
         if size < 0.95 * self.state_bytes:
             raise BenchError(f"savepoint {path} holds {size} bytes, less than 95 % of the "
                              f"{self.state_bytes} bytes of state: state was lost")

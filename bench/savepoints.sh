@@ -6,8 +6,11 @@
 #     the restore's read rate against the server's raw GET rate at as many readers;
 #  2. Flink 2.3, the peer (bench/flink_savepoint.py): the same rescales with stop-with-savepoint
 #     and a restore at the new parallelism, savepoints and checkpoints on the same S3 server
-#     (through an s3fs mount); with FLINK_LOCAL=1 also on the local file system.
+#     through Flink's own S3 file system (the flink-s3-fs-hadoop plugin that
+#     tests/env/install-flink.sh installs); with FLINK_LOCAL=1 also on the local file system.
 # Usage: bench/savepoints.sh [SIZE_MIB]
+# WEIR=0 runs the Flink part alone (no cargo build; with WEIR_BENCH_BUCKET, nothing is built);
+# FLINK_ARGS adds options of bench/flink_savepoint.py (e.g. "--pairs 4:2 --keep").
 # With WEIR_BENCH_BUCKET set, both run against an S3 server of your own instead of the test
 # environment's Garage: a bucket there, and AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 # AWS_SECRET_ACCESS_KEY and AWS_REGION in the environment (Garage on the bench's own cores
@@ -21,7 +24,8 @@ if [ -n "${WEIR_BENCH_BUCKET:-}" ]; then
     [ -n "${!v:-}" ] || { echo "WEIR_BENCH_BUCKET is set: $v must be set too" >&2; exit 2; }
   done
 fi
-cargo build -q --release -p weir-runtime --example savepoint_bench
+weir=${WEIR:-1}
+[ "$weir" = 0 ] || cargo build -q --release -p weir-runtime --example savepoint_bench
 venv=$(bash tests/env/install-flink.sh)
 tmp=$(mktemp -d)
 if [ -n "${WEIR_BENCH_BUCKET:-}" ]; then
@@ -36,8 +40,10 @@ else
   source "$tmp/env/env.sh"
 fi
 
-echo "== weir: savepoint and restore of $mib MiB of keyed state (S3: $AWS_ENDPOINT_URL)"
-"$target/release/examples/savepoint_bench" "s3://$WEIR_TEST_BUCKET/bench-$$" "$mib"
+if [ "$weir" != 0 ]; then
+  echo "== weir: savepoint and restore of $mib MiB of keyed state (S3: $AWS_ENDPOINT_URL)"
+  "$target/release/examples/savepoint_bench" "s3://$WEIR_TEST_BUCKET/bench-$$" "$mib"
+fi
 
 # One line per rescale from the peer's JSON file $1 (its docstring says what each figure covers).
 flink_table() {
@@ -56,7 +62,8 @@ storages=s3
 [ "${FLINK_LOCAL:-0}" = 1 ] && storages="s3 local"
 for storage in $storages; do
   echo "== flink $mib MiB: stop-with-savepoint and restore at the new parallelism ($storage)"
-  "$venv/bin/python" bench/flink_savepoint.py --state-bytes "${mib}m" --storage "$storage" \
+  # shellcheck disable=SC2086 # FLINK_ARGS: more options of flink_savepoint.py, word-split
+  "$venv/bin/python" bench/flink_savepoint.py --state-bytes "${mib}m" --storage "$storage" ${FLINK_ARGS:-} \
     2>"$tmp/flink-$storage.log" >"$tmp/flink-$storage.json" \
     || { tail -30 "$tmp/flink-$storage.log"; exit 1; }
   flink_table "$tmp/flink-$storage.json"

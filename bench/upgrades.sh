@@ -51,7 +51,7 @@ done
 if [ "${FLINK:-1}" != 0 ]; then
   venv=$(bash tests/env/install-flink.sh)
   for mib in "${sizes[@]}"; do
-    echo "== flink $mib MiB: stop-with-savepoint at 2, restore at 3 (S3, through s3fs)"
+    echo "== flink $mib MiB: stop-with-savepoint at 2, restore at 3 (S3, through Flink's S3 plugin)"
     "$venv/bin/python" bench/flink_savepoint.py --state-bytes "${mib}m" --pairs 2:3 --storage s3 \
       2>"$tmp/flink-$mib.log" >"$tmp/flink-$mib.json" || { tail -30 "$tmp/flink-$mib.log"; exit 1; }
     "$venv/bin/python" - "$tmp/flink-$mib.json" <<'PY'
