@@ -10,7 +10,7 @@ use weir_crds::streamjob::{DeployedRun, StreamJobStatus};
 
 use k8s_openapi::ByteString;
 use weir_crds::streamjob::{DesiredState, UpgradeMode};
-use weir_crds::{StorageUri, StreamJob};
+use weir_crds::{SpecError, StorageUri, StreamJob, rules};
 
 /// What validation needs to know about the cluster.
 #[derive(Debug, Default, Clone)]
@@ -55,7 +55,9 @@ pub struct Valid {
     pub max_parallelism: i32,
 }
 
-/// Checks `job` against the rules the schema cannot express.
+/// Checks `job` against the spec's rules: those the CRD's CEL rules refuse at apply too, with
+/// the same messages (for a StreamJob they did not check: stored before a rule existed, or by
+/// an apiserver without CEL), and those that need the cluster or the operator's defaults.
 pub fn validate(
     job: &StreamJob,
     observed: &Observed,
@@ -67,19 +69,15 @@ pub fn validate(
         let field = text.split([' ', ':']).next().unwrap_or("spec").to_string();
         Invalid::new(field, text)
     })?;
+    // The apiserver refuses the same change (a CEL rule on status.maxParallelism, with the
+    // same message): this is for a change it did not check.
     let max_parallelism = spec.effective_max_parallelism();
     if let Some(fixed) = job.status.as_ref().and_then(|s| s.max_parallelism)
         && fixed != max_parallelism
     {
-        let asked = match spec.max_parallelism {
-            Some(m) => format!("spec.maxParallelism {m}"),
-            None => format!("spec.maxParallelism (default {max_parallelism} for this parallelism)"),
-        };
         return Err(Invalid::new(
             "spec.maxParallelism",
-            format!(
-                "{asked} differs from {fixed}, the number of key groups the job's state is split into: it cannot change once the job has state; set spec.maxParallelism: {fixed}"
-            ),
+            rules::max_parallelism_fixed(spec.max_parallelism, max_parallelism, fixed),
         ));
     }
 
@@ -87,17 +85,13 @@ pub fn validate(
     // Savepoints ride on the checkpoint machinery: without checkpoints, every upgrade,
     // suspend and deletion in savepoint mode would fail and be retried for ever, and
     // last-state would have nothing to go on from.
+    // (A CEL rule of the CRD refuses the same, with the same message.)
     if checkpointing.interval.is_zero() && spec.upgrade_mode != UpgradeMode::Stateless {
         let mode = match spec.upgrade_mode {
             UpgradeMode::Savepoint => "savepoint",
             _ => "last-state",
         };
-        return Err(Invalid::new(
-            "spec.checkpointing.interval",
-            format!(
-                "spec.checkpointing.interval 0s turns checkpoints off, and spec.upgradeMode {mode} needs them (upgrades, suspend and deletion go through a savepoint or the last checkpoint): set an interval such as 10s, or spec.upgradeMode: stateless"
-            ),
-        ));
+        return Err(Invalid::new("spec.checkpointing.interval", rules::checkpoints_off(mode)));
     }
     let checkpoint_storage = if checkpointing.interval.is_zero() {
         None
@@ -216,19 +210,14 @@ pub fn preflight(
     if has_state && max != deployed.max_parallelism {
         return Err(Invalid::new(
             "spec.maxParallelism",
-            format!(
-                "spec.maxParallelism {max} differs from {}, the number of key groups of the running version's state: it cannot change; set spec.maxParallelism: {}",
-                deployed.max_parallelism, deployed.max_parallelism
-            ),
+            rules::max_parallelism_fixed(spec.max_parallelism, max, deployed.max_parallelism),
         ));
     }
     if spec.parallelism > max {
         return Err(Invalid::new(
             "spec.parallelism",
-            format!(
-                "spec.parallelism {} exceeds spec.maxParallelism {max}: lower it",
-                spec.parallelism
-            ),
+            SpecError::ParallelismAboveMax { parallelism: spec.parallelism, max_parallelism: max }
+                .to_string(),
         ));
     }
     let allow = spec.restore.as_ref().is_some_and(|r| r.allow_non_restored_state);

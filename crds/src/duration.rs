@@ -123,6 +123,7 @@ impl JsonSchema for Duration {
         json_schema!({
             "type": "string",
             "pattern": DURATION_PATTERN,
+            "maxLength": crate::rules::MAX_DURATION_LENGTH,
         })
     }
     fn inline_schema() -> bool {

@@ -16,6 +16,7 @@ pub mod api;
 pub mod duration;
 pub mod pipeline;
 pub mod reference;
+pub mod rules;
 pub mod snapshot;
 pub mod storage_uri;
 pub mod streamjob;

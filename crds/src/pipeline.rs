@@ -2,23 +2,31 @@
 //! its state is stored and restored. Declared in `spec.pipeline` of a StreamJob and read the
 //! same way by `weir run`.
 //!
-//! This module holds the shape and the graph rules (unique uids, inputs that exist, no
-//! cycles, at least one source and one sink); what each operator type accepts as parameters
-//! is the runtime's to check.
+//! This module holds the shape and the graph rules (unique uids, built-in types, sources
+//! without inputs and the other operators with some, inputs that exist, no cycles); what each
+//! operator type accepts as parameters is the runtime's to check. The apiserver checks the
+//! same rules but cycles itself ([`crate::rules`]), with the same messages.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::rules::{
+    self, DUPLICATE_UID, EMPTY, MAX_INPUTS, MAX_NAME_LENGTH, MAX_OPERATORS, NO_INPUTS, SELF_INPUT,
+    SOURCE_WITH_INPUTS, UNKNOWN_INPUT, UNKNOWN_TYPE,
+};
 
 /// The operators of a job. Each operator reads the outputs of the operators named in its
 /// `inputs`; an operator without inputs is a source.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::pipeline)]
 pub struct Pipeline {
-    /// The operators, in any order. State is kept by `uid`, so keep a uid when you change an
-    /// operator's parameters and want it to keep its state.
-    #[schemars(length(min = 1))]
+    /// The operators, in any order, at most 256. State is kept by `uid`, so keep a uid when
+    /// you change an operator's parameters and want it to keep its state.
+    #[schemars(length(min = 1, max = MAX_OPERATORS))]
     pub operators: Vec<OperatorSpec>,
 }
 
@@ -26,18 +34,24 @@ pub struct Pipeline {
 /// for example `{uid: counts, type: count, inputs: [words], key: word}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::operator)]
 pub struct OperatorSpec {
     /// Stable identity of the operator and of its state: lowercase letters, digits, `-` and
     /// `_`, at most 63 characters, unique within the pipeline.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = MAX_NAME_LENGTH),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$")
+    )]
     pub uid: String,
     /// The operator type, for example `generator`, `file_source`, `split`, `count`,
     /// `file_sink`.
     #[serde(rename = "type")]
-    #[schemars(regex(pattern = r"^[a-z][a-z0-9_]*$"))]
+    #[schemars(length(max = MAX_NAME_LENGTH), regex(pattern = r"^[a-z][a-z0-9_]*$"))]
     pub kind: String,
-    /// The uids of the operators whose output this one reads; empty for a source.
+    /// The uids of the operators whose output this one reads, at most 64: empty for a source
+    /// (`generator`, `file_source`, `socket`), at least one for every other type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_INPUTS), inner(length(max = MAX_NAME_LENGTH)))]
     pub inputs: Vec<String>,
     /// The parameters of the operator type (every other field of the operator).
     #[serde(flatten)]
@@ -45,26 +59,50 @@ pub struct OperatorSpec {
 }
 
 /// A pipeline that breaks a graph rule; the message names the operator and the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PipelineError {
-    #[error("pipeline.operators is empty: declare at least one source and one sink")]
     Empty,
-    #[error(
-        "pipeline.operators[{index}].uid {uid:?} is used by more than one operator: uids must be unique"
-    )]
     DuplicateUid { index: usize, uid: String },
-    #[error("operator {uid:?}: inputs names {input:?}, which is no operator of this pipeline")]
     UnknownInput { uid: String, input: String },
-    #[error("operator {uid:?}: inputs names the operator itself")]
     SelfInput { uid: String },
-    #[error(
-        "pipeline.operators[{index}] ({uid:?}): type {kind:?} is unknown: use one of {known}",
-        known = OPERATOR_TYPES.join(", ")
-    )]
     UnknownType { index: usize, uid: String, kind: String },
-    #[error("operators {cycle:?} form a cycle through their inputs: a pipeline must be acyclic")]
+    SourceWithInputs { uid: String, kind: String },
+    NoInputs { uid: String, kind: String },
     Cycle { cycle: Vec<String> },
 }
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match self {
+            PipelineError::Empty => EMPTY.0.to_string(),
+            PipelineError::DuplicateUid { index, uid } => {
+                DUPLICATE_UID.render(&[("index", index), ("uid", uid)])
+            }
+            PipelineError::UnknownInput { uid, input } => {
+                UNKNOWN_INPUT.render(&[("uid", uid), ("input", input)])
+            }
+            PipelineError::SelfInput { uid } => SELF_INPUT.render(&[("uid", uid)]),
+            PipelineError::UnknownType { index, uid, kind } => UNKNOWN_TYPE.render(&[
+                ("index", index),
+                ("uid", uid),
+                ("type", kind),
+                ("known", &OPERATOR_TYPES.join(", ")),
+            ]),
+            PipelineError::SourceWithInputs { uid, kind } => {
+                SOURCE_WITH_INPUTS.render(&[("uid", uid), ("type", kind)])
+            }
+            PipelineError::NoInputs { uid, kind } => {
+                NO_INPUTS.render(&[("uid", uid), ("type", kind)])
+            }
+            PipelineError::Cycle { cycle } => format!(
+                "operators {cycle:?} form a cycle through their inputs: a pipeline must be acyclic"
+            ),
+        };
+        f.write_str(&text)
+    }
+}
+
+impl std::error::Error for PipelineError {}
 
 impl Pipeline {
     /// Checks the graph rules and returns the operators in a topological order (every operator
@@ -86,6 +124,14 @@ impl Pipeline {
                     uid: op.uid.clone(),
                     kind: op.kind.clone(),
                 });
+            }
+        }
+        for op in &self.operators {
+            let (uid, kind) = (op.uid.clone(), op.kind.clone());
+            match (SOURCE_TYPES.contains(&op.kind.as_str()), op.inputs.is_empty()) {
+                (true, false) => return Err(PipelineError::SourceWithInputs { uid, kind }),
+                (false, true) => return Err(PipelineError::NoInputs { uid, kind }),
+                _ => {}
             }
         }
         for op in &self.operators {
@@ -162,6 +208,10 @@ pub const OPERATOR_TYPES: &[&str] = &[
 ];
 
 pub const MAX_MAX_PARALLELISM: u32 = 32768;
+
+/// The operator types that read from outside the job: they take no inputs, and every other
+/// type takes at least one.
+pub const SOURCE_TYPES: &[&str] = &["generator", "file_source", "socket"];
 
 /// Operator types that keep no state in checkpoints: a new version of a job may add or drop
 /// them without losing anything.

@@ -9,6 +9,7 @@ use std::fmt::Write;
 use serde_json::Value;
 
 use crate::duration::DURATION_PATTERN;
+use crate::rules;
 use crate::storage_uri::STORAGE_URI_PATTERN;
 
 /// Where the reference lives, from the repository's root.
@@ -28,7 +29,7 @@ pub fn crds_markdown() -> String {
          - A field is optional unless its type says *required*. A default applies when the field is \
          left out, also when its whole parent object is left out.\n\
          - *duration*: one or more `<integer><unit>` parts, units `ms`, `s`, `m`, `h`, `d` \
-         (`500ms`, `10s`, `1m30s`, `7d`).\n\
+         (`500ms`, `10s`, `1m30s`, `7d`), at most 64 characters.\n\
          - *storage URI*: `s3://bucket/prefix`, or a local directory (`/path` or `file:///path`), \
          which only `weir run` can use: in a cluster, checkpoints and savepoints go to S3.\n\
          - *quantity*: a Kubernetes resource quantity (`500m`, `2Gi`).\n\
@@ -120,6 +121,47 @@ fn kind_section(out: &mut String, crd: &Value) {
         fields(out, s, "");
         out.push('\n');
     }
+    if kind == "StreamJob" {
+        rules_section(out);
+    }
+}
+
+/// The rules between fields that the apiserver checks (CEL), with their messages.
+fn rules_section(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "### StreamJob rules\n\n\
+         Beyond the types and ranges above, the apiserver checks these rules (CEL, \
+         `x-kubernetes-validations`) at `kubectl apply` and refuses a StreamJob that breaks one \
+         with the message below, naming the field (`{{...}}` stands for a value). The controller \
+         checks them again with the same messages, for a StreamJob stored before a rule existed, \
+         and reports it Degraded (InvalidSpec); it alone checks what needs the cluster (a \
+         credentials Secret, a StreamSnapshot), local directories (which `weir run` takes), \
+         operator parameters and cycles among the operators.\n\n\
+         So that the rules' cost stays within the apiserver's budget, the lists are bounded: at \
+         most {} operators, {} inputs per operator, uids, inputs and types of at most {} \
+         characters, durations of at most {} characters; the controller refuses longer lists in \
+         the apiserver's words.\n",
+        rules::MAX_OPERATORS,
+        rules::MAX_INPUTS,
+        rules::MAX_NAME_LENGTH,
+        rules::MAX_DURATION_LENGTH,
+    );
+    out.push_str("| Where | Refused | Message |\n|---|---|---|\n");
+    for c in rules::all() {
+        let text = match c.at {
+            rules::At::Pipeline | rules::At::Operator => {
+                rules::PIPELINE.0.replace("{error}", c.text.0)
+            }
+            _ => c.text.0.to_string(),
+        };
+        let at = match c.at.path() {
+            "" => "the object (`spec` against `status`)".to_string(),
+            p => format!("`{p}`"),
+        };
+        let _ = writeln!(out, "| {at} | {} | {} |", cell(c.what), cell(&text));
+    }
+    out.push('\n');
 }
 
 /// One row per property of `schema`, depth first, each nested field under its parent's path.
@@ -209,14 +251,21 @@ fn type_of(p: &Value, required: bool) -> String {
         (None, Some(hi)) => parts.push(format!("at most {}", number(hi))),
         (None, None) => {}
     }
+    // (A duration's length is said once, in how to read the tables.)
     match (p["minLength"].as_u64(), p["maxLength"].as_u64()) {
+        _ if parts[0] == "duration" => {}
         (Some(lo), Some(hi)) => parts.push(format!("{lo} to {hi} characters")),
         (Some(lo), None) => parts.push(format!("at least {lo} characters")),
         (None, Some(hi)) => parts.push(format!("at most {hi} characters")),
         (None, None) => {}
     }
-    if let Some(n) = p["minItems"].as_u64() {
-        parts.push(format!("at least {n} item{}", if n == 1 { "" } else { "s" }));
+    match (p["minItems"].as_u64(), p["maxItems"].as_u64()) {
+        (Some(lo), Some(hi)) => parts.push(format!("{lo} to {hi} items")),
+        (Some(n), None) => {
+            parts.push(format!("at least {n} item{}", if n == 1 { "" } else { "s" }))
+        }
+        (None, Some(n)) => parts.push(format!("at most {n} items")),
+        (None, None) => {}
     }
     if let Some(pattern) = p["pattern"].as_str()
         && pattern != DURATION_PATTERN
@@ -278,6 +327,8 @@ mod tests {
             "| `checkpointing.interval` | duration | `10s` |",
             "| `upgradeMode` | string, one of `savepoint`, `last-state`, `stateless` | `savepoint` |",
             "| `pipeline.operators[].uid` | string, *required*",
+            "| `pipeline.operators` | []object, *required*, 1 to 256 items |",
+            "| `pipeline.operators[].inputs` | []string, at most 64 items |",
             "| `s3.credentialsSecret.name` | string, *required*, 1 to 253 characters |",
             "| `savepoints.directory` | storage URI |",
             "| `resources.worker.limits` | map of quantity |",
@@ -286,6 +337,11 @@ mod tests {
             "| `path` | storage URI, *required* |",
         ] {
             assert!(md.contains(row), "no row starting {row:?} in:\n{md}");
+        }
+        // The rules, each with its message.
+        assert!(md.contains("### StreamJob rules"), "{md}");
+        for c in rules::all() {
+            assert!(md.contains(c.what), "the rule {:?} is not in the reference", c.what);
         }
         // The standard Condition's own fields are not listed one by one.
         assert!(!md.contains("`conditions[].lastTransitionTime`"));

@@ -3,11 +3,13 @@
 //!
 //! The doc comments on the fields are the user's documentation: `kubectl explain streamjob.spec`
 //! shows them. Every constraint the schema can express (ranges, enums, patterns) is in the
-//! schema, so the apiserver refuses a bad manifest with a message naming the field; what a
-//! schema cannot express is checked by [`StreamJobSpec::validate`], which the runtime and the
-//! controller both call.
+//! schema, so the apiserver refuses a bad manifest with a message naming the field; so are the
+//! rules between fields, in CEL ([`crate::rules`]). [`StreamJobSpec::validate`], which the
+//! runtime and the controller both call, checks those rules again with the same messages, and
+//! what CEL cannot express.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -16,7 +18,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
-use crate::pipeline::{MAX_MAX_PARALLELISM, Pipeline, default_max_parallelism};
+use crate::pipeline::{MAX_MAX_PARALLELISM, Pipeline, PipelineError, default_max_parallelism};
+use crate::rules::{
+    self, MAX_INPUTS, MAX_OPERATORS, PARALLELISM_ABOVE_MAX, PIPELINE, RESTORE_BOTH, TOO_MANY,
+    UNALIGNED_AT_LEAST_ONCE,
+};
 use crate::storage_uri::StorageUri;
 use crate::{is_default, preserve_unknown_object, quantity_map};
 
@@ -44,9 +50,11 @@ use crate::{is_default, preserve_unknown_object, quantity_map};
     printcolumn = r#"{"name":"Last Checkpoint", "type":"date", "jsonPath":".status.lastCheckpoint.completedAt", "description":"When the last checkpoint completed"}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp", "description":"Time since the StreamJob was created"}"#,
     printcolumn = r#"{"name":"Checkpoint", "type":"integer", "jsonPath":".status.lastCheckpoint.id", "description":"Id of the last completed checkpoint", "priority":1}"#,
-    printcolumn = r#"{"name":"Savepoint", "type":"string", "jsonPath":".status.lastSavepoint.snapshot", "description":"StreamSnapshot of the last savepoint", "priority":1}"#
+    printcolumn = r#"{"name":"Savepoint", "type":"string", "jsonPath":".status.lastSavepoint.snapshot", "description":"StreamSnapshot of the last savepoint", "priority":1}"#,
+    validation = rules::root_rule()
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::spec)]
 pub struct StreamJobSpec {
     /// Container image of the Weir runtime that runs the job's coordinator and workers. When
     /// empty, the operator's default runtime image is used. Changing it is an upgrade.
@@ -173,6 +181,7 @@ pub enum UpgradeMode {
 /// Checkpointing settings. Defaults follow Flink's where Flink has one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::checkpointing)]
 pub struct CheckpointingSpec {
     /// Time between the start of one checkpoint and the next. `0s` turns checkpoints off, and
     /// savepoints with them (the coordinator refuses a savepoint of a job that takes no
@@ -347,6 +356,7 @@ impl Default for SnapshotRetention {
 /// Where a job's first state comes from.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::restore)]
 pub struct RestoreSpec {
     /// Name of a StreamSnapshot in the job's namespace to start from (its phase must be
     /// Completed).
@@ -848,25 +858,65 @@ pub enum UpgradeStep {
 // ---------------------------------------------------------------------------------------------
 // Checks that the schema cannot express
 
-/// A spec that breaks a rule the schema cannot express; the message names the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A spec that breaks a rule; the message names the field. The apiserver refuses the same
+/// (but the ranges, which its schema refuses in its own words) with the same message
+/// ([`crate::rules`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpecError {
-    #[error(
-        "spec.parallelism {parallelism} is above spec.maxParallelism {max_parallelism}: lower parallelism or raise maxParallelism (fixed once the job has state)"
-    )]
-    ParallelismAboveMax { parallelism: i32, max_parallelism: i32 },
-    #[error("spec.parallelism {0} is out of range: it must be from 1 to 32768")]
+    ParallelismAboveMax {
+        parallelism: i32,
+        max_parallelism: i32,
+    },
     ParallelismOutOfRange(i32),
-    #[error("spec.maxParallelism {0} is out of range: it must be from 1 to 32768")]
     MaxParallelismOutOfRange(i32),
-    #[error("spec.pipeline: {0}")]
-    Pipeline(#[from] crate::pipeline::PipelineError),
-    #[error("spec.restore: give either snapshot or path, not both")]
+    /// A list longer than the schema allows: `field` names it.
+    TooMany {
+        field: String,
+        count: usize,
+        max: usize,
+    },
+    Pipeline(PipelineError),
     RestoreBoth,
-    #[error(
-        "spec.checkpointing.unaligned: unaligned checkpoints need mode exactly-once (at-least-once checkpoints never align, so there is nothing to overtake); set mode: exactly-once or unaligned: false"
-    )]
     UnalignedAtLeastOnce,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match self {
+            SpecError::ParallelismAboveMax { parallelism, max_parallelism } => {
+                PARALLELISM_ABOVE_MAX
+                    .render(&[("parallelism", parallelism), ("maxParallelism", max_parallelism)])
+            }
+            SpecError::ParallelismOutOfRange(p) => {
+                format!("spec.parallelism {p} is out of range: it must be from 1 to 32768")
+            }
+            SpecError::MaxParallelismOutOfRange(m) => {
+                format!("spec.maxParallelism {m} is out of range: it must be from 1 to 32768")
+            }
+            SpecError::TooMany { field, count, max } => {
+                TOO_MANY.render(&[("field", field), ("count", count), ("max", max)])
+            }
+            SpecError::Pipeline(e) => PIPELINE.render(&[("error", e)]),
+            SpecError::RestoreBoth => RESTORE_BOTH.0.to_string(),
+            SpecError::UnalignedAtLeastOnce => UNALIGNED_AT_LEAST_ONCE.0.to_string(),
+        };
+        f.write_str(&text)
+    }
+}
+
+impl std::error::Error for SpecError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SpecError::Pipeline(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<PipelineError> for SpecError {
+    fn from(e: PipelineError) -> Self {
+        SpecError::Pipeline(e)
+    }
 }
 
 impl StreamJobSpec {
@@ -879,8 +929,10 @@ impl StreamJobSpec {
         })
     }
 
-    /// Checks what the schema cannot (or what an apiserver without CEL does not): parallelism
-    /// within maxParallelism, the pipeline's graph, restore naming one source.
+    /// Checks the rules between fields that the apiserver checks in CEL (again: a StreamJob
+    /// stored before a rule existed, or by an apiserver without CEL, and `weir run`, which
+    /// has no apiserver), the bounds of the lists, and what CEL cannot: parallelism within
+    /// maxParallelism, the pipeline's graph, restore naming one source.
     pub fn validate(&self) -> Result<(), SpecError> {
         if !(1..=MAX_MAX_PARALLELISM as i32).contains(&self.parallelism) {
             return Err(SpecError::ParallelismOutOfRange(self.parallelism));
@@ -895,6 +947,21 @@ impl StreamJobSpec {
             return Err(SpecError::ParallelismAboveMax {
                 parallelism: self.parallelism,
                 max_parallelism: max,
+            });
+        }
+        let ops = &self.pipeline.operators;
+        if ops.len() > MAX_OPERATORS {
+            return Err(SpecError::TooMany {
+                field: "spec.pipeline.operators".into(),
+                count: ops.len(),
+                max: MAX_OPERATORS,
+            });
+        }
+        if let Some((i, op)) = ops.iter().enumerate().find(|(_, o)| o.inputs.len() > MAX_INPUTS) {
+            return Err(SpecError::TooMany {
+                field: format!("spec.pipeline.operators[{i}].inputs"),
+                count: op.inputs.len(),
+                max: MAX_INPUTS,
             });
         }
         self.pipeline.validate_graph()?;

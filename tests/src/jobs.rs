@@ -32,6 +32,18 @@ impl Controller {
     /// `env` added to its environment (e.g. `WEIR_CONTROLLER_CRASH_AT`). It runs as the Helm
     /// chart's ServiceAccount, with the chart's RBAC ([`controller_kubeconfig`]).
     pub fn start(env: &TestEnv, ns: &str, vars: &[(&str, &str)]) -> Self {
+        Self::start_with(env, ns, &controller_kubeconfig(), &[], vars)
+    }
+
+    /// [`Controller::start`] with the kubeconfig `kubeconfig` (e.g. [`norules_kubeconfig`])
+    /// and the extra arguments `args`.
+    pub fn start_with(
+        env: &TestEnv,
+        ns: &str,
+        kubeconfig: &str,
+        args: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -44,8 +56,9 @@ impl Controller {
         let metrics_addr = format!("127.0.0.1:{port}");
         let child = Command::new(env.binary("weir-controller"))
             .args(["--namespace", ns, "--metrics-addr", &metrics_addr, "--poll-interval", "1s"])
+            .args(args)
             .env("WEIR_LOG", "info,kube=warn")
-            .env("KUBECONFIG", controller_kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
@@ -91,6 +104,75 @@ impl Drop for Controller {
 /// when the chart's RBAC lacks something the controller does.
 pub fn controller_kubeconfig() -> String {
     setting("WEIR_CONTROLLER_KUBECONFIG")
+}
+
+/// The admin kubeconfig of the test environment's second apiserver, whose CRDs have none of
+/// their CEL rules (`x-kubernetes-validations`): it takes the StreamJobs that the rules refuse,
+/// as an apiserver before the rules did, so that the tests can show that the controller
+/// refuses them too. It runs no controllers and no node.
+pub fn norules_kubeconfig() -> String {
+    setting("WEIR_NORULES_KUBECONFIG")
+}
+
+/// The CRDs as `crds/weir-crds.yaml` has them, without their CEL rules.
+pub fn crds_without_rules() -> Vec<Value> {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                map.remove("x-kubernetes-validations");
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut crds = weir_crds::crd_values();
+    crds.iter_mut().for_each(strip);
+    crds
+}
+
+/// The test environment as seen through the apiserver without CEL rules
+/// ([`norules_kubeconfig`]), with the CRDs of this checkout installed there without their
+/// rules.
+pub async fn norules_env(env: &TestEnv) -> TestEnv {
+    let kubeconfig = std::path::PathBuf::from(norules_kubeconfig());
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&kubeconfig).expect("reading WEIR_NORULES_KUBECONFIG"),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("a client configuration for the apiserver without rules");
+    let client = kube::Client::try_from(config).expect("a client for the apiserver without rules");
+    let norules = TestEnv { client, kubeconfig, ..env.clone() };
+    let yaml: String = crds_without_rules()
+        .iter()
+        .map(|c| format!("---\n{}", serde_saphyr::to_string(c).unwrap()))
+        .collect();
+    let (ok, _, err) = norules
+        .kubectl_stdin(&["apply", "--server-side", "--force-conflicts", "-f", "-"], Some(&yaml));
+    assert!(ok, "applying the CRDs without rules: {err}");
+    let (ok, _, err) = norules.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/streamjobs.weir.dev",
+        "crd/streamsnapshots.weir.dev",
+    ]);
+    assert!(ok, "CRDs without rules not established: {err}");
+    norules
+}
+
+/// A namespace `<prefix>-<random>` on an apiserver without a controller-manager (no default
+/// ServiceAccount comes, and none is waited for).
+pub async fn plain_namespace(env: &TestEnv, prefix: &str) -> String {
+    use k8s_openapi::api::core::v1::Namespace;
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let name = format!("{prefix}-{:08x}", nanos ^ std::process::id().rotate_left(16));
+    let api: Api<Namespace> = Api::all(env.client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    api.create(&kube::api::PostParams::default(), &ns).await.expect("creating a namespace");
+    name
 }
 
 /// A bounded-but-long word count named `name` in `ns`: a generator of `lines` lines of 8

@@ -319,29 +319,35 @@ async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
     })
     .await;
 
-    // A change that would break the state: maxParallelism after the job has state. Degraded
-    // with an Event; nothing changes, and the job keeps running.
+    // A change that would break the state: maxParallelism after the job has state. The
+    // apiserver refuses it (a CEL rule against status.maxParallelism) with the controller's
+    // message; nothing changes, and the job keeps running. (That the controller refuses it
+    // too, where no rule stops it, is in the invalid-specs test.)
     let versions = (
         resource_version::<ConfigMap>(&env, &ns, "wordcount-job").await,
         resource_version::<Deployment>(&env, &ns, "wordcount-coordinator").await,
         resource_version::<StatefulSet>(&env, &ns, "wordcount-worker").await,
     );
     let api: Api<StreamJob> = Api::namespaced(env.client.clone(), &ns);
-    api.patch(
-        "wordcount",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"maxParallelism": 256}})),
-    )
-    .await
-    .unwrap();
-    let j = wait_job(&env, &ns, "wordcount", "Degraded by the maxParallelism change", |j| {
-        condition(j, "Degraded").is_some_and(|c| c.1 == "InvalidSpec")
-    })
-    .await;
-    let (_, _, message) = condition(&j, "Degraded").unwrap();
-    assert!(message.starts_with("spec.maxParallelism 256 differs from 128"), "{message}");
-    let note = wait_event(&env, &ns, "wordcount", "InvalidSpec").await;
-    assert_eq!(note, message);
+    let refused = api
+        .patch(
+            "wordcount",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"maxParallelism": 256}})),
+        )
+        .await
+        .expect_err("the apiserver refuses a changed maxParallelism once the job has state");
+    let message = match refused {
+        kube::Error::Api(s) => s.message,
+        other => other.to_string(),
+    };
+    assert!(message.contains("spec.maxParallelism"), "{message}");
+    assert!(
+        message.contains(&weir_crds::rules::max_parallelism_fixed(Some(256), 256, 128)),
+        "{message}"
+    );
+    let j = job(&env, &ns, "wordcount").await;
+    assert_eq!(j.spec.max_parallelism, Some(128));
     assert_eq!(phase(&j), Some(JobPhase::Running));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = (
@@ -357,7 +363,7 @@ async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
         .into_iter()
         .filter(|(r, _)| r == "InvalidSpec")
         .count();
-    assert_eq!(invalid_events, 1, "one event for one refusal, not one per reconcile");
+    assert_eq!(invalid_events, 0, "the change never reached the controller");
     env.delete_namespace(&ns).await;
 }
 
@@ -366,9 +372,19 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
     let env = TestEnv::get().await;
     env.install_crds();
     let ns = env.namespace("ctl-bad").await;
-    let _ctl =
-        Controller::start(&env, &ns, &["--default-checkpoint-storage", "s3://weir-default/chk"]);
-    let base = |name: &str| {
+    let defaults = ["--default-checkpoint-storage", "s3://weir-default/chk"];
+    let _ctl = Controller::start(&env, &ns, &defaults);
+    // The apiserver without the CRDs' CEL rules, as one before them: a controller of its own.
+    let norules = weir_e2e::jobs::norules_env(&env).await;
+    let nns = weir_e2e::jobs::plain_namespace(&norules, "ctl-bad-norules").await;
+    let _norules_ctl = weir_e2e::jobs::Controller::start_with(
+        &norules,
+        &nns,
+        &weir_e2e::jobs::norules_kubeconfig(),
+        &defaults,
+        &[],
+    );
+    let base = |name: &str, ns: &str| {
         json!({
             "apiVersion": "weir.dev/v1alpha1", "kind": "StreamJob",
             "metadata": {"name": name, "namespace": ns},
@@ -379,11 +395,12 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
         })
     };
     let with = |name: &str, f: &dyn Fn(&mut Value)| {
-        let mut v = base(name);
+        let mut v = base(name, &ns);
         f(&mut v);
         v
     };
-    let cases: Vec<(&str, Value, &str)> = vec![
+    // (name, manifest, what the message says, whether a CEL rule of the CRD refuses it)
+    let cases: Vec<(&str, Value, &str, bool)> = vec![
         (
             "p-above-max",
             with("p-above-max", &|v| {
@@ -391,11 +408,13 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
                 v["spec"]["maxParallelism"] = json!(4);
             }),
             "spec.parallelism 8 is above spec.maxParallelism 4",
+            true,
         ),
         (
             "dup-uid",
             with("dup-uid", &|v| v["spec"]["pipeline"]["operators"][1]["uid"] = json!("src")),
             "uid \"src\" is used by more than one operator",
+            true,
         ),
         (
             "unknown-type",
@@ -403,6 +422,7 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
                 v["spec"]["pipeline"]["operators"][1]["type"] = json!("blackhol")
             }),
             "type \"blackhol\" is unknown",
+            true,
         ),
         (
             "bad-sink-uri",
@@ -410,6 +430,7 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
                 v["spec"]["pipeline"]["operators"][1] = json!({"uid": "out", "type": "file_sink", "inputs": ["src"], "path": "s3://No_Such/out"});
             }),
             "spec.pipeline.operators[1].path",
+            false,
         ),
         (
             "no-secret",
@@ -417,19 +438,34 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
                 v["spec"]["s3"] = json!({"credentialsSecret": {"name": "missing"}})
             }),
             "spec.s3.credentialsSecret.name: Secret \"missing\" does not exist",
+            false,
         ),
         (
             "no-checkpoints",
             with("no-checkpoints", &|v| v["spec"]["checkpointing"] = json!({"interval": "0s"})),
             "spec.checkpointing.interval 0s turns checkpoints off, and spec.upgradeMode savepoint needs them",
+            true,
         ),
     ];
-    for (name, manifest, _) in &cases {
-        let (ok, out) = apply(&env, manifest);
-        assert!(ok, "{name}: kubectl apply: {out}");
+    // What a rule refuses, the apiserver refuses at apply with the controller's message; the
+    // apiserver without the rules takes it, and the controller there refuses it (below).
+    for (name, manifest, text, rule) in &cases {
+        if *rule {
+            let (ok, out) = apply(&env, manifest);
+            assert!(!ok, "{name}: the apiserver took it: {out}");
+            assert!(out.contains(text), "{name}: {out}");
+            let mut there = manifest.clone();
+            there["metadata"]["namespace"] = json!(nns);
+            let (ok, out) = apply(&norules, &there);
+            assert!(ok, "{name}: kubectl apply (no rules): {out}");
+        } else {
+            let (ok, out) = apply(&env, manifest);
+            assert!(ok, "{name}: kubectl apply: {out}");
+        }
     }
-    for (name, _, text) in &cases {
-        let j = wait_job(&env, &ns, name, "Degraded", |j| {
+    for (name, _, text, rule) in &cases {
+        let (env, ns) = if *rule { (&norules, &nns) } else { (&env, &ns) };
+        let j = wait_job(env, ns, name, "Degraded", |j| {
             condition(j, "Degraded").is_some_and(|c| c.0 == "True")
         })
         .await;
@@ -437,15 +473,61 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
         assert_eq!(reason, "InvalidSpec", "{name}");
         assert!(message.contains(text), "{name}: {message}");
         assert_eq!(phase(&j), Some(JobPhase::Created), "{name}");
-        let note = wait_event(&env, &ns, name, "InvalidSpec").await;
+        let note = wait_event(env, ns, name, "InvalidSpec").await;
         assert_eq!(&note, &message, "{name}");
     }
-    // Nothing was created for any of them.
+    // Nothing was created for any of them, on either apiserver.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(labelled::<ConfigMap>(&env, &ns).await, 0);
-    assert_eq!(labelled::<Deployment>(&env, &ns).await, 0);
-    assert_eq!(labelled::<StatefulSet>(&env, &ns).await, 0);
-    assert_eq!(labelled::<Service>(&env, &ns).await, 0);
+    for (env, ns) in [(&env, &ns), (&norules, &nns)] {
+        assert_eq!(labelled::<ConfigMap>(env, ns).await, 0);
+        assert_eq!(labelled::<Deployment>(env, ns).await, 0);
+        assert_eq!(labelled::<StatefulSet>(env, ns).await, 0);
+        assert_eq!(labelled::<Service>(env, ns).await, 0);
+    }
+
+    // maxParallelism changed once the job has state: refused by the apiserver's transition
+    // rule (see the running job's test); where no rule stops it, the controller refuses it
+    // with the same message, Degraded with one Event.
+    let mut kept = base("mp-changed", &nns);
+    kept["spec"]["state"] = json!("suspended");
+    kept["spec"]["maxParallelism"] = json!(128);
+    let (ok, out) = apply(&norules, &kept);
+    assert!(ok, "{out}");
+    wait_job(&norules, &nns, "mp-changed", "Suspended", |j| phase(j) == Some(JobPhase::Suspended))
+        .await;
+    // What the controller writes at the job's first checkpoint.
+    let api: Api<StreamJob> = Api::namespaced(norules.client.clone(), &nns);
+    api.patch_status(
+        "mp-changed",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"maxParallelism": 128}})),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "mp-changed",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"maxParallelism": 256}})),
+    )
+    .await
+    .unwrap();
+    let j = wait_job(&norules, &nns, "mp-changed", "Degraded by the maxParallelism change", |j| {
+        condition(j, "Degraded").is_some_and(|c| c.1 == "InvalidSpec")
+    })
+    .await;
+    let (_, _, message) = condition(&j, "Degraded").unwrap();
+    assert_eq!(message, weir_crds::rules::max_parallelism_fixed(Some(256), 256, 128));
+    assert!(message.starts_with("spec.maxParallelism 256 differs from 128"), "{message}");
+    let note = wait_event(&norules, &nns, "mp-changed", "InvalidSpec").await;
+    assert_eq!(note, message);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let invalid_events = events(&norules, &nns, "mp-changed")
+        .await
+        .into_iter()
+        .filter(|(r, _)| r == "InvalidSpec")
+        .count();
+    assert_eq!(invalid_events, 1, "one event for one refusal, not one per reconcile");
+    assert_eq!(labelled::<StatefulSet>(&norules, &nns).await, 0);
 
     // What the schema can express, the apiserver refuses at apply, naming the field: a
     // malformed S3 URI in the storage, a missing uid.
