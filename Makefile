@@ -6,6 +6,11 @@ CARGO ?= cargo
 TESTENV_DIR ?= $(CURDIR)/target/testenv
 BIN_DIR = $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/debug
 export CARGO_TERM_COLOR ?= never
+# The test targets of the end-to-end suite (weir-e2e's tests/, against the environment) and
+# the integration tests that need none (the runtime's; s3, storage, snapshots and savepoints
+# run in e2e, against Garage; savepoints runs here without its ignored tests).
+E2E_TESTS = $(basename $(notdir $(wildcard tests/tests/*.rs)))
+UNIT_TESTS = $(filter-out s3 storage snapshots,$(basename $(notdir $(wildcard runtime/tests/*.rs controller/tests/*.rs crds/tests/*.rs storage/tests/*.rs cli/tests/*.rs))))
 
 .PHONY: help install-deps build run test unit e2e env-up env-down generate check-generated fmt lint bench images clean
 
@@ -24,22 +29,29 @@ help:
 install-deps:
 	@bash tests/env/install-build-deps.sh
 
+# Every cargo command here builds the whole workspace (never `-p X`, `--exclude`, `cargo run`):
+# cargo resolves features over the packages it is given, so another selection compiles the
+# dependency tree again with other features. Its progress goes to the terminal.
 build: install-deps
+	@echo "building the workspace (the first time: about 20 minutes on 2 cores; RocksDB is the long part)"
 	$(CARGO) build --workspace --bins
 
+# The binary the build made (no second build through `cargo run`).
 run: build
-	$(CARGO) run -q -p weir-runtime --bin weir -- run manifests/examples/wordcount.yaml
+	$(BIN_DIR)/weir run manifests/examples/wordcount.yaml
 
-generate:
-	$(CARGO) run -q -p weir-crds --bin crdgen > crds/weir-crds.yaml
+generate: build
+	$(BIN_DIR)/crdgen > crds/weir-crds.yaml
 	cp crds/weir-crds.yaml charts/weir/crds/weir-crds.yaml
 	@mkdir -p docs/reference
-	$(CARGO) run -q -p weir-crds --bin crdgen -- --markdown > docs/reference/crds.md
+	$(BIN_DIR)/crdgen --markdown > docs/reference/crds.md
 	$$(bash tests/env/install-python.sh)/bin/python charts/render.py > manifests/install.yaml
 
-unit: install-deps
-	$(CARGO) test --workspace --lib --bins --tests --exclude weir-e2e
-	$(CARGO) test -p weir-e2e --lib --bins
+# Unit and property tests: every test target but the end-to-end ones (weir-e2e's tests/ and
+# the runtime's tests against S3, which need the environment).
+unit: build
+	$(CARGO) test --workspace --lib --bins
+	$(CARGO) test --workspace $(foreach t,$(UNIT_TESTS),--test $(t))
 
 env-up: build
 	bash tests/env/up.sh $(TESTENV_DIR)
@@ -53,9 +65,9 @@ e2e: build
 	@bash tests/env/up.sh $(TESTENV_DIR)
 	@trap 'bash tests/env/down.sh $(TESTENV_DIR)' EXIT; \
 	  source $(TESTENV_DIR)/env.sh; \
-	  $(CARGO) test -p weir-runtime --test s3 --test storage --test snapshots -- --include-ignored && \
-	  $(CARGO) test -p weir-runtime --test savepoints -- --ignored && \
-	  $(CARGO) test -p weir-e2e --test '*' -- --test-threads 4 && \
+	  $(CARGO) test --workspace --test s3 --test storage --test snapshots -- --include-ignored && \
+	  $(CARGO) test --workspace --test savepoints -- --ignored && \
+	  $(CARGO) test --workspace $(foreach t,$(E2E_TESTS),--test $(t)) -- --test-threads 4 && \
 	  $$WEIR_PYTHON -m pytest -q tests/python
 
 test: unit e2e
@@ -91,8 +103,8 @@ clean:
 
 # Fails when a generated file is stale (the crds crate's tests check the CRD YAML and the
 # reference too).
-check-generated:
-	@$(CARGO) run -q -p weir-crds --bin crdgen | diff -u crds/weir-crds.yaml - >/dev/null || { echo "crds/weir-crds.yaml is stale: run make generate"; exit 1; }
+check-generated: build
+	@$(BIN_DIR)/crdgen | diff -u crds/weir-crds.yaml - >/dev/null || { echo "crds/weir-crds.yaml is stale: run make generate"; exit 1; }
 	@diff -q crds/weir-crds.yaml charts/weir/crds/weir-crds.yaml >/dev/null || { echo "charts/weir/crds is stale: run make generate"; exit 1; }
-	@$(CARGO) run -q -p weir-crds --bin crdgen -- --markdown | diff -u docs/reference/crds.md - >/dev/null || { echo "docs/reference/crds.md is stale: run make generate"; exit 1; }
+	@$(BIN_DIR)/crdgen --markdown | diff -u docs/reference/crds.md - >/dev/null || { echo "docs/reference/crds.md is stale: run make generate"; exit 1; }
 	@$$(bash tests/env/install-python.sh)/bin/python charts/render.py | diff -u manifests/install.yaml - >/dev/null || { echo "manifests/install.yaml is stale (the chart rendered with default values differs): run make generate"; exit 1; }

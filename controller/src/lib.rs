@@ -314,7 +314,7 @@ impl Context {
         }
         let kind = K::kind(&());
         let api: Api<K> = Api::namespaced(self.client.clone(), ns);
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj))
+        api.patch(&name, &apply_params(), &Patch::Apply(&obj))
             .await
             .map_err(kube_err(format!("applying {kind} {ns}/{name}")))?;
         info!(namespace = ns, "applied {kind} {name}");
@@ -515,6 +515,14 @@ pub async fn run(
         runs.push(controller);
     }
     futures::future::join_all(runs).await;
+}
+
+/// How the controller applies what it builds: server-side, as its one field manager, taking
+/// the fields it owns back from anyone, and with strict field validation, so that a field the
+/// apiserver does not know (a typo in the builder, or a field of a newer Kubernetes than the
+/// cluster's) is an error naming it instead of a warning header nobody reads.
+pub(crate) fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force().validation_strict()
 }
 
 #[cfg(test)]

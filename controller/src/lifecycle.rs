@@ -41,7 +41,7 @@ use weir_crds::streamjob::{
     DeployedRun, RolledBack, SavepointInProgress, SavepointInfo, SavepointReason, StreamJobSpec,
     StreamJobStatus, UpgradeMode, UpgradeProgress, UpgradeStep,
 };
-use weir_crds::{FIELD_MANAGER, LABEL_JOB, StreamJob};
+use weir_crds::{LABEL_JOB, StreamJob};
 
 use crate::build::{self, Run};
 use crate::validate::{self, Observed, Valid};
@@ -356,7 +356,7 @@ async fn record(
     };
     api.patch_status(
         &snap_name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
+        &crate::apply_params(),
         &Patch::Apply(json!({
             "apiVersion": "weir.dev/v1alpha1", "kind": "StreamSnapshot", "status": status,
         })),

@@ -25,6 +25,7 @@ if [ -f "$dir/node/pids" ]; then
 fi
 node_name=$(cat "$dir/node-name" 2>/dev/null || echo weir-node)
 sed -i "/^# BEGIN weir-node $node_name\$/,/^# END weir-node $node_name\$/d" /etc/hosts 2>/dev/null || true
-for c in kube-scheduler kube-controller-manager kube-apiserver garage etcd; do stop "$c"; done
+bash "$(dirname "$0")/kafka-down.sh" "$dir"
+for c in kube-scheduler kube-controller-manager kube-apiserver kube-apiserver-norules garage etcd; do stop "$c"; done
 rm -rf "$dir/pids" "$dir/env.sh"
 log "test environment down"

@@ -216,9 +216,9 @@ pub const CAPTURES: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "streamjob-invalid-spec",
-        "Running, Degraded InvalidSpec (maxParallelism changed)",
+        "Running, Degraded InvalidSpec (a Secret that does not exist)",
         "Degraded",
-        "InvalidSpec: spec.maxParallelism 256",
+        "InvalidSpec: spec.s3.credentialsSecret.name",
     ),
     (
         "streamjob-upgrade-refused",

@@ -146,13 +146,15 @@ async fn upgrade_refuse_suspend(env: &TestEnv, ns: &str) -> String {
     .await;
     capture("streamsnapshot-completed", serde_json::to_value(s).unwrap());
 
-    // A changed maxParallelism is refused as an invalid spec (the key groups are fixed once
-    // the job has state), a stateful operator dropped without allowNonRestoredState as an
-    // upgrade the state does not allow; the job goes on running: Degraded all the same.
+    // A spec naming a Secret that does not exist is refused as an invalid spec (what the
+    // apiserver cannot check; a changed maxParallelism, the other case the controller
+    // refuses, the CRD's CEL rules now refuse at apply), a stateful operator dropped without
+    // allowNonRestoredState as an upgrade the state does not allow; the job goes on running:
+    // Degraded all the same.
     let spec = |v: &Value| v["spec"].clone();
     let before = spec(&job_json(env, ns, "wc").await);
-    patch_spec(env, ns, "wc", json!({"maxParallelism": 256})).await;
-    let v = wait_json(env, ns, "wc", "the maxParallelism change refused", |v| {
+    patch_spec(env, ns, "wc", json!({"s3": {"credentialsSecret": {"name": "missing"}}})).await;
+    let v = wait_json(env, ns, "wc", "the missing Secret refused", |v| {
         current(v) && cond_is(v, "Degraded", "True", "InvalidSpec")
     })
     .await;
@@ -271,7 +273,7 @@ async fn rolled_back(env: &TestEnv, ns: &str) {
 /// its reconciles fail (so that weir_controller_reconcile_failures_total has a sample).
 /// Returns that controller's `/metrics`.
 async fn reconcile_failures(env: &TestEnv) -> (String, String) {
-    let ns = env.namespace("argocd-quota").await;
+    let ns = env.job_namespace("argocd-quota").await;
     env.create_s3_credentials(&ns).await;
     let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> =
         Api::namespaced(env.client.clone(), &ns);
@@ -301,12 +303,12 @@ async fn reconcile_failures(env: &TestEnv) -> (String, String) {
 async fn health_checks_and_dashboard_against_real_jobs() {
     let env = TestEnv::get().await;
     env.install_crds();
-    let ns = env.namespace("argocd").await;
+    let ns = env.job_namespace("argocd").await;
     env.create_s3_credentials(&ns).await;
     let ctl = Controller::start(&env, &ns, &[]);
 
     // No status yet: a StreamJob the controller has not seen (none watches this namespace).
-    let quiet = env.namespace("argocd-quiet").await;
+    let quiet = env.job_namespace("argocd-quiet").await;
     apply(&env, &wordcount(&quiet, "unseen", 1, 10));
     let v = job_json(&env, &quiet, "unseen").await;
     assert!(v["status"].is_null(), "{v}");

@@ -66,7 +66,7 @@ async fn every_command_of_kubectl_weir_on_a_running_job() {
     const LINES: u64 = 200_000;
     let env = TestEnv::get().await;
     env.install_crds();
-    let ns = env.namespace("cli").await;
+    let ns = env.job_namespace("cli").await;
     let n = ns.as_str();
     env.create_s3_credentials(n).await;
     let _ctl = Controller::start(&env, n, &[]);

@@ -207,7 +207,7 @@ where
 async fn the_example_job_runs_checkpoints_recovers_and_refuses_a_bad_change() {
     let env = TestEnv::get().await;
     env.install_crds();
-    let ns = env.namespace("ctl-run").await;
+    let ns = env.job_namespace("ctl-run").await;
     env.create_s3_credentials(&ns).await;
     let ctl = Controller::start(&env, &ns, &[]);
     let (ok, out) = apply(&env, &wordcount_on_test_s3(&env, &ns));
@@ -577,7 +577,7 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
 async fn with_two_controllers_one_leads_and_the_other_takes_over_when_it_dies() {
     let env = TestEnv::get().await;
     env.install_crds();
-    let ns = env.namespace("ctl-lead").await;
+    let ns = env.job_namespace("ctl-lead").await;
     let args = |id: &'static str| -> Vec<&'static str> {
         vec!["--leader-elect", "--lease-duration", "4s", "--identity", id]
     };

@@ -81,7 +81,7 @@ async fn a_new_version_that_crashes_on_start_is_rolled_back_and_a_fixed_one_goes
     const LINES: u64 = 30_000;
     let env = TestEnv::get().await;
     env.install_crds();
-    let ns = env.namespace("ctl-rollback").await;
+    let ns = env.job_namespace("ctl-rollback").await;
     env.create_s3_credentials(&ns).await;
     let _ctl = Controller::start(&env, &ns, &[]);
     apply(&env, &wordcount(&ns, "wc", 2, LINES));
@@ -206,7 +206,7 @@ async fn refused_upgrades_and_a_savepoint_s3_does_not_take_leave_the_old_job_run
     const LINES: u64 = 30_000;
     let env = TestEnv::get().await;
     env.install_crds();
-    let ns = env.namespace("ctl-refuse").await;
+    let ns = env.job_namespace("ctl-refuse").await;
     env.create_s3_credentials(&ns).await;
     let upstream = setting("AWS_ENDPOINT_URL");
     let upstream = upstream.trim_start_matches("http://").trim_end_matches('/').to_string();
@@ -223,16 +223,17 @@ async fn refused_upgrades_and_a_savepoint_s3_does_not_take_leave_the_old_job_run
     let j = running_with_checkpoint(&env, &ns, "wc").await;
     let first = job_id(&j);
 
-    // A changed maxParallelism: refused, named, the old job left alone.
+    // A changed maxParallelism: refused, named, the old job left alone. The CRD's transition
+    // rule refuses it at apply (the controller's own refusal, for an apiserver without the
+    // rule, is shown in controller.rs).
     let mut m = manifest(2);
     m["spec"]["maxParallelism"] = json!(256);
-    apply(&env, &m);
-    let j = wait_job(&env, &ns, "wc", "the maxParallelism change refused", |j| {
-        status(j).conditions.iter().any(|c| {
-            c.type_ == "Degraded" && c.status == "True" && c.message.contains("spec.maxParallelism")
-        })
-    })
-    .await;
+    let yaml = serde_saphyr::to_string(&m).unwrap();
+    let (ok, out, err) = env.kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
+    assert!(!ok, "the maxParallelism change was accepted: {out}");
+    assert!(err.contains("spec.maxParallelism"), "the refusal does not name the field: {err}");
+    let j: StreamJob = Api::namespaced(env.client.clone(), &ns).get("wc").await.unwrap();
+    assert_eq!(j.spec.max_parallelism, Some(128), "the refused change reached the object");
     keeps_running(&env, &ns, "wc", &j).await;
 
     // A stateful operator dropped without allowNonRestoredState: refused, named.
@@ -288,7 +289,7 @@ async fn suspend_resume_and_a_named_snapshot_restored_into_a_new_job() {
     const LINES: u64 = 20_000;
     let env = TestEnv::get().await;
     env.install_crds();
-    let ns = env.namespace("ctl-suspend").await;
+    let ns = env.job_namespace("ctl-suspend").await;
     env.create_s3_credentials(&ns).await;
     let _ctl = Controller::start(&env, &ns, &[]);
     apply(&env, &wordcount(&ns, "wc", 2, LINES));
@@ -373,7 +374,7 @@ async fn an_upgrade_completes_once_with_the_controller_killed_at_each_step() {
     const LINES: u64 = 30_000;
     let env = TestEnv::get().await;
     env.install_crds();
-    let ns = env.namespace("ctl-kill").await;
+    let ns = env.job_namespace("ctl-kill").await;
     env.create_s3_credentials(&ns).await;
     let ctl = Controller::start(&env, &ns, &[]);
     apply(&env, &wordcount(&ns, "wc", 2, LINES));
@@ -430,7 +431,7 @@ async fn retention_keeps_the_newest_snapshots_and_deletes_the_others_with_their_
     const LINES: u64 = 16_000;
     let env = TestEnv::get().await;
     env.install_crds();
-    let ns = env.namespace("ctl-retain").await;
+    let ns = env.job_namespace("ctl-retain").await;
     env.create_s3_credentials(&ns).await;
     let _ctl = Controller::start(&env, &ns, &[]);
     let mut m = wordcount(&ns, "wc", 2, LINES);

@@ -53,7 +53,7 @@ async fn runs_anew(env: &TestEnv, ns: &str, parallelism: i32, not: &str) -> Stre
 async fn gitops_upgrades_keep_the_state_and_count_every_word_exactly_once() {
     let env = TestEnv::get().await;
     env.install_crds();
-    let ns = env.namespace("ctl-upgrade").await;
+    let ns = env.job_namespace("ctl-upgrade").await;
     env.create_s3_credentials(&ns).await;
     let ctl = Controller::start(&env, &ns, &[]);
 

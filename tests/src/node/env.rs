@@ -4,8 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVarSource, Pod, Secret};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVarSource, Pod, Secret, ServiceAccount};
 use kube::Api;
+use kube::api::PostParams;
 
 /// Why a container's environment could not be built (the kubelet's
 /// `CreateContainerConfigError`).
@@ -39,6 +41,43 @@ impl ObjectSource {
             }
             out
         }))
+    }
+
+    /// A token of the pod's ServiceAccount, bound to the pod, as the kubelet asks for one for
+    /// a projected `serviceAccountToken` (the `kube-api-access-*` volume every pod gets since
+    /// 1.24 unless it opts out). Not refreshed: the tests' pods live shorter than it.
+    pub async fn service_account_token(
+        &self,
+        pod: &Pod,
+        audience: Option<&str>,
+        expiration_seconds: Option<i64>,
+    ) -> Result<String, ConfigError> {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let spec = pod.spec.as_ref();
+        let sa = spec.and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(audience.map(|a| vec![a.to_string()]).unwrap_or_default()),
+                expiration_seconds: Some(expiration_seconds.unwrap_or(3600)),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: pod.metadata.uid.clone(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let answer = api
+            .create_token_request(sa, &PostParams::default(), &request)
+            .await
+            .map_err(|e| format!("requesting a token of serviceaccount {ns}/{sa}: {e}"))?;
+        answer
+            .status
+            .and_then(|s| s.token)
+            .ok_or_else(|| format!("the token request of serviceaccount {ns}/{sa} has no token"))
     }
 
     pub async fn config_map(

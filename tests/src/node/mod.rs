@@ -463,6 +463,9 @@ async fn register_node(client: &Client, name: &str) -> Result<()> {
         }))?;
         nodes.create(&PostParams::default(), &node).await.context("creating the Node")?;
     }
+    // The kubelet version a node reports is that of the control plane it plays for.
+    let version = client.apiserver_version().await.context("reading the apiserver's version")?;
+    let kubelet_version = format!("{}-weir-node", version.git_version);
     let now = Timestamp::now().to_string();
     let capacity = json!({"cpu": NODE_CPUS.to_string(), "memory": format!("{}Ki", NODE_MEMORY_BYTES / 1024),
                           "pods": "1000", "ephemeral-storage": "1Ti"});
@@ -470,7 +473,7 @@ async fn register_node(client: &Client, name: &str) -> Result<()> {
         "capacity": capacity, "allocatable": capacity,
         "conditions": node_conditions(&now),
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
-        "nodeInfo": {"kubeletVersion": "v1.20.2-weir-node", "kubeProxyVersion": "", "operatingSystem": "linux",
+        "nodeInfo": {"kubeletVersion": kubelet_version, "kubeProxyVersion": "", "operatingSystem": "linux",
                      "architecture": "amd64", "containerRuntimeVersion": "weir-node://0.1",
                      "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "weir test node"},
     }});

@@ -724,7 +724,9 @@ impl StatusReporter {
             "conditions": conditions,
             "initContainerStatuses": if s.init.is_empty() { Value::Null } else { Value::Array(statuses(&s.init)) },
             "containerStatuses": statuses(&s.main),
-            "qosClass": "BestEffort",
+            // No qosClass: the apiserver sets it from the resources when the pod is created,
+            // and since 1.32 it cannot change (a node that wrote another one had every status
+            // write of the pod refused).
         })
     }
 }

@@ -109,6 +109,12 @@ async fn make_volume(
                     None => return Err(format!("configmap {:?} not found", c.name)),
                 }
             }
+            if let Some(t) = &src.service_account_token {
+                let token = objects
+                    .service_account_token(pod, t.audience.as_deref(), t.expiration_seconds)
+                    .await?;
+                files.push((t.path.clone(), token.into_bytes(), mode));
+            }
             if let Some(d) = &src.downward_api {
                 for item in d.items.iter().flatten() {
                     if let Some(f) = &item.field_ref {
