@@ -87,12 +87,7 @@ def main():
         seconds, verified = run(args, state_dir, archive_dir, s3)
     finally:
         if s3:
-            try:
-                files, size = flink_s3.du(s3.uri)
-                flink_s3.delete(s3.uri)
-                log(f"removed {s3.uri} ({files} objects, {size} bytes)")
-            except Exception as e:  # noqa: BLE001 -- a failed clean-up must not hide the result
-                log(f"could not remove {s3.uri}: {e}")
+            flink_s3.remove_run(s3.uri, log)
         if own_dir:
             shutil.rmtree(state_dir, ignore_errors=True)
 

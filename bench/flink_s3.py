@@ -97,3 +97,14 @@ def delete(uri):
     """Removes everything under uri (through Flink's file system); True if something was there."""
     path, fs = _path(uri)
     return bool(fs.delete(path, True))
+
+
+def remove_run(uri, log):
+    """Deletes a run's objects under `uri` and logs what went; a failed clean-up is logged,
+    never raised, so that it cannot hide the run's result."""
+    try:
+        files, size = du(uri)
+        delete(uri)
+        log(f"removed {uri} ({files} objects, {size} bytes)")
+    except Exception as e:  # noqa: BLE001 -- a failed clean-up must not hide the result
+        log(f"could not remove {uri}: {e}")

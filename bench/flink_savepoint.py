@@ -178,12 +178,7 @@ def main():
         if s3 and args.keep:
             log(f"--keep: the run's objects stay under {s3.uri}")
         elif s3:
-            try:
-                files, size = flink_s3.du(s3.uri)
-                flink_s3.delete(s3.uri)
-                log(f"removed {s3.uri} ({files} objects, {size} bytes)")
-            except Exception as e:  # noqa: BLE001 -- a failed clean-up must not hide the result
-                log(f"could not remove {s3.uri}: {e}")
+            flink_s3.remove_run(s3.uri, log)
         if own_dir:
             shutil.rmtree(state_dir, ignore_errors=True)
     result["total_seconds"] = round(time.perf_counter() - start, 1)
