@@ -30,12 +30,23 @@ use weir_crds::streamjob::{
     CheckpointMode, CheckpointingSpec, RestartStrategy, RestartStrategyType,
 };
 
+use crate::auth::{self, JobSecret};
 use crate::error::RuntimeError;
 use crate::snapshot::StateHandle;
 use crate::storage::Storage;
 
-/// The first bytes of a metadata file: the format and its version.
-pub const MAGIC: &[u8] = b"WEIR-CHECKPOINT 1\n";
+/// The first bytes of a metadata file: the format and its version. Format 2 ends in the
+/// SHA-256 of everything before it and, when the job has a secret of its own, an HMAC of the
+/// same by it:
+///
+/// ```text
+///   WEIR-CHECKPOINT 2\n<json>\nsha256:<hex>\n[hmac-sha256:<hex>\n]
+/// ```
+pub const MAGIC: &[u8] = b"WEIR-CHECKPOINT 2\n";
+/// Format 1, written before checkpoints were sealed: read without a check.
+pub const MAGIC_V1: &[u8] = b"WEIR-CHECKPOINT 1\n";
+const SUM: &[u8] = b"\nsha256:";
+const MAC: &[u8] = b"hmac-sha256:";
 /// The metadata format this build writes. Version 2 added savepoints' keyed files of format 2
 /// (an SST file per key group, [`crate::savepoint::KeyedFormat`]); a Weir that reads only
 /// version 1 would take them for entries, so it must refuse them by the version.
@@ -180,19 +191,20 @@ pub struct Metadata {
 }
 
 impl Metadata {
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut b = MAGIC.to_vec();
-        b.extend(serde_json::to_vec_pretty(self).expect("metadata serializes"));
-        b
+    /// The metadata file, sealed with a checksum and, given the job's secret, its MAC.
+    pub fn to_bytes(&self, secret: Option<&JobSecret>) -> Vec<u8> {
+        seal(&serde_json::to_vec_pretty(self).expect("metadata serializes"), secret)
     }
 
-    pub fn parse(bytes: &[u8], where_: &str) -> Result<Self, RuntimeError> {
-        let Some(body) = bytes.strip_prefix(MAGIC) else {
-            let first = String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned();
-            return Err(RuntimeError::user(format!(
-                "{where_} is not checkpoint metadata of this version of Weir (it starts with {first:?})"
-            )));
-        };
+    /// Reads a metadata file read back from storage (`where_` names it in errors): its seal
+    /// checked (and its MAC, given the secret the job signs with), then every name in it.
+    /// Nothing in it is trusted before.
+    pub fn parse(
+        bytes: &[u8],
+        where_: &str,
+        secret: Option<&JobSecret>,
+    ) -> Result<Self, RuntimeError> {
+        let body = unseal(bytes, where_, secret)?;
         let m: Metadata = serde_json::from_slice(body).map_err(|e| {
             RuntimeError::user(format!("{where_}: damaged checkpoint metadata: {e}"))
         })?;
@@ -202,7 +214,57 @@ impl Metadata {
                 m.version
             )));
         }
+        m.check_names().map_err(|e| {
+            RuntimeError::user(format!("{where_}: refused: {e}; the metadata is damaged or forged"))
+        })?;
         Ok(m)
+    }
+
+    /// Every name in the metadata that becomes a file name or a storage key: plain relative
+    /// keys of the form the checkpoint writes, and RocksDB's own file names, never absolute
+    /// or with `..`.
+    pub fn check_names(&self) -> Result<(), String> {
+        for o in &self.operators {
+            if !component(&o.uid) {
+                return Err(format!("operator uid {:?} is not a plain name", o.uid));
+            }
+            if let Some(k) = &o.keyed {
+                if !component(&k.instance) {
+                    return Err(format!("instance {:?} is not a plain name", k.instance));
+                }
+                for f in &k.files {
+                    if !rocksdb_name(&f.name) {
+                        return Err(format!(
+                            "the file name {:?} of {:?} is not one of RocksDB's",
+                            f.name, o.uid
+                        ));
+                    }
+                    if !relative_key(&f.key, "shared/") {
+                        return Err(format!(
+                            "the key {:?} of {:?} is not below shared/",
+                            f.key, o.uid
+                        ));
+                    }
+                }
+            }
+            if let Some(f) = &o.keyed_file
+                && !relative_key(&f.file, "keyed/")
+            {
+                return Err(format!(
+                    "the keyed file {:?} of {:?} is not below keyed/",
+                    f.file, o.uid
+                ));
+            }
+            if let Some(h) = &o.in_flight
+                && !relative_key(&h.key, "chk-")
+            {
+                return Err(format!(
+                    "the in-flight records {:?} of {:?} are not below a chk-<n>/",
+                    h.key, o.uid
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The state of operator `uid`'s subtask `subtask`.
@@ -229,6 +291,98 @@ impl Metadata {
     pub fn dir(id: u64) -> String {
         format!("chk-{id}")
     }
+}
+
+/// `json` as a metadata file of format 2.
+pub fn seal(json: &[u8], secret: Option<&JobSecret>) -> Vec<u8> {
+    let mut b = MAGIC.to_vec();
+    b.extend_from_slice(json);
+    let sum = ring::digest::digest(&ring::digest::SHA256, &b);
+    let mac = secret.map(|s| s.prove(&[b"weir checkpoint metadata", &b]));
+    b.extend_from_slice(SUM);
+    b.extend_from_slice(auth::hex(sum.as_ref()).as_bytes());
+    b.push(b'\n');
+    if let Some(m) = mac {
+        b.extend_from_slice(MAC);
+        b.extend_from_slice(auth::hex(&m).as_bytes());
+        b.push(b'\n');
+    }
+    b
+}
+
+/// The JSON of a metadata file, its seal checked; with `secret`, its MAC too.
+fn unseal<'a>(
+    bytes: &'a [u8],
+    where_: &str,
+    secret: Option<&JobSecret>,
+) -> Result<&'a [u8], RuntimeError> {
+    let damaged = |why: &str| RuntimeError::user(format!("{where_} is damaged: {why}"));
+    if let Some(body) = bytes.strip_prefix(MAGIC_V1) {
+        // Written before metadata was sealed: nothing to check it against.
+        return Ok(body);
+    }
+    let Some(rest) = bytes.strip_prefix(MAGIC) else {
+        let first = String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned();
+        return Err(RuntimeError::user(format!(
+            "{where_} is not checkpoint metadata of this version of Weir (it starts with {first:?})"
+        )));
+    };
+    let Some(at) = rest.windows(SUM.len()).rposition(|w| w == SUM) else {
+        return Err(damaged("it ends before its checksum (truncated?)"));
+    };
+    let sealed = &bytes[..MAGIC.len() + at];
+    // `<64 hex>\n`, then nothing or `hmac-sha256:<64 hex>\n`.
+    let trailer = &rest[at + SUM.len()..];
+    let hex_line = |l: &[u8]| {
+        l.strip_suffix(b"\n").and_then(|l| std::str::from_utf8(l).ok()).and_then(auth::unhex::<32>)
+    };
+    let (sum_line, mac_line) = trailer.split_at(trailer.len().min(65));
+    let Some(sum) = hex_line(sum_line) else {
+        return Err(damaged("its checksum is cut short (truncated?)"));
+    };
+    if ring::digest::digest(&ring::digest::SHA256, sealed).as_ref() != sum {
+        return Err(damaged("its checksum does not match (truncated or changed)"));
+    }
+    let mac = match mac_line {
+        [] => None,
+        l => match l.strip_prefix(MAC).and_then(hex_line) {
+            Some(m) => Some(m),
+            None => return Err(damaged("what follows its checksum is not a MAC")),
+        },
+    };
+    if let Some(secret) = secret {
+        let ok = mac.is_some_and(|m| secret.check(&[b"weir checkpoint metadata", sealed], &m));
+        if !ok {
+            return Err(RuntimeError::user(format!(
+                "{where_} was not written by this job: its MAC does not match the job's secret ({}), so it was changed or forged",
+                auth::ENV
+            )));
+        }
+    }
+    Ok(&rest[..at])
+}
+
+/// A plain name: one path component of letters, digits, `.`, `_`, `-` and `=`, not starting
+/// with a dot.
+fn component(c: &str) -> bool {
+    !c.is_empty()
+        && c.len() <= 255
+        && !c.starts_with('.')
+        && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-=".contains(&b))
+}
+
+/// A storage key relative to a snapshot's directory, below `prefix`, of plain components.
+fn relative_key(k: &str, prefix: &str) -> bool {
+    k.len() <= 1024 && k.starts_with(prefix) && k.split('/').all(component)
+}
+
+/// A file name RocksDB gives the files of a checkpoint.
+fn rocksdb_name(n: &str) -> bool {
+    let number = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    matches!(n, "CURRENT" | "IDENTITY")
+        || n.strip_prefix("MANIFEST-").is_some_and(number)
+        || n.strip_prefix("OPTIONS-").is_some_and(number)
+        || [".sst", ".log", ".blob"].iter().any(|x| n.strip_suffix(x).is_some_and(number))
 }
 
 /// A snapshot named by its path (its directory or its `_metadata`): the directory holding
@@ -272,26 +426,39 @@ pub fn job_dir(namespace: &str, name: &str, job_id: &str) -> String {
     format!("{namespace}/{name}/{job_id}")
 }
 
-/// Every completed checkpoint of job `name` in `namespace`, of any job id, oldest first (by
-/// completion time). Metadata that cannot be read is reported and skipped.
+/// The checkpoints of a job found in storage.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Completed checkpoints, oldest first (by completion time).
+    pub completed: Vec<Metadata>,
+    /// Metadata that cannot be used (damaged, forged, of an unknown version): its key
+    /// (relative to the root) and why.
+    pub unusable: Vec<(String, RuntimeError)>,
+}
+
+/// Every checkpoint of job `name` in `namespace`, of any job id; with `secret`, the job's
+/// own MAC is required of sealed metadata.
 pub fn completed(
     root: &dyn Storage,
     namespace: &str,
     name: &str,
-) -> Result<Vec<Metadata>, RuntimeError> {
-    let mut out = Vec::new();
+    secret: Option<&JobSecret>,
+) -> Result<Found, RuntimeError> {
+    let mut found = Found::default();
     for e in root.list(&format!("{namespace}/{name}/"))? {
-        if !e.key.ends_with(&format!("/{METADATA}")) {
+        // Checkpoints only (`<job-id>/chk-<n>/_metadata`), not savepoints beside them.
+        let Some(dir) = e.key.strip_suffix(&format!("/{METADATA}")) else { continue };
+        if !dir.rsplit('/').next().is_some_and(|d| d.starts_with("chk-")) {
             continue;
         }
         let Some(bytes) = root.get(&e.key)? else { continue };
-        match Metadata::parse(&bytes, &root.describe(&e.key)) {
-            Ok(m) => out.push(m),
-            Err(err) => eprintln!("weir: skipping {}: {err}", root.describe(&e.key)),
+        match Metadata::parse(&bytes, &root.describe(&e.key), secret) {
+            Ok(m) => found.completed.push(m),
+            Err(err) => found.unusable.push((e.key, err)),
         }
     }
-    out.sort_by_key(|m| (m.completed_at, m.id));
-    Ok(out)
+    found.completed.sort_by_key(|m| (m.completed_at, m.id));
+    Ok(found)
 }
 
 /// The highest checkpoint id used by a job id, complete or not (a restarted job goes on
@@ -326,6 +493,12 @@ pub fn discard(
         for e in job.list(&format!("{}/", Metadata::dir(m.id)))? {
             job.delete(&e.key)?;
         }
+        // No empty directories left behind on a file system.
+        job.remove_empty_dirs(&Metadata::dir(m.id));
+        job.remove_empty_dirs(&format!("shared/own-{}", m.id));
+        if m.final_ {
+            job.remove_empty_dirs("shared/own-final");
+        }
     }
     Ok(())
 }
@@ -338,6 +511,8 @@ pub struct Restarts {
     count: u32,
     /// When each failure happened (failure-rate).
     failures: Vec<std::time::Instant>,
+    /// The delay of the last restart.
+    last: Duration,
     /// When the job last (re)started.
     running_since: std::time::Instant,
     rng: u64,
@@ -349,13 +524,33 @@ impl Restarts {
             spec: spec.clone(),
             count: 0,
             failures: Vec::new(),
+            last: spec.delay.as_std(),
             running_since: std::time::Instant::now(),
             rng: now_ms() | 1,
         }
     }
 
+    /// Whether the strategy restarts a failed job at all.
+    pub fn restarts_at_all(&self) -> bool {
+        self.spec.kind != RestartStrategyType::None
+    }
+
+    /// The delay of the last restart, for a restart that failed before the job ran again: it
+    /// is not a new failure.
+    pub fn again(&self) -> Duration {
+        self.last
+    }
+
     /// The job failed now: `Some(delay)` to restart after it, `None` to give up (with why).
     pub fn on_failure(&mut self, now: std::time::Instant) -> Result<Duration, String> {
+        let d = self.next_delay(now);
+        if let Ok(d) = d {
+            self.last = d;
+        }
+        d
+    }
+
+    fn next_delay(&mut self, now: std::time::Instant) -> Result<Duration, String> {
         let s = &self.spec;
         let delay = s.delay.as_std();
         match s.kind {
@@ -506,12 +701,12 @@ mod tests {
                 }),
             }],
         };
-        assert_eq!(Metadata::parse(&m.to_bytes(), "m").unwrap(), m);
-        let e = Metadata::parse(b"{\"id\": 3}", "s3://b/chk-3/_metadata").unwrap_err();
+        assert_eq!(Metadata::parse(&m.to_bytes(None), "m", None).unwrap(), m);
+        let e = Metadata::parse(b"{\"id\": 3}", "s3://b/chk-3/_metadata", None).unwrap_err();
         assert!(e.message.contains("s3://b/chk-3/_metadata"), "{e}");
         let mut newer = m.clone();
         newer.version = VERSION + 1;
-        let e = Metadata::parse(&newer.to_bytes(), "m").unwrap_err();
+        let e = Metadata::parse(&newer.to_bytes(None), "m", None).unwrap_err();
         assert!(e.message.contains(&format!("version {}", VERSION + 1)), "{e}");
         // Version 1 (format 1 keyed files, named without a format) still reads.
         let mut old = m.clone();
@@ -520,12 +715,142 @@ mod tests {
         file.format = crate::savepoint::KeyedFormat::Entries;
         file.checksums.clear();
         old.operators[0].keyed_file = Some(file);
-        let mut json: serde_json::Value =
-            serde_json::from_slice(&old.to_bytes()[MAGIC.len()..]).unwrap();
+        let mut json: serde_json::Value = serde_json::to_value(&old).unwrap();
         json["operators"][0]["keyedFile"].as_object_mut().unwrap().remove("format").unwrap();
-        let mut bytes = MAGIC.to_vec();
+        let mut bytes = MAGIC_V1.to_vec();
         bytes.extend(serde_json::to_vec(&json).unwrap());
-        assert_eq!(Metadata::parse(&bytes, "m").unwrap(), old);
+        assert_eq!(Metadata::parse(&bytes, "m", None).unwrap(), old);
+    }
+
+    fn small() -> Metadata {
+        Metadata {
+            version: VERSION,
+            job_name: "j".into(),
+            job_id: "id".into(),
+            id: 3,
+            triggered_at: 1,
+            completed_at: 2,
+            parallelism: 1,
+            max_parallelism: 128,
+            operator_uids: vec!["counts".into()],
+            final_: false,
+            savepoint: false,
+            operators: vec![OperatorState {
+                uid: "counts".into(),
+                subtask: 0,
+                keyed: Some(StateHandle {
+                    instance: "counts-0-run-a0".into(),
+                    key_groups: (0, 127),
+                    files: vec![
+                        crate::snapshot::SnapshotFile {
+                            name: "000012.sst".into(),
+                            key: "shared/counts-0-run-a0/000012.sst".into(),
+                            size: 10,
+                        },
+                        crate::snapshot::SnapshotFile {
+                            name: "MANIFEST-000005".into(),
+                            key: "shared/own-3/counts-0-run-a0/MANIFEST-000005".into(),
+                            size: 10,
+                        },
+                    ],
+                }),
+                keyed_file: None,
+                state: None,
+                in_flight: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn damaged_metadata_is_refused_naming_the_file() {
+        let bytes = small().to_bytes(None);
+        let at = "s3://b/default/j/id/chk-3/_metadata";
+        // Cut anywhere: refused, never taken for something else.
+        for n in [0, 10, MAGIC.len(), bytes.len() / 2, bytes.len() - 70, bytes.len() - 1] {
+            let e = Metadata::parse(&bytes[..n], at, None).unwrap_err();
+            assert!(e.message.starts_with(at), "{n}: {e}");
+        }
+        // A changed byte of the JSON.
+        let mut changed = bytes.clone();
+        let i = changed.windows(4).position(|w| w == b"\"id\"").unwrap() + 8;
+        changed[i] ^= 1;
+        let e = Metadata::parse(&changed, at, None).unwrap_err();
+        assert!(e.message.contains("checksum does not match"), "{e}");
+        // A newer format.
+        let mut newer = b"WEIR-CHECKPOINT 3\n".to_vec();
+        newer.extend_from_slice(&bytes[MAGIC.len()..]);
+        let e = Metadata::parse(&newer, at, None).unwrap_err();
+        assert!(e.message.contains("not checkpoint metadata of this version"), "{e}");
+    }
+
+    #[test]
+    fn the_mac_ties_metadata_to_the_jobs_secret() {
+        let a = JobSecret::new("the-secret-of-job-a-0123456789abcdef").unwrap();
+        let b = JobSecret::new("the-secret-of-job-b-0123456789abcdef").unwrap();
+        let m = small();
+        let signed = m.to_bytes(Some(&a));
+        assert_eq!(Metadata::parse(&signed, "m", Some(&a)).unwrap(), m);
+        // Without a secret only the checksum is checked (a savepoint of another job).
+        assert_eq!(Metadata::parse(&signed, "m", None).unwrap(), m);
+        for (bytes, who) in [(signed.clone(), "b"), (m.to_bytes(None), "unsigned")] {
+            let e = Metadata::parse(&bytes, "m", Some(&b)).unwrap_err();
+            assert!(e.message.contains("not written by this job"), "{who}: {e}");
+        }
+        // A forger who recomputes the checksum still lacks the MAC.
+        let forged = seal(&serde_json::to_vec(&m).unwrap(), None);
+        assert!(Metadata::parse(&forged, "m", Some(&a)).is_err());
+        assert!(JobSecret::generate().for_metadata().is_none());
+        assert!(a.for_metadata().is_some());
+    }
+
+    #[test]
+    fn a_dropped_checkpoint_leaves_no_empty_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = crate::storage::LocalStorage::new(tmp.path());
+        let m = small();
+        for f in &m.operators[0].keyed.as_ref().unwrap().files {
+            job.put(&f.key, b"0123456789").unwrap();
+        }
+        job.put("chk-3/_metadata", &m.to_bytes(None)).unwrap();
+        job.put("chk-3/inflight/counts-0", b"x").unwrap();
+        discard(&job, &[m], &[]).unwrap();
+        assert!(!tmp.path().join("chk-3").exists());
+        assert!(!tmp.path().join("shared/own-3").exists());
+        assert!(job.list("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn names_in_metadata_are_plain_relative_names_of_the_expected_form() {
+        let bad_names = ["/etc/passwd", "../../x.sst", "..", "a/000012.sst", "", "x.sst"];
+        for name in bad_names {
+            let mut m = small();
+            m.operators[0].keyed.as_mut().unwrap().files[0].name = name.into();
+            let e = Metadata::parse(&m.to_bytes(None), "m", None).unwrap_err();
+            assert!(e.message.contains("is not one of RocksDB's"), "{name}: {e}");
+        }
+        let bad_keys =
+            ["/tmp/x", "shared/../../other-job/x.sst", "shared//x", "chk-1/x", "shared/./x"];
+        for key in bad_keys {
+            let mut m = small();
+            m.operators[0].keyed.as_mut().unwrap().files[0].key = key.into();
+            let e = Metadata::parse(&m.to_bytes(None), "m", None).unwrap_err();
+            assert!(e.message.contains("is not below shared/"), "{key}: {e}");
+        }
+        for uid in ["../x", "/x", ".x", "a/b"] {
+            let mut m = small();
+            m.operators[0].uid = uid.into();
+            assert!(Metadata::parse(&m.to_bytes(None), "m", None).is_err(), "{uid}");
+        }
+        let mut m = small();
+        m.operators[0].keyed.as_mut().unwrap().instance = "../../tmp".into();
+        assert!(Metadata::parse(&m.to_bytes(None), "m", None).is_err());
+        let mut m = small();
+        m.operators[0].in_flight =
+            Some(InFlightHandle { key: "../chk-1/inflight/a-0".into(), bytes: 1, records: 1 });
+        assert!(Metadata::parse(&m.to_bytes(None), "m", None).is_err());
+        for ok in ["CURRENT", "OPTIONS-000007", "000004.log", "MANIFEST-000005", "000012.sst"] {
+            assert!(rocksdb_name(ok), "{ok}");
+        }
     }
 
     proptest::proptest! {
@@ -585,7 +910,7 @@ mod tests {
                 savepoint: true,
                 operators,
             };
-            let back = Metadata::parse(&m.to_bytes(), "sp-x/_metadata").unwrap();
+            let back = Metadata::parse(&m.to_bytes(None), "sp-x/_metadata", None).unwrap();
             proptest::prop_assert_eq!(back, m);
         }
     }

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!   worker                          coordinator
-//!     ── Hello {index, dataAddr} ──►
+//!     ── Hello {index, dataAddr, nonce} ──►
+//!     ◄── Challenge {nonce, proof} ──  (the coordinator proves the job's secret)
+//!     ── Proof {proof} ──►             (the worker proves it; else Refused, and closed)
 //!     ◄── Start {spec, placement} ──   (once every worker said hello; attempt k)
 //!     ── Progress {...} ──►            (every half second)
 //!     ◄── Trigger {id, savepoint?} ──  (checkpoint id: the sources emit barriers)
@@ -18,19 +20,60 @@
 //! A worker keeps its connection across attempts: after a failure the coordinator cancels
 //! the attempt, waits for every worker's `Failed`, and starts the next one from the last
 //! completed checkpoint.
+//!
+//! The opening is a challenge and a response in both directions ([`crate::auth`]): each side
+//! sends a fresh nonce and proves the job's secret over both nonces and its role (the worker
+//! also over the index and exchange address it claims). The coordinator tells a worker
+//! nothing about the job before its proof is checked, reads the opening within
+//! [`HANDSHAKE_DEADLINE`] in all, and takes lines of at most [`HELLO_LIMIT`] bytes until
+//! then ([`MESSAGE_LIMIT`] after).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use weir_crds::{StorageUri, StreamJobSpec};
 
+use crate::auth::{JobSecret, Nonce};
 use crate::checkpoint::{OperatorState, Settings, TaskAck};
 
 /// Version of this protocol; a worker and a coordinator of different versions refuse each
 /// other with a clear error.
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
+
+/// How long the whole opening of a control connection may take, from the first byte read
+/// to the proof checked: a client that sends slowly, or nothing, is dropped after it.
+pub const HANDSHAKE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+/// The longest line read before the other side proved the job's secret.
+pub const HELLO_LIMIT: usize = 4 << 10;
+/// The longest message after it (a checkpoint's acknowledgement names every file of the
+/// subtask's state; the job's start carries the state of every old subtask to restore).
+pub const MESSAGE_LIMIT: usize = 256 << 20;
+
+/// The coordinator's proof: over the worker's nonce and its own.
+pub fn coordinator_proof(secret: &JobSecret, worker: &Nonce, coordinator: &Nonce) -> [u8; 32] {
+    secret.prove(&[b"weir control coordinator", worker, coordinator])
+}
+
+/// A worker's proof: over the coordinator's nonce, its own, and what it says in its hello.
+pub fn worker_proof(
+    secret: &JobSecret,
+    coordinator: &Nonce,
+    worker: &Nonce,
+    index: Option<u32>,
+    data_addr: &str,
+) -> [u8; 32] {
+    let index = index.map(|i| i.to_string()).unwrap_or_default();
+    secret.prove(&[
+        b"weir control worker",
+        coordinator,
+        worker,
+        index.as_bytes(),
+        data_addr.as_bytes(),
+    ])
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -42,7 +85,13 @@ pub enum ToCoordinator {
         index: Option<u32>,
         /// Where the other workers reach this one's exchange.
         data_addr: String,
+        /// This worker's challenge to the coordinator (hex).
+        #[serde(default)]
+        nonce: String,
     },
+    /// The worker's answer to the coordinator's challenge (hex).
+    #[serde(rename_all = "camelCase")]
+    Proof { proof: String },
     #[serde(rename_all = "camelCase")]
     Progress {
         /// Records in and out per operator, in plan order, summed over this worker's subtasks.
@@ -51,19 +100,45 @@ pub enum ToCoordinator {
     },
     /// A subtask's part of checkpoint `id` ([`crate::exec::FINAL`]: its final snapshot).
     #[serde(rename_all = "camelCase")]
-    Ack { id: u64, ack: Box<TaskAck> },
+    Ack {
+        id: u64,
+        ack: Box<TaskAck>,
+        /// The attempt it belongs to: one from an attempt that is over is ignored.
+        #[serde(default)]
+        attempt: u32,
+    },
     /// A subtask could not take its part of checkpoint `id`.
     #[serde(rename_all = "camelCase")]
-    Decline { id: u64, message: String },
+    Decline {
+        id: u64,
+        message: String,
+        #[serde(default)]
+        attempt: u32,
+    },
     #[serde(rename_all = "camelCase")]
-    Finished { records: Vec<(u64, u64)> },
+    Finished {
+        records: Vec<(u64, u64)>,
+        #[serde(default)]
+        attempt: u32,
+    },
     #[serde(rename_all = "camelCase")]
-    Failed { message: String, user: bool, retryable: bool },
+    Failed {
+        message: String,
+        user: bool,
+        retryable: bool,
+        #[serde(default)]
+        attempt: u32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum ToWorker {
+    /// The coordinator's proof of the job's secret, and its challenge to the worker (hex).
+    Challenge {
+        nonce: String,
+        proof: String,
+    },
     Start(Box<Assignment>),
     /// The coordinator will not take this worker; it exits with the reason.
     Refused {
@@ -168,28 +243,95 @@ impl Writer {
     }
 }
 
-/// Reads messages.
+/// Reads messages, one line each, of at most a limit.
 #[derive(Debug)]
-pub struct Reader(BufReader<TcpStream>, String);
+pub struct Reader {
+    r: BufReader<TcpStream>,
+    line: Vec<u8>,
+    limit: usize,
+}
 
 impl Reader {
-    pub fn new(s: TcpStream) -> Self {
-        Self(BufReader::new(s), String::new())
+    /// A reader of lines of at most `limit` bytes.
+    pub fn new(s: TcpStream, limit: usize) -> Self {
+        Self { r: BufReader::new(s), line: Vec::new(), limit }
+    }
+
+    /// Lines after this are of at most `limit` bytes.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
     }
 
     /// The next message; `Ok(None)` when the other side closed the connection.
     pub fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, String> {
-        self.1.clear();
-        match self.0.read_line(&mut self.1) {
-            Ok(0) => Ok(None),
-            Ok(_) => serde_json::from_str(&self.1)
-                .map(Some)
-                .map_err(|e| format!("a message that is not understood ({e})")),
-            Err(e) => Err(e.to_string()),
+        self.recv_by(None)
+    }
+
+    /// The next message, read by `deadline` (in all, however slowly it comes).
+    pub fn recv_by<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<T>, String> {
+        if !self.read_line(deadline)? {
+            return Ok(None);
+        }
+        serde_json::from_slice(&self.line)
+            .map(Some)
+            .map_err(|e| format!("a message that is not understood ({e})"))
+    }
+
+    /// Reads up to and with the next newline into `self.line`; `false` at the end of the
+    /// stream before any byte.
+    fn read_line(&mut self, deadline: Option<Instant>) -> Result<bool, String> {
+        self.line.clear();
+        loop {
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err("the other side took too long to send its message".into());
+                }
+                self.r.get_ref().set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+            }
+            let buf = match self.r.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if deadline.is_some()
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                {
+                    return Err("the other side took too long to send its message".into());
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            if buf.is_empty() {
+                return if self.line.is_empty() {
+                    Ok(false)
+                } else {
+                    Err("the connection closed in the middle of a message".into())
+                };
+            }
+            let (n, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            if self.line.len() + n > self.limit {
+                return Err(format!("a message over {} bytes", self.limit));
+            }
+            self.line.extend_from_slice(&buf[..n]);
+            self.r.consume(n);
+            if done {
+                if deadline.is_some() {
+                    self.r.get_ref().set_read_timeout(None).map_err(|e| e.to_string())?;
+                }
+                return Ok(true);
+            }
         }
     }
 
     pub fn get_ref(&self) -> &TcpStream {
-        self.0.get_ref()
+        self.r.get_ref()
     }
 }

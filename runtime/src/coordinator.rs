@@ -28,10 +28,11 @@ use weir_crds::api::{
 };
 use weir_crds::{StorageUri, StreamJobSpec};
 
+use crate::auth::{self, JobSecret};
 use crate::checkpoint::{self, Metadata, Restarts, Settings, TaskAck};
 use crate::control::{
-    AssignedCheckpoints, Assignment, PROTOCOL, Reader, SavepointTarget, ToCoordinator, ToWorker,
-    Writer,
+    self, AssignedCheckpoints, Assignment, PROTOCOL, Reader, SavepointTarget, ToCoordinator,
+    ToWorker, Writer,
 };
 use crate::error::{RuntimeError, Whose};
 use crate::exec::{FINAL, RunSummary};
@@ -65,11 +66,20 @@ pub struct CoordinatorOptions {
     pub stop: Arc<AtomicBool>,
     /// Start from the last completed checkpoint of this job in the storage.
     pub resume: bool,
+    /// With `resume`: when a checkpoint's metadata cannot be used, resume from the newest one
+    /// that can (or from the beginning) instead of refusing to start.
+    pub resume_from_older: bool,
+    /// Drop the state of operators the pipeline no longer has when restoring (as
+    /// `spec.restore.allowNonRestoredState`).
+    pub allow_non_restored_state: bool,
     /// Where checkpoints go, instead of `spec.checkpointing.storage`.
     pub storage: Option<StorageUri>,
     /// Start from this savepoint or checkpoint (its directory or its `_metadata`), instead of
     /// `spec.restore.path`; `resume` wins when it finds a checkpoint.
     pub from: Option<StorageUri>,
+    /// The job's secret, which every worker must prove (and which this coordinator gives the
+    /// workers it starts).
+    pub secret: JobSecret,
 }
 
 /// The job as the coordinator sees it; read by the HTTP API and the progress display.
@@ -273,6 +283,31 @@ impl Status {
         self.savepoint_requests.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
     }
 
+    /// Fails the savepoint requests that have waited for their trigger longer than
+    /// `timeout` (`spec.savepoints.timeout`): a savepoint completes or fails within it.
+    fn expire_savepoint_requests(&self, timeout: Duration) {
+        let now = checkpoint::now_ms();
+        let limit = timeout.as_millis() as u64;
+        let mut q = self.savepoint_requests.lock().unwrap_or_else(|e| e.into_inner());
+        if q.is_empty() {
+            return;
+        }
+        let mut all = self.savepoints.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|r| {
+            let Some(s) = all.iter_mut().find(|s| s.id == r.id) else { return false };
+            if now.saturating_sub(s.requested_at) <= limit {
+                return true;
+            }
+            s.status = SavepointStatus::Failed;
+            s.failure = Some(format!(
+                "it was not taken within spec.savepoints.timeout ({} s): the job was not running with every subtask able to take it (restarting, or another savepoint in flight)",
+                timeout.as_secs()
+            ));
+            s.duration_ms = now.saturating_sub(s.requested_at);
+            false
+        });
+    }
+
     /// Fails every savepoint in progress (queued ones too when `queued`).
     fn fail_savepoints(&self, why: &str, queued: bool) {
         let waiting: Vec<String> = if queued {
@@ -374,6 +409,9 @@ enum AttemptEnd {
     /// Stopped before the job started (or while it was restarting): nothing to flush.
     StoppedIdle,
     Failed(RuntimeError),
+    /// Told to stop, the workers did not end in time: they were cancelled, and the job
+    /// ends with this error (it is not restarted).
+    Abandoned(RuntimeError),
 }
 
 /// A checkpoint in flight.
@@ -411,8 +449,8 @@ impl Coordinator {
     }
 
     /// Launches the workers (if it is its job), runs the job's attempts and waits until it
-    /// ends.
-    pub fn run(self) -> Result<RunSummary, RuntimeError> {
+    /// ends. `ready` runs once the job is ready to start: its checkpoint found and checked.
+    pub fn run(self, ready: impl FnOnce()) -> Result<RunSummary, RuntimeError> {
         let fail = |e: RuntimeError| {
             self.status.update(|i| {
                 i.state = JobState::Failed;
@@ -421,6 +459,7 @@ impl Coordinator {
             e
         };
         let mut driver = Driver::new(&self).map_err(fail)?;
+        ready();
         let result = driver.drive();
         self.status.fail_savepoints("the job ended before the savepoint was taken", true);
         // Workers that hang on (or never connected) go with the job.
@@ -493,6 +532,11 @@ struct Driver<'a> {
     started_once: bool,
     /// Connections that reported the end of the current attempt.
     ended: std::collections::HashSet<u64>,
+    /// The last attempt failed (retryably) before every worker ran it: a failure of the
+    /// restart, not a new one of the job.
+    failed_while_starting: bool,
+    /// Restarts in a row that failed while starting and were not counted.
+    uncounted: u32,
 }
 
 impl<'a> Driver<'a> {
@@ -528,12 +572,44 @@ impl<'a> Driver<'a> {
             };
             let root: Arc<dyn Storage> = Arc::from(crate::storage::open(&uri, s3.as_ref())?);
             if c.opts.resume {
-                let mut all =
-                    checkpoint::completed(root.as_ref(), &c.opts.namespace, &c.opts.name)?;
+                let found = checkpoint::completed(
+                    root.as_ref(),
+                    &c.opts.namespace,
+                    &c.opts.name,
+                    c.opts.secret.for_metadata(),
+                )?;
+                let mut all = found.completed;
+                let mut unusable = found.unusable;
                 // An explicit job id resumes that job only: a job started anew from a savepoint
                 // (or empty) under a new id must not pick up an older run's checkpoints.
                 if let Some(id) = &c.opts.job_id {
                     all.retain(|m| &m.job_id == id);
+                    let dir =
+                        format!("{}/", checkpoint::job_dir(&c.opts.namespace, &c.opts.name, id));
+                    unusable.retain(|(key, _)| key.starts_with(&dir));
+                }
+                // A checkpoint that cannot be read is never passed over on its own: resuming
+                // from an older one, or from the beginning, would write committed output again.
+                if let Some((_, why)) = unusable.first() {
+                    let instead = match all.last() {
+                        Some(m) => format!("from {} of job id {}", m.describe(), m.job_id),
+                        None => "from the beginning".into(),
+                    };
+                    if !c.opts.resume_from_older {
+                        return Err(RuntimeError::user(format!(
+                            "--resume: {}{}; Weir does not fall back on its own, since that would repeat committed output: restore the file, or pass --resume-from-older (spec.restore.resumeFromOlder) to resume {instead}",
+                            why.message,
+                            if unusable.len() > 1 {
+                                format!(" (and {} more unusable checkpoints)", unusable.len() - 1)
+                            } else {
+                                String::new()
+                            }
+                        )));
+                    }
+                    for (_, why) in &unusable {
+                        eprintln!("weir: --resume-from-older: passing over {}", why.message);
+                    }
+                    eprintln!("weir: --resume-from-older: resuming {instead}");
                 }
                 match all.last() {
                     Some(last) => {
@@ -575,7 +651,8 @@ impl<'a> Driver<'a> {
                         there.describe(&key)
                     ))
                 })?;
-                let m = Metadata::parse(&bytes, &there.describe(&key))?;
+                // Another job's snapshot, or this one's: its seal is checked, not its MAC.
+                let m = Metadata::parse(&bytes, &there.describe(&key), None)?;
                 eprintln!(
                     "weir: starting job {} from {} ({} of job id {}, parallelism {})",
                     c.opts.name,
@@ -596,8 +673,15 @@ impl<'a> Driver<'a> {
                 check_restore(
                     m,
                     &c.plan,
-                    c.spec.restore.as_ref().is_some_and(|r| r.allow_non_restored_state),
+                    c.opts.allow_non_restored_state
+                        || c.spec.restore.as_ref().is_some_and(|r| r.allow_non_restored_state),
                 )?;
+                if m.final_ && c.opts.resume && restore_uri.is_none() {
+                    eprintln!(
+                        "weir: --resume: {} is the job's final checkpoint: the job had finished (its sources were exhausted or it was stopped), so it ends again at once; start it without --resume to run it anew",
+                        m.describe()
+                    );
+                }
                 if m.parallelism != c.plan.parallelism {
                     eprintln!(
                         "weir: restoring state taken at parallelism {} at parallelism {}: key groups and splits are redistributed",
@@ -619,7 +703,7 @@ impl<'a> Driver<'a> {
                 .unwrap_or_else(|| checkpoint::default_savepoint_dir(&ck.uri))
         });
         let (tx, rx) = unbounded();
-        spawn_acceptor(&c.listener, tx, expected, c.plan.parallelism)?;
+        spawn_acceptor(&c.listener, tx, expected, c.plan.parallelism, c.opts.secret.clone())?;
         let (_, heads) = crate::exec::tasks(&c.plan);
         c.status.update(|i| i.job_id = job_id.clone());
         let mut d = Driver {
@@ -645,6 +729,8 @@ impl<'a> Driver<'a> {
             acks_needed: heads.len() * c.plan.parallelism as usize,
             started_once: false,
             ended: Default::default(),
+            failed_while_starting: false,
+            uncounted: 0,
         };
         d.launch()?;
         Ok(d)
@@ -665,6 +751,7 @@ impl<'a> Driver<'a> {
                     advertise_host: None,
                     stop: Arc::default(),
                     connect_timeout: crate::worker::CONNECT_TIMEOUT,
+                    secret: self.c.opts.secret.clone(),
                 };
                 self.in_process = Some(
                     std::thread::Builder::new()
@@ -690,6 +777,7 @@ impl<'a> Driver<'a> {
                         .arg(state_dir)
                         .args(["--data-addr", "127.0.0.1:0"])
                         .env("WEIR_DIE_WITH_PARENT", "1")
+                        .env(auth::ENV, self.c.opts.secret.text())
                         .stdin(std::process::Stdio::null())
                         .spawn()
                         .map_err(|e| {
@@ -718,11 +806,17 @@ impl<'a> Driver<'a> {
                     self.c.status.update(|i| i.state = JobState::Finished);
                     return Ok(self.summary());
                 }
-                AttemptEnd::Failed(e) => return Err(e),
+                AttemptEnd::Failed(e) | AttemptEnd::Abandoned(e) => return Err(e),
                 AttemptEnd::Finished => {}
             }
             let end = self.run_attempt();
             match end {
+                AttemptEnd::Abandoned(e) => {
+                    eprintln!("weir: coordinator: {}", e.message);
+                    self.cancel_attempt();
+                    self.c.status.fail_savepoints(&e.message, false);
+                    return Err(e);
+                }
                 AttemptEnd::Finished | AttemptEnd::StoppedIdle => {
                     self.c.status.update(|i| {
                         i.state = JobState::Finished;
@@ -738,7 +832,15 @@ impl<'a> Driver<'a> {
                     );
                     let restart = if e.whose == Whose::User {
                         Err("the error is in the job's spec or input, so a restart would fail the same way".to_string())
+                    } else if self.failed_while_starting
+                        && self.uncounted < MAX_UNCOUNTED
+                        && self.restarts.restarts_at_all()
+                    {
+                        // A worker lost while the job was restarting: the same restart, again.
+                        self.uncounted += 1;
+                        Ok(self.restarts.again())
                     } else {
+                        self.uncounted = 0;
                         self.restarts.on_failure(Instant::now())
                     };
                     let delay = match restart {
@@ -772,10 +874,15 @@ impl<'a> Driver<'a> {
                         None => "from the beginning (no checkpoint completed yet)".into(),
                     };
                     eprintln!(
-                        "weir: coordinator: {}; restarting in {:.1} s {from} (attempt {})",
+                        "weir: coordinator: {}; restarting in {:.1} s {from} (attempt {}{})",
                         e.message,
                         delay.as_secs_f64(),
-                        self.attempt
+                        self.attempt,
+                        if self.uncounted > 0 {
+                            "; it failed while restarting, which is not counted as a new failure"
+                        } else {
+                            ""
+                        }
                     );
                     self.c.status.update(|i| {
                         i.state = JobState::Restarting;
@@ -811,6 +918,7 @@ impl<'a> Driver<'a> {
     /// Handles connection events between attempts: new workers take their slots, lost ones
     /// leave them.
     fn pump(&mut self, wait: Duration) {
+        self.c.status.expire_savepoint_requests(self.c.spec.savepoints.timeout.as_std());
         match self.events.recv_timeout(wait) {
             Ok(Event::Joined { slot, conn, writer, data_addr }) => {
                 self.join(slot, conn, writer, data_addr)
@@ -1034,7 +1142,15 @@ impl<'a> Driver<'a> {
             .collect();
         let mut progress: Vec<(Vec<(u64, u64)>, u64)> = vec![(Vec::new(), 0); self.expected];
         let mut finished = vec![false; self.expected];
+        // Workers that reported progress: their subtasks run (the exchange connected, the
+        // state restored). A lost connection before all have is a failure of the restart.
+        let mut running = vec![false; self.expected];
+        self.failed_while_starting = false;
         let mut stopping = false;
+        let mut stopping_since = Instant::now();
+        // Told to stop, the workers flush and take their final checkpoint: as long as a
+        // checkpoint may take, and no less than half a minute.
+        let stop_limit = self.c.spec.checkpointing.timeout.as_std().max(Duration::from_secs(30));
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut final_acks: BTreeMap<(String, u32), TaskAck> = BTreeMap::new();
         let mut final_sent = false;
@@ -1047,12 +1163,22 @@ impl<'a> Driver<'a> {
         loop {
             if !stopping && self.stop_requested() {
                 stopping = true;
+                stopping_since = Instant::now();
                 self.c.status.update(|i| i.state = JobState::Stopping);
                 self.send_all(&ToWorker::Stop);
             }
+            self.c.status.expire_savepoint_requests(self.c.spec.savepoints.timeout.as_std());
+            if stopping && stopping_since.elapsed() > stop_limit {
+                return AttemptEnd::Abandoned(RuntimeError::external(format!(
+                    "the job did not stop within {} s of being told to (spec.checkpointing.timeout, at least 30 s): its workers were cancelled; it resumes from its last completed checkpoint",
+                    stop_limit.as_secs()
+                )));
+            }
             // Checkpoints and savepoints: trigger, time out.
             if let Some(settings) = self.ck.as_ref().map(|ck| ck.settings.clone()) {
-                let open = !stopping && !stop_savepoint && final_acks.is_empty() && !final_sent;
+                // Subtasks that ended take part with their final state: checkpoints go on
+                // until every subtask has ended (FLIP-147).
+                let open = !stopping && !stop_savepoint && !final_sent;
                 // One savepoint at a time, and no checkpoint while it is in flight: nothing
                 // can turn its barrier into an unaligned one.
                 if open
@@ -1172,21 +1298,47 @@ impl<'a> Driver<'a> {
                 }
                 continue;
             };
+            // Only what the coordinator assigned: a forged acknowledgement would complete a
+            // checkpoint that holds no state of the subtask it names.
+            // What belongs to an attempt that is over (a worker slow to report its end) is
+            // not this attempt's.
+            if let Ok(Some(
+                ToCoordinator::Ack { attempt, .. }
+                | ToCoordinator::Decline { attempt, .. }
+                | ToCoordinator::Finished { attempt, .. }
+                | ToCoordinator::Failed { attempt, .. },
+            )) = &msg
+                && *attempt != self.attempt
+            {
+                continue;
+            }
+            if let Ok(Some(ToCoordinator::Ack { ack, .. })) = &msg
+                && let Err(why) = self.check_ack(w, ack)
+            {
+                return AttemptEnd::Failed(RuntimeError::internal(format!(
+                    "worker {w} sent an acknowledgement that does not fit the job, so the attempt is given up: {why}"
+                )));
+            }
             match msg {
                 Ok(Some(ToCoordinator::Progress { records, state_bytes })) => {
                     progress[w] = (records, state_bytes);
+                    running[w] = true;
                     self.publish(&progress);
                 }
-                Ok(Some(ToCoordinator::Ack { id, ack })) if id == FINAL => {
-                    // A savepoint cannot complete once a subtask has ended.
-                    while let Some(pos) = pending.iter().position(|p| p.savepoint.is_some()) {
-                        let pd = pending.remove(pos).expect("found");
-                        let why = format!(
-                            "subtask {} of {:?} ended (its input was exhausted) before the savepoint's barrier reached it",
-                            ack.subtask, ack.task
-                        );
-                        if let Some(end) = self.savepoint_failed(&pd, &why) {
-                            return end;
+                Ok(Some(ToCoordinator::Ack { id, ack, .. })) if id == FINAL => {
+                    // A subtask that ended takes part in later checkpoints with its final
+                    // state (FLIP-147). A savepoint is self-contained: keyed state in the
+                    // checkpoint's files cannot be part of it.
+                    if ack.operators.iter().any(|o| o.keyed.is_some() || o.keyed_file.is_some()) {
+                        while let Some(pos) = pending.iter().position(|p| p.savepoint.is_some()) {
+                            let pd = pending.remove(pos).expect("found");
+                            let why = format!(
+                                "subtask {} of {:?} ended (its input was exhausted) before the savepoint's barrier reached it, and its keyed state cannot be written into the savepoint after its end",
+                                ack.subtask, ack.task
+                            );
+                            if let Some(end) = self.savepoint_failed(&pd, &why) {
+                                return end;
+                            }
                         }
                     }
                     final_acks.insert((ack.task.clone(), ack.subtask), *ack);
@@ -1201,61 +1353,30 @@ impl<'a> Driver<'a> {
                         }
                         final_sent = true;
                         self.send_all(&ToWorker::Complete { id, final_: true });
+                        continue;
+                    }
+                    if let Some(end) = self.conclude_covered(
+                        &mut pending,
+                        &final_acks,
+                        &mut failures_in_a_row,
+                        &mut last_done,
+                    ) {
+                        return end;
                     }
                 }
-                Ok(Some(ToCoordinator::Ack { id, ack })) => {
+                Ok(Some(ToCoordinator::Ack { id, ack, .. })) => {
                     let Some(pd) = pending.iter_mut().find(|p| p.id == id) else { continue };
                     pd.acks.insert((ack.task.clone(), ack.subtask), *ack);
-                    if pd.acks.len() < self.acks_needed {
-                        continue;
-                    }
-                    let pos = pending.iter().position(|p| p.id == id).expect("found above");
-                    let pd = pending.remove(pos).expect("found");
-                    if let Some(sp) = &pd.savepoint {
-                        match self.complete_savepoint(&pd, sp) {
-                            Ok(meta) if sp.target.stop => {
-                                // The sinks commit, then the workers end.
-                                self.send_all(&ToWorker::Complete { id, final_: false });
-                                self.stopped_into = Some((meta, sp.target.dir.clone()));
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                let why = format!("writing its metadata: {e}");
-                                if let Some(end) = self.savepoint_failed(&pd, &why) {
-                                    return end;
-                                }
-                            }
-                        }
-                        continue;
-                    }
-                    // Older checkpoints still in flight are subsumed by this one (savepoints
-                    // are not).
-                    pending.retain(|p| p.savepoint.is_some() || p.id > pd.id);
-                    let pd = &pd;
-                    match self.complete(
-                        pd.id,
-                        pd.triggered_at,
-                        checkpoint::now_ms(),
-                        &pd.acks,
-                        false,
+                    if let Some(end) = self.conclude_covered(
+                        &mut pending,
+                        &final_acks,
+                        &mut failures_in_a_row,
+                        &mut last_done,
                     ) {
-                        Ok(()) => {
-                            failures_in_a_row = 0;
-                            self.send_all(&ToWorker::Complete { id, final_: false });
-                        }
-                        Err(e) => {
-                            let settings = self.settings();
-                            let why = format!("checkpoint {id}: writing its metadata: {e}");
-                            if let Some(end) =
-                                self.checkpoint_failed(pd, why, &mut failures_in_a_row, &settings)
-                            {
-                                return end;
-                            }
-                        }
+                        return end;
                     }
-                    last_done = Instant::now();
                 }
-                Ok(Some(ToCoordinator::Decline { id, message })) => {
+                Ok(Some(ToCoordinator::Decline { id, message, .. })) => {
                     if id == FINAL {
                         return AttemptEnd::Failed(
                             RuntimeError::external(format!(
@@ -1282,7 +1403,7 @@ impl<'a> Driver<'a> {
                     }
                     last_done = Instant::now();
                 }
-                Ok(Some(ToCoordinator::Finished { records })) => {
+                Ok(Some(ToCoordinator::Finished { records, .. })) => {
                     self.ended.insert(conn);
                     progress[w] = (records, 0);
                     finished[w] = true;
@@ -1291,8 +1412,9 @@ impl<'a> Driver<'a> {
                         return AttemptEnd::Finished;
                     }
                 }
-                Ok(Some(ToCoordinator::Failed { message, user, retryable })) => {
+                Ok(Some(ToCoordinator::Failed { message, user, retryable, .. })) => {
                     self.ended.insert(conn);
+                    self.failed_while_starting = retryable && !running.iter().all(|&r| r);
                     let whose = if user { Whose::User } else { Whose::External };
                     return AttemptEnd::Failed(RuntimeError {
                         whose,
@@ -1300,7 +1422,7 @@ impl<'a> Driver<'a> {
                         message: format!("worker {w}: {message}"),
                     });
                 }
-                Ok(Some(ToCoordinator::Hello { .. })) => {
+                Ok(Some(ToCoordinator::Hello { .. } | ToCoordinator::Proof { .. })) => {
                     return AttemptEnd::Failed(RuntimeError::internal(format!(
                         "worker {w} said hello twice"
                     )));
@@ -1314,6 +1436,7 @@ impl<'a> Driver<'a> {
                     if finished[w] {
                         continue;
                     }
+                    self.failed_while_starting = !running.iter().all(|&r| r);
                     return AttemptEnd::Failed(
                         RuntimeError::external(format!("worker {w} was lost: {why}")).retryable(),
                     );
@@ -1418,7 +1541,7 @@ impl<'a> Driver<'a> {
         let meta =
             self.metadata(pd.id, pd.triggered_at, checkpoint::now_ms(), &pd.acks, false, true);
         let storage = crate::storage::open_uri(&sp.target.dir, self.c.spec.s3.as_ref())?;
-        storage.put(checkpoint::METADATA, &meta.to_bytes())?;
+        storage.put(checkpoint::METADATA, &meta.to_bytes(self.c.opts.secret.for_metadata()))?;
         let size = meta.size_bytes();
         eprintln!(
             "weir: coordinator: savepoint {} completed: {} ({size} bytes of keyed state)",
@@ -1471,7 +1594,7 @@ impl<'a> Driver<'a> {
         let (job, retained) = (ck.job.clone(), ck.settings.retained as usize);
         let meta = self.metadata(id, triggered_at, completed_at, acks, final_, false);
         let key = format!("{}/{}", Metadata::dir(id), checkpoint::METADATA);
-        job.put(&key, &meta.to_bytes())?;
+        job.put(&key, &meta.to_bytes(self.c.opts.secret.for_metadata()))?;
         let mut info = self.info(
             id,
             CheckpointStatus::Completed,
@@ -1482,6 +1605,20 @@ impl<'a> Driver<'a> {
             None,
         );
         info.path = Some(job.describe(&key));
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        eprintln!(
+            "weir: {}checkpoint {id} completed in {} ms: {:.1} MiB of state, {:.1} MiB uploaded{} ({})",
+            if final_ { "final " } else { "" },
+            info.duration_ms,
+            mib(info.size_bytes),
+            mib(info.uploaded_bytes),
+            if info.unaligned {
+                format!(", unaligned with {:.1} MiB in flight", mib(info.in_flight_bytes))
+            } else {
+                String::new()
+            },
+            job.describe(&key)
+        );
         self.c.status.record(info);
         self.completed.push_back(meta);
         if self.completed.len() > retained {
@@ -1495,14 +1632,127 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
+    /// Completes the pending checkpoints and savepoints that every subtask has acknowledged
+    /// or, having ended, takes part in with its final state.
+    fn conclude_covered(
+        &mut self,
+        pending: &mut VecDeque<Pending>,
+        final_acks: &BTreeMap<(String, u32), TaskAck>,
+        failures_in_a_row: &mut u32,
+        last_done: &mut Instant,
+    ) -> Option<AttemptEnd> {
+        let needed = self.acks_needed;
+        let covered = |p: &Pending| {
+            p.acks.len() + final_acks.keys().filter(|k| !p.acks.contains_key(*k)).count() >= needed
+        };
+        while let Some(pos) = pending.iter().position(covered) {
+            let mut pd = pending.remove(pos).expect("found");
+            for (k, a) in final_acks {
+                pd.acks.entry(k.clone()).or_insert_with(|| a.clone());
+            }
+            if let Some(end) = self.conclude(pd, pending, failures_in_a_row, last_done) {
+                return Some(end);
+            }
+        }
+        None
+    }
+
+    /// Completes a checkpoint or savepoint that has every subtask's part.
+    fn conclude(
+        &mut self,
+        pd: Pending,
+        pending: &mut VecDeque<Pending>,
+        failures_in_a_row: &mut u32,
+        last_done: &mut Instant,
+    ) -> Option<AttemptEnd> {
+        let id = pd.id;
+        if let Some(sp) = &pd.savepoint {
+            match self.complete_savepoint(&pd, sp) {
+                Ok(meta) if sp.target.stop => {
+                    // The sinks commit, then the workers end.
+                    self.send_all(&ToWorker::Complete { id, final_: false });
+                    self.stopped_into = Some((meta, sp.target.dir.clone()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let why = format!("writing its metadata: {e}");
+                    return self.savepoint_failed(&pd, &why);
+                }
+            }
+            return None;
+        }
+        // Older checkpoints still in flight are subsumed by this one (savepoints are not).
+        pending.retain(|p| p.savepoint.is_some() || p.id > pd.id);
+        match self.complete(pd.id, pd.triggered_at, checkpoint::now_ms(), &pd.acks, false) {
+            Ok(()) => {
+                *failures_in_a_row = 0;
+                self.send_all(&ToWorker::Complete { id, final_: false });
+            }
+            Err(e) => {
+                let settings = self.settings();
+                let why = format!("checkpoint {id}: writing its metadata: {e}");
+                if let Some(end) = self.checkpoint_failed(&pd, why, failures_in_a_row, &settings) {
+                    return Some(end);
+                }
+            }
+        }
+        *last_done = Instant::now();
+        None
+    }
+
     fn publish(&self, progress: &[(Vec<(u64, u64)>, u64)]) {
+        // Counters from the workers saturate rather than overflow.
+        let sum = |it: &mut dyn Iterator<Item = u64>| it.fold(0u64, u64::saturating_add);
         self.c.status.update(|i| {
             for (k, op) in i.operators.iter_mut().enumerate() {
-                op.records_in = progress.iter().filter_map(|p| p.0.get(k)).map(|r| r.0).sum();
-                op.records_out = progress.iter().filter_map(|p| p.0.get(k)).map(|r| r.1).sum();
+                op.records_in = sum(&mut progress.iter().filter_map(|p| p.0.get(k)).map(|r| r.0));
+                op.records_out = sum(&mut progress.iter().filter_map(|p| p.0.get(k)).map(|r| r.1));
             }
-            i.state_bytes = progress.iter().map(|p| p.1).sum();
+            i.state_bytes = sum(&mut progress.iter().map(|p| p.1));
         });
+    }
+
+    /// Whether worker `w` may acknowledge `ack`: a task of the job, a subtask this
+    /// coordinator placed on that worker, and state of that task's operators only, each once.
+    fn check_ack(&self, w: usize, ack: &TaskAck) -> Result<(), String> {
+        let plan = &self.c.plan;
+        let (task_of, heads) = crate::exec::tasks(plan);
+        let Some(&head) = heads.iter().find(|&&h| plan.ops[h].uid == ack.task) else {
+            return Err(format!("it names task {:?}, which the job does not have", ack.task));
+        };
+        if ack.subtask >= plan.parallelism {
+            return Err(format!(
+                "it names subtask {} of {:?}, but the job runs {} subtasks",
+                ack.subtask, ack.task, plan.parallelism
+            ));
+        }
+        let placed = if self.expected == 1 { 0 } else { ack.subtask as usize };
+        if placed != w {
+            return Err(format!(
+                "it names subtask {} of {:?}, which runs on worker {placed}",
+                ack.subtask, ack.task
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for o in &ack.operators {
+            let ours = plan.ops.iter().position(|p| p.uid == o.uid);
+            if ours.is_none_or(|i| task_of[i] != task_of[head]) {
+                return Err(format!(
+                    "it holds state of operator {:?}, which is not in task {:?}",
+                    o.uid, ack.task
+                ));
+            }
+            if o.subtask != ack.subtask {
+                return Err(format!(
+                    "it holds state of subtask {} of {:?} as subtask {}'s",
+                    o.subtask, o.uid, ack.subtask
+                ));
+            }
+            if !seen.insert(o.uid.as_str()) {
+                return Err(format!("it holds the state of operator {:?} twice", o.uid));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1537,64 +1787,131 @@ fn check_restore(m: &Metadata, plan: &Plan, allow_non_restored: bool) -> Result<
     Ok(())
 }
 
-/// Accepts workers on the control listener: reads each hello on a thread of its own and
-/// reports the worker, then every message it sends.
+/// Restarts in a row that fail while the job is restarting and are not counted as new
+/// failures; the next one counts.
+const MAX_UNCOUNTED: u32 = 10;
+
+/// Control connections whose opening is read at the same time; more are closed at once
+/// (a flood of connections cannot make the coordinator run out of threads).
+const MAX_OPENING: usize = 64;
+
+/// Accepts workers on the control listener: reads each opening on a thread of its own
+/// (within [`control::HANDSHAKE_DEADLINE`]) and reports the worker, then every message it
+/// sends.
 fn spawn_acceptor(
     listener: &TcpListener,
     tx: Sender<Event>,
     expected: usize,
     parallelism: u32,
+    secret: JobSecret,
 ) -> Result<(), RuntimeError> {
     let listener = listener.try_clone().map_err(|e| RuntimeError::internal(e.to_string()))?;
     listener.set_nonblocking(false).map_err(|e| RuntimeError::internal(e.to_string()))?;
+    let opening = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control-accept".into())
         .spawn(move || {
             let mut next_conn = 0u64;
             for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                next_conn += 1;
-                let (tx, conn) = (tx.clone(), next_conn);
-                std::thread::spawn(move || match hello(stream, expected, parallelism) {
-                    Ok((slot, writer, mut reader, data_addr)) => {
-                        if tx.send(Event::Joined { slot, conn, writer, data_addr }).is_err() {
-                            return;
-                        }
-                        loop {
-                            let msg = reader.recv::<ToCoordinator>();
-                            let end = !matches!(msg, Ok(Some(_)));
-                            if tx.send(Event::Msg { conn, msg }).is_err() || end {
-                                return;
-                            }
-                        }
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of file descriptors, say: try again in a moment.
+                        eprintln!("weir: coordinator: accepting a control connection: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
                     }
-                    Err(why) => eprintln!("weir: coordinator: refused a worker: {why}"),
-                });
+                };
+                if opening.fetch_add(1, Ordering::AcqRel) >= MAX_OPENING {
+                    opening.fetch_sub(1, Ordering::AcqRel);
+                    drop(stream);
+                    continue;
+                }
+                next_conn += 1;
+                let (tx, conn, secret, opening) =
+                    (tx.clone(), next_conn, secret.clone(), opening.clone());
+                let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                let spawned =
+                    std::thread::Builder::new().name("control-conn".into()).spawn(move || {
+                        let opened = hello(stream, expected, parallelism, &secret);
+                        opening.fetch_sub(1, Ordering::AcqRel);
+                        match opened {
+                            Ok((slot, writer, mut reader, data_addr)) => {
+                                if tx.send(Event::Joined { slot, conn, writer, data_addr }).is_err()
+                                {
+                                    return;
+                                }
+                                loop {
+                                    let msg = reader.recv::<ToCoordinator>();
+                                    let end = !matches!(msg, Ok(Some(_)));
+                                    if tx.send(Event::Msg { conn, msg }).is_err() || end {
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(why) => eprintln!(
+                                "weir: coordinator: refused a connection from {peer}: {why}"
+                            ),
+                        }
+                    });
+                if let Err(e) = spawned {
+                    eprintln!("weir: coordinator: starting a thread for a control connection: {e}");
+                }
             }
         })
         .map_err(|e| RuntimeError::internal(format!("starting a thread: {e}")))?;
     Ok(())
 }
 
-/// Reads a worker's hello and says which slot it takes.
+/// Reads a worker's opening (its hello, the challenge and its proof) and says which slot it
+/// takes. Nothing about the job is sent before the worker's proof is checked.
 fn hello(
     s: TcpStream,
     expected: usize,
     parallelism: u32,
+    secret: &JobSecret,
 ) -> Result<(usize, Arc<Writer>, Reader, String), String> {
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let deadline = Some(Instant::now() + control::HANDSHAKE_DEADLINE);
+    s.set_write_timeout(Some(control::HANDSHAKE_DEADLINE)).map_err(|e| e.to_string())?;
     let writer = Arc::new(Writer::new(s.try_clone().map_err(|e| e.to_string())?));
-    let mut reader = Reader::new(s);
+    let mut reader = Reader::new(s, control::HELLO_LIMIT);
     let refuse = |why: String| {
         let _ = writer.send(&ToWorker::Refused { reason: why.clone() });
+        writer.shutdown();
         why
     };
-    let Some(ToCoordinator::Hello { protocol, index, data_addr }) = reader.recv()? else {
+    let Some(ToCoordinator::Hello { protocol, index, data_addr, nonce }) =
+        reader.recv_by(deadline)?
+    else {
         return Err(refuse("the first message must be a hello".into()));
     };
     if protocol != PROTOCOL {
         return Err(refuse(format!(
             "protocol {protocol}; this coordinator speaks {PROTOCOL}: run the same weir version"
+        )));
+    }
+    let Some(theirs) = auth::unhex::<{ auth::NONCE_LEN }>(&nonce) else {
+        return Err(refuse("a hello without a nonce of 32 bytes in hex".into()));
+    };
+    let ours = auth::nonce();
+    writer
+        .send(&ToWorker::Challenge {
+            nonce: auth::hex(&ours),
+            proof: auth::hex(&control::coordinator_proof(secret, &theirs, &ours)),
+        })
+        .map_err(|e| e.to_string())?;
+    let proven = match reader.recv_by::<ToCoordinator>(deadline)? {
+        Some(ToCoordinator::Proof { proof }) => auth::unhex::<{ auth::PROOF_LEN }>(&proof)
+            .is_some_and(|p| {
+                let want = control::worker_proof(secret, &ours, &theirs, index, &data_addr);
+                auth::same(&want, &p)
+            }),
+        _ => false,
+    };
+    if !proven {
+        return Err(refuse(format!(
+            "the worker did not prove the job's secret: give it the coordinator's {}",
+            auth::ENV
         )));
     }
     let slot = match (index, expected) {
@@ -1612,6 +1929,7 @@ fn hello(
             ));
         }
     };
-    reader.get_ref().set_read_timeout(None).map_err(|e| e.to_string())?;
+    reader.set_limit(control::MESSAGE_LIMIT);
+    reader.get_ref().set_write_timeout(None).map_err(|e| e.to_string())?;
     Ok((slot, writer, reader, data_addr))
 }

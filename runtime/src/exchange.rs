@@ -20,24 +20,79 @@
 //! those batches with the checkpoint ([`crate::align`]).
 //!
 //! Workers connect in a full mesh: worker `a` opens one connection to every worker `b`,
-//! carrying the batches from `a`'s subtasks to `b`'s and the credits back.
+//! carrying the batches from `a`'s subtasks to `b`'s and the credits back. A consumer
+//! returns one credit per batch it received, so the credits that come back on a channel can
+//! never outnumber the batches sent on it: a peer that returns more (or sends anything but
+//! credits on that connection) fails the connection, and its producers with the reason, so
+//! what a producer may have in flight stays at [`CREDITS`] plus the overdraft it owes.
+//!
+//! # The handshake
+//!
+//! Every exchange connection opens with a mutual challenge and response over the job's
+//! secret ([`crate::auth`]) before any frame: the *opener* is the worker that connects, the
+//! *acceptor* the one it connects to (worker `p`, as the opener knows it from the job).
+//! Integers are little-endian; `prove` is [`JobSecret::prove`], over length-prefixed parts.
+//!
+//! ```text
+//!   opener   → MAGIC (8) | run id length u32 (≤ 256) | run id | opener u32 | nonce_o (32)
+//!   acceptor → MAGIC (8) | nonce_a (32)
+//!              | prove("weir exchange acceptor", run id, opener, p, nonce_o, nonce_a)
+//!   opener   → prove("weir exchange opener", run id, opener, p, nonce_a, nonce_o)
+//! ```
+//!
+//! `MAGIC` is the version of the handshake (`WEIRXCH4`); an acceptor that reads another one
+//! answers with its own and closes, so that an opener of another version of Weir can say so.
+//! An acceptor answers only an opener of its run that is one of its peers; an opener that
+//! gets no valid proof back fails (the peer does not hold the job's secret), and one whose
+//! connection is closed before the answer tries again until its connect timeout (the peer
+//! may still be on another run, or busy with other handshakes). The labels differ, so a
+//! proof made in one role is worthless in the other, and both nonces are fresh for every
+//! connection, so a proof recorded on one connection opens no other.
+//!
+//! Accepting runs on its own thread from the start of [`Network::connect`] (each worker
+//! waits for the others' answers while it connects to them) and each incoming connection's
+//! handshake on a thread of its own, with a deadline of [`HANDSHAKE_TIMEOUT`] for the
+//! whole handshake however the bytes are spread out, and at most [`MAX_HANDSHAKES`] at
+//! once (beyond that, new connections are closed at once): a slow or silent client delays no
+//! one. A refused connection is closed with one line on stderr, and accepting goes on until
+//! every peer is in, the connect timeout passes or the job is cancelled; then the acceptor
+//! stops and the listener is left for the next attempt.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, unbounded};
 
+use crate::auth::{self, JobSecret, NONCE_LEN, Nonce, PROOF_LEN};
 use crate::error::RuntimeError;
 use crate::record::Record;
 use crate::wire::{self, Barrier, HEADER_LEN, Header, Kind};
 
 /// Batches a producer may have in flight on one channel to another worker.
 pub const CREDITS: usize = 8;
-const MAGIC: &[u8; 8] = b"WEIRXCH3";
+/// The version of the exchange handshake: the first bytes each side sends.
+const MAGIC: &[u8; 8] = b"WEIRXCH4";
+/// The part of [`MAGIC`] every version shares.
+const MAGIC_FAMILY: &[u8; 7] = b"WEIRXCH";
+/// The label of the acceptor's proof.
+const ACCEPTOR: &[u8] = b"weir exchange acceptor";
+/// The label of the opener's proof.
+const OPENER: &[u8] = b"weir exchange opener";
+/// The longest run id in a handshake.
+const MAX_RUN_ID: usize = 256;
+/// How long an incoming connection has, from when it is accepted, for its whole side of the
+/// handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Handshakes of incoming connections in progress at once; a connection beyond them is
+/// closed at once (an honest opener tries again).
+pub const MAX_HANDSHAKES: usize = 64;
+/// How often a thread waiting in a handshake looks whether it should stop.
+const TICK: Duration = Duration::from_millis(50);
 
 /// What a consumer receives.
 #[derive(Debug)]
@@ -82,12 +137,37 @@ impl CreditReturn {
 pub struct Conn {
     stream: Mutex<TcpStream>,
     peer: u32,
+    /// Why this worker failed the connection, when it did (the peer broke the protocol).
+    broken: Mutex<Option<String>>,
 }
 
 impl Conn {
+    fn new(stream: TcpStream, peer: u32) -> Self {
+        Self { stream: Mutex::new(stream), peer, broken: Mutex::new(None) }
+    }
+
     fn write(&self, frame: &[u8]) -> std::io::Result<()> {
         let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         s.write_all(frame)
+    }
+
+    /// Fails the connection: notes why for the producers that use it and closes it.
+    fn fail(&self, why: String) {
+        // The reason first: a producer that finds the connection closed reads it.
+        *self.broken.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = s.shutdown(Shutdown::Both);
+    }
+
+    /// The error of a producer whose connection is gone.
+    fn lost(&self) -> RuntimeError {
+        let why = self.broken.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let peer = self.peer;
+        RuntimeError::external(match why {
+            Some(why) => format!("the connection to worker {peer} failed: {why}"),
+            None => format!("the connection to worker {peer} was lost"),
+        })
+        .retryable()
     }
 }
 
@@ -234,8 +314,20 @@ pub struct Outlet {
 
 #[derive(Debug)]
 enum Link {
-    Local { tx: Sender<Msg>, credit: Sender<()> },
-    Remote { conn: Arc<Conn>, edge: u32, from: u32, to: u32, buf: Vec<u8> },
+    Local {
+        tx: Sender<Msg>,
+        credit: Sender<()>,
+    },
+    Remote {
+        conn: Arc<Conn>,
+        edge: u32,
+        from: u32,
+        to: u32,
+        buf: Vec<u8>,
+        /// Batches sent so far (counted before each goes out): the most credits the consumer
+        /// can return.
+        sent: Arc<AtomicU64>,
+    },
 }
 
 impl Outlet {
@@ -384,7 +476,7 @@ impl Outlet {
     fn gone(&self) -> RuntimeError {
         match &self.link {
             Link::Local { .. } => cancelled(),
-            Link::Remote { conn, .. } => lost(conn.peer),
+            Link::Remote { conn, .. } => conn.lost(),
         }
     }
 
@@ -403,13 +495,16 @@ impl Outlet {
                 };
                 tx.send(m).map_err(|_| cancelled())
             }
-            Link::Remote { conn, edge, from, to, buf } => {
+            Link::Remote { conn, edge, from, to, buf, sent } => {
                 let (edge, from, to) = (*edge, *from, *to);
                 buf.clear();
                 buf.resize(HEADER_LEN, 0);
                 let kind = match q {
                     Queued::Batch(_, records) => {
                         wire::encode_batch(&records, buf);
+                        // Before the batch goes out, so that its credit never comes back
+                        // before it is counted.
+                        sent.fetch_add(1, Ordering::SeqCst);
                         Kind::Batch
                     }
                     Queued::Barrier(b) => {
@@ -420,7 +515,7 @@ impl Outlet {
                 };
                 let n = (buf.len() - HEADER_LEN) as u32;
                 buf[..HEADER_LEN].copy_from_slice(&Header { kind, edge, from, to, n }.to_bytes());
-                conn.write(buf).map_err(|_| lost(conn.peer))
+                conn.write(buf).map_err(|_| conn.lost())
             }
         }
     }
@@ -428,10 +523,6 @@ impl Outlet {
 
 pub fn cancelled() -> RuntimeError {
     RuntimeError::internal("cancelled: another subtask of the job failed")
-}
-
-fn lost(peer: u32) -> RuntimeError {
-    RuntimeError::external(format!("the connection to worker {peer} was lost")).retryable()
 }
 
 /// A worker's connections to the other workers of the job.
@@ -446,120 +537,520 @@ pub struct Network {
     credit_senders: HashMap<u32, Credits>,
 }
 
-/// The credit senders of the channels to one peer, by (edge, from, to).
-type Credits = HashMap<(u32, u32, u32), Sender<()>>;
+/// The credit lines of the channels to one peer, by (edge, from, to).
+type Credits = HashMap<(u32, u32, u32), CreditLine>;
+
+/// Where the credits of one channel to another worker go, and how many may still come.
+#[derive(Debug)]
+struct CreditLine {
+    tx: Sender<()>,
+    /// Batches the channel's outlet has sent.
+    sent: Arc<AtomicU64>,
+    /// Credits the consumer has returned.
+    returned: u64,
+}
 
 /// Where a batch that arrives over the network goes, by (exchange, from, to): the queue of
 /// that channel at the consuming subtask, and the consumer's input number.
 pub type Route = HashMap<(u32, u32, u32), (Sender<Msg>, u32)>;
 
-fn handshake(run_id: &str, me: u32) -> Vec<u8> {
+/// Bytes from the other side, shown in a message.
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The opener's first message: [`MAGIC`], the run id, the opener's index and its nonce.
+fn hello(run_id: &str, me: u32, nonce: &Nonce) -> Vec<u8> {
     let mut b = MAGIC.to_vec();
     b.extend_from_slice(&(run_id.len() as u32).to_le_bytes());
     b.extend_from_slice(run_id.as_bytes());
     b.extend_from_slice(&me.to_le_bytes());
+    b.extend_from_slice(nonce);
     b
 }
 
-/// Reads the opening of a connection and returns the index of the worker that opened it.
-fn read_handshake(s: &mut TcpStream, run_id: &str) -> Result<u32, String> {
-    let mut magic = [0u8; 8];
-    s.read_exact(&mut magic).map_err(|e| e.to_string())?;
-    if &magic != MAGIC {
-        return Err("not a Weir exchange connection".into());
+/// The parts a proof of `label` is over: the run, the opener's and the acceptor's indexes
+/// (`ids`, little-endian), then the other side's nonce and the prover's own.
+fn parts<'a>(
+    label: &'a [u8],
+    run_id: &'a str,
+    ids: &'a [[u8; 4]; 2],
+    theirs: &'a [u8],
+    mine: &'a [u8],
+) -> [&'a [u8]; 6] {
+    [label, run_id.as_bytes(), &ids[0], &ids[1], theirs, mine]
+}
+
+/// Why a read or a write of a handshake stopped before its end.
+#[derive(Debug)]
+enum Cut {
+    /// The other side closed the connection.
+    Closed,
+    /// The deadline passed.
+    Late,
+    /// This side stopped waiting (the job was cancelled, or connecting is over).
+    Stopped,
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cut::Closed => f.write_str("it closed the connection in the middle of the handshake"),
+            Cut::Late => {
+                write!(f, "it did not complete the handshake within {HANDSHAKE_TIMEOUT:?}")
+            }
+            Cut::Stopped => f.write_str("this worker stopped waiting for it"),
+            Cut::Io(e) => write!(f, "{e}"),
+        }
     }
-    let mut n = [0u8; 4];
-    s.read_exact(&mut n).map_err(|e| e.to_string())?;
-    let len = u32::from_le_bytes(n) as usize;
-    if len > 256 {
-        return Err("a run id over 256 bytes".into());
+}
+
+/// Reads exactly `buf.len()` bytes before `deadline`, however the other side spreads them out
+/// (each read waits only for the time left), looking at `stop` at least every [`TICK`].
+fn read_by(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<(), Cut> {
+    let mut at = 0;
+    while at < buf.len() {
+        if stop.load(Ordering::Relaxed) {
+            return Err(Cut::Stopped);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Cut::Late);
+        }
+        s.set_read_timeout(Some(left.min(TICK))).map_err(Cut::Io)?;
+        match s.read(&mut buf[at..]) {
+            Ok(0) => return Err(Cut::Closed),
+            Ok(k) => at += k,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(Cut::Closed),
+            Err(e) => return Err(Cut::Io(e)),
+        }
     }
-    let mut id = vec![0u8; len];
-    s.read_exact(&mut id).map_err(|e| e.to_string())?;
-    if id != run_id.as_bytes() {
-        return Err(format!(
-            "a connection for run {:?}, not {run_id:?}",
-            String::from_utf8_lossy(&id)
+    Ok(())
+}
+
+/// Writes all of `b` before `deadline`.
+fn write_by(s: &mut TcpStream, b: &[u8], deadline: Instant) -> Result<(), Cut> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(Cut::Late);
+    }
+    s.set_write_timeout(Some(left)).map_err(Cut::Io)?;
+    s.write_all(b).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Cut::Late,
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => Cut::Closed,
+        _ => Cut::Io(e),
+    })
+}
+
+/// What ended one try at opening a connection.
+enum Refused {
+    /// Worth another try (the peer may still be on another run, or busy): why not this time.
+    Again(String),
+    /// Final.
+    Fail(RuntimeError),
+}
+
+/// Opens the connection to worker `peer` at `addr` and makes the opener's side of the
+/// handshake, trying again while the peer cannot be reached or closes the connection before
+/// answering, until `deadline`.
+#[allow(clippy::too_many_arguments)]
+fn open(
+    me: u32,
+    peer: u32,
+    addr: &str,
+    run_id: &str,
+    secret: &JobSecret,
+    deadline: Instant,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<TcpStream, RuntimeError> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let why = match open_once(me, peer, addr, run_id, secret, deadline, cancel) {
+            Ok(s) => return Ok(s),
+            Err(Refused::Fail(e)) => return Err(e),
+            Err(Refused::Again(why)) => why,
+        };
+        if cancel.load(Ordering::Relaxed) {
+            return Err(cancelled());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(RuntimeError::external(format!(
+                "worker {me}: could not connect to worker {peer} at {addr} within \
+                 {timeout:?}: {why}"
+            ))
+            .retryable());
+        }
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// One try of [`open`].
+fn open_once(
+    me: u32,
+    peer: u32,
+    addr: &str,
+    run_id: &str,
+    secret: &JobSecret,
+    deadline: Instant,
+    cancel: &AtomicBool,
+) -> Result<TcpStream, Refused> {
+    let again = |e: std::io::Error| Refused::Again(e.to_string());
+    let mut last = None;
+    let mut stream = None;
+    for a in addr.to_socket_addrs().map_err(again)? {
+        // Not much longer than a handshake at a time, so that a cancel is seen.
+        let left = deadline.saturating_duration_since(Instant::now()).min(HANDSHAKE_TIMEOUT);
+        match TcpStream::connect_timeout(&a, left.max(Duration::from_millis(1))) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let Some(mut s) = stream else {
+        return Err(last.map_or_else(|| Refused::Again("it has no address".into()), again));
+    };
+    s.set_nodelay(true).map_err(again)?;
+    let cut = |c: Cut| match c {
+        Cut::Stopped => Refused::Fail(cancelled()),
+        Cut::Closed => Refused::Again(
+            "it closed the connection before answering the handshake (is it on another run of \
+             the job, or a worker of an older version of Weir?)"
+                .into(),
+        ),
+        Cut::Late => Refused::Again(
+            "it took the connection but did not answer the handshake (is it still busy with \
+             another run of the job?)"
+                .into(),
+        ),
+        Cut::Io(e) => Refused::Again(e.to_string()),
+    };
+    let nonce_o = auth::nonce();
+    write_by(&mut s, &hello(run_id, me, &nonce_o), deadline).map_err(cut)?;
+    let mut answer = [0u8; MAGIC.len() + NONCE_LEN + PROOF_LEN];
+    let (magic, rest) = answer.split_at_mut(MAGIC.len());
+    read_by(&mut s, magic, deadline, cancel).map_err(cut)?;
+    if magic != MAGIC {
+        if magic.starts_with(MAGIC_FAMILY) {
+            return Err(Refused::Fail(
+                RuntimeError::external(format!(
+                    "worker {me}: worker {peer} at {addr} answered with version {:?} of the \
+                     exchange handshake, this worker speaks {:?}: every worker of a job needs \
+                     the same version of Weir",
+                    lossy(magic),
+                    lossy(MAGIC)
+                ))
+                .retryable(),
+            ));
+        }
+        return Err(Refused::Again(format!(
+            "it answered {:?}, not a Weir exchange handshake: is {addr} the data port of a \
+             Weir worker?",
+            lossy(magic)
+        )));
+    }
+    read_by(&mut s, rest, deadline, cancel).map_err(cut)?;
+    let (nonce_a, proof_a) = rest.split_at(NONCE_LEN);
+    let ids = [me.to_le_bytes(), peer.to_le_bytes()];
+    if !secret.check(&parts(ACCEPTOR, run_id, &ids, &nonce_o, nonce_a), proof_a) {
+        return Err(Refused::Fail(
+            RuntimeError::external(format!(
+                "worker {me}: worker {peer} at {addr} did not prove the job's secret: do all \
+                 workers have the same {}?",
+                auth::ENV
+            ))
+            .retryable(),
         ));
     }
-    s.read_exact(&mut n).map_err(|e| e.to_string())?;
-    Ok(u32::from_le_bytes(n))
+    let proof_o = secret.prove(&parts(OPENER, run_id, &ids, nonce_a, &nonce_o));
+    write_by(&mut s, &proof_o, deadline).map_err(cut)?;
+    s.set_read_timeout(None).map_err(again)?;
+    s.set_write_timeout(None).map_err(again)?;
+    Ok(s)
+}
+
+/// What the acceptor of one [`Network::connect`] needs for its handshakes.
+#[derive(Debug)]
+struct Acceptance {
+    me: u32,
+    peers: HashSet<u32>,
+    run_id: String,
+    secret: JobSecret,
+}
+
+/// The acceptor's side of the handshake on an incoming connection, by `deadline`: the
+/// opener's index once it has proven the job's secret, or why the connection is refused.
+fn answer(
+    s: &mut TcpStream,
+    a: &Acceptance,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<u32, String> {
+    let cut = |c: Cut| c.to_string();
+    let mut magic = [0u8; MAGIC.len()];
+    read_by(s, &mut magic, deadline, stop).map_err(cut)?;
+    if &magic != MAGIC {
+        // Says which version this worker speaks, for an opener of another one.
+        let _ = write_by(s, MAGIC, deadline);
+        return Err(if magic.starts_with(MAGIC_FAMILY) {
+            format!(
+                "a worker that speaks version {:?} of the exchange handshake, not {:?}: every \
+                 worker of a job needs the same version of Weir",
+                lossy(&magic),
+                lossy(MAGIC)
+            )
+        } else {
+            "not a Weir exchange connection".into()
+        });
+    }
+    let mut n = [0u8; 4];
+    read_by(s, &mut n, deadline, stop).map_err(cut)?;
+    let len = u32::from_le_bytes(n) as usize;
+    if len > MAX_RUN_ID {
+        return Err(format!("a run id of {len} bytes, over the limit of {MAX_RUN_ID}"));
+    }
+    let mut id = vec![0u8; len];
+    read_by(s, &mut id, deadline, stop).map_err(cut)?;
+    if id != a.run_id.as_bytes() {
+        return Err(format!("a connection for run {:?}, not {:?}", lossy(&id), a.run_id));
+    }
+    read_by(s, &mut n, deadline, stop).map_err(cut)?;
+    let opener = u32::from_le_bytes(n);
+    if !a.peers.contains(&opener) {
+        return Err(format!("a connection from worker {opener}, which is not a peer of this one"));
+    }
+    let mut nonce_o = [0u8; NONCE_LEN];
+    read_by(s, &mut nonce_o, deadline, stop).map_err(cut)?;
+    let nonce_a = auth::nonce();
+    let ids = [opener.to_le_bytes(), a.me.to_le_bytes()];
+    let mut reply = MAGIC.to_vec();
+    reply.extend_from_slice(&nonce_a);
+    reply.extend_from_slice(&a.secret.prove(&parts(ACCEPTOR, &a.run_id, &ids, &nonce_o, &nonce_a)));
+    write_by(s, &reply, deadline).map_err(cut)?;
+    let mut proof_o = [0u8; PROOF_LEN];
+    read_by(s, &mut proof_o, deadline, stop).map_err(cut)?;
+    if !a.secret.check(&parts(OPENER, &a.run_id, &ids, &nonce_a, &nonce_o), &proof_o) {
+        return Err(format!(
+            "it says it is worker {opener} but did not prove the job's secret (a wrong {}, or \
+             not a worker of this job)",
+            auth::ENV
+        ));
+    }
+    Ok(opener)
+}
+
+/// An incoming connection that completed its handshake: the opener's index, the connection
+/// and where it came from.
+type Accepted = (u32, TcpStream, SocketAddr);
+
+/// The thread accepting the connections of one [`Network::connect`]. Dropping it stops the
+/// thread and waits for it and for the handshakes it started: none outlives the connect.
+#[derive(Debug)]
+struct Acceptor {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Acceptor {
+    /// Starts accepting on a clone of `listener`; the connections that complete their
+    /// handshake come out of the receiver.
+    fn start(
+        listener: &TcpListener,
+        a: Acceptance,
+    ) -> std::io::Result<(Acceptor, Receiver<Accepted>)> {
+        let listener = listener.try_clone()?;
+        listener.set_nonblocking(true)?;
+        let (tx, rx) = unbounded();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("weir-accept".into())
+                .spawn(move || accept_loop(&listener, &Arc::new(a), &tx, &stop))?
+        };
+        Ok((Acceptor { stop, thread: Some(thread) }, rx))
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Accepts connections until `stop`, each handshake on a thread of its own with a deadline of
+/// [`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES`] at once.
+fn accept_loop(
+    listener: &TcpListener,
+    a: &Arc<Acceptance>,
+    tx: &Sender<Accepted>,
+    stop: &Arc<AtomicBool>,
+) {
+    let me = a.me;
+    let mut handshakes: Vec<JoinHandle<()>> = Vec::new();
+    // Connections closed for want of room, and when that was last said (at most once a second).
+    let mut turned_away = 0usize;
+    let mut said: Option<Instant> = None;
+    let mut say = |what: &str| {
+        if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            eprintln!("weir: worker {me}: {what}");
+            said = Some(Instant::now());
+            true
+        } else {
+            false
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let (s, from) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => {
+                // Out of file descriptors, say, under a flood of connections: keep trying.
+                say(&format!("accepting exchange connections: {e}"));
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        handshakes.retain(|h| !h.is_finished());
+        if handshakes.len() >= MAX_HANDSHAKES {
+            drop(s);
+            turned_away += 1;
+            let what = format!(
+                "closed {turned_away} exchange connection(s), the last from {from}: \
+                 {MAX_HANDSHAKES} handshakes are already in progress"
+            );
+            if say(&what) {
+                turned_away = 0;
+            }
+            continue;
+        }
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let (a, tx, stop) = (a.clone(), tx.clone(), stop.clone());
+        let handshake = move || {
+            let mut s = s;
+            let shaken = s
+                .set_nonblocking(false)
+                .and_then(|()| s.set_nodelay(true))
+                .map_err(|e| e.to_string())
+                .and_then(|()| answer(&mut s, &a, deadline, &stop));
+            match shaken {
+                Ok(peer) => {
+                    let _ = tx.send((peer, s, from));
+                }
+                // Connecting is over: nobody waits for this one any more.
+                Err(_) if stop.load(Ordering::Relaxed) => {}
+                Err(why) => eprintln!(
+                    "weir: worker {}: refused an exchange connection from {from}: {why}",
+                    a.me
+                ),
+            }
+        };
+        match std::thread::Builder::new().name("weir-handshake".into()).spawn(handshake) {
+            Ok(h) => handshakes.push(h),
+            Err(e) => {
+                say(&format!("closed an exchange connection from {from}: no thread for it: {e}"));
+            }
+        }
+    }
+    for h in handshakes {
+        let _ = h.join();
+    }
 }
 
 impl Network {
     /// Connects worker `me` with every other worker: opens a connection to each address in
-    /// `peers` (index → address, without `me`) and accepts one from each on `listener`.
+    /// `peers` (index → address, without `me`) and accepts one from each on `listener`, each
+    /// with the handshake of the module's documentation over `secret`. Connections that fail
+    /// the handshake are refused (one line on stderr each) and do not count; honest peers
+    /// get in meanwhile.
     pub fn connect(
         me: u32,
         peers: &HashMap<u32, String>,
         listener: &TcpListener,
         run_id: &str,
+        secret: &JobSecret,
         timeout: Duration,
         cancel: &AtomicBool,
     ) -> Result<Network, RuntimeError> {
         let deadline = Instant::now() + timeout;
         let fail = |what: String| RuntimeError::external(what).retryable();
-        let check = || if cancel.load(Ordering::Relaxed) { Err(cancelled()) } else { Ok(()) };
+        // Accepting first: the peers wait for this worker's answers while it connects to them.
+        let acceptance = Acceptance {
+            me,
+            peers: peers.keys().copied().collect(),
+            run_id: run_id.into(),
+            secret: secret.clone(),
+        };
+        let (acceptor, accepted) = Acceptor::start(listener, acceptance)
+            .map_err(|e| fail(format!("worker {me}: accepting exchange connections: {e}")))?;
+        let mut order: Vec<(&u32, &String)> = peers.iter().collect();
+        order.sort_unstable();
         let mut outgoing = HashMap::new();
-        for (&peer, addr) in peers {
-            let mut s = loop {
-                match TcpStream::connect(addr.as_str()) {
-                    Ok(s) => break s,
-                    Err(e) if Instant::now() >= deadline => {
-                        return Err(fail(format!("connecting to worker {peer} at {addr}: {e}")));
-                    }
-                    Err(_) => {
-                        check()?;
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                }
-            };
-            s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
-            s.write_all(&handshake(run_id, me))
-                .map_err(|e| fail(format!("connecting to worker {peer} at {addr}: {e}")))?;
+        for (&peer, addr) in order {
+            let s = open(me, peer, addr, run_id, secret, deadline, timeout, cancel)?;
             let w = s.try_clone().map_err(|e| fail(e.to_string()))?;
-            outgoing.insert(peer, (Arc::new(Conn { stream: Mutex::new(w), peer }), s));
+            outgoing.insert(peer, (Arc::new(Conn::new(w, peer)), s));
         }
         let mut incoming = HashMap::new();
-        listener.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
         while incoming.len() < peers.len() {
-            match listener.accept() {
-                Ok((mut s, from)) => {
-                    s.set_nonblocking(false).map_err(|e| fail(e.to_string()))?;
-                    s.set_read_timeout(Some(Duration::from_secs(10)))
-                        .map_err(|e| fail(e.to_string()))?;
-                    let peer = match read_handshake(&mut s, run_id) {
-                        Ok(p) if peers.contains_key(&p) && !incoming.contains_key(&p) => p,
-                        Ok(p) => {
-                            eprintln!(
-                                "weir: worker {me}: refused a second or unknown worker {p} from {from}"
-                            );
-                            continue;
-                        }
-                        Err(e) => {
-                            eprintln!("weir: worker {me}: refused a connection from {from}: {e}");
-                            continue;
-                        }
-                    };
+            if cancel.load(Ordering::Relaxed) {
+                return Err(cancelled());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let mut missing: Vec<u32> =
+                    peers.keys().filter(|p| !incoming.contains_key(*p)).copied().collect();
+                missing.sort_unstable();
+                return Err(fail(format!(
+                    "worker {me}: workers {missing:?} did not connect within {timeout:?} (the \
+                     connections this worker refused are on its stderr)"
+                )));
+            }
+            match accepted.recv_timeout(left.min(TICK)) {
+                Ok((peer, s, from)) => {
+                    if incoming.contains_key(&peer) {
+                        eprintln!(
+                            "weir: worker {me}: refused a second exchange connection from worker \
+                             {peer} (from {from})"
+                        );
+                        continue;
+                    }
                     s.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
-                    s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
+                    s.set_write_timeout(None).map_err(|e| fail(e.to_string()))?;
                     incoming.insert(peer, s);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    check()?;
-                    if Instant::now() >= deadline {
-                        let mut missing: Vec<u32> =
-                            peers.keys().filter(|p| !incoming.contains_key(p)).copied().collect();
-                        missing.sort_unstable();
-                        return Err(fail(format!(
-                            "worker {me}: workers {missing:?} did not connect within {timeout:?}"
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(fail(format!(
+                        "worker {me}: the thread accepting exchange connections stopped"
+                    )));
                 }
-                Err(e) => return Err(fail(format!("accepting exchange connections: {e}"))),
             }
         }
+        drop(acceptor);
         Ok(Network { me, outgoing, incoming, credit_senders: HashMap::new() })
     }
 
@@ -570,8 +1061,10 @@ impl Network {
         for _ in 0..CREDITS {
             let _ = tx.send(());
         }
-        self.credit_senders.entry(peer).or_default().insert((edge, from, to), tx);
-        Outlet::new(Link::Remote { conn, edge, from, to, buf: Vec::new() }, rx)
+        let sent = Arc::new(AtomicU64::new(0));
+        let line = CreditLine { tx, sent: sent.clone(), returned: 0 };
+        self.credit_senders.entry(peer).or_default().insert((edge, from, to), line);
+        Outlet::new(Link::Remote { conn, edge, from, to, buf: Vec::new(), sent }, rx)
     }
 
     /// Starts the threads that read the connections, once every outlet and inbox exists.
@@ -582,14 +1075,15 @@ impl Network {
         let me = self.me;
         let route = Arc::new(route);
         let mut credits = self.credit_senders;
-        for (&peer, (_, s)) in &self.outgoing {
+        for (&peer, (conn, s)) in &self.outgoing {
             let Ok(s) = s.try_clone() else { continue };
             let credits = credits.remove(&peer).unwrap_or_default();
-            threads.push(std::thread::spawn(move || read_credits(s, credits)));
+            let conn = conn.clone();
+            threads.push(std::thread::spawn(move || read_credits(s, &conn, me, credits)));
         }
         for (peer, s) in self.incoming {
             let Ok(w) = s.try_clone() else { continue };
-            let conn = Arc::new(Conn { stream: Mutex::new(w), peer });
+            let conn = Arc::new(Conn::new(w, peer));
             let route = route.clone();
             let expected = ends.get(&peer).copied().unwrap_or(0);
             threads.push(std::thread::spawn(move || {
@@ -601,21 +1095,57 @@ impl Network {
 }
 
 /// Reads credits from a connection this worker opened, until the peer closes it.
-fn read_credits(s: TcpStream, credits: Credits) {
+///
+/// A consumer returns one credit per batch it received, so the credits returned on a
+/// channel never outnumber the batches sent on it: the producer's credits in hand and in
+/// flight stay at [`CREDITS`] plus what it owes for an overdraft. A frame that is not a
+/// credit, a credit for a channel this worker does not send on, or a credit beyond the
+/// batches sent (a frame of `u32::MAX` credits, say) is not clamped: the peer breaks the
+/// protocol, so the connection fails, and its producers with the reason.
+fn read_credits(s: TcpStream, conn: &Conn, me: u32, mut credits: Credits) {
+    let peer = conn.peer;
     let mut r = BufReader::new(s);
     let mut h = [0u8; HEADER_LEN];
-    while r.read_exact(&mut h).is_ok() {
-        let Ok(h) = Header::decode(&h) else { return };
-        if h.kind != Kind::Credit {
+    let why = loop {
+        if let Err(e) = r.read_exact(&mut h) {
+            if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                conn.fail(e.to_string());
+            }
+            // Dropping the senders tells a producer still waiting for credit that the peer
+            // is gone.
             return;
         }
-        if let Some(tx) = credits.get(&(h.edge, h.from, h.to)) {
-            for _ in 0..h.n {
-                let _ = tx.send(());
-            }
+        let h = match Header::decode(&h) {
+            Ok(h) => h,
+            Err(e) => break e,
+        };
+        if h.kind != Kind::Credit {
+            break format!("a {:?} frame where only credits come", h.kind);
         }
-    }
-    // Dropping the senders tells a producer still waiting for credit that the peer is gone.
+        let Some(line) = credits.get_mut(&(h.edge, h.from, h.to)) else {
+            break format!(
+                "a credit for exchange {} from subtask {} to subtask {}, a channel this worker \
+                 does not send on",
+                h.edge, h.from, h.to
+            );
+        };
+        let sent = line.sent.load(Ordering::SeqCst);
+        let returned = line.returned + u64::from(h.n);
+        if returned > sent {
+            break format!(
+                "{returned} credits returned on exchange {} from subtask {} to subtask {} for \
+                 {sent} batches sent (a consumer returns one per batch; is worker {peer} running \
+                 another version of Weir?)",
+                h.edge, h.from, h.to
+            );
+        }
+        line.returned = returned;
+        for _ in 0..h.n {
+            let _ = line.tx.send(());
+        }
+    };
+    eprintln!("weir: worker {me}: failed the exchange connection to worker {peer}: {why}");
+    conn.fail(why);
 }
 
 /// Reads batches from a connection another worker opened, until it closes it after the
@@ -656,10 +1186,10 @@ fn read_batches(s: TcpStream, conn: Arc<Conn>, me: u32, peer: u32, route: &Route
         };
         match h.kind {
             Kind::Batch => {
-                let mut payload = vec![0u8; h.n as usize];
-                if let Err(e) = r.read_exact(&mut payload) {
-                    return fail(e.to_string());
-                }
+                let payload = match wire::read_payload(&mut r, h.n) {
+                    Ok(p) => p,
+                    Err(e) => return fail(e.to_string()),
+                };
                 let records = match wire::decode_batch(&payload) {
                     Ok(b) => b,
                     Err(e) => return fail(e),
@@ -720,33 +1250,37 @@ mod tests {
     use crate::record::Value;
     use std::sync::atomic::AtomicUsize;
 
-    /// Two workers in one process: 0 sends to 1 over real TCP.
-    fn pair() -> (Network, Network) {
-        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    fn secret() -> JobSecret {
+        JobSecret::new("0123456789abcdef0123456789abcdef").unwrap()
+    }
+
+    fn listener() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").unwrap()
+    }
+
+    /// Two workers in one process on listeners `l0` and `l1`, over real TCP.
+    fn pair_on(l0: &TcpListener, l1: &TcpListener, run: &str) -> (Network, Network) {
         let a0 = l0.local_addr().unwrap().to_string();
         let a1 = l1.local_addr().unwrap().to_string();
-        let t = std::thread::spawn(move || {
-            Network::connect(
-                1,
-                &HashMap::from([(0, a0)]),
-                &l1,
-                "run",
-                Duration::from_secs(10),
-                &AtomicBool::new(false),
-            )
-            .unwrap()
-        });
-        let n0 = Network::connect(
-            0,
-            &HashMap::from([(1, a1)]),
-            &l0,
-            "run",
-            Duration::from_secs(10),
-            &AtomicBool::new(false),
-        )
-        .unwrap();
-        (n0, t.join().unwrap())
+        std::thread::scope(|scope| {
+            let t = scope.spawn(|| {
+                let never = AtomicBool::new(false);
+                let peers = HashMap::from([(0, a0)]);
+                Network::connect(1, &peers, l1, run, &secret(), Duration::from_secs(10), &never)
+                    .unwrap()
+            });
+            let never = AtomicBool::new(false);
+            let peers = HashMap::from([(1, a1)]);
+            let n0 =
+                Network::connect(0, &peers, l0, run, &secret(), Duration::from_secs(10), &never)
+                    .unwrap();
+            (n0, t.join().unwrap())
+        })
+    }
+
+    /// Two workers in one process: 0 sends to 1 over real TCP.
+    fn pair() -> (Network, Network) {
+        pair_on(&listener(), &listener(), "run")
     }
 
     #[test]
@@ -884,23 +1418,138 @@ mod tests {
         r1.finish();
     }
 
+    /// Reads until the other side closes the connection; what it sent before, or `None`
+    /// when it keeps the connection open for `wait`.
+    fn until_closed(s: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+        s.set_read_timeout(Some(wait)).unwrap();
+        let mut got = Vec::new();
+        match s.read_to_end(&mut got) {
+            Ok(_) => Some(got),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(got),
+            Err(_) => None,
+        }
+    }
+
     #[test]
-    fn a_connection_for_another_run_is_refused() {
-        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let (a0, a1) = (l0.local_addr().unwrap(), l1.local_addr().unwrap().to_string());
-        // Something that says it is worker 1 of another run connects to worker 0.
-        let t = std::thread::spawn(move || {
-            let mut s = TcpStream::connect(a0).unwrap();
-            s.write_all(&handshake("other-run", 1)).unwrap();
-            s
+    fn a_connection_for_another_run_is_refused_and_the_real_worker_gets_in() {
+        let (l0, l1) = (listener(), listener());
+        // Something that says it is worker 1 of another run connects to worker 0 first.
+        let mut stray = TcpStream::connect(l0.local_addr().unwrap()).unwrap();
+        stray.write_all(&hello("other-run", 1, &auth::nonce())).unwrap();
+        let (n0, n1) = pair_on(&l0, &l1, "run");
+        assert_eq!((n0.incoming.len(), n1.incoming.len()), (1, 1));
+        // It was closed without a word: nothing about the job before a proof.
+        assert_eq!(until_closed(&mut stray, Duration::from_secs(5)), Some(Vec::new()));
+    }
+
+    #[test]
+    fn the_listener_is_left_alone_once_connect_returns_and_serves_the_next_attempt() {
+        let (l0, l1) = (listener(), listener());
+        let (n0, n1) = pair_on(&l0, &l1, "run-a0");
+        drop((n0, n1));
+        // Nobody accepts on worker 0's listener any more: a connection waits in its backlog.
+        let mut late = TcpStream::connect(l0.local_addr().unwrap()).unwrap();
+        late.write_all(&hello("run-a0", 1, &auth::nonce())).unwrap();
+        assert_eq!(until_closed(&mut late, Duration::from_millis(300)), None);
+        // The next attempt refuses it (another run) and connects.
+        let (n0, n1) = pair_on(&l0, &l1, "run-a1");
+        assert_eq!((n0.incoming.len(), n1.incoming.len()), (1, 1));
+        assert_eq!(until_closed(&mut late, Duration::from_secs(5)), Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_handshake_read_has_one_deadline_for_all_its_bytes() {
+        let l = listener();
+        let addr = l.local_addr().unwrap();
+        let slow = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            // A byte every 300 ms: each read would get one long before a timeout per read.
+            for _ in 0..20 {
+                if s.write_all(b"W").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
         });
-        let peers = HashMap::from([(1, a1)]);
-        let never = AtomicBool::new(false);
-        let err = Network::connect(0, &peers, &l0, "run", Duration::from_millis(500), &never)
-            .unwrap_err();
+        let (mut s, _) = l.accept().unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 16];
+        let deadline = started + Duration::from_secs(1);
+        let r = read_by(&mut s, &mut buf, deadline, &AtomicBool::new(false));
+        assert!(matches!(r, Err(Cut::Late)), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        drop(s);
+        slow.join().unwrap();
+        // And a stop is seen while waiting.
+        let stop = AtomicBool::new(true);
+        let t = std::thread::spawn(move || TcpStream::connect(addr).unwrap());
+        let (mut s, _) = l.accept().unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        assert!(matches!(read_by(&mut s, &mut buf, far, &stop), Err(Cut::Stopped)));
         drop(t.join().unwrap());
-        assert!(err.message.contains("workers [1] did not connect"), "{err}");
+    }
+
+    #[test]
+    fn proofs_are_bound_to_their_role_the_run_and_both_workers() {
+        let k = secret();
+        let (n1, n2) = (auth::nonce(), auth::nonce());
+        let ids = [1u32.to_le_bytes(), 0u32.to_le_bytes()];
+        let acceptor = k.prove(&parts(ACCEPTOR, "run", &ids, &n1, &n2));
+        // The acceptor's proof over the same nonces, swapped as the opener would, is refused.
+        assert!(!k.check(&parts(OPENER, "run", &ids, &n2, &n1), &acceptor));
+        assert!(!k.check(&parts(OPENER, "run", &ids, &n1, &n2), &acceptor));
+        let swapped = [0u32.to_le_bytes(), 1u32.to_le_bytes()];
+        assert!(!k.check(&parts(ACCEPTOR, "run", &swapped, &n1, &n2), &acceptor));
+        assert!(!k.check(&parts(ACCEPTOR, "run-a1", &ids, &n1, &n2), &acceptor));
+        assert!(k.check(&parts(ACCEPTOR, "run", &ids, &n1, &n2), &acceptor));
+    }
+
+    #[test]
+    fn more_credits_than_batches_sent_fail_the_connection_with_a_message() {
+        let (mut n0, n1) = pair();
+        let mut outlet = n0.outlet(1, 7, 0, 1);
+        let mut forge = n1.incoming[&0].try_clone().unwrap();
+        let (tx, rx) = unbounded();
+        let r1 = n1.start(HashMap::from([((7, 0, 1), (tx, 0))]), HashMap::from([(0, 1)]));
+        let r0 = n0.start(HashMap::new(), HashMap::new());
+        let never = AtomicBool::new(false);
+        for i in 0..2 {
+            outlet.send(0, int(i), &never).unwrap();
+        }
+        for _ in 0..2 {
+            let m = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert!(matches!(m, Msg::Batch { .. }), "{m:?}");
+        }
+        let credit = |n| Header { kind: Kind::Credit, edge: 7, from: 0, to: 1, n }.to_bytes();
+        // One credit for one of the two batches is fine; u32::MAX more is not, at once.
+        forge.write_all(&credit(1)).unwrap();
+        forge.write_all(&credit(u32::MAX)).unwrap();
+        let Link::Remote { conn, .. } = &outlet.link else { unreachable!() };
+        let conn = conn.clone();
+        let started = Instant::now();
+        while conn.broken.lock().unwrap().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(10), "the connection still stands");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let e = outlet.send(0, int(2), &never).unwrap_err();
+        assert!(e.retryable);
+        assert!(e.message.contains("the connection to worker 1 failed"), "{e}");
+        assert!(
+            e.message.contains(
+                "4294967296 credits returned on exchange 7 from subtask 0 to subtask 1 for 2 \
+                 batches sent"
+            ),
+            "{e}"
+        );
+        // The consumer's side sees the connection end before the channel's End.
+        match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+            Msg::Failed(e) => assert!(e.message.contains("worker 0"), "{e}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        drop(outlet);
+        let t = std::thread::spawn(move || r1.finish());
+        r0.finish();
+        t.join().unwrap();
     }
 
     #[test]

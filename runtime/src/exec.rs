@@ -253,6 +253,9 @@ struct Chain {
     uploads: Vec<std::thread::JoinHandle<()>>,
     /// The task reads exchanges (it is not a source).
     has_inputs: bool,
+    /// For each input of the head: the operator it comes from and how many fields its
+    /// records have.
+    input_fields: Vec<(String, usize)>,
     /// With unaligned checkpoints: the alignment timeout in milliseconds.
     unaligned_after: Option<u64>,
     /// Unaligned checkpoints whose overtaken records are still being collected: where they
@@ -264,6 +267,26 @@ struct Chain {
 }
 
 impl Chain {
+    /// Checks records that came from another subtask (over the network, or stored in a
+    /// checkpoint) before the head takes them: each has the fields its producer emits. A
+    /// record that does not is damage or a forgery, and fails the job with what it was.
+    fn check_input(&self, input: usize, records: &[Record]) -> Result<(), RuntimeError> {
+        let head = &self.ops[0].uid;
+        let Some((from, n)) = self.input_fields.get(input) else {
+            return Err(RuntimeError::external(format!(
+                "a batch for input {input} of {head:?}, which has {} inputs",
+                self.input_fields.len()
+            )));
+        };
+        if let Some(r) = records.iter().find(|r| r.len() != *n) {
+            return Err(RuntimeError::external(format!(
+                "a record with {} fields arrived at {head:?} from {from:?}, whose records have {n}: the exchange or the checkpoint's in-flight records are damaged",
+                r.len()
+            )));
+        }
+        Ok(())
+    }
+
     fn push(&mut self, idx: usize, input: usize, batch: Vec<Record>) -> Result<(), RuntimeError> {
         let m = &self.metrics.operators[self.ops[idx].plan_index].1;
         m.records_in.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -788,12 +811,26 @@ pub fn run_worker(
     let mut files_of: BTreeMap<usize, Vec<SourceFile>> = BTreeMap::new();
     for (i, op) in plan.ops.iter().enumerate() {
         if let OpKind::FileSource(f) = &op.kind {
-            files_of.insert(i, crate::operators::list_source_files(&f.path, s3.as_ref())?);
+            let files = crate::operators::list_source_files(&f.path, s3.as_ref()).map_err(|e| {
+                RuntimeError {
+                    message: format!(
+                        "operator {:?} ({}): {}: check its path",
+                        op.uid,
+                        op.type_name,
+                        e.message.strip_prefix("file_source: ").unwrap_or(&e.message)
+                    ),
+                    ..e
+                }
+            })?;
+            files_of.insert(i, files);
         }
     }
     // A RocksDB instance per keyed operator and subtask, restored from the checkpoint's
     // files when the job restores.
     let run_state = opts.state_dir.join(&opts.run_id);
+    // The directories of this worker's subtasks: the attempt's directory is shared by the
+    // workers of one machine (`weir run --processes`), so each removes only its own.
+    let mut own_dirs: Vec<PathBuf> = Vec::new();
     let restore = opts.checkpoints.as_ref().map(|c| c.restore.clone()).unwrap_or_default();
     // Restoring at another parallelism: every subtask takes its share of every old one's.
     let rescale_from =
@@ -805,6 +842,7 @@ pub fn run_worker(
         }
         for &s in hosted {
             let dir = run_state.join(format!("{}-{s}", op.uid));
+            own_dirs.push(dir.clone());
             let db = dir.join("db");
             // A savepoint's keyed state: files sorted by key group, of which this subtask
             // reads only the byte ranges of its own key groups, at any parallelism.
@@ -1039,6 +1077,11 @@ pub fn run_worker(
                 told_complete,
                 uploads: Vec::new(),
                 has_inputs: !plan.ops[h].kind.is_source(),
+                input_fields: plan.ops[h]
+                    .inputs
+                    .iter()
+                    .map(|&i| (plan.ops[i].uid.clone(), plan.ops[i].fields.len()))
+                    .collect(),
                 unaligned_after: opts
                     .checkpoints
                     .as_ref()
@@ -1049,6 +1092,7 @@ pub fn run_worker(
                 stopped: opts.checkpoints.as_ref().filter(|c| c.stop_at_start).map(|_| 0),
             };
             let name = format!("{}-{s}", plan.ops[h].uid);
+            let who = format!("subtask {s} of {:?}", plan.ops[h].uid);
             let inbox = inboxes.remove(&(t, s)).unwrap_or_default();
             let head = plan.ops[h].clone();
             let files = files_of.get(&h).cloned().unwrap_or_default();
@@ -1059,88 +1103,100 @@ pub fn run_worker(
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || -> Result<Chain, RuntimeError> {
-                    let r = new_source(&head, &files, s3, s, p).and_then(|mut source| {
-                        let mut chain = chain;
-                        // The records an unaligned checkpoint overtook go first.
-                        let mut replay = Vec::new();
-                        let head_uid = chain.ops[0].uid.clone();
-                        let in_flight: Vec<(u32, InFlightHandle)> = restore
-                            .iter()
-                            .filter(|((uid, old), _)| {
-                                uid == &head_uid && (rescale_from.is_some() || *old == s)
-                            })
-                            .filter_map(|((_, old), o)| o.in_flight.clone().map(|h| (*old, h)))
-                            .collect();
-                        if let Some(ck) = &chain.ckpt {
-                            for (old, h) in in_flight {
-                                let bytes = ck.restore_storage.get(&h.key)?.ok_or_else(|| {
-                                    RuntimeError::external(format!(
-                                        "{} is missing: the checkpoint is damaged",
-                                        ck.restore_storage.describe(&h.key)
-                                    ))
-                                })?;
-                                let records =
-                                    crate::align::decode_in_flight(&bytes).map_err(|e| {
-                                        RuntimeError::external(format!(
-                                            "{}: {e}",
-                                            ck.restore_storage.describe(&h.key)
-                                        ))
-                                    })?;
-                                replay.extend(share_of_in_flight(
-                                    records,
-                                    &head,
-                                    old,
-                                    s,
-                                    p,
-                                    max_p,
-                                    rescale_from.is_some(),
-                                ));
-                            }
-                        }
-                        if let Some(old_p) = rescale_from {
-                            let range = crate::keygroup::KeyGroupRange::of_subtask(max_p, p, s);
-                            for cop in &mut chain.ops {
-                                let states: Vec<(u32, serde_json::Value)> = restore
-                                    .iter()
-                                    .filter(|((uid, _), _)| uid == &cop.uid)
-                                    .map(|((_, old), o)| {
-                                        (*old, o.state.clone().unwrap_or_default())
-                                    })
-                                    .collect();
-                                if states.is_empty() {
-                                    continue; // a new operator starts empty
+                    // A panic cancels the attempt at once, with its message, instead of
+                    // leaving the other subtasks running until the thread is joined.
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        new_source(&head, &files, s3, s, p).and_then(|mut source| {
+                            let mut chain = chain;
+                            // The records an unaligned checkpoint overtook go first.
+                            let mut replay = Vec::new();
+                            let head_uid = chain.ops[0].uid.clone();
+                            let in_flight: Vec<(u32, InFlightHandle)> = restore
+                                .iter()
+                                .filter(|((uid, old), _)| {
+                                    uid == &head_uid && (rescale_from.is_some() || *old == s)
+                                })
+                                .filter_map(|((_, old), o)| o.in_flight.clone().map(|h| (*old, h)))
+                                .collect();
+                            if let Some(ck) = &chain.ckpt {
+                                for (old, h) in in_flight {
+                                    let bytes =
+                                        ck.restore_storage.get(&h.key)?.ok_or_else(|| {
+                                            RuntimeError::external(format!(
+                                                "{} is missing: the checkpoint is damaged",
+                                                ck.restore_storage.describe(&h.key)
+                                            ))
+                                        })?;
+                                    let records =
+                                        crate::align::decode_in_flight(&bytes).map_err(|e| {
+                                            RuntimeError::external(format!(
+                                                "{}: {e}",
+                                                ck.restore_storage.describe(&h.key)
+                                            ))
+                                        })?;
+                                    replay.extend(share_of_in_flight(
+                                        records,
+                                        &head,
+                                        old,
+                                        s,
+                                        p,
+                                        max_p,
+                                        rescale_from.is_some(),
+                                    ));
                                 }
-                                let at = crate::operators::Rescale {
-                                    uid: cop.uid.clone(),
-                                    subtask: s,
-                                    parallelism: p,
-                                    old_parallelism: old_p,
-                                    key_groups: (range.start, range.end),
-                                };
+                            }
+                            if let Some(old_p) = rescale_from {
+                                let range = crate::keygroup::KeyGroupRange::of_subtask(max_p, p, s);
+                                for cop in &mut chain.ops {
+                                    let states: Vec<(u32, serde_json::Value)> = restore
+                                        .iter()
+                                        .filter(|((uid, _), _)| uid == &cop.uid)
+                                        .map(|((_, old), o)| {
+                                            (*old, o.state.clone().unwrap_or_default())
+                                        })
+                                        .collect();
+                                    if states.is_empty() {
+                                        continue; // a new operator starts empty
+                                    }
+                                    let at = crate::operators::Rescale {
+                                        uid: cop.uid.clone(),
+                                        subtask: s,
+                                        parallelism: p,
+                                        old_parallelism: old_p,
+                                        key_groups: (range.start, range.end),
+                                    };
+                                    match (cop.op.as_mut(), source.as_mut()) {
+                                        (Some(op), _) => op.rescale(states, &at)?,
+                                        (None, Some(src)) => src.rescale(states, &at)?,
+                                        (None, None) => {}
+                                    }
+                                }
+                                run_subtask(&mut chain, source, inbox, replay, &stop, &cancel)?;
+                                return Ok(chain);
+                            }
+                            for cop in &mut chain.ops {
+                                let state = restore
+                                    .get(&(cop.uid.clone(), s))
+                                    .and_then(|o| o.state.clone());
                                 match (cop.op.as_mut(), source.as_mut()) {
-                                    (Some(op), _) => op.rescale(states, &at)?,
-                                    (None, Some(src)) => src.rescale(states, &at)?,
+                                    (Some(op), _) => op.restore(state)?,
+                                    (None, Some(src)) => {
+                                        if let Some(st) = state {
+                                            src.restore(st)?;
+                                        }
+                                    }
                                     (None, None) => {}
                                 }
                             }
                             run_subtask(&mut chain, source, inbox, replay, &stop, &cancel)?;
-                            return Ok(chain);
-                        }
-                        for cop in &mut chain.ops {
-                            let state =
-                                restore.get(&(cop.uid.clone(), s)).and_then(|o| o.state.clone());
-                            match (cop.op.as_mut(), source.as_mut()) {
-                                (Some(op), _) => op.restore(state)?,
-                                (None, Some(src)) => {
-                                    if let Some(st) = state {
-                                        src.restore(st)?;
-                                    }
-                                }
-                                (None, None) => {}
-                            }
-                        }
-                        run_subtask(&mut chain, source, inbox, replay, &stop, &cancel)?;
-                        Ok(chain)
+                            Ok(chain)
+                        })
+                    });
+                    let r = std::panic::catch_unwind(run).unwrap_or_else(|p| {
+                        Err(RuntimeError::internal(format!(
+                            "{who} panicked: {}",
+                            panic_message(p.as_ref())
+                        )))
                     });
                     if r.is_err() {
                         cancel.store(true, Ordering::Relaxed);
@@ -1210,7 +1266,11 @@ pub fn run_worker(
     *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
     drop(chains);
     if !opts.keep_state {
-        let _ = std::fs::remove_dir_all(&run_state);
+        for d in &own_dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        // The attempt's directory goes with the last of them.
+        let _ = std::fs::remove_dir(&run_state);
     }
     if let Some(e) = first_error {
         return Err(e);
@@ -1221,6 +1281,14 @@ pub fn run_worker(
 /// The in-flight records of old subtask `old` that subtask `s` of `p` replays: all of them
 /// at the same parallelism; when rescaling, those of its key groups (keyed inputs) or of the
 /// old subtasks dealt to it (others).
+/// The message a panic was raised with.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 fn share_of_in_flight(
     records: InFlightRecords,
     head: &crate::plan::PlanOp,
@@ -1341,6 +1409,7 @@ fn run_subtask(
         return chain.finish(Some(&mut source), cancel);
     }
     for (input, records) in replay {
+        chain.check_input(input as usize, &records)?;
         chain.push(0, input as usize, records)?;
         loop {
             chain.pump()?;
@@ -1387,6 +1456,7 @@ fn run_subtask(
         }
         match inbox.next(chain.output_ready()) {
             Some((_, Msg::Batch { input, records, credit })) => {
+                chain.check_input(input as usize, &records)?;
                 chain.push(0, input as usize, records)?;
                 if let Some(c) = credit {
                     c.give();

@@ -9,6 +9,7 @@
 //! - [`wire`], [`exchange`]: batches on the wire; exchanges over channels and over TCP
 //!   with credit-based flow control;
 //! - [`exec`]: running a plan's subtasks as threads, chained into tasks;
+//! - [`auth`]: the job's secret and the handshakes it opens connections with;
 //! - [`control`], [`worker`], [`coordinator`], [`api`]: the coordinator hands the job to the
 //!   workers, follows it, and serves it over HTTP;
 //! - the `weir` command (`src/main.rs`).
@@ -17,6 +18,7 @@
 
 pub mod align;
 pub mod api;
+pub mod auth;
 pub mod checkpoint;
 pub mod client;
 pub mod control;

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use weir_crds::api::JobInfo;
+use weir_runtime::auth::JobSecret;
 use weir_runtime::coordinator::{Coordinator, CoordinatorOptions, Launch, Status};
 use weir_runtime::error::Whose;
 
@@ -44,7 +45,9 @@ struct JobArgs {
     /// Number of key groups (overrides spec.maxParallelism).
     #[arg(long)]
     max_parallelism: Option<u32>,
-    /// Serve the HTTP API (`/v1/job`, `/metrics`, `/healthz`, `/readyz`) on this address.
+    /// Serve the HTTP API on this address: `GET /v1/job`, `GET|POST /v1/checkpoints`,
+    /// `GET|POST /v1/savepoints`, `GET /v1/savepoints/{id}`, `/metrics`, `/healthz`,
+    /// `/readyz` (a POST needs the bearer token in `WEIR_API_TOKEN`).
     #[arg(long)]
     api_addr: Option<String>,
     /// Keep the workers' state directories after the run.
@@ -54,6 +57,15 @@ struct JobArgs {
     /// (or start from the beginning when there is none).
     #[arg(long)]
     resume: bool,
+    /// With --resume: when the metadata of a checkpoint is damaged or was not written by this
+    /// job, resume from the newest usable one (or from the beginning) instead of refusing.
+    /// Output committed after that checkpoint is written again.
+    #[arg(long, requires = "resume")]
+    resume_from_older: bool,
+    /// When restoring, drop the state of operators the pipeline no longer has (overrides
+    /// spec.restore.allowNonRestoredState).
+    #[arg(long)]
+    allow_non_restored_state: bool,
     /// Where checkpoints go (`s3://bucket/prefix` or a directory), instead of
     /// spec.checkpointing.storage (default /var/tmp/weir/checkpoints).
     #[arg(long)]
@@ -104,6 +116,9 @@ enum Cmd {
     /// With --api: directly from the job's coordinator. Without it, `weir savepoint JOB
     /// [--stop] [-n NAMESPACE]` asks the operator for one through the Kubernetes API
     /// (`kubectl-weir savepoint`; see `kubectl weir savepoint --help`).
+    ///
+    /// Ctrl-C / SIGTERM stops the waiting, not the savepoint: exit code 130, and where to
+    /// follow it (`GET /v1/savepoints/ID`) on stderr.
     Savepoint {
         /// The coordinator's API address (`host:port`, the job's `--api-addr`).
         #[arg(long)]
@@ -240,18 +255,47 @@ fn main() -> ExitCode {
             } else {
                 Launch::InProcess { state_dir }
             };
-            coordinate(job, launch, "127.0.0.1:0".into(), None, None, false, stop)
+            // Its own workers get it from this process; given one, the job's checkpoints are
+            // signed with it, and a later --resume checks them.
+            let secret = match std::env::var_os(weir_runtime::auth::ENV) {
+                Some(_) => match JobSecret::from_env("run") {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("weir: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => JobSecret::generate(),
+            };
+            coordinate(job, launch, "127.0.0.1:0".into(), None, None, false, stop, secret)
         }
         Cmd::Coordinator { job, control_addr, run_id, job_id, stay_after_end } => {
+            let secret = match JobSecret::from_env("coordinator") {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("weir: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             if stay_after_end {
                 exit_on_signal(&stop, "coordinator");
             }
-            coordinate(job, Launch::External, control_addr, run_id, job_id, stay_after_end, stop)
+            coordinate(
+                job,
+                Launch::External,
+                control_addr,
+                run_id,
+                job_id,
+                stay_after_end,
+                stop,
+                secret,
+            )
         }
-        Cmd::Savepoint { api, stop, dir, timeout } => {
+        Cmd::Savepoint { api, stop: stop_job, dir, timeout } => {
             let token = std::env::var("WEIR_API_TOKEN").ok();
             let r = weir_runtime::client::Api::new(&api, token).and_then(|api| {
-                weir_runtime::client::take_savepoint(&api, stop, dir.as_deref(), timeout.as_std())
+                let (dir, timeout) = (dir.as_deref(), timeout.as_std());
+                weir_runtime::client::take_savepoint(&api, stop_job, dir, timeout, &stop)
             });
             match r {
                 Ok(sp) => {
@@ -260,7 +304,15 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("weir: {e}");
-                    ExitCode::from(if e.whose == Whose::User { 2 } else { 1 })
+                    // 130: stopped waiting at Ctrl-C / SIGTERM (the savepoint goes on).
+                    let code = if stop.load(Ordering::Relaxed) {
+                        130
+                    } else if e.whose == Whose::User {
+                        2
+                    } else {
+                        1
+                    };
+                    ExitCode::from(code)
                 }
             }
         }
@@ -282,6 +334,13 @@ fn main() -> ExitCode {
             // into a savepoint) or its coordinator goes, it waits for the next coordinator
             // instead of exiting into the kubelet's restart back-off.
             let outlives_runs = pod_name.is_some();
+            let secret = match JobSecret::from_env("worker") {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("weir: worker: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             if outlives_runs {
                 exit_on_signal(&stop, "worker");
             }
@@ -306,6 +365,7 @@ fn main() -> ExitCode {
                 advertise_host,
                 stop,
                 connect_timeout: connect_timeout.as_std(),
+                secret,
             };
             loop {
                 let r = weir_runtime::worker::run(&opts);
@@ -352,6 +412,7 @@ fn index_of_pod(name: &str) -> Option<u32> {
 /// read.
 const LINGER: Duration = Duration::from_secs(60);
 
+#[allow(clippy::too_many_arguments)]
 fn coordinate(
     job: JobArgs,
     launch: Launch,
@@ -360,6 +421,7 @@ fn coordinate(
     job_id: Option<String>,
     stay_after_end: bool,
     stop: Arc<AtomicBool>,
+    secret: JobSecret,
 ) -> ExitCode {
     let (manifest, plan) = match weir_runtime::load_manifest(&job.file).and_then(|m| {
         let plan = weir_runtime::plan::build(&m.spec, job.parallelism, job.max_parallelism)?;
@@ -399,8 +461,11 @@ fn coordinate(
         keep_state: job.keep_state,
         stop,
         resume: job.resume,
+        resume_from_older: job.resume_from_older,
+        allow_non_restored_state: job.allow_non_restored_state,
         storage: job.storage.clone(),
         from: job.from_savepoint.clone(),
+        secret,
     };
     // The workers build the same plan from the spec and the parallelism the job runs at.
     let coordinator = match Coordinator::bind(manifest.spec.clone(), plan.clone(), opts) {
@@ -420,22 +485,26 @@ fn coordinate(
             }
         }
     }
-    eprintln!(
-        "weir: running {} ({} operators, parallelism {}, {} key groups, {ways}), run {run_id}, control {}",
-        job.file.display(),
-        plan.ops.len(),
-        plan.parallelism,
-        plan.max_parallelism,
-        coordinator.control_addr()
-    );
+    let control = coordinator.control_addr();
     let done = Arc::new(AtomicBool::new(false));
-    let progress = {
+    let mut progress = None;
+    // Once the job is ready to start (its checkpoint to restore found and checked): a
+    // refusal before that says only why.
+    let result = coordinator.run(|| {
+        eprintln!(
+            "weir: running {} ({} operators, parallelism {}, {} key groups, {ways}), run {run_id}, control {control}",
+            job.file.display(),
+            plan.ops.len(),
+            plan.parallelism,
+            plan.max_parallelism,
+        );
         let (status, done) = (status.clone(), done.clone());
-        std::thread::spawn(move || report_progress(&status, &done))
-    };
-    let result = coordinator.run();
+        progress = Some(std::thread::spawn(move || report_progress(&status, &done)));
+    });
     done.store(true, Ordering::Relaxed);
-    let _ = progress.join();
+    if let Some(p) = progress {
+        let _ = p.join();
+    }
     // Whoever stopped the job into a savepoint learns where it is before the API goes.
     if job.api_addr.is_some()
         && let Some(id) = status.unread_stop_savepoint()
@@ -464,10 +533,21 @@ fn coordinate(
                 .iter()
                 .map(|(uid, (i, o))| format!("{uid} {i} in / {o} out"))
                 .collect();
+            let restarts = status.snapshot().restarts;
+            let how = if stop_after.load(Ordering::Relaxed) {
+                "stopped (Ctrl-C / SIGTERM; --resume goes on from its last checkpoint) after"
+            } else {
+                "finished in"
+            };
             eprintln!(
-                "weir: finished in {:.2} s: {}",
+                "weir: {how} {:.2} s: {}{}",
                 summary.elapsed.as_secs_f64(),
-                per_op.join(", ")
+                per_op.join(", "),
+                if restarts > 0 {
+                    format!(" (counted since the last of {restarts} restarts)")
+                } else {
+                    String::new()
+                }
             );
             ExitCode::SUCCESS
         }
@@ -507,8 +587,18 @@ fn report_progress(status: &Status, done: &AtomicBool) {
                 rate(op.records_out, before.records_out)
             ));
         }
+        let checkpoint = match &now.last_checkpoint {
+            Some(c) => format!(
+                " | checkpoint {} {:.0}s ago",
+                c.id,
+                (weir_runtime::checkpoint::now_ms().saturating_sub(c.trigger_time + c.duration_ms))
+                    as f64
+                    / 1000.0
+            ),
+            None => String::new(),
+        };
         let line = format!(
-            "[{:>6.1}s] {} | state {:.1} MiB",
+            "[{:>6.1}s] {} | state {:.1} MiB{checkpoint}",
             now.uptime_seconds,
             parts.join(" | "),
             now.state_bytes as f64 / (1024.0 * 1024.0)

@@ -1330,7 +1330,8 @@ struct SinkState {
     #[serde(default)]
     stem: Option<String>,
     /// The output its parts are in (`s3://bucket/prefix/` or a directory): a job restored
-    /// with another path commits the pending parts where they were written.
+    /// with another path leaves the pending parts there uncommitted (and says so), since a
+    /// sink commits only under its own output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     out: Option<String>,
     next_part: u32,
@@ -1340,6 +1341,14 @@ struct SinkState {
 
 fn sink_error(e: RuntimeError) -> RuntimeError {
     RuntimeError { message: format!("file_sink: {}", e.message), ..e }
+}
+
+/// A parts' stem a sink writes: `part-` and a plain name (no path).
+fn plain_stem(stem: &str) -> bool {
+    stem.len() <= 200
+        && stem.strip_prefix("part-").is_some_and(|r| {
+            !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
 }
 
 fn in_progress_name(stem: &str, n: u32) -> String {
@@ -1488,21 +1497,6 @@ impl SinkOut {
         }
     }
 
-    /// The output at `location` (another job's, restored from its state), reached the way
-    /// this one is.
-    fn elsewhere(&self, location: &str) -> Result<SinkOut, RuntimeError> {
-        match (self, location.strip_prefix("s3://")) {
-            (SinkOut::S3 { client, .. }, Some(rest)) => {
-                let (bucket, dir) = rest.split_once('/').unwrap_or((rest, ""));
-                Ok(SinkOut::S3 { client: client.clone(), bucket: bucket.into(), dir: dir.into() })
-            }
-            (_, None) => Ok(SinkOut::Local(PathBuf::from(location))),
-            (SinkOut::Local(_), Some(_)) => Err(RuntimeError::user(format!(
-                "file_sink: the restored state has parts waiting to be committed in {location}, which a sink writing to a local directory cannot reach: restore into a sink on S3, or let the job that wrote them commit them"
-            ))),
-        }
-    }
-
     fn commit(&self, stem: &str, n: u32) -> Result<(), RuntimeError> {
         let (from, to) = (in_progress_name(stem, n), format!("{stem}-{n}"));
         match self {
@@ -1543,13 +1537,28 @@ impl FileSink {
             let st: SinkState =
                 serde_json::from_value(v).map_err(|e| bad_state("a file_sink", e))?;
             let stem = st.stem.clone().unwrap_or_else(|| self.stem.clone());
+            // The state is read back from storage: its names become file names.
+            if !plain_stem(&stem) {
+                return Err(RuntimeError::user(format!(
+                    "file_sink: the restored state names its parts {stem:?}, not part-<job>-<subtask>: the checkpoint is damaged or forged"
+                )));
+            }
             let here = self.out.location();
             if let Some(there) = st.out.as_ref().filter(|o| **o != here) {
-                // Another output (a savepoint restored into a job writing elsewhere): its
-                // parts are committed where they are, and the rest there is left alone.
-                let other = self.out.elsewhere(there)?;
-                for n in st.pending.iter().flat_map(|(_, parts)| parts) {
-                    other.commit(&stem, *n)?;
+                // Another output (a savepoint restored into a job writing elsewhere): a sink
+                // commits only under its own output, so those parts stay as they are.
+                let parts: Vec<String> = st
+                    .pending
+                    .iter()
+                    .flat_map(|(_, parts)| parts)
+                    .map(|n| in_progress_name(&stem, *n))
+                    .collect();
+                if !parts.is_empty() {
+                    eprintln!(
+                        "weir: file_sink: the restored state has {} parts waiting to be committed in {there}, which is not this sink's output ({here}), so they are not committed: {}; to commit one, rename it there without the leading dot and the .inprogress",
+                        parts.len(),
+                        parts.join(", ")
+                    );
                 }
                 continue;
             }
@@ -1737,7 +1746,7 @@ mod tests {
     }
 
     #[test]
-    fn a_sink_restored_with_another_path_commits_the_old_parts_where_they_were_written() {
+    fn a_sink_restored_with_another_path_commits_nothing_outside_its_own_output() {
         let tmp = tempfile::tempdir().unwrap();
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
         std::fs::create_dir_all(&a).unwrap();
@@ -1746,24 +1755,26 @@ mod tests {
         let mut old = FileSink::new(&StorageUri::Local(a.clone()), None, "jobA", 0, true).unwrap();
         old.process(0, line("a"), &mut Vec::new()).unwrap();
         let state = old.snapshot(7).unwrap();
-        // A part in progress after the checkpoint belongs to the old job's output: left.
         old.process(0, line("b"), &mut Vec::new()).unwrap();
         old.close_part().unwrap();
         drop(old);
+        // The state names output `a`: a sink writing to `b` leaves everything there alone.
         let mut new = FileSink::new(&StorageUri::Local(b.clone()), None, "jobB", 0, true).unwrap();
         new.restore(state.clone()).unwrap();
-        assert_eq!(names(&a), [".part-jobA-0-1.inprogress", "part-jobA-0-0"]);
+        assert_eq!(names(&a), [".part-jobA-0-0.inprogress", ".part-jobA-0-1.inprogress"]);
         assert!(names(&b).is_empty(), "{:?}", names(&b));
         new.process(0, line("c"), &mut Vec::new()).unwrap();
         new.snapshot(8).unwrap();
         new.checkpoint_complete(8).unwrap();
         assert_eq!(names(&b), ["part-jobB-0-0"]);
-        // Restoring the same state again (a second job from one savepoint) is a no-op there.
+        // A state whose parts' names leave the output is refused.
+        let mut forged = state.unwrap();
+        forged["stem"] = "../a/part-jobA-0".into();
         let mut again =
             FileSink::new(&StorageUri::Local(b.clone()), None, "jobC", 0, true).unwrap();
-        again.restore(state).unwrap();
-        assert_eq!(names(&a), [".part-jobA-0-1.inprogress", "part-jobA-0-0"]);
-        assert_eq!(std::fs::read_to_string(a.join("part-jobA-0-0")).unwrap(), "a\n");
+        let e = again.restore(Some(forged)).unwrap_err();
+        assert!(e.message.contains("damaged or forged"), "{e}");
+        assert_eq!(names(&a), [".part-jobA-0-0.inprogress", ".part-jobA-0-1.inprogress"]);
     }
 
     #[test]
@@ -1931,5 +1942,15 @@ mod tests {
         w.process(0, vec![rec("a", 3)], &mut out).unwrap(); // late: dropped
         w.finish(&mut out).unwrap();
         assert_eq!(out, vec![vec![Value::str("a"), Value::Int(20), Value::Int(1)]]);
+    }
+
+    #[test]
+    fn a_restored_sink_state_names_plain_parts_only() {
+        for ok in ["part-1796128818449-0513-0", "part-job.v2_1-3"] {
+            assert!(plain_stem(ok), "{ok}");
+        }
+        for bad in ["../../etc/part-x", "part-", "part-a/b", "x-1", "part-../x", "/part-x"] {
+            assert!(!plain_stem(bad), "{bad}");
+        }
     }
 }

@@ -14,7 +14,13 @@
 //! savepoint, bit 2 the savepoint stops the job) and
 //! needs no credit. Integers are little-endian. A record is a varint field
 //! count followed by its values, each a tag byte and its bytes (strings as a varint length
-//! and UTF-8). Decoding checks everything: bytes from a socket never make the worker panic.
+//! and UTF-8). Decoding checks everything: bytes from a socket never make the worker panic,
+//! and never make it allocate more than the bytes that actually arrived call for: a payload
+//! is read as its bytes come in ([`read_payload`]), not allocated from the length its header
+//! claims, and the record and field counts of a batch are checked against the bytes left and
+//! used only as a bounded hint ([`decode_batch`]).
+
+use std::io::Read;
 
 use crate::record::{Record, Value};
 
@@ -88,11 +94,20 @@ pub struct Header {
     pub n: u32,
 }
 
+/// Bytes of a frame's header.
 pub const HEADER_LEN: usize = 17;
 /// The largest batch payload a worker accepts (a guard against garbage on the socket).
 pub const MAX_PAYLOAD: u32 = 256 << 20;
+/// The most [`read_payload`] allocates before the bytes arrive: beyond it, the buffer grows
+/// with what the peer actually sends.
+pub const PAYLOAD_PREALLOC: usize = 1 << 20;
+/// Records [`decode_batch`] makes room for up front, whatever the count says.
+const PREALLOC_RECORDS: usize = 1024;
+/// Fields per record [`decode_batch`] makes room for up front, whatever the count says.
+const PREALLOC_FIELDS: usize = 16;
 
 impl Header {
+    /// The header's bytes.
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0] = self.kind as u8;
@@ -102,6 +117,8 @@ impl Header {
         b
     }
 
+    /// Reads a header, refusing an unknown kind, a batch over [`MAX_PAYLOAD`] and a barrier of
+    /// the wrong length.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, String> {
         let kind = match b[0] {
             1 => Kind::Batch,
@@ -120,6 +137,23 @@ impl Header {
         }
         Ok(h)
     }
+}
+
+/// Reads the `n` payload bytes of a frame from `r`. The buffer starts at no more than
+/// [`PAYLOAD_PREALLOC`] bytes and grows as the bytes arrive, so a header that claims a large
+/// payload costs memory only once the peer has sent it. A stream that ends first is an
+/// `UnexpectedEof` error.
+pub fn read_payload<R: Read>(r: &mut R, n: u32) -> std::io::Result<Vec<u8>> {
+    let n = n as usize;
+    let mut payload = Vec::with_capacity(n.min(PAYLOAD_PREALLOC));
+    r.take(n as u64).read_to_end(&mut payload)?;
+    if payload.len() < n {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the connection ended {} bytes into a payload of {n}", payload.len()),
+        ));
+    }
+    Ok(payload)
 }
 
 /// Appends `v` in 7-bit groups, the lowest first (LEB128).
@@ -208,13 +242,24 @@ impl Reader<'_> {
 }
 
 /// Reads a batch written by [`encode_batch`].
+///
+/// The batch's record count and each record's field count are checked against the bytes
+/// left, and room is made up front for at most 1024 records and 16 fields a record: past
+/// that the vectors grow as records decode, so a count that lies costs nothing.
 pub fn decode_batch(b: &[u8]) -> Result<Vec<Record>, String> {
+    let mut out = Vec::new();
+    decode_into(b, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_batch`] into `out`, which holds the records decoded so far when it fails.
+fn decode_into(b: &[u8], out: &mut Vec<Record>) -> Result<(), String> {
     let mut r = Reader { b, at: 0 };
     let n = r.count()?;
-    let mut out = Vec::with_capacity(n);
+    out.reserve(n.min(PREALLOC_RECORDS));
     for _ in 0..n {
         let fields = r.count()?;
-        let mut rec = Vec::with_capacity(fields);
+        let mut rec = Vec::with_capacity(fields.min(PREALLOC_FIELDS));
         for _ in 0..fields {
             rec.push(match r.byte()? {
                 0 => {
@@ -239,7 +284,7 @@ pub fn decode_batch(b: &[u8]) -> Result<Vec<Record>, String> {
     if r.at != b.len() {
         return Err(format!("{} bytes after the last record", b.len() - r.at));
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -277,6 +322,73 @@ mod tests {
             let cut = cut.min(b.len());
             prop_assert!(decode_batch(&b[..b.len() - cut]).is_err());
         }
+    }
+
+    /// A peer that sends `left` bytes a few at a time, then closes; it notes the largest
+    /// buffer it was offered.
+    struct Trickle {
+        left: usize,
+        biggest: usize,
+    }
+
+    impl std::io::Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.biggest = self.biggest.max(buf.len());
+            let k = buf.len().min(self.left).min(7);
+            buf[..k].fill(0xab);
+            self.left -= k;
+            Ok(k)
+        }
+    }
+
+    #[test]
+    fn a_payload_is_allocated_as_its_bytes_arrive_not_from_its_header() {
+        // The header claims the largest payload; the peer sends 100 bytes and closes.
+        let mut peer = Trickle { left: 100, biggest: 0 };
+        let e = read_payload(&mut peer, MAX_PAYLOAD).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("100 bytes into a payload of 268435456"), "{e}");
+        assert!(peer.biggest <= PAYLOAD_PREALLOC, "offered a buffer of {}", peer.biggest);
+        // A payload larger than the first allocation still arrives whole, and nothing past it
+        // is read.
+        let mut peer = Trickle { left: 3 * PAYLOAD_PREALLOC + 5, biggest: 0 };
+        let p = read_payload(&mut peer, 3 * PAYLOAD_PREALLOC as u32).unwrap();
+        assert_eq!(p.len(), 3 * PAYLOAD_PREALLOC);
+        assert!(p.iter().all(|&b| b == 0xab));
+        assert_eq!(peer.left, 5);
+        assert_eq!(read_payload(&mut peer, 0).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn a_batch_whose_counts_lie_fails_without_allocating_for_them() {
+        let real = vec![vec![Value::Int(1)], vec![Value::str("two")], vec![]];
+        let mut records = Vec::new();
+        encode_batch(&real, &mut records);
+        // A count of 5 million records, the three real ones, a fourth that claims 2 million
+        // fields, and 5 MiB of garbage, so that both counts are within the bytes left.
+        let mut b = Vec::new();
+        put_varint(&mut b, 5_000_000);
+        b.extend_from_slice(&records[1..]);
+        put_varint(&mut b, 2_000_000);
+        b.resize(b.len() + (5 << 20), 0xff);
+        let mut out = Vec::new();
+        let e = decode_into(&b, &mut out).unwrap_err();
+        assert!(e.contains("unknown value tag 255"), "{e}");
+        assert_eq!(out, real);
+        assert!(out.capacity() <= PREALLOC_RECORDS, "room for {} records", out.capacity());
+        // A count beyond the bytes left is refused before anything is decoded.
+        let mut b = Vec::new();
+        put_varint(&mut b, 10_000_000);
+        b.extend_from_slice(&records[1..]);
+        let e = decode_batch(&b).unwrap_err();
+        assert!(e.contains("a count of 10000000 is more than the bytes left"), "{e}");
+        // A string's length is checked against the bytes before the string is made.
+        let mut b = Vec::new();
+        put_varint(&mut b, 1);
+        put_varint(&mut b, 1);
+        b.push(0);
+        put_varint(&mut b, u64::MAX);
+        assert!(decode_batch(&b).unwrap_err().contains("more than the bytes left"));
     }
 
     #[test]

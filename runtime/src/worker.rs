@@ -11,8 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::auth;
+use crate::auth::JobSecret;
 use crate::checkpoint::Restored;
-use crate::control::{Assignment, PROTOCOL, Reader, ToCoordinator, ToWorker, Writer};
+use crate::control::{
+    Assignment, HELLO_LIMIT, MESSAGE_LIMIT, PROTOCOL, Reader, ToCoordinator, ToWorker, Writer,
+};
 use crate::error::{RuntimeError, Whose};
 use crate::exchange::Network;
 use crate::exec::{AckEvent, CheckpointRun, FINAL, JobMetrics, Placement, RunOptions, run_worker};
@@ -40,6 +44,83 @@ pub struct WorkerOptions {
     pub stop: Arc<AtomicBool>,
     /// How long to keep trying to reach the coordinator and the other workers.
     pub connect_timeout: Duration,
+    /// The job's secret: this worker proves it to the coordinator and to the other workers,
+    /// and they to it.
+    pub secret: JobSecret,
+}
+
+/// How an opening failed.
+enum Opening {
+    Io(std::io::Error),
+    Refused(RuntimeError),
+}
+
+/// How long a worker waits for the coordinator's challenge.
+const CHALLENGE_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens the control connection: the hello with this worker's challenge, the coordinator's
+/// proof checked, and this worker's proof.
+fn open(
+    opts: &WorkerOptions,
+    writer: &Writer,
+    reader: &mut Reader,
+    data_addr: String,
+) -> Result<(), Opening> {
+    let ours = auth::nonce();
+    writer
+        .send(&ToCoordinator::Hello {
+            protocol: PROTOCOL,
+            index: opts.index,
+            data_addr: data_addr.clone(),
+            nonce: auth::hex(&ours),
+        })
+        .map_err(Opening::Io)?;
+    let deadline = Some(Instant::now() + CHALLENGE_WAIT);
+    let refused = |why: String| {
+        Opening::Refused(RuntimeError::user(format!(
+            "the coordinator at {} {why}",
+            opts.coordinator
+        )))
+    };
+    let theirs = match reader.recv_by::<ToWorker>(deadline) {
+        Ok(Some(ToWorker::Challenge { nonce, proof })) => {
+            let nonce = auth::unhex::<{ auth::NONCE_LEN }>(&nonce);
+            let proof = auth::unhex::<{ auth::PROOF_LEN }>(&proof);
+            match (nonce, proof) {
+                (Some(n), Some(p))
+                    if auth::same(
+                        &crate::control::coordinator_proof(&opts.secret, &ours, &n),
+                        &p,
+                    ) =>
+                {
+                    n
+                }
+                _ => {
+                    return Err(refused(format!(
+                        "did not prove the job's secret: give the coordinator and every worker the same {}",
+                        auth::ENV
+                    )));
+                }
+            }
+        }
+        Ok(Some(ToWorker::Refused { reason })) => {
+            return Err(refused(format!("refused this worker: {reason}")));
+        }
+        Ok(Some(_)) => {
+            return Err(refused(
+                "did not answer with a challenge: run the same weir version".into(),
+            ));
+        }
+        Ok(None) => {
+            return Err(Opening::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed the connection",
+            )));
+        }
+        Err(e) => return Err(Opening::Io(std::io::Error::other(e))),
+    };
+    let proof = crate::control::worker_proof(&opts.secret, &theirs, &ours, opts.index, &data_addr);
+    writer.send(&ToCoordinator::Proof { proof: auth::hex(&proof) }).map_err(Opening::Io)
 }
 
 /// Runs one worker until its job ends. Errors are also reported to the coordinator.
@@ -49,40 +130,54 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
     })?;
     let local = listener.local_addr().map_err(|e| RuntimeError::internal(e.to_string()))?;
     let deadline = Instant::now() + opts.connect_timeout;
-    let ctrl = loop {
-        match TcpStream::connect(&opts.coordinator) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(RuntimeError::external(format!(
-                    "cannot reach the coordinator at {} within {:?}: {e}",
-                    opts.coordinator, opts.connect_timeout
-                ))
-                .retryable());
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
-    let host = match &opts.advertise_host {
-        Some(h) => h.clone(),
-        None if local.ip().is_unspecified() => ctrl
-            .local_addr()
-            .map(|a| a.ip().to_string())
-            .map_err(|e| RuntimeError::internal(e.to_string()))?,
-        None => local.ip().to_string(),
-    };
-    let data_addr = if host.contains(':') {
-        format!("[{host}]:{}", local.port())
-    } else {
-        format!("{host}:{}", local.port())
-    };
     let io = |e: std::io::Error| {
         RuntimeError::external(format!("the connection to the coordinator broke: {e}")).retryable()
     };
-    let writer = Arc::new(Writer::new(ctrl.try_clone().map_err(io)?));
-    let mut reader = Reader::new(ctrl);
-    writer
-        .send(&ToCoordinator::Hello { protocol: PROTOCOL, index: opts.index, data_addr })
-        .map_err(io)?;
+    // A connection dropped during its opening (the coordinator was busy with many openings
+    // at once, or restarted) is opened again until the deadline.
+    let (writer, mut reader) = loop {
+        let ctrl = loop {
+            match TcpStream::connect(&opts.coordinator) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(RuntimeError::external(format!(
+                        "cannot reach the coordinator at {} within {:?}: {e}",
+                        opts.coordinator, opts.connect_timeout
+                    ))
+                    .retryable());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        let host = match &opts.advertise_host {
+            Some(h) => h.clone(),
+            None if local.ip().is_unspecified() => ctrl
+                .local_addr()
+                .map(|a| a.ip().to_string())
+                .map_err(|e| RuntimeError::internal(e.to_string()))?,
+            None => local.ip().to_string(),
+        };
+        let data_addr = if host.contains(':') {
+            format!("[{host}]:{}", local.port())
+        } else {
+            format!("{host}:{}", local.port())
+        };
+        let writer = Arc::new(Writer::new(ctrl.try_clone().map_err(io)?));
+        let mut reader = Reader::new(ctrl, HELLO_LIMIT);
+        match open(opts, &writer, &mut reader, data_addr) {
+            Ok(()) => break (writer, reader),
+            Err(Opening::Refused(e)) => return Err(e),
+            Err(Opening::Io(e)) if Instant::now() >= deadline => return Err(io(e)),
+            Err(Opening::Io(e)) => {
+                eprintln!(
+                    "weir: worker: opening the connection to the coordinator at {}: {e}; trying again",
+                    opts.coordinator
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    reader.set_limit(MESSAGE_LIMIT);
     // The coordinator's messages: the job's start and end to this thread, the rest to the
     // attempt that runs.
     let current: Arc<Mutex<Option<AttemptCtl>>> = Arc::default();
@@ -169,11 +264,14 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
         let result = run_job(opts, &job, &listener, &writer, &ctl);
         *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let report = match &result {
-            Ok(records) => ToCoordinator::Finished { records: records.clone() },
+            Ok(records) => {
+                ToCoordinator::Finished { records: records.clone(), attempt: job.attempt }
+            }
             Err(e) => ToCoordinator::Failed {
                 message: e.message.clone(),
                 user: e.whose == Whose::User,
                 retryable: e.retryable,
+                attempt: job.attempt,
             },
         };
         if let Err(e) = &result {
@@ -221,12 +319,12 @@ fn run_job(
     // Acknowledgements go to the coordinator as the subtasks send them.
     let (acks_tx, acks_rx) = crossbeam_channel::unbounded::<AckEvent>();
     let forward = {
-        let writer = writer.clone();
+        let (writer, attempt) = (writer.clone(), job.attempt);
         std::thread::spawn(move || {
             for (id, r) in acks_rx {
                 let msg = match r {
-                    Ok(ack) => ToCoordinator::Ack { id, ack: Box::new(ack) },
-                    Err(e) => ToCoordinator::Decline { id, message: e.message },
+                    Ok(ack) => ToCoordinator::Ack { id, ack: Box::new(ack), attempt },
+                    Err(e) => ToCoordinator::Decline { id, message: e.message, attempt },
                 };
                 if writer.send(&msg).is_err() {
                     return;
@@ -271,7 +369,15 @@ fn run_job(
             .filter(|&(w, _)| w as u32 != me)
             .map(|(w, a)| (w as u32, a.clone()))
             .collect();
-        Some(Network::connect(me, &peers, listener, &run_id, opts.connect_timeout, &run.cancel)?)
+        Some(Network::connect(
+            me,
+            &peers,
+            listener,
+            &run_id,
+            &opts.secret,
+            opts.connect_timeout,
+            &run.cancel,
+        )?)
     };
     let metrics = Arc::new(JobMetrics::new(&plan));
     let done = Arc::new(AtomicBool::new(false));

@@ -4,7 +4,6 @@
 mod process;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -142,7 +141,7 @@ fn the_http_api_serves_the_running_job_and_sigterm_stops_it_cleanly() {
     let (code, err) = p.finish(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{err}");
     let total = check_counts(&tmp.path().join("out"));
-    let line = err.lines().find(|l| l.contains("finished in")).expect("a summary");
+    let line = err.lines().find(|l| l.contains("weir: stopped (Ctrl-C")).expect("a summary");
     assert!(line.contains(&format!("counts {total} in / {total} out")), "{line} vs {total}");
 }
 
@@ -182,6 +181,7 @@ fn workers_with_a_wrong_index_are_refused_and_a_stop_before_the_start_is_clean()
     let control = coord.addr("control");
     let worker = |i: &str| {
         Command::new(WEIR)
+            .env("WEIR_JOB_SECRET", process::SECRET)
             .args(["worker", "--coordinator", &control, "--index", i, "--state-dir"])
             .arg(tmp.path().join("state"))
             .args(["--data-addr", "127.0.0.1:0"])
@@ -208,6 +208,7 @@ fn workers_with_a_wrong_index_are_refused_and_a_stop_before_the_start_is_clean()
 #[test]
 fn a_worker_without_a_coordinator_gives_up_with_a_clear_error() {
     let out = Command::new(WEIR)
+        .env("WEIR_JOB_SECRET", process::SECRET)
         .args([
             "worker",
             "--coordinator",
@@ -234,13 +235,9 @@ fn a_worker_that_fails_at_setup_cancels_the_others_while_they_connect() {
     let w0 = start_worker(&control, 0, tmp.path());
     // Worker 1 speaks the control protocol by hand: it gives an exchange address nobody
     // answers on, takes the job, and reports a failure.
-    let s = TcpStream::connect(&control).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let protocol = weir_runtime::control::PROTOCOL;
-    writeln!(w, r#"{{"type":"hello","protocol":{protocol},"index":1,"dataAddr":"127.0.0.1:1"}}"#)
-        .unwrap();
+    let (mut w, mut r) = process::open_control(&control, 1, "127.0.0.1:1", process::SECRET);
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
+    r.read_line(&mut line).unwrap();
     assert!(line.contains(r#""type":"start""#), "{line}");
     std::thread::sleep(Duration::from_millis(300));
     writeln!(w, r#"{{"type":"failed","message":"disk on fire","user":false,"retryable":true}}"#)

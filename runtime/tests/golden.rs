@@ -91,6 +91,9 @@ struct Outcome {
     stderr: String,
 }
 
+/// The job's secret of the coordinators and workers started separately.
+const SECRET: &str = "weir-golden-job-secret-0123456789abcdef";
+
 /// Runs the job of `file` the given way; `args` go to `weir run` / `weir coordinator`.
 fn run_job(way: Way, file: &Path, args: &[&str], state: &Path) -> Outcome {
     let weir = env!("CARGO_BIN_EXE_weir");
@@ -110,6 +113,7 @@ fn run_job(way: Way, file: &Path, args: &[&str], state: &Path) -> Outcome {
         }
         Way::Separate => {
             let mut coord = Command::new(weir)
+                .env("WEIR_JOB_SECRET", SECRET)
                 .arg("coordinator")
                 .arg(file)
                 .args(args)
@@ -144,6 +148,7 @@ fn run_job(way: Way, file: &Path, args: &[&str], state: &Path) -> Outcome {
                 (0..parallelism)
                     .map(|i| {
                         let mut cmd = Command::new(weir);
+                        cmd.env("WEIR_JOB_SECRET", SECRET);
                         cmd.args(["worker", "--coordinator", &addr, "--index", &i.to_string()])
                             .args(["--state-dir", state, "--data-addr", "127.0.0.1:0"]);
                         std::thread::spawn(move || cmd.output())

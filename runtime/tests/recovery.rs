@@ -418,8 +418,7 @@ fn a_job_starts_from_a_copied_checkpoint_of_another_run_at_another_parallelism()
     // The new job's checkpoints name only files of its own directory.
     let chk = newest_checkpoint(&tmp.path().join("checkpoints/default/wc-recovery"));
     let bytes = std::fs::read(chk.join("_metadata")).unwrap();
-    let body = bytes.strip_prefix(b"WEIR-CHECKPOINT 1\n".as_slice()).unwrap();
-    let m: weir_runtime::checkpoint::Metadata = serde_json::from_slice(body).unwrap();
+    let m = weir_runtime::checkpoint::Metadata::parse(&bytes, "test", None).unwrap();
     let files: Vec<_> =
         m.operators.iter().filter_map(|o| o.keyed.as_ref()).flat_map(|k| &k.files).collect();
     assert!(!files.is_empty());

@@ -906,7 +906,8 @@ spec:
     assert!(!metas.is_empty(), "{keys:?}");
     for m in metas {
         let meta =
-            weir_runtime::checkpoint::Metadata::parse(&s3.get(&bucket(), m).unwrap(), m).unwrap();
+            weir_runtime::checkpoint::Metadata::parse(&s3.get(&bucket(), m).unwrap(), m, None)
+                .unwrap();
         let job_dir = m.rsplitn(3, '/').nth(2).unwrap();
         for o in meta.operators.iter().filter_map(|o| o.keyed.as_ref()) {
             for f in &o.files {

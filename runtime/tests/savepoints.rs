@@ -151,7 +151,7 @@ fn committed_prefix(out: &Path) -> BTreeMap<String, u64> {
 /// Reads a savepoint's metadata (local ones).
 fn metadata(dir: &Path) -> weir_runtime::checkpoint::Metadata {
     let bytes = std::fs::read(dir.join("_metadata")).unwrap();
-    weir_runtime::checkpoint::Metadata::parse(&bytes, "test").unwrap()
+    weir_runtime::checkpoint::Metadata::parse(&bytes, "test", None).unwrap()
 }
 
 /// Parallelism 2, stopped into a savepoint part-way; restored at 3, stopped again; restored
@@ -290,9 +290,11 @@ fn a_new_version_of_the_pipeline_restores_with_allow_non_restored_state_and_refu
     // and a savepoint of a format version this Weir does not know.
     let newer = tmp.join("elsewhere/newer");
     common::copy_dir(Path::new(&path), &newer);
-    let meta = std::fs::read_to_string(newer.join("_metadata")).unwrap();
-    std::fs::write(newer.join("_metadata"), meta.replacen("\"version\": 2", "\"version\": 7", 1))
-        .unwrap();
+    // Sealed as a newer Weir would seal it: only its version tells it apart.
+    let mut m = serde_json::to_value(metadata(&newer)).unwrap();
+    m["version"] = 7.into();
+    let sealed = weir_runtime::checkpoint::seal(&serde_json::to_vec(&m).unwrap(), None);
+    std::fs::write(newer.join("_metadata"), sealed).unwrap();
     let newer = newer.display().to_string();
     for (args, needles) in [
         (

@@ -45,6 +45,9 @@ pub trait Storage: Send + Sync + Debug {
     fn delete(&self, key: &str) -> Result<(), RuntimeError>;
     /// Where `key` is, for messages and metadata (`s3://...` or a path).
     fn describe(&self, key: &str) -> String;
+    /// Removes directory `dir` (a key prefix without the trailing `/`) and the directories
+    /// below it when nothing is left in them; object stores have no directories to remove.
+    fn remove_empty_dirs(&self, _dir: &str) {}
 }
 
 /// Writes an object's bytes, for [`Storage::put_streamed`].
@@ -236,6 +239,21 @@ impl Storage for LocalStorage {
 
     fn describe(&self, key: &str) -> String {
         self.root.join(key).display().to_string()
+    }
+
+    fn remove_empty_dirs(&self, dir: &str) {
+        fn prune(d: &Path) -> bool {
+            let Ok(entries) = std::fs::read_dir(d) else { return false };
+            let mut empty = true;
+            for e in entries.flatten() {
+                let sub = e.file_type().is_ok_and(|t| t.is_dir()) && prune(&e.path());
+                empty &= sub;
+            }
+            empty && std::fs::remove_dir(d).is_ok()
+        }
+        if let Ok(p) = self.path(dir) {
+            prune(&p);
+        }
     }
 }
 
@@ -434,6 +452,10 @@ impl<S: Storage> Storage for Faulty<S> {
     fn describe(&self, key: &str) -> String {
         self.inner.describe(key)
     }
+
+    fn remove_empty_dirs(&self, dir: &str) {
+        self.inner.remove_empty_dirs(dir)
+    }
 }
 
 /// A storage seen below a prefix: key `k` is `<prefix>/k` of the storage underneath.
@@ -490,5 +512,9 @@ impl Storage for Prefixed {
 
     fn describe(&self, key: &str) -> String {
         self.inner.describe(&self.full(key))
+    }
+
+    fn remove_empty_dirs(&self, dir: &str) {
+        self.inner.remove_empty_dirs(&self.full(dir))
     }
 }

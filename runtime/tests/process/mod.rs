@@ -9,6 +9,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+/// The job's secret of the coordinators and workers these tests start (`WEIR_JOB_SECRET`).
+pub const SECRET: &str = "weir-tests-job-secret-0123456789abcdef";
 
 /// A started `weir` process whose stderr is read in the background; lines that announce an
 /// address (`api`, `control`) are passed on.
@@ -29,6 +31,7 @@ pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Proc {
 pub fn start_with_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(WEIR)
         .args(args)
+        .env("WEIR_JOB_SECRET", SECRET)
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -89,11 +92,13 @@ impl Proc {
 
 /// A request with an optional bearer token: the status code and body (`None` if the API does
 /// not answer).
+#[allow(dead_code)]
 pub fn request(addr: &str, method: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     request_with(addr, method, path, token, "")
 }
 
 /// [`request`] with a body.
+#[allow(dead_code)]
 pub fn request_with(
     addr: &str,
     method: &str,
@@ -114,4 +119,37 @@ pub fn request_with(
     let code = text.get(9..12)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((code, body))
+}
+
+/// Opens a control connection to the coordinator at `addr` by hand, as worker `index` with
+/// exchange address `data_addr`, proving `secret`: the connection, and the reader of the
+/// coordinator's lines after the opening.
+#[allow(dead_code)]
+pub fn open_control(
+    addr: &str,
+    index: u32,
+    data_addr: &str,
+    secret: &str,
+) -> (TcpStream, BufReader<TcpStream>) {
+    use weir_runtime::{auth, control};
+    let secret = auth::JobSecret::new(secret).unwrap();
+    let s = TcpStream::connect(addr).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let ours = auth::nonce();
+    let protocol = control::PROTOCOL;
+    writeln!(
+        w,
+        r#"{{"type":"hello","protocol":{protocol},"index":{index},"dataAddr":"{data_addr}","nonce":"{}"}}"#,
+        auth::hex(&ours)
+    )
+    .unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["type"], "challenge", "{line}");
+    let theirs: auth::Nonce = auth::unhex(v["nonce"].as_str().unwrap()).unwrap();
+    let proof = control::worker_proof(&secret, &theirs, &ours, Some(index), data_addr);
+    writeln!(w, r#"{{"type":"proof","proof":"{}"}}"#, auth::hex(&proof)).unwrap();
+    (w, r)
 }
