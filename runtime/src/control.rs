@@ -126,6 +126,9 @@ pub enum ToCoordinator {
         message: String,
         user: bool,
         retryable: bool,
+        /// Stored state read back is damaged: no restart heals it.
+        #[serde(default)]
+        damaged: bool,
         #[serde(default)]
         attempt: u32,
     },

@@ -595,7 +595,9 @@ impl<'a> Driver<'a> {
                         Some(m) => format!("from {} of job id {}", m.describe(), m.job_id),
                         None => "from the beginning".into(),
                     };
-                    if !c.opts.resume_from_older {
+                    if !(c.opts.resume_from_older
+                        || c.spec.restore.as_ref().is_some_and(|r| r.resume_from_older))
+                    {
                         return Err(RuntimeError::user(format!(
                             "--resume: {}{}; Weir does not fall back on its own, since that would repeat committed output: restore the file, or pass --resume-from-older (spec.restore.resumeFromOlder) to resume {instead}",
                             why.message,
@@ -832,6 +834,8 @@ impl<'a> Driver<'a> {
                     );
                     let restart = if e.whose == Whose::User {
                         Err("the error is in the job's spec or input, so a restart would fail the same way".to_string())
+                    } else if e.whose == Whose::Damaged {
+                        Err("the stored state it restores is damaged, and a restart would read the same bytes: restore the job from a savepoint or an older checkpoint (--from-savepoint, spec.restore.path)".to_string())
                     } else if self.failed_while_starting
                         && self.uncounted < MAX_UNCOUNTED
                         && self.restarts.restarts_at_all()
@@ -1412,10 +1416,14 @@ impl<'a> Driver<'a> {
                         return AttemptEnd::Finished;
                     }
                 }
-                Ok(Some(ToCoordinator::Failed { message, user, retryable, .. })) => {
+                Ok(Some(ToCoordinator::Failed { message, user, retryable, damaged, .. })) => {
                     self.ended.insert(conn);
                     self.failed_while_starting = retryable && !running.iter().all(|&r| r);
-                    let whose = if user { Whose::User } else { Whose::External };
+                    let whose = match (user, damaged) {
+                        (true, _) => Whose::User,
+                        (_, true) => Whose::Damaged,
+                        _ => Whose::External,
+                    };
                     return AttemptEnd::Failed(RuntimeError {
                         whose,
                         retryable,

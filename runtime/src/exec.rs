@@ -863,7 +863,7 @@ pub fn run_worker(
                 let _ = std::fs::remove_dir_all(&db);
             }
             let backend = StateBackend::open(&db, std::slice::from_ref(&op.uid))
-                .map_err(|e| RuntimeError::internal(e.to_string()))?;
+                .map_err(|e| state_error(&op.uid, s, &e.to_string()))?;
             let range = crate::keygroup::KeyGroupRange::of_subtask(plan.max_parallelism, p, s);
             if let (false, Some(ck)) = (files.is_empty(), &opts.checkpoints) {
                 std::fs::create_dir_all(&dir).map_err(|e| {
@@ -1122,14 +1122,14 @@ pub fn run_worker(
                                 for (old, h) in in_flight {
                                     let bytes =
                                         ck.restore_storage.get(&h.key)?.ok_or_else(|| {
-                                            RuntimeError::external(format!(
+                                            RuntimeError::damaged(format!(
                                                 "{} is missing: the checkpoint is damaged",
                                                 ck.restore_storage.describe(&h.key)
                                             ))
                                         })?;
                                     let records =
                                         crate::align::decode_in_flight(&bytes).map_err(|e| {
-                                            RuntimeError::external(format!(
+                                            RuntimeError::damaged(format!(
                                                 "{}: {e}",
                                                 ck.restore_storage.describe(&h.key)
                                             ))
@@ -1281,6 +1281,17 @@ pub fn run_worker(
 /// The in-flight records of old subtask `old` that subtask `s` of `p` replays: all of them
 /// at the same parallelism; when rescaling, those of its key groups (keyed inputs) or of the
 /// old subtasks dealt to it (others).
+/// An error of a subtask's RocksDB instance: a corrupt file restored from storage is damage
+/// that no restart heals.
+fn state_error(uid: &str, subtask: u32, e: &str) -> RuntimeError {
+    let msg = format!("state of {uid:?} subtask {subtask}: {e}");
+    if e.contains("Corruption") {
+        RuntimeError::damaged(format!("{msg}: the checkpoint it was restored from is damaged"))
+    } else {
+        RuntimeError::internal(msg)
+    }
+}
+
 /// The message a panic was raised with.
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()

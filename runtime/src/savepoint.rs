@@ -523,7 +523,7 @@ fn pieces<'a>(
 }
 
 fn damaged(storage: &dyn Storage, file: &KeyedFile, what: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::external(format!(
+    RuntimeError::damaged(format!(
         "{}: {what}: the savepoint is damaged",
         storage.describe(&file.file)
     ))

@@ -155,13 +155,13 @@ pub fn download(
     std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
     for f in &handle.files {
         let bytes = storage.get(&f.key)?.ok_or_else(|| {
-            RuntimeError::external(format!(
+            RuntimeError::damaged(format!(
                 "the snapshot file {} is missing: the snapshot cannot be restored",
                 storage.describe(&f.key)
             ))
         })?;
         if bytes.len() as u64 != f.size {
-            return Err(RuntimeError::external(format!(
+            return Err(RuntimeError::damaged(format!(
                 "the snapshot file {} has {} bytes, not the {} its snapshot recorded",
                 storage.describe(&f.key),
                 bytes.len(),

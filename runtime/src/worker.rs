@@ -271,6 +271,7 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
                 message: e.message.clone(),
                 user: e.whose == Whose::User,
                 retryable: e.retryable,
+                damaged: e.whose == Whose::Damaged,
                 attempt: job.attempt,
             },
         };

@@ -6,6 +6,9 @@
 //! The handshake is written out by hand here, byte for byte as `runtime/src/exchange.rs`
 //! documents it: a change to it has to change these tests too.
 
+#[allow(dead_code)]
+mod process;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -108,36 +111,59 @@ fn proof(
     theirs: &[u8],
     mine: &[u8],
 ) -> [u8; 32] {
+    proof_in(RUN, k, label, opener, acceptor, theirs, mine)
+}
+
+/// [`proof`] in run `run`.
+fn proof_in(
+    run: &str,
+    k: &JobSecret,
+    label: &[u8],
+    opener: u32,
+    acceptor: u32,
+    theirs: &[u8],
+    mine: &[u8],
+) -> [u8; 32] {
     let (o, a) = (opener.to_le_bytes(), acceptor.to_le_bytes());
-    k.prove(&[label, RUN.as_bytes(), &o, &a, theirs, mine])
+    k.prove(&[label, run.as_bytes(), &o, &a, theirs, mine])
 }
 
 /// Opens a connection to `to` as worker `me`, proving `k`, to worker `acceptor`; panics if
 /// the acceptor's proof is not over `k`.
 fn open_as(to: SocketAddr, me: u32, acceptor: u32, k: &JobSecret) -> TcpStream {
+    open_as_in(RUN, to, me, acceptor, k)
+}
+
+/// [`open_as`] in run `run`.
+fn open_as_in(run: &str, to: SocketAddr, me: u32, acceptor: u32, k: &JobSecret) -> TcpStream {
     let mut s = TcpStream::connect(to).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let nonce = auth::nonce();
-    s.write_all(&hello(RUN, me, &nonce)).unwrap();
+    s.write_all(&hello(run, me, &nonce)).unwrap();
     let mut answer = [0u8; ANSWER];
     s.read_exact(&mut answer).unwrap();
     assert_eq!(&answer[..8], MAGIC);
     let (nonce_a, proof_a) = answer[8..].split_at(32);
-    assert_eq!(proof(k, ACCEPTOR, me, acceptor, &nonce, nonce_a), proof_a);
-    s.write_all(&proof(k, OPENER, me, acceptor, nonce_a, &nonce)).unwrap();
+    assert_eq!(proof_in(run, k, ACCEPTOR, me, acceptor, &nonce, nonce_a), proof_a);
+    s.write_all(&proof_in(run, k, OPENER, me, acceptor, nonce_a, &nonce)).unwrap();
     s
 }
 
 /// Takes one connection on `l` as worker `me`, proving `k`; returns it and the opener.
 fn accept_as(l: &TcpListener, me: u32, k: &JobSecret) -> (TcpStream, u32) {
+    accept_as_in(RUN, l, me, k)
+}
+
+/// [`accept_as`] in run `run`.
+fn accept_as_in(run: &str, l: &TcpListener, me: u32, k: &JobSecret) -> (TcpStream, u32) {
     let (mut s, _) = l.accept().unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut head = [0u8; 12];
     s.read_exact(&mut head).unwrap();
     assert_eq!(&head[..8], MAGIC);
-    let mut run = vec![0u8; u32::from_le_bytes(head[8..12].try_into().unwrap()) as usize];
-    s.read_exact(&mut run).unwrap();
-    assert_eq!(run, RUN.as_bytes());
+    let mut run_got = vec![0u8; u32::from_le_bytes(head[8..12].try_into().unwrap()) as usize];
+    s.read_exact(&mut run_got).unwrap();
+    assert_eq!(run_got, run.as_bytes());
     let mut rest = [0u8; 4 + 32];
     s.read_exact(&mut rest).unwrap();
     let opener = u32::from_le_bytes(rest[..4].try_into().unwrap());
@@ -145,11 +171,11 @@ fn accept_as(l: &TcpListener, me: u32, k: &JobSecret) -> (TcpStream, u32) {
     let nonce = auth::nonce();
     let mut answer = MAGIC.to_vec();
     answer.extend_from_slice(&nonce);
-    answer.extend_from_slice(&proof(k, ACCEPTOR, opener, me, nonce_o, &nonce));
+    answer.extend_from_slice(&proof_in(run, k, ACCEPTOR, opener, me, nonce_o, &nonce));
     s.write_all(&answer).unwrap();
     let mut proof_o = [0u8; 32];
     s.read_exact(&mut proof_o).unwrap();
-    assert_eq!(proof(k, OPENER, opener, me, &nonce, nonce_o), proof_o);
+    assert_eq!(proof_in(run, k, OPENER, opener, me, &nonce, nonce_o), proof_o);
     s.set_read_timeout(None).unwrap();
     (s, opener)
 }
@@ -525,4 +551,64 @@ fn a_credit_frame_of_u32_max_fails_the_connection_with_a_message() {
     );
     drop((outlet, in0));
     r0.finish();
+}
+
+#[test]
+fn a_record_without_its_fields_from_a_peer_fails_the_job_with_a_message_not_a_panic() {
+    // Worker 1 of a real job, written by hand and holding the secret, sends worker 0's keyed
+    // count a record with no fields.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("job.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: bad-records}}\nspec:\n  parallelism: 2\n  restartStrategy: {{type: none}}\n  checkpointing: {{interval: 0s}}\n  pipeline:\n    operators:\n      - {{uid: events, type: generator, format: kv, ratePerSecond: 100}}\n      - {{uid: counts, type: count, inputs: [events], key: key}}\n      - {{uid: out, type: file_sink, inputs: [counts], path: {}}}\n",
+            tmp.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    let coord =
+        process::start(&["coordinator", file.to_str().unwrap(), "--control-addr", "127.0.0.1:0"]);
+    let control = coord.addr("control");
+    let l1 = listener();
+    let (_w, mut r) = process::open_control(&control, 1, &addr(&l1).to_string(), process::SECRET);
+    let w0 = process::start(&[
+        "worker",
+        "--coordinator",
+        &control,
+        "--index",
+        "0",
+        "--state-dir",
+        tmp.path().join("state").to_str().unwrap(),
+        "--data-addr",
+        "127.0.0.1:0",
+    ]);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+    let start: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(start["type"], "start", "{line}");
+    let run = format!("{}-a0", start["runId"].as_str().unwrap());
+    let to0: SocketAddr = start["dataAddrs"][0].as_str().unwrap().parse().unwrap();
+    let k = JobSecret::new(process::SECRET).unwrap();
+    let incoming = {
+        let (run, k, l1) = (run.clone(), k.clone(), l1.try_clone().unwrap());
+        std::thread::spawn(move || accept_as_in(&run, &l1, 1, &k))
+    };
+    let mut out = open_as_in(&run, to0, 1, 0, &k);
+    let _in = incoming.join().unwrap();
+    let mut payload = Vec::new();
+    wire::encode_batch(&[vec![]], &mut payload);
+    let h = Header { kind: Kind::Batch, edge: 0, from: 1, to: 0, n: payload.len() as u32 };
+    out.write_all(&h.to_bytes()).unwrap();
+    out.write_all(&payload).unwrap();
+    let (code, err) = coord.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            r#"a record with 0 fields arrived at "counts" from "events", whose records have 3"#
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = w0.finish(Duration::from_secs(30));
 }

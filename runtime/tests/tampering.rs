@@ -167,3 +167,42 @@ fn damaged_or_forged_metadata_is_refused_and_nothing_starts_from_the_beginning()
     assert!(err.contains("--resume-from-older: passing over"), "{err}");
     assert!(err.contains("--resume-from-older: resuming from checkpoint"), "{err}");
 }
+
+#[test]
+fn damaged_state_files_fail_the_job_at_once_instead_of_restarting_for_ever() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::write_input(&dir.join("in"), 4, 3000, 6);
+    let file = manifest(dir);
+    let root = dir.join("checkpoints/default/wc-tamper");
+    let mut job = weir(dir, &file, &[]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let t = Instant::now();
+    while checkpoints(&root).len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no checkpoints");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    job.kill().unwrap();
+    job.wait().unwrap();
+    let newest = checkpoints(&root).pop().unwrap();
+    let bytes = std::fs::read(newest.join("_metadata")).unwrap();
+    let m = Metadata::parse(&bytes, "newest", None).unwrap();
+    let f = m
+        .operators
+        .iter()
+        .filter_map(|o| o.keyed.as_ref())
+        .flat_map(|k| &k.files)
+        .find(|f| f.name.ends_with(".sst"))
+        .expect("an SST file");
+    // One state file cut short: every restart would read the same bytes.
+    let path = newest.parent().unwrap().join(&f.key);
+    let data = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &data[..data.len() / 2]).unwrap();
+    let t = Instant::now();
+    let res = weir(dir, &file, &["--resume"]).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(err.contains(path.to_str().unwrap()), "the file is not named: {err}");
+    assert!(err.contains("not restarted: the stored state it restores is damaged"), "{err}");
+    assert!(!err.contains("restarting in"), "it restarted: {err}");
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+}

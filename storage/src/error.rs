@@ -11,6 +11,10 @@ pub enum Whose {
     External,
     /// Weir itself.
     Internal,
+    /// State read back from storage is damaged (a checksum that does not match, a file cut
+    /// short or missing, a corrupt SST): a restart would read the same bytes, so the job
+    /// fails instead; it is restored from a savepoint or an older checkpoint.
+    Damaged,
 }
 
 /// An error of a running job.
@@ -28,6 +32,9 @@ impl RuntimeError {
     }
     pub fn external(message: impl Into<String>) -> Self {
         Self { whose: Whose::External, retryable: false, message: message.into() }
+    }
+    pub fn damaged(message: impl Into<String>) -> Self {
+        Self { whose: Whose::Damaged, retryable: false, message: message.into() }
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self { whose: Whose::Internal, retryable: true, message: message.into() }
