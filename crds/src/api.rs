@@ -84,6 +84,10 @@ pub struct OperatorInfo {
     pub type_: String,
     pub records_in: u64,
     pub records_out: u64,
+    /// Records the operator could not use and dropped (a `sum` of a field that is not a
+    /// number).
+    #[serde(default)]
+    pub records_dropped: u64,
 }
 
 /// Where a checkpoint is.

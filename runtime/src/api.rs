@@ -553,9 +553,18 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
         job("operator_records_out_total", "Records out of an operator"),
         &["operator", "type"],
     )?;
+    let rdropped = IntCounterVec::new(
+        job(
+            "operator_records_dropped_total",
+            "Records an operator could not use and dropped (a sum of a field that is not a number)",
+        ),
+        &["operator", "type"],
+    )?;
     for op in &i.operators {
         rin.with_label_values(&[op.uid.as_str(), op.type_.as_str()]).inc_by(op.records_in);
         rout.with_label_values(&[op.uid.as_str(), op.type_.as_str()]).inc_by(op.records_out);
+        let labels = [op.uid.as_str(), op.type_.as_str()];
+        rdropped.with_label_values(&labels).inc_by(op.records_dropped);
     }
     let c = status.checkpoints();
     let counter = |name: &str, help: &str, v: u64| -> Result<IntCounter, prometheus::Error> {
@@ -616,6 +625,7 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
     r.register(Box::new(state))?;
     r.register(Box::new(rin))?;
     r.register(Box::new(rout))?;
+    r.register(Box::new(rdropped))?;
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())

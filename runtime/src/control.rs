@@ -97,6 +97,9 @@ pub enum ToCoordinator {
         /// Records in and out per operator, in plan order, summed over this worker's subtasks.
         records: Vec<(u64, u64)>,
         state_bytes: u64,
+        /// Records dropped per operator, in plan order.
+        #[serde(default)]
+        dropped: Vec<u64>,
     },
     /// A subtask's part of checkpoint `id` ([`crate::exec::FINAL`]: its final snapshot).
     #[serde(rename_all = "camelCase")]
@@ -118,6 +121,8 @@ pub enum ToCoordinator {
     #[serde(rename_all = "camelCase")]
     Finished {
         records: Vec<(u64, u64)>,
+        #[serde(default)]
+        dropped: Vec<u64>,
         #[serde(default)]
         attempt: u32,
     },

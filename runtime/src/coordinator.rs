@@ -141,6 +141,7 @@ impl Status {
                     .ops
                     .iter()
                     .map(|o| OperatorInfo {
+                        records_dropped: 0,
                         uid: o.uid.clone(),
                         type_: o.type_name.clone(),
                         records_in: 0,
@@ -412,6 +413,15 @@ enum AttemptEnd {
     /// Told to stop, the workers did not end in time: they were cancelled, and the job
     /// ends with this error (it is not restarted).
     Abandoned(RuntimeError),
+}
+
+/// What a worker last reported of its subtasks: records in and out and dropped per
+/// operator (in plan order), and the bytes of their state.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    records: Vec<(u64, u64)>,
+    state_bytes: u64,
+    dropped: Vec<u64>,
 }
 
 /// A checkpoint in flight.
@@ -1144,7 +1154,7 @@ impl<'a> Driver<'a> {
             .enumerate()
             .filter_map(|(i, s)| s.as_ref().map(|s| (s.conn, i)))
             .collect();
-        let mut progress: Vec<(Vec<(u64, u64)>, u64)> = vec![(Vec::new(), 0); self.expected];
+        let mut progress: Vec<Progress> = vec![Progress::default(); self.expected];
         let mut finished = vec![false; self.expected];
         // Workers that reported progress: their subtasks run (the exchange connected, the
         // state restored). A lost connection before all have is a failure of the restart.
@@ -1324,8 +1334,8 @@ impl<'a> Driver<'a> {
                 )));
             }
             match msg {
-                Ok(Some(ToCoordinator::Progress { records, state_bytes })) => {
-                    progress[w] = (records, state_bytes);
+                Ok(Some(ToCoordinator::Progress { records, state_bytes, dropped })) => {
+                    progress[w] = Progress { records, state_bytes, dropped };
                     running[w] = true;
                     self.publish(&progress);
                 }
@@ -1407,9 +1417,9 @@ impl<'a> Driver<'a> {
                     }
                     last_done = Instant::now();
                 }
-                Ok(Some(ToCoordinator::Finished { records, .. })) => {
+                Ok(Some(ToCoordinator::Finished { records, dropped, .. })) => {
                     self.ended.insert(conn);
-                    progress[w] = (records, 0);
+                    progress[w] = Progress { records, state_bytes: 0, dropped };
                     finished[w] = true;
                     self.publish(&progress);
                     if finished.iter().all(|&f| f) {
@@ -1708,15 +1718,18 @@ impl<'a> Driver<'a> {
         None
     }
 
-    fn publish(&self, progress: &[(Vec<(u64, u64)>, u64)]) {
+    fn publish(&self, progress: &[Progress]) {
         // Counters from the workers saturate rather than overflow.
         let sum = |it: &mut dyn Iterator<Item = u64>| it.fold(0u64, u64::saturating_add);
         self.c.status.update(|i| {
             for (k, op) in i.operators.iter_mut().enumerate() {
-                op.records_in = sum(&mut progress.iter().filter_map(|p| p.0.get(k)).map(|r| r.0));
-                op.records_out = sum(&mut progress.iter().filter_map(|p| p.0.get(k)).map(|r| r.1));
+                let of = |p: &Progress| p.records.get(k).copied().unwrap_or_default();
+                op.records_in = sum(&mut progress.iter().map(|p| of(p).0));
+                op.records_out = sum(&mut progress.iter().map(|p| of(p).1));
+                op.records_dropped =
+                    sum(&mut progress.iter().filter_map(|p| p.dropped.get(k).copied()));
             }
-            i.state_bytes = sum(&mut progress.iter().map(|p| p.1));
+            i.state_bytes = sum(&mut progress.iter().map(|p| p.state_bytes));
         });
     }
 

@@ -151,6 +151,8 @@ impl std::fmt::Debug for CheckpointRun {
 pub struct OpMetrics {
     pub records_in: AtomicU64,
     pub records_out: AtomicU64,
+    /// Records the operator could not use (see [`Operator::take_dropped`]).
+    pub records_dropped: AtomicU64,
 }
 
 /// The live counters of a job.
@@ -185,6 +187,11 @@ impl JobMetrics {
                 (m.records_in.load(Ordering::Relaxed), m.records_out.load(Ordering::Relaxed))
             })
             .collect()
+    }
+
+    /// Records dropped per operator, in plan order, now.
+    pub fn dropped_in_order(&self) -> Vec<u64> {
+        self.operators.iter().map(|(_, m)| m.records_dropped.load(Ordering::Relaxed)).collect()
     }
 
     /// Records in and out per operator uid, now.
@@ -294,6 +301,10 @@ impl Chain {
             Some(op) => {
                 let mut out = Vec::with_capacity(batch.len());
                 op.process(input, batch, &mut out)?;
+                let dropped = op.take_dropped();
+                if dropped > 0 {
+                    m.records_dropped.fetch_add(dropped, Ordering::Relaxed);
+                }
                 out
             }
             None => batch,

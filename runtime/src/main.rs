@@ -528,12 +528,24 @@ fn coordinate(
     }
     match result {
         Ok(summary) => {
+            let info_at_end = status.snapshot();
             let per_op: Vec<String> = summary
                 .records
                 .iter()
-                .map(|(uid, (i, o))| format!("{uid} {i} in / {o} out"))
+                .map(|(uid, (i, o))| {
+                    let dropped = info_at_end
+                        .operators
+                        .iter()
+                        .find(|op| &op.uid == uid)
+                        .map_or(0, |op| op.records_dropped);
+                    if dropped > 0 {
+                        format!("{uid} {i} in / {o} out ({dropped} dropped: not usable)")
+                    } else {
+                        format!("{uid} {i} in / {o} out")
+                    }
+                })
                 .collect();
-            let restarts = status.snapshot().restarts;
+            let restarts = info_at_end.restarts;
             let how = if stop_after.load(Ordering::Relaxed) {
                 "stopped (Ctrl-C / SIGTERM; --resume goes on from its last checkpoint) after"
             } else {

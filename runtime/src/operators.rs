@@ -32,6 +32,13 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// Records dropped since the last call because the operator could not use them (a
+    /// `sum` of a field that is not a number); counted in
+    /// `weir_operator_records_dropped_total`.
+    fn take_dropped(&mut self) -> u64 {
+        0
+    }
+
     /// Called once before the first batch, with the state [`Operator::snapshot`] returned in
     /// the checkpoint the job restores from (`None` when it starts afresh or the operator
     /// had none).
@@ -936,6 +943,8 @@ pub struct KeyedAggregate {
     field: Option<usize>,
     state: CachedValueState,
     scratch: [u8; 8],
+    /// Records whose field is not a number, since the last [`Operator::take_dropped`].
+    dropped: u64,
 }
 
 impl std::fmt::Debug for KeyedAggregate {
@@ -951,7 +960,7 @@ impl KeyedAggregate {
         field: Option<usize>,
         state: CachedValueState,
     ) -> Self {
-        Self { aggregate, key, field, state, scratch: [0; 8] }
+        Self { aggregate, key, field, state, scratch: [0; 8], dropped: 0 }
     }
 }
 
@@ -1007,7 +1016,10 @@ impl Operator for KeyedAggregate {
                     })
                 }
                 agg => {
-                    let Some(x) = self.field.and_then(|f| num_value(&r[f])) else { continue };
+                    let Some(x) = self.field.and_then(|f| num_value(&r[f])) else {
+                        self.dropped += 1;
+                        continue;
+                    };
                     let kb = r[self.key].key_bytes(&mut self.scratch);
                     self.state.update(kb, |old| combine(agg, old, x))
                 }
@@ -1027,6 +1039,10 @@ impl Operator for KeyedAggregate {
 
     fn finish(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
         self.state.write_back().map_err(|e| RuntimeError::internal(e.to_string()))
+    }
+
+    fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
     }
 
     fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {

@@ -265,7 +265,8 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
         *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let report = match &result {
             Ok(records) => {
-                ToCoordinator::Finished { records: records.clone(), attempt: job.attempt }
+                let (records, dropped) = records.clone();
+                ToCoordinator::Finished { records, dropped, attempt: job.attempt }
             }
             Err(e) => ToCoordinator::Failed {
                 message: e.message.clone(),
@@ -301,7 +302,7 @@ fn run_job(
     listener: &TcpListener,
     writer: &Arc<Writer>,
     ctl: &AttemptCtl,
-) -> Result<Vec<(u64, u64)>, RuntimeError> {
+) -> Result<(Vec<(u64, u64)>, Vec<u64>), RuntimeError> {
     let p = job.parallelism;
     let plan = crate::plan::build(&job.spec, Some(p), Some(job.max_parallelism))
         .map_err(|e| RuntimeError::user(e.0))?;
@@ -393,7 +394,11 @@ fn run_job(
                 }
                 last = Instant::now();
                 let records = metrics.records_in_order();
-                let msg = ToCoordinator::Progress { records, state_bytes: metrics.state_bytes() };
+                let msg = ToCoordinator::Progress {
+                    records,
+                    state_bytes: metrics.state_bytes(),
+                    dropped: metrics.dropped_in_order(),
+                };
                 if writer.send(&msg).is_err() {
                     return;
                 }
@@ -406,5 +411,5 @@ fn run_job(
     let _ = progress.join();
     drop(run);
     let _ = forward.join();
-    result.map(|_| metrics.records_in_order())
+    result.map(|_| (metrics.records_in_order(), metrics.dropped_in_order()))
 }

@@ -261,3 +261,25 @@ fn bad_pipelines_exit_2_naming_the_operator_and_field() {
         .unwrap();
     assert_eq!(res.status.code(), Some(2));
 }
+
+#[test]
+fn a_sum_counts_the_records_it_drops_for_a_field_that_is_not_a_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::write(input.join("a.txt"), "a 1\nb x 2\n").unwrap();
+    let file = tmp.path().join("sum.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: sums}}\nspec:\n  parallelism: 1\n  pipeline:\n    operators:\n      - {{uid: lines, type: file_source, path: {}}}\n      - {{uid: words, type: split, inputs: [lines]}}\n      - {{uid: sums, type: sum, inputs: [words], key: word, field: word}}\n      - {{uid: out, type: file_sink, inputs: [sums], path: {}}}\n",
+            input.display(),
+            tmp.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    let res = run_job(Way::InProcess, &file, &[], &tmp.path().join("state"));
+    assert!(res.ok, "{}", res.stderr);
+    // "a", "b" and "x" are not numbers; "1" and "2" are summed.
+    assert!(res.stderr.contains("sums 5 in / 2 out (3 dropped: not usable)"), "{}", res.stderr);
+}
