@@ -12,7 +12,7 @@ export CARGO_TERM_COLOR ?= never
 E2E_TESTS = $(basename $(notdir $(wildcard tests/tests/*.rs)))
 UNIT_TESTS = $(filter-out s3 storage snapshots,$(basename $(notdir $(wildcard runtime/tests/*.rs controller/tests/*.rs crds/tests/*.rs storage/tests/*.rs cli/tests/*.rs))))
 
-.PHONY: help install-deps build run test unit e2e env-up env-down generate check-generated fmt lint bench images clean
+.PHONY: help install-deps build run test unit e2e env-up env-down generate check-generated fmt lint bench images clean fuzz
 
 help:
 	@echo "make run        run the example job locally (no Kubernetes, no S3)"
@@ -85,6 +85,24 @@ bench:
 	bash bench/savepoints.sh
 	bash bench/controller.sh
 	bash bench/upgrades.sh
+
+# Fuzzing (fuzz/README.md; not part of `make test`): the seed corpora rewritten by the real
+# encoders, then each target for FUZZ_SECONDS. Nightly and cargo-fuzz, in a target directory
+# of its own (the first build compiles RocksDB again: 20+ minutes on 2 cores). New inputs go
+# to fuzz/corpus/<target>, crashes to fuzz/artifacts/<target>; it fails if any target crashed.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGET_DIR ?= $(HOME)/.cache/weir/fuzz-target
+FUZZ_TARGETS = wire_batch wire_frames control_json control_reader checkpoint_metadata in_flight keyed_entries
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo +stable install cargo-fuzz --locked
+	CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) nice -n 15 cargo +nightly fuzz build
+	$(FUZZ_TARGET_DIR)/x86_64-unknown-linux-gnu/release/seeds fuzz/seeds
+	@failed=; for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; mkdir -p fuzz/corpus/$$t; \
+	  CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) nice -n 15 cargo +nightly fuzz run $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=1024 -max_len=65536 -timeout=10 || failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashed:$$failed (inputs in fuzz/artifacts/)"; exit 1; fi
 
 # Container images, where an engine runs (docker or podman): IMAGE_PREFIX/weir-controller and
 # IMAGE_PREFIX/weir, tagged with the workspace version (what the chart's values name).

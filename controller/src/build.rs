@@ -7,18 +7,27 @@
 //!   <job>-coordinator    Deployment  1 replica, Recreate: `weir coordinator --resume`
 //!   <job>-worker         Service     headless, the workers' data port :6124
 //!   <job>-worker         StatefulSet parallelism replicas, Parallel: `weir worker`
-//!   <job>-api-token      Secret      the token of the coordinator's mutating endpoints
+//!   <job>-ingress        NetworkPolicy  ingress to the job's pods: 6123 and 6124 from the
+//!                                    job's pods, 8081 from the controller's namespace
+//!                                    (unless `spec.networkPolicy.enabled: false`)
+//!   <job>-api-token      Secret      `token`, of the coordinator's mutating endpoints
 //!                                    (created once, never rewritten; see `api_token`)
+//!   <job>-job-secret     Secret      `jobSecret`, of the job's control and data connections
+//!                                    and checkpoint metadata (`WEIR_JOB_SECRET`); created
+//!                                    when missing, never rewritten; see `job_secret`
 //! ```
 //!
 //! Every object carries the job's labels, an owner reference to the StreamJob (so deleting the
 //! job deletes them), and `weir.dev/applied-hash`, a hash of what was built: the reconciler
 //! applies an object only when the one in the cluster is missing or carries another hash.
+//! The NetworkPolicy is not part of the run (not in [`Objects`] nor in [`spec_hash`]):
+//! turning it on or off applies or deletes it and restarts nothing.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
 use serde_json::{Value, json};
@@ -51,6 +60,9 @@ pub struct BuildConfig {
     pub runtime_image: String,
     /// DNS suffix of Services after `<name>.<namespace>.` (`svc`, or `svc.cluster.local`).
     pub service_domain: String,
+    /// The namespace the controller runs in: the jobs' NetworkPolicies let it (and only it,
+    /// of the other namespaces) reach the coordinators' API.
+    pub controller_namespace: String,
 }
 
 /// What a job runs as, when running.
@@ -88,6 +100,21 @@ pub fn workers_name(job: &str) -> String {
 pub fn token_secret_name(job: &str) -> String {
     format!("{job}-api-token")
 }
+pub fn job_secret_name(job: &str) -> String {
+    format!("{job}-job-secret")
+}
+pub fn network_policy_name(job: &str) -> String {
+    format!("{job}-ingress")
+}
+
+/// Key of the API token in the Secret `<job>-api-token` (`WEIR_API_TOKEN` of the coordinator).
+pub const TOKEN_KEY: &str = "token";
+/// Key of the job's secret in the Secret `<job>-job-secret` (`WEIR_JOB_SECRET` of the
+/// coordinator and of every worker: the key of their connections' challenge-response and of
+/// the MAC of the job's checkpoint metadata).
+pub const JOB_SECRET_KEY: &str = "jobSecret";
+/// The environment variable the runtime takes the job's secret from.
+pub const JOB_SECRET_ENV: &str = "WEIR_JOB_SECRET";
 
 /// The job id of a StreamJob's first run: stable for one StreamJob object (its uid),
 /// different for a StreamJob deleted and created again under the same name.
@@ -177,17 +204,22 @@ fn stamped<K: serde::Serialize + serde::de::DeserializeOwned>(mut v: Value) -> K
 
 /// The job file the runtime reads: the StreamJob's spec, with the operator's defaults filled
 /// in, the restore point of the run, and without what only the controller acts on (the
-/// desired state, the upgrade mode and settings, nonces, periodic savepoints and retention).
+/// desired state, the upgrade mode and settings, nonces, periodic savepoints and retention,
+/// the NetworkPolicy, what happens to checkpoints on cancel).
 pub fn job_file(job: &StreamJob, valid: &Valid, run: &Run) -> String {
     let mut spec = job.spec.clone();
     spec.checkpointing.storage = valid.checkpoint_storage.clone().or(spec.checkpointing.storage);
     spec.max_parallelism = Some(valid.max_parallelism);
     let allow = spec.restore.as_ref().is_some_and(|r| r.allow_non_restored_state);
+    let older = spec.restore.as_ref().is_some_and(|r| r.resume_from_older);
     spec.restore = run.restore_path.as_ref().map(|p| weir_crds::streamjob::RestoreSpec {
         snapshot: None,
         path: Some(p.clone()),
         allow_non_restored_state: allow,
+        resume_from_older: older,
     });
+    // The controller's (on deletion), not the coordinator's: changing it restarts nothing.
+    spec.checkpointing.on_cancel = Default::default();
     spec.savepoints.trigger_nonce = None;
     spec.savepoints.interval = None;
     spec.savepoints.retention = Default::default();
@@ -202,6 +234,7 @@ pub fn job_file(job: &StreamJob, valid: &Valid, run: &Run) -> String {
             "imagePullPolicy",
             "resources",
             "podTemplate",
+            "networkPolicy",
         ] {
             m.remove(k);
         }
@@ -269,6 +302,9 @@ pub fn objects(
         json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
         json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
     ];
+    // The job's secret, by reference only: the coordinator and every worker prove to each
+    // other that they hold it on each control and data connection.
+    env.push(json!({"name": JOB_SECRET_ENV, "valueFrom": {"secretKeyRef": {"name": job_secret_name(&n), "key": JOB_SECRET_KEY}}}));
     if let Some(secret) = job.spec.s3.as_ref().and_then(|s| s.credentials_secret.as_ref()) {
         let from = |var: &str, key: &str| json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}});
         env.push(from("AWS_ACCESS_KEY_ID", &secret.access_key_id_key));
@@ -321,19 +357,28 @@ pub fn objects(
     let wanted = job.spec.resources.as_ref();
 
     let mut coord_env = env.clone();
-    coord_env.push(json!({"name": "WEIR_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret_name(&n), "key": "token"}}}));
+    coord_env.push(json!({"name": "WEIR_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret_name(&n), "key": TOKEN_KEY}}}));
+    let mut coord_args = vec![
+        json!("coordinator"),
+        json!(format!("{CONFIG_DIR}/job.yaml")),
+        json!("--control-addr"),
+        json!(format!("$(POD_IP):{CONTROL_PORT}")),
+        json!("--api-addr"),
+        json!(format!("$(POD_IP):{API_PORT}")),
+        json!("--job-id"),
+        json!(run.job_id),
+        json!("--resume"),
+    ];
+    // Checkpoints whose metadata cannot be used are passed over only when the spec says so.
+    if job.spec.restore.as_ref().is_some_and(|r| r.resume_from_older) {
+        coord_args.push(json!("--resume-from-older"));
+    }
+    coord_args.push(json!("--stay-after-end"));
     let coord_pod = pod(
         "coordinator",
         json!({
             "name": "coordinator",
-            "args": [
-                "coordinator", format!("{CONFIG_DIR}/job.yaml"),
-                "--control-addr", format!("$(POD_IP):{CONTROL_PORT}"),
-                "--api-addr", format!("$(POD_IP):{API_PORT}"),
-                "--job-id", run.job_id,
-                "--resume",
-                "--stay-after-end",
-            ],
+            "args": coord_args,
             "env": coord_env,
             "ports": [
                 {"name": "control", "containerPort": CONTROL_PORT, "protocol": "TCP"},
@@ -395,15 +440,59 @@ pub fn objects(
 /// The Secret with the coordinator's API token (created once: a new token on every apply
 /// would lock the controller out of a running coordinator).
 pub fn api_token(job: &StreamJob, token: &str) -> Secret {
+    secret(job, token_secret_name(&name(job)), TOKEN_KEY, token)
+}
+
+/// The Secret with the job's secret, apart from the token so that who may read the token (to
+/// ask for a savepoint) need not see it. Created when missing, never rewritten: a new one
+/// under a running job would lock its workers out, and its checkpoints are signed with it.
+pub fn job_secret(job: &StreamJob, job_secret: &str) -> Secret {
+    secret(job, job_secret_name(&name(job)), JOB_SECRET_KEY, job_secret)
+}
+
+/// An Opaque Secret of the job with one key.
+fn secret(job: &StreamJob, secret_name: String, key: &str, value: &str) -> Secret {
     let n = name(job);
     let owner = serde_json::to_value(owner(job)).unwrap_or_default();
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": token_secret_name(&n), "namespace": namespace(job), "labels": labels(&n, None), "ownerReferences": [owner]},
+        "metadata": {"name": secret_name, "namespace": namespace(job), "labels": labels(&n, None), "ownerReferences": [owner]},
         "type": "Opaque",
-        "stringData": {"token": token},
+        "stringData": {key: value},
     }))
     .expect("a Secret")
+}
+
+/// The job's NetworkPolicy: ingress to its pods (the coordinator and the workers, by the
+/// job's label) only on the control and data ports from the job's own pods, and on the API
+/// port from the controller's namespace (the controller polls the coordinator and asks it for
+/// savepoints there). Everything else into the pods is refused (the probes come from the node,
+/// which NetworkPolicies do not hold back); egress is left open (S3, Kafka, DNS).
+pub fn network_policy(job: &StreamJob, cfg: &BuildConfig) -> NetworkPolicy {
+    let n = name(job);
+    let owner = serde_json::to_value(owner(job)).unwrap_or_default();
+    let pods = json!({"matchLabels": {LABEL_JOB: n}});
+    stamped(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": network_policy_name(&n), "namespace": namespace(job), "labels": labels(&n, None), "ownerReferences": [owner]},
+        "spec": {
+            "podSelector": pods,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": pods}],
+                    "ports": [
+                        {"port": CONTROL_PORT, "protocol": "TCP"},
+                        {"port": DATA_PORT, "protocol": "TCP"},
+                    ],
+                },
+                {
+                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cfg.controller_namespace}}}],
+                    "ports": [{"port": API_PORT, "protocol": "TCP"}],
+                },
+            ],
+        },
+    }))
 }
 
 /// `spec.podTemplate` over a built pod template: a JSON merge patch (RFC 7386), except that

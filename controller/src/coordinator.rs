@@ -39,9 +39,22 @@ pub async fn trigger_savepoint(
     Ok(t.id)
 }
 
-/// `GET /v1/savepoints/{id}`.
-pub async fn savepoint(addr: &str, id: &str) -> Result<SavepointInfo, String> {
-    call(addr, "GET", &format!("/v1/savepoints/{id}"), None, None).await
+/// `GET /v1/savepoints/{id}`: `Ok(None)` when the coordinator answers 404, it has no
+/// savepoint of that id in its run (it restarted since, and the savepoint is lost).
+pub async fn savepoint(addr: &str, id: &str) -> Result<Option<SavepointInfo>, String> {
+    let path = format!("/v1/savepoints/{id}");
+    let what = format!("GET http://{addr}{path}");
+    let answer = tokio::time::timeout(TIMEOUT, fetch(addr, "GET", &path, None, None))
+        .await
+        .map_err(|_| format!("{what}: no answer within {} s", TIMEOUT.as_secs()))?
+        .map_err(|e| format!("{what}: {e}"))?;
+    match answer {
+        (404, _) => Ok(None),
+        (_, body) => {
+            let body = body.map_err(|e| format!("{what}: {e}"))?;
+            serde_json::from_slice(&body).map(Some).map_err(|e| format!("{what}: {e}"))
+        }
+    }
 }
 
 /// `GET /v1/savepoints`: the newest first.
@@ -71,6 +84,17 @@ async fn request(
     token: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Result<Vec<u8>, String> {
+    fetch(addr, method, path, token, body).await?.1
+}
+
+/// The answer's status code and [`parse_response`] of it.
+async fn fetch(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Result<(u16, Result<Vec<u8>, String>), String> {
     let fail = |e: std::io::Error| e.to_string();
     let mut s = TcpStream::connect(addr).await.map_err(fail)?;
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
@@ -92,7 +116,31 @@ async fn request(
     s.write_all(&body).await.map_err(fail)?;
     let mut buf = Vec::new();
     (&mut s).take(MAX_BODY as u64).read_to_end(&mut buf).await.map_err(fail)?;
-    parse_response(&buf)
+    Ok((status_code(&buf), parse_response(&buf)))
+}
+
+/// The status code of an HTTP/1.1 response (0 when it has none).
+pub fn status_code(buf: &[u8]) -> u16 {
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+    String::from_utf8_lossy(line)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The longest part of a coordinator's text (an error answer, a failure) that the controller
+/// repeats, in the status or an event: what events already keep.
+pub const MAX_TEXT: usize = 1000;
+
+/// `text` cut to [`MAX_TEXT`] bytes, with a mark that it was cut.
+pub fn bounded(text: &str) -> String {
+    if text.len() <= MAX_TEXT {
+        return text.to_string();
+    }
+    let mut s = crate::truncate(text.to_string(), MAX_TEXT - 3);
+    s.push_str("...");
+    s
 }
 
 /// The body of a complete HTTP/1.1 response with status 200 (Content-Length or read to the
@@ -107,7 +155,7 @@ pub fn parse_response(buf: &[u8]) -> Result<Vec<u8>, String> {
     let mut body = buf[end + 4..].to_vec();
     if code != "200" && code != "202" {
         let text = String::from_utf8_lossy(&body);
-        return Err(format!("answered {status:?}: {}", text.trim()));
+        return Err(bounded(&format!("answered {status:?}: {}", text.trim())));
     }
     for line in lines {
         if let Some((k, v)) = line.split_once(':') {
@@ -142,5 +190,19 @@ mod tests {
         let err = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9\r\n\r\nstarting\n";
         assert!(parse_response(err).unwrap_err().contains("503"));
         assert!(parse_response(b"HTTP/1.1 200").is_err());
+    }
+
+    #[test]
+    fn a_404_is_told_apart_and_a_long_answer_is_cut_like_an_event() {
+        assert_eq!(status_code(b"HTTP/1.1 404 Not Found\r\n\r\nno savepoint"), 404);
+        assert_eq!(status_code(b"garbage"), 0);
+        let mut long = b"HTTP/1.1 500 Internal Server Error\r\n\r\n".to_vec();
+        long.extend(std::iter::repeat_n(b'e', 100_000));
+        let e = parse_response(&long).unwrap_err();
+        assert!(e.len() <= MAX_TEXT && e.ends_with("...") && e.contains("500"), "{}", e.len());
+        assert_eq!(bounded("short"), "short");
+        // Cut at a character boundary.
+        let b = bounded(&"é".repeat(1000));
+        assert!(b.len() <= MAX_TEXT && b.ends_with("..."));
     }
 }

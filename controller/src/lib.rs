@@ -9,6 +9,7 @@
 //!   validate    pure: validate::validate           refusal → Degraded + Warning event,
 //!                                                   a running job left untouched
 //!   build       pure: build::objects               ConfigMap, Services, Deployment, StatefulSet
+//!               (and build::network_policy, apart from the run)
 //!   act         server-side apply of each object whose applied hash differs (or delete them
 //!               all when suspended); every step idempotent
 //!   observe     GET /v1/job from the coordinator
@@ -32,6 +33,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -73,7 +75,7 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    #[error("reading the system's random source for the API token: {0}")]
+    #[error("reading the system's random source for the API token or the job's secret: {0}")]
     Random(std::io::Error),
     #[error("{0}")]
     Coordinator(String),
@@ -110,6 +112,7 @@ pub struct Stores {
     services: MetaStore<Service>,
     deployments: MetaStore<Deployment>,
     stateful_sets: MetaStore<StatefulSet>,
+    network_policies: MetaStore<NetworkPolicy>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -131,6 +134,20 @@ where
         .map(|m| m.annotations().get(build::APPLIED_HASH).cloned())
 }
 
+/// Whether the object `name` of the store is there with a deletion timestamp.
+fn being_deleted<K: Resource<DynamicType = ()> + Clone>(
+    store: &MetaStore<K>,
+    ns: &str,
+    name: &str,
+) -> bool
+where
+    PartialObjectMeta<K>: Resource<DynamicType = ()> + Clone,
+{
+    store
+        .get(&ObjectRef::new(name).within(ns))
+        .is_some_and(|m| m.metadata.deletion_timestamp.is_some())
+}
+
 /// What a reconcile needs.
 pub struct Context {
     pub client: Client,
@@ -140,10 +157,13 @@ pub struct Context {
     pub stores: Stores,
     /// When retention last went over each job's snapshots (`namespace/name`).
     pub retention_passes: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
-    /// Jobs (by uid) whose API token Secret is known to exist. Secrets are not watched: that
-    /// would need `list` and `watch` on every Secret of the namespaces (RBAC cannot narrow a
-    /// list to a label), so the controller only `get`s and `create`s the Secrets it names.
+    /// Jobs (by uid) whose Secrets (API token, job secret) are known to exist. Secrets are not
+    /// watched: that would need `list` and `watch` on every Secret of the namespaces (RBAC
+    /// cannot narrow a list to a label), so the controller only `get`s and `create`s the
+    /// Secrets it names.
     pub tokens: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Failed attempts at deleting a deleted job's checkpoints (`onCancel: delete`), by uid.
+    pub cleanups: std::sync::Mutex<std::collections::HashMap<String, i32>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -156,6 +176,9 @@ impl std::fmt::Debug for Context {
 pub const FINALIZER: &str = "weir.dev/final-savepoint";
 /// Attempts at the final savepoint before a deleted job is let go without one.
 const FINAL_SAVEPOINT_ATTEMPTS: i32 = 3;
+/// Attempts at deleting a deleted job's checkpoints (`onCancel: delete`) before it is let go
+/// with what is left of them.
+const CHECKPOINT_DELETE_ATTEMPTS: i32 = 3;
 
 /// Reconciles one StreamJob (see the crate's documentation for the steps).
 pub async fn reconcile(job: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -170,21 +193,7 @@ pub async fn reconcile(job: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action,
     }
 
     // Read.
-    let mut observed = Observed::default();
-    if let Some(secret) = job.spec.s3.as_ref().and_then(|s| s.credentials_secret.as_ref()) {
-        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let found = api
-            .get_opt(&secret.name)
-            .await
-            .map_err(kube_err(format!("reading Secret {ns}/{}", secret.name)))?;
-        observed.credentials_secret = found.map(|s| {
-            let mut data = s.data.unwrap_or_default();
-            for (k, v) in s.string_data.unwrap_or_default() {
-                data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
-            }
-            data
-        });
-    }
+    let observed = Observed { credentials_secret: ctx.credentials_secret(&job, &ns).await? };
     let mut info = if exists { Some(coordinator::job(&addr).await) } else { None };
 
     // Validate.
@@ -284,6 +293,30 @@ pub fn error_policy(job: Arc<StreamJob>, err: &Error, ctx: Arc<Context>) -> Acti
 }
 
 impl Context {
+    /// The data of the Secret `spec.s3.credentialsSecret` names, if the job names one and it
+    /// exists.
+    pub(crate) async fn credentials_secret(
+        &self,
+        job: &StreamJob,
+        ns: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, k8s_openapi::ByteString>>, Error> {
+        let Some(secret) = job.spec.s3.as_ref().and_then(|s| s.credentials_secret.as_ref()) else {
+            return Ok(None);
+        };
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let found = api
+            .get_opt(&secret.name)
+            .await
+            .map_err(kube_err(format!("reading Secret {ns}/{}", secret.name)))?;
+        Ok(found.map(|s| {
+            let mut data = s.data.unwrap_or_default();
+            for (k, v) in s.string_data.unwrap_or_default() {
+                data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
+            }
+            data
+        }))
+    }
+
     fn deployed(&self, ns: &str, name: &str) -> bool {
         let s = &self.stores;
         applied_hash(&s.config_maps, ns, &build::config_map_name(name)).is_some()
@@ -322,48 +355,106 @@ impl Context {
         Ok(())
     }
 
-    /// Creates the API token Secret when it does not exist (never rewrites it). Looked up once
-    /// per job and controller process; a Secret deleted by hand comes back when the controller
-    /// restarts. False while the Secret found belongs to another job of the same name (one
-    /// deleted, whose Secret the garbage collector is about to remove): the caller waits.
-    async fn ensure_token(&self, job: &StreamJob, ns: &str, name: &str) -> Result<bool, Error> {
-        let uid = job.uid().unwrap_or_else(|| format!("{ns}/{name}"));
+    /// Creates the job's two Secrets when they do not exist: the API token (`<job>-api-token`)
+    /// and the job's secret (`<job>-job-secret`); never rewrites one, and never patches any
+    /// (the controller's role has `get` and `create` on Secrets, nothing more). Looked up once
+    /// per job and controller process, and again after a suspend; a Secret deleted by hand
+    /// comes back when the controller restarts or the job resumes. False while a Secret found
+    /// belongs to another job of the same name (one deleted, whose Secrets the garbage
+    /// collector is about to remove), or another replica or attempt created one meanwhile:
+    /// the caller waits and looks again.
+    async fn ensure_secrets(&self, job: &StreamJob, ns: &str, name: &str) -> Result<bool, Error> {
+        let uid = token_key(job, ns, name);
         if self.tokens.lock().unwrap().contains(&uid) {
             return Ok(true);
         }
-        let secret_name = build::token_secret_name(name);
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        let found = api
-            .get_opt(&secret_name)
-            .await
-            .map_err(kube_err(format!("reading Secret {ns}/{secret_name}")))?;
-        match found {
-            Some(s) if is_going(&s, &uid) => {
-                info!(namespace = ns, "waiting for Secret {secret_name} of a deleted job to go");
-                return Ok(false);
-            }
-            Some(_) => {}
-            None => {
-                let mut bytes = [0u8; 24];
-                {
-                    use std::io::Read;
-                    std::fs::File::open("/dev/urandom")
-                        .and_then(|mut f| f.read_exact(&mut bytes))
-                        .map_err(Error::Random)?;
-                }
-                let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-                match api.create(&PostParams::default(), &build::api_token(job, &token)).await {
-                    Ok(_) => {}
-                    // Another replica's or an earlier attempt's: looked at again next time.
-                    Err(kube::Error::Api(s)) if s.code == 409 => return Ok(false),
-                    Err(e) => {
-                        return Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e));
-                    }
-                }
-            }
+        let token = build::token_secret_name(name);
+        if !self
+            .ensure_secret(ns, &token, &uid, || Ok(build::api_token(job, &random_hex::<24>()?)))
+            .await?
+        {
+            return Ok(false);
+        }
+        let secret = build::job_secret_name(name);
+        if !self
+            .ensure_secret(ns, &secret, &uid, || Ok(build::job_secret(job, &random_hex::<32>()?)))
+            .await?
+        {
+            return Ok(false);
         }
         self.tokens.lock().unwrap().insert(uid);
         Ok(true)
+    }
+
+    /// Creates Secret `secret_name` of the job with uid `uid` from `make` unless it exists;
+    /// whether it exists now (see [`Context::ensure_secrets`]).
+    async fn ensure_secret(
+        &self,
+        ns: &str,
+        secret_name: &str,
+        uid: &str,
+        make: impl FnOnce() -> Result<Secret, Error>,
+    ) -> Result<bool, Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let found = api
+            .get_opt(secret_name)
+            .await
+            .map_err(kube_err(format!("reading Secret {ns}/{secret_name}")))?;
+        match found {
+            Some(s) if is_going(&s, uid) => {
+                info!(namespace = ns, "waiting for Secret {secret_name} of a deleted job to go");
+                Ok(false)
+            }
+            Some(_) => Ok(true),
+            None => match api.create(&PostParams::default(), &make()?).await {
+                Ok(_) => {
+                    info!(namespace = ns, "created Secret {secret_name}");
+                    Ok(true)
+                }
+                // Another replica's or an earlier attempt's: looked at again next time.
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
+            },
+        }
+    }
+
+    /// The job's NetworkPolicy as its spec wants it: applied (when missing or changed) while
+    /// `spec.networkPolicy.enabled`, else deleted when it exists. Not part of the run: turning
+    /// it on or off restarts nothing.
+    async fn ensure_network_policy(
+        &self,
+        job: &StreamJob,
+        ns: &str,
+        name: &str,
+        applied: &mut Vec<String>,
+    ) -> Result<(), Error> {
+        let s = &self.stores;
+        if job.spec.network_policy.enabled {
+            let np = build::network_policy(job, &self.config.build);
+            return self.apply_if_changed(&s.network_policies, ns, np, applied).await;
+        }
+        self.delete_network_policy(ns, name).await
+    }
+
+    async fn delete_network_policy(&self, ns: &str, name: &str) -> Result<(), Error> {
+        let n = build::network_policy_name(name);
+        if applied_hash(&self.stores.network_policies, ns, &n).is_none() {
+            return Ok(());
+        }
+        let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), ns);
+        match api.delete(&n, &DeleteParams::background()).await {
+            Ok(_) => info!(namespace = ns, "deleted NetworkPolicy {n}"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(kube_err(format!("deleting NetworkPolicy {ns}/{n}"))(e)),
+        }
+        Ok(())
+    }
+
+    /// Forgets that the job's Secrets were seen, so that they are looked at again before the
+    /// pods come back (after a suspend: a `<job>-job-secret` deleted meanwhile is made anew,
+    /// which is how a job's secret is replaced).
+    pub(crate) fn forget_secrets(&self, job: &StreamJob, ns: &str, name: &str) {
+        self.tokens.lock().unwrap().remove(&token_key(job, ns, name));
     }
 
     /// Deletes the job's objects (those that exist).
@@ -392,7 +483,61 @@ impl Context {
         delete!(s.services, Service, build::coordinator_name(name));
         delete!(s.services, Service, build::workers_name(name));
         delete!(s.config_maps, ConfigMap, build::config_map_name(name));
+        // No pods, nothing to let in: it comes back before them.
+        self.delete_network_policy(ns, name).await?;
         Ok(())
+    }
+
+    /// Deletes the job's coordinator Deployment and worker StatefulSet in the foreground (each
+    /// goes only once its pods have) and says whether both are gone: then no process of the
+    /// job writes to its storage any more.
+    pub(crate) async fn pods_gone(&self, ns: &str, name: &str) -> Result<bool, Error> {
+        let s = &self.stores;
+        let coordinator = build::coordinator_name(name);
+        let workers = build::workers_name(name);
+        let a = self.delete_in_foreground(&s.deployments, ns, &coordinator).await?;
+        let b = self.delete_in_foreground(&s.stateful_sets, ns, &workers).await?;
+        Ok(a && b)
+    }
+
+    /// Whether the job's coordinator Deployment or worker StatefulSet is being deleted (its
+    /// pods on their way out).
+    pub(crate) fn pods_going(&self, ns: &str, name: &str) -> bool {
+        let s = &self.stores;
+        being_deleted(&s.deployments, ns, &build::coordinator_name(name))
+            || being_deleted(&s.stateful_sets, ns, &build::workers_name(name))
+    }
+
+    /// Deletes `name` in the foreground unless it is gone or going; whether it is gone.
+    async fn delete_in_foreground<K>(
+        &self,
+        store: &MetaStore<K>,
+        ns: &str,
+        name: &str,
+    ) -> Result<bool, Error>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+        PartialObjectMeta<K>: Resource<DynamicType = ()> + Clone,
+    {
+        if store.get(&ObjectRef::new(name).within(ns)).is_none() {
+            return Ok(true);
+        }
+        if being_deleted(store, ns, name) {
+            return Ok(false);
+        }
+        let kind = K::kind(&());
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
+        match api.delete(name, &DeleteParams::foreground()).await {
+            Ok(_) => {
+                info!(namespace = ns, "deleting {kind} {name} and its pods");
+                Ok(false)
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(true),
+            Err(e) => Err(kube_err(format!("deleting {kind} {ns}/{name}"))(e)),
+        }
     }
 
     pub(crate) async fn publish(&self, job: &StreamJob, warning: bool, reason: &str, note: String) {
@@ -409,6 +554,21 @@ impl Context {
     }
 }
 
+/// What [`Context::tokens`] knows a job by.
+fn token_key(job: &StreamJob, ns: &str, name: &str) -> String {
+    job.uid().unwrap_or_else(|| format!("{ns}/{name}"))
+}
+
+/// `N` bytes of the system's random source, as 2N hex digits.
+fn random_hex<const N: usize>() -> Result<String, Error> {
+    use std::io::Read;
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(Error::Random)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Whether a job's token Secret is on its way out: being deleted, or owned by other objects
 /// only (a deleted job of the same name, which the garbage collector removes it with).
 fn is_going(secret: &Secret, job_uid: &str) -> bool {
@@ -417,7 +577,9 @@ fn is_going(secret: &Secret, job_uid: &str) -> bool {
         || (!owners.is_empty() && owners.iter().all(|o| o.uid != job_uid))
 }
 
-fn truncate(mut s: String, max: usize) -> String {
+/// `s` cut to at most `max` bytes (at a character boundary): events' notes, and the
+/// coordinator's texts the status repeats ([`coordinator::bounded`]).
+pub fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;
         while !s.is_char_boundary(cut) {
@@ -485,7 +647,8 @@ pub async fn run(
         let (services, sv) = owned::<Service>(&client, ns);
         let (deployments, dp) = owned::<Deployment>(&client, ns);
         let (stateful_sets, ss) = owned::<StatefulSet>(&client, ns);
-        let stores = Stores { config_maps, services, deployments, stateful_sets };
+        let (network_policies, np) = owned::<NetworkPolicy>(&client, ns);
+        let stores = Stores { config_maps, services, deployments, stateful_sets, network_policies };
         let jobs: Api<StreamJob> = match ns {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
@@ -498,6 +661,7 @@ pub async fn run(
             stores,
             retention_passes: Default::default(),
             tokens: Default::default(),
+            cleanups: Default::default(),
         });
         info!(namespace = ns.unwrap_or("(all)"), "watching StreamJobs");
         let controller = Controller::new(jobs, watcher::Config::default())
@@ -505,6 +669,7 @@ pub async fn run(
             .owns_stream(sv)
             .owns_stream(dp)
             .owns_stream(ss)
+            .owns_stream(np)
             .graceful_shutdown_on(shutdown.clone())
             .run(reconcile, error_policy, ctx)
             .for_each(|r| async move {
@@ -542,11 +707,21 @@ mod tests {
         .unwrap()
     }
 
+    /// The same for both of a job's Secrets, `<job>-api-token` and `<job>-job-secret`.
     #[test]
-    fn a_token_secret_of_a_deleted_job_of_the_same_name_is_waited_for() {
+    fn a_secret_of_a_deleted_job_of_the_same_name_is_waited_for() {
         assert!(!is_going(&secret(&["new"], false), "new"), "the job's own");
         assert!(is_going(&secret(&["old"], false), "new"), "a deleted job's, not yet collected");
         assert!(is_going(&secret(&["new"], true), "new"), "being deleted");
         assert!(!is_going(&secret(&[], false), "new"), "made by hand: used as it is");
+    }
+
+    #[test]
+    fn random_hex_draws_n_bytes_anew_each_time_as_lowercase_hex() {
+        let (a, b) = (random_hex::<32>().unwrap(), random_hex::<32>().unwrap());
+        assert_eq!(a.len(), 64, "at least the 32 bytes the runtime asks for");
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(random_hex::<24>().unwrap().len(), 48);
     }
 }

@@ -38,8 +38,8 @@ use weir_crds::snapshot::{
     SnapshotPhase, StreamSnapshot, StreamSnapshotSpec, StreamSnapshotStatus,
 };
 use weir_crds::streamjob::{
-    DeployedRun, RolledBack, SavepointInProgress, SavepointInfo, SavepointReason, StreamJobSpec,
-    StreamJobStatus, UpgradeMode, UpgradeProgress, UpgradeStep,
+    DeployedRun, OnCancel, RolledBack, SavepointInProgress, SavepointInfo, SavepointReason,
+    StreamJobSpec, StreamJobStatus, UpgradeMode, UpgradeProgress, UpgradeStep,
 };
 use weir_crds::{LABEL_JOB, StreamJob};
 
@@ -76,6 +76,9 @@ pub async fn first_run(
                 .get_opt(name)
                 .await
                 .map_err(kube_err(format!("reading StreamSnapshot {ns}/{name}")))?;
+            if let Some(changed) = found.as_ref().and_then(|s| s.path_changed()) {
+                return Ok(Err(format!("spec.restore.snapshot: {changed}")));
+            }
             return Ok(match found {
                 Some(s)
                     if s.status.as_ref().and_then(|s| s.phase)
@@ -103,6 +106,14 @@ pub async fn first_run(
         .into_iter()
         .filter(|s| s.spec.job == name)
         .filter(|s| s.status.as_ref().and_then(|s| s.phase) == Some(SnapshotPhase::Completed))
+        .filter(|s| match s.path_changed() {
+            // Never restored from: its path is not the savepoint it recorded.
+            Some(changed) => {
+                tracing::warn!(namespace = ns, job = %name, "not restored from: {changed}");
+                false
+            }
+            None => true,
+        })
         .max_by_key(|s| s.status.as_ref().and_then(|s| s.completed_at.as_ref()).map(|t| t.0));
     Ok(Ok((job_id, newest.map(|s| s.spec.path.to_string()))))
 }
@@ -176,6 +187,7 @@ pub fn intend(st: &mut StreamJobStatus, job: &StreamJob, reason: SavepointReason
             failed_attempts: 0,
             last_failure: None,
             request_id: None,
+            run_id: None,
         });
     }
 }
@@ -215,55 +227,98 @@ pub async fn drive(
                 p.request_id = Some(key.clone());
             }
             ctx.save_status(job, written, st).await?;
+            // The run the savepoint belongs to: another run id later means the coordinator
+            // restarted, and the savepoint went with it.
+            let run_id = match coordinator::job(addr).await {
+                Ok(i) => i.run_id,
+                Err(e) => return Ok(Savepoint::Failed(coordinator::bounded(&e))),
+            };
             let token = ctx.api_token(job).await?;
             let id = match coordinator::trigger_savepoint(addr, &token, sp.stop, &key).await {
                 Ok(id) => {
                     crash_point("savepoint-requested");
                     id
                 }
-                Err(e) => return Ok(Savepoint::Failed(e)),
+                Err(e) => return Ok(Savepoint::Failed(coordinator::bounded(&e))),
             };
             if let Some(p) = st.savepoint_in_progress.as_mut() {
                 p.trigger_id = Some(id.clone());
+                p.run_id = Some(run_id);
             }
             ctx.save_status(job, written, st).await?;
             id
         }
     };
-    match coordinator::savepoint(addr, &id).await {
-        Ok(info) => match info.status {
-            SavepointStatus::InProgress => {
-                let limit = job.spec.savepoints.timeout.as_std();
-                let since = Timestamp::now().duration_since(sp.requested_at.0);
-                if since.as_secs() > limit.as_secs() as i64 && !limit.is_zero() {
-                    Ok(Savepoint::Failed(format!(
-                        "savepoint {id} did not complete within spec.savepoints.timeout ({} s)",
-                        limit.as_secs()
-                    )))
-                } else {
-                    Ok(Savepoint::Pending)
-                }
-            }
+    let Some(sp) = st.savepoint_in_progress.clone() else {
+        return Ok(Savepoint::Failed("no savepoint is in progress".into()));
+    };
+    let run = coordinator::job(addr).await.map(|i| i.run_id);
+    let answer = coordinator::savepoint(addr, &id).await;
+    let limit = job.spec.savepoints.timeout.as_std();
+    let verdict = judge(&sp, &id, &run, &answer, limit, Timestamp::now());
+    match (&verdict, &answer) {
+        (Savepoint::Completed(p), Ok(Some(info))) => {
+            record(ctx, job, st, info, p, sp.reason).await?;
+            ctx.metrics.savepoints.with_label_values(&[reason_label(sp.reason), "completed"]).inc();
+        }
+        (Savepoint::Pending, Err(e)) => {
+            tracing::info!(job = %job.name_any(), "reading savepoint {id}: {e}");
+        }
+        _ => {}
+    }
+    Ok(verdict)
+}
+
+/// Where savepoint `id` (what `sp` records) stands after one look: `run` is the run id the
+/// coordinator answers now, `answer` its `GET /v1/savepoints/{id}` (`None`: 404). A
+/// coordinator of another run than the one that took the request (it restarted), or one
+/// that does not know the savepoint, lost it: failed. Every wait (in progress, coordinator
+/// unreachable) ends at `limit` (`spec.savepoints.timeout`, 0: none) after the request:
+/// failed too. The caller goes on by the rules of the upgrade mode.
+pub fn judge(
+    sp: &SavepointInProgress,
+    id: &str,
+    run: &Result<String, String>,
+    answer: &Result<Option<weir_crds::api::SavepointInfo>, String>,
+    limit: Duration,
+    now: Timestamp,
+) -> Savepoint {
+    if let (Ok(now_run), Some(then)) = (run, sp.run_id.as_ref())
+        && now_run != then
+    {
+        return Savepoint::Failed(format!(
+            "the coordinator restarted (run {then}, now run {now_run}) after it took savepoint {id}: the savepoint is lost"
+        ));
+    }
+    // From the request: after a failed attempt, from the end of its back-off.
+    let pause = if sp.failed_attempts > 0 { backoff(sp.failed_attempts - 1).as_secs() } else { 0 };
+    let waited = now.duration_since(sp.requested_at.0).as_secs() - pause as i64;
+    let late = |why: String| {
+        if !limit.is_zero() && waited > limit.as_secs() as i64 {
+            Savepoint::Failed(format!(
+                "savepoint {id} did not complete within spec.savepoints.timeout ({} s){why}",
+                limit.as_secs()
+            ))
+        } else {
+            Savepoint::Pending
+        }
+    };
+    match answer {
+        Ok(Some(info)) => match info.status {
+            SavepointStatus::InProgress => late(String::new()),
             SavepointStatus::Completed => match info.path.clone() {
-                Some(p) => {
-                    record(ctx, job, st, &info, &p, sp.reason).await?;
-                    ctx.metrics
-                        .savepoints
-                        .with_label_values(&[reason_label(sp.reason), "completed"])
-                        .inc();
-                    Ok(Savepoint::Completed(p))
-                }
-                None => Ok(Savepoint::Failed(format!("savepoint {id} completed without a path"))),
+                Some(p) => Savepoint::Completed(p),
+                None => Savepoint::Failed(format!("savepoint {id} completed without a path")),
             },
-            SavepointStatus::Failed => Ok(Savepoint::Failed(
-                info.failure.unwrap_or_else(|| format!("savepoint {id} failed")),
+            SavepointStatus::Failed => Savepoint::Failed(coordinator::bounded(
+                info.failure.as_deref().unwrap_or(&format!("savepoint {id} failed")),
             )),
         },
-        // The coordinator may be restarting; the next look decides.
-        Err(e) => {
-            tracing::info!(job = %job.name_any(), "reading savepoint {id}: {e}");
-            Ok(Savepoint::Pending)
-        }
+        Ok(None) => Savepoint::Failed(format!(
+            "the coordinator has no savepoint {id} (404): it restarted after it took the request, and the savepoint is lost"
+        )),
+        // The coordinator may be restarting; the next look decides, until the timeout.
+        Err(e) => late(format!(": the coordinator does not answer ({})", coordinator::bounded(e))),
     }
 }
 
@@ -281,8 +336,9 @@ pub fn failed(st: &mut StreamJobStatus, why: &str) -> i32 {
         Some(p) => {
             p.failed_attempts += 1;
             p.trigger_id = None;
+            p.run_id = None;
             p.requested_at = now();
-            p.last_failure = Some(why.to_string());
+            p.last_failure = Some(coordinator::bounded(why));
             p.request_id = None;
             p.failed_attempts
         }
@@ -353,6 +409,8 @@ async fn record(
         completed_at: Some(completed.clone()),
         size_bytes: Some(info.size_bytes as i64),
         message: None,
+        // What spec.path must stay (a CEL rule holds it; the controller checks it too).
+        path: Some(snap.spec.path.clone()),
     };
     api.patch_status(
         &snap_name,
@@ -434,6 +492,78 @@ pub fn mode_for(spec_mode: UpgradeMode, info: Option<&JobInfo>) -> UpgradeMode {
     }
 }
 
+/// The Warning's text when a savepoint mode job's savepoint (`what`) is not taken because the
+/// job does not run: `deployed` whether its objects (the coordinator's Deployment) exist,
+/// `answer` the coordinator's, `job_id` the deployed run's; `then` what happens instead.
+pub fn skipped_savepoint(
+    what: &str,
+    then: &str,
+    deployed: bool,
+    answer: Option<&Result<JobInfo, String>>,
+    job_id: Option<&str>,
+) -> String {
+    let why = match answer {
+        _ if !deployed => {
+            "the job's Deployment is already gone, so no coordinator can take it".into()
+        }
+        None => "the coordinator was not read".into(),
+        Some(Err(e)) => format!("the coordinator does not answer ({})", coordinator::bounded(e)),
+        Some(Ok(i)) if job_id.is_some_and(|j| j != i.job_id) => format!(
+            "the coordinator runs job id {}, not {}",
+            coordinator::bounded(&i.job_id),
+            job_id.unwrap_or_default()
+        ),
+        Some(Ok(i)) => format!("the job is {:?}, not running", i.state),
+    };
+    format!("{what} is skipped: {why}; {then}")
+}
+
+/// Whether a job needs the finalizer [`crate::FINALIZER`]: in savepoint mode for its final
+/// savepoint, with `spec.checkpointing.onCancel: delete` to delete its checkpoints.
+pub fn needs_finalizer(job: &StreamJob) -> bool {
+    job.spec.upgrade_mode == UpgradeMode::Savepoint
+        || job.spec.checkpointing.on_cancel == OnCancel::Delete
+}
+
+/// What became of a deleted job's final savepoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalSavepoint {
+    /// None was asked for (not savepoint mode, or the job did not run).
+    NotTried,
+    /// It completed: the job stopped with a savepoint.
+    Taken,
+    /// Every attempt failed: the last checkpoint is the job's only state.
+    Failed,
+}
+
+/// Whether a deleted job's checkpoints go: with `spec.checkpointing.onCancel: delete`, when it
+/// stopped without a savepoint tried, and it takes checkpoints. A job stopped with a
+/// savepoint was not cancelled; one whose final savepoint failed keeps its last checkpoint,
+/// its only state.
+pub fn deletes_checkpoints(job: &StreamJob, final_savepoint: FinalSavepoint) -> bool {
+    job.spec.checkpointing.on_cancel == OnCancel::Delete
+        && final_savepoint == FinalSavepoint::NotTried
+        && !job.spec.checkpointing.interval.as_std().is_zero()
+}
+
+/// The checkpoint directory of run `job_id` of `job`, `<storage>/<namespace>/<name>/<job-id>`:
+/// the job's checkpoint storage, else the operator's default.
+pub fn checkpoint_dir(
+    job: &StreamJob,
+    default_storage: Option<&weir_crds::StorageUri>,
+    job_id: &str,
+) -> Option<weir_crds::StorageUri> {
+    let storage = job.spec.checkpointing.storage.as_ref().or(default_storage)?;
+    let ns = job.namespace().unwrap_or_else(|| "default".into());
+    Some(storage.join(&format!("{ns}/{}/{job_id}", job.name_any())))
+}
+
+/// Whether `path` (a location, as written) is `dir` or below it.
+pub fn is_below(path: &str, dir: &weir_crds::StorageUri) -> bool {
+    let dir = format!("{}/", dir.to_string().trim_end_matches('/'));
+    format!("{}/", path.trim_end_matches('/')).starts_with(&dir)
+}
+
 pub fn now() -> Time {
     Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH))
 }
@@ -456,11 +586,12 @@ impl Context {
     ) -> Result<(), Error> {
         let (ns, name, addr) = self.names(job);
         let (ns, name, addr) = (ns.as_str(), name.as_str(), addr.as_str());
-        if !self.ensure_token(job, ns, name).await? {
+        if !self.ensure_secrets(job, ns, name).await? {
             step.requeue = Some(Duration::from_secs(1));
             return Ok(());
         }
         let hash = build::spec_hash(job, valid, &self.config.build);
+        let answer = info;
         let info = info.and_then(|r| r.as_ref().ok());
         let generation = job.metadata.generation.unwrap_or(0);
         if st.deployed.is_none() {
@@ -476,10 +607,12 @@ impl Context {
                 }
             }
         }
-        if job.spec.upgrade_mode == UpgradeMode::Savepoint {
+        if needs_finalizer(job) {
             self.add_finalizer(job, ns, name).await?;
         }
         let Some(mut d) = st.deployed.clone() else { return Ok(()) };
+        // Before any pod: a job's pods are never up without their NetworkPolicy.
+        self.ensure_network_policy(job, ns, name, &mut step.applied).await?;
 
         // A version rolled back is not tried again while the spec asks for it; any other
         // spec (a fix, or the stable one again) is.
@@ -553,6 +686,17 @@ impl Context {
                 return Ok(());
             }
             let mode = mode_for(job.spec.upgrade_mode, old);
+            if job.spec.upgrade_mode == UpgradeMode::Savepoint && mode != UpgradeMode::Savepoint {
+                let then = "the upgrade goes on from the last checkpoint (last-state)";
+                let text = skipped_savepoint(
+                    "the upgrade's savepoint",
+                    then,
+                    step.deployed,
+                    answer,
+                    Some(&d.job_id),
+                );
+                self.warn(job, "SavepointSkipped", text).await;
+            }
             let mut u = UpgradeProgress {
                 from_generation: Some(d.generation),
                 to_generation: generation,
@@ -635,7 +779,9 @@ impl Context {
                         Some(i) if i.state == JobState::Failed => Some(format!(
                             "generation {} failed on start: {}",
                             u.to_generation,
-                            i.error.clone().unwrap_or_else(|| "no reason given".into())
+                            i.error
+                                .as_deref()
+                                .map_or_else(|| "no reason given".into(), coordinator::bounded)
                         )),
                         _ if waited > limit.as_secs() => Some(format!(
                             "generation {} was not running within spec.upgrade.readyTimeout ({} s){}",
@@ -785,6 +931,7 @@ impl Context {
         }
         let (ns, name, addr) = self.names(job);
         let (ns, name, addr) = (ns.as_str(), name.as_str(), addr.as_str());
+        let answer = info;
         let info = info.and_then(|r| r.as_ref().ok());
         if let Some(d) = st.deployed.clone() {
             let running =
@@ -807,20 +954,34 @@ impl Context {
                     next.job_id = build::next_job_id(&d.job_id);
                     next.restore_path = None;
                 }
-                // Last-state, or a job that does not run: resume from the last checkpoint.
-                _ => {}
+                UpgradeMode::Savepoint => {
+                    let then =
+                        "the job is suspended without one and resumes from its last checkpoint";
+                    let text = skipped_savepoint(
+                        "the savepoint to suspend the job",
+                        then,
+                        step.deployed,
+                        answer,
+                        Some(&d.job_id),
+                    );
+                    self.warn(job, "SavepointSkipped", text).await;
+                }
+                // Last-state: resume from the last checkpoint.
+                UpgradeMode::LastState => {}
             }
             st.deployed = Some(next);
             st.upgrade = None;
             self.save_status(job, written, st).await?;
         }
         self.delete_objects(ns, name).await?;
+        self.forget_secrets(job, ns, name);
         step.deployed = false;
         Ok(())
     }
 
     /// A deleted job: in savepoint mode, a final savepoint (recorded as a StreamSnapshot)
-    /// before the finalizer lets it go.
+    /// before the finalizer lets it go; with `spec.checkpointing.onCancel: delete` and no final
+    /// savepoint tried, its pods, then the checkpoints of the run they ran.
     pub(crate) async fn finalize(
         &self,
         job: &StreamJob,
@@ -835,17 +996,37 @@ impl Context {
             return Ok(Action::await_change());
         }
         let mut written = st.clone();
-        let info = if exists { coordinator::job(addr).await.ok() } else { None };
-        let running = info.as_ref().is_some_and(|i| {
+        let answer = if exists { Some(coordinator::job(addr).await) } else { None };
+        let info = answer.as_ref().and_then(|r| r.as_ref().ok());
+        let running = info.is_some_and(|i| {
             st.deployed.as_ref().is_some_and(|d| d.job_id == i.job_id)
                 && i.state == JobState::Running
         });
         let stopping = st.savepoint_in_progress.as_ref().is_some_and(|p| p.stop);
-        if job.spec.upgrade_mode == UpgradeMode::Savepoint && exists && (running || stopping) {
+        let savepoint_mode = job.spec.upgrade_mode == UpgradeMode::Savepoint;
+        let delete = job.spec.checkpointing.on_cancel == OnCancel::Delete;
+        // Pods on their way out (the checkpoints are to go, see below): no savepoint now.
+        let going = self.pods_going(ns, name);
+        // Checkpoints are deleted only when no final savepoint was tried: a coordinator that
+        // does not answer just now is waited for a while rather than taken for a job that
+        // does not run, whose checkpoints would go with it.
+        if savepoint_mode && delete && !stopping && !going && matches!(answer, Some(Err(_))) {
+            let since = job
+                .metadata
+                .deletion_timestamp
+                .as_ref()
+                .map_or(0, |t| Timestamp::now().duration_since(t.0).as_secs());
+            if since < NOT_READY_BEFORE_LAST_STATE {
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
+        }
+        let mut final_savepoint = FinalSavepoint::NotTried;
+        if savepoint_mode && exists && ((running && !going) || stopping) {
             intend(&mut st, job, SavepointReason::Deletion, true);
             match drive(self, job, addr, &mut st, &mut written).await? {
                 Savepoint::Pending => return Ok(Action::requeue(Duration::from_secs(1))),
                 Savepoint::Completed(path) => {
+                    final_savepoint = FinalSavepoint::Taken;
                     self.note(
                         job,
                         "FinalSavepoint",
@@ -868,9 +1049,28 @@ impl Context {
                         self.save_status(job, &mut written, &st).await?;
                         return Ok(Action::requeue(backoff(n - 1)));
                     }
-                    self.warn(job, "SavepointFailed", format!("the final savepoint failed {n} times ({why}): the job is deleted without one; its last checkpoint stays in storage")).await;
+                    final_savepoint = FinalSavepoint::Failed;
+                    let kept = if delete {
+                        " (spec.checkpointing.onCancel: delete applies to a job stopped without a savepoint tried, not to one whose savepoint failed)"
+                    } else {
+                        ""
+                    };
+                    self.warn(job, "SavepointFailed", format!("the final savepoint failed {n} times ({why}): the job is deleted without one; its last checkpoint stays in storage{kept}")).await;
                 }
             }
+        }
+        if deletes_checkpoints(job, final_savepoint)
+            && let Some(wait) = self.delete_checkpoints(job, ns, name, &st).await?
+        {
+            return Ok(Action::requeue(wait));
+        }
+        if savepoint_mode && final_savepoint == FinalSavepoint::NotTried {
+            let job_id = st.deployed.as_ref().map(|d| d.job_id.as_str());
+            let then =
+                "the job is deleted without one, and its last checkpoint (if any) stays in storage";
+            let text =
+                skipped_savepoint("the final savepoint", then, exists, answer.as_ref(), job_id);
+            self.warn(job, "SavepointSkipped", text).await;
         }
         let api: Api<StreamJob> = Api::namespaced(self.client.clone(), ns);
         let left: Vec<String> =
@@ -889,6 +1089,109 @@ impl Context {
         .await
         .map_err(kube_err(format!("removing the finalizer of StreamJob {ns}/{name}")))?;
         Ok(Action::await_change())
+    }
+
+    /// `spec.checkpointing.onCancel: delete` for a deleted job stopped without a savepoint: its
+    /// pods go first (a coordinator still up would write its next checkpoint), then the
+    /// checkpoint directory of the run they ran, on S3 (a local one is not reachable from the
+    /// controller: left, with a log line). Never one that holds a savepoint or a restore point
+    /// a StreamSnapshot or a StreamJob of the namespace names. `Some(wait)`: look again then.
+    async fn delete_checkpoints(
+        &self,
+        job: &StreamJob,
+        ns: &str,
+        name: &str,
+        st: &StreamJobStatus,
+    ) -> Result<Option<Duration>, Error> {
+        let Some(d) = st.deployed.as_ref() else { return Ok(None) };
+        if !self.pods_gone(ns, name).await? {
+            return Ok(Some(Duration::from_secs(1)));
+        }
+        let defaults = self.config.defaults.checkpoint_storage.as_ref();
+        let Some(dir) = checkpoint_dir(job, defaults, &d.job_id) else { return Ok(None) };
+        let weir_crds::StorageUri::S3 { bucket, prefix } = dir.clone() else {
+            tracing::warn!(
+                namespace = ns,
+                job = name,
+                "spec.checkpointing.onCancel is delete, but the checkpoints at {dir} are in a local directory, which the controller cannot reach: left as they are"
+            );
+            return Ok(None);
+        };
+        if let Some(p) = self.protected_below(job, st, ns, &dir).await? {
+            self.warn(job, "CheckpointsKept", format!("spec.checkpointing.onCancel is delete, but the checkpoints at {dir} stay: {p} is below them")).await;
+            return Ok(None);
+        }
+        let creds = crate::retention::credentials(
+            job.spec.s3.as_ref(),
+            self.credentials_secret(job, ns).await?.as_ref(),
+        );
+        let spec = job.spec.s3.clone();
+        let under = format!("{prefix}/");
+        let deleted = tokio::task::spawn_blocking(move || {
+            weir_storage::objstore::S3Client::with_credentials(spec.as_ref(), creds)?
+                .delete_prefix(&bucket, &under)
+        })
+        .await
+        .map_err(|e| weir_storage::error::RuntimeError::internal(e.to_string()))
+        .and_then(|r| r);
+        let key = job.uid().unwrap_or_else(|| format!("{ns}/{name}"));
+        match deleted {
+            Ok(n) => {
+                self.cleanups.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                tracing::info!(namespace = ns, job = name, "deleted {n} objects under {dir}");
+                self.note(job, "CheckpointsDeleted", format!("deleted the checkpoints of job id {} at {dir} ({n} objects): spec.checkpointing.onCancel is delete and the job was stopped without a savepoint", d.job_id)).await;
+                Ok(None)
+            }
+            Err(e) => {
+                let n = {
+                    let mut c = self.cleanups.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = c.entry(key.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                if n < crate::CHECKPOINT_DELETE_ATTEMPTS {
+                    self.warn(job, "CheckpointsDeleteFailed", format!("deleting the checkpoints at {dir} failed (attempt {n} of {}): {}; tried again", crate::CHECKPOINT_DELETE_ATTEMPTS, e.message)).await;
+                    return Ok(Some(backoff(n - 1)));
+                }
+                self.cleanups.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                self.warn(job, "CheckpointsDeleteFailed", format!("deleting the checkpoints at {dir} failed {n} times ({}): the job is deleted, and what is left there stays", e.message)).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The first location below `dir` that must stay: the job's savepoint directory, the path
+    /// of a StreamSnapshot of the namespace, or a restore point of a StreamJob there (this
+    /// one's included).
+    async fn protected_below(
+        &self,
+        job: &StreamJob,
+        st: &StreamJobStatus,
+        ns: &str,
+        dir: &weir_crds::StorageUri,
+    ) -> Result<Option<String>, Error> {
+        let snaps: Api<StreamSnapshot> = Api::namespaced(self.client.clone(), ns);
+        let snaps = snaps
+            .list(&ListParams::default())
+            .await
+            .map_err(kube_err(format!("listing the StreamSnapshots of {ns}")))?
+            .items;
+        let jobs: Api<StreamJob> = Api::namespaced(self.client.clone(), ns);
+        let jobs = jobs
+            .list(&ListParams::default())
+            .await
+            .map_err(kube_err(format!("listing the StreamJobs of {ns}")))?
+            .items;
+        let mut paths: Vec<String> =
+            job.spec.savepoints.directory.iter().map(|d| d.to_string()).collect();
+        paths.extend(st.last_savepoint.as_ref().map(|s| s.path.clone()));
+        paths.extend(snaps.iter().map(|s| s.spec.path.to_string()));
+        paths.extend(crate::retention::protected(job, st, &snaps));
+        for other in jobs.iter().filter(|j| j.uid() != job.uid()) {
+            let ost = other.status.clone().unwrap_or_default();
+            paths.extend(crate::retention::protected(other, &ost, &snaps));
+        }
+        Ok(paths.into_iter().find(|p| is_below(p, dir)))
     }
 
     /// Takes the stopping savepoint `savepointInProgress` records one step further: its path
@@ -1235,6 +1538,7 @@ mod tests {
                 failed_attempts: 0,
                 last_failure: None,
                 request_id: None,
+                run_id: None,
             }),
             ..Default::default()
         };
@@ -1289,5 +1593,125 @@ mod tests {
         assert_eq!(mode_for(UpgradeMode::Savepoint, Some(&failed)), UpgradeMode::LastState);
         assert_eq!(mode_for(UpgradeMode::Savepoint, None), UpgradeMode::LastState);
         assert_eq!(mode_for(UpgradeMode::Stateless, Some(&running)), UpgradeMode::Stateless);
+    }
+
+    fn in_progress(run_id: Option<&str>, failed_attempts: i32) -> SavepointInProgress {
+        SavepointInProgress {
+            reason: SavepointReason::Upgrade,
+            stop: true,
+            trigger_id: Some("sp1".into()),
+            generation: 2,
+            requested_at: Time(Timestamp::from_second(1_000).unwrap()),
+            failed_attempts,
+            last_failure: None,
+            request_id: Some("g2-1000-a0".into()),
+            run_id: run_id.map(str::to_string),
+        }
+    }
+
+    fn answer(status: SavepointStatus) -> Result<Option<weir_crds::api::SavepointInfo>, String> {
+        Ok(Some(
+            serde_json::from_value(json!({
+                "id": "sp1", "status": status, "stop": true, "requestedAt": 0, "durationMs": 0,
+                "sizeBytes": 0, "path": "s3://b/sp/ns/j/sp-sp1",
+            }))
+            .unwrap(),
+        ))
+    }
+
+    #[test]
+    fn a_savepoint_is_failed_when_its_coordinator_restarted_or_forgot_it() {
+        let at = |s: i64| Timestamp::from_second(s).unwrap();
+        let limit = Duration::from_secs(60);
+        let sp = in_progress(Some("run-a"), 0);
+        let same: Result<String, String> = Ok("run-a".into());
+        let other: Result<String, String> = Ok("run-b".into());
+        let pending = answer(SavepointStatus::InProgress);
+        // Another run id: the coordinator restarted, even while it says in progress.
+        let v = judge(&sp, "sp1", &other, &pending, limit, at(1_010));
+        assert!(
+            matches!(&v, Savepoint::Failed(w) if w.contains("restarted") && w.contains("run-a") && w.contains("run-b")),
+            "{v:?}"
+        );
+        // A 404: it has no such savepoint.
+        let v = judge(&sp, "sp1", &same, &Ok(None), limit, at(1_010));
+        assert!(matches!(&v, Savepoint::Failed(w) if w.contains("404")), "{v:?}");
+        // The same run, in progress: pending until spec.savepoints.timeout.
+        assert!(matches!(judge(&sp, "sp1", &same, &pending, limit, at(1_060)), Savepoint::Pending));
+        let v = judge(&sp, "sp1", &same, &pending, limit, at(1_061));
+        assert!(matches!(&v, Savepoint::Failed(w) if w.contains("spec.savepoints.timeout (60 s)")));
+        // A coordinator that does not answer at all: pending, then failed at the timeout.
+        let down: Result<String, String> = Err("connection refused".into());
+        let gone: Result<Option<_>, String> = Err("connection refused".into());
+        assert!(matches!(judge(&sp, "sp1", &down, &gone, limit, at(1_030)), Savepoint::Pending));
+        let v = judge(&sp, "sp1", &down, &gone, limit, at(1_100));
+        assert!(
+            matches!(&v, Savepoint::Failed(w) if w.contains("timeout") && w.contains("connection refused")),
+            "{v:?}"
+        );
+        // 0s: no limit on the wait (a lost savepoint still fails).
+        let none = Duration::ZERO;
+        assert!(matches!(judge(&sp, "sp1", &down, &gone, none, at(99_999)), Savepoint::Pending));
+        assert!(matches!(
+            judge(&sp, "sp1", &same, &Ok(None), none, at(1_001)),
+            Savepoint::Failed(_)
+        ));
+        // Completed; and failed with the coordinator's reason, cut like an event.
+        let v = judge(&sp, "sp1", &same, &answer(SavepointStatus::Completed), limit, at(1_001));
+        assert!(matches!(&v, Savepoint::Completed(p) if p == "s3://b/sp/ns/j/sp-sp1"));
+        let mut failed = answer(SavepointStatus::Failed);
+        failed.as_mut().unwrap().as_mut().unwrap().failure = Some("x".repeat(50_000));
+        let v = judge(&sp, "sp1", &same, &failed, limit, at(1_001));
+        assert!(matches!(&v, Savepoint::Failed(w) if w.len() <= coordinator::MAX_TEXT), "{v:?}");
+        // Recorded by a controller that kept no run id: the 404 still decides.
+        let old = in_progress(None, 0);
+        assert!(matches!(
+            judge(&old, "sp1", &other, &pending, limit, at(1_001)),
+            Savepoint::Pending
+        ));
+        assert!(matches!(
+            judge(&old, "sp1", &other, &Ok(None), limit, at(1_001)),
+            Savepoint::Failed(_)
+        ));
+        // After a failed attempt the wait counts from the end of its back-off (10 s).
+        let retry = in_progress(Some("run-a"), 1);
+        assert!(matches!(
+            judge(&retry, "sp1", &same, &pending, limit, at(1_070)),
+            Savepoint::Pending
+        ));
+        assert!(matches!(
+            judge(&retry, "sp1", &same, &pending, limit, at(1_071)),
+            Savepoint::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn a_failed_attempt_forgets_the_run_and_keeps_a_bounded_reason() {
+        let mut st = StreamJobStatus {
+            savepoint_in_progress: Some(in_progress(Some("run-a"), 0)),
+            ..Default::default()
+        };
+        failed(&mut st, &"y".repeat(10_000));
+        let p = st.savepoint_in_progress.unwrap();
+        assert_eq!((p.run_id, p.trigger_id), (None, None));
+        assert!(p.last_failure.unwrap().len() <= coordinator::MAX_TEXT);
+    }
+
+    #[test]
+    fn a_skipped_savepoint_says_why() {
+        let info: JobInfo = serde_json::from_value(json!({"name": "j", "runId": "r", "jobId": "u-2", "state": "failed", "parallelism": 1, "maxParallelism": 128, "workersConnected": 1, "workersExpected": 1, "uptimeSeconds": 1.0, "startedAt": 0, "stateBytes": 0, "operators": [], "restarts": 0})).unwrap();
+        let then = "the job is deleted without one";
+        let gone = skipped_savepoint("the final savepoint", then, false, None, Some("u-2"));
+        assert_eq!(
+            gone,
+            "the final savepoint is skipped: the job's Deployment is already gone, so no coordinator can take it; the job is deleted without one"
+        );
+        let down = Err("connection refused".to_string());
+        let s = skipped_savepoint("the final savepoint", then, true, Some(&down), Some("u-2"));
+        assert!(s.contains("the coordinator does not answer (connection refused)"), "{s}");
+        let s = skipped_savepoint("x", then, true, Some(&Ok(info.clone())), Some("u-2"));
+        assert!(s.contains("the job is Failed, not running"), "{s}");
+        let s = skipped_savepoint("x", then, true, Some(&Ok(info)), Some("u-3"));
+        assert!(s.contains("runs job id u-2, not u-3"), "{s}");
     }
 }

@@ -45,6 +45,11 @@ struct Args {
     /// Namespace of the Lease (default: the controller's own, from POD_NAMESPACE).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
+    /// The controller's own namespace: the jobs' NetworkPolicies let it, and no other
+    /// namespace, reach the coordinators' API (default: POD_NAMESPACE, else the client's
+    /// namespace: in a pod, its ServiceAccount's; else the kubeconfig context's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    controller_namespace: Option<String>,
     /// How long a Lease holds without renewal: a standby takes over within this time after
     /// the leader dies.
     #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s")]
@@ -96,21 +101,28 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     });
+    let client = Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "no Kubernetes client (in a pod: the service account; else KUBECONFIG): {e}"
+        )
+    })?;
+    let controller_namespace = args
+        .controller_namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    info!(namespace = %controller_namespace, "the jobs' NetworkPolicies let this namespace reach their API");
     let config = Config {
         build: BuildConfig {
             runtime_image: args.runtime_image.clone(),
             service_domain: args.service_domain.clone(),
+            controller_namespace,
         },
         defaults: Defaults { checkpoint_storage: args.default_checkpoint_storage.clone() },
         namespaces: args.namespaces.iter().filter(|n| !n.is_empty()).cloned().collect(),
         poll: args.poll_interval.as_std().max(Duration::from_secs(1)),
         instance: Some(identity.clone()),
     };
-    let client = Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!(
-            "no Kubernetes client (in a pod: the service account; else KUBECONFIG): {e}"
-        )
-    })?;
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
         .await

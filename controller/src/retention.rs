@@ -93,6 +93,62 @@ pub fn protected(job: &StreamJob, st: &StreamJobStatus, snaps: &[StreamSnapshot]
     p
 }
 
+/// The job's savepoint directory: `spec.savepoints.directory`, else `savepoints` beside its
+/// checkpoint storage (the job's, else `default_storage`), as the runtime chooses it
+/// (`weir_runtime::checkpoint::default_savepoint_dir`, which the controller does not link).
+pub fn savepoint_dir(job: &StreamJob, default_storage: Option<&StorageUri>) -> Option<StorageUri> {
+    if let Some(d) = &job.spec.savepoints.directory {
+        return Some(d.clone());
+    }
+    Some(match job.spec.checkpointing.storage.as_ref().or(default_storage)? {
+        StorageUri::Local(p) => match p.parent() {
+            Some(parent) if p.file_name().is_some() => StorageUri::Local(parent.join("savepoints")),
+            _ => StorageUri::Local(p.join("savepoints")),
+        },
+        StorageUri::S3 { bucket, prefix } => {
+            let prefix = prefix.trim_end_matches('/');
+            let parent = prefix
+                .rsplit_once('/')
+                .map_or("savepoints".to_string(), |(parent, _)| format!("{parent}/savepoints"));
+            StorageUri::S3 { bucket: bucket.clone(), prefix: parent }
+        }
+    })
+}
+
+/// Whether retention may delete the data at `path`: only a savepoint of job `ns`/`name`,
+/// `<savepoint directory>/<ns>/<name>/sp-<id>/` (where its coordinator writes them), on S3.
+/// A path anywhere else (a snapshot imported or edited to point at other data, a directory of
+/// another job, a checkpoint) is never deleted: `Err` says why. The caller also requires a
+/// `_metadata` there before it starts.
+pub fn deletable(
+    path: &StorageUri,
+    dir: Option<&StorageUri>,
+    ns: &str,
+    name: &str,
+) -> Result<(), String> {
+    let Some(dir) = dir else {
+        return Err("the job has no savepoint directory (no spec.savepoints.directory and no checkpoint storage) to hold it".into());
+    };
+    let parent = dir.join(&format!("{ns}/{name}"));
+    let (StorageUri::S3 { bucket, prefix }, StorageUri::S3 { bucket: pb, prefix: pp }) =
+        (path, &parent)
+    else {
+        return Err(format!("it is not on S3 below the job's savepoint directory {parent}"));
+    };
+    let (prefix, pp) = (prefix.trim_end_matches('/'), pp.trim_end_matches('/'));
+    let leaf = match prefix.strip_prefix(pp).and_then(|r| r.strip_prefix('/')) {
+        Some(leaf) if bucket == pb => leaf,
+        _ => return Err(format!("it is not below the job's savepoint directory {parent}")),
+    };
+    let id = leaf.strip_prefix("sp-").unwrap_or_default();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!(
+            "it is not a savepoint directory {parent}/sp-<id>/ (it ends in {leaf:?})"
+        ));
+    }
+    Ok(())
+}
+
 /// The S3 credentials of the job's `spec.s3.credentialsSecret`, from the Secret's data.
 pub fn credentials(
     s3: Option<&S3Spec>,
@@ -141,6 +197,42 @@ impl Context {
                 ),
                 Why::Disposing => "its disposal was under way".into(),
             };
+            // Only a savepoint of this job, where its coordinator writes them, with its
+            // `_metadata` (checked before the disposal starts: a disposal under way may have
+            // deleted it already). Anything else stays, object and data, and says why once.
+            let spdir = savepoint_dir(job, self.config.defaults.checkpoint_storage.as_ref());
+            let checked = match s.path_changed() {
+                Some(changed) => Err(changed),
+                None => deletable(&s.spec.path, spdir.as_ref(), &ns, &name),
+            };
+            let allowed = match checked {
+                Err(e) => Err(e),
+                Ok(()) if why == Why::Disposing => Ok(()),
+                Ok(()) => self.has_metadata(job, &s.spec.path, secret).await,
+            };
+            if let Err(kept) = allowed {
+                let message = format!("retention does not delete {}: {kept}", s.spec.path);
+                tracing::warn!(namespace = %ns, job = %name, snapshot = %snap, "{message}");
+                if s.status.as_ref().and_then(|x| x.message.as_ref()) != Some(&message) {
+                    api.patch_status(
+                        &snap,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"status": {"message": message}})),
+                    )
+                    .await
+                    .map_err(kube_err(format!(
+                        "writing the status of StreamSnapshot {ns}/{snap}"
+                    )))?;
+                    self.publish(
+                        job,
+                        true,
+                        "SnapshotKept",
+                        format!("StreamSnapshot {snap} is kept ({reason}): {message}"),
+                    )
+                    .await;
+                }
+                continue;
+            }
             if why != Why::Disposing {
                 api.patch_status(
                     &snap,
@@ -208,6 +300,37 @@ impl Context {
     }
 }
 
+impl Context {
+    /// Whether the savepoint at `path` (on S3) holds its `_metadata`; `Err` says why not.
+    async fn has_metadata(
+        &self,
+        job: &StreamJob,
+        path: &StorageUri,
+        secret: Option<&BTreeMap<String, ByteString>>,
+    ) -> Result<(), String> {
+        let StorageUri::S3 { bucket, prefix } = path.clone() else {
+            return Err("it is not on S3".into());
+        };
+        let spec = job.spec.s3.clone();
+        let creds = credentials(spec.as_ref(), secret);
+        let key = format!("{}/_metadata", prefix.trim_end_matches('/'));
+        let k = key.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            S3Client::with_credentials(spec.as_ref(), creds)?.list(&bucket, &k)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| {
+            format!("looking for its _metadata failed ({}); tried again later", e.message)
+        })?;
+        if found.iter().any(|o| o.key == key) {
+            Ok(())
+        } else {
+            Err("it holds no _metadata, so it is not a savepoint".into())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +363,7 @@ mod tests {
             completed_at: Some(Time(Timestamp::from_second(at).unwrap())),
             size_bytes: None,
             message: None,
+            path: None,
         });
         s
     }
@@ -286,6 +410,61 @@ mod tests {
         // Nothing older than maxAge: only the disposal under way goes on.
         let out = expired(&snaps, &retention(10, 3600), &protected, now);
         assert_eq!(names(&out), [("gone".into(), Why::Disposing)]);
+    }
+
+    #[test]
+    fn retention_deletes_only_a_savepoint_directory_of_the_job() {
+        let job: StreamJob = serde_json::from_value(serde_json::json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "StreamJob",
+            "metadata": {"name": "wc", "namespace": "ns"},
+            "spec": {"checkpointing": {"storage": "s3://bkt/p/checkpoints"},
+                     "pipeline": {"operators": []}},
+        }))
+        .unwrap();
+        // Beside the checkpoints, as the runtime puts them.
+        let dir = savepoint_dir(&job, None).unwrap();
+        assert_eq!(dir.to_string(), "s3://bkt/p/savepoints");
+        let ok = |p: &str| deletable(&p.parse().unwrap(), Some(&dir), "ns", "wc");
+        assert_eq!(ok("s3://bkt/p/savepoints/ns/wc/sp-0193a1b2c3d4e001"), Ok(()));
+        assert_eq!(ok("s3://bkt/p/savepoints/ns/wc/sp-7/"), Ok(()));
+        for elsewhere in [
+            "s3://other/p/savepoints/ns/wc/sp-7",     // another bucket
+            "s3://bkt/p/savepoints/ns/other/sp-7",    // another job
+            "s3://bkt/p/savepoints/ns/wc",            // the job's whole directory
+            "s3://bkt/p/savepoints/ns/wc/sp-",        // no id
+            "s3://bkt/p/savepoints/ns/wc/sp-7/keyed", // inside a savepoint
+            "s3://bkt/p/savepoints/ns/wc/chk-7",      // not a savepoint
+            "s3://bkt/p/checkpoints/ns/wc/u/chk-7",   // checkpoints
+            "s3://bkt/p/savepoints/ns/wcx/sp-7",      // a job whose name starts the same
+            "/var/tmp/sp/ns/wc/sp-7",                 // local
+        ] {
+            assert!(ok(elsewhere).is_err(), "{elsewhere}");
+        }
+        assert!(deletable(&"s3://bkt/x/ns/wc/sp-1".parse().unwrap(), None, "ns", "wc").is_err());
+        // spec.savepoints.directory when it is set; else the operator's default storage.
+        let mut j = job.clone();
+        j.spec.savepoints.directory = Some("s3://sp-bkt/savepoints".parse().unwrap());
+        assert_eq!(savepoint_dir(&j, None).unwrap().to_string(), "s3://sp-bkt/savepoints");
+        let mut j = job.clone();
+        j.spec.checkpointing.storage = None;
+        let default: StorageUri = "s3://dflt/weir/checkpoints".parse().unwrap();
+        assert_eq!(
+            savepoint_dir(&j, Some(&default)).unwrap().to_string(),
+            "s3://dflt/weir/savepoints"
+        );
+        assert!(savepoint_dir(&j, None).is_none());
+    }
+
+    #[test]
+    fn a_snapshot_whose_path_changed_is_refused_with_the_rules_words() {
+        let mut s = snap("s1", NOW, P, SnapshotPhase::Completed);
+        assert_eq!(s.path_changed(), None, "nothing recorded (imported by hand)");
+        s.status.as_mut().unwrap().path = Some("s3://bkt/sp/s1".parse().unwrap());
+        assert_eq!(s.path_changed(), None);
+        s.spec.path = "s3://bkt/elsewhere".parse().unwrap();
+        let m = s.path_changed().unwrap();
+        assert!(m.contains(weir_crds::rules::SNAPSHOT_PATH_IMMUTABLE.0), "{m}");
+        assert!(m.contains("recorded s3://bkt/sp/s1, now s3://bkt/elsewhere"), "{m}");
     }
 
     #[test]

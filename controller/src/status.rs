@@ -149,7 +149,9 @@ pub fn next(
     } else if let Some((reason, message)) = &obs.problem {
         (true, *reason, message.clone())
     } else if let Some(info) = info.filter(|i| i.state == JobState::Failed) {
-        (true, "JobFailed", info.error.clone().unwrap_or_else(|| "the job failed".into()))
+        // The coordinator's text, cut like an event's note.
+        let why = info.error.as_deref().map(crate::coordinator::bounded);
+        (true, "JobFailed", why.unwrap_or_else(|| "the job failed".into()))
     } else if let Some(info) = info.filter(|i| i.state == JobState::Restarting) {
         (
             true,
@@ -189,7 +191,9 @@ fn time_of(ms: u64) -> Time {
 
 fn unreachable_message(c: &Option<Result<JobInfo, String>>) -> String {
     match c {
-        Some(Err(e)) => format!("the coordinator does not answer: {e}"),
+        Some(Err(e)) => {
+            format!("the coordinator does not answer: {}", crate::coordinator::bounded(e))
+        }
         _ => "the coordinator does not answer".into(),
     }
 }

@@ -57,7 +57,11 @@ fn good_secret() -> Observed {
 }
 
 fn cfg() -> BuildConfig {
-    BuildConfig { runtime_image: "ghcr.io/weir-dev/weir:test".into(), service_domain: "svc".into() }
+    BuildConfig {
+        runtime_image: "ghcr.io/weir-dev/weir:test".into(),
+        service_domain: "svc".into(),
+        controller_namespace: "weir-system".into(),
+    }
 }
 
 #[test]
@@ -295,6 +299,180 @@ fn a_job_runs_as_five_owned_objects_named_from_it() {
         c["env"].as_array().unwrap().iter().find(|e| e["name"] == "WEIR_API_TOKEN").unwrap();
     assert_eq!(token["valueFrom"]["secretKeyRef"]["name"], "wordcount-api-token");
     assert_eq!(to_json(&o.worker_service)["spec"]["clusterIP"], "None");
+}
+
+#[test]
+fn the_coordinator_and_every_worker_take_the_job_secret_from_the_secret_by_reference() {
+    let job = fixture("wordcount-s3.yaml");
+    // With and without a pod template overlay (a label, a sidecar with a value of its own).
+    let overlaid = patched(
+        &job,
+        json!({"spec": {"podTemplate": {"metadata": {"labels": {"team": "a"}}, "spec": {"containers": [
+            {"name": "sidecar", "image": "busybox", "env": [{"name": "EXTRA", "value": "1"}]},
+        ]}}}}),
+    );
+    for job in [&job, &overlaid] {
+        let o = objects(job, 3);
+        for (what, pod) in [
+            ("coordinator", to_json(&o.coordinator)["spec"]["template"].clone()),
+            ("worker", to_json(&o.workers)["spec"]["template"].clone()),
+        ] {
+            let c = pod["spec"]["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == what)
+                .unwrap_or_else(|| panic!("no {what} container: {pod}"))
+                .clone();
+            let env = c["env"].as_array().unwrap();
+            let secret: Vec<&Value> =
+                env.iter().filter(|e| e["name"] == build::JOB_SECRET_ENV).collect();
+            assert_eq!(secret.len(), 1, "{what}: {env:?}");
+            assert_eq!(
+                secret[0],
+                &json!({"name": "WEIR_JOB_SECRET", "valueFrom": {"secretKeyRef": {
+                    "name": "wordcount-job-secret", "key": "jobSecret",
+                }}}),
+                "{what}"
+            );
+            // Never a value in the runtime's containers.
+            for e in env {
+                assert!(e.get("value").is_none(), "{what}: a literal value in {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_token_and_the_job_secret_are_secrets_of_their_own() {
+    let job = fixture("wordcount-s3.yaml");
+    let token = to_json(&build::api_token(&job, "t0k3n"));
+    let secret = to_json(&build::job_secret(&job, &"ab".repeat(32)));
+    for (s, name) in [(&token, "wordcount-api-token"), (&secret, "wordcount-job-secret")] {
+        assert_eq!(s["kind"], "Secret");
+        assert_eq!(s["type"], "Opaque");
+        assert_eq!(s["metadata"]["name"], name);
+        assert_eq!(s["metadata"]["namespace"], "team-a");
+        let owner = &s["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["uid"], "6f1c2a9e-0b7d-4c3e-9a51-2d8e4f7a1b30");
+        assert_eq!(
+            (owner["kind"].as_str(), owner["controller"].as_bool()),
+            (Some("StreamJob"), Some(true))
+        );
+        assert_eq!(s["metadata"]["labels"]["weir.dev/job"], "wordcount");
+        assert_eq!(s["metadata"]["labels"], token["metadata"]["labels"], "the same labels");
+    }
+    assert_eq!(build::token_secret_name("wordcount"), "wordcount-api-token");
+    assert_eq!(build::job_secret_name("wordcount"), "wordcount-job-secret");
+    // One key each: who reads the token (to ask for a savepoint) does not see the job's
+    // secret.
+    assert_eq!(token["stringData"], json!({"token": "t0k3n"}));
+    assert_eq!(secret["stringData"], json!({"jobSecret": "ab".repeat(32)}));
+    // The coordinator takes both by reference, the workers the job's secret only.
+    let o = objects(&job, 2);
+    let env = |v: Value| -> Vec<(String, Value)> {
+        v["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["valueFrom"].get("secretKeyRef").is_some())
+            .map(|e| {
+                (e["name"].as_str().unwrap().to_string(), e["valueFrom"]["secretKeyRef"].clone())
+            })
+            .collect()
+    };
+    let coordinator = env(to_json(&o.coordinator));
+    let worker = env(to_json(&o.workers));
+    let reference = |name: &str, key: &str| json!({"name": name, "key": key});
+    assert!(
+        coordinator.contains(&("WEIR_API_TOKEN".into(), reference("wordcount-api-token", "token"))),
+        "{coordinator:?}"
+    );
+    for e in [&coordinator, &worker] {
+        assert!(
+            e.contains(&("WEIR_JOB_SECRET".into(), reference("wordcount-job-secret", "jobSecret"))),
+            "{e:?}"
+        );
+    }
+    assert!(!worker.iter().any(|(n, _)| n == "WEIR_API_TOKEN"), "{worker:?}");
+}
+
+#[test]
+fn the_network_policy_lets_in_the_jobs_pods_and_the_controllers_namespace_only() {
+    let job = fixture("wordcount-s3.yaml");
+    let np = to_json(&build::network_policy(&job, &cfg()));
+    assert_eq!(np["apiVersion"], "networking.k8s.io/v1");
+    assert_eq!(np["kind"], "NetworkPolicy");
+    assert_eq!(np["metadata"]["name"], build::network_policy_name("wordcount"));
+    assert_eq!(np["metadata"]["name"], "wordcount-ingress");
+    assert_eq!(np["metadata"]["namespace"], "team-a");
+    assert_eq!(np["metadata"]["labels"]["weir.dev/job"], "wordcount");
+    let owner = &np["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["kind"], "StreamJob");
+    assert_eq!(owner["uid"], "6f1c2a9e-0b7d-4c3e-9a51-2d8e4f7a1b30");
+    assert_eq!(owner["controller"], true);
+    assert!(np["metadata"]["annotations"][build::APPLIED_HASH].is_string());
+    let pods = json!({"matchLabels": {"weir.dev/job": "wordcount"}});
+    assert_eq!(
+        np["spec"],
+        json!({
+            "podSelector": pods,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": pods}],
+                    "ports": [{"port": 6123, "protocol": "TCP"}, {"port": 6124, "protocol": "TCP"}],
+                },
+                {
+                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "weir-system"}}}],
+                    "ports": [{"port": 8081, "protocol": "TCP"}],
+                },
+            ],
+        })
+    );
+    // Its selector picks both pods, and its ports are the ones they listen on.
+    let o = objects(&job, 2);
+    for pod in [to_json(&o.coordinator), to_json(&o.workers)] {
+        let labels = &pod["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(labels["weir.dev/job"], "wordcount");
+    }
+    let c = &to_json(&o.coordinator)["spec"]["template"]["spec"]["containers"][0];
+    let w = &to_json(&o.workers)["spec"]["template"]["spec"]["containers"][0];
+    let mut listening: Vec<u64> = [c, w]
+        .iter()
+        .flat_map(|c| c["ports"].as_array().unwrap().iter())
+        .map(|p| p["containerPort"].as_u64().unwrap())
+        .collect();
+    listening.sort();
+    assert_eq!(
+        listening,
+        [build::CONTROL_PORT, build::DATA_PORT, build::API_PORT].map(u64::from).to_vec()
+    );
+    // The controller's namespace comes from its configuration; the policy is the same for
+    // the same job (its hash too), and turning it off or on is no upgrade.
+    let mut other = cfg();
+    other.controller_namespace = "ops".into();
+    let np2 = to_json(&build::network_policy(&job, &other));
+    assert_eq!(
+        np2["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "ops"
+    );
+    assert_ne!(
+        np["metadata"]["annotations"][build::APPLIED_HASH],
+        np2["metadata"]["annotations"][build::APPLIED_HASH]
+    );
+    assert_eq!(np, to_json(&build::network_policy(&job, &cfg())));
+    let hash = |j: &StreamJob| {
+        let v = validate::validate(j, &good_secret(), &Defaults::default()).unwrap();
+        build::spec_hash(j, &v, &cfg())
+    };
+    let off = patched(&job, json!({"spec": {"networkPolicy": {"enabled": false}}}));
+    assert!(!off.spec.network_policy.enabled);
+    assert!(job.spec.network_policy.enabled, "on by default");
+    assert_eq!(hash(&off), hash(&job));
+    let v = validate::validate(&off, &good_secret(), &Defaults::default()).unwrap();
+    let file = build::job_file(&off, &v, &run(&off));
+    assert!(!file.contains("networkPolicy"), "{file}");
 }
 
 #[test]
@@ -604,4 +782,125 @@ fn a_suspended_job_has_no_pods_and_says_so() {
     assert_eq!(s.phase, Some(JobPhase::Suspended));
     assert_eq!(s.replicas, 0);
     assert_eq!(cond(&s, "Ready"), ("False", "Suspended"));
+}
+
+#[test]
+fn resume_from_older_reaches_the_coordinator_as_a_flag_after_resume() {
+    let job = fixture("wordcount-s3.yaml");
+    let args = |j: &StreamJob| -> Vec<String> {
+        to_json(&objects(j, 2).coordinator)["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let plain = args(&job);
+    assert!(plain.contains(&"--resume".to_string()), "{plain:?}");
+    assert!(!plain.contains(&"--resume-from-older".to_string()), "off by default: {plain:?}");
+    let older = patched(&job, json!({"spec": {"restore": {"resumeFromOlder": true}}}));
+    let with = args(&older);
+    let at = |a: &[String], s: &str| a.iter().position(|x| x == s).unwrap();
+    assert!(at(&with, "--resume-from-older") > at(&with, "--resume"), "{with:?}");
+    // Nothing else changes: the same arguments without it.
+    let without: Vec<String> =
+        with.iter().filter(|a| *a != "--resume-from-older").cloned().collect();
+    assert_eq!(without, plain);
+    // The workers are not concerned.
+    let w = |j: &StreamJob| to_json(&objects(j, 2).workers)["spec"]["template"].clone();
+    assert_eq!(w(&older), w(&job));
+    // Turning it on is an upgrade (the coordinator starts again with it); off by default, it
+    // changes nothing for a job that had none (`false` is not written into the job file).
+    let hash = |j: &StreamJob| {
+        let v = validate::validate(j, &good_secret(), &Defaults::default()).unwrap();
+        build::spec_hash(j, &v, &cfg())
+    };
+    assert_ne!(hash(&older), hash(&job));
+    let off = patched(&job, json!({"spec": {"restore": {"resumeFromOlder": false}}}));
+    assert_eq!(args(&off), plain);
+    // The job file carries it with the run's restore point, for `weir run` and the runtime's
+    // own check.
+    let v = validate::validate(&older, &good_secret(), &Defaults::default()).unwrap();
+    let run = build::Run {
+        job_id: "x-2".into(),
+        restore_path: Some("s3://bkt/sp/sp-1".parse().unwrap()),
+    };
+    let back: StreamJob = serde_saphyr::from_str(&build::job_file(&older, &v, &run)).unwrap();
+    let r = back.spec.restore.unwrap();
+    assert!(r.resume_from_older);
+    assert_eq!(r.path.unwrap().to_string(), "s3://bkt/sp/sp-1");
+    let v = validate::validate(&job, &good_secret(), &Defaults::default()).unwrap();
+    let file = build::job_file(&job, &v, &run);
+    assert!(!file.contains("resumeFromOlder"), "{file}");
+}
+
+#[test]
+fn on_cancel_is_the_controllers_alone_and_no_upgrade() {
+    use weir_controller::lifecycle::{self, FinalSavepoint};
+    let job = fixture("wordcount-s3.yaml");
+    let delete = patched(&job, json!({"spec": {"checkpointing": {"onCancel": "delete"}}}));
+    let hash = |j: &StreamJob| {
+        let v = validate::validate(j, &good_secret(), &Defaults::default()).unwrap();
+        build::spec_hash(j, &v, &cfg())
+    };
+    assert_eq!(hash(&delete), hash(&job), "changing it restarts nothing");
+    let v = validate::validate(&delete, &good_secret(), &Defaults::default()).unwrap();
+    let file = build::job_file(&delete, &v, &run(&delete));
+    assert!(!file.contains("onCancel"), "the coordinator in a pod never acts on it: {file}");
+
+    // The finalizer: for the final savepoint, or for the checkpoints to go.
+    let mode = |j: &StreamJob, m: &str| patched(j, json!({"spec": {"upgradeMode": m}}));
+    assert!(lifecycle::needs_finalizer(&job), "savepoint mode");
+    assert!(!lifecycle::needs_finalizer(&mode(&job, "last-state")));
+    assert!(!lifecycle::needs_finalizer(&mode(&job, "stateless")));
+    assert!(lifecycle::needs_finalizer(&mode(&delete, "last-state")));
+    assert!(lifecycle::needs_finalizer(&mode(&delete, "stateless")));
+
+    // Deleted only when stopped without a savepoint tried: a job stopped with one was not
+    // cancelled, and one whose final savepoint failed keeps its last checkpoint.
+    use FinalSavepoint::*;
+    assert!(lifecycle::deletes_checkpoints(&delete, NotTried));
+    assert!(!lifecycle::deletes_checkpoints(&delete, Taken));
+    assert!(!lifecycle::deletes_checkpoints(&delete, Failed));
+    for f in [NotTried, Taken, Failed] {
+        assert!(!lifecycle::deletes_checkpoints(&job, f), "retain: {f:?}");
+    }
+    let stateless_off = patched(
+        &delete,
+        json!({"spec": {"upgradeMode": "stateless", "checkpointing": {"interval": "0s"}}}),
+    );
+    assert!(!lifecycle::deletes_checkpoints(&stateless_off, NotTried), "no checkpoints at all");
+
+    // Which directory: the run's, below the job's storage or the operator's default.
+    let dir = lifecycle::checkpoint_dir(&delete, None, "6f1c2a9e0b7d-3").unwrap();
+    assert_eq!(dir.to_string(), "s3://weir-data/checkpoints/team-a/wordcount/6f1c2a9e0b7d-3");
+    let default: StorageUri = "s3://ops/chk".parse().unwrap();
+    let no_storage = patched(&delete, json!({"spec": {"checkpointing": {"storage": null}}}));
+    assert_eq!(
+        lifecycle::checkpoint_dir(&no_storage, Some(&default), "j").unwrap().to_string(),
+        "s3://ops/chk/team-a/wordcount/j"
+    );
+    assert!(lifecycle::checkpoint_dir(&no_storage, None, "j").is_none());
+    assert_eq!(
+        lifecycle::checkpoint_dir(&delete, Some(&default), "j").unwrap().to_string(),
+        "s3://weir-data/checkpoints/team-a/wordcount/j",
+        "the job's own storage first"
+    );
+    // What keeps it: anything at or below it, nothing beside it.
+    for below in [
+        "s3://weir-data/checkpoints/team-a/wordcount/6f1c2a9e0b7d-3",
+        "s3://weir-data/checkpoints/team-a/wordcount/6f1c2a9e0b7d-3/",
+        "s3://weir-data/checkpoints/team-a/wordcount/6f1c2a9e0b7d-3/chk-4/_metadata",
+    ] {
+        assert!(lifecycle::is_below(below, &dir), "{below}");
+    }
+    for beside in [
+        "s3://weir-data/checkpoints/team-a/wordcount/6f1c2a9e0b7d-30",
+        "s3://weir-data/checkpoints/team-a/wordcount/6f1c2a9e0b7d",
+        "s3://weir-data/checkpoints/team-a/wordcount/sp-1",
+        "s3://weir-data/savepoints/team-a/wordcount/sp-1",
+        "s3://other/checkpoints/team-a/wordcount/6f1c2a9e0b7d-3/chk-4",
+    ] {
+        assert!(!lifecycle::is_below(beside, &dir), "{beside}");
+    }
 }

@@ -165,9 +165,52 @@ mod tests {
         assert_eq!(s.checkpointing.mode, streamjob::CheckpointMode::ExactlyOnce);
         assert!(s.checkpointing.incremental);
         assert_eq!(s.restart_strategy.kind, streamjob::RestartStrategyType::ExponentialDelay);
+        assert_eq!(s.checkpointing.on_cancel, streamjob::OnCancel::Retain);
+        assert!(s.restore.is_none());
         // Defaults are not written back: what the user wrote is what is serialized.
         let back = serde_json::to_value(s).unwrap();
         assert!(back.get("checkpointing").is_none() && back.get("restartStrategy").is_none());
+    }
+
+    #[test]
+    fn on_cancel_and_resume_from_older_default_to_what_was_done_before_they_existed() {
+        let crd = &crd_values()[0];
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        let on_cancel = &spec["checkpointing"]["properties"]["onCancel"];
+        assert_eq!(on_cancel["type"], "string", "{on_cancel}");
+        assert_eq!(on_cancel["enum"], serde_json::json!(["retain", "delete"]), "{on_cancel}");
+        assert_eq!(on_cancel["default"], "retain", "{on_cancel}");
+        assert!(on_cancel["description"].as_str().is_some_and(|d| d.contains("never")));
+        let older = &spec["restore"]["properties"]["resumeFromOlder"];
+        assert_eq!(older["type"], "boolean", "{older}");
+        assert_eq!(older["default"], false, "{older}");
+        assert!(older["description"].as_str().is_some_and(|d| d.contains("signed")));
+        // Both read from YAML, kebab-case and camelCase; the defaults are not written back.
+        let job: StreamJob = serde_saphyr::from_str(
+            "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {name: j}\nspec:\n  checkpointing: {onCancel: delete}\n  restore: {resumeFromOlder: true}\n  pipeline:\n    operators:\n      - {uid: s, type: generator}\n",
+        )
+        .unwrap();
+        assert_eq!(job.spec.checkpointing.on_cancel, streamjob::OnCancel::Delete);
+        assert!(job.spec.restore.as_ref().unwrap().resume_from_older);
+        let back = serde_json::to_value(&job.spec).unwrap();
+        assert_eq!(back["checkpointing"]["onCancel"], "delete");
+        assert_eq!(back["restore"]["resumeFromOlder"], true);
+        let mut plain = job.spec.clone();
+        plain.checkpointing.on_cancel = streamjob::OnCancel::Retain;
+        plain.restore = Some(streamjob::RestoreSpec {
+            path: Some("/x".parse().unwrap()),
+            ..Default::default()
+        });
+        let back = serde_json::to_value(&plain).unwrap();
+        assert!(back.get("checkpointing").is_none(), "{back}");
+        assert_eq!(
+            back["restore"],
+            serde_json::json!({"path": "/x", "allowNonRestoredState": false})
+        );
+        let refused = serde_saphyr::from_str::<StreamJob>(
+            "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {name: j}\nspec:\n  checkpointing: {onCancel: discard}\n  pipeline:\n    operators:\n      - {uid: s, type: generator}\n",
+        );
+        assert!(refused.is_err());
     }
 
     #[test]
@@ -183,6 +226,7 @@ mod tests {
             snapshot: Some("a".into()),
             path: Some("/x".parse().unwrap()),
             allow_non_restored_state: false,
+            resume_from_older: false,
         });
         assert!(job.spec.validate().unwrap_err().to_string().starts_with("spec.restore"));
         job.spec.restore = None;

@@ -86,6 +86,13 @@ pub const SOURCE_WITH_INPUTS: Text = Text("operator \"{uid}\" ({type}): a source
 pub const NO_INPUTS: Text =
     Text("operator \"{uid}\" ({type}): inputs is empty: name the operators it reads");
 
+/// A StreamSnapshot's `spec.path` changed (a transition rule of the StreamSnapshot CRD; the
+/// controller refuses a snapshot whose path differs from the one it recorded with the same
+/// words).
+pub const SNAPSHOT_PATH_IMMUTABLE: Text = Text(
+    "spec.path of a StreamSnapshot is immutable: it names the savepoint the snapshot was recorded with, which a job may restore from and retention deletes; create another StreamSnapshot for another path",
+);
+
 /// One piece of a [`Text`]: literal text or a hole.
 enum Piece<'a> {
     Literal(&'a str),
@@ -215,6 +222,8 @@ pub enum At {
     Pipeline,
     /// Each of `spec.pipeline.operators`.
     Operator,
+    /// `spec.path` of a StreamSnapshot.
+    SnapshotPath,
 }
 
 impl At {
@@ -227,6 +236,7 @@ impl At {
             At::Restore => "spec.restore",
             At::Pipeline => "spec.pipeline",
             At::Operator => "spec.pipeline.operators[*]",
+            At::SnapshotPath => "StreamSnapshot spec.path",
         }
     }
 }
@@ -445,6 +455,13 @@ pub fn all() -> Vec<Checked> {
             .field_path(".inputs")
             .reason(Reason::FieldValueRequired),
         },
+        Checked {
+            at: At::SnapshotPath,
+            what: "a change of a StreamSnapshot's path",
+            text: SNAPSHOT_PATH_IMMUTABLE,
+            rule: static_rule("self == oldSelf", SNAPSHOT_PATH_IMMUTABLE)
+                .reason(Reason::FieldValueForbidden),
+        },
     ]
 }
 
@@ -477,6 +494,9 @@ pub(crate) fn pipeline(schema: &mut Schema) {
 }
 pub(crate) fn operator(schema: &mut Schema) {
     add(schema, At::Operator);
+}
+pub(crate) fn snapshot_path(schema: &mut Schema) {
+    add(schema, At::SnapshotPath);
 }
 
 #[cfg(test)]

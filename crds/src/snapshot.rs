@@ -41,7 +41,8 @@ pub struct StreamSnapshotSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
     /// Where the savepoint is (`s3://...` or a local directory); self-contained, so it can be
-    /// copied elsewhere.
+    /// copied elsewhere. Immutable: a copy elsewhere is another StreamSnapshot.
+    #[schemars(transform = crate::rules::snapshot_path)]
     pub path: StorageUri,
     /// Parallelism of the job that took it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,9 +76,31 @@ pub struct StreamSnapshotStatus {
     /// Total size of the savepoint in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<i64>,
-    /// What went wrong, for a failed snapshot; why retention deletes it, while Disposing.
+    /// What went wrong, for a failed snapshot; why retention deletes it, while Disposing, or
+    /// why it keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The `spec.path` the controller recorded the savepoint with. A snapshot whose
+    /// `spec.path` differs (changed where the apiserver does not enforce its immutability) is
+    /// refused: neither restored from nor deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<StorageUri>,
+}
+
+impl StreamSnapshot {
+    /// Why the snapshot is refused, when its `spec.path` is not the one recorded with it
+    /// ([`crate::rules::SNAPSHOT_PATH_IMMUTABLE`], the CEL rule's words, with both paths).
+    pub fn path_changed(&self) -> Option<String> {
+        let recorded = self.status.as_ref()?.path.as_ref()?;
+        (recorded != &self.spec.path).then(|| {
+            format!(
+                "StreamSnapshot {}: {} (recorded {recorded}, now {})",
+                self.metadata.name.as_deref().unwrap_or_default(),
+                crate::rules::SNAPSHOT_PATH_IMMUTABLE,
+                self.spec.path
+            )
+        })
+    }
 }
 
 /// The phases of a StreamSnapshot.

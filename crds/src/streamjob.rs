@@ -140,6 +140,11 @@ pub struct StreamJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "preserve_unknown_object")]
     pub pod_template: Option<serde_json::Value>,
+
+    /// The NetworkPolicy `<job>-ingress` the operator creates for the job's pods, on by
+    /// default. Changing it is no upgrade: the pods keep running.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub network_policy: NetworkPolicySpec,
 }
 
 fn default_parallelism() -> i32 {
@@ -237,6 +242,28 @@ pub struct CheckpointingSpec {
     /// checkpoint storage in a cluster, `/var/tmp/weir/checkpoints` for `weir run`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageUri>,
+
+    /// What happens to the job's checkpoints when it is stopped without a savepoint
+    /// (`weir run` stopped by Ctrl-C; in a cluster, the StreamJob deleted without a final
+    /// savepoint tried): `retain` keeps them in storage; `delete` deletes the checkpoint
+    /// directory of the run that stopped, `<storage>/<namespace>/<name>/<job-id>/` (in a
+    /// cluster the controller does, once the job's pods are gone). Savepoints are never
+    /// deleted by this. Changing it is no upgrade.
+    #[serde(default, skip_serializing_if = "is_default")]
+    #[schemars(extend("default" = "retain"))]
+    pub on_cancel: OnCancel,
+}
+
+/// What happens to a job's checkpoints when it is stopped without a savepoint. *Flink:*
+/// `RETAIN_ON_CANCELLATION` and `DELETE_ON_CANCELLATION`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnCancel {
+    /// Keep the checkpoints in storage.
+    #[default]
+    Retain,
+    /// Delete the checkpoint directory of the run that was stopped.
+    Delete,
 }
 
 fn default_checkpoint_interval() -> Duration {
@@ -266,6 +293,7 @@ impl Default for CheckpointingSpec {
             incremental: true,
             retained: 1,
             storage: None,
+            on_cancel: OnCancel::Retain,
         }
     }
 }
@@ -369,6 +397,14 @@ pub struct RestoreSpec {
     /// longer has; that state is dropped.
     #[serde(default)]
     pub allow_non_restored_state: bool,
+    /// When the job resumes from its own checkpoints (the operator's coordinators always do,
+    /// `weir run --resume`) and a checkpoint's metadata is damaged or not signed by the job's
+    /// secret: resume from the newest usable checkpoint (when there is none, from the run's
+    /// restore point or from the beginning) instead of refusing to start. Output committed
+    /// after that checkpoint is written again. Changing it is an upgrade.
+    #[serde(default, skip_serializing_if = "is_default")]
+    #[schemars(extend("default" = false))]
+    pub resume_from_older: bool,
 }
 
 /// How a failed job restarts. Every restart is from the last completed checkpoint.
@@ -475,6 +511,25 @@ fn default_ready_timeout() -> Duration {
 impl Default for UpgradeSpec {
     fn default() -> Self {
         Self { ready_timeout: default_ready_timeout() }
+    }
+}
+
+/// The job's NetworkPolicy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create the NetworkPolicy: ingress to the job's pods only from the job's own pods
+    /// (ports 6123, control, and 6124, data) and from the operator's namespace (port 8081, the
+    /// coordinator's API), everything else into them refused; egress left open. `false`
+    /// deletes it. It takes effect only where the cluster's network plugin enforces
+    /// NetworkPolicies.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self { enabled: true }
     }
 }
 
@@ -750,6 +805,11 @@ pub struct SavepointInProgress {
     /// The coordinator's id for it, once the coordinator accepted the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger_id: Option<String>,
+    /// The run id (`GET /v1/job`'s `runId`) of the coordinator that took the request,
+    /// recorded with `triggerId`: a coordinator answering with another run id restarted, and
+    /// the savepoint is lost (failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
     /// The spec generation it was taken for.
     pub generation: i64,
     /// When it was first requested.

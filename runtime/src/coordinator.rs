@@ -471,6 +471,15 @@ impl Coordinator {
         let mut driver = Driver::new(&self).map_err(fail)?;
         ready();
         let result = driver.drive();
+        // Stopped (Ctrl-C, SIGTERM) without a savepoint: `onCancel: delete` takes the run's
+        // checkpoints with it.
+        if result.is_ok()
+            && self.opts.stop.load(Ordering::Relaxed)
+            && driver.stopped_into.is_none()
+            && self.spec.checkpointing.on_cancel == weir_crds::streamjob::OnCancel::Delete
+        {
+            driver.delete_checkpoints();
+        }
         self.status.fail_savepoints("the job ended before the savepoint was taken", true);
         // Workers that hang on (or never connected) go with the job.
         for slot in driver.slots.iter().flatten() {
@@ -503,6 +512,8 @@ struct Checkpointing {
     dir: String,
     /// The storage seen from that directory.
     job: Arc<dyn Storage>,
+    /// The storage's root.
+    root: Arc<dyn Storage>,
 }
 
 /// The coordinator's state while the job runs.
@@ -679,7 +690,7 @@ impl<'a> Driver<'a> {
                 restore_from = Some(m);
             }
             let dir = checkpoint::job_dir(&c.opts.namespace, &c.opts.name, &job_id);
-            let job: Arc<dyn Storage> = Arc::new(Prefixed::new(root, &dir));
+            let job: Arc<dyn Storage> = Arc::new(Prefixed::new(root.clone(), &dir));
             last_id = checkpoint::highest_id(job.as_ref())?;
             if let Some(m) = &restore_from {
                 check_restore(
@@ -701,7 +712,7 @@ impl<'a> Driver<'a> {
                     );
                 }
             }
-            ck = Some(Checkpointing { settings: settings.clone(), uri, dir, job });
+            ck = Some(Checkpointing { settings: settings.clone(), uri, dir, job, root });
         }
         c.status
             .checkpointing
@@ -1648,6 +1659,31 @@ impl<'a> Driver<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Deletes every checkpoint of this job id (`spec.checkpointing.onCancel: delete`).
+    fn delete_checkpoints(&self) {
+        let Some(ck) = &self.ck else { return };
+        let r = ck.job.list("").and_then(|all| {
+            let n = all.len();
+            for e in all {
+                ck.job.delete(&e.key)?;
+            }
+            Ok(n)
+        });
+        match r {
+            Ok(n) => {
+                ck.root.remove_empty_dirs(&ck.dir);
+                eprintln!(
+                    "weir: spec.checkpointing.onCancel is delete: deleted the job's checkpoints ({n} files, {})",
+                    ck.job.describe("")
+                );
+            }
+            Err(e) => eprintln!(
+                "weir: spec.checkpointing.onCancel is delete, but deleting the job's checkpoints in {} failed: {e}",
+                ck.job.describe("")
+            ),
+        }
     }
 
     /// Completes the pending checkpoints and savepoints that every subtask has acknowledged

@@ -30,6 +30,7 @@ pub mod operators;
 pub mod plan;
 pub mod record;
 pub mod savepoint;
+pub mod schema;
 pub mod snapshot;
 pub mod state;
 pub mod wire;
@@ -43,11 +44,19 @@ use std::path::Path;
 
 use weir_crds::StreamJob;
 
-/// Reads a StreamJob manifest (the same file `kubectl apply` takes).
+/// Reads a StreamJob manifest (the same file `kubectl apply` takes) and admits it as the
+/// apiserver would: `apiVersion` and `kind` first, then the CRD's schema ([`schema::admit`]:
+/// unknown fields, types, ranges, patterns, every error in the apiserver's words). The CEL
+/// rules are checked where the plan is built ([`plan::build`]).
 pub fn load_manifest(path: &Path) -> Result<StreamJob, plan::PlanError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| plan::PlanError(format!("reading {}: {e}", path.display())))?;
-    serde_saphyr::from_str(&text).map_err(|e| {
+    let not_valid = |e: &dyn std::fmt::Display| {
         plan::PlanError(format!("{}: not a valid StreamJob manifest: {e}", path.display()))
-    })
+    };
+    let mut manifest: serde_json::Value =
+        serde_saphyr::from_str(&text).map_err(|e| not_valid(&e))?;
+    schema::admit(&mut manifest)
+        .map_err(|e| plan::PlanError(format!("{}: {e}", path.display())))?;
+    serde_json::from_value(manifest).map_err(|e| not_valid(&e))
 }

@@ -296,13 +296,16 @@ struct AttemptCtl {
     savepoints: crate::exec::SavepointTargets,
 }
 
+/// Records in and out, and dropped, per operator in plan order.
+type Counts = (Vec<(u64, u64)>, Vec<u64>);
+
 fn run_job(
     opts: &WorkerOptions,
     job: &Assignment,
     listener: &TcpListener,
     writer: &Arc<Writer>,
     ctl: &AttemptCtl,
-) -> Result<(Vec<(u64, u64)>, Vec<u64>), RuntimeError> {
+) -> Result<Counts, RuntimeError> {
     let p = job.parallelism;
     let plan = crate::plan::build(&job.spec, Some(p), Some(job.max_parallelism))
         .map_err(|e| RuntimeError::user(e.0))?;

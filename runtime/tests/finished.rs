@@ -235,3 +235,33 @@ fn a_savepoint_that_cannot_complete_fails_within_its_timeout() {
     let _ = job.child.kill();
     let _ = job.finish(Duration::from_secs(30));
 }
+
+#[test]
+fn a_job_stopped_with_on_cancel_delete_leaves_no_checkpoints_and_retain_keeps_them() {
+    for on_cancel in ["delete", "retain"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("job.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {{name: cancelled}}\nspec:\n  parallelism: 2\n  checkpointing: {{interval: 200ms, onCancel: {on_cancel}, storage: {}}}\n  pipeline:\n    operators:\n      - {{uid: events, type: generator, format: kv, ratePerSecond: 2000}}\n      - {{uid: counts, type: count, inputs: [events], key: key}}\n      - {{uid: out, type: file_sink, inputs: [counts], path: {}}}\n",
+                tmp.path().join("checkpoints").display(),
+                tmp.path().join("out").display()
+            ),
+        )
+        .unwrap();
+        let mut job = run(&file, tmp.path(), &[]);
+        assert!(wait_checkpoints(&mut job, 2, Duration::from_secs(60)), "{on_cancel}");
+        job.signal("-TERM");
+        let (code, err) = job.finish(Duration::from_secs(60));
+        assert_eq!(code, Some(0), "{err}");
+        let jobs = tmp.path().join("checkpoints/default/cancelled");
+        let left = std::fs::read_dir(&jobs).map(|d| d.count()).unwrap_or(0);
+        if on_cancel == "delete" {
+            assert!(err.contains("onCancel is delete: deleted the job's checkpoints"), "{err}");
+            assert_eq!(left, 0, "checkpoints were left behind: {err}");
+        } else {
+            assert_eq!(left, 1, "the job's checkpoints are gone: {err}");
+        }
+    }
+}

@@ -41,7 +41,9 @@ def env_of(c):
 def test_chart_lints_without_errors():
     for values in ({}, {"watchNamespaces": ["a", "b"], "replicas": 2,
                         "metrics": {"serviceMonitor": {"enabled": True}},
-                        "grafanaDashboard": {"enabled": True}}):
+                        "grafanaDashboard": {"enabled": True},
+                        "networkPolicy": {"metricsFrom": [{"namespaceSelector": {}}]}},
+                   {"networkPolicy": {"enabled": False}}):
         result = helm_python.lint(str(CHART), values, strict=True)
         assert result["errors"] == [], (values, result)
         # Only informational messages (severity 1) are allowed.
@@ -51,7 +53,7 @@ def test_chart_lints_without_errors():
 def test_default_values_render_a_cluster_wide_controller_with_secure_pods():
     objs = objects()
     assert kinds(objs) == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                           "Deployment", "Service", "ServiceAccount"], kinds(objs)
+                           "Deployment", "NetworkPolicy", "Service", "ServiceAccount"], kinds(objs)
     dep = objs[("Deployment", "weir-system", "weir-controller")]
     assert dep["spec"]["replicas"] == 1
     pod = dep["spec"]["template"]["spec"]
@@ -72,11 +74,26 @@ def test_default_values_render_a_cluster_wide_controller_with_secure_pods():
     binding = objs[("ClusterRoleBinding", None, "weir-controller")]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "weir-controller",
                                     "namespace": "weir-system"}]
-    # Secrets are read by name only: never listed or watched, anywhere.
+    # Secrets are read by name only and created, never listed, watched or changed, anywhere
+    # (the job's secret has a Secret of its own, created when missing, never patched).
     rules = objs[("ClusterRole", None, "weir-controller")]["rules"]
     secret_verbs = {v for r in rules if "secrets" in r["resources"] for v in r["verbs"]}
     assert secret_verbs == {"get", "create"}, rules
     assert not any("*" in r["verbs"] or "*" in r["resources"] for r in rules), rules
+    # The jobs' NetworkPolicies: what the controller does with them, nothing more.
+    netpol = [r for r in rules if "networkpolicies" in r["resources"]]
+    assert netpol == [{"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+                       "verbs": ["list", "watch", "create", "patch", "delete"]}], rules
+    # The controller's own pod: ingress to the metrics port only, from anywhere; egress open.
+    np = objs[("NetworkPolicy", "weir-system", "weir-controller")]["spec"]
+    assert np["podSelector"] == {"matchLabels": dep["spec"]["selector"]["matchLabels"]}, np
+    assert np["policyTypes"] == ["Ingress"], np
+    assert np["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}], np
+    assert {"name": "metrics", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
+    # The controller knows its namespace (the namespace its jobs' policies let in).
+    pod_namespace = [e for e in c["env"] if e["name"] == "POD_NAMESPACE"]
+    assert pod_namespace == [{"name": "POD_NAMESPACE", "valueFrom": {
+        "fieldRef": {"fieldPath": "metadata.namespace"}}}], c["env"]
 
 
 def test_watch_namespaces_and_two_replicas_render_roles_and_leader_election():
@@ -116,9 +133,25 @@ def test_watch_namespaces_and_two_replicas_render_roles_and_leader_election():
         assert json.loads(dash["data"]["weir.json"])["title"], "the dashboard is valid JSON"
 
 
+def test_the_controllers_network_policy_follows_its_values():
+    values = {"metrics": {"port": 9090}, "networkPolicy": {"metricsFrom": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}}
+    objs = objects(values, namespace="ops")
+    np = objs[("NetworkPolicy", "ops", "weir-controller")]["spec"]
+    assert np["ingress"] == [{
+        "ports": [{"port": 9090, "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+    }], np
+    assert "--metrics-addr=$(POD_IP):9090" in container(objs, namespace="ops")["args"]
+    objs = objects({"networkPolicy": {"enabled": False}})
+    assert "NetworkPolicy" not in kinds(objs), kinds(objs)
+
+
 def test_bad_values_are_refused_by_the_chart_schema():
     for bad, field in (({"replicas": -1}, "replicas"), ({"logFormat": "xml"}, "logFormat"),
-                       ({"watchNamespaces": "team-a"}, "watchNamespaces")):
+                       ({"watchNamespaces": "team-a"}, "watchNamespaces"),
+                       ({"networkPolicy": {"enabled": "yes"}}, "networkPolicy")):
         with pytest.raises(helm_python.HelmError) as e:
             render.render(bad)
         assert field in str(e.value), (bad, str(e.value))
@@ -179,7 +212,8 @@ def controller_objects(kubeconfig, release, namespaces):
     left = []
     for ns in namespaces:
         out = kubectl(kubeconfig, "-n", ns, "get",
-                      "deployments,services,serviceaccounts,roles,rolebindings,configmaps,leases",
+                      "deployments,services,serviceaccounts,roles,rolebindings,configmaps,leases,"
+                      "networkpolicies",
                       "-l", selector, "-o", "name")
         left += out.stdout.split()
     out = kubectl(kubeconfig, "get", "clusterroles,clusterrolebindings", "-l", selector,
@@ -293,6 +327,8 @@ def test_the_controller_cannot_read_secrets_outside_the_namespaces_it_runs(
         assert can(kubeconfig, sa, "get", "secret/canary", "-n", jobs_namespace)
         assert not can(kubeconfig, sa, "list", "secrets", "-n", jobs_namespace)
         assert not can(kubeconfig, sa, "watch", "secrets", "-n", jobs_namespace)
+        for verb in ("patch", "update", "delete"):
+            assert not can(kubeconfig, sa, verb, "secret/canary", "-n", jobs_namespace), verb
         # Anywhere else, not even that: the other namespace, its own, kube-system.
         for ns in (other, namespace, "kube-system", "default"):
             assert not can(kubeconfig, sa, "get", "secret/canary", "-n", ns), ns
@@ -324,6 +360,7 @@ def test_cluster_wide_the_controller_reads_secrets_by_name_only(kubeconfig, name
         assert not can(kubeconfig, sa, "list", "secrets", "--all-namespaces")
         assert not can(kubeconfig, sa, "watch", "secrets", "-n", "default")
         assert not can(kubeconfig, sa, "update", "secrets", "-n", "default")
+        assert not can(kubeconfig, sa, "patch", "secrets", "-n", "default")
         assert not can(kubeconfig, sa, "delete", "secrets", "-n", "default")
         assert can(kubeconfig, sa, "list", "streamjobs.weir.dev", "--all-namespaces")
         # No leader election with one replica or none: no Lease rights.

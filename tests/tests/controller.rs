@@ -5,6 +5,7 @@
 //!
 //! Each test starts its own `weir-controller` process(es), limited to the test's namespace.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -634,5 +635,338 @@ async fn with_two_controllers_one_leads_and_the_other_takes_over_when_it_dies() 
     .await;
     let holder = leases.get(lease).await.unwrap().spec.unwrap().holder_identity.unwrap();
     assert_ne!(holder, leader);
+    env.delete_namespace(&ns).await;
+}
+
+/// A stateless job that needs no S3 (no checkpoints): what the controller builds for it is
+/// all these tests look at, not whether its pods run.
+fn stateless(ns: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "StreamJob",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "parallelism": 1,
+            "upgradeMode": "stateless",
+            "checkpointing": {"interval": "0s"},
+            "pipeline": {"operators": [
+                {"uid": "src", "type": "generator", "ratePerSecond": 10},
+                {"uid": "out", "type": "blackhole", "inputs": ["src"]},
+            ]},
+        },
+    })
+}
+
+/// The `metadata.generation` of the job's Deployment and StatefulSet (their specs' version:
+/// what their controllers' status writes leave alone) and their applied hashes.
+async fn pod_specs(env: &TestEnv, ns: &str, name: &str) -> Vec<(Option<i64>, Option<String>)> {
+    let hash = |m: &kube::core::ObjectMeta| {
+        (m.generation, m.annotations.as_ref().and_then(|a| a.get("weir.dev/applied-hash").cloned()))
+    };
+    let d = Api::<Deployment>::namespaced(env.client.clone(), ns)
+        .get(&format!("{name}-coordinator"))
+        .await
+        .unwrap();
+    let s = Api::<StatefulSet>::namespaced(env.client.clone(), ns)
+        .get(&format!("{name}-worker"))
+        .await
+        .unwrap();
+    vec![hash(&d.metadata), hash(&s.metadata)]
+}
+
+#[tokio::test]
+async fn a_jobs_network_policy_lets_in_its_pods_and_the_controllers_namespace_and_goes_when_off() {
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let env = TestEnv::get().await;
+    env.install_crds();
+    let ns = env.job_namespace("ctl-netpol").await;
+    let _ctl = Controller::start(&env, &ns, &["--controller-namespace", "weir-system"]);
+    let (ok, out) = apply(&env, &stateless(&ns, "np"));
+    assert!(ok, "kubectl apply: {out}");
+    let policies: Api<NetworkPolicy> = Api::namespaced(env.client.clone(), &ns);
+    let np = wait_for("NetworkPolicy np-ingress", T, || async {
+        policies.get_opt("np-ingress").await.ok().flatten()
+    })
+    .await;
+    let j = job(&env, &ns, "np").await;
+
+    // Owned by the job like its other objects, with the same labels.
+    let owners = np.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    let o = &owners[0];
+    assert_eq!(
+        (o.api_version.as_str(), o.kind.as_str(), o.name.as_str()),
+        ("weir.dev/v1alpha1", "StreamJob", "np")
+    );
+    assert_eq!(Some(&o.uid), j.metadata.uid.as_ref());
+    assert_eq!(o.controller, Some(true));
+    let labels = np.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get("weir.dev/job").map(String::as_str), Some("np"), "{labels:?}");
+    assert_eq!(
+        labels.get("app.kubernetes.io/managed-by").map(String::as_str),
+        Some("weir-controller")
+    );
+
+    // Ingress only: 6123 and 6124 from the job's pods, 8081 from the controller's namespace.
+    let spec = serde_json::to_value(np.spec.clone().unwrap()).unwrap();
+    let pods = json!({"matchLabels": {"weir.dev/job": "np"}});
+    assert_eq!(spec["podSelector"], pods, "{spec}");
+    assert_eq!(spec["policyTypes"], json!(["Ingress"]), "{spec}");
+    assert!(spec.get("egress").is_none(), "egress is left open: {spec}");
+    assert_eq!(
+        spec["ingress"],
+        json!([
+            {
+                "from": [{"podSelector": pods}],
+                "ports": [{"port": 6123, "protocol": "TCP"}, {"port": 6124, "protocol": "TCP"}],
+            },
+            {
+                "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "weir-system"}}}],
+                "ports": [{"port": 8081, "protocol": "TCP"}],
+            },
+        ]),
+        "{spec}"
+    );
+    // The namespace it names is labelled so (the apiserver labels every namespace).
+    let (ok, labelled_ns, err) = env.kubectl(&[
+        "get",
+        "namespaces",
+        "-l",
+        "kubernetes.io/metadata.name=weir-system",
+        "-o",
+        "name",
+    ]);
+    assert!(ok && labelled_ns.trim() == "namespace/weir-system", "{labelled_ns}{err}");
+
+    // Its selector picks the coordinator's and the workers' pods, and its ports are the
+    // ports those pods listen on.
+    let pod_api: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+    let selected = wait_for("the job's coordinator and worker pods", T, || async {
+        let l = pod_api.list(&ListParams::default().labels("weir.dev/job=np")).await.ok()?;
+        let mut components: Vec<String> = l
+            .items
+            .iter()
+            .filter_map(|p| p.metadata.labels.as_ref()?.get("weir.dev/component").cloned())
+            .collect();
+        components.sort();
+        (components == ["coordinator", "worker"]).then_some(l.items)
+    })
+    .await;
+    let mut listening: Vec<i32> = selected
+        .iter()
+        .flat_map(|p| p.spec.as_ref().unwrap().containers.iter())
+        .flat_map(|c| c.ports.clone().unwrap_or_default())
+        .map(|p| p.container_port)
+        .collect();
+    listening.sort();
+    assert_eq!(listening, [6123, 6124, 8081]);
+    let note = wait_event(&env, &ns, "np", "Deployed").await;
+    assert!(note.contains("NetworkPolicy np-ingress"), "{note}");
+
+    // Deleted by hand, it comes back.
+    let uid = np.metadata.uid.clone();
+    policies.delete("np-ingress", &DeleteParams::default()).await.unwrap();
+    wait_for("NetworkPolicy np-ingress recreated", T, || async {
+        let np = policies.get_opt("np-ingress").await.ok().flatten()?;
+        (np.metadata.uid != uid).then_some(())
+    })
+    .await;
+
+    // Turned off: deleted, and nothing else changes (no upgrade, the pods stay).
+    let before = pod_specs(&env, &ns, "np").await;
+    let run = j.status.as_ref().and_then(|s| s.deployed.as_ref()).map(|d| d.job_id.clone());
+    let jobs: Api<StreamJob> = Api::namespaced(env.client.clone(), &ns);
+    let off = json!({"spec": {"networkPolicy": {"enabled": false}}});
+    jobs.patch("np", &PatchParams::default(), &Patch::Merge(&off)).await.unwrap();
+    wait_for("NetworkPolicy np-ingress deleted", T, || async {
+        policies.get_opt("np-ingress").await.ok().and_then(|np| np.is_none().then_some(()))
+    })
+    .await;
+    let j = wait_job(&env, &ns, "np", "the change observed", |j| {
+        j.status.as_ref().and_then(|s| s.observed_generation) == j.metadata.generation
+    })
+    .await;
+    let s = j.status.clone().unwrap();
+    assert!(s.upgrade.is_none(), "no upgrade: {s:?}");
+    assert_eq!(s.deployed.map(|d| d.job_id), run, "the same run");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pod_specs(&env, &ns, "np").await, before, "the pods' specs are as they were");
+    assert!(policies.get_opt("np-ingress").await.unwrap().is_none(), "it stays deleted");
+
+    // On again: back, and the pods still as they were.
+    let on = json!({"spec": {"networkPolicy": {"enabled": true}}});
+    jobs.patch("np", &PatchParams::default(), &Patch::Merge(&on)).await.unwrap();
+    wait_for("NetworkPolicy np-ingress back", T, || async {
+        policies.get_opt("np-ingress").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(pod_specs(&env, &ns, "np").await, before);
+
+    // Suspended: no pods, no policy (it comes back before them on resume).
+    let suspend = json!({"spec": {"state": "suspended"}});
+    jobs.patch("np", &PatchParams::default(), &Patch::Merge(&suspend)).await.unwrap();
+    wait_job(&env, &ns, "np", "Suspended", |j| phase(j) == Some(JobPhase::Suspended)).await;
+    wait_for("NetworkPolicy np-ingress deleted with the pods", T, || async {
+        policies.get_opt("np-ingress").await.ok().and_then(|np| np.is_none().then_some(()))
+    })
+    .await;
+    env.delete_namespace(&ns).await;
+}
+
+#[tokio::test]
+async fn the_jobs_secret_is_a_secret_of_its_own_that_reaches_its_pods_by_reference() {
+    let env = TestEnv::get().await;
+    env.install_crds();
+    let ns = env.job_namespace("ctl-secret").await;
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &ns);
+    // The token Secret of a job an older controller created: the token only, and no
+    // job-secret Secret.
+    let legacy: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "legacy-api-token"},
+        "stringData": {"token": "an-older-controllers-token"},
+    }))
+    .unwrap();
+    let legacy_version =
+        secrets.create(&PostParams::default(), &legacy).await.unwrap().metadata.resource_version;
+    let mut ctl = Controller::start(&env, &ns, &[]);
+    for name in ["fresh", "legacy"] {
+        let (ok, out) = apply(&env, &stateless(&ns, name));
+        assert!(ok, "kubectl apply {name}: {out}");
+    }
+    // A Secret's data, as text.
+    let data = |name: String| {
+        let secrets = secrets.clone();
+        async move {
+            let s = secrets.get_opt(&name).await.ok().flatten()?;
+            let d: BTreeMap<String, String> = s
+                .data
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+                .collect();
+            Some((s, d))
+        }
+    };
+    let job_secret = |name: &'static str| async move {
+        let (_, d) = data(format!("{name}-job-secret")).await?;
+        d.get("jobSecret").cloned()
+    };
+    let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    // A new job: the token Secret with the token only, the job-secret Secret with jobSecret
+    // only, 32 random bytes in hex; both owned by the job and labelled alike.
+    let (token_secret, token) =
+        wait_for("Secret fresh-api-token", T, || data("fresh-api-token".into())).await;
+    let (secret_secret, secret) =
+        wait_for("Secret fresh-job-secret", T, || data("fresh-job-secret".into())).await;
+    assert_eq!(
+        token.keys().collect::<Vec<_>>(),
+        ["token"],
+        "the token Secret holds the token only"
+    );
+    assert_eq!(secret.keys().collect::<Vec<_>>(), ["jobSecret"]);
+    let fresh = secret["jobSecret"].clone();
+    assert!(hex64(&fresh), "jobSecret: {} characters", fresh.len());
+    assert!(token["token"].len() >= 32, "the token: {} characters", token["token"].len());
+    assert_ne!(token["token"], fresh);
+    let uid = job(&env, &ns, "fresh").await.metadata.uid;
+    for s in [&token_secret, &secret_secret] {
+        let owners = s.metadata.owner_references.clone().unwrap_or_default();
+        assert_eq!(owners.len(), 1, "{owners:?}");
+        assert_eq!((owners[0].kind.as_str(), Some(&owners[0].uid)), ("StreamJob", uid.as_ref()));
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(s.type_.as_deref(), Some("Opaque"));
+    }
+    assert_eq!(token_secret.metadata.labels, secret_secret.metadata.labels);
+    let labels = secret_secret.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get("weir.dev/job").map(String::as_str), Some("fresh"), "{labels:?}");
+    // The older job gains a job-secret Secret; its token Secret is left as it was.
+    let legacy = wait_for("Secret legacy-job-secret", T, || job_secret("legacy")).await;
+    assert!(hex64(&legacy), "jobSecret: {} characters", legacy.len());
+    assert_ne!(legacy, fresh);
+    let (old, old_data) = data("legacy-api-token".into()).await.unwrap();
+    assert_eq!(old.metadata.resource_version, legacy_version, "never written");
+    assert_eq!(old_data, BTreeMap::from([("token".into(), "an-older-controllers-token".into())]));
+
+    // Both pods take it from its Secret, by reference only.
+    for (kind, pod) in [
+        (
+            "coordinator",
+            wait_for("Deployment legacy-coordinator", T, || async {
+                Api::<Deployment>::namespaced(env.client.clone(), &ns)
+                    .get_opt("legacy-coordinator")
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|d| serde_json::to_value(d.spec.template).unwrap())
+            })
+            .await,
+        ),
+        (
+            "worker",
+            wait_for("StatefulSet legacy-worker", T, || async {
+                Api::<StatefulSet>::namespaced(env.client.clone(), &ns)
+                    .get_opt("legacy-worker")
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|s| serde_json::to_value(s.spec.template).unwrap())
+            })
+            .await,
+        ),
+    ] {
+        let env_vars = &pod["spec"]["containers"][0]["env"];
+        let var = env_vars
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "WEIR_JOB_SECRET")
+            .unwrap_or_else(|| panic!("{kind}: no WEIR_JOB_SECRET in {env_vars}"));
+        assert_eq!(
+            var["valueFrom"],
+            json!({"secretKeyRef": {"name": "legacy-job-secret", "key": "jobSecret"}}),
+            "{kind}"
+        );
+        assert!(!pod.to_string().contains(&legacy), "{kind}: the value itself in the pod");
+    }
+
+    // A controller that starts again never changes it.
+    ctl.kill();
+    let again = Controller::start(&env, &ns, &[]);
+    let (ok, out) = apply(&env, &stateless(&ns, "third"));
+    assert!(ok, "{out}");
+    wait_for("Secret third-job-secret", T, || job_secret("third")).await;
+    assert_eq!(job_secret("legacy").await, Some(legacy.clone()));
+    assert_eq!(job_secret("fresh").await, Some(fresh.clone()));
+    // Nor does it show it: not in the status, the events or its log.
+    for name in ["fresh", "legacy"] {
+        let status = serde_json::to_string(&job(&env, &ns, name).await.status).unwrap();
+        assert!(!status.contains(&fresh) && !status.contains(&legacy), "{name}: {status}");
+        for (_, note) in events(&env, &ns, name).await {
+            assert!(!note.contains(&fresh) && !note.contains(&legacy), "{name}: {note}");
+        }
+    }
+    for log in [ctl.log(), again.log()] {
+        assert!(!log.contains(&fresh) && !log.contains(&legacy), "a job secret in the log");
+    }
+
+    // Replaced as docs/operations.md says: suspend, delete the Secret, resume.
+    let jobs: Api<StreamJob> = Api::namespaced(env.client.clone(), &ns);
+    let state = |s: &str| json!({"spec": {"state": s}});
+    jobs.patch("fresh", &PatchParams::default(), &Patch::Merge(&state("suspended"))).await.unwrap();
+    wait_job(&env, &ns, "fresh", "Suspended", |j| phase(j) == Some(JobPhase::Suspended)).await;
+    assert_eq!(job_secret("fresh").await, Some(fresh.clone()), "a suspend keeps it");
+    secrets.delete("fresh-job-secret", &DeleteParams::default()).await.unwrap();
+    jobs.patch("fresh", &PatchParams::default(), &Patch::Merge(&state("running"))).await.unwrap();
+    let renewed = wait_for("a new fresh-job-secret", T, || async {
+        job_secret("fresh").await.filter(|s| *s != fresh)
+    })
+    .await;
+    assert!(hex64(&renewed));
+    // And the job runs again with it.
+    wait_job(&env, &ns, "fresh", "running again", |j| {
+        phase(j) == Some(JobPhase::Running) && ready(j)
+    })
+    .await;
     env.delete_namespace(&ns).await;
 }

@@ -589,3 +589,50 @@ async fn stream_snapshots_are_stored() {
     assert!(err.to_string().contains("spec.path"), "{err}");
     env.delete_namespace(&ns).await;
 }
+
+/// The transition rule on a StreamSnapshot's `spec.path`: it cannot change (the controller
+/// refuses a changed one with the same words), while the rest of the spec and the status may.
+#[tokio::test]
+async fn a_stream_snapshots_path_is_immutable() {
+    let env = env().await;
+    let ns = env.namespace("ssnap-path").await;
+    let snaps: Api<StreamSnapshot> = Api::namespaced(env.client.clone(), &ns);
+    let snap: StreamSnapshot = serde_json::from_value(json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "StreamSnapshot",
+        "metadata": {"name": "wc-1"},
+        "spec": {"job": "wc", "path": "s3://bucket/savepoints/ns/wc/sp-1", "reason": "Upgrade"},
+    }))
+    .unwrap();
+    snaps.create(&PostParams::default(), &snap).await.unwrap();
+    let patch = |spec: Value| {
+        let snaps = snaps.clone();
+        async move {
+            snaps
+                .patch("wc-1", &PatchParams::default(), &Patch::Merge(json!({"spec": spec})))
+                .await
+                .map(drop)
+                .map_err(|e| match e {
+                    kube::Error::Api(s) => s.message,
+                    other => other.to_string(),
+                })
+        }
+    };
+    let refused =
+        patch(json!({"path": "s3://bucket/elsewhere"})).await.expect_err("a changed spec.path");
+    assert!(refused.contains("spec.path"), "{refused}");
+    assert!(refused.contains(rules::SNAPSHOT_PATH_IMMUTABLE.0), "{refused}");
+    // The same path again, and other fields, are taken.
+    patch(json!({"path": "s3://bucket/savepoints/ns/wc/sp-1", "keep": true})).await.unwrap();
+    snaps
+        .patch_status(
+            "wc-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Completed", "message": "m"}})),
+        )
+        .await
+        .unwrap();
+    let s = snaps.get("wc-1").await.unwrap();
+    assert_eq!(s.spec.path.to_string(), "s3://bucket/savepoints/ns/wc/sp-1");
+    assert!(s.spec.keep);
+    env.delete_namespace(&ns).await;
+}

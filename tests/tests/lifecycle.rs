@@ -7,8 +7,9 @@
 
 use std::time::Duration;
 
-use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use weir_crds::StreamJob;
 use weir_crds::snapshot::{SnapshotPhase, StreamSnapshot};
@@ -141,6 +142,9 @@ async fn a_new_version_that_crashes_on_start_is_rolled_back_and_a_fixed_one_goes
 /// What the fault proxy does to requests for a key under its needle.
 const PASS: u8 = 0;
 const UNAVAILABLE: u8 = 1;
+/// Holds the request until the mode changes (S3 that does not answer: a savepoint stays in
+/// progress), then passes it on.
+const HANG: u8 = 2;
 
 /// A TCP proxy in front of the S3 server that, when told, answers every request whose
 /// request line holds `needle` with 503 Service Unavailable: S3 gone for those keys only.
@@ -172,6 +176,12 @@ impl S3Proxy {
                         };
                         let line_end = buf[..n].iter().position(|b| *b == b'\n').unwrap_or(n);
                         let line = String::from_utf8_lossy(&buf[..line_end]);
+                        while m.load(Ordering::Relaxed) == HANG
+                            && line.ends_with("HTTP/1.1\r")
+                            && line.contains(&needle)
+                        {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
                         if m.load(Ordering::Relaxed) == UNAVAILABLE
                             && line.ends_with("HTTP/1.1\r")
                             && line.contains(&needle)
@@ -501,4 +511,213 @@ async fn retention_keeps_the_newest_snapshots_and_deletes_the_others_with_their_
     })
     .await;
     finished_exactly_once(&env, &ns, "wc", LINES).await;
+}
+
+#[tokio::test]
+async fn on_cancel_delete_takes_the_checkpoints_of_a_job_deleted_without_a_savepoint_only() {
+    let env = TestEnv::get().await;
+    env.install_crds();
+    let ns = env.job_namespace("ctl-oncancel").await;
+    env.create_s3_credentials(&ns).await;
+    let _ctl = Controller::start(&env, &ns, &[]);
+    // Both with `onCancel: delete`. "gone" in last-state mode: deleted without a savepoint,
+    // its checkpoints go. "kept" in savepoint mode: deleted with a final savepoint, so not
+    // cancelled: its checkpoints stay.
+    let mut gone = wordcount(&ns, "gone", 1, 1_000_000);
+    gone["spec"]["upgradeMode"] = json!("last-state");
+    gone["spec"]["checkpointing"]["onCancel"] = json!("delete");
+    let mut kept = wordcount(&ns, "kept", 1, 1_000_000);
+    kept["spec"]["checkpointing"]["onCancel"] = json!("delete");
+    apply(&env, &gone);
+    apply(&env, &kept);
+    let g = running_with_checkpoint(&env, &ns, "gone").await;
+    let k = running_with_checkpoint(&env, &ns, "kept").await;
+    // The last-state job has the finalizer too, for its checkpoints.
+    assert!(g.finalizers().iter().any(|f| f == "weir.dev/final-savepoint"), "{:?}", g.finalizers());
+    // A savepoint of "gone", asked for by nonce: it is never deleted with the checkpoints.
+    patch_spec(&env, &ns, "gone", json!({"savepoints": {"triggerNonce": 1}})).await;
+    let g =
+        wait_job(&env, &ns, "gone", "a savepoint", |j| status(j).last_savepoint.is_some()).await;
+    let savepoint = status(&g).last_savepoint.unwrap().path;
+    let bucket = setting("WEIR_TEST_BUCKET");
+    let key = |path: &str| format!("{}/", path.trim_start_matches(&format!("s3://{bucket}/")));
+    let dir = |j: &StreamJob| {
+        let id = status(j).deployed.unwrap().job_id;
+        format!("{ns}/checkpoints/{ns}/{}/{id}/", j.name_any())
+    };
+    let checkpointed = |dir: &str| {
+        let keys = s3_keys(dir);
+        keys.iter().any(|k| k.contains("/chk-") && k.ends_with("/_metadata")).then_some(keys)
+    };
+    let (gone_dir, kept_dir) = (dir(&g), dir(&k));
+    assert!(checkpointed(&gone_dir).is_some(), "checkpoints under {gone_dir}");
+    assert!(checkpointed(&kept_dir).is_some(), "checkpoints under {kept_dir}");
+    assert!(s3_keys(&key(&savepoint)).iter().any(|k| k.ends_with("/_metadata")), "{savepoint}");
+
+    for name in ["gone", "kept"] {
+        let sj = format!("sj/{name}");
+        let (ok, out, err) =
+            env.kubectl(&["delete", &sj, "-n", &ns, "--wait=true", "--timeout=120s"]);
+        assert!(ok, "kubectl delete {sj}: {out}{err}");
+    }
+    // "gone": its pods went first (the StreamJob waited for them), then its checkpoints;
+    // the savepoint stays.
+    let (ok, pods, err) =
+        env.kubectl(&["get", "pods", "-n", &ns, "-l", "weir.dev/job=gone", "-o", "name"]);
+    assert!(ok && pods.trim().is_empty(), "the pods of gone: {pods}{err}");
+    assert_eq!(s3_keys(&gone_dir), Vec::<String>::new(), "the checkpoints under {gone_dir}");
+    assert!(s3_keys(&key(&savepoint)).iter().any(|k| k.ends_with("/_metadata")), "{savepoint}");
+    let ev = events(&env, &ns, "gone").await;
+    let note = ev.iter().find(|(r, _)| r == "CheckpointsDeleted").map(|(_, n)| n.clone());
+    let note = note.unwrap_or_else(|| panic!("no CheckpointsDeleted event: {ev:?}"));
+    assert!(note.contains(gone_dir.trim_end_matches('/')), "{note}");
+    // "kept": stopped with its final savepoint; its checkpoints are where they were.
+    let ev = events(&env, &ns, "kept").await;
+    assert!(ev.iter().any(|(r, _)| r == "FinalSavepoint"), "{ev:?}");
+    assert!(!ev.iter().any(|(r, _)| r == "CheckpointsDeleted"), "{ev:?}");
+    assert!(checkpointed(&kept_dir).is_some(), "checkpoints under {kept_dir}");
+    env.delete_namespace(&ns).await;
+}
+
+/// Deletes job `name`'s coordinator pod at once (grace 0), as a crash would.
+async fn kill_coordinator(env: &TestEnv, ns: &str, name: &str) {
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
+    let lp = ListParams::default().labels(&format!(
+        "{}={name},{}=coordinator",
+        weir_crds::LABEL_JOB,
+        weir_crds::LABEL_COMPONENT
+    ));
+    for p in pods.list(&lp).await.unwrap().items {
+        pods.delete(&p.name_any(), &DeleteParams::default().grace_period(0)).await.unwrap();
+    }
+}
+
+/// The coordinator killed right after it took the savepoint (held in progress by an S3 that
+/// does not answer for savepoints): the savepoint is failed at once (another run id, or a 404
+/// from the new coordinator) instead of waited for without end, and the operation goes on
+/// within `spec.savepoints.timeout` by the rules of savepoint mode: the upgrade retries its
+/// stopping savepoint on the coordinator that came back and completes with it; the deletion
+/// takes its final savepoint on the next attempt, and the finalizer lets the job go.
+#[tokio::test]
+async fn a_coordinator_killed_after_the_savepoint_trigger_fails_the_savepoint_and_the_job_goes_on()
+{
+    const TIMEOUT: u64 = 90;
+    let env = TestEnv::get().await;
+    env.install_crds();
+    let ns = env.job_namespace("ctl-sp-kill").await;
+    env.create_s3_credentials(&ns).await;
+    let upstream = setting("AWS_ENDPOINT_URL");
+    let upstream = upstream.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let proxy = S3Proxy::start(upstream, format!("/{ns}/savepoints/"));
+    let bucket = setting("WEIR_TEST_BUCKET");
+    let manifest = |parallelism: i32| {
+        let mut m = wordcount(&ns, "wc", parallelism, 1_000_000);
+        m["spec"]["s3"]["endpoint"] = json!(format!("http://127.0.0.1:{}", proxy.port));
+        m["spec"]["savepoints"] = json!({
+            "directory": format!("s3://{bucket}/{ns}/savepoints"),
+            "timeout": format!("{TIMEOUT}s"),
+        });
+        m
+    };
+    let set = |mode| proxy.mode.store(mode, std::sync::atomic::Ordering::Relaxed);
+    let _ctl = Controller::start(&env, &ns, &[]);
+    apply(&env, &manifest(2));
+    let j = running_with_checkpoint(&env, &ns, "wc").await;
+    let first = job_id(&j);
+
+    // The upgrade: its savepoint triggered, held, and the coordinator killed.
+    set(HANG);
+    apply(&env, &manifest(3));
+    let triggered = |reason: SavepointReason| {
+        move |j: &StreamJob| {
+            status(j)
+                .savepoint_in_progress
+                .is_some_and(|p| p.reason == reason && p.trigger_id.is_some() && p.run_id.is_some())
+        }
+    };
+    let j = wait_job(
+        &env,
+        &ns,
+        "wc",
+        "the upgrade's savepoint triggered",
+        triggered(SavepointReason::Upgrade),
+    )
+    .await;
+    let run = status(&j).savepoint_in_progress.unwrap().run_id.unwrap();
+    kill_coordinator(&env, &ns, "wc").await;
+    set(PASS);
+    let killed = std::time::Instant::now();
+    // Failed (not waited for): attempt 1, the coordinator lost it.
+    let j = wait_job_within(
+        &env,
+        &ns,
+        "wc",
+        "the lost savepoint failed",
+        Duration::from_secs(TIMEOUT),
+        |j| status(j).savepoint_in_progress.is_some_and(|p| p.failed_attempts >= 1),
+    )
+    .await;
+    let why = status(&j).savepoint_in_progress.unwrap().last_failure.unwrap_or_default();
+    assert!(why.contains("restarted") || why.contains("404"), "{why}");
+    assert!(why.contains(&run) || why.contains("404"), "{why}");
+    eprintln!("the upgrade's savepoint after the kill: {why}");
+    // Savepoint mode: the stopping savepoint is taken again on the new coordinator, and the
+    // upgrade completes with it, well within the timeout after the kill.
+    let j = wait_job_within(
+        &env,
+        &ns,
+        "wc",
+        "the upgrade completed",
+        Duration::from_secs(TIMEOUT),
+        |j| {
+            let s = status(j);
+            s.phase == Some(JobPhase::Running)
+                && s.upgrade.is_none()
+                && s.job.as_ref().is_some_and(|r| r.parallelism == 3 && r.id != first)
+        },
+    )
+    .await;
+    show("upgraded after the coordinator was killed", &j);
+    assert!(killed.elapsed() < Duration::from_secs(TIMEOUT), "{:?}", killed.elapsed());
+    let restore = status(&j).deployed.unwrap().restore_path.unwrap_or_default();
+    assert!(restore.contains(&format!("/{ns}/savepoints/")), "restored from {restore}");
+    let ev = events(&env, &ns, "wc").await;
+    assert!(ev.iter().any(|(r, _)| r == "UpgradeCompleted"), "{ev:?}");
+
+    // The deletion: its final savepoint triggered, held, the coordinator killed.
+    running_with_checkpoint(&env, &ns, "wc").await;
+    set(HANG);
+    let (ok, out, err) = env.kubectl(&["delete", "sj/wc", "-n", &ns, "--wait=false"]);
+    assert!(ok, "kubectl delete: {out}{err}");
+    let j = wait_job(
+        &env,
+        &ns,
+        "wc",
+        "the final savepoint triggered",
+        triggered(SavepointReason::Deletion),
+    )
+    .await;
+    assert!(j.metadata.deletion_timestamp.is_some());
+    kill_coordinator(&env, &ns, "wc").await;
+    set(PASS);
+    let killed = std::time::Instant::now();
+    let jobs: Api<StreamJob> = Api::namespaced(env.client.clone(), &ns);
+    wait_for("the StreamJob deleted", Duration::from_secs(TIMEOUT), || async {
+        jobs.get_opt("wc").await.ok().and_then(|j| j.is_none().then_some(()))
+    })
+    .await;
+    assert!(killed.elapsed() < Duration::from_secs(TIMEOUT), "{:?}", killed.elapsed());
+    let ev = events(&env, &ns, "wc").await;
+    eprintln!("events: {ev:?}");
+    let failed: Vec<_> = ev.iter().filter(|(r, _)| r == "SavepointFailed").collect();
+    assert!(failed.iter().any(|(_, m)| m.contains("restarted") || m.contains("404")), "{ev:?}");
+    // Savepoint mode: the next attempt took the final savepoint on the new coordinator.
+    assert!(ev.iter().any(|(r, _)| r == "FinalSavepoint"), "{ev:?}");
+    let deletion = snapshots(&env, &ns, "wc")
+        .await
+        .into_iter()
+        .filter(|s| s.spec.reason == Some(SavepointReason::Deletion))
+        .count();
+    assert_eq!(deletion, 1);
+    env.delete_namespace(&ns).await;
 }

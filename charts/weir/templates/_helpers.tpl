@@ -68,18 +68,25 @@ controller's code uses (see docs/operations.md, "Security").
   resources: ["streamsnapshots/status"]
   verbs: ["patch"]
 # A job's objects: watched as metadata, applied server-side (create on first apply), deleted
-# on suspend.
+# on suspend (and its pods first, before a deleted job's checkpoints go: onCancel: delete).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
   verbs: ["list", "watch", "create", "patch", "delete"]
-# Secrets: the job's API token (created once, read to call the coordinator) and the S3
-# credentials a job names (read for retention's deletes). Never listed or watched.
+# Secrets: the job's API token Secret (created once, read to call the coordinator), its job
+# secret Secret (created when missing; looked up, its value never used) and the S3
+# credentials a job names (read for retention's and onCancel's deletes). Never listed,
+# watched, patched, updated or deleted.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create"]
+# A job's NetworkPolicy: watched as metadata, applied server-side, deleted when the job turns
+# it off or is suspended.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # Events on StreamJobs.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
