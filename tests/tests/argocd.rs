@@ -123,11 +123,19 @@ async fn upgrade_refuse_suspend(env: &TestEnv, ns: &str) -> String {
 
     // Parallelism 2 to 1 in savepoint mode (the default): caught while Upgrading.
     patch_spec(env, ns, "wc", json!({"parallelism": 1})).await;
-    let v = wait_json(env, ns, "wc", "phase Upgrading", |v| {
-        v["status"]["phase"] == "Upgrading" && current(v)
+    // A fast upgrade can pass through Upgrading between two polls: then it is caught done
+    // (the committed fixture still checks the Upgrading health).
+    let v = wait_json(env, ns, "wc", "phase Upgrading, or the upgrade done", |v| {
+        current(v)
+            && (v["status"]["phase"] == "Upgrading"
+                || (v["status"]["phase"] == "Running" && v["status"]["job"]["parallelism"] == 1))
     })
     .await;
-    capture("streamjob-upgrading", v);
+    if v["status"]["phase"] == "Upgrading" {
+        capture("streamjob-upgrading", v);
+    } else {
+        eprintln!("the upgrade completed between two polls; not caught while Upgrading");
+    }
     let j = wait_job(env, ns, "wc", "running at parallelism 1 under a new job id", |j| {
         let s = status(j);
         s.phase == Some(JobPhase::Running)

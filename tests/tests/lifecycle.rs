@@ -438,7 +438,7 @@ async fn an_upgrade_completes_once_with_the_controller_killed_at_each_step() {
 
 #[tokio::test]
 async fn retention_keeps_the_newest_snapshots_and_deletes_the_others_with_their_data() {
-    const LINES: u64 = 16_000;
+    const LINES: u64 = 24_000; // long enough to be running still at the periodic savepoint, under load
     let env = TestEnv::get().await;
     env.install_crds();
     let ns = env.job_namespace("ctl-retain").await;
