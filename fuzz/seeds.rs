@@ -208,11 +208,21 @@ fn control_seeds(out: &Out) {
             nonce: hex.clone(),
         },
         ToCoordinator::Proof { proof: hex.clone() },
-        ToCoordinator::Progress { records: vec![(10, 10), (10, 80), (80, 3)], state_bytes: 4096 },
+        ToCoordinator::Progress {
+            records: vec![(10, 10), (10, 80), (80, 3)],
+            state_bytes: 4096,
+            dropped: vec![0, 2, 0],
+        },
         ToCoordinator::Ack { id: 3, ack: Box::new(ack), attempt: 1 },
         ToCoordinator::Decline { id: 4, message: "no room".into(), attempt: 1 },
-        ToCoordinator::Finished { records: vec![(1, 2)], attempt: 1 },
-        ToCoordinator::Failed { message: "boom".into(), user: false, retryable: true, attempt: 1 },
+        ToCoordinator::Finished { records: vec![(1, 2)], dropped: vec![1], attempt: 1 },
+        ToCoordinator::Failed {
+            message: "boom".into(),
+            user: false,
+            retryable: true,
+            damaged: true,
+            attempt: 1,
+        },
     ];
     let storage: weir_crds::StorageUri = "s3://weir-bucket/checkpoints".parse().expect("a URI");
     let assignment = Assignment {
@@ -275,7 +285,7 @@ fn control_seeds(out: &Out) {
         coordinator_stream.extend(line(m));
     }
     // control_reader: the first byte picks the limit, a deadline and the side that reads.
-    for (ctl, name) in [(0x80u8, "hello-limit"), (0xc0, "hello-limit-deadline"), (0x20, "small-limit")] {
+    for (ctl, name) in [(0x80u8, "hello-limit"), (0xc0, "hello-limit-deadline"), (0x1f, "small-limit")] {
         let mut b = vec![ctl];
         b.extend_from_slice(&worker_stream);
         out.write("control_reader", &format!("coordinator-reads-{name}"), &b);

@@ -140,6 +140,20 @@ pub fn validate(
             }
         }
     }
+    // Every operator's parameters, fields and connections, with the runtime's own planner:
+    // what `weir run` refuses is refused here, in the same words, before anything deploys.
+    if let Err(e) = weir_crds::plan::build(spec, None, None) {
+        let field = spec
+            .pipeline
+            .operators
+            .iter()
+            .position(|op| e.0.starts_with(&format!("operator {:?} ", op.uid)))
+            .map_or_else(
+                || "spec.pipeline".to_string(),
+                |i| format!("spec.pipeline.operators[{i}]"),
+            );
+        return Err(Invalid::new(field.clone(), format!("{field}: {e}")));
+    }
 
     if let Some(s3) = &spec.s3 {
         if let Some(endpoint) = &s3.endpoint

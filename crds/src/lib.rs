@@ -13,8 +13,10 @@
 //! CRD reference in `docs/reference/crds.md` is generated from the same types ([`reference`]).
 
 pub mod api;
+pub mod catalogue;
 pub mod duration;
 pub mod pipeline;
+pub mod plan;
 pub mod reference;
 pub mod rules;
 pub mod snapshot;

@@ -41,10 +41,52 @@ pub fn crds_markdown() -> String {
         let _ = writeln!(out, "- [{kind}](#{})", kind.to_ascii_lowercase());
     }
     out.push('\n');
+    let _ = writeln!(out, "- [Operator types](#operator-types)");
+    out.push('\n');
     for crd in &crds {
         kind_section(&mut out, crd);
     }
+    operators_section(&mut out);
     out
+}
+
+/// Every built-in operator type with its parameters, from the catalogue.
+fn operators_section(out: &mut String) {
+    use crate::catalogue::KINDS;
+    out.push_str(
+        "## Operator types\n\n\
+         The `type` of an operator of `spec.pipeline.operators`; its parameters are the keys \
+         beside `uid`, `type` and `inputs`. Unknown parameters are refused, by `weir run` and \
+         by the controller alike (the same planner checks both), naming the operator and the \
+         parameter. Each type's records have the fields listed under *Emits*; a parameter that \
+         names a field (`key`, `field`) must name one of its input's.\n\n\
+         | Type | Role | State in checkpoints |\n|---|---|---|\n",
+    );
+    for k in KINDS {
+        let _ = writeln!(
+            out,
+            "| [`{}`](#{}) | {} | {} |",
+            k.name,
+            k.name,
+            k.role.describe(),
+            if k.stateful { "yes" } else { "no" }
+        );
+    }
+    out.push('\n');
+    for k in KINDS {
+        let _ = writeln!(out, "### {}\n", k.name);
+        let _ = writeln!(out, "{}\n", k.summary);
+        let _ = writeln!(out, "*Emits:* {}.\n", k.emits);
+        let schema = (k.params)();
+        if schema["properties"].as_object().is_some_and(|p| !p.is_empty()) {
+            out.push_str("| Parameter | Type | Default | Description |\n|---|---|---|---|\n");
+            fields(out, &schema, "");
+            out.push('\n');
+        } else {
+            out.push_str("No parameters.\n\n");
+        }
+        let _ = writeln!(out, "```yaml\n- {}\n```\n", k.example);
+    }
 }
 
 fn kind_section(out: &mut String, crd: &Value) {
@@ -235,6 +277,7 @@ fn type_of(p: &Value, required: bool) -> String {
             None => "object".to_string(),
         },
         "" if p["x-kubernetes-int-or-string"] == true => "quantity".to_string(),
+        "" => "text or number".to_string(),
         other => other.to_string(),
     };
     parts.push(base);

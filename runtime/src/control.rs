@@ -259,6 +259,9 @@ pub struct Reader {
     limit: usize,
 }
 
+/// What [`Reader::recv_by`] says when its deadline passed.
+pub const TOO_SLOW: &str = "the other side took too long to send its message";
+
 impl Reader {
     /// A reader of lines of at most `limit` bytes.
     pub fn new(s: TcpStream, limit: usize) -> Self {
@@ -296,7 +299,7 @@ impl Reader {
             if let Some(d) = deadline {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err("the other side took too long to send its message".into());
+                    return Err(TOO_SLOW.into());
                 }
                 self.r.get_ref().set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
             }
@@ -310,7 +313,7 @@ impl Reader {
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                         ) =>
                 {
-                    return Err("the other side took too long to send its message".into());
+                    return Err(TOO_SLOW.into());
                 }
                 Err(e) => return Err(e.to_string()),
             };

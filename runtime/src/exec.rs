@@ -42,7 +42,7 @@ use crate::operators::{
     Blackhole, FileSink, FileSource, Filter, GeneratorSource, KeyedAggregate, Map, Operator,
     Source, SourceFile,
 };
-use crate::plan::{OpKind, Plan};
+use crate::plan::{FieldType, OpKind, Plan};
 use crate::record::Record;
 use crate::snapshot::StateHandle;
 use crate::state::StateBackend;
@@ -260,9 +260,9 @@ struct Chain {
     uploads: Vec<std::thread::JoinHandle<()>>,
     /// The task reads exchanges (it is not a source).
     has_inputs: bool,
-    /// For each input of the head: the operator it comes from and how many fields its
-    /// records have.
-    input_fields: Vec<(String, usize)>,
+    /// For each input of the head: the operator it comes from, and the names and types of
+    /// the fields its records have.
+    input_fields: Vec<(String, Vec<String>, Vec<FieldType>)>,
     /// With unaligned checkpoints: the alignment timeout in milliseconds.
     unaligned_after: Option<u64>,
     /// Unaligned checkpoints whose overtaken records are still being collected: where they
@@ -279,17 +279,29 @@ impl Chain {
     /// record that does not is damage or a forgery, and fails the job with what it was.
     fn check_input(&self, input: usize, records: &[Record]) -> Result<(), RuntimeError> {
         let head = &self.ops[0].uid;
-        let Some((from, n)) = self.input_fields.get(input) else {
+        let Some((from, names, types)) = self.input_fields.get(input) else {
             return Err(RuntimeError::external(format!(
                 "a batch for input {input} of {head:?}, which has {} inputs",
                 self.input_fields.len()
             )));
         };
-        if let Some(r) = records.iter().find(|r| r.len() != *n) {
-            return Err(RuntimeError::external(format!(
-                "a record with {} fields arrived at {head:?} from {from:?}, whose records have {n}: the exchange or the checkpoint's in-flight records are damaged",
-                r.len()
-            )));
+        let damaged = "the exchange or the checkpoint's in-flight records are damaged";
+        for r in records {
+            if r.len() != types.len() {
+                return Err(RuntimeError::external(format!(
+                    "a record with {} fields arrived at {head:?} from {from:?}, whose records have {}: {damaged}",
+                    r.len(),
+                    types.len()
+                )));
+            }
+            if let Some(i) = (0..r.len()).find(|&i| !types[i].admits(r[i].kind())) {
+                return Err(RuntimeError::external(format!(
+                    "a record arrived at {head:?} from {from:?} with {} in field {:?}, which holds {}: {damaged}",
+                    r[i].kind().describe(),
+                    names[i],
+                    types[i].describe()
+                )));
+            }
         }
         Ok(())
     }
@@ -1091,7 +1103,10 @@ pub fn run_worker(
                 input_fields: plan.ops[h]
                     .inputs
                     .iter()
-                    .map(|&i| (plan.ops[i].uid.clone(), plan.ops[i].fields.len()))
+                    .map(|&i| {
+                        let o = &plan.ops[i];
+                        (o.uid.clone(), o.fields.clone(), o.types.clone())
+                    })
                     .collect(),
                 unaligned_after: opts
                     .checkpoints

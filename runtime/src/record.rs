@@ -14,6 +14,16 @@ pub enum Value {
 pub type Record = Vec<Value>;
 
 impl Value {
+    /// Its kind, as the plan's field types see it.
+    pub fn kind(&self) -> weir_crds::plan::ValueKind {
+        use weir_crds::plan::ValueKind;
+        match self {
+            Value::Str(_) => ValueKind::Text,
+            Value::Int(_) => ValueKind::Integer,
+            Value::Float(_) => ValueKind::Float,
+        }
+    }
+
     /// The bytes a key is hashed and stored by.
     pub fn key_bytes<'a>(&'a self, scratch: &'a mut [u8; 8]) -> &'a [u8] {
         match self {

@@ -555,8 +555,24 @@ fn a_credit_frame_of_u32_max_fails_the_connection_with_a_message() {
 
 #[test]
 fn a_record_without_its_fields_from_a_peer_fails_the_job_with_a_message_not_a_panic() {
-    // Worker 1 of a real job, written by hand and holding the secret, sends worker 0's keyed
-    // count a record with no fields.
+    a_bad_record_from_a_peer(
+        vec![],
+        r#"a record with 0 fields arrived at "counts" from "events", whose records have 3"#,
+    );
+}
+
+#[test]
+fn a_record_with_a_field_of_another_type_from_a_peer_fails_the_job_with_a_message() {
+    // The generator's key is text: an integer there is not one of its records.
+    a_bad_record_from_a_peer(
+        vec![Value::Int(7), Value::Int(1), Value::Int(2)],
+        r#"a record arrived at "counts" from "events" with an integer in field "key", which holds text"#,
+    );
+}
+
+/// Worker 1 of a real job, written by hand and holding the secret, sends worker 0's keyed
+/// count `record`; the job must fail with `expected`, without a panic.
+fn a_bad_record_from_a_peer(record: Vec<Value>, expected: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("job.yaml");
     std::fs::write(
@@ -597,18 +613,13 @@ fn a_record_without_its_fields_from_a_peer_fails_the_job_with_a_message_not_a_pa
     let mut out = open_as_in(&run, to0, 1, 0, &k);
     let _in = incoming.join().unwrap();
     let mut payload = Vec::new();
-    wire::encode_batch(&[vec![]], &mut payload);
+    wire::encode_batch(&[record], &mut payload);
     let h = Header { kind: Kind::Batch, edge: 0, from: 1, to: 0, n: payload.len() as u32 };
     out.write_all(&h.to_bytes()).unwrap();
     out.write_all(&payload).unwrap();
     let (code, err) = coord.finish(Duration::from_secs(60));
     assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.contains(
-            r#"a record with 0 fields arrived at "counts" from "events", whose records have 3"#
-        ),
-        "{err}"
-    );
+    assert!(err.contains(expected), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     let _ = w0.finish(Duration::from_secs(30));
 }

@@ -265,3 +265,59 @@ fn a_job_stopped_with_on_cancel_delete_leaves_no_checkpoints_and_retain_keeps_th
         }
     }
 }
+
+#[test]
+fn a_job_that_does_not_stop_in_time_is_cancelled_and_resumes_exactly() {
+    // The sink side takes 20 words a second: told to stop, the job's final barrier waits
+    // behind thousands of buffered words. After 30 s the coordinator cancels the workers and
+    // says so; `--resume` then counts every word once.
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = common::write_input(&tmp.path().join("in"), 2, 400, 31);
+    let source =
+        format!("{{uid: lines, type: file_source, path: {}}}", tmp.path().join("in").display());
+    let job_with = |rate: &str| {
+        write_job(
+            tmp.path(),
+            "stuck",
+            "  restartStrategy: {type: none}\n",
+            &source,
+            &format!(
+                "      - {{uid: words, type: split, inputs: [lines]}}\n      - {{uid: counted, type: count, inputs: [words], key: word}}\n      - {{uid: counts, type: throttle, inputs: [counted], ratePerSecond: {rate}}}\n"
+            ),
+        )
+    };
+    // A stop may take as long as a checkpoint (spec.checkpointing.timeout), and at least 30 s;
+    // the checkpoints that expire meanwhile are tolerated.
+    let file = job_with("20");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text =
+        text.replace("interval: 300ms", "interval: 300ms, timeout: 5s, tolerableFailures: 100");
+    assert!(text.contains("timeout: 5s"), "{text}");
+    std::fs::write(&file, text).unwrap();
+    let mut job = run(&file, tmp.path(), &[]);
+    let api = job.addr("api");
+    let t = Instant::now();
+    while get_json(&api, "/v1/job").is_none_or(|i| i["state"] != "running") {
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(job.child.try_wait().unwrap().is_none(), "the job ended before it was told to stop");
+    let told = Instant::now();
+    job.signal("-TERM");
+    let (code, err) = job.finish(Duration::from_secs(120));
+    let took = told.elapsed();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the job did not stop within 30 s of being told to (spec.checkpointing.timeout, at least 30 s): its workers were cancelled"),
+        "{err}"
+    );
+    assert!(took >= Duration::from_secs(30), "cancelled after {took:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Resumed with a fast sink side: nothing lost, nothing twice.
+    let file = job_with("1000000");
+    let (code, err) = run(&file, tmp.path(), &["--resume"]).finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    let texts = common::committed_texts(&tmp.path().join("out"));
+    common::check_counts(texts.iter().map(String::as_str), &expected);
+}

@@ -319,3 +319,25 @@ fn make_runs_example_runs() {
     assert!(res.status.success(), "{err}");
     assert!(err.contains("weir: running"), "{err}");
 }
+
+#[test]
+fn bad_operator_parameters_are_refused_in_the_words_the_controller_uses() {
+    // The same cases as the controller's e2e test (tests/tests/controller.rs), on the same
+    // generator: the planner is shared (weir_crds::plan), so the messages are the same.
+    let base = "apiVersion: weir.dev/v1alpha1\nkind: StreamJob\nmetadata: {name: bad}\nspec:\n  parallelism: 2\n  restartStrategy: {type: none}\n  pipeline:\n    operators:\n      - {uid: src, type: generator, count: 10PARAM}\n      - {uid: out, type: blackhole, inputs: [src]}\n";
+    for (param, text) in [
+        (
+            ", ratePerSecond: -5",
+            r#"operator "src" (generator): ratePerSecond -5 is not above 0: give a rate, or leave it out for no limit"#,
+        ),
+        (", seeed: 3", r#"operator "src" (generator): unknown field `seeed`"#),
+        (
+            ", keys: many",
+            r#"operator "src" (generator): invalid type: string "many", expected u64"#,
+        ),
+        (", splits: 0", r#"operator "src" (generator): splits must be 1 or more"#),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        refused(tmp.path(), &["run"], &base.replace("PARAM", param), &[text], false);
+    }
+}

@@ -434,3 +434,53 @@ fn a_job_starts_from_a_copied_checkpoint_of_another_run_at_another_parallelism()
         &expected,
     );
 }
+
+#[test]
+fn workers_killed_every_2_to_4_s_whatever_the_job_is_doing_lose_nothing_and_it_finishes() {
+    // A worker process is killed every 2 to 4 s for the first 25 kills, whether the job runs,
+    // restarts or waits to restart, under the default restart strategy (exponential delay
+    // from 1 s, times 1.5, at most 60 s). A kill while the job restarts is not a new failure,
+    // so the delay grows with the kills of a running job only. Prints what it measured.
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = common::write_input(&tmp.path().join("in"), 8, 1000, 17);
+    let file = manifest(tmp.path(), 400, "exactly-once");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("  restartStrategy: {type: fixed-delay, delay: 200ms, attempts: 100}\n", "");
+    assert!(!text.contains("restartStrategy"), "{text}");
+    std::fs::write(&file, text).unwrap();
+    let started = Instant::now();
+    let mut job = start(&file, tmp.path(), &["--processes"]);
+    let mut rng = SplitMix64::new(0x2_4000);
+    let mut kills = 0;
+    while kills < 25 && !exited(&mut job) {
+        std::thread::sleep(Duration::from_millis(2000 + rng.next_u64() % 2000));
+        let workers = common::children_of(job.child.id());
+        if workers.is_empty() || exited(&mut job) {
+            continue;
+        }
+        let victim = workers[(rng.next_u64() % workers.len() as u64) as usize];
+        let _ = Command::new("kill").args(["-KILL", &victim.to_string()]).status();
+        kills += 1;
+    }
+    let killing = started.elapsed();
+    let (code, err) = job.finish(Duration::from_secs(600));
+    let took = started.elapsed();
+    assert_eq!(code, Some(0), "{err}");
+    let restarts = err.matches("restarting in").count();
+    let uncounted = err.matches("which is not counted as a new failure").count();
+    let longest = err
+        .match_indices("restarting in ")
+        .filter_map(|(i, m)| err[i + m.len()..].split(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "kills every 2-4 s: {kills} kills in {:.0} s; the job finished after {:.0} s with {restarts} restarts, {uncounted} of them not counted; longest delay {longest:.1} s",
+        killing.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    assert!(kills >= 5, "the job finished after {kills} kills; make the input longer: {err}");
+    common::check_counts(
+        common::committed_texts(&tmp.path().join("out")).iter().map(String::as_str),
+        &expected,
+    );
+}

@@ -433,6 +433,30 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
             "spec.pipeline.operators[1].path",
             false,
         ),
+        // An operator's parameters, checked by the runtime's own planner: the message is the
+        // one `weir run` gives for the same file (runtime/tests/manifest.rs).
+        (
+            "negative-rate",
+            with("negative-rate", &|v| {
+                v["spec"]["pipeline"]["operators"][0]["ratePerSecond"] = json!(-5)
+            }),
+            "spec.pipeline.operators[0]: operator \"src\" (generator): ratePerSecond -5 is not above 0: give a rate, or leave it out for no limit",
+            false,
+        ),
+        (
+            "unknown-param",
+            with("unknown-param", &|v| v["spec"]["pipeline"]["operators"][0]["seeed"] = json!(3)),
+            "spec.pipeline.operators[0]: operator \"src\" (generator): unknown field `seeed`",
+            false,
+        ),
+        (
+            "wrong-type-param",
+            with("wrong-type-param", &|v| {
+                v["spec"]["pipeline"]["operators"][0]["keys"] = json!("many")
+            }),
+            "spec.pipeline.operators[0]: operator \"src\" (generator): invalid type: string \"many\", expected u64",
+            false,
+        ),
         (
             "no-secret",
             with("no-secret", &|v| {

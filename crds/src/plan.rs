@@ -1,0 +1,812 @@
+//! From a StreamJob's spec to a checked plan (shared by the runtime, which runs it, and the
+//! controller, which refuses a plan that cannot run before it deploys anything): every operator's parameters parsed into the
+//! typed form of its type, the fields each operator emits, and the checks that must pass
+//! before anything starts (unknown types and parameters, key fields that do not exist,
+//! parallelism above maxParallelism). Every error names the operator and the field.
+
+use std::collections::BTreeMap;
+
+use crate::streamjob::S3Spec;
+use crate::{OperatorSpec, StorageUri, StreamJobSpec};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// A plan that cannot run; the message names the operator and the field. `weir run` exits 2.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PlanError(pub String);
+
+fn err(op: &OperatorSpec, msg: impl std::fmt::Display) -> PlanError {
+    PlanError(format!("operator {:?} ({}): {msg}", op.uid, op.kind))
+}
+
+/// The operator types `weir` knows (the list lives in `weir-crds`, so that the controller
+/// refuses an unknown type before it deploys anything).
+pub use crate::pipeline::OPERATOR_TYPES;
+
+/// Key distribution of the generator.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Distribution {
+    #[default]
+    Uniform,
+    Zipf,
+}
+
+/// What the generator emits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GeneratorFormat {
+    /// Text lines (field `line`) of `wordsPerLine` words `w<key>`.
+    #[default]
+    Text,
+    /// Key/value records (fields `key`, `value`, `ts`).
+    Kv,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GeneratorSpec {
+    /// Seed of the deterministic sequence.
+    #[serde(default)]
+    pub seed: u64,
+    /// Records in all (bounded); absent: unbounded.
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// Records per second for the whole source; absent: as fast as possible.
+    #[serde(default)]
+    pub rate_per_second: Option<f64>,
+    /// Number of distinct keys (words).
+    #[serde(default = "default_keys")]
+    #[schemars(range(min = 1))]
+    pub keys: u64,
+    /// How keys are drawn: `uniform`, or `zipf` (a few keys take most records).
+    #[serde(default)]
+    pub distribution: Distribution,
+    /// With `distribution: zipf`: its exponent, above 0 (1 is the classic Zipf law; higher is
+    /// more skewed).
+    #[serde(default = "default_zipf")]
+    pub zipf_exponent: f64,
+    /// `text` (lines of words) or `kv` (key/value records).
+    #[serde(default)]
+    pub format: GeneratorFormat,
+    /// With `format: text`: words per line.
+    #[serde(default = "default_words_per_line")]
+    #[schemars(range(min = 1))]
+    pub words_per_line: u32,
+    /// Independent deterministic streams the records are spread over; each is one split,
+    /// dealt round-robin to the subtasks. Fixed, so the data does not depend on parallelism.
+    #[serde(default = "default_splits")]
+    #[schemars(range(min = 1))]
+    pub splits: u32,
+}
+
+fn default_keys() -> u64 {
+    1000
+}
+fn default_zipf() -> f64 {
+    1.0
+}
+fn default_words_per_line() -> u32 {
+    8
+}
+fn default_splits() -> u32 {
+    8
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileSourceSpec {
+    /// A local directory or an S3 prefix; every file under it, one record per line.
+    pub path: StorageUri,
+    /// Lines per second for the whole source, above 0; absent: as fast as possible.
+    #[serde(default)]
+    pub rate_per_second: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SocketSpec {
+    /// The host to connect to (the source is a TCP client; subtask 0 reads, one line per
+    /// record).
+    pub host: String,
+    /// Its port.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SplitSpec {
+    /// The text field to split on white space.
+    #[serde(default = "default_line")]
+    pub field: String,
+    /// The field each word goes to.
+    #[serde(default = "default_word")]
+    pub output: String,
+}
+
+fn default_line() -> String {
+    "line".into()
+}
+fn default_word() -> String {
+    "word".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MapSpec {
+    /// Fields to keep, in this order (absent: all).
+    #[serde(default)]
+    pub select: Option<Vec<String>>,
+    /// Fields to set: a template where `{field}` stands for a field's value.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Fields to upper-case.
+    #[serde(default)]
+    pub upper: Vec<String>,
+    /// Fields to lower-case.
+    #[serde(default)]
+    pub lower: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilterSpec {
+    /// The field the conditions test; a record passes when it meets every condition given.
+    pub field: String,
+    /// Passes a value equal to this text or number.
+    #[serde(default)]
+    pub equals: Option<serde_json::Value>,
+    /// Passes a value other than this text or number.
+    #[serde(default)]
+    pub not_equals: Option<serde_json::Value>,
+    /// Passes text that contains this.
+    #[serde(default)]
+    pub contains: Option<String>,
+    /// Passes a number (or text that reads as one) above this.
+    #[serde(default)]
+    pub greater_than: Option<f64>,
+    /// Passes a number (or text that reads as one) below this.
+    #[serde(default)]
+    pub less_than: Option<f64>,
+    /// Passes text of at least this many characters.
+    #[serde(default)]
+    pub min_length: Option<usize>,
+}
+
+/// Passes records on at no more than `ratePerSecond` per subtask (a deliberately slow
+/// stage: to try backpressure and unaligned checkpoints).
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ThrottleSpec {
+    /// Records per second and subtask, above 0.
+    pub rate_per_second: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyedSpec {
+    /// The field records are keyed by.
+    pub key: String,
+    /// The numeric field aggregated (sum, min, max).
+    #[serde(default)]
+    pub field: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WindowSpec {
+    /// The field records are keyed by (kept as text in the output).
+    pub key: String,
+    /// Field holding the event time in milliseconds.
+    #[serde(default = "default_ts")]
+    pub time_field: String,
+    /// Window length.
+    pub size: crate::Duration,
+    /// How late (behind the highest event time seen) an event may be.
+    #[serde(default)]
+    pub allowed_lateness: crate::Duration,
+}
+
+fn default_ts() -> String {
+    "ts".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileSinkSpec {
+    /// A local directory or an S3 prefix: part files are written as records arrive and
+    /// committed (renamed into place, or the multipart upload completed) when a checkpoint
+    /// completes, so that the committed output holds each record exactly once.
+    pub path: StorageUri,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NoParams {}
+
+/// The kind of aggregation of a keyed operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    Count,
+    Sum,
+    Min,
+    Max,
+}
+
+/// An operator's type with its parsed parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpKind {
+    Generator(GeneratorSpec),
+    FileSource(FileSourceSpec),
+    Socket(SocketSpec),
+    Split(SplitSpec),
+    Map(MapSpec),
+    Filter(FilterSpec),
+    Throttle(ThrottleSpec),
+    Keyed { aggregate: Aggregate, key: String, field: Option<String> },
+    TumblingWindowCount(WindowSpec),
+    Stdout,
+    Blackhole,
+    FileSink(FileSinkSpec),
+}
+
+impl OpKind {
+    pub fn is_source(&self) -> bool {
+        matches!(self, OpKind::Generator(_) | OpKind::FileSource(_) | OpKind::Socket(_))
+    }
+    pub fn is_sink(&self) -> bool {
+        matches!(self, OpKind::Stdout | OpKind::Blackhole | OpKind::FileSink(_))
+    }
+    /// The field records are partitioned by on the way into this operator.
+    pub fn key_field(&self) -> Option<&str> {
+        match self {
+            OpKind::Keyed { key, .. } => Some(key),
+            OpKind::TumblingWindowCount(w) => Some(&w.key),
+            _ => None,
+        }
+    }
+}
+
+/// What a field of an operator's records holds, as far as the plan can tell from the
+/// operators before it. Records that come over the exchange (or back from a checkpoint's
+/// in-flight records) are checked against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    Text,
+    Integer,
+    Float,
+    /// An integer or a float (a sum of values that may be either).
+    Number,
+    /// Anything (inputs that disagree).
+    Any,
+}
+
+/// The kinds of value a record's field can hold (the runtime's values, seen by their kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    Text,
+    Integer,
+    Float,
+}
+
+impl ValueKind {
+    /// How messages name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ValueKind::Text => "text",
+            ValueKind::Integer => "an integer",
+            ValueKind::Float => "a float",
+        }
+    }
+}
+
+impl FieldType {
+    /// Whether a value of kind `v` is of this type.
+    pub fn admits(self, v: ValueKind) -> bool {
+        matches!(
+            (self, v),
+            (FieldType::Any, _)
+                | (FieldType::Text, ValueKind::Text)
+                | (FieldType::Integer, ValueKind::Integer)
+                | (FieldType::Float, ValueKind::Float)
+                | (FieldType::Number, ValueKind::Integer | ValueKind::Float)
+        )
+    }
+
+    /// The type of a field fed by inputs of types `self` and `other`.
+    fn merge(self, other: FieldType) -> FieldType {
+        use FieldType::*;
+        match (self, other) {
+            (a, b) if a == b => a,
+            (Integer | Float | Number, Integer | Float | Number) => Number,
+            _ => Any,
+        }
+    }
+
+    /// How messages name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FieldType::Text => "text",
+            FieldType::Integer => "an integer",
+            FieldType::Float => "a float",
+            FieldType::Number => "a number",
+            FieldType::Any => "any value",
+        }
+    }
+}
+
+/// One operator of the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanOp {
+    pub uid: String,
+    /// The `type` of the manifest, e.g. `count`.
+    pub type_name: String,
+    pub kind: OpKind,
+    /// Indexes (in `Plan::ops`) of the inputs.
+    pub inputs: Vec<usize>,
+    /// The fields of the records it emits, in order.
+    pub fields: Vec<String>,
+    /// What each of `fields` holds.
+    pub types: Vec<FieldType>,
+    /// For each input, the position of the key field in that input's records.
+    pub key_positions: Vec<usize>,
+}
+
+/// A checked job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// In topological order: every operator after its inputs.
+    pub ops: Vec<PlanOp>,
+    pub parallelism: u32,
+    pub max_parallelism: u32,
+    /// The job's S3 settings (`spec.s3`), for operators that read or write S3.
+    pub s3: Option<S3Spec>,
+}
+
+impl Plan {
+    /// Whether an operator reads or writes S3 (the run then needs an S3 client).
+    pub fn uses_s3(&self) -> bool {
+        self.ops.iter().any(|o| match &o.kind {
+            OpKind::FileSource(FileSourceSpec { path, .. })
+            | OpKind::FileSink(FileSinkSpec { path }) => matches!(path, StorageUri::S3 { .. }),
+            _ => false,
+        })
+    }
+}
+
+fn parse<T: DeserializeOwned>(op: &OperatorSpec) -> Result<T, PlanError> {
+    let obj = serde_json::Value::Object(op.params.clone().into_iter().collect());
+    serde_json::from_value(obj).map_err(|e| err(op, e))
+}
+
+/// A `ratePerSecond`, when given, is a number above 0.
+fn check_rate(op: &OperatorSpec, rate: Option<f64>) -> Result<(), PlanError> {
+    match rate {
+        Some(r) if !(r.is_finite() && r > 0.0) => Err(err(
+            op,
+            format!("ratePerSecond {r} is not above 0: give a rate, or leave it out for no limit"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn field_pos(
+    op: &OperatorSpec,
+    fields: &[String],
+    name: &str,
+    what: &str,
+) -> Result<usize, PlanError> {
+    fields.iter().position(|f| f == name).ok_or_else(|| {
+        err(
+            op,
+            format!("{what} {name:?} is not a field of its input (fields: {})", fields.join(", ")),
+        )
+    })
+}
+
+/// Checks `spec` (with `parallelism` and `max_parallelism` overrides from the command line)
+/// and builds the plan.
+pub fn build(
+    spec: &StreamJobSpec,
+    parallelism: Option<u32>,
+    max_parallelism: Option<u32>,
+) -> Result<Plan, PlanError> {
+    let mut spec = spec.clone();
+    if let Some(p) = parallelism {
+        spec.parallelism =
+            i32::try_from(p).map_err(|_| PlanError(format!("parallelism {p} is too large")))?;
+    }
+    if let Some(m) = max_parallelism {
+        spec.max_parallelism = Some(
+            i32::try_from(m).map_err(|_| PlanError(format!("maxParallelism {m} is too large")))?,
+        );
+    }
+    spec.validate().map_err(|e| PlanError(e.to_string()))?;
+    let order =
+        spec.pipeline.validate_graph().map_err(|e| PlanError(format!("spec.pipeline: {e}")))?;
+    let index: BTreeMap<&str, usize> =
+        order.iter().enumerate().map(|(i, o)| (o.uid.as_str(), i)).collect();
+    let mut ops: Vec<PlanOp> = Vec::with_capacity(order.len());
+    for op in &order {
+        let inputs: Vec<usize> = op.inputs.iter().map(|u| index[u.as_str()]).collect();
+        let kind = match op.kind.as_str() {
+            "generator" => {
+                let g: GeneratorSpec = parse(op)?;
+                check_rate(op, g.rate_per_second)?;
+                for (name, v) in [
+                    ("keys", g.keys),
+                    ("splits", g.splits.into()),
+                    ("wordsPerLine", g.words_per_line.into()),
+                ] {
+                    if v == 0 {
+                        return Err(err(op, format!("{name} must be 1 or more")));
+                    }
+                }
+                if !(g.zipf_exponent.is_finite() && g.zipf_exponent > 0.0) {
+                    return Err(err(op, "zipfExponent must be a number above 0"));
+                }
+                OpKind::Generator(g)
+            }
+            "file_source" => {
+                let f: FileSourceSpec = parse(op)?;
+                check_rate(op, f.rate_per_second)?;
+                OpKind::FileSource(f)
+            }
+            "socket" => {
+                let s: SocketSpec = parse(op)?;
+                if s.host.is_empty() {
+                    return Err(err(op, "host is empty: name the host to connect to"));
+                }
+                if s.port == 0 {
+                    return Err(err(op, "port 0 is not a port to connect to: use 1 to 65535"));
+                }
+                OpKind::Socket(s)
+            }
+            "split" => OpKind::Split(parse(op)?),
+            "map" => OpKind::Map(parse(op)?),
+            "filter" => OpKind::Filter(parse(op)?),
+            "throttle" => {
+                let t: ThrottleSpec = parse(op)?;
+                if !(t.rate_per_second.is_finite() && t.rate_per_second > 0.0) {
+                    return Err(err(op, "ratePerSecond must be a number above 0"));
+                }
+                OpKind::Throttle(t)
+            }
+            "count" | "sum" | "min" | "max" => {
+                let k: KeyedSpec = parse(op)?;
+                let aggregate = match op.kind.as_str() {
+                    "count" => Aggregate::Count,
+                    "sum" => Aggregate::Sum,
+                    "min" => Aggregate::Min,
+                    _ => Aggregate::Max,
+                };
+                if aggregate != Aggregate::Count && k.field.is_none() {
+                    return Err(err(op, "field is missing: name the numeric field to aggregate"));
+                }
+                if aggregate == Aggregate::Count && k.field.is_some() {
+                    return Err(err(op, "field is not a parameter of count (it counts records)"));
+                }
+                OpKind::Keyed { aggregate, key: k.key, field: k.field }
+            }
+            "tumbling_window_count" => {
+                let w: WindowSpec = parse(op)?;
+                if w.size.is_zero() {
+                    return Err(err(op, "size must be more than 0s"));
+                }
+                OpKind::TumblingWindowCount(w)
+            }
+            "stdout" => {
+                parse::<NoParams>(op)?;
+                OpKind::Stdout
+            }
+            "blackhole" => {
+                parse::<NoParams>(op)?;
+                OpKind::Blackhole
+            }
+            "file_sink" => OpKind::FileSink(parse(op)?),
+            other => {
+                return Err(err(
+                    op,
+                    format!("type {other:?} is unknown: use one of {}", OPERATOR_TYPES.join(", ")),
+                ));
+            }
+        };
+        if kind.is_source() && !inputs.is_empty() {
+            return Err(err(op, "a source takes no inputs"));
+        }
+        if !kind.is_source() && inputs.is_empty() {
+            return Err(err(op, "inputs is empty: name the operators it reads"));
+        }
+        // The fields of each input must agree when there are several.
+        let input_fields: Vec<&Vec<String>> = inputs.iter().map(|&i| &ops[i].fields).collect();
+        if let Some(first) = input_fields.first()
+            && input_fields.iter().any(|f| f != first)
+        {
+            return Err(err(
+                op,
+                "its inputs emit different fields; they must emit the same fields",
+            ));
+        }
+        let in_fields: Vec<String> = input_fields.first().map(|f| (*f).clone()).unwrap_or_default();
+        let in_types: Vec<FieldType> = inputs
+            .iter()
+            .map(|&i| ops[i].types.clone())
+            .reduce(|a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect())
+            .unwrap_or_default();
+        let type_of = |name: &str| {
+            in_fields.iter().position(|f| f == name).map_or(FieldType::Any, |i| in_types[i])
+        };
+        let fields: Vec<String> = match &kind {
+            OpKind::Generator(g) => match g.format {
+                GeneratorFormat::Text => vec!["line".into()],
+                GeneratorFormat::Kv => vec!["key".into(), "value".into(), "ts".into()],
+            },
+            OpKind::FileSource(_) | OpKind::Socket(_) => vec!["line".into()],
+            OpKind::Split(s) => {
+                field_pos(op, &in_fields, &s.field, "field")?;
+                vec![s.output.clone()]
+            }
+            OpKind::Map(m) => {
+                for f in m.upper.iter().chain(&m.lower) {
+                    field_pos(op, &in_fields, f, "upper/lower field")?;
+                }
+                let mut out = in_fields.clone();
+                for (name, template) in &m.set {
+                    for r in template_refs(template) {
+                        field_pos(op, &in_fields, r, &format!("set.{name} refers to"))?;
+                    }
+                    if !out.contains(name) {
+                        out.push(name.clone());
+                    }
+                }
+                if let Some(sel) = &m.select {
+                    for f in sel {
+                        field_pos(op, &out, f, "select names")?;
+                    }
+                    out = sel.clone();
+                }
+                out
+            }
+            OpKind::Filter(f) => {
+                field_pos(op, &in_fields, &f.field, "field")?;
+                in_fields.clone()
+            }
+            OpKind::Throttle(_) => in_fields.clone(),
+            OpKind::Keyed { aggregate, key, field } => {
+                field_pos(op, &in_fields, key, "key")?;
+                if let Some(f) = field {
+                    field_pos(op, &in_fields, f, "field")?;
+                }
+                let value = match aggregate {
+                    Aggregate::Count => "count".to_string(),
+                    _ => field.clone().unwrap_or_default(),
+                };
+                vec![key.clone(), value]
+            }
+            OpKind::TumblingWindowCount(w) => {
+                field_pos(op, &in_fields, &w.key, "key")?;
+                field_pos(op, &in_fields, &w.time_field, "timeField")?;
+                vec![w.key.clone(), "window_end".into(), "count".into()]
+            }
+            OpKind::Stdout | OpKind::Blackhole | OpKind::FileSink(_) => in_fields.clone(),
+        };
+        let types: Vec<FieldType> = match &kind {
+            OpKind::Generator(g) => match g.format {
+                GeneratorFormat::Text => vec![FieldType::Text],
+                GeneratorFormat::Kv => {
+                    vec![FieldType::Text, FieldType::Integer, FieldType::Integer]
+                }
+            },
+            OpKind::FileSource(_) | OpKind::Socket(_) | OpKind::Split(_) => vec![FieldType::Text],
+            OpKind::Map(m) => {
+                // `set` writes text (a template filled in); `select` picks from the result.
+                let mut names = in_fields.clone();
+                let mut types: Vec<FieldType> = in_types.clone();
+                for name in m.set.keys() {
+                    match names.iter().position(|f| f == name) {
+                        Some(i) => types[i] = FieldType::Text,
+                        None => {
+                            names.push(name.clone());
+                            types.push(FieldType::Text);
+                        }
+                    }
+                }
+                fields
+                    .iter()
+                    .map(|f| names.iter().position(|n| n == f).map_or(FieldType::Any, |i| types[i]))
+                    .collect()
+            }
+            OpKind::Keyed { aggregate, key, .. } => vec![
+                type_of(key),
+                // A sum, min or max is a number: an integer while every value was one (kept
+                // state included, which may come from another version of the job).
+                match aggregate {
+                    Aggregate::Count => FieldType::Integer,
+                    _ => FieldType::Number,
+                },
+            ],
+            // Window keys are kept as text.
+            OpKind::TumblingWindowCount(_) => {
+                vec![FieldType::Text, FieldType::Integer, FieldType::Integer]
+            }
+            OpKind::Filter(_)
+            | OpKind::Throttle(_)
+            | OpKind::Stdout
+            | OpKind::Blackhole
+            | OpKind::FileSink(_) => in_types.clone(),
+        };
+        debug_assert_eq!(types.len(), fields.len());
+        let key_positions = match kind.key_field() {
+            Some(k) => {
+                inputs.iter().map(|&i| ops[i].fields.iter().position(|f| f == k).unwrap()).collect()
+            }
+            None => Vec::new(),
+        };
+        ops.push(PlanOp {
+            uid: op.uid.clone(),
+            type_name: op.kind.clone(),
+            kind,
+            inputs,
+            fields,
+            types,
+            key_positions,
+        });
+    }
+    // Every path must end in a sink, and sinks feed nothing.
+    for (i, op) in ops.iter().enumerate() {
+        let consumers = ops.iter().filter(|o| o.inputs.contains(&i)).count();
+        if op.kind.is_sink() && consumers > 0 {
+            return Err(PlanError(format!(
+                "operator {:?}: a sink cannot be the input of another operator",
+                op.uid
+            )));
+        }
+        if !op.kind.is_sink() && consumers == 0 {
+            return Err(PlanError(format!(
+                "operator {:?}: its output goes nowhere: add a sink (stdout, blackhole, file_sink) that reads it",
+                op.uid
+            )));
+        }
+    }
+    Ok(Plan {
+        ops,
+        parallelism: spec.parallelism as u32,
+        max_parallelism: spec.effective_max_parallelism() as u32,
+        s3: spec.s3.clone(),
+    })
+}
+
+/// The field names a `set` template refers to (`{name}`).
+pub fn template_refs(t: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = t;
+    while let Some(i) = rest.find('{') {
+        let after = &rest[i + 1..];
+        match after.find('}') {
+            Some(j) => {
+                out.push(&after[..j]);
+                rest = &after[j + 1..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> StreamJobSpec {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    const WORDCOUNT: &str = "parallelism: 2\nmaxParallelism: 128\npipeline:\n  operators:\n    - {uid: lines, type: file_source, path: /data/in}\n    - {uid: words, type: split, inputs: [lines]}\n    - {uid: counts, type: count, inputs: [words], key: word}\n    - {uid: out, type: file_sink, inputs: [counts], path: /data/out}\n";
+
+    #[test]
+    fn the_issue_example_plans() {
+        let p = build(&spec(WORDCOUNT), None, None).unwrap();
+        assert_eq!(p.parallelism, 2);
+        assert_eq!(p.max_parallelism, 128);
+        let fields: Vec<_> = p.ops.iter().map(|o| o.fields.join(",")).collect();
+        assert_eq!(fields, ["line", "word", "word,count", "word,count"]);
+        assert_eq!(p.ops[2].key_positions, vec![0]);
+        assert!(!p.uses_s3());
+        assert_eq!(p.s3, None);
+    }
+
+    #[test]
+    fn the_plan_carries_the_s3_settings() {
+        let yaml = WORDCOUNT.replace("path: /data/out", "path: s3://bkt/out")
+            + "s3: {endpoint: http://127.0.0.1:9000, region: garage, requestChecksums: when-required}\n";
+        let p = build(&spec(&yaml), None, None).unwrap();
+        assert!(p.uses_s3());
+        let s3 = p.s3.unwrap();
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.region.as_deref(), Some("garage"));
+    }
+
+    fn plan_err(yaml: &str) -> String {
+        build(&spec(yaml), None, None).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_pipelines_name_the_operator_and_field() {
+        let e = plan_err(&WORDCOUNT.replace("type: split", "type: splitt"));
+        assert!(e.contains("\"words\"") && e.contains("type \"splitt\" is unknown"), "{e}");
+        let e = plan_err(&WORDCOUNT.replace("key: word", "key: wrd"));
+        assert!(e.contains("\"counts\"") && e.contains("key \"wrd\" is not a field"), "{e}");
+        let e = plan_err(&WORDCOUNT.replace("inputs: [words]", "inputs: [nope]"));
+        assert!(e.contains("\"counts\"") && e.contains("\"nope\""), "{e}");
+        let e = plan_err(&WORDCOUNT.replace("uid: words", "uid: lines"));
+        assert!(e.contains("\"lines\"") && e.contains("unique"), "{e}");
+        let e = plan_err(&WORDCOUNT.replace("inputs: [lines]", "inputs: [counts]"));
+        assert!(e.contains("cycle"), "{e}");
+        let e = plan_err(&WORDCOUNT.replace("parallelism: 2", "parallelism: 200"));
+        assert!(e.contains("spec.parallelism 200") && e.contains("maxParallelism 128"), "{e}");
+        let e = plan_err(&WORDCOUNT.replace("path: /data/in}", "path: /data/in, cout: 3}"));
+        assert!(e.contains("\"lines\"") && e.contains("unknown field `cout`"), "{e}");
+        let e = plan_err(&WORDCOUNT.replace("path: /data/out", "path: relative/out"));
+        assert!(e.contains("\"out\"") && e.contains("relative/out"), "{e}");
+        let e = plan_err(&WORDCOUNT.replace(
+            "type: count, inputs: [words], key: word",
+            "type: sum, inputs: [words], key: word",
+        ));
+        assert!(e.contains("\"counts\"") && e.contains("field is missing"), "{e}");
+        let e =
+            plan_err(&WORDCOUNT.replace(
+                "    - {uid: out, type: file_sink, inputs: [counts], path: /data/out}\n",
+                "",
+            ));
+        assert!(e.contains("\"counts\"") && e.contains("goes nowhere"), "{e}");
+    }
+
+    #[test]
+    fn the_plan_knows_what_each_field_holds() {
+        use FieldType::*;
+        let yaml = [
+            "pipeline:",
+            "  operators:",
+            "    - {uid: kv, type: generator, format: kv}",
+            "    - {uid: m, type: map, inputs: [kv], set: {label: 'k={key}'}, select: [value, label, key]}",
+            "    - {uid: m2, type: map, inputs: [kv], set: {value: 'v{value}'}}",
+            "    - {uid: c, type: count, inputs: [m], key: value}",
+            "    - {uid: c2, type: count, inputs: [m2], key: value}",
+            "    - {uid: s, type: sum, inputs: [kv], key: key, field: value}",
+            "    - {uid: w, type: tumbling_window_count, inputs: [kv], key: value, size: 1s}",
+            "    - {uid: both, type: blackhole, inputs: [c, c2]}",
+            "    - {uid: o1, type: blackhole, inputs: [s]}",
+            "    - {uid: o2, type: stdout, inputs: [w]}",
+        ]
+        .join("\n");
+        let p = build(&spec(&yaml), None, None).unwrap();
+        let types = |uid: &str| p.ops.iter().find(|o| o.uid == uid).unwrap().types.clone();
+        assert_eq!(types("kv"), [Text, Integer, Integer]);
+        assert_eq!(types("m"), [Integer, Text, Text]);
+        assert_eq!(types("m2"), [Text, Text, Integer]);
+        assert_eq!(types("c"), [Integer, Integer]);
+        assert_eq!(types("c2"), [Text, Integer]);
+        assert_eq!(types("s"), [Text, Number]);
+        assert_eq!(types("w"), [Text, Integer, Integer]);
+        // Inputs that disagree: anything goes in that field.
+        assert_eq!(types("both"), [Any, Integer]);
+        for o in &p.ops {
+            assert_eq!(o.types.len(), o.fields.len(), "{}", o.uid);
+        }
+        use ValueKind as V;
+        assert!(Number.admits(V::Integer) && Number.admits(V::Float));
+        assert!(!Number.admits(V::Text) && !Text.admits(V::Integer));
+        assert!(Any.admits(V::Text) && !Integer.admits(V::Float));
+    }
+
+    #[test]
+    fn parallelism_overrides_are_checked() {
+        assert_eq!(build(&spec(WORDCOUNT), Some(3), None).unwrap().parallelism, 3);
+        let e = build(&spec(WORDCOUNT), Some(129), None).unwrap_err().to_string();
+        assert!(e.contains("spec.parallelism 129"), "{e}");
+        assert_eq!(build(&spec(WORDCOUNT), Some(129), Some(256)).unwrap().max_parallelism, 256);
+    }
+}
