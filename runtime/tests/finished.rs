@@ -314,10 +314,20 @@ fn a_job_that_does_not_stop_in_time_is_cancelled_and_resumes_exactly() {
     );
     assert!(took >= Duration::from_secs(30), "cancelled after {took:?}: {err}");
     assert!(!err.contains("panicked"), "{err}");
-    // Resumed with a fast sink side: nothing lost, nothing twice.
+    // Resumed with a fast sink side: nothing lost, nothing twice. (The cancelled run may
+    // leave a part file in progress, hidden by its dot name, that no checkpoint names: it is
+    // not output, and is left as it is.)
     let file = job_with("1000000");
     let (code, err) = run(&file, tmp.path(), &["--resume"]).finish(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{err}");
-    let texts = common::committed_texts(&tmp.path().join("out"));
+    let out = tmp.path().join("out");
+    for e in std::fs::read_dir(&out).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            assert!(name.ends_with(".inprogress"), "{name}");
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let texts = common::committed_texts(&out);
     common::check_counts(texts.iter().map(String::as_str), &expected);
 }
