@@ -2,4 +2,4 @@
 # What building and testing the workspace needs from Debian (bindgen for RocksDB needs
 # libclang; the Argo CD health checks are tested with Lua 5.1, the dialect Argo CD runs).
 source "$(dirname "$0")/lib.sh"
-apt_install libclang-dev pkg-config openssl curl python3-venv lua5.1
+apt_install libclang-dev pkg-config openssl libssl-dev curl python3-venv lua5.1
