@@ -46,6 +46,15 @@ fn get_json(api: &str, path: &str) -> Option<serde_json::Value> {
     (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
 }
 
+/// Waits (at most a minute) until the job's API says it runs.
+fn wait_running(api: &str) {
+    let t = Instant::now();
+    while get_json(api, "/v1/job").is_none_or(|i| i["state"] != "running") {
+        assert!(t.elapsed() < Duration::from_secs(60), "the job did not start running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until `n` checkpoints completed; false if the job ended first.
 fn wait_checkpoints(job: &mut Proc, n: u64, limit: Duration) -> bool {
     let t = Instant::now();
@@ -219,11 +228,7 @@ fn a_savepoint_that_cannot_complete_fails_within_its_timeout() {
     );
     let mut job = run(&file, tmp.path(), &["--processes"]);
     let api = job.addr("api");
-    let t = Instant::now();
-    while get_json(&api, "/v1/job").is_none_or(|i| i["state"] != "running") {
-        assert!(t.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_running(&api);
     // Let the channels into the sink side fill up.
     std::thread::sleep(Duration::from_secs(3));
     let t = Instant::now();
@@ -296,11 +301,7 @@ fn a_job_that_does_not_stop_in_time_is_cancelled_and_resumes_exactly() {
     std::fs::write(&file, text).unwrap();
     let mut job = run(&file, tmp.path(), &[]);
     let api = job.addr("api");
-    let t = Instant::now();
-    while get_json(&api, "/v1/job").is_none_or(|i| i["state"] != "running") {
-        assert!(t.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_running(&api);
     std::thread::sleep(Duration::from_secs(2));
     assert!(job.child.try_wait().unwrap().is_none(), "the job ended before it was told to stop");
     let told = Instant::now();
