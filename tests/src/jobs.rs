@@ -205,6 +205,11 @@ pub fn wordcount(ns: &str, name: &str, parallelism: i32, lines: u64) -> Value {
     })
 }
 
+/// An image whose tag was never pushed: the node agent finds no binary for it, so its pods
+/// stay in ErrImagePull, as they would on a cluster. A version the controller accepts (its
+/// spec is valid) that does not run.
+pub const MISSING_IMAGE: &str = "registry.invalid/weir/weir-runtime-unpushed:0.0.0";
+
 /// Words per generated line in [`wordcount`].
 pub const WORDS_PER_LINE: u64 = 8;
 

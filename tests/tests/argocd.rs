@@ -241,7 +241,7 @@ async fn finished(env: &TestEnv, ns: &str) {
     capture("streamjob-finished", v);
 }
 
-/// A new version that crashes on start (a parameter the runtime does not know): rolled back
+/// A new version whose image was never pushed (its pods do not start): rolled back
 /// to generation 1 after readyTimeout. RollingBack is checked when it is seen.
 async fn rolled_back(env: &TestEnv, ns: &str) {
     apply(env, &wordcount(ns, "rb", 1, LONG));
@@ -250,7 +250,7 @@ async fn rolled_back(env: &TestEnv, ns: &str) {
     })
     .await;
     let mut bad = wordcount(ns, "rb", 1, LONG);
-    bad["spec"]["pipeline"]["operators"][1]["separatr"] = json!(";");
+    bad["spec"]["image"] = json!(weir_e2e::jobs::MISSING_IMAGE);
     bad["spec"]["upgrade"] = json!({"readyTimeout": "15s"});
     apply(env, &bad);
     let seen_rolling = std::sync::Mutex::new(None::<Value>);

@@ -1,5 +1,5 @@
 //! A job's life under the controller beyond the happy path, against the real control plane,
-//! node agent and S3 server: a new version that crashes on start is rolled back from the
+//! node agent and S3 server: a new version whose pods do not start is rolled back from the
 //! upgrade's savepoint; refused upgrades and a savepoint that S3 does not take leave the old
 //! job running; suspend and resume; a named StreamSnapshot restored into a new job; and an
 //! upgrade that survives the controller killed at each of its step boundaries. Every test
@@ -15,8 +15,8 @@ use weir_crds::StreamJob;
 use weir_crds::snapshot::{SnapshotPhase, StreamSnapshot};
 use weir_crds::streamjob::{JobPhase, SavepointReason};
 use weir_e2e::jobs::{
-    Controller, WORDS_PER_LINE, apply, assert_exactly_once, committed, condition, events, job_id,
-    s3_keys, show, status, wait_job, wait_job_within, wordcount,
+    Controller, MISSING_IMAGE, WORDS_PER_LINE, apply, assert_exactly_once, committed, condition,
+    events, job_id, s3_keys, show, status, wait_job, wait_job_within, wordcount,
 };
 use weir_e2e::testenv::{TestEnv, setting, wait_for};
 
@@ -78,7 +78,7 @@ async fn finished_exactly_once(env: &TestEnv, ns: &str, name: &str, lines: u64) 
 }
 
 #[tokio::test]
-async fn a_new_version_that_crashes_on_start_is_rolled_back_and_a_fixed_one_goes_through() {
+async fn a_new_version_whose_pods_do_not_start_is_rolled_back_and_a_fixed_one_goes_through() {
     const LINES: u64 = 30_000;
     let env = TestEnv::get().await;
     env.install_crds();
@@ -94,11 +94,11 @@ async fn a_new_version_that_crashes_on_start_is_rolled_back_and_a_fixed_one_goes
     })
     .await;
 
-    // Generation 2: a split operator with a parameter the runtime does not know. Its
-    // coordinator exits at start (a crash loop); after readyTimeout the job goes back to
-    // generation 1 from the upgrade's savepoint.
+    // Generation 2: an image tag that was never pushed (the controller cannot know). Its
+    // pods do not start (ErrImagePull); after readyTimeout the job goes back to generation 1
+    // from the upgrade's savepoint.
     let mut bad = wordcount(&ns, "wc", 3, LINES);
-    bad["spec"]["pipeline"]["operators"][1]["separatr"] = json!(";");
+    bad["spec"]["image"] = json!(MISSING_IMAGE);
     bad["spec"]["upgrade"] = json!({"readyTimeout": "20s"});
     apply(&env, &bad);
     let j = wait_job(&env, &ns, "wc", "rolled back to generation 1", |j| {
