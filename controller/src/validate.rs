@@ -147,7 +147,7 @@ pub fn validate(
             .pipeline
             .operators
             .iter()
-            .position(|op| e.0.starts_with(&format!("operator {:?} ", op.uid)))
+            .position(|op| e.uid.as_ref() == Some(&op.uid))
             .map_or_else(
                 || "spec.pipeline".to_string(),
                 |i| format!("spec.pipeline.operators[{i}]"),

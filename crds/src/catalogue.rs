@@ -175,8 +175,8 @@ pub const KINDS: &[OperatorKind] = &[
     OperatorKind {
         name: "throttle",
         role: Role::Transform,
-        stateful: false,
-        summary: "Passes records on at no more than `ratePerSecond` per subtask: a deliberately slow stage, to try backpressure and unaligned checkpoints.",
+        stateful: true,
+        summary: "Passes records on at no more than `ratePerSecond` per subtask (bursts of at most a second's worth): a deliberately slow stage, to try backpressure and unaligned checkpoints. Records that come faster wait in it, in its checkpointed state; meanwhile its subtask takes no more input but still takes barriers.",
         emits: "its input's fields",
         params: schema_of::<ThrottleSpec>,
         example: "{uid: slow, type: throttle, inputs: [counts], ratePerSecond: 1000}",

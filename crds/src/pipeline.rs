@@ -215,8 +215,7 @@ pub const SOURCE_TYPES: &[&str] = &["generator", "file_source", "socket"];
 
 /// Operator types that keep no state in checkpoints: a new version of a job may add or drop
 /// them without losing anything.
-pub const STATELESS_TYPES: &[&str] =
-    &["socket", "split", "map", "filter", "throttle", "stdout", "blackhole"];
+pub const STATELESS_TYPES: &[&str] = &["socket", "split", "map", "filter", "stdout", "blackhole"];
 
 impl Pipeline {
     /// Uids of the operators whose state a checkpoint or savepoint holds.

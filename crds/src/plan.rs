@@ -14,11 +14,27 @@ use serde::de::DeserializeOwned;
 
 /// A plan that cannot run; the message names the operator and the field. `weir run` exits 2.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct PlanError(pub String);
+#[error("{message}")]
+pub struct PlanError {
+    pub message: String,
+    /// The uid of the operator at fault, when one is (the controller names its place in
+    /// `spec.pipeline.operators`).
+    pub uid: Option<String>,
+}
+
+impl PlanError {
+    /// An error of the job as a whole.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { message: message.into(), uid: None }
+    }
+
+    fn of(uid: &str, message: String) -> Self {
+        Self { message, uid: Some(uid.to_string()) }
+    }
+}
 
 fn err(op: &OperatorSpec, msg: impl std::fmt::Display) -> PlanError {
-    PlanError(format!("operator {:?} ({}): {msg}", op.uid, op.kind))
+    PlanError::of(&op.uid, format!("operator {:?} ({}): {msg}", op.uid, op.kind))
 }
 
 /// The operator types `weir` knows (the list lives in `weir-crds`, so that the controller
@@ -416,17 +432,20 @@ pub fn build(
 ) -> Result<Plan, PlanError> {
     let mut spec = spec.clone();
     if let Some(p) = parallelism {
-        spec.parallelism =
-            i32::try_from(p).map_err(|_| PlanError(format!("parallelism {p} is too large")))?;
+        spec.parallelism = i32::try_from(p)
+            .map_err(|_| PlanError::new(format!("parallelism {p} is too large")))?;
     }
     if let Some(m) = max_parallelism {
         spec.max_parallelism = Some(
-            i32::try_from(m).map_err(|_| PlanError(format!("maxParallelism {m} is too large")))?,
+            i32::try_from(m)
+                .map_err(|_| PlanError::new(format!("maxParallelism {m} is too large")))?,
         );
     }
-    spec.validate().map_err(|e| PlanError(e.to_string()))?;
-    let order =
-        spec.pipeline.validate_graph().map_err(|e| PlanError(format!("spec.pipeline: {e}")))?;
+    spec.validate().map_err(|e| PlanError::new(e.to_string()))?;
+    let order = spec
+        .pipeline
+        .validate_graph()
+        .map_err(|e| PlanError::new(format!("spec.pipeline: {e}")))?;
     let index: BTreeMap<&str, usize> =
         order.iter().enumerate().map(|(i, o)| (o.uid.as_str(), i)).collect();
     let mut ops: Vec<PlanOp> = Vec::with_capacity(order.len());
@@ -659,16 +678,19 @@ pub fn build(
     for (i, op) in ops.iter().enumerate() {
         let consumers = ops.iter().filter(|o| o.inputs.contains(&i)).count();
         if op.kind.is_sink() && consumers > 0 {
-            return Err(PlanError(format!(
-                "operator {:?}: a sink cannot be the input of another operator",
-                op.uid
-            )));
+            return Err(PlanError::of(
+                &op.uid,
+                format!("operator {:?}: a sink cannot be the input of another operator", op.uid),
+            ));
         }
         if !op.kind.is_sink() && consumers == 0 {
-            return Err(PlanError(format!(
-                "operator {:?}: its output goes nowhere: add a sink (stdout, blackhole, file_sink) that reads it",
-                op.uid
-            )));
+            return Err(PlanError::of(
+                &op.uid,
+                format!(
+                    "operator {:?}: its output goes nowhere: add a sink (stdout, blackhole, file_sink) that reads it",
+                    op.uid
+                ),
+            ));
         }
     }
     Ok(Plan {

@@ -403,6 +403,7 @@ impl Chain {
     /// Sends what credit allows; aligned barriers that waited past the alignment timeout
     /// overtake the batches ahead of them.
     fn pump(&mut self) -> Result<(), RuntimeError> {
+        self.release_held()?;
         let overtake = self.unaligned_after.map(|t| (now_ms(), t));
         for o in self.outlets() {
             if let Some((now, t)) = overtake {
@@ -413,13 +414,32 @@ impl Chain {
         Ok(())
     }
 
-    /// No batch waits for credit: the subtask may take more input.
+    /// Lets the records that operators held back go, where they may now ([`Operator::release`]).
+    fn release_held(&mut self) -> Result<(), RuntimeError> {
+        for idx in 0..self.ops.len() {
+            let Some(op) = self.ops[idx].op.as_mut().filter(|op| op.holding()) else { continue };
+            let mut out = Vec::new();
+            op.release(&mut out)?;
+            self.route(idx, out)?;
+        }
+        Ok(())
+    }
+
+    /// Some operator holds records back.
+    fn holding(&self) -> bool {
+        self.ops.iter().any(|o| o.op.as_ref().is_some_and(|op| op.holding()))
+    }
+
+    /// No batch waits for credit and no operator holds records back: the subtask may take
+    /// more input.
     fn output_ready(&self) -> bool {
-        self.ops
-            .iter()
-            .flat_map(|o| o.edges.iter())
-            .flat_map(|e| e.outlets.iter().flatten())
-            .all(|o| o.backlog() == 0)
+        !self.holding()
+            && self
+                .ops
+                .iter()
+                .flat_map(|o| o.edges.iter())
+                .flat_map(|e| e.outlets.iter().flatten())
+                .all(|o| o.backlog() == 0)
     }
 
     /// The credits of the outlets with a batch waiting.
@@ -457,6 +477,15 @@ impl Chain {
         cancel: &AtomicBool,
     ) -> Result<(), RuntimeError> {
         for idx in 0..self.ops.len() {
+            // What an operator holds back goes at its pace before it finishes.
+            while self.ops[idx].op.as_ref().is_some_and(|op| op.holding()) {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(cancelled());
+                }
+                self.pump()?;
+                self.maybe_flush()?;
+                Inbox::default().wait(&self.waiting_credits(), Duration::from_millis(5));
+            }
             let mut out = Vec::new();
             if let Some(op) = self.ops[idx].op.as_mut() {
                 op.finish(&mut out)?;
@@ -948,7 +977,9 @@ pub fn run_worker(
                     dir,
                     instance: format!("{}-{s}-{}", op.uid, opts.run_id),
                     key_groups: (range.start, range.end),
-                    // Files of another job's snapshot are not this job's to refer to.
+                    // The first checkpoint refers to the restored files where they are
+                    // (the instance goes on from them) and uploads only new ones; files of
+                    // another job's snapshot are not this job's to refer to.
                     last: Arc::new(std::sync::Mutex::new(restored.filter(|_| {
                         !opts.checkpoints.as_ref().is_some_and(|c| c.restore_foreign)
                     }))),
@@ -1393,6 +1424,7 @@ fn run_subtask(
         let mut last_barrier = after_id;
         // Unaligned from the start, or aligned until the outlets' alignment timeout.
         let unaligned = chain.unaligned_after == Some(0);
+        let mut exhausted = false;
         loop {
             if stop.load(Ordering::Relaxed) {
                 break;
@@ -1429,7 +1461,14 @@ fn run_subtask(
                 return chain.end_stopped(id, cancel);
             }
             chain.pump()?;
-            if !chain.output_ready() {
+            if exhausted && !chain.holding() {
+                break;
+            }
+            if exhausted || !chain.output_ready() {
+                // What a held-back operator let go leaves within 10 ms, not a batch later;
+                // an exhausted source's subtask goes on taking barriers until its operators
+                // have let go of everything they held.
+                chain.maybe_flush()?;
                 Inbox::default().wait(&chain.waiting_credits(), wait);
                 continue;
             }
@@ -1438,9 +1477,7 @@ fn run_subtask(
             if !batch.is_empty() {
                 chain.route(0, batch)?;
             }
-            if !more {
-                break;
-            }
+            exhausted = !more;
             chain.maybe_flush()?;
         }
         return chain.finish(Some(&mut source), cancel);

@@ -50,13 +50,13 @@ use weir_crds::StreamJob;
 /// rules are checked where the plan is built ([`plan::build`]).
 pub fn load_manifest(path: &Path) -> Result<StreamJob, plan::PlanError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| plan::PlanError(format!("reading {}: {e}", path.display())))?;
+        .map_err(|e| plan::PlanError::new(format!("reading {}: {e}", path.display())))?;
     let not_valid = |e: &dyn std::fmt::Display| {
-        plan::PlanError(format!("{}: not a valid StreamJob manifest: {e}", path.display()))
+        plan::PlanError::new(format!("{}: not a valid StreamJob manifest: {e}", path.display()))
     };
     let mut manifest: serde_json::Value =
         serde_saphyr::from_str(&text).map_err(|e| not_valid(&e))?;
     schema::admit(&mut manifest)
-        .map_err(|e| plan::PlanError(format!("{}: {e}", path.display())))?;
+        .map_err(|e| plan::PlanError::new(format!("{}: {e}", path.display())))?;
     serde_json::from_value(manifest).map_err(|e| not_valid(&e))
 }

@@ -69,6 +69,19 @@ pub trait Operator: Send {
     fn checkpoint_complete(&mut self, _id: u64) -> Result<(), RuntimeError> {
         Ok(())
     }
+
+    /// The operator holds records back to emit later (a throttle): while it does, its
+    /// subtask takes no more input batches (barriers still come in, so the held records
+    /// must be in [`Operator::snapshot`]), and [`Operator::release`] is called every few
+    /// milliseconds.
+    fn holding(&self) -> bool {
+        false
+    }
+
+    /// Emits the held records that may go now.
+    fn release(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
 /// One subtask of a source, reading the splits dealt to it.
@@ -203,7 +216,9 @@ impl Zipf {
     }
 }
 
-/// Paces a subtask to a rate (records per second), sleeping when it is ahead.
+/// Paces a subtask to a rate (records per second). When it is ahead it sleeps at most a few
+/// milliseconds and lets nothing go, so that the source's loop takes barriers and stop
+/// requests while it waits.
 #[derive(Debug)]
 pub struct Pacer {
     rate: Option<f64>,
@@ -215,20 +230,28 @@ impl Pacer {
     pub fn new(rate: Option<f64>) -> Self {
         Self { rate: rate.filter(|r| *r > 0.0), start: Instant::now(), emitted: 0 }
     }
-    /// How many records may go now (at most `max`), after sleeping if needed.
+    /// How many records may go now (at most `max`); 0 after a wait of at most
+    /// [`Pacer::MAX_WAIT`] when none may yet.
     pub fn allow(&mut self, max: usize) -> usize {
         let Some(rate) = self.rate else { return max };
-        loop {
-            let due = (self.start.elapsed().as_secs_f64() * rate) as u64;
-            if due > self.emitted {
-                let n = ((due - self.emitted) as usize).min(max);
-                self.emitted += n as u64;
-                return n;
-            }
+        let due = |p: &Self| (p.start.elapsed().as_secs_f64() * rate) as u64;
+        if due(self) <= self.emitted {
             let wait = (self.emitted + 1) as f64 / rate - self.start.elapsed().as_secs_f64();
-            std::thread::sleep(Duration::from_secs_f64(wait.clamp(0.0005, 0.05)));
+            std::thread::sleep(Duration::from_secs_f64(
+                wait.clamp(0.0005, Self::MAX_WAIT.as_secs_f64()),
+            ));
         }
+        let due = due(self);
+        if due <= self.emitted {
+            return 0;
+        }
+        let n = ((due - self.emitted) as usize).min(max);
+        self.emitted += n as u64;
+        n
     }
+
+    /// The longest a poll waits for its next record to be due.
+    pub const MAX_WAIT: Duration = Duration::from_millis(10);
 }
 
 /// The position of one generator split: how many records it has emitted, and its random
@@ -1234,19 +1257,63 @@ impl Operator for Stdout {
     }
 }
 
-/// Passes records on at no more than a given rate: after a batch, it sleeps until the
-/// records so far are within the rate since the first one.
+/// Passes records on at no more than a given rate, by a token bucket that fills at the rate
+/// and holds at most a second's worth. What comes faster waits in the operator, which is
+/// part of its checkpointed state; while it holds records its subtask takes no more input
+/// (the pressure goes upstream through credits) but still takes barriers, and the engine
+/// calls [`Operator::release`] every few milliseconds. It never sleeps.
 #[derive(Debug)]
 pub struct Throttle {
     rate: f64,
-    since: Option<std::time::Instant>,
-    passed: u64,
+    tokens: f64,
+    filled: Option<Instant>,
+    held: std::collections::VecDeque<Record>,
 }
 
 impl Throttle {
     pub fn new(rate_per_second: f64) -> Self {
-        Self { rate: rate_per_second, since: None, passed: 0 }
+        Self { rate: rate_per_second, tokens: 1.0, filled: None, held: Default::default() }
     }
+
+    /// The held records as the checkpoint keeps them: the wire encoding, in hex.
+    fn encode_held(&self) -> serde_json::Value {
+        let records: Vec<Record> = self.held.iter().cloned().collect();
+        let mut bytes = Vec::new();
+        crate::wire::encode_batch(&records, &mut bytes);
+        serde_json::json!({ "held": hex(&bytes) })
+    }
+
+    fn decode_held(&mut self, state: serde_json::Value) -> Result<(), RuntimeError> {
+        let bad = |why: String| {
+            RuntimeError::damaged(format!(
+                "restoring a throttle: the records it held do not decode ({why}): the checkpoint is damaged"
+            ))
+        };
+        let text = state
+            .get("held")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad("its state has no \"held\" text".into()))?;
+        let bytes = unhex(text).ok_or_else(|| bad("not hexadecimal".into()))?;
+        let records = crate::wire::decode_batch(&bytes).map_err(bad)?;
+        self.held.extend(records);
+        Ok(())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 impl Operator for Throttle {
@@ -1256,14 +1323,49 @@ impl Operator for Throttle {
         batch: Vec<Record>,
         out: &mut Vec<Record>,
     ) -> Result<(), RuntimeError> {
-        let since = *self.since.get_or_insert_with(std::time::Instant::now);
-        self.passed += batch.len() as u64;
-        let due = since + std::time::Duration::from_secs_f64(self.passed as f64 / self.rate);
-        let now = std::time::Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
+        self.held.extend(batch);
+        self.release(out)
+    }
+
+    fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    fn release(&mut self, out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        let now = Instant::now();
+        if let Some(then) = self.filled.replace(now) {
+            let burst = self.rate.max(1.0);
+            self.tokens = (self.tokens + (now - then).as_secs_f64() * self.rate).min(burst);
         }
-        out.extend(batch);
+        let n = (self.tokens.floor() as usize).min(self.held.len());
+        self.tokens -= n as f64;
+        out.extend(self.held.drain(..n));
+        Ok(())
+    }
+
+    fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
+        Ok((!self.held.is_empty()).then(|| self.encode_held()))
+    }
+
+    fn restore(&mut self, state: Option<serde_json::Value>) -> Result<(), RuntimeError> {
+        match state {
+            Some(st) if !st.is_null() => self.decode_held(st),
+            _ => Ok(()),
+        }
+    }
+
+    /// The records each old subtask held go to one new subtask (old index modulo the new
+    /// parallelism): they are emitted once, by whichever subtask, before anything new.
+    fn rescale(
+        &mut self,
+        states: Vec<(u32, serde_json::Value)>,
+        at: &Rescale,
+    ) -> Result<(), RuntimeError> {
+        for (old, st) in states {
+            if old % at.parallelism == at.subtask && !st.is_null() {
+                self.decode_held(st)?;
+            }
+        }
         Ok(())
     }
 }
@@ -1968,5 +2070,71 @@ mod tests {
         for bad in ["../../etc/part-x", "part-", "part-a/b", "x-1", "part-../x", "/part-x"] {
             assert!(!plain_stem(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_throttle_holds_what_comes_faster_than_its_rate_and_never_sleeps() {
+        let rec = |i: i64| vec![Value::Int(i), Value::str("x"), Value::Float(f64::NAN)];
+        let mut t = Throttle::new(100.0);
+        let mut out = Vec::new();
+        let started = Instant::now();
+        t.process(0, (0..500).map(rec).collect(), &mut out).unwrap();
+        assert!(started.elapsed() < Duration::from_millis(100), "process slept");
+        assert_eq!(out.len(), 1, "the first record goes at once, the others wait");
+        assert!(t.holding());
+        std::thread::sleep(Duration::from_millis(200));
+        t.release(&mut out).unwrap();
+        // 200 ms at 100 a second: about 20 more; never more than the time allows.
+        let allowed = 1 + (started.elapsed().as_secs_f64() * 100.0) as usize;
+        assert!(out.len() > 5 && out.len() <= allowed, "{} of at most {allowed}", out.len());
+        // Held records are its state: a checkpoint restores them, in order, after those out.
+        let st = t.snapshot(1).unwrap().expect("held records in the state");
+        let mut back = Throttle::new(1e9);
+        back.restore(Some(st.clone())).unwrap();
+        let mut rest = Vec::new();
+        back.release(&mut rest).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        back.release(&mut rest).unwrap();
+        assert!(!back.holding());
+        assert_eq!(out.len() + rest.len(), 500);
+        for (i, r) in out.iter().chain(&rest).enumerate() {
+            assert_eq!(r[0], Value::Int(i as i64));
+            assert!(matches!(r[2], Value::Float(f) if f.is_nan()));
+        }
+        // Rescaled 1 -> 2: the old subtask's records go to exactly one new subtask.
+        let mut got = 0;
+        for subtask in 0..2 {
+            let at = Rescale {
+                uid: "slow".into(),
+                subtask,
+                parallelism: 2,
+                old_parallelism: 1,
+                key_groups: (0, 0),
+            };
+            let mut n = Throttle::new(1e9);
+            n.rescale(vec![(0, st.clone())], &at).unwrap();
+            got += n.held.len();
+        }
+        assert_eq!(got, 500 - out.len());
+        // A damaged state is an error that says so, not a panic.
+        for bad in [
+            serde_json::json!({"held": "zz"}),
+            serde_json::json!({"held": "0"}),
+            serde_json::json!({"held": "ff01"}),
+            serde_json::json!({"other": 1}),
+        ] {
+            let e = Throttle::new(1.0).restore(Some(bad.clone())).unwrap_err();
+            assert!(e.message.contains("throttle") && e.message.contains("damaged"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_pacer_that_is_ahead_waits_briefly_and_lets_nothing_go() {
+        let mut p = Pacer::new(Some(1.0));
+        let t = Instant::now();
+        let first = p.allow(100);
+        let second = p.allow(100);
+        assert!(first + second <= 1, "{first} + {second} at 1 a second");
+        assert!(t.elapsed() < Duration::from_millis(500), "allow waited {:?}", t.elapsed());
     }
 }

@@ -3,10 +3,13 @@
 //!
 //! SST files never change once written and their names are unique within an instance, so
 //! they go to `shared/<instance>/<name>` and a later snapshot of the same instance uploads
-//! only the SST files that earlier ones have not. The few other files (MANIFEST, CURRENT,
-//! OPTIONS) change and go under the snapshot's own prefix every time. A [`StateHandle`] lists
-//! every file a snapshot needs; a shared file may be deleted only when no retained snapshot's
-//! handle names it ([`unreferenced`]).
+//! only the SST files that earlier ones have not. An instance restored from a snapshot goes on
+//! from that snapshot's files (RocksDB numbers new files above the ones it has), so its first
+//! snapshot names the restored files where they already are and uploads only the new ones,
+//! under its own instance. The few other files (MANIFEST, CURRENT, OPTIONS) change and go
+//! under the snapshot's own prefix every time. A [`StateHandle`] lists every file a snapshot
+//! needs; a shared file may be deleted only when no retained snapshot's handle names it
+//! ([`unreferenced`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -66,8 +69,10 @@ pub fn take(backend: &StateBackend, local: &Path) -> Result<(), RuntimeError> {
 }
 
 /// Uploads the checkpoint in `local` (the asynchronous part). SST files already in
-/// `previous` (the handle of an earlier snapshot of the same instance) are not sent again;
-/// the other files go under `own_prefix`.
+/// `previous` are not sent again: it is the handle of an earlier snapshot of this instance,
+/// or of the snapshot the instance was restored from (whose files it started with). A file
+/// of `previous` counts only if the local file of that name has its size; the other SST files
+/// go under `shared/<instance>/`, the rest under `own_prefix`.
 pub fn upload(
     storage: &dyn Storage,
     local: &Path,
@@ -77,7 +82,6 @@ pub fn upload(
     previous: Option<&StateHandle>,
 ) -> Result<(StateHandle, Uploaded), RuntimeError> {
     let known: HashMap<&str, &SnapshotFile> = previous
-        .filter(|p| p.instance == instance)
         .map(|p| {
             p.files
                 .iter()
@@ -97,8 +101,12 @@ pub fn upload(
     let mut todo: Vec<(usize, String, String)> = Vec::new();
     for name in names {
         if let Some(f) = known.get(name.as_str()) {
-            files.push(Some((*f).clone()));
-            continue;
+            let path = local.join(&name);
+            let size = std::fs::metadata(&path).map_err(|e| io("reading", &path, e))?.len();
+            if size == f.size {
+                files.push(Some((*f).clone()));
+                continue;
+            }
         }
         let key = if name.ends_with(".sst") {
             format!("shared/{instance}/{name}")

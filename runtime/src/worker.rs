@@ -308,7 +308,7 @@ fn run_job(
 ) -> Result<Counts, RuntimeError> {
     let p = job.parallelism;
     let plan = crate::plan::build(&job.spec, Some(p), Some(job.max_parallelism))
-        .map_err(|e| RuntimeError::user(e.0))?;
+        .map_err(|e| RuntimeError::user(e.message))?;
     let worker_of = job.worker_of.clone();
     if worker_of.len() != p as usize {
         return Err(RuntimeError::internal("a placement that does not cover every subtask"));

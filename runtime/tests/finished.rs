@@ -332,3 +332,96 @@ fn a_job_that_does_not_stop_in_time_is_cancelled_and_resumes_exactly() {
     let texts = common::committed_texts(&out);
     common::check_counts(texts.iter().map(String::as_str), &expected);
 }
+
+/// The `_metadata` of the newest completed checkpoint below `dir` (by its id).
+fn newest_metadata(dir: &Path) -> Option<PathBuf> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()) {
+                let m = e.path().join("_metadata");
+                if m.exists() && best.as_ref().is_none_or(|(b, _)| n > *b) {
+                    best = Some((n, m));
+                }
+            } else if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+#[test]
+fn a_throttle_behind_a_source_takes_barriers_and_its_held_records_resume_exactly() {
+    // Lines go through a throttle of 200 a second per subtask, chained to the file source,
+    // which reads 1024 lines a poll: the throttle holds most of each batch back, in its
+    // state. Its checkpoints still complete every 300 ms; told to stop, the job lets the
+    // held lines go and stops part-way through its input; killed while it holds lines, it
+    // resumes from a checkpoint that holds them; and the last run, at a fast rate, counts
+    // every word once.
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = common::write_input(&tmp.path().join("in"), 2, 2000, 43);
+    let words: u64 = expected.values().sum();
+    let source =
+        format!("{{uid: lines, type: file_source, path: {}}}", tmp.path().join("in").display());
+    let job_with = |rate: &str| {
+        write_job(
+            tmp.path(),
+            "paced",
+            "  restartStrategy: {type: none}\n",
+            &source,
+            &format!(
+                "      - {{uid: slow, type: throttle, inputs: [lines], ratePerSecond: {rate}}}\n      - {{uid: words, type: split, inputs: [slow]}}\n      - {{uid: counts, type: count, inputs: [words], key: word}}\n"
+            ),
+        )
+    };
+    let committed_words = || -> u64 {
+        common::committed_texts(&tmp.path().join("out"))
+            .iter()
+            .map(|t| t.lines().count() as u64)
+            .sum()
+    };
+    let holds = |what: &str| {
+        let m = newest_metadata(&tmp.path().join("checkpoints")).expect("a checkpoint");
+        let text = String::from_utf8_lossy(&std::fs::read(&m).unwrap()).into_owned();
+        assert!(text.contains("\"held\""), "{what}: {} holds no throttled lines", m.display());
+    };
+
+    let mut job = run(&job_with("200"), tmp.path(), &[]);
+    assert!(
+        wait_checkpoints(&mut job, 3, Duration::from_secs(60)),
+        "no 3 checkpoints while the throttle held lines: {}",
+        job.finish(Duration::from_secs(30)).1
+    );
+    holds("run 1");
+    job.signal("-TERM");
+    let (code, err) = job.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{err}");
+    let first = committed_words();
+    assert!(first < words, "the job did not stop part-way: {first} of {words} words counted");
+
+    let mut job = run(&job_with("200"), tmp.path(), &["--resume"]);
+    assert!(
+        wait_checkpoints(&mut job, 2, Duration::from_secs(60)),
+        "run 2: {}",
+        job.finish(Duration::from_secs(30)).1
+    );
+    holds("run 2");
+    job.signal("-KILL");
+    let _ = job.finish(Duration::from_secs(30));
+
+    let (code, err) =
+        run(&job_with("1000000"), tmp.path(), &["--resume"]).finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    // The killed run may leave a part file in progress that no checkpoint names.
+    for e in std::fs::read_dir(tmp.path().join("out")).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with('.') {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let texts = common::committed_texts(&tmp.path().join("out"));
+    common::check_counts(texts.iter().map(String::as_str), &expected);
+    assert_eq!(committed_words(), words, "every word counted once");
+}

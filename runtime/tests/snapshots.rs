@@ -1,6 +1,7 @@
 //! Keyed-state snapshots through storage: a restored instance holds exactly what was
-//! snapshotted, a second snapshot uploads only the new SST files, and retention finds the
-//! shared files no retained snapshot needs.
+//! snapshotted, a second snapshot uploads only the new SST files (so does the first snapshot
+//! of an instance restored from one), and retention finds the shared files no retained
+//! snapshot needs.
 
 use std::path::Path;
 
@@ -76,6 +77,51 @@ fn snapshots_round_trip_incrementally(storage: &dyn Storage) {
     write(&b, 5_000, 10, 100);
     assert_eq!(restore(storage, &h1, &tmp.path().join("r1")), at_1);
     assert_eq!(restore(storage, &h2, &tmp.path().join("r2")), at_2);
+
+    // An instance restored from snapshot 2 (a new attempt, with an instance name of its own)
+    // goes on from its files: its first snapshot names them where they are and uploads only
+    // what changed since.
+    let again = StateBackend::open(&tmp.path().join("r2"), &ops()).unwrap();
+    write(&again, 0, 500, 1);
+    let at_3 = contents(&again);
+    snapshot::take(&again, &tmp.path().join("chk-3")).unwrap();
+    let (h3, up3) = snapshot::upload(
+        storage,
+        &tmp.path().join("chk-3"),
+        "w0-run2",
+        (0, 127),
+        "chk-3",
+        Some(&h2),
+    )
+    .unwrap();
+    drop(again);
+    assert!(
+        h3.files.iter().any(|f| f.key.starts_with("shared/w0-run1/")),
+        "the restored files are named where they are: {h3:?}"
+    );
+    assert!(
+        h3.files.iter().filter(|f| !h2.files.contains(f)).all(|f| f.key.contains("/w0-run2/")),
+        "new files go under the new instance: {h3:?}"
+    );
+    assert!(up3.bytes < h3.size() / 2, "uploaded {} of {} bytes", up3.bytes, h3.size());
+    assert_eq!(restore(storage, &h3, &tmp.path().join("r3")), at_3);
+    // A file of the earlier handle whose local copy has another size is not trusted: it goes
+    // up again, under the new instance.
+    let mut stale = h2.clone();
+    for f in stale.files.iter_mut() {
+        f.size += 1;
+    }
+    let (h3b, up3b) = snapshot::upload(
+        storage,
+        &tmp.path().join("chk-3"),
+        "w0-run2",
+        (0, 127),
+        "chk-3b",
+        Some(&stale),
+    )
+    .unwrap();
+    assert_eq!(up3b.bytes, h3b.size(), "nothing of a mismatched handle is reused");
+    assert!(h3b.files.iter().all(|f| !f.key.contains("/w0-run1/")), "{h3b:?}");
 
     // Dropping snapshot 1: the shared files only it names can go, and 2 still restores.
     let gone = snapshot::unreferenced([&h1], [&h2]);
