@@ -141,8 +141,17 @@ pub fn hex(b: &[u8]) -> String {
 
 /// Reads exactly `N` bytes of hex; `None` for anything else.
 pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    let s = s.as_bytes();
     if s.len() != 2 * N {
+        return None;
+    }
+    unhex_bytes(s)?.try_into().ok()
+}
+
+/// Reads hex of any even length; `None` for anything else (an odd length, a sign, a
+/// character that is not a hex digit).
+pub fn unhex_bytes(s: &str) -> Option<Vec<u8>> {
+    let s = s.as_bytes();
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| match c {
@@ -151,11 +160,7 @@ pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
         b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     };
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = digit(s[2 * i])? << 4 | digit(s[2 * i + 1])?;
-    }
-    Some(out)
+    s.chunks_exact(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
 }
 
 #[cfg(test)]
@@ -200,6 +205,11 @@ mod tests {
         assert_eq!(unhex::<2>("0g00"), None);
         assert_eq!(unhex::<2>("000"), None);
         assert_eq!(unhex::<2>("00ff"), Some([0, 255]));
+        assert_eq!(unhex_bytes("00fF10"), Some(vec![0, 255, 16]));
+        assert_eq!(unhex_bytes(""), Some(vec![]));
+        for bad in ["0", "+f", "0x", "é0"] {
+            assert_eq!(unhex_bytes(bad), None, "{bad}");
+        }
         assert!(JobSecret::generate().text().len() >= MIN_LEN);
     }
 }

@@ -1276,11 +1276,10 @@ impl Throttle {
     }
 
     /// The held records as the checkpoint keeps them: the wire encoding, in hex.
-    fn encode_held(&self) -> serde_json::Value {
-        let records: Vec<Record> = self.held.iter().cloned().collect();
+    fn encode_held(&mut self) -> serde_json::Value {
         let mut bytes = Vec::new();
-        crate::wire::encode_batch(&records, &mut bytes);
-        serde_json::json!({ "held": hex(&bytes) })
+        crate::wire::encode_batch(self.held.make_contiguous(), &mut bytes);
+        serde_json::json!({ "held": crate::auth::hex(&bytes) })
     }
 
     fn decode_held(&mut self, state: serde_json::Value) -> Result<(), RuntimeError> {
@@ -1293,27 +1292,11 @@ impl Throttle {
             .get("held")
             .and_then(|v| v.as_str())
             .ok_or_else(|| bad("its state has no \"held\" text".into()))?;
-        let bytes = unhex(text).ok_or_else(|| bad("not hexadecimal".into()))?;
+        let bytes = crate::auth::unhex_bytes(text).ok_or_else(|| bad("not hexadecimal".into()))?;
         let records = crate::wire::decode_batch(&bytes).map_err(bad)?;
         self.held.extend(records);
         Ok(())
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 impl Operator for Throttle {
@@ -2121,6 +2104,7 @@ mod tests {
             serde_json::json!({"held": "zz"}),
             serde_json::json!({"held": "0"}),
             serde_json::json!({"held": "ff01"}),
+            serde_json::json!({"held": "+f"}),
             serde_json::json!({"other": 1}),
         ] {
             let e = Throttle::new(1.0).restore(Some(bad.clone())).unwrap_err();

@@ -322,15 +322,22 @@ fn a_job_that_does_not_stop_in_time_is_cancelled_and_resumes_exactly() {
     let (code, err) = run(&file, tmp.path(), &["--resume"]).finish(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{err}");
     let out = tmp.path().join("out");
-    for e in std::fs::read_dir(&out).unwrap().flatten() {
+    remove_parts_in_progress(&out);
+    let texts = common::committed_texts(&out);
+    common::check_counts(texts.iter().map(String::as_str), &expected);
+}
+
+/// Removes the hidden part files in progress that a killed or cancelled run left in the
+/// output directory `out` (no checkpoint names them: they are not output); any other hidden
+/// file fails the test.
+fn remove_parts_in_progress(out: &Path) {
+    for e in std::fs::read_dir(out).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') {
             assert!(name.ends_with(".inprogress"), "{name}");
             std::fs::remove_file(e.path()).unwrap();
         }
     }
-    let texts = common::committed_texts(&out);
-    common::check_counts(texts.iter().map(String::as_str), &expected);
 }
 
 /// The `_metadata` of the newest completed checkpoint below `dir` (by its id).
@@ -416,11 +423,7 @@ fn a_throttle_behind_a_source_takes_barriers_and_its_held_records_resume_exactly
         run(&job_with("1000000"), tmp.path(), &["--resume"]).finish(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{err}");
     // The killed run may leave a part file in progress that no checkpoint names.
-    for e in std::fs::read_dir(tmp.path().join("out")).unwrap().flatten() {
-        if e.file_name().to_string_lossy().starts_with('.') {
-            std::fs::remove_file(e.path()).unwrap();
-        }
-    }
+    remove_parts_in_progress(&tmp.path().join("out"));
     let texts = common::committed_texts(&tmp.path().join("out"));
     common::check_counts(texts.iter().map(String::as_str), &expected);
     assert_eq!(committed_words(), words, "every word counted once");
