@@ -10,7 +10,7 @@ export CARGO_TERM_COLOR ?= never
 # the integration tests that need none (the runtime's; s3, storage, snapshots and savepoints
 # run in e2e, against Garage; savepoints runs here without its ignored tests).
 E2E_TESTS = $(basename $(notdir $(wildcard tests/tests/*.rs)))
-UNIT_TESTS = $(filter-out s3 storage snapshots,$(basename $(notdir $(wildcard runtime/tests/*.rs controller/tests/*.rs crds/tests/*.rs storage/tests/*.rs cli/tests/*.rs))))
+UNIT_TESTS = $(filter-out s3 storage snapshots,$(basename $(notdir $(wildcard runtime/tests/*.rs runtime/sdk-example/tests/*.rs controller/tests/*.rs crds/tests/*.rs storage/tests/*.rs cli/tests/*.rs))))
 
 .PHONY: help install-deps build run test unit e2e env-up env-down generate check-generated fmt lint bench images clean fuzz
 
@@ -113,7 +113,8 @@ images:
 	@if [ -z "$(ENGINE)" ]; then echo "make images: no container engine answers (docker info, podman info): nothing built"; exit 0; fi; \
 	  set -x; \
 	  DOCKER_BUILDKIT=1 $(ENGINE) build -f Dockerfile.controller -t $(IMAGE_PREFIX)/weir-controller:$(IMAGE_TAG) . && \
-	  DOCKER_BUILDKIT=1 $(ENGINE) build -f Dockerfile.runtime -t $(IMAGE_PREFIX)/weir:$(IMAGE_TAG) .
+	  DOCKER_BUILDKIT=1 $(ENGINE) build -f Dockerfile.runtime -t $(IMAGE_PREFIX)/weir:$(IMAGE_TAG) . && \
+	  DOCKER_BUILDKIT=1 $(ENGINE) build -f runtime/sdk-example/Dockerfile -t $(IMAGE_PREFIX)/weir-detector:$(IMAGE_TAG) .
 
 clean:
 	bash tests/env/down.sh $(TESTENV_DIR)

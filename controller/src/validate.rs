@@ -142,7 +142,13 @@ pub fn validate(
     }
     // Every operator's parameters, fields and connections, with the runtime's own planner:
     // what `weir run` refuses is refused here, in the same words, before anything deploys.
-    if let Err(e) = weir_crds::plan::build(spec, None, None) {
+    // A job with an image of its own may use the types its binary registers: they pass here,
+    // and what reads them is checked when the job starts.
+    let types: &dyn weir_crds::plan::Extensions = match spec.image {
+        Some(_) => &weir_crds::plan::ImageTypes,
+        None => &weir_crds::plan::BuiltinOnly,
+    };
+    if let Err(e) = weir_crds::plan::build_with(spec, None, None, types) {
         let field = spec
             .pipeline
             .operators

@@ -932,3 +932,34 @@ fn on_cancel_is_the_controllers_alone_and_no_upgrade() {
         assert!(!lifecycle::is_below(beside, &dir), "{beside}");
     }
 }
+
+#[test]
+fn a_job_with_an_image_of_its_own_may_name_its_types_and_the_built_in_ones_are_still_checked() {
+    let job = fixture("wordcount-s3.yaml");
+    // A type of the image's binary between the words and the counts.
+    let ops = |counts: Value| {
+        json!({"spec": {"pipeline": {"operators": [
+            {"uid": "lines", "type": "file_source", "path": "s3://weir-data/in"},
+            {"uid": "words", "type": "split", "inputs": ["lines"]},
+            {"uid": "scored", "type": "fraud_detector", "inputs": ["words"], "factor": 3},
+            counts,
+            {"uid": "out", "type": "file_sink", "inputs": ["counts"], "path": "s3://weir-data/out"},
+        ]}}})
+    };
+    let counts = json!({"uid": "counts", "type": "count", "inputs": ["scored"], "key": "word"});
+    let stock = patched(&job, ops(counts.clone()));
+    let e = validate::validate(&stock, &good_secret(), &Defaults::default()).unwrap_err();
+    assert_eq!(e.field, "spec.pipeline", "{}", e.message);
+    assert!(e.message.contains("type \"fraud_detector\" is unknown: use one of"), "{}", e.message);
+
+    let image = json!({"spec": {"image": "ghcr.io/me/weir-detector:1"}});
+    let own = patched(&patched(&job, ops(counts)), image.clone());
+    validate::validate(&own, &good_secret(), &Defaults::default()).unwrap();
+    // After the image's type the fields are not known here (the job checks them when it
+    // starts), but a built-in operator's own parameters are.
+    let bad = json!({"uid": "counts", "type": "count", "inputs": ["scored"], "key": "word", "field": "x"});
+    let own = patched(&patched(&job, ops(bad)), image);
+    let e = validate::validate(&own, &good_secret(), &Defaults::default()).unwrap_err();
+    assert_eq!(e.field, "spec.pipeline.operators[3]", "{}", e.message);
+    assert!(e.message.contains("field is not a parameter of count"), "{}", e.message);
+}

@@ -106,8 +106,10 @@ impl std::error::Error for PipelineError {}
 
 impl Pipeline {
     /// Checks the graph rules and returns the operators in a topological order (every operator
-    /// after its inputs; ties in declaration order).
-    pub fn validate_graph(&self) -> Result<Vec<&OperatorSpec>, PipelineError> {
+    /// after its inputs; ties in declaration order). With `open_types` (a job that names its
+    /// own image, [`crate::StreamJobSpec::image`]), a type that is not built in passes: it may
+    /// be one the image's binary registers, which checks it when the job starts.
+    pub fn validate_graph(&self, open_types: bool) -> Result<Vec<&OperatorSpec>, PipelineError> {
         if self.operators.is_empty() {
             return Err(PipelineError::Empty);
         }
@@ -118,7 +120,7 @@ impl Pipeline {
             }
         }
         for (i, op) in self.operators.iter().enumerate() {
-            if !OPERATOR_TYPES.contains(&op.kind.as_str()) {
+            if !open_types && !OPERATOR_TYPES.contains(&op.kind.as_str()) {
                 return Err(PipelineError::UnknownType {
                     index: i,
                     uid: op.uid.clone(),
@@ -251,7 +253,8 @@ mod tests {
                 op("words", "split", &["lines"]),
             ],
         };
-        let order: Vec<_> = p.validate_graph().unwrap().iter().map(|o| o.uid.as_str()).collect();
+        let order: Vec<_> =
+            p.validate_graph(false).unwrap().iter().map(|o| o.uid.as_str()).collect();
         assert_eq!(order, ["lines", "words", "counts", "out"]);
     }
 
@@ -260,13 +263,13 @@ mod tests {
         let dup =
             Pipeline { operators: vec![op("a", "generator", &[]), op("a", "stdout", &["a"])] };
         assert_eq!(
-            dup.validate_graph().unwrap_err().to_string(),
+            dup.validate_graph(false).unwrap_err().to_string(),
             "pipeline.operators[1].uid \"a\" is used by more than one operator: uids must be unique"
         );
         let unknown =
             Pipeline { operators: vec![op("a", "generator", &[]), op("b", "stdout", &["x"])] };
         assert_eq!(
-            unknown.validate_graph().unwrap_err(),
+            unknown.validate_graph(false).unwrap_err(),
             PipelineError::UnknownInput { uid: "b".into(), input: "x".into() }
         );
         let cyc = Pipeline {
@@ -277,21 +280,21 @@ mod tests {
             ],
         };
         assert_eq!(
-            cyc.validate_graph().unwrap_err(),
+            cyc.validate_graph(false).unwrap_err(),
             PipelineError::Cycle { cycle: vec!["a".into(), "b".into()] }
         );
         let selfloop = Pipeline { operators: vec![op("a", "map", &["a"])] };
         assert_eq!(
-            selfloop.validate_graph().unwrap_err(),
+            selfloop.validate_graph(false).unwrap_err(),
             PipelineError::SelfInput { uid: "a".into() }
         );
         assert_eq!(
-            Pipeline { operators: vec![] }.validate_graph().unwrap_err(),
+            Pipeline { operators: vec![] }.validate_graph(false).unwrap_err(),
             PipelineError::Empty
         );
         let typo =
             Pipeline { operators: vec![op("a", "generator", &[]), op("b", "stdot", &["a"])] };
-        let e = typo.validate_graph().unwrap_err().to_string();
+        let e = typo.validate_graph(false).unwrap_err().to_string();
         assert!(
             e.starts_with(
                 "pipeline.operators[1] (\"b\"): type \"stdot\" is unknown: use one of generator,"

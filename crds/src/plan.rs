@@ -262,11 +262,122 @@ pub enum OpKind {
     Map(MapSpec),
     Filter(FilterSpec),
     Throttle(ThrottleSpec),
-    Keyed { aggregate: Aggregate, key: String, field: Option<String> },
+    Keyed {
+        aggregate: Aggregate,
+        key: String,
+        field: Option<String>,
+    },
     TumblingWindowCount(WindowSpec),
     Stdout,
     Blackhole,
     FileSink(FileSinkSpec),
+    /// A type of the job's binary's own (registered with the runtime's registry, or, for the
+    /// controller, one the image's binary is trusted to know): its parameters as the manifest
+    /// gives them, checked by the extension that planned it.
+    Custom(Custom),
+}
+
+/// An operator of a type that is not built in, as its [`Extensions`] planned it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Custom {
+    /// The parameters (every key of the operator beside `uid`, `type` and `inputs`).
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// The field records are partitioned by on the way in (a keyed operator), if any.
+    pub key: Option<String>,
+    /// Whether it keeps state in checkpoints.
+    pub stateful: bool,
+}
+
+/// What an [`Extensions`] says of an operator of one of its types.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    /// The fields of the records it emits, with what each holds; `None` when they are not
+    /// known here (the controller, planning a type of the job's image: the operators after it
+    /// are checked when the job starts).
+    pub output: Option<Vec<(String, FieldType)>>,
+    /// The input field it is keyed by, if it is keyed.
+    pub key: Option<String>,
+    pub stateful: bool,
+}
+
+/// The fields an operator's input emits, when the planner knows them.
+#[derive(Debug, Clone, Copy)]
+pub struct InputFields<'a> {
+    pub fields: &'a [String],
+    pub types: &'a [FieldType],
+}
+
+impl InputFields<'_> {
+    /// The position of field `name`, or an error that lists the fields there are.
+    pub fn position(&self, name: &str, what: &str) -> Result<usize, String> {
+        self.fields.iter().position(|f| f == name).ok_or_else(|| {
+            format!(
+                "{what} {name:?} is not a field of its input (fields: {})",
+                self.fields.join(", ")
+            )
+        })
+    }
+}
+
+/// Operator types beside the built-in ones: the runtime's registry of a user's own operators.
+/// The planner asks it about every type that is not built in.
+pub trait Extensions: Sync {
+    /// Its types, for the message that lists the known ones.
+    fn names(&self) -> Vec<String>;
+
+    /// Whether `kind` is one of its types.
+    fn knows(&self, kind: &str) -> bool;
+
+    /// Plans operator `op` of one of its types: parses and checks its parameters against its
+    /// input's fields (`None` when they are not known here). `None` when the type is not one
+    /// of its own; an error names what is wrong (the planner adds the operator).
+    fn plan(
+        &self,
+        op: &OperatorSpec,
+        input: Option<InputFields<'_>>,
+    ) -> Option<Result<Planned, String>>;
+}
+
+/// No types beside the built-in ones.
+#[derive(Debug, Clone, Copy)]
+pub struct BuiltinOnly;
+
+impl Extensions for BuiltinOnly {
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn knows(&self, _: &str) -> bool {
+        false
+    }
+    fn plan(
+        &self,
+        _: &OperatorSpec,
+        _: Option<InputFields<'_>>,
+    ) -> Option<Result<Planned, String>> {
+        None
+    }
+}
+
+/// Every type that is not built in passes, with fields not known: what the controller checks
+/// of a job that names its own image (its binary may register types of its own, and checks
+/// them, and the operators after them, when the job starts).
+#[derive(Debug, Clone, Copy)]
+pub struct ImageTypes;
+
+impl Extensions for ImageTypes {
+    fn names(&self) -> Vec<String> {
+        vec!["a type the job's image registers".into()]
+    }
+    fn knows(&self, _: &str) -> bool {
+        true
+    }
+    fn plan(
+        &self,
+        _: &OperatorSpec,
+        _: Option<InputFields<'_>>,
+    ) -> Option<Result<Planned, String>> {
+        Some(Ok(Planned { output: None, key: None, stateful: true }))
+    }
 }
 
 impl OpKind {
@@ -281,6 +392,7 @@ impl OpKind {
         match self {
             OpKind::Keyed { key, .. } => Some(key),
             OpKind::TumblingWindowCount(w) => Some(&w.key),
+            OpKind::Custom(c) => c.key.as_deref(),
             _ => None,
         }
     }
@@ -369,6 +481,9 @@ pub struct PlanOp {
     pub types: Vec<FieldType>,
     /// For each input, the position of the key field in that input's records.
     pub key_positions: Vec<usize>,
+    /// Whether `fields` and `types` are known: false after an operator of the job's image
+    /// that the controller cannot plan ([`ImageTypes`]); a runtime's plan knows them all.
+    pub fields_known: bool,
 }
 
 /// A checked job.
@@ -424,12 +539,42 @@ fn field_pos(
 }
 
 /// Checks `spec` (with `parallelism` and `max_parallelism` overrides from the command line)
-/// and builds the plan.
+/// and builds the plan, of built-in operator types only.
 pub fn build(
     spec: &StreamJobSpec,
     parallelism: Option<u32>,
     max_parallelism: Option<u32>,
 ) -> Result<Plan, PlanError> {
+    build_with(spec, parallelism, max_parallelism, &BuiltinOnly)
+}
+
+/// [`build`], with the types of `ext` beside the built-in ones.
+pub fn build_with(
+    spec: &StreamJobSpec,
+    parallelism: Option<u32>,
+    max_parallelism: Option<u32>,
+    ext: &dyn Extensions,
+) -> Result<Plan, PlanError> {
+    // A type neither built in nor the extension's, in the words of the graph rule (which
+    // lets other types pass here).
+    for (index, op) in spec.pipeline.operators.iter().enumerate() {
+        if !OPERATOR_TYPES.contains(&op.kind.as_str()) && !ext.knows(&op.kind) {
+            let known: Vec<String> =
+                OPERATOR_TYPES.iter().map(|t| t.to_string()).chain(ext.names()).collect();
+            return Err(PlanError::of(
+                &op.uid,
+                crate::rules::PIPELINE.render(&[(
+                    "error",
+                    &crate::rules::UNKNOWN_TYPE.render(&[
+                        ("index", &index),
+                        ("uid", &op.uid),
+                        ("type", &op.kind),
+                        ("known", &known.join(", ")),
+                    ]),
+                )]),
+            ));
+        }
+    }
     let mut spec = spec.clone();
     if let Some(p) = parallelism {
         spec.parallelism = i32::try_from(p)
@@ -441,16 +586,36 @@ pub fn build(
                 .map_err(|_| PlanError::new(format!("maxParallelism {m} is too large")))?,
         );
     }
-    spec.validate().map_err(|e| PlanError::new(e.to_string()))?;
+    spec.validate_types(true).map_err(|e| PlanError::new(e.to_string()))?;
     let order = spec
         .pipeline
-        .validate_graph()
+        .validate_graph(true)
         .map_err(|e| PlanError::new(format!("spec.pipeline: {e}")))?;
     let index: BTreeMap<&str, usize> =
         order.iter().enumerate().map(|(i, o)| (o.uid.as_str(), i)).collect();
     let mut ops: Vec<PlanOp> = Vec::with_capacity(order.len());
     for op in &order {
         let inputs: Vec<usize> = op.inputs.iter().map(|u| index[u.as_str()]).collect();
+        // The fields of its inputs, unless an operator before it emits fields not known here.
+        let open = inputs.iter().any(|&i| !ops[i].fields_known);
+        // The fields of each input must agree when there are several.
+        let input_fields: Vec<&Vec<String>> = inputs.iter().map(|&i| &ops[i].fields).collect();
+        if !open
+            && let Some(first) = input_fields.first()
+            && input_fields.iter().any(|f| f != first)
+        {
+            return Err(err(
+                op,
+                "its inputs emit different fields; they must emit the same fields",
+            ));
+        }
+        let in_fields: Vec<String> = input_fields.first().map(|f| (*f).clone()).unwrap_or_default();
+        let in_types: Vec<FieldType> = inputs
+            .iter()
+            .map(|&i| ops[i].types.clone())
+            .reduce(|a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect())
+            .unwrap_or_default();
+        let mut custom_output = None;
         let kind = match op.kind.as_str() {
             "generator" => {
                 let g: GeneratorSpec = parse(op)?;
@@ -527,10 +692,21 @@ pub fn build(
             }
             "file_sink" => OpKind::FileSink(parse(op)?),
             other => {
-                return Err(err(
-                    op,
-                    format!("type {other:?} is unknown: use one of {}", OPERATOR_TYPES.join(", ")),
-                ));
+                let input = (!open).then_some(InputFields { fields: &in_fields, types: &in_types });
+                match ext.plan(op, input) {
+                    Some(Ok(planned)) => {
+                        custom_output = Some(planned.output);
+                        OpKind::Custom(Custom {
+                            params: op.params.clone().into_iter().collect(),
+                            key: planned.key,
+                            stateful: planned.stateful,
+                        })
+                    }
+                    Some(Err(e)) => return Err(err(op, e)),
+                    None => {
+                        return Err(err(op, format!("type {other:?} is unknown")));
+                    }
+                }
             }
         };
         if kind.is_source() && !inputs.is_empty() {
@@ -539,26 +715,28 @@ pub fn build(
         if !kind.is_source() && inputs.is_empty() {
             return Err(err(op, "inputs is empty: name the operators it reads"));
         }
-        // The fields of each input must agree when there are several.
-        let input_fields: Vec<&Vec<String>> = inputs.iter().map(|&i| &ops[i].fields).collect();
-        if let Some(first) = input_fields.first()
-            && input_fields.iter().any(|f| f != first)
-        {
-            return Err(err(
-                op,
-                "its inputs emit different fields; they must emit the same fields",
-            ));
-        }
-        let in_fields: Vec<String> = input_fields.first().map(|f| (*f).clone()).unwrap_or_default();
-        let in_types: Vec<FieldType> = inputs
-            .iter()
-            .map(|&i| ops[i].types.clone())
-            .reduce(|a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect())
-            .unwrap_or_default();
         let type_of = |name: &str| {
             in_fields.iter().position(|f| f == name).map_or(FieldType::Any, |i| in_types[i])
         };
+        // What it emits is not known here after an operator whose fields are not, or for a
+        // type of the job's image (the job checks it when it starts).
+        let fields_known = !open && !matches!(custom_output, Some(None));
+        if !fields_known {
+            ops.push(PlanOp {
+                uid: op.uid.clone(),
+                type_name: op.kind.clone(),
+                kind,
+                inputs,
+                fields: Vec::new(),
+                types: Vec::new(),
+                key_positions: Vec::new(),
+                fields_known,
+            });
+            continue;
+        }
+        let custom_output = custom_output.flatten();
         let fields: Vec<String> = match &kind {
+            OpKind::Custom(_) => custom_output.iter().flatten().map(|(f, _)| f.clone()).collect(),
             OpKind::Generator(g) => match g.format {
                 GeneratorFormat::Text => vec!["line".into()],
                 GeneratorFormat::Kv => vec!["key".into(), "value".into(), "ts".into()],
@@ -613,6 +791,7 @@ pub fn build(
             OpKind::Stdout | OpKind::Blackhole | OpKind::FileSink(_) => in_fields.clone(),
         };
         let types: Vec<FieldType> = match &kind {
+            OpKind::Custom(_) => custom_output.iter().flatten().map(|(_, t)| *t).collect(),
             OpKind::Generator(g) => match g.format {
                 GeneratorFormat::Text => vec![FieldType::Text],
                 GeneratorFormat::Kv => {
@@ -659,9 +838,7 @@ pub fn build(
         };
         debug_assert_eq!(types.len(), fields.len());
         let key_positions = match kind.key_field() {
-            Some(k) => {
-                inputs.iter().map(|&i| ops[i].fields.iter().position(|f| f == k).unwrap()).collect()
-            }
+            Some(k) => vec![field_pos(op, &in_fields, k, "key")?; inputs.len()],
             None => Vec::new(),
         };
         ops.push(PlanOp {
@@ -672,6 +849,7 @@ pub fn build(
             fields,
             types,
             key_positions,
+            fields_known,
         });
     }
     // Every path must end in a sink, and sinks feed nothing.
@@ -822,6 +1000,117 @@ mod tests {
         assert!(Number.admits(V::Integer) && Number.admits(V::Float));
         assert!(!Number.admits(V::Text) && !Text.admits(V::Integer));
         assert!(Any.admits(V::Text) && !Integer.admits(V::Float));
+    }
+
+    /// A keyed type of a user's own: emits its key and `hits`; `limit` must be above 0.
+    struct Detector;
+
+    impl Extensions for Detector {
+        fn names(&self) -> Vec<String> {
+            vec!["detector".into()]
+        }
+        fn knows(&self, kind: &str) -> bool {
+            kind == "detector"
+        }
+        fn plan(
+            &self,
+            op: &OperatorSpec,
+            input: Option<InputFields<'_>>,
+        ) -> Option<Result<Planned, String>> {
+            if op.kind != "detector" {
+                return None;
+            }
+            let input = input?;
+            Some((|| {
+                let limit = op.params.get("limit").and_then(|v| v.as_i64()).unwrap_or(0);
+                if limit <= 0 {
+                    return Err(format!("limit {limit} must be above 0"));
+                }
+                let key = op.params.get("key").and_then(|v| v.as_str()).unwrap_or("key");
+                let t = input.types[input.position(key, "key")?];
+                Ok(Planned {
+                    output: Some(vec![(key.to_string(), t), ("hits".into(), FieldType::Integer)]),
+                    key: Some(key.to_string()),
+                    stateful: true,
+                })
+            })())
+        }
+    }
+
+    const DETECTING: &str = "pipeline:\n  operators:\n    - {uid: kv, type: generator, format: kv}\n    - {uid: d, type: detector, inputs: [kv], limit: 3}\n    - {uid: c, type: count, inputs: [d], key: hits}\n    - {uid: o, type: blackhole, inputs: [c]}\n";
+
+    #[test]
+    fn a_type_of_an_extension_is_planned_by_it_and_checked_like_a_built_in_one() {
+        let p = build_with(&spec(DETECTING), None, None, &Detector).unwrap();
+        let d = &p.ops[1];
+        assert_eq!(d.fields, ["key", "hits"]);
+        assert_eq!(d.types, [FieldType::Text, FieldType::Integer]);
+        assert_eq!((d.kind.key_field(), d.key_positions.clone()), (Some("key"), vec![0]));
+        assert!(matches!(&d.kind, OpKind::Custom(c) if c.params["limit"] == 3));
+        assert_eq!(p.ops[2].key_positions, vec![1], "the operators after it see its fields");
+        // Its own checks, and the planner's after it, name the operator.
+        let e =
+            build_with(&spec(&DETECTING.replace("limit: 3", "limit: -1")), None, None, &Detector)
+                .unwrap_err();
+        assert_eq!(e.uid.as_deref(), Some("d"));
+        assert!(e.message.contains("operator \"d\" (detector): limit -1 must be above 0"), "{e}");
+        let e = build_with(&spec(&DETECTING.replace("key: hits", "key: m")), None, None, &Detector)
+            .unwrap_err();
+        assert!(
+            e.message.contains("key \"m\" is not a field of its input (fields: key, hits)"),
+            "{e}"
+        );
+        // Without the extension the type is unknown, in the words of the graph rule.
+        let e = build(&spec(DETECTING), None, None).unwrap_err();
+        assert!(
+            e.message.contains(
+                "pipeline.operators[1] (\"d\"): type \"detector\" is unknown: use one of generator,"
+            ),
+            "{e}"
+        );
+        let e = build_with(
+            &spec(&DETECTING.replace("detector, inputs", "detectr, inputs")),
+            None,
+            None,
+            &Detector,
+        )
+        .unwrap_err();
+        assert!(e.message.ends_with("file_sink, detector"), "{e}");
+    }
+
+    #[test]
+    fn the_controller_passes_an_image_s_own_types_and_checks_the_built_in_ones_around_them() {
+        // (The controller, for a job with spec.image: the type's fields are not known there.)
+        let with_image = |yaml: &str| spec(&format!("image: ghcr.io/x/mine:1\n{yaml}"));
+        let p = build_with(&with_image(DETECTING), None, None, &ImageTypes).unwrap();
+        assert!(p.ops[0].fields_known && !p.ops[1].fields_known && !p.ops[2].fields_known);
+        // After it, fields cannot be checked; the parameters of built-in types still are.
+        assert!(
+            build_with(
+                &with_image(&DETECTING.replace("key: hits", "key: m")),
+                None,
+                None,
+                &ImageTypes
+            )
+            .is_ok()
+        );
+        let e = build_with(
+            &with_image(&DETECTING.replace("key: hits}", "key: hits, field: x}")),
+            None,
+            None,
+            &ImageTypes,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("field is not a parameter of count"), "{e}");
+        // Without an image, the spec's own rules refuse the type.
+        assert!(
+            spec(DETECTING)
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("type \"detector\" is unknown")
+        );
+        assert!(with_image(DETECTING).validate().is_ok());
     }
 
     #[test]

@@ -318,7 +318,8 @@ pub fn all() -> Vec<Checked> {
     // so that looking an input up costs one step, not one per operator; bound to `m` by
     // iterating over a list of it, once.
     let uids = "self.operators.transformMapEntry(i, o, !self.operators.exists(j, p, j < i && p.uid == o.uid), {o.uid: true})";
-    let first_bad_type = format!("self.operators.transformList(i, o, !(o.type in {types}), i)[0]");
+    let first_bad_type =
+        format!("self.pipeline.operators.transformList(i, o, !(o.type in {types}), i)[0]");
 
     vec![
         Checked {
@@ -385,23 +386,25 @@ pub fn all() -> Vec<Checked> {
             )
             .field_path(".operators"),
         },
+        // A job that names its own image may use types its binary registers (the job checks
+        // them when it starts).
         Checked {
-            at: At::Pipeline,
-            what: "an operator type that is not built in",
+            at: At::Spec,
+            what: "an operator type that is not built in, in a job without an image of its own",
             text: UNKNOWN_TYPE,
             rule: rule(
-                format!("self.operators.all(o, o.type in {types})"),
+                format!("has(self.image) || self.pipeline.operators.all(o, o.type in {types})"),
                 format!(
                     "[{first_bad_type}].map(k, {})[0]",
                     pipeline(UNKNOWN_TYPE.cel(&[
                         ("index", "string(k)"),
-                        ("uid", "self.operators[k].uid"),
-                        ("type", "self.operators[k].type"),
+                        ("uid", "self.pipeline.operators[k].uid"),
+                        ("type", "self.pipeline.operators[k].type"),
                         ("known", &known),
                     ]))
                 ),
             )
-            .field_path(".operators"),
+            .field_path(".pipeline.operators"),
         },
         Checked {
             at: At::Pipeline,

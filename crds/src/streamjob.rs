@@ -57,7 +57,10 @@ use crate::{is_default, preserve_unknown_object, quantity_map};
 #[schemars(transform = rules::spec)]
 pub struct StreamJobSpec {
     /// Container image of the Weir runtime that runs the job's coordinator and workers. When
-    /// empty, the operator's default runtime image is used. Changing it is an upgrade.
+    /// empty, the operator's default runtime image is used. Changing it is an upgrade. An
+    /// image of a user's own `weir` binary (built with the SDK) may run operator types it
+    /// registers: a job that names an image may use types that are not built in, which its
+    /// binary checks when the job starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
@@ -992,8 +995,16 @@ impl StreamJobSpec {
     /// Checks the rules between fields that the apiserver checks in CEL (again: a StreamJob
     /// stored before a rule existed, or by an apiserver without CEL, and `weir run`, which
     /// has no apiserver), the bounds of the lists, and what CEL cannot: parallelism within
-    /// maxParallelism, the pipeline's graph, restore naming one source.
+    /// maxParallelism, the pipeline's graph, restore naming one source. A job that names its
+    /// own image may use operator types that are not built in (the image's binary checks
+    /// them when the job starts).
     pub fn validate(&self) -> Result<(), SpecError> {
+        self.validate_types(self.image.is_some())
+    }
+
+    /// [`Self::validate`], with `open_types` saying whether a type that is not built in
+    /// passes (the runtime passes it, and checks the types against its registry itself).
+    pub fn validate_types(&self, open_types: bool) -> Result<(), SpecError> {
         if !(1..=MAX_MAX_PARALLELISM as i32).contains(&self.parallelism) {
             return Err(SpecError::ParallelismOutOfRange(self.parallelism));
         }
@@ -1024,7 +1035,7 @@ impl StreamJobSpec {
                 max: MAX_INPUTS,
             });
         }
-        self.pipeline.validate_graph()?;
+        self.pipeline.validate_graph(open_types)?;
         if let Some(r) = &self.restore
             && r.snapshot.is_some()
             && r.path.is_some()

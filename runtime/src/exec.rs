@@ -889,7 +889,7 @@ pub fn run_worker(
         opts.checkpoints.as_ref().and_then(|c| c.restored_parallelism).filter(|&old| old != p);
     let mut keyed_of: HashMap<(usize, u32), Keyed> = HashMap::new();
     for (i, op) in plan.ops.iter().enumerate().filter(|(_, o)| o.kind.key_field().is_some()) {
-        if !matches!(op.kind, OpKind::Keyed { .. }) {
+        if !matches!(op.kind, OpKind::Keyed { .. } | OpKind::Custom(_)) {
             continue; // windows keep their state in memory
         }
         for &s in hosted {
@@ -1066,6 +1066,34 @@ pub fn run_worker(
                             &plan.ops[op.inputs[0]].fields,
                             plan.max_parallelism,
                         )))
+                    }
+                    OpKind::Custom(c) => {
+                        let info = crate::operator::Info {
+                            uid: op.uid.clone(),
+                            subtask: s,
+                            parallelism: p,
+                            max_parallelism: plan.max_parallelism,
+                            key_groups: {
+                                let r = crate::keygroup::KeyGroupRange::of_subtask(
+                                    plan.max_parallelism,
+                                    p,
+                                    s,
+                                );
+                                (r.start, r.end)
+                            },
+                            input_fields: plan.ops[op.inputs[0]].fields.clone(),
+                        };
+                        let store = keyed_of
+                            .get(&(i, s))
+                            .map(|k| k.backend.keyed_store(&op.uid, plan.max_parallelism));
+                        Some(crate::operator::registry().make(
+                            &op.type_name,
+                            &c.params,
+                            info,
+                            op.key_positions.first().copied(),
+                            store,
+                            op.types.clone(),
+                        )?)
                     }
                     OpKind::Stdout => Some(Box::new(crate::operators::Stdout::default())),
                     OpKind::Blackhole => Some(Box::new(Blackhole)),

@@ -12,7 +12,8 @@
 //! - [`auth`]: the job's secret and the handshakes it opens connections with;
 //! - [`control`], [`worker`], [`coordinator`], [`api`]: the coordinator hands the job to the
 //!   workers, follows it, and serves it over HTTP;
-//! - the `weir` command (`src/main.rs`).
+//! - [`operator`]: the SDK, a user's own operator types registered beside the built-in ones;
+//! - the `weir` command ([`main`], which a user's binary calls with its registry).
 //!
 //! Checkpoints and savepoints build on these layers.
 
@@ -20,12 +21,14 @@ pub mod align;
 pub mod api;
 pub mod auth;
 pub mod checkpoint;
+mod cli;
 pub mod client;
 pub mod control;
 pub mod coordinator;
 pub mod exchange;
 pub mod exec;
 pub mod keygroup;
+pub mod operator;
 pub mod operators;
 pub mod plan;
 pub mod record;
@@ -35,6 +38,8 @@ pub mod snapshot;
 pub mod state;
 pub mod wire;
 pub mod worker;
+
+pub use cli::main;
 
 // The storage layer lives in `weir-storage` (no RocksDB there, so the controller can link
 // it); its modules keep their paths here.

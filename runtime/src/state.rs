@@ -97,6 +97,14 @@ impl StateBackend {
         }
     }
 
+    /// The raw keyed state of operator `uid`: what the state handles of a user's operator
+    /// ([`crate::operator::ValueState`] and the others) read and write, key by key.
+    pub fn keyed_store(&self, uid: &str, max_parallelism: u32) -> KeyedStore {
+        let mut write = WriteOptions::default();
+        write.disable_wal(true); // durability comes from checkpoints, not the WAL
+        KeyedStore { backend: self.clone(), cf: cf_name(uid), max_parallelism, write }
+    }
+
     /// Writes a consistent copy of the instance into `dir` (which must not exist): memtables
     /// are flushed (writes skip the WAL), then RocksDB links the live files there.
     pub fn checkpoint(&self, dir: &Path) -> Result<(), StateError> {
@@ -182,6 +190,63 @@ impl StateBackend {
             out.push((g, k[2..].to_vec(), v.to_vec()));
         }
         Ok(out)
+    }
+}
+
+/// The keyed state of one operator as bytes: every key starts with its key group (2 bytes,
+/// big-endian), so that checkpoints, savepoints and rescaling treat it like any other keyed
+/// state. Writes go straight to RocksDB (its memtable is the cache); a checkpoint flushes them.
+pub struct KeyedStore {
+    backend: StateBackend,
+    cf: String,
+    max_parallelism: u32,
+    write: WriteOptions,
+}
+
+impl std::fmt::Debug for KeyedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedStore").field("cf", &self.cf).finish()
+    }
+}
+
+impl KeyedStore {
+    /// The number of key groups keys are spread over.
+    pub fn max_parallelism(&self) -> u32 {
+        self.max_parallelism
+    }
+
+    fn cf(&self) -> &rocksdb::ColumnFamily {
+        self.backend.db.cf_handle(&self.cf).expect("column family opened with the backend")
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.backend.db.get_pinned_cf(self.cf(), key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        Ok(self.backend.db.put_cf_opt(self.cf(), key, value, &self.write)?)
+    }
+
+    pub fn delete(&self, key: &[u8]) -> Result<(), StateError> {
+        Ok(self.backend.db.delete_cf_opt(self.cf(), key, &self.write)?)
+    }
+
+    /// Calls `f` with every (key, value) whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), StateError> {
+        let mut it = self.backend.db.raw_iterator_cf(self.cf());
+        it.seek(prefix);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            f(k, v);
+            it.next();
+        }
+        Ok(it.status()?)
     }
 }
 

@@ -330,8 +330,8 @@ pub fn s3_keys(prefix: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
 }
 
-/// Every committed `word,count` line under an S3 prefix of the test bucket.
-pub fn committed(prefix: &str) -> Vec<(String, u64)> {
+/// Every line of the committed files under an S3 prefix of the test bucket.
+pub fn committed_lines(prefix: &str) -> Vec<String> {
     let bucket = setting("WEIR_TEST_BUCKET");
     let py = format!(
         "import boto3,os\nc=boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\np=c.get_paginator('list_objects_v2')\nfor page in p.paginate(Bucket='{bucket}', Prefix='{prefix}/'):\n  for o in page.get('Contents', []):\n    k=o['Key']\n    if k.rsplit('/',1)[-1].startswith('.'): continue\n    print(c.get_object(Bucket='{bucket}', Key=k)['Body'].read().decode(), end='')"
@@ -341,6 +341,14 @@ pub fn committed(prefix: &str) -> Vec<(String, u64)> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Every committed `word,count` line under an S3 prefix of the test bucket.
+pub fn committed(prefix: &str) -> Vec<(String, u64)> {
+    committed_lines(prefix)
+        .iter()
         .map(|l| {
             let (w, c) = l.rsplit_once(',').unwrap_or_else(|| panic!("a bad line {l:?}"));
             (w.to_string(), c.parse().unwrap())

@@ -8,7 +8,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-pub const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+/// The binary under test: the stock `weir`, or (for the SDK example's tests, which include
+/// this module) the example's own `weir-detector`, which takes the same commands.
+pub const WEIR: &str =
+    match (option_env!("CARGO_BIN_EXE_weir"), option_env!("CARGO_BIN_EXE_weir-detector")) {
+        (Some(weir), _) => weir,
+        (None, Some(detector)) => detector,
+        (None, None) => panic!("no weir binary to test"),
+    };
 /// The job's secret of the coordinators and workers these tests start (`WEIR_JOB_SECRET`).
 pub const SECRET: &str = "weir-tests-job-secret-0123456789abcdef";
 
@@ -68,6 +75,7 @@ impl Proc {
         }
     }
 
+    #[allow(dead_code)] // not every test crate signals its processes
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
         assert!(ok.success());
