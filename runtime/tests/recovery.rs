@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use weir_runtime::operators::SplitMix64;
 
-use process::{Proc, WEIR};
+use process::{Proc, WEIR, wait_running};
 
 /// A word count read at `rate` lines per second, checkpointed every second into `dir`.
 fn manifest(dir: &Path, rate: u32, mode: &str) -> PathBuf {
@@ -60,30 +60,6 @@ fn exited(job: &mut Proc) -> bool {
 /// `GET path`: the status code and body (None if the API does not answer).
 fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     process::request(addr, "GET", path, None)
-}
-
-fn job_info(api: &str) -> Option<serde_json::Value> {
-    let (code, body) = get(api, "/v1/job")?;
-    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
-}
-
-/// Waits until the job runs (all workers connected) after `restarts` restarts.
-fn wait_running(job: &mut Proc, restarts: u64) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(60) {
-        if exited(job) {
-            return false;
-        }
-        if let Some(i) = job_info(&job.addr("api"))
-            && i["state"] == "running"
-            && i["restarts"].as_u64() == Some(restarts)
-            && i["workersConnected"] == i["workersExpected"]
-        {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("the job did not run again after restart {restarts}");
 }
 
 #[test]

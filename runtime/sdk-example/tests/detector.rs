@@ -13,11 +13,11 @@ mod process;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weir_runtime::operators::SplitMix64;
 
-use process::{Proc, WEIR};
+use process::{Proc, WEIR, wait_running};
 
 const TOKEN: &str = "weir-detector-tests-api-token";
 const FACTOR: f64 = 3.0;
@@ -129,31 +129,6 @@ fn run(file: &Path, dir: &Path, args: &[&str]) -> Proc {
     all.extend(["--state-dir", state.to_str().unwrap()]);
     all.extend(args);
     process::start_with_env(&all, &[("WEIR_API_TOKEN", TOKEN)])
-}
-
-fn job_info(api: &str) -> Option<serde_json::Value> {
-    let (code, body) = process::request(api, "GET", "/v1/job", None)?;
-    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
-}
-
-/// Waits until the job runs with all its workers after `restarts` restarts; false if it
-/// ended first.
-fn wait_running(job: &mut Proc, restarts: u64) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(60) {
-        if job.child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        if let Some(i) = job_info(&job.addr("api"))
-            && i["state"] == "running"
-            && i["restarts"].as_u64() == Some(restarts)
-            && i["workersConnected"] == i["workersExpected"]
-        {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("the job did not run (after {restarts} restarts)");
 }
 
 #[test]

@@ -161,3 +161,31 @@ pub fn open_control(
     writeln!(w, r#"{{"type":"proof","proof":"{}"}}"#, auth::hex(&proof)).unwrap();
     (w, r)
 }
+
+/// The job as the coordinator's API reports it (`GET /v1/job`), when it answers.
+#[allow(dead_code)]
+pub fn job_info(api: &str) -> Option<serde_json::Value> {
+    let (code, body) = request(api, "GET", "/v1/job", None)?;
+    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+}
+
+/// Waits until the job runs (all workers connected) after `restarts` restarts; false if the
+/// process ended first.
+#[allow(dead_code)]
+pub fn wait_running(job: &mut Proc, restarts: u64) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        if job.child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if let Some(i) = job_info(&job.addr("api"))
+            && i["state"] == "running"
+            && i["restarts"].as_u64() == Some(restarts)
+            && i["workersConnected"] == i["workersExpected"]
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the job did not run (again) after {restarts} restarts");
+}
