@@ -60,6 +60,10 @@ pub struct JobInfo {
     pub started_at: u64,
     /// Bytes of keyed state held by the workers (RocksDB's estimate of live data).
     pub state_bytes: u64,
+    /// The same per subtask, by subtask index (to see a subtask's state outgrow its memory
+    /// coming); empty until the workers report it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subtask_state_bytes: Vec<u64>,
     pub operators: Vec<OperatorInfo>,
     /// Times the job restarted after a failure in this run.
     #[serde(default)]

@@ -528,6 +528,15 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
     let state_bytes =
         IntGauge::with_opts(job("job_state_bytes", "Bytes of keyed state held by the workers"))?;
     state_bytes.set(i64::try_from(i.state_bytes).unwrap_or(i64::MAX));
+    let subtask_state = IntGaugeVec::new(
+        job("subtask_state_bytes", "Bytes of keyed state held by a subtask"),
+        &["subtask"],
+    )?;
+    for (s, bytes) in i.subtask_state_bytes.iter().enumerate() {
+        subtask_state
+            .with_label_values(&[s.to_string().as_str()])
+            .set(i64::try_from(*bytes).unwrap_or(i64::MAX));
+    }
     let uptime = prometheus::Gauge::with_opts(job(
         "job_uptime_seconds",
         "Seconds since the coordinator started",
@@ -621,6 +630,7 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
     r.register(Box::new(max_p))?;
     r.register(Box::new(workers))?;
     r.register(Box::new(state_bytes))?;
+    r.register(Box::new(subtask_state))?;
     r.register(Box::new(uptime))?;
     r.register(Box::new(state))?;
     r.register(Box::new(rin))?;

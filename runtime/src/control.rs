@@ -100,6 +100,9 @@ pub enum ToCoordinator {
         /// Records dropped per operator, in plan order.
         #[serde(default)]
         dropped: Vec<u64>,
+        /// Bytes of keyed state per subtask of this worker that has any: (subtask, bytes).
+        #[serde(default)]
+        subtask_state_bytes: Vec<(u32, u64)>,
     },
     /// A subtask's part of checkpoint `id` ([`crate::exec::FINAL`]: its final snapshot).
     #[serde(rename_all = "camelCase")]

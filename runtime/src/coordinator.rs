@@ -137,6 +137,7 @@ impl Status {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),
                 state_bytes: 0,
+                subtask_state_bytes: Vec::new(),
                 operators: plan
                     .ops
                     .iter()
@@ -422,6 +423,8 @@ struct Progress {
     records: Vec<(u64, u64)>,
     state_bytes: u64,
     dropped: Vec<u64>,
+    /// (subtask, bytes of its keyed state).
+    subtask_state_bytes: Vec<(u32, u64)>,
 }
 
 /// A checkpoint in flight.
@@ -844,6 +847,7 @@ impl<'a> Driver<'a> {
                     self.c.status.update(|i| {
                         i.state = JobState::Finished;
                         i.state_bytes = 0;
+                        i.subtask_state_bytes.clear();
                     });
                     return Ok(self.summary());
                 }
@@ -1345,8 +1349,13 @@ impl<'a> Driver<'a> {
                 )));
             }
             match msg {
-                Ok(Some(ToCoordinator::Progress { records, state_bytes, dropped })) => {
-                    progress[w] = Progress { records, state_bytes, dropped };
+                Ok(Some(ToCoordinator::Progress {
+                    records,
+                    state_bytes,
+                    dropped,
+                    subtask_state_bytes,
+                })) => {
+                    progress[w] = Progress { records, state_bytes, dropped, subtask_state_bytes };
                     running[w] = true;
                     self.publish(&progress);
                 }
@@ -1430,7 +1439,12 @@ impl<'a> Driver<'a> {
                 }
                 Ok(Some(ToCoordinator::Finished { records, dropped, .. })) => {
                     self.ended.insert(conn);
-                    progress[w] = Progress { records, state_bytes: 0, dropped };
+                    progress[w] = Progress {
+                        records,
+                        state_bytes: 0,
+                        dropped,
+                        subtask_state_bytes: Vec::new(),
+                    };
                     finished[w] = true;
                     self.publish(&progress);
                     if finished.iter().all(|&f| f) {
@@ -1766,6 +1780,14 @@ impl<'a> Driver<'a> {
                     sum(&mut progress.iter().filter_map(|p| p.dropped.get(k).copied()));
             }
             i.state_bytes = sum(&mut progress.iter().map(|p| p.state_bytes));
+            // A subtask index a worker reports that is not the job's is left out.
+            let mut by = vec![0u64; i.parallelism as usize];
+            for (s, bytes) in progress.iter().flat_map(|p| &p.subtask_state_bytes) {
+                if let Some(b) = by.get_mut(*s as usize) {
+                    *b = b.saturating_add(*bytes);
+                }
+            }
+            i.subtask_state_bytes = by;
         });
     }
 

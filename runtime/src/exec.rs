@@ -161,7 +161,8 @@ pub struct JobMetrics {
     pub operators: Vec<(String, OpMetrics)>,
     pub started: Instant,
     /// The state backends of the running subtasks, each with its operator's uid.
-    state: std::sync::Mutex<Vec<(StateBackend, Vec<String>)>>,
+    /// The RocksDB instances of the running subtasks: subtask, instance, operators in it.
+    state: std::sync::Mutex<Vec<(u32, StateBackend, Vec<String>)>>,
 }
 
 impl JobMetrics {
@@ -176,7 +177,17 @@ impl JobMetrics {
     /// Bytes of keyed state held by the running subtasks.
     pub fn state_bytes(&self) -> u64 {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.iter().map(|(b, uids)| b.size_bytes(uids)).sum()
+        s.iter().map(|(_, b, uids)| b.size_bytes(uids)).sum()
+    }
+
+    /// Bytes of keyed state per running subtask (that has any), by subtask index.
+    pub fn subtask_state_bytes(&self) -> Vec<(u32, u64)> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by: BTreeMap<u32, u64> = BTreeMap::new();
+        for (subtask, b, uids) in s.iter() {
+            *by.entry(*subtask).or_default() += b.size_bytes(uids);
+        }
+        by.into_iter().collect()
     }
 
     /// Records in and out per operator, in plan order.
@@ -989,7 +1000,7 @@ pub fn run_worker(
     }
     *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) = keyed_of
         .iter()
-        .map(|((i, _), k)| (k.backend.clone(), vec![plan.ops[*i].uid.clone()]))
+        .map(|((i, s), k)| (*s, k.backend.clone(), vec![plan.ops[*i].uid.clone()]))
         .collect();
     let cancel = opts.cancel.clone();
 

@@ -401,6 +401,7 @@ fn run_job(
                     records,
                     state_bytes: metrics.state_bytes(),
                     dropped: metrics.dropped_in_order(),
+                    subtask_state_bytes: metrics.subtask_state_bytes(),
                 };
                 if writer.send(&msg).is_err() {
                     return;

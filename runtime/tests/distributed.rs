@@ -125,6 +125,18 @@ fn the_http_api_serves_the_running_job_and_sigterm_stops_it_cleanly() {
         .collect();
     assert_eq!(ops, [("events", "generator"), ("counts", "count"), ("out", "file_sink")]);
     wait_until("state in RocksDB", || job(&api)["stateBytes"].as_u64().unwrap() > 0);
+    // And per subtask: each of the two holds some (its keys' counts), and they add up to
+    // the job's (reported in one round, so read them from one answer).
+    wait_until("state in each subtask", || {
+        let j = job(&api);
+        let per: Vec<u64> = j["subtaskStateBytes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        per.len() == 2
+            && per.iter().all(|&b| b > 0)
+            && per.iter().sum::<u64>() == j["stateBytes"].as_u64().unwrap()
+    });
     let (code, metrics) = get(&api, "/metrics");
     assert_eq!(code, 200);
     for want in [
@@ -132,6 +144,7 @@ fn the_http_api_serves_the_running_job_and_sigterm_stops_it_cleanly() {
         "weir_job_state{job_name=\"counter\",state=\"running\"} 1",
         "weir_operator_records_in_total{job_name=\"counter\",operator=\"counts\",type=\"count\"}",
         "weir_job_workers_connected{job_name=\"counter\"} 2",
+        "weir_subtask_state_bytes{job_name=\"counter\",subtask=\"1\"}",
     ] {
         assert!(metrics.contains(want), "/metrics lacks {want}:\n{metrics}");
     }
