@@ -59,7 +59,9 @@ fn operators_section(out: &mut String) {
          beside `uid`, `type` and `inputs`. Unknown parameters are refused, by `weir run` and \
          by the controller alike (the same planner checks both), naming the operator and the \
          parameter. Each type's records have the fields listed under *Emits*; a parameter that \
-         names a field (`key`, `field`) must name one of its input's.\n\n\
+         names a field (`key`, `field`) must name one of its input's. A job that names its \
+         own image (`spec.image`) may also use the types that image's binary registers \
+         ([operators of your own](../sdk.md)); its binary checks them when the job starts.\n\n\
          | Type | Role | State in checkpoints |\n|---|---|---|\n",
     );
     for k in KINDS {
