@@ -284,8 +284,6 @@ pub struct Custom {
     pub params: serde_json::Map<String, serde_json::Value>,
     /// The field records are partitioned by on the way in (a keyed operator), if any.
     pub key: Option<String>,
-    /// Whether it keeps state in checkpoints.
-    pub stateful: bool,
 }
 
 /// What an [`Extensions`] says of an operator of one of its types.
@@ -297,7 +295,6 @@ pub struct Planned {
     pub output: Option<Vec<(String, FieldType)>>,
     /// The input field it is keyed by, if it is keyed.
     pub key: Option<String>,
-    pub stateful: bool,
 }
 
 /// The fields an operator's input emits, when the planner knows them.
@@ -376,7 +373,7 @@ impl Extensions for ImageTypes {
         _: &OperatorSpec,
         _: Option<InputFields<'_>>,
     ) -> Option<Result<Planned, String>> {
-        Some(Ok(Planned { output: None, key: None, stateful: true }))
+        Some(Ok(Planned { output: None, key: None }))
     }
 }
 
@@ -699,7 +696,6 @@ pub fn build_with(
                         OpKind::Custom(Custom {
                             params: op.params.clone().into_iter().collect(),
                             key: planned.key,
-                            stateful: planned.stateful,
                         })
                     }
                     Some(Err(e)) => return Err(err(op, e)),
@@ -1031,7 +1027,6 @@ mod tests {
                 Ok(Planned {
                     output: Some(vec![(key.to_string(), t), ("hits".into(), FieldType::Integer)]),
                     key: Some(key.to_string()),
-                    stateful: true,
                 })
             })())
         }

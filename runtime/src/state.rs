@@ -219,8 +219,13 @@ impl KeyedStore {
         self.backend.db.cf_handle(&self.cf).expect("column family opened with the backend")
     }
 
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        Ok(self.backend.db.get_pinned_cf(self.cf(), key)?.map(|v| v.to_vec()))
+    /// `f` of the value of `key`, read in place (no copy of it).
+    pub fn get_with<R>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, StateError> {
+        Ok(self.backend.db.get_pinned_cf(self.cf(), key)?.map(|v| f(&v)))
     }
 
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StateError> {

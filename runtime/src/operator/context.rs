@@ -147,8 +147,9 @@ impl Context<'_> {
 
     fn read<T: DeserializeOwned>(&self, name: &str, sub: &[u8]) -> Result<Option<T>, RuntimeError> {
         let (store, k) = self.state_key(name, sub)?;
-        let Some(bytes) = store.get(&k).map_err(internal)? else { return Ok(None) };
-        match decode(&bytes, self.now_ms, name, &self.info.uid)? {
+        let decoded = store.get_with(&k, |bytes| decode(bytes, self.now_ms, name, &self.info.uid));
+        let Some(value) = decoded.map_err(internal)? else { return Ok(None) };
+        match value? {
             Some(v) => Ok(Some(v)),
             None => {
                 store.delete(&k).map_err(internal)?; // expired
@@ -165,7 +166,7 @@ impl Context<'_> {
         ttl: Option<Duration>,
     ) -> Result<(), RuntimeError> {
         let (store, k) = self.state_key(name, sub)?;
-        let mut v = match ttl {
+        let v = match ttl {
             None => vec![0u8],
             Some(ttl) => {
                 let until =
@@ -175,12 +176,12 @@ impl Context<'_> {
                 v
             }
         };
-        v.extend(postcard::to_allocvec(value).map_err(|e| {
+        let v = postcard::to_extend(value, v).map_err(|e| {
             RuntimeError::user(format!(
                 "operator {:?}: state {name:?}: its value cannot be stored: {e}",
                 self.info.uid
             ))
-        })?);
+        })?;
         store.put(&k, &v).map_err(internal)
     }
 

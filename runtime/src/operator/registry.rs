@@ -86,7 +86,7 @@ impl Registry {
                 if let Some(k) = &out.key {
                     input.position(k, "key")?;
                 }
-                Ok(Planned { output: Some(out.fields), key: out.key, stateful: true })
+                Ok(Planned { output: Some(out.fields), key: out.key })
             },
         );
         let make = Box::new(
@@ -166,7 +166,7 @@ impl Extensions for Registry {
             Some(input) => (kind.plan)(&params, input),
             // (Only after an operator whose fields are not known, which a runtime's plan has
             // none of.)
-            None => Ok(Planned { output: None, key: None, stateful: true }),
+            None => Ok(Planned { output: None, key: None }),
         })
     }
 }
