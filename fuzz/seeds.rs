@@ -183,7 +183,7 @@ fn checkpoint_seeds(out: &Out) {
 
 fn control_seeds(out: &Out) {
     let spec = weir_runtime::load_manifest(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/wordcount.yaml"),
+        &PathBuf::from(manifest_dir()).join("../manifests/examples/wordcount.yaml"),
     )
     .expect("the example manifest")
     .spec;
@@ -342,7 +342,7 @@ fn main() {
     let dir = std::env::args_os()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("seeds"));
+        .unwrap_or_else(|| PathBuf::from(manifest_dir()).join("seeds"));
     let out = Out(dir.clone());
     wire_seeds(&out);
     checkpoint_seeds(&out);
@@ -350,4 +350,10 @@ fn main() {
     in_flight_seeds(&out);
     keyed_seeds(&out);
     println!("seeds written to {}", dir.display());
+}
+
+/// The package's directory, from cargo at run time when cargo runs this (a binary built in
+/// another checkout sharing the target directory must not read that checkout's files).
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())
 }

@@ -16,7 +16,7 @@ use weir_crds::streamjob::{JobPhase, StreamJobStatus};
 use weir_crds::{StorageUri, StreamJob};
 
 fn fixture(name: &str) -> StreamJob {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/tests/fixtures/{name}", manifest_dir());
     serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
@@ -962,4 +962,10 @@ fn a_job_with_an_image_of_its_own_may_name_its_types_and_the_built_in_ones_are_s
     let e = validate::validate(&own, &good_secret(), &Defaults::default()).unwrap_err();
     assert_eq!(e.field, "spec.pipeline.operators[3]", "{}", e.message);
     assert!(e.message.contains("field is not a parameter of count"), "{}", e.message);
+}
+
+/// The package's directory, from cargo at run time: a test binary built in another checkout
+/// sharing the target directory (CI's) must not read that checkout's files.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())
 }

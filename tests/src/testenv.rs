@@ -2,7 +2,7 @@
 //! settings come from `target/testenv/env.sh`, which `make e2e` sources): a client, a
 //! namespace of the test's own, `kubectl`, and waiting with a clear message on timeout.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ impl TestEnv {
         let dir = PathBuf::from(setting("WEIR_TESTENV_DIR"));
         let kubeconfig = PathBuf::from(setting("KUBECONFIG"));
         let client = Client::try_default().await.expect("a client for the test apiserver");
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        let repo = crate::argocd::repo();
         Self { client, dir, kubeconfig, repo }
     }
 
