@@ -137,6 +137,7 @@ fn small_metadata(savepoint: bool) -> Metadata {
         operator_uids: vec!["lines".into(), "counts".into()],
         final_: false,
         savepoint,
+        state_backend: Default::default(),
         operators: vec![
             OperatorState {
                 uid: "lines".into(),

@@ -109,12 +109,18 @@ pub(crate) fn quantity_map(_: &mut SchemaGenerator) -> Schema {
 
 #[cfg(test)]
 mod tests {
+    /// The package's directory, from cargo at run time: a test binary built in another
+    /// checkout sharing the target directory (CI's) must not read that checkout's files.
+    fn manifest_dir() -> String {
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())
+    }
+
     use super::*;
     use std::path::Path;
 
     #[test]
     fn generated_crd_yaml_is_fresh() {
-        let path = Path::new(&super::manifest_dir()).join("weir-crds.yaml");
+        let path = Path::new(&manifest_dir()).join("weir-crds.yaml");
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             committed == crds_yaml(),
@@ -125,7 +131,7 @@ mod tests {
 
     #[test]
     fn generated_crd_reference_is_fresh() {
-        let path = Path::new(&super::manifest_dir()).join("..").join(reference::REFERENCE_PATH);
+        let path = Path::new(&manifest_dir()).join("..").join(reference::REFERENCE_PATH);
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             committed == reference::crds_markdown(),
@@ -136,7 +142,7 @@ mod tests {
 
     #[test]
     fn example_manifests_parse_and_validate() {
-        let dir = Path::new(&super::manifest_dir()).join("../manifests/examples");
+        let dir = Path::new(&manifest_dir()).join("../manifests/examples");
         let mut seen = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -239,11 +245,4 @@ mod tests {
         job.spec.checkpointing.mode = streamjob::CheckpointMode::ExactlyOnce;
         assert!(job.spec.validate().is_ok());
     }
-}
-
-/// The package's directory, from cargo at run time: a test binary built in another checkout
-/// sharing the target directory (CI's) must not read that checkout's files.
-#[cfg(test)]
-fn manifest_dir() -> String {
-    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())
 }

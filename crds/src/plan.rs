@@ -492,6 +492,8 @@ pub struct Plan {
     pub max_parallelism: u32,
     /// The job's S3 settings (`spec.s3`), for operators that read or write S3.
     pub s3: Option<S3Spec>,
+    /// Where its keyed state lives (`spec.stateBackend`).
+    pub state_backend: crate::streamjob::StateBackendKind,
 }
 
 impl Plan {
@@ -872,6 +874,7 @@ pub fn build_with(
         parallelism: spec.parallelism as u32,
         max_parallelism: spec.effective_max_parallelism() as u32,
         s3: spec.s3.clone(),
+        state_backend: spec.state_backend,
     })
 }
 

@@ -94,6 +94,14 @@ pub struct StreamJobSpec {
     #[serde(default)]
     pub upgrade_mode: UpgradeMode,
 
+    /// Where keyed state lives while the job runs: `rocksdb` (on the worker's disk, any size;
+    /// incremental checkpoints) or `heap` (in the worker's memory, per key group: the fastest
+    /// for small state; each checkpoint is a full copy). A savepoint restores into either, so
+    /// a job changes its backend through a savepoint; a checkpoint restores only into the
+    /// backend that took it.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub state_backend: StateBackendKind,
+
     /// The job's operators and how they connect.
     pub pipeline: Pipeline,
 
@@ -171,6 +179,33 @@ pub enum DesiredState {
     Running,
     /// The job is stopped with a savepoint and its pods are removed.
     Suspended,
+}
+
+/// Where a job keeps its keyed state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackendKind {
+    /// RocksDB on the worker's disk.
+    #[default]
+    Rocksdb,
+    /// Maps in the worker's memory, one per key group.
+    Heap,
+}
+
+impl StateBackendKind {
+    /// Its name in `spec.stateBackend`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateBackendKind::Rocksdb => "rocksdb",
+            StateBackendKind::Heap => "heap",
+        }
+    }
+}
+
+impl std::fmt::Display for StateBackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How a job moves to a new spec.

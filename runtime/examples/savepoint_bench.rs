@@ -87,7 +87,7 @@ fn savepoint(
     let t = Instant::now();
     parallel(p, |s| {
         let src = &mut |f: &mut weir_runtime::savepoint::EntryVisitor<'_>| {
-            StateBackend::for_each_in_checkpoint(&local(s), UID, |k, v| f(k, v))
+            weir_runtime::state::rocksdb::for_each_in_checkpoint(&local(s), UID, f)
         };
         match format {
             KeyedFormat::Entries => {
@@ -109,7 +109,8 @@ fn savepoint(
     let t = Instant::now();
     let files = parallel(p, |s| {
         let key = format!("{name}/keyed/{UID}-{s}");
-        let f = save_keyed_as(&local(s), UID, range(s), storage, &key, format)?;
+        let snapshot = weir_runtime::state::LocalSnapshot::RocksDb(local(s));
+        let f = save_keyed_as(&snapshot, UID, range(s), storage, &key, format)?;
         std::fs::remove_dir_all(local(s))?;
         Ok(f)
     })?;

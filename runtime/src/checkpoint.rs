@@ -49,8 +49,11 @@ const SUM: &[u8] = b"\nsha256:";
 const MAC: &[u8] = b"hmac-sha256:";
 /// The metadata format this build writes. Version 2 added savepoints' keyed files of format 2
 /// (an SST file per key group, [`crate::savepoint::KeyedFormat`]); a Weir that reads only
-/// version 1 would take them for entries, so it must refuse them by the version.
-pub const VERSION: u32 = 2;
+/// version 1 would take them for entries, so it must refuse them by the version. Version 3
+/// added the backend that took a checkpoint (`stateBackend`) and heap checkpoints' keyed
+/// files below `chk-<id>/keyed/`, which a Weir that reads only version 2 would restore
+/// into RocksDB.
+pub const VERSION: u32 = 3;
 /// The oldest metadata format this build reads (its savepoints' keyed files are of format 1).
 pub const OLDEST_VERSION: u32 = 1;
 pub const METADATA: &str = "_metadata";
@@ -187,6 +190,10 @@ pub struct Metadata {
     /// A savepoint: self-contained, its files named relative to its own directory.
     #[serde(default)]
     pub savepoint: bool,
+    /// The backend that took it (`spec.stateBackend`). A savepoint restores into either; a
+    /// checkpoint only into this one.
+    #[serde(default)]
+    pub state_backend: crate::state::StateBackendKind,
     pub operators: Vec<OperatorState>,
 }
 
@@ -247,11 +254,14 @@ impl Metadata {
                     }
                 }
             }
+            // A savepoint's keyed files are below its keyed/; a heap checkpoint's below
+            // shared/, like RocksDB's files.
+            let keyed_dir = if self.savepoint { "keyed/" } else { "shared/" };
             if let Some(f) = &o.keyed_file
-                && !relative_key(&f.file, "keyed/")
+                && !relative_key(&f.file, keyed_dir)
             {
                 return Err(format!(
-                    "the keyed file {:?} of {:?} is not below keyed/",
+                    "the keyed file {:?} of {:?} is not below {keyed_dir}",
                     f.file, o.uid
                 ));
             }
@@ -487,6 +497,22 @@ pub fn discard(
     for key in crate::snapshot::unreferenced(&d, &r) {
         job.delete(&key)?;
     }
+    // The heap's keyed files (checkpoints only: a savepoint's are its own).
+    let keyed = |ms: &[Metadata]| -> std::collections::BTreeSet<String> {
+        ms.iter()
+            .filter(|m| !m.savepoint)
+            .flat_map(|m| m.operators.iter().filter_map(|o| o.keyed_file.as_ref()))
+            .map(|f| f.file.clone())
+            .filter(|k| k.starts_with("shared/"))
+            .collect()
+    };
+    let kept = keyed(retained);
+    for key in keyed(dropped).difference(&kept) {
+        job.delete(key)?;
+        if let Some((dir, _)) = key.rsplit_once('/') {
+            job.remove_empty_dirs(dir);
+        }
+    }
     for m in dropped {
         // The metadata first: a checkpoint half deleted must not look complete.
         job.delete(&format!("{}/{METADATA}", Metadata::dir(m.id)))?;
@@ -681,6 +707,7 @@ mod tests {
             operator_uids: vec!["a".into()],
             final_: false,
             savepoint: true,
+            state_backend: Default::default(),
             operators: vec![OperatorState {
                 uid: "a".into(),
                 subtask: 1,
@@ -735,6 +762,7 @@ mod tests {
             operator_uids: vec!["counts".into()],
             final_: false,
             savepoint: false,
+            state_backend: Default::default(),
             operators: vec![OperatorState {
                 uid: "counts".into(),
                 subtask: 0,
@@ -819,6 +847,53 @@ mod tests {
         assert!(job.list("").unwrap().is_empty());
     }
 
+    /// A heap checkpoint's keyed file goes with the last checkpoint that names it (the final
+    /// state of a subtask is named by every checkpoint completed after it ended).
+    #[test]
+    fn heap_keyed_files_go_when_no_retained_checkpoint_names_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = crate::storage::LocalStorage::new(tmp.path());
+        let heap = |id: u64, files: &[&str]| {
+            let mut m = small();
+            m.id = id;
+            m.state_backend = crate::state::StateBackendKind::Heap;
+            m.operators = files
+                .iter()
+                .enumerate()
+                .map(|(s, f)| OperatorState {
+                    uid: "a".into(),
+                    subtask: s as u32,
+                    keyed: None,
+                    keyed_file: Some(crate::savepoint::KeyedFile {
+                        file: f.to_string(),
+                        format: crate::savepoint::KeyedFormat::Entries,
+                        key_groups: (0, 0),
+                        offsets: vec![13, 13],
+                        checksums: vec![],
+                        entries: 0,
+                    }),
+                    state: None,
+                    in_flight: None,
+                })
+                .collect();
+            job.put(&format!("chk-{id}/_metadata"), &m.to_bytes(None)).unwrap();
+            for f in files {
+                job.put(f, b"WEIR-KEYED 1\n").unwrap();
+            }
+            m
+        };
+        let ended = "shared/a-1-run/keyed-final";
+        let c4 = heap(4, &["shared/a-0-run/keyed-4", ended]);
+        let c5 = heap(5, &["shared/a-0-run/keyed-5", ended]);
+        discard(&job, std::slice::from_ref(&c4), std::slice::from_ref(&c5)).unwrap();
+        let keys: Vec<String> = job.list("").unwrap().into_iter().map(|e| e.key).collect();
+        assert!(!keys.iter().any(|k| k.contains("keyed-4") || k.starts_with("chk-4")), "{keys:?}");
+        assert!(keys.iter().any(|k| k == ended), "still named by checkpoint 5: {keys:?}");
+        discard(&job, &[c5], &[]).unwrap();
+        assert!(job.list("").unwrap().is_empty());
+        assert!(!tmp.path().join("shared").join("a-0-run").exists());
+    }
+
     #[test]
     fn names_in_metadata_are_plain_relative_names_of_the_expected_form() {
         let bad_names = ["/etc/passwd", "../../x.sst", "..", "a/000012.sst", "", "x.sst"];
@@ -848,6 +923,34 @@ mod tests {
         m.operators[0].in_flight =
             Some(InFlightHandle { key: "../chk-1/inflight/a-0".into(), bytes: 1, records: 1 });
         assert!(Metadata::parse(&m.to_bytes(None), "m", None).is_err());
+        // A heap checkpoint's keyed files are below its own chk-<id>/keyed/, a savepoint's
+        // below keyed/.
+        let keyed = |file: &str, savepoint: bool| {
+            let mut m = small();
+            m.savepoint = savepoint;
+            m.operators[0].keyed = None;
+            m.operators[0].keyed_file = Some(crate::savepoint::KeyedFile {
+                file: file.into(),
+                format: crate::savepoint::KeyedFormat::Entries,
+                key_groups: (0, 0),
+                offsets: vec![13, 13],
+                checksums: vec![],
+                entries: 0,
+            });
+            Metadata::parse(&m.to_bytes(None), "m", None).map(drop).map_err(|e| e.message)
+        };
+        assert_eq!(keyed("shared/a-0-run/keyed-3", false), Ok(()));
+        assert_eq!(keyed("keyed/a-0", true), Ok(()));
+        for (file, savepoint) in [
+            ("keyed/a-0", false),
+            ("shared/a-0-run/keyed-3", true),
+            ("chk-3/keyed/a-0", false),
+            ("shared/../../x", false),
+            ("/shared/x", false),
+        ] {
+            let e = keyed(file, savepoint).unwrap_err();
+            assert!(e.contains("is not below"), "{file}: {e}");
+        }
         for ok in ["CURRENT", "OPTIONS-000007", "000004.log", "MANIFEST-000005", "000012.sst"] {
             assert!(rocksdb_name(ok), "{ok}");
         }
@@ -908,6 +1011,7 @@ mod tests {
                 operator_uids: uids.clone(),
                 final_: false,
                 savepoint: true,
+                state_backend: Default::default(),
                 operators,
             };
             let back = Metadata::parse(&m.to_bytes(None), "sp-x/_metadata", None).unwrap();

@@ -79,6 +79,17 @@ struct JobArgs {
     /// path or `s3://...`), at the job's parallelism; overrides spec.restore.path.
     #[arg(long, conflicts_with = "resume")]
     from_savepoint: Option<weir_crds::StorageUri>,
+    /// Where keyed state lives: `rocksdb` or `heap` (overrides spec.stateBackend).
+    #[arg(long, value_parser = state_backend)]
+    state_backend: Option<weir_crds::streamjob::StateBackendKind>,
+}
+
+fn state_backend(s: &str) -> Result<weir_crds::streamjob::StateBackendKind, String> {
+    use weir_crds::streamjob::StateBackendKind as K;
+    [K::Rocksdb, K::Heap]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| format!("{s:?} is no state backend: give rocksdb or heap"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -441,7 +452,10 @@ fn coordinate(
     stop: Arc<AtomicBool>,
     secret: JobSecret,
 ) -> ExitCode {
-    let (manifest, plan) = match crate::load_manifest(&job.file).and_then(|m| {
+    let (manifest, plan) = match crate::load_manifest(&job.file).and_then(|mut m| {
+        if let Some(b) = job.state_backend {
+            m.spec.state_backend = b;
+        }
         let plan = crate::plan::build(&m.spec, job.parallelism, job.max_parallelism)?;
         Ok((m, plan))
     }) {

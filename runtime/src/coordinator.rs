@@ -1620,6 +1620,7 @@ impl<'a> Driver<'a> {
             operator_uids: plan.ops.iter().map(|o| o.uid.clone()).collect(),
             final_,
             savepoint,
+            state_backend: plan.state_backend,
             operators: acks.values().flat_map(|a| a.operators.iter().cloned()).collect(),
         }
     }
@@ -1837,6 +1838,16 @@ impl<'a> Driver<'a> {
 
 /// Checks that a checkpoint fits the job before anything starts.
 fn check_restore(m: &Metadata, plan: &Plan, allow_non_restored: bool) -> Result<(), RuntimeError> {
+    // A savepoint is in the one format both backends read; a checkpoint is in its backend's
+    // own (RocksDB's files, or the heap's full copy).
+    if !m.savepoint && m.state_backend != plan.state_backend {
+        return Err(RuntimeError::user(format!(
+            "{} was taken with spec.stateBackend {}, but the job has {}: a checkpoint restores only into the backend that took it; to change spec.stateBackend, start from a savepoint (take one with the old backend, then restore it with the new one)",
+            m.describe(),
+            m.state_backend,
+            plan.state_backend
+        )));
+    }
     if m.max_parallelism != plan.max_parallelism {
         return Err(RuntimeError::user(format!(
             "{} was taken with maxParallelism {}, but the job has {}: maxParallelism cannot change once a job has state",

@@ -45,7 +45,7 @@ use crate::operators::{
 use crate::plan::{FieldType, OpKind, Plan};
 use crate::record::Record;
 use crate::snapshot::StateHandle;
-use crate::state::StateBackend;
+use crate::state::{LocalSnapshot, StateBackend, StateBackendKind};
 use crate::storage::Storage;
 use crate::wire::Barrier;
 
@@ -160,9 +160,8 @@ pub struct OpMetrics {
 pub struct JobMetrics {
     pub operators: Vec<(String, OpMetrics)>,
     pub started: Instant,
-    /// The state backends of the running subtasks, each with its operator's uid.
-    /// The RocksDB instances of the running subtasks: subtask, instance, operators in it.
-    state: std::sync::Mutex<Vec<(u32, StateBackend, Vec<String>)>>,
+    /// The state backend instances of the running subtasks, by subtask.
+    state: std::sync::Mutex<Vec<(u32, StateBackend)>>,
 }
 
 impl JobMetrics {
@@ -177,15 +176,15 @@ impl JobMetrics {
     /// Bytes of keyed state held by the running subtasks.
     pub fn state_bytes(&self) -> u64 {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.iter().map(|(_, b, uids)| b.size_bytes(uids)).sum()
+        s.iter().map(|(_, b)| b.size_bytes()).sum()
     }
 
     /// Bytes of keyed state per running subtask (that has any), by subtask index.
     pub fn subtask_state_bytes(&self) -> Vec<(u32, u64)> {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut by: BTreeMap<u32, u64> = BTreeMap::new();
-        for (subtask, b, uids) in s.iter() {
-            *by.entry(*subtask).or_default() += b.size_bytes(uids);
+        for (subtask, b) in s.iter() {
+            *by.entry(*subtask).or_default() += b.size_bytes();
         }
         by.into_iter().collect()
     }
@@ -571,7 +570,7 @@ impl Chain {
                 };
                 let local = keyed.dir.join(format!("chk-{tag}"));
                 let _ = std::fs::remove_dir_all(&local);
-                crate::snapshot::take(&keyed.backend, &local)?;
+                let local = keyed.backend.snapshot(&local, keyed.key_groups)?;
                 to_upload.push((
                     k,
                     local,
@@ -660,7 +659,7 @@ impl Chain {
                             sp.as_ref(),
                             &key,
                         );
-                        let _ = std::fs::remove_dir_all(&local);
+                        local.remove();
                         match r {
                             Ok(file) => {
                                 let bytes = file.offsets.last().copied().unwrap_or(0);
@@ -672,6 +671,34 @@ impl Chain {
                         }
                         continue;
                     }
+                    let dir = match local {
+                        LocalSnapshot::RocksDb(dir) => dir,
+                        LocalSnapshot::Heap { images, .. } => {
+                            // The heap's copy goes up as it is: a keyed file of format 1,
+                            // below the instance's shared directory (the final checkpoint's
+                            // state is part of later-completing ones too), deleted when no
+                            // retained checkpoint names it.
+                            for image in images {
+                                let file = format!("shared/{instance}/keyed-{}", own_tag(&own));
+                                if let Err(e) = ck.storage.put(&file, &image.bytes) {
+                                    result = Err(e);
+                                    break;
+                                }
+                                let bytes = image.bytes.len() as u64;
+                                ack.state_bytes += bytes;
+                                ack.uploaded_bytes += bytes;
+                                ack.operators[k].keyed_file = Some(crate::savepoint::KeyedFile {
+                                    file,
+                                    format: crate::savepoint::KeyedFormat::Entries,
+                                    key_groups,
+                                    offsets: image.offsets,
+                                    checksums: image.checksums,
+                                    entries: image.entries,
+                                });
+                            }
+                            continue;
+                        }
+                    };
                     let previous = if incremental {
                         last.lock().unwrap_or_else(|e| e.into_inner()).clone()
                     } else {
@@ -679,13 +706,13 @@ impl Chain {
                     };
                     let r = crate::snapshot::upload(
                         ck.storage.as_ref(),
-                        &local,
+                        &dir,
                         &instance,
                         key_groups,
                         &own,
                         previous.as_ref(),
                     );
-                    let _ = std::fs::remove_dir_all(&local);
+                    let _ = std::fs::remove_dir_all(&dir);
                     match r {
                         Ok((handle, done)) => {
                             ack.state_bytes += handle.size();
@@ -779,6 +806,11 @@ fn savepoint_storage(ck: &CheckpointRun, id: u64) -> Result<Arc<dyn Storage>, Ru
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The tag of a checkpoint in its `shared/own-<tag>` prefix.
+fn own_tag(own: &str) -> &str {
+    own.strip_prefix("shared/own-").unwrap_or(own)
 }
 
 /// What a finished run reports.
@@ -925,8 +957,22 @@ pub fn run_worker(
             if rescale_from.is_some() || !files.is_empty() {
                 let _ = std::fs::remove_dir_all(&db);
             }
-            let backend = StateBackend::open(&db, std::slice::from_ref(&op.uid))
-                .map_err(|e| state_error(&op.uid, s, &e.to_string()))?;
+            // The heap restores from keyed files only: RocksDB's files are not its to read
+            // (the coordinator refuses such a checkpoint before it starts anything).
+            if plan.state_backend == StateBackendKind::Heap
+                && restore.iter().any(|((uid, _), o)| uid == &op.uid && o.keyed.is_some())
+            {
+                return Err(RuntimeError::user(format!(
+                    "operator {:?}: its state to restore is RocksDB's files, and the job's spec.stateBackend is heap: restore from a savepoint to change the backend",
+                    op.uid
+                )));
+            }
+            // Where snapshots and restores keep their scratch files, beside the instance.
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| RuntimeError::internal(format!("creating {}: {e}", dir.display())))?;
+            let backend =
+                StateBackend::open_kind(plan.state_backend, &db, std::slice::from_ref(&op.uid))
+                    .map_err(|e| state_error(&op.uid, s, &e.to_string()))?;
             let range = crate::keygroup::KeyGroupRange::of_subtask(plan.max_parallelism, p, s);
             if let (false, Some(ck)) = (files.is_empty(), &opts.checkpoints) {
                 std::fs::create_dir_all(&dir).map_err(|e| {
@@ -998,10 +1044,8 @@ pub fn run_worker(
             );
         }
     }
-    *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) = keyed_of
-        .iter()
-        .map(|((i, s), k)| (*s, k.backend.clone(), vec![plan.ops[*i].uid.clone()]))
-        .collect();
+    *metrics.state.lock().unwrap_or_else(|e| e.into_inner()) =
+        keyed_of.iter().map(|((_, s), k)| (*s, k.backend.clone())).collect();
     let cancel = opts.cancel.clone();
 
     // An inbox per (task, hosted subtask) with a channel per producing subtask and input: a

@@ -33,7 +33,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::RuntimeError;
-use crate::state::{StateBackend, StateError, sst_options};
+use crate::state::{LocalSnapshot, StateBackend, StateBackendKind, StateError, sst_options};
 use crate::storage::Storage;
 use crate::wire::put_varint;
 
@@ -101,9 +101,10 @@ impl KeyedFile {
         if a > b || self.offsets.len() != usize::from(b - a) + 2 {
             return Err(format!("{}: a key-group index that does not fit its range", self.file));
         }
+        // Format 1 has them when a heap checkpoint wrote it (savepoints of format 1 did not).
         let checksums = match self.format {
-            KeyedFormat::Entries => 0,
-            KeyedFormat::Sst => usize::from(b - a) + 1,
+            KeyedFormat::Entries if self.checksums.is_empty() => 0,
+            _ => usize::from(b - a) + 1,
         };
         if self.checksums.len() != checksums {
             return Err(format!(
@@ -353,11 +354,12 @@ impl<W: Write> GroupWriter<'_, W> {
     }
 }
 
-/// Writes operator `uid`'s state from the RocksDB checkpoint at `checkpoint` (key groups
+/// Writes operator `uid`'s state from the local snapshot `checkpoint` (key groups
 /// `key_groups`) to `storage` as `key`, in format 2, streamed: on S3 its parts go up while
-/// RocksDB is read and the next key group's SST file is built (no local copy of the file).
+/// the snapshot is read and the next key group's SST file is built (no local copy of the
+/// file). Either backend's snapshot gives the same file.
 pub fn save_keyed(
-    checkpoint: &Path,
+    checkpoint: &LocalSnapshot,
     uid: &str,
     key_groups: (u16, u16),
     storage: &dyn Storage,
@@ -369,7 +371,7 @@ pub fn save_keyed(
 /// [`save_keyed`] in the given format (format 1 for comparisons and for tests that it still
 /// restores).
 pub fn save_keyed_as(
-    checkpoint: &Path,
+    checkpoint: &LocalSnapshot,
     uid: &str,
     key_groups: (u16, u16),
     storage: &dyn Storage,
@@ -378,11 +380,9 @@ pub fn save_keyed_as(
 ) -> Result<KeyedFile, RuntimeError> {
     let mut index = None;
     // One key group's SST file at a time, beside the checkpoint.
-    let scratch = checkpoint.with_extension("keyed.sst");
+    let scratch = checkpoint.scratch();
     storage.put_streamed(key, &mut |out| {
-        let mut source = |f: &mut EntryVisitor<'_>| {
-            StateBackend::for_each_in_checkpoint(checkpoint, uid, |k, v| f(k, v))
-        };
+        let mut source = |f: &mut EntryVisitor<'_>| checkpoint.for_each(uid, f);
         index = Some(match format {
             KeyedFormat::Entries => {
                 let (offsets, entries) = write_entries(out, key_groups, &mut source)?;
@@ -473,7 +473,21 @@ fn restore_keyed_in_chunks(
     let (ssts, entries): (Vec<&KeyedFile>, Vec<&KeyedFile>) =
         files.into_iter().partition(|f| f.format == KeyedFormat::Sst);
     let mut done = Restored::default();
-    if !entries.is_empty() {
+    if !entries.is_empty() && backend.kind() == StateBackendKind::Heap {
+        // The heap takes the entries as they are decoded.
+        let pieces = pieces(&entries, range, chunk_bytes)?;
+        let mut put = |k: &[u8], v: &[u8]| {
+            let g = u16::from_be_bytes([k[0], k[1]]);
+            if g < range.0 || g > range.1 {
+                return Err(RuntimeError::damaged(format!(
+                    "an entry of key group {g} among key groups {}..={}: the keyed state is damaged",
+                    range.0, range.1
+                )));
+            }
+            backend.put(uid, k, v).map_err(RuntimeError::from)
+        };
+        done += read_pieces(storage, &pieces, &mut put)?;
+    } else if !entries.is_empty() {
         let sst = scratch.join("entries.sst");
         let target = SstTarget { backend, uid, scratch: &sst, options: &sst_options() };
         done += restore_entries_in_chunks(storage, &entries, range, target, chunk_bytes)?;
@@ -692,8 +706,12 @@ fn restore_entries_in_chunks(
         return Ok(done);
     }
     let mut writer = rocksdb::SstFileWriter::create(into.options);
-    let result = write_entries_into(storage, &pieces, &mut writer, into.scratch, &mut done);
-    let result = result.and_then(|()| {
+    let result = writer.open(into.scratch).map_err(sst_error).and_then(|()| {
+        let mut put = |k: &[u8], v: &[u8]| writer.put(k, v).map_err(sst_error);
+        read_pieces(storage, &pieces, &mut put)
+    });
+    let result = result.and_then(|r| {
+        done = r;
         // RocksDB refuses to finish a file without entries (key groups that hold none).
         if done.entries > 0 {
             let t = Instant::now();
@@ -711,25 +729,27 @@ fn restore_entries_in_chunks(
     result.map(|()| done)
 }
 
-/// Format 1: decodes the entries of `pieces` into `writer` (opened at `path`).
-fn write_entries_into(
+/// Format 1: decodes the entries of `pieces` and gives each to `put`, checking each key
+/// group's bytes against its checksum first where the file has them (heap checkpoints).
+fn read_pieces(
     storage: &dyn Storage,
     pieces: &[Piece<'_>],
-    writer: &mut rocksdb::SstFileWriter<'_>,
-    path: &Path,
-    done: &mut Restored,
-) -> Result<(), RuntimeError> {
-    writer.open(path).map_err(sst_error)?;
+    put: &mut EntryVisitor<'_>,
+) -> Result<Restored, RuntimeError> {
+    let mut done = Restored::default();
     // Entries cross chunk boundaries: the part of one left at the end of a chunk waits for the
     // next.
     let mut carry: Vec<u8> = Vec::new();
-    fetch_in_order(storage, pieces, &mut done.waiting_secs, |p, chunk| {
+    let mut check = GroupCheck::default();
+    let mut waiting = 0.0;
+    fetch_in_order(storage, pieces, &mut waiting, |p, chunk| {
         let t = Instant::now();
         let damaged = |what: String| damaged(storage, p.file, what);
+        check.feed(p, chunk).map_err(&damaged)?;
         done.bytes += chunk.len() as u64;
         let mut put = |k: &[u8], v: &[u8]| {
             done.entries += 1;
-            writer.put(k, v).map_err(sst_error)
+            put(k, v)
         };
         // The entry cut at the end of the last chunk is completed in `carry` with bytes of
         // this one, a few at a time (not the whole chunk copied after it); the bytes that turn
@@ -763,7 +783,56 @@ fn write_entries_into(
             )));
         }
         Ok(())
-    })
+    })?;
+    done.waiting_secs = waiting;
+    Ok(done)
+}
+
+/// Checks the bytes of each key group of a keyed state file of format 1 against its
+/// checksum as they arrive, piece after piece (files without checksums pass).
+#[derive(Default)]
+struct GroupCheck {
+    /// The file and key group (index in it) being hashed, and the hash so far.
+    at: Option<(*const KeyedFile, usize, xxhash_rust::xxh3::Xxh3Default)>,
+}
+
+impl GroupCheck {
+    fn feed(&mut self, p: &Piece<'_>, chunk: &[u8]) -> Result<(), String> {
+        let f = p.file;
+        if f.checksums.is_empty() {
+            return Ok(());
+        }
+        let mut at = p.start;
+        while at < p.end {
+            // The key group holding `at`: the one being hashed, or the next with bytes.
+            let (i, hash) = match &mut self.at {
+                Some((file, i, hash)) if std::ptr::eq(*file, f) && f.offsets[*i + 1] > at => {
+                    (*i, hash)
+                }
+                _ => {
+                    let i = f.offsets.windows(2).position(|w| w[0] <= at && at < w[1]);
+                    let Some(i) = i else { return Err(format!("byte {at} is in no key group")) };
+                    if f.offsets[i] != at {
+                        return Err(format!("a read from byte {at}, within key group {i}"));
+                    }
+                    let (_, _, hash) =
+                        self.at.insert((f, i, xxhash_rust::xxh3::Xxh3Default::new()));
+                    (i, hash)
+                }
+            };
+            let end = f.offsets[i + 1].min(p.end);
+            hash.update(&chunk[(at - p.start) as usize..(end - p.start) as usize]);
+            if end == f.offsets[i + 1] {
+                let g = usize::from(f.key_groups.0) + i;
+                if hash.digest() != f.checksums[i] {
+                    return Err(format!("key group {g} fails its checksum"));
+                }
+                self.at = None;
+            }
+            at = end;
+        }
+        Ok(())
+    }
 }
 
 /// Calls `f` with each whole entry at the start of `bytes`; returns how many bytes they take
@@ -820,7 +889,7 @@ pub fn restore_keyed_from_instances(
         let _ = std::fs::remove_dir_all(&dir);
         crate::snapshot::download(storage, h, &dir)?;
         read += h.size();
-        StateBackend::for_each_in_checkpoint(&dir, uid, |key, v| {
+        crate::state::rocksdb::for_each_in_checkpoint(&dir, uid, &mut |key, v| {
             let g = u16::from_be_bytes([key[0], key[1]]);
             if g < range.0 || g > range.1 {
                 return Ok(());
@@ -1083,11 +1152,34 @@ mod tests {
     #[test]
     fn rocksdb_state_rescales_from_two_subtasks_to_three() {
         for format in [KeyedFormat::Sst, KeyedFormat::Entries] {
-            rescales_from_two_to_three(format);
+            rescales_from_two_to_three(format, Kind::Rocksdb, Kind::Rocksdb, false);
         }
     }
 
-    fn rescales_from_two_to_three(format: KeyedFormat) {
+    /// A savepoint is one format for both backends: heap state saved restores into RocksDB
+    /// and the other way round, at another parallelism.
+    #[test]
+    fn savepoints_restore_across_backends() {
+        rescales_from_two_to_three(KeyedFormat::Sst, Kind::Heap, Kind::Rocksdb, false);
+        rescales_from_two_to_three(KeyedFormat::Sst, Kind::Rocksdb, Kind::Heap, false);
+        rescales_from_two_to_three(KeyedFormat::Sst, Kind::Heap, Kind::Heap, false);
+    }
+
+    /// A heap checkpoint (its tables' copies as they are, with a checksum per key group)
+    /// restores into the heap at another parallelism, and a changed byte fails its checksum.
+    #[test]
+    fn heap_checkpoints_rescale_and_are_checked() {
+        rescales_from_two_to_three(KeyedFormat::Entries, Kind::Heap, Kind::Heap, true);
+    }
+
+    use crate::state::StateBackendKind as Kind;
+
+    fn rescales_from_two_to_three(
+        format: KeyedFormat,
+        from: Kind,
+        to: Kind,
+        heap_checkpoint: bool,
+    ) {
         let tmp = tempfile::tempdir().unwrap();
         let storage = crate::storage::LocalStorage::new(&tmp.path().join("sp"));
         let uid = "counts".to_string();
@@ -1096,7 +1188,8 @@ mod tests {
         let mut expected = Vec::new();
         for s in 0..2u32 {
             let r = KeyGroupRange::of_subtask(max_p, 2, s);
-            let b = StateBackend::open(
+            let b = StateBackend::open_kind(
+                from,
                 &tmp.path().join(format!("old-{s}")),
                 std::slice::from_ref(&uid),
             )
@@ -1112,9 +1205,24 @@ mod tests {
             st.write_back().unwrap();
             expected.extend(b.scan(&uid).unwrap());
             let ck = tmp.path().join(format!("ck-{s}"));
-            b.checkpoint(&ck).unwrap();
+            let snap = b.snapshot(&ck, (r.start, r.end)).unwrap();
             let key = format!("counts-{s}");
-            let f = save_keyed_as(&ck, &uid, (r.start, r.end), &storage, &key, format).unwrap();
+            let f = match &snap {
+                LocalSnapshot::Heap { images, .. } if heap_checkpoint => {
+                    let i = &images[0];
+                    storage.put(&key, &i.bytes).unwrap();
+                    KeyedFile {
+                        file: key,
+                        format: KeyedFormat::Entries,
+                        key_groups: (r.start, r.end),
+                        offsets: i.offsets.clone(),
+                        checksums: i.checksums.clone(),
+                        entries: i.entries,
+                    }
+                }
+                _ => save_keyed_as(&snap, &uid, (r.start, r.end), &storage, &key, format).unwrap(),
+            };
+            snap.remove();
             assert_eq!(f.format, format);
             assert!(f.check().is_ok());
             assert!(!ck.with_extension("keyed.sst").exists(), "the scratch SST file is gone");
@@ -1129,7 +1237,8 @@ mod tests {
             let mut read = 0;
             for s in 0..3u32 {
                 let r = KeyGroupRange::of_subtask(max_p, 3, s);
-                let b = StateBackend::open(
+                let b = StateBackend::open_kind(
+                    to,
                     &tmp.path().join(format!("new-{chunk}-{s}")),
                     std::slice::from_ref(&uid),
                 )
@@ -1185,7 +1294,7 @@ mod tests {
         bytes[middle] ^= 0x10;
         std::fs::write(&path, &bytes).unwrap();
         let flipped = restore_keyed_in_chunks(&storage, &files, (0, 127), &b, &uid, &scratch, 64);
-        if format == KeyedFormat::Sst {
+        if format == KeyedFormat::Sst || heap_checkpoint {
             let e = flipped.unwrap_err();
             assert!(e.message.contains("counts-0") && e.message.contains("checksum"), "{e}");
             assert!(b.scan(&uid).unwrap().is_empty(), "nothing ingested");

@@ -1762,7 +1762,13 @@ mod tests {
                 "  checkpointing: {alignmentTimeout: 1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s}",
                 &["spec.checkpointing.alignmentTimeout: Too long: may not be more than 64 bytes"],
             ),
-            ("  stateBackend: rocks", &["unknown field \"spec.stateBackend\""]),
+            ("  stateBackends: rocks", &["unknown field \"spec.stateBackends\""]),
+            (
+                "  stateBackend: rocks",
+                &[
+                    "spec.stateBackend: Unsupported value: \"rocks\": supported values: \"rocksdb\", \"heap\"",
+                ],
+            ),
             ("  restartStrategy: {dealy: 1s}", &["unknown field \"spec.restartStrategy.dealy\""]),
             (
                 "  image: {a: 1}",
@@ -1893,7 +1899,7 @@ mod tests {
     #[test]
     fn type_meta_is_checked_first() {
         let refused = |edit: &dyn Fn(&mut Map<String, Value>)| {
-            let mut v = manifest("  stateBackend: rocks");
+            let mut v = manifest("  stateBackends: rocks");
             edit(v.as_object_mut().unwrap());
             admit(&mut v).unwrap_err().to_string()
         };
@@ -1931,15 +1937,15 @@ mod tests {
 
     #[test]
     fn refusals_read_like_kubectls() {
-        let mut one = manifest("  stateBackend: rocks");
+        let mut one = manifest("  stateBackends: rocks");
         assert_eq!(
             admit(&mut one).unwrap_err().to_string(),
-            "The StreamJob \"wc\" is invalid: unknown field \"spec.stateBackend\""
+            "The StreamJob \"wc\" is invalid: unknown field \"spec.stateBackends\""
         );
-        let mut two = manifest("  stateBackend: rocks\n  checkpointing: {retained: 0}");
+        let mut two = manifest("  stateBackends: rocks\n  checkpointing: {retained: 0}");
         assert_eq!(
             admit(&mut two).unwrap_err().to_string(),
-            "The StreamJob \"wc\" is invalid:\n* unknown field \"spec.stateBackend\"\n* spec.checkpointing.retained: Invalid value: 0: spec.checkpointing.retained in body should be greater than or equal to 1"
+            "The StreamJob \"wc\" is invalid:\n* unknown field \"spec.stateBackends\"\n* spec.checkpointing.retained: Invalid value: 0: spec.checkpointing.retained in body should be greater than or equal to 1"
         );
         let mut many = manifest("");
         for i in 0..30 {

@@ -65,7 +65,7 @@ fn io(what: &str, p: &Path, e: std::io::Error) -> RuntimeError {
 /// Takes the synchronous part of a snapshot: a RocksDB checkpoint of `backend` in `local`
 /// (which must not exist).
 pub fn take(backend: &StateBackend, local: &Path) -> Result<(), RuntimeError> {
-    backend.checkpoint(local).map_err(|e| RuntimeError::internal(e.to_string()))
+    backend.snapshot(local, (0, u16::MAX)).map(drop)
 }
 
 /// Uploads the checkpoint in `local` (the asynchronous part). SST files already in

@@ -75,6 +75,45 @@ fn word_count_is_exact_at_parallelism_1_2_and_3_in_process() {
     }
 }
 
+/// The committed output lines of `out`, sorted.
+fn sorted_output(out: &Path) -> Vec<String> {
+    let mut lines: Vec<String> = common::committed_texts(out)
+        .iter()
+        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// `spec.stateBackend: heap` gives the same output as RocksDB, exact, at parallelism 1, 2
+/// and 3, and keeps nothing on disk.
+#[test]
+fn the_heap_backend_counts_exactly_what_rocksdb_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    let expected = write_input(&input, 5, 300, 12);
+    for p in [1, 2, 3] {
+        let mut outputs = Vec::new();
+        for backend in ["rocksdb", "heap"] {
+            let out = tmp.path().join(format!("out-{backend}-{p}"));
+            let yaml = manifest(&input, &out, p)
+                .replace("spec:\n", &format!("spec:\n  stateBackend: {backend}\n"));
+            let job: weir_crds::StreamJob = serde_saphyr::from_str(&yaml).unwrap();
+            let plan = weir_runtime::plan::build(&job.spec, None, None).unwrap();
+            assert_eq!(plan.state_backend.as_str(), backend);
+            let state = tmp.path().join(format!("state-{backend}"));
+            let mut opts = RunOptions::new(state.clone(), format!("test-{p}"));
+            opts.keep_state = true;
+            run_local(&plan, &opts, Arc::new(JobMetrics::new(&plan))).unwrap();
+            check_output(&out, &expected);
+            outputs.push(sorted_output(&out));
+            let db = state.join(format!("test-{p}/counts-0/db"));
+            assert_eq!(db.exists(), backend == "rocksdb", "{}", db.display());
+        }
+        assert_eq!(outputs[0], outputs[1], "rocksdb and heap at parallelism {p}");
+    }
+}
+
 /// The three ways to run a job.
 #[derive(Debug, Clone, Copy)]
 enum Way {

@@ -81,8 +81,8 @@ fn loose_manifests_are_refused_in_the_apiservers_words_before_anything_starts() 
     let cases: &[(&str, &str, &[&str])] = &[
         (
             "  parallelism: 1\n",
-            "  parallelism: 1\n  stateBackend: rocksdb\n",
-            &["unknown field \"spec.stateBackend\""],
+            "  parallelism: 1\n  stateBackends: rocksdb\n",
+            &["unknown field \"spec.stateBackends\""],
         ),
         (
             "{type: none}",
@@ -185,7 +185,7 @@ fn every_error_is_reported_each_on_its_line() {
             "interval: 1s, retained: 0, maxConcurrent: 0, tolerableFailures: -1,",
         )
         .replace("{type: none}", "{type: none, dealy: 5s}")
-        .replace("  parallelism: 1\n", "  parallelism: 1\n  stateBackend: rocksdb\n");
+        .replace("  parallelism: 1\n", "  parallelism: 1\n  stateBackends: rocksdb\n");
     let err = refused(
         tmp.path(),
         &["run"],
@@ -193,7 +193,7 @@ fn every_error_is_reported_each_on_its_line() {
         &[
             "The StreamJob \"wc\" is invalid:\n",
             "\n* unknown field \"spec.restartStrategy.dealy\"\n",
-            "\n* unknown field \"spec.stateBackend\"\n",
+            "\n* unknown field \"spec.stateBackends\"\n",
             "\n* spec.checkpointing.retained: Invalid value: 0:",
             "\n* spec.checkpointing.maxConcurrent: Invalid value: 0:",
             "\n* spec.checkpointing.tolerableFailures: Invalid value: -1:",

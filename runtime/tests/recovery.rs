@@ -64,11 +64,21 @@ fn get(addr: &str, path: &str) -> Option<(u16, String)> {
 
 #[test]
 fn killed_worker_processes_lose_and_duplicate_nothing() {
+    killed_workers("rocksdb", 0x5eed);
+}
+
+/// The same with `--state-backend heap`: full copies in memory, restored after each kill.
+#[test]
+fn killed_worker_processes_lose_and_duplicate_nothing_with_the_heap_backend() {
+    killed_workers("heap", 0x4ea9);
+}
+
+fn killed_workers(backend: &str, seed: u64) {
     let tmp = tempfile::tempdir().unwrap();
     let expected = common::write_input(&tmp.path().join("in"), 8, 1500, 11);
     let file = manifest(tmp.path(), 600, "exactly-once");
-    let mut job = start(&file, tmp.path(), &["--processes"]);
-    let mut rng = SplitMix64::new(0x5eed);
+    let mut job = start(&file, tmp.path(), &["--processes", "--state-backend", backend]);
+    let mut rng = SplitMix64::new(seed);
     let mut kills = 0;
     while kills < 12 {
         if !wait_running(&mut job, kills) {
@@ -104,6 +114,27 @@ fn killed_worker_processes_lose_and_duplicate_nothing() {
         .filter(|e| e.path().join("_metadata").exists())
         .collect();
     assert!(metas.len() <= 2, "{} checkpoints retained, not 2", metas.len());
+    // The heap's keyed files left are exactly those the retained checkpoints name.
+    let mut named = std::collections::BTreeSet::new();
+    for m in &metas {
+        let bytes = std::fs::read(m.path().join("_metadata")).unwrap();
+        let meta = weir_runtime::checkpoint::Metadata::parse(&bytes, "test", None).unwrap();
+        assert_eq!(meta.state_backend.as_str(), backend);
+        named.extend(meta.operators.iter().filter_map(|o| o.keyed_file.clone()).map(|f| f.file));
+    }
+    let mut stored = std::collections::BTreeSet::new();
+    if let Ok(instances) = std::fs::read_dir(jobs[0].path().join("shared")) {
+        for i in instances.flatten() {
+            for f in std::fs::read_dir(i.path()).into_iter().flatten().flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if name.starts_with("keyed-") {
+                    stored.insert(format!("shared/{}/{name}", i.file_name().to_string_lossy()));
+                }
+            }
+        }
+    }
+    assert_eq!(stored, named, "{backend}: keyed files stored and named");
+    assert_eq!(named.is_empty(), backend == "rocksdb");
 }
 
 #[test]

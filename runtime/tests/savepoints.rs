@@ -156,14 +156,16 @@ fn metadata(dir: &Path) -> weir_runtime::checkpoint::Metadata {
 
 /// Parallelism 2, stopped into a savepoint part-way; restored at 3, stopped again; restored
 /// at 1 and run to the end. `copy`: each savepoint is moved to another directory first.
-fn rescale_chain(tmp: &Path, st: &Storage, seed: u64, copy: bool) {
+/// Runs at parallelism 2, 3 and 1 with the state backends `backends`, each run stopped into a
+/// savepoint that the next restores.
+fn rescale_chain(tmp: &Path, st: &Storage, seed: u64, copy: bool, backends: [&str; 3]) {
     let expected = common::write_input(&tmp.join("in"), 8, 1500, seed);
     let file = manifest(tmp, "job", st, 1000, "", "");
     let mut from: Option<String> = None;
     let mut committed = 0;
     for (k, p) in [2u32, 3, 1].into_iter().enumerate() {
         let ps = p.to_string();
-        let mut args = vec!["--parallelism", ps.as_str()];
+        let mut args = vec!["--parallelism", ps.as_str(), "--state-backend", backends[k]];
         if let Some(f) = &from {
             args.extend(["--from-savepoint", f.as_str()]);
         }
@@ -198,6 +200,7 @@ fn rescale_chain(tmp: &Path, st: &Storage, seed: u64, copy: bool) {
             let sp = PathBuf::from(&path);
             let meta = metadata(&sp);
             assert!(meta.savepoint && meta.parallelism == p);
+            assert_eq!(meta.state_backend.as_str(), backends[k]);
             // Self-contained: keyed state as files sorted by key group, below its directory.
             let files: Vec<_> =
                 meta.operators.iter().filter_map(|o| o.keyed_file.as_ref()).collect();
@@ -220,13 +223,82 @@ fn rescale_chain(tmp: &Path, st: &Storage, seed: u64, copy: bool) {
 #[test]
 fn a_word_count_stopped_into_savepoints_and_restored_at_2_3_1_counts_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
-    rescale_chain(tmp.path(), &Storage::local(tmp.path()), 41, false);
+    rescale_chain(tmp.path(), &Storage::local(tmp.path()), 41, false, ["rocksdb"; 3]);
+}
+
+/// `spec.stateBackend` changes across savepoints: heap state restores into RocksDB and
+/// RocksDB state into the heap, each at another parallelism, and the counts stay exact.
+#[test]
+fn the_rescale_chain_changes_the_state_backend_across_savepoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    rescale_chain(tmp.path(), &Storage::local(tmp.path()), 43, true, ["heap", "rocksdb", "heap"]);
+}
+
+/// A checkpoint is in its backend's own form: restoring it into the other backend is refused
+/// before anything starts, naming the field and the way that works (a savepoint).
+#[test]
+fn a_checkpoint_into_the_other_backend_is_refused_naming_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = Storage::local(tmp.path());
+    common::write_input(&tmp.path().join("in"), 2, 300, 44);
+    let file = manifest(tmp.path(), "job", &st, 1_000_000, "", "");
+    for (took, other) in [("rocksdb", "heap"), ("heap", "rocksdb")] {
+        // A run to its end leaves its final checkpoint.
+        let job = run(&file, tmp.path(), &["--state-backend", took]);
+        let (code, err) = job.finish(Duration::from_secs(120));
+        assert_eq!(code, Some(0), "{err}");
+        let chk = std::fs::read_dir(tmp.path().join("checkpoints"))
+            .unwrap()
+            .flat_map(|d| walk(&d.unwrap().path()))
+            .filter(|p| p.ends_with("_metadata") && !p.to_string_lossy().contains("/savepoints/"))
+            .max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+            .expect("a checkpoint");
+        let meta = metadata(chk.parent().unwrap());
+        assert!(!meta.savepoint);
+        assert_eq!(meta.state_backend.as_str(), took);
+        let from = chk.parent().unwrap().to_str().unwrap().to_string();
+        let job = run(&file, tmp.path(), &["--state-backend", other, "--from-savepoint", &from]);
+        let (code, err) = job.finish(Duration::from_secs(60));
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains(&format!("taken with spec.stateBackend {took}, but the job has {other}"))
+                && err.contains("savepoint"),
+            "{err}"
+        );
+        // Into its own backend, it restores.
+        let job = run(&file, tmp.path(), &["--state-backend", took, "--from-savepoint", &from]);
+        let (code, err) = job.finish(Duration::from_secs(120));
+        assert_eq!(code, Some(0), "{err}");
+    }
+    // A backend the runtime does not have is refused by the flag.
+    let job = run(&file, tmp.path(), &["--state-backend", "memory"]);
+    let (code, err) = job.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("\"memory\" is no state backend: give rocksdb or heap"), "{err}");
+}
+
+/// Every file below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    } else {
+        out.push(dir.to_path_buf());
+    }
+    out
 }
 
 #[test]
 fn savepoints_copied_elsewhere_restore_the_same() {
     let tmp = tempfile::tempdir().unwrap();
-    rescale_chain(tmp.path(), &Storage::local(tmp.path()), 42, true);
+    rescale_chain(tmp.path(), &Storage::local(tmp.path()), 42, true, ["rocksdb"; 3]);
 }
 
 #[test]
@@ -247,7 +319,7 @@ fn the_rescale_chain_with_checkpoints_and_savepoints_on_s3() {
             env("AWS_REGION")
         ),
     };
-    rescale_chain(tmp.path(), &st, 43, false);
+    rescale_chain(tmp.path(), &st, 43, false, ["rocksdb", "heap", "rocksdb"]);
 }
 
 #[test]

@@ -25,6 +25,12 @@ pub struct Health {
     pub message: String,
 }
 
+/// The package's directory, from cargo at run time: a test binary built in another checkout
+/// sharing the target directory (CI's) must not read that checkout's files.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())
+}
+
 /// The repository's root.
 pub fn repo() -> PathBuf {
     Path::new(&manifest_dir()).parent().unwrap().to_path_buf()
@@ -524,10 +530,4 @@ mod tests {
         let err = health(&bad, &json!({})).unwrap_err();
         assert!(err.contains("os"), "{err}");
     }
-}
-
-/// The package's directory, from cargo at run time: a test binary built in another checkout
-/// sharing the target directory (CI's) must not read that checkout's files.
-fn manifest_dir() -> String {
-    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())
 }
