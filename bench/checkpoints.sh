@@ -3,8 +3,10 @@
 #  1. the server's raw PUT bandwidth, and the duration of full and incremental (5% of the keys
 #     changed) checkpoints of 100 MiB and 1 GiB of keyed state (runtime/examples/checkpoint_bench.rs);
 #  2. keyed-count throughput (R records, K keys, parallelism 2, into a blackhole) with
-#     checkpoints every 10 s and every 1 s, against none: Weir checkpointing to S3, Flink 2.3
-#     (the peer) checkpointing incrementally (RocksDB) to the same S3 server through its own S3
+#     checkpoints every 10 s and every 1 s, against none, for each state backend (Weir's rocksdb
+#     and heap, Flink's rocksdb and hashmap): Weir checkpointing to S3, Flink 2.3 (the peer)
+#     checkpointing (incrementally with RocksDB, in full with hashmap) to the same S3 server
+#     through its own S3
 #     file system (the flink-s3-fs-hadoop plugin of tests/env/install-flink.sh), in the same
 #     run. FLINK_CHECKPOINTS=local puts Flink's checkpoints on the local file system instead.
 # Usage: bench/checkpoints.sh [RECORDS] [KEYS]
@@ -27,7 +29,9 @@ echo "== checkpoint duration (S3: $AWS_ENDPOINT_URL)"
 
 echo "== keyed count with checkpoints ($records records, $keys keys, parallelism 2)"
 now() { date +%s.%N; }
-printf '%-6s %-10s %10s %14s %12s\n' engine interval seconds events/s checkpoints
+printf '%-6s %-8s %-10s %10s %14s %12s\n' engine backend interval seconds events/s checkpoints
+for pair in rocksdb:rocksdb heap:hashmap; do
+backend=${pair%%:*}; flink_backend=${pair##*:}
 base_weir=""; base_flink=""
 for interval in 0s 10s 1s; do
   cat > "$tmp/job.yaml" <<YAML
@@ -44,7 +48,7 @@ spec:
       - {uid: out, type: blackhole, inputs: [counts]}
 YAML
   t0=$(now)
-  "$target/release/weir" run "$tmp/job.yaml" --state-dir "$tmp/state" --api-addr 127.0.0.1:0 2>"$tmp/weir.log" &
+  "$target/release/weir" run "$tmp/job.yaml" --state-dir "$tmp/state" --state-backend "$backend" --api-addr 127.0.0.1:0 2>"$tmp/weir.log" &
   pid=$!
   # The number of completed checkpoints, read from the API just before the job ends.
   api=""; done_ck=0
@@ -61,13 +65,14 @@ YAML
   grep -q "counts $records in / $records out" "$tmp/weir.log" || { echo "weir did not count every record:"; cat "$tmp/weir.log"; exit 1; }
   eps=$(python3 -c "print(round($records / ($t1 - $t0)))")
   [ -n "$base_weir" ] || base_weir=$eps
-  printf '%-6s %-10s %10.2f %14s %12s  (%.0f%% of none)\n' weir "$interval" "$(python3 -c "print($t1 - $t0)")" "$eps" "$done_ck" "$(python3 -c "print(100 * $eps / $base_weir)")"
+  printf '%-6s %-8s %-10s %10.2f %14s %12s  (%.0f%% of none)\n' weir "$backend" "$interval" "$(python3 -c "print($t1 - $t0)")" "$eps" "$done_ck" "$(python3 -c "print(100 * $eps / $base_weir)")"
   rm -rf "$tmp/state"
-  flink_args=(--parallelism 2 --keys "$keys" --records "$records")
+  flink_args=(--parallelism 2 --keys "$keys" --records "$records" --state-backend "$flink_backend")
   [ "$interval" = 0s ] || flink_args+=(--checkpoint-interval "$interval" --checkpoint-storage "${FLINK_CHECKPOINTS:-s3}")
   flink=$("$venv/bin/python" bench/flink_keyed_count.py "${flink_args[@]}" 2>"$tmp/flink.log") || { tail -20 "$tmp/flink.log"; exit 1; }
   feps=$(python3 -c "import json,sys; print(round(json.loads(sys.argv[1])['events_per_second']))" "$flink")
   fs=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['seconds'])" "$flink")
   [ -n "$base_flink" ] || base_flink=$feps
-  printf '%-6s %-10s %10.2f %14s %12s  (%.0f%% of none)\n' flink "$interval" "$fs" "$feps" "-" "$(python3 -c "print(100 * $feps / $base_flink)")"
+  printf '%-6s %-8s %-10s %10.2f %14s %12s  (%.0f%% of none)\n' flink "$flink_backend" "$interval" "$fs" "$feps" "-" "$(python3 -c "print(100 * $feps / $base_flink)")"
+done
 done

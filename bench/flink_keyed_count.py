@@ -4,9 +4,11 @@ Runs the Flink SQL job
 
     datagen (BIGINT k uniform in [0, K), R rows) -> SELECT k, COUNT(*) ... GROUP BY k -> blackhole
 
-in streaming mode with the RocksDB state backend, checkpointing off and mini-batch off, so the
-aggregation emits each key's new count on every record (as Weir's count does).
-With --checkpoint-interval, incremental RocksDB checkpoints go to --checkpoint-storage: local
+in streaming mode with the RocksDB state backend (or with --state-backend hashmap, Flink's heap
+backend), checkpointing off and mini-batch off, so the aggregation emits each key's new count
+on every record (as Weir's count does).
+With --checkpoint-interval, checkpoints (incremental with RocksDB, full with hashmap) go to
+--checkpoint-storage: local
 (STATE_DIR/checkpoints) or s3 (s3://$WEIR_TEST_BUCKET/flink-keyed-count-<pid>-<time>/ through
 Flink's own S3 file system, the flink-s3-fs-hadoop plugin, on the S3 server of the AWS
 environment: see bench/flink_s3.py; removed after the run). The time is the
@@ -36,6 +38,8 @@ def parse_args():
     p.add_argument("--parallelism", type=int, default=1, help="job parallelism (default 1)")
     p.add_argument("--keys", type=int, default=1_000_000, help="distinct key values K (default 1000000)")
     p.add_argument("--records", type=int, default=10_000_000, help="rows R (default 10000000)")
+    p.add_argument("--state-backend", choices=["rocksdb", "hashmap"], default="rocksdb",
+                   help="Flink's state backend (default rocksdb; hashmap keeps state on the heap)")
     p.add_argument("--state-dir", help="RocksDB and temporary files (default: a new temp dir, removed after)")
     p.add_argument("--managed-memory", help="taskmanager.memory.managed.size, e.g. 512m "
                    "(default: Flink's local-execution default, 128m shared by the slots)")
@@ -99,6 +103,7 @@ def main():
         "records": args.records,
         "seconds": round(seconds, 3),
         "events_per_second": round(args.records / seconds, 1),
+        "state_backend": args.state_backend,
         "checkpoint_interval": args.checkpoint_interval,
         "checkpoint_storage": (args.checkpoint_storage if args.checkpoint_interval else None),
     }
@@ -115,7 +120,7 @@ def run(args, state_dir, archive_dir, s3):
     from pyflink.table import EnvironmentSettings, TableEnvironment
 
     conf = Configuration()
-    conf.set_string("state.backend.type", "rocksdb")
+    conf.set_string("state.backend.type", args.state_backend)
     conf.set_string("state.backend.rocksdb.localdir", os.path.join(state_dir, "rocksdb"))
     conf.set_string("io.tmp.dirs", os.path.join(state_dir, "tmp"))
     conf.set_string("parallelism.default", str(args.parallelism))
@@ -129,7 +134,8 @@ def run(args, state_dir, archive_dir, s3):
             flink_s3.apply(conf, s3.flink_conf())
         else:
             conf.set_string("execution.checkpointing.dir", "file://" + os.path.join(state_dir, "checkpoints"))
-        conf.set_string("execution.checkpointing.incremental", "true")
+        if args.state_backend == "rocksdb":
+            conf.set_string("execution.checkpointing.incremental", "true")
     if args.managed_memory:
         conf.set_string("taskmanager.memory.managed.size", args.managed_memory)
     if args.verify:

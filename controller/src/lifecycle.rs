@@ -133,6 +133,7 @@ pub fn deployed(
         restore_path,
         stateful_uids: job.spec.pipeline.stateful_uids(),
         max_parallelism,
+        state_backend: job.spec.state_backend,
     }
 }
 
@@ -686,6 +687,13 @@ impl Context {
                 return Ok(());
             }
             let mode = mode_for(job.spec.upgrade_mode, old);
+            // A savepoint upgrade whose old job does not answer would go on from the last
+            // checkpoint, which the new backend cannot read: it waits for a savepoint instead.
+            if let Err(refused) = validate::backend_change(job, &d, st, mode) {
+                step.problem = Some(("UpgradeRefused", refused.message));
+                step.requeue = Some(Duration::from_secs(10));
+                return Ok(());
+            }
             if job.spec.upgrade_mode == UpgradeMode::Savepoint && mode != UpgradeMode::Savepoint {
                 let then = "the upgrade goes on from the last checkpoint (last-state)";
                 let text = skipped_savepoint(

@@ -217,6 +217,26 @@ fn job_namespace(job: &StreamJob) -> &str {
     job.metadata.namespace.as_deref().unwrap_or("default")
 }
 
+/// A new `spec.stateBackend` needs a savepoint: an upgrade in `mode` from the last checkpoint
+/// (last-state) would hand the new backend a checkpoint of the old one, which it refuses.
+pub fn backend_change(
+    job: &StreamJob,
+    deployed: &DeployedRun,
+    status: &StreamJobStatus,
+    mode: UpgradeMode,
+) -> Result<(), Invalid> {
+    let (from, to) = (deployed.state_backend, job.spec.state_backend);
+    if from == to || mode != UpgradeMode::LastState || status.last_checkpoint.is_none() {
+        return Ok(());
+    }
+    Err(Invalid::new(
+        "spec.stateBackend",
+        format!(
+            "spec.stateBackend: changing it from {from} to {to} needs a savepoint (a checkpoint restores only into the backend that took it), and this upgrade would go on from the last checkpoint: set spec.upgradeMode: savepoint, with the running job healthy, to change it"
+        ),
+    ))
+}
+
 /// Pre-flight of an upgrade, before anything stops: can the new spec restore the state of
 /// the version that runs (`deployed`)?
 pub fn preflight(
@@ -225,6 +245,7 @@ pub fn preflight(
     status: &StreamJobStatus,
 ) -> Result<(), Invalid> {
     let spec = &job.spec;
+    backend_change(job, deployed, status, spec.upgrade_mode)?;
     let has_state = status.last_checkpoint.is_some() || status.last_savepoint.is_some();
     let max = spec.effective_max_parallelism();
     if has_state && max != deployed.max_parallelism {

@@ -12,6 +12,7 @@ use weir_controller::build::{self, BuildConfig};
 use weir_controller::status::{self, Observation};
 use weir_controller::validate::{self, Defaults, Observed};
 use weir_crds::api::{CheckpointInfo, CheckpointStatus, JobInfo, JobState};
+use weir_crds::streamjob::UpgradeMode;
 use weir_crds::streamjob::{JobPhase, StreamJobStatus};
 use weir_crds::{StorageUri, StreamJob};
 
@@ -623,6 +624,24 @@ fn an_upgrade_that_cannot_restore_the_running_state_is_refused_before_anything_s
     let e = validate::preflight(&more, &d, &with_state).unwrap_err();
     assert_eq!(e.field, "spec.maxParallelism");
     assert!(validate::preflight(&more, &d, &StreamJobStatus::default()).is_ok(), "no state yet");
+    // Another state backend: through a savepoint, not from the last checkpoint.
+    assert_eq!(d.state_backend.as_str(), "rocksdb");
+    let heap = patched(&job, json!({"spec": {"stateBackend": "heap"}}));
+    assert!(validate::preflight(&heap, &d, &with_state).is_ok(), "savepoint mode");
+    let last_state = patched(&heap, json!({"spec": {"upgradeMode": "last-state"}}));
+    let e = validate::preflight(&last_state, &d, &with_state).unwrap_err();
+    assert_eq!(e.field, "spec.stateBackend");
+    assert!(
+        e.message.contains("from rocksdb to heap needs a savepoint")
+            && e.message.contains("spec.upgradeMode: savepoint"),
+        "{}",
+        e.message
+    );
+    // A savepoint upgrade that would fall back on the last checkpoint waits instead.
+    let e = validate::backend_change(&heap, &d, &with_state, UpgradeMode::LastState).unwrap_err();
+    assert_eq!(e.field, "spec.stateBackend");
+    assert!(validate::backend_change(&heap, &d, &with_state, UpgradeMode::Stateless).is_ok());
+    assert!(validate::preflight(&last_state, &d, &StreamJobStatus::default()).is_ok(), "no state");
 }
 
 #[test]

@@ -886,6 +886,9 @@ pub struct DeployedRun {
     pub stateful_uids: Vec<String>,
     /// `maxParallelism` of this version.
     pub max_parallelism: i32,
+    /// `stateBackend` of this version: its checkpoints restore only into it.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub state_backend: StateBackendKind,
 }
 
 /// An upgrade in progress.

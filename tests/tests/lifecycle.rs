@@ -264,14 +264,34 @@ async fn refused_upgrades_and_a_savepoint_s3_does_not_take_leave_the_old_job_run
     assert_eq!(job_id(&j), first);
     keeps_running(&env, &ns, "wc", &j).await;
 
-    // Back to the running spec; then a rescale while S3 does not take savepoints.
+    // Another state backend from the last checkpoint: refused, named (a savepoint can do it).
+    let mut m = manifest(2);
+    m["spec"]["stateBackend"] = json!("heap");
+    m["spec"]["upgradeMode"] = json!("last-state");
+    apply(&env, &m);
+    let j = wait_job(&env, &ns, "wc", "the last-state backend change refused", |j| {
+        status(j).conditions.iter().any(|c| {
+            c.type_ == "Degraded"
+                && c.reason == "UpgradeRefused"
+                && c.message.contains("spec.stateBackend: changing it from rocksdb to heap")
+                && c.message.contains("spec.upgradeMode: savepoint")
+        })
+    })
+    .await;
+    assert_eq!(job_id(&j), first);
+    keeps_running(&env, &ns, "wc", &j).await;
+
+    // Back to the running spec; then a rescale, onto the heap backend, while S3 does not take
+    // savepoints: the savepoint carries the state from RocksDB into the heap.
     apply(&env, &manifest(2));
     wait_job(&env, &ns, "wc", "Degraded cleared", |j| {
         condition(j, "Degraded").is_some_and(|c| c.0 == "False")
     })
     .await;
     proxy.mode.store(UNAVAILABLE, std::sync::atomic::Ordering::Relaxed);
-    apply(&env, &manifest(3));
+    let mut heap = manifest(3);
+    heap["spec"]["stateBackend"] = json!("heap");
+    apply(&env, &heap);
     let j = wait_job(&env, &ns, "wc", "the upgrade's savepoint failing", |j| {
         condition(j, "Degraded").is_some_and(|c| c.1 == "SavepointFailed")
     })
@@ -289,6 +309,8 @@ async fn refused_upgrades_and_a_savepoint_s3_does_not_take_leave_the_old_job_run
     proxy.mode.store(PASS, std::sync::atomic::Ordering::Relaxed);
     let j = runs_anew(&env, &ns, "wc", 3, &first).await;
     show("after S3 came back", &j);
+    let deployed = status(&j).deployed.expect("the new version deployed");
+    assert_eq!(deployed.state_backend.as_str(), "heap");
     let ev = events(&env, &ns, "wc").await;
     assert!(ev.iter().any(|(r, _)| r == "SavepointFailed"), "{ev:?}");
     finished_exactly_once(&env, &ns, "wc", LINES).await;
