@@ -576,7 +576,7 @@ impl Chain {
                     local,
                     keyed.instance.clone(),
                     keyed.key_groups,
-                    format!("shared/own-{tag}"),
+                    tag,
                     keyed.last.clone(),
                 ));
             }
@@ -645,7 +645,7 @@ impl Chain {
                 } else {
                     None
                 };
-                for (k, local, instance, key_groups, own, last) in to_upload {
+                for (k, local, instance, key_groups, tag, last) in to_upload {
                     if result.is_err() {
                         break;
                     }
@@ -679,7 +679,7 @@ impl Chain {
                             // state is part of later-completing ones too), deleted when no
                             // retained checkpoint names it.
                             for image in images {
-                                let file = format!("shared/{instance}/keyed-{}", own_tag(&own));
+                                let file = format!("shared/{instance}/keyed-{tag}");
                                 if let Err(e) = ck.storage.put(&file, &image.bytes) {
                                     result = Err(e);
                                     break;
@@ -709,7 +709,7 @@ impl Chain {
                         &dir,
                         &instance,
                         key_groups,
-                        &own,
+                        &format!("shared/own-{tag}"),
                         previous.as_ref(),
                     );
                     let _ = std::fs::remove_dir_all(&dir);
@@ -806,11 +806,6 @@ fn savepoint_storage(ck: &CheckpointRun, id: u64) -> Result<Arc<dyn Storage>, Ru
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-/// The tag of a checkpoint in its `shared/own-<tag>` prefix.
-fn own_tag(own: &str) -> &str {
-    own.strip_prefix("shared/own-").unwrap_or(own)
 }
 
 /// What a finished run reports.

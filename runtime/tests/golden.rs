@@ -75,16 +75,6 @@ fn word_count_is_exact_at_parallelism_1_2_and_3_in_process() {
     }
 }
 
-/// The committed output lines of `out`, sorted.
-fn sorted_output(out: &Path) -> Vec<String> {
-    let mut lines: Vec<String> = common::committed_texts(out)
-        .iter()
-        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
-        .collect();
-    lines.sort();
-    lines
-}
-
 /// `spec.stateBackend: heap` gives the same output as RocksDB, exact, at parallelism 1, 2
 /// and 3, and keeps nothing on disk.
 #[test]
@@ -106,7 +96,7 @@ fn the_heap_backend_counts_exactly_what_rocksdb_does() {
             opts.keep_state = true;
             run_local(&plan, &opts, Arc::new(JobMetrics::new(&plan))).unwrap();
             check_output(&out, &expected);
-            outputs.push(sorted_output(&out));
+            outputs.push(common::sorted_lines(&out));
             let db = state.join(format!("test-{p}/counts-0/db"));
             assert_eq!(db.exists(), backend == "rocksdb", "{}", db.display());
         }

@@ -493,16 +493,6 @@ fn the_savepoint_api_refuses_what_it_cannot_do_and_a_savepoint_leaves_the_job_ru
     let _ = job.finish(Duration::from_secs(60));
 }
 
-/// Sorted lines of every committed file under `dir`.
-fn sorted_lines(dir: &Path) -> Vec<String> {
-    let mut lines: Vec<String> = common::committed_texts(dir)
-        .iter()
-        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
-        .collect();
-    lines.sort();
-    lines
-}
-
 #[test]
 fn windows_restored_at_other_parallelisms_emit_what_an_uninterrupted_run_does() {
     let tmp = tempfile::tempdir().unwrap();
@@ -539,7 +529,7 @@ spec:
     let (code, err) =
         run(&reference, tmp, &["--parallelism", "1"]).finish(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{err}");
-    let want = sorted_lines(&tmp.join("out-reference"));
+    let want = common::sorted_lines(&tmp.join("out-reference"));
     assert!(want.len() > 50, "{want:?}");
     // Windows held in state through two savepoints, at 2, 3 and 1.
     let paced = job("paced", ", ratePerSecond: 6000", "out");
@@ -563,7 +553,7 @@ spec:
         assert_eq!(windows.count(), p.parse::<usize>().unwrap(), "window state of every subtask");
         from = Some(path);
     }
-    assert_eq!(sorted_lines(&tmp.join("out")), want);
+    assert_eq!(common::sorted_lines(&tmp.join("out")), want);
 }
 
 #[test]

@@ -255,14 +255,15 @@ mod tests {
     use super::*;
     use crate::state::StateBackend;
 
+    /// A heap instance with one table, "a" (it keeps nothing at its path).
+    fn heap() -> StateBackend {
+        StateBackend::open_kind(StateBackendKind::Heap, Path::new("/nonexistent"), &["a".into()])
+            .unwrap()
+    }
+
     #[test]
     fn puts_gets_deletes_and_counts_its_bytes() {
-        let b = StateBackend::open_kind(
-            StateBackendKind::Heap,
-            Path::new("/nonexistent"),
-            &["a".into()],
-        )
-        .unwrap();
+        let b = heap();
         let s = b.keyed_store("a", 128);
         assert_eq!(b.size_bytes(), 0);
         s.put(&[0, 5, b'k'], b"one").unwrap();
@@ -280,12 +281,7 @@ mod tests {
 
     #[test]
     fn scans_by_prefix_in_key_order_within_and_across_key_groups() {
-        let b = StateBackend::open_kind(
-            StateBackendKind::Heap,
-            Path::new("/nonexistent"),
-            &["a".into()],
-        )
-        .unwrap();
+        let b = heap();
         let s = b.keyed_store("a", 128);
         for k in [&[0u8, 3, 2, 9][..], &[0, 3, 1], &[0, 3, 1, 5], &[0, 1, 1], &[0, 4]] {
             s.put(k, b"").unwrap();
@@ -303,12 +299,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_is_a_keyed_file_that_reads_back_and_refuses_foreign_key_groups() {
-        let b = StateBackend::open_kind(
-            StateBackendKind::Heap,
-            Path::new("/nonexistent"),
-            &["a".into()],
-        )
-        .unwrap();
+        let b = heap();
         let s = b.keyed_store("a", 128);
         s.put(&[0, 2, b'x'], b"1").unwrap();
         s.put(&[0, 4, b'y'], b"22").unwrap();

@@ -60,6 +60,14 @@ pub fn committed_texts(dir: &std::path::Path) -> Vec<String> {
     texts
 }
 
+/// Sorted lines of every committed file in `dir`.
+pub fn sorted_lines(dir: &Path) -> Vec<String> {
+    let mut lines: Vec<String> =
+        committed_texts(dir).iter().flat_map(|t| t.lines().map(str::to_string)).collect();
+    lines.sort();
+    lines
+}
+
 /// Checks committed output (the texts of the committed files) against the true counts: for
 /// every word, each count from 1 to its final value exactly once.
 pub fn check_counts<'a>(
