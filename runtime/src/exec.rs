@@ -45,7 +45,7 @@ use crate::operators::{
 use crate::plan::{FieldType, OpKind, Plan};
 use crate::record::Record;
 use crate::snapshot::StateHandle;
-use crate::state::{LocalSnapshot, StateBackend, StateBackendKind};
+use crate::state::{DeferredWrite, LocalSnapshot, StateBackend, StateBackendKind};
 use crate::storage::Storage;
 use crate::wire::Barrier;
 
@@ -242,7 +242,33 @@ struct ChainOp {
     keyed: Option<Keyed>,
 }
 
-/// The RocksDB instance of a keyed operator's subtask.
+/// A keyed operator's part of a checkpoint: its backend's snapshot, or what the checkpoint's
+/// thread takes it from.
+enum Snap {
+    Taken(LocalSnapshot),
+    /// The operator's changed values, written into the backend before its snapshot is taken
+    /// (`scratch`: where the backend may write them as a file; `local`: the snapshot's
+    /// directory).
+    Deferred {
+        write: DeferredWrite,
+        backend: StateBackend,
+        scratch: PathBuf,
+        local: PathBuf,
+    },
+}
+
+impl Snap {
+    fn take(self, key_groups: (u16, u16)) -> Result<LocalSnapshot, RuntimeError> {
+        match self {
+            Snap::Taken(local) => Ok(local),
+            Snap::Deferred { write, backend, scratch, local } => {
+                write.apply_then(&scratch, || backend.snapshot(&local, key_groups))
+            }
+        }
+    }
+}
+
+/// The state backend instance of a keyed operator's subtask.
 struct Keyed {
     backend: StateBackend,
     /// Where its checkpoints are taken (next to the database).
@@ -558,9 +584,9 @@ impl Chain {
         let mut to_upload = Vec::new();
         let mut position = position;
         for (k, cop) in self.ops.iter_mut().enumerate() {
-            let state = match cop.op.as_mut() {
-                Some(op) => op.snapshot(id)?,
-                None => position.take(),
+            let (state, deferred) = match cop.op.as_mut() {
+                Some(op) => (op.snapshot(id)?, op.deferred_write()),
+                None => (position.take(), None),
             };
             if let Some(keyed) = &cop.keyed {
                 let tag = match (id, barrier.savepoint) {
@@ -570,7 +596,15 @@ impl Chain {
                 };
                 let local = keyed.dir.join(format!("chk-{tag}"));
                 let _ = std::fs::remove_dir_all(&local);
-                let local = keyed.backend.snapshot(&local, keyed.key_groups)?;
+                let local = match deferred {
+                    None => Snap::Taken(keyed.backend.snapshot(&local, keyed.key_groups)?),
+                    Some(write) => Snap::Deferred {
+                        write,
+                        backend: keyed.backend.clone(),
+                        scratch: keyed.dir.join(format!("writes-{tag}.sst")),
+                        local,
+                    },
+                };
                 to_upload.push((
                     k,
                     local,
@@ -579,6 +613,11 @@ impl Chain {
                     tag,
                     keyed.last.clone(),
                 ));
+            } else if deferred.is_some() {
+                return Err(RuntimeError::internal(format!(
+                    "operator {:?} held back state writes, and has no state backend",
+                    cop.uid
+                )));
             }
             operators.push(OperatorState {
                 uid: cop.uid.clone(),
@@ -632,6 +671,14 @@ impl Chain {
             .spawn(move || {
                 let t1 = Instant::now();
                 let mut result = Ok(());
+                // The writes held back come first, every one of them even if an upload
+                // fails: the operators marked them written.
+                let to_upload: Vec<_> = to_upload
+                    .into_iter()
+                    .map(|(k, snap, instance, key_groups, tag, last)| {
+                        (k, snap.take(key_groups), instance, key_groups, tag, last)
+                    })
+                    .collect();
                 // A savepoint writes each operator's keyed state as one file sorted by key
                 // group, below its own directory.
                 let savepoint_dir = if savepoint {
@@ -649,6 +696,13 @@ impl Chain {
                     if result.is_err() {
                         break;
                     }
+                    let local = match local {
+                        Ok(local) => local,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    };
                     if let Some(sp) = &savepoint_dir {
                         let uid = ack.operators[k].uid.clone();
                         let key = format!("keyed/{uid}-{}", ack.subtask);

@@ -64,6 +64,14 @@ pub trait Operator: Send {
         Ok(None)
     }
 
+    /// Called right after [`Operator::snapshot`]: the keyed state writes it held back for
+    /// the checkpoint's thread to apply before that thread takes the backend's snapshot
+    /// ([`crate::state::CachedValueState::detach`]). None: the state is in the backend
+    /// already, and the snapshot is taken at once.
+    fn deferred_write(&mut self) -> Option<crate::state::DeferredWrite> {
+        None
+    }
+
     /// Checkpoint `id` is complete (its metadata is written): a sink makes the output that
     /// it covers visible.
     fn checkpoint_complete(&mut self, _id: u64) -> Result<(), RuntimeError> {
@@ -968,6 +976,8 @@ pub struct KeyedAggregate {
     scratch: [u8; 8],
     /// Records whose field is not a number, since the last [`Operator::take_dropped`].
     dropped: u64,
+    /// What the last snapshot detached, until the engine takes it.
+    deferred: Option<crate::state::DeferredWrite>,
 }
 
 impl std::fmt::Debug for KeyedAggregate {
@@ -983,7 +993,7 @@ impl KeyedAggregate {
         field: Option<usize>,
         state: CachedValueState,
     ) -> Self {
-        Self { aggregate, key, field, state, scratch: [0; 8], dropped: 0 }
+        Self { aggregate, key, field, state, scratch: [0; 8], dropped: 0, deferred: None }
     }
 }
 
@@ -1068,9 +1078,16 @@ impl Operator for KeyedAggregate {
         std::mem::take(&mut self.dropped)
     }
 
+    /// The changed values are copied out, not written: the checkpoint's thread writes them
+    /// and takes the backend's snapshot while this goes on with the next records.
     fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
-        self.state.write_back().map_err(|e| RuntimeError::internal(e.to_string()))?;
+        let deferred = self.state.detach().map_err(|e| RuntimeError::internal(e.to_string()))?;
+        self.deferred = Some(deferred);
         Ok(None)
+    }
+
+    fn deferred_write(&mut self) -> Option<crate::state::DeferredWrite> {
+        self.deferred.take()
     }
 }
 

@@ -3,7 +3,7 @@
 //! that fits the worker's memory (`/v1/job` and `weir_subtask_state_bytes` show how much it
 //! holds).
 //!
-//! A checkpoint copies every table synchronously into a keyed state file of savepoints'
+//! A checkpoint copies every table, under its lock, into a keyed state file of savepoints'
 //! format 1 (entries in key order, an offset and an XXH3 checksum per key group), which the
 //! upload sends as it is: a full snapshot each time, no incremental one. Restoring reads those
 //! files back at any parallelism (each subtask its own key groups' byte range); a savepoint's
@@ -174,8 +174,8 @@ impl Backend for Heap {
         self.lock(t).bytes
     }
 
-    /// Every table encoded as a keyed state file of format 1, while it is held: the
-    /// synchronous cost is one pass over the state, in memory.
+    /// Every table encoded as a keyed state file of format 1, while it is held: one pass
+    /// over the state, in memory (on the checkpoint's thread for the built-in aggregates).
     fn snapshot(
         &self,
         local: &Path,

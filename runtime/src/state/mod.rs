@@ -12,15 +12,19 @@
 //! [`crate::savepoint`]) that both kinds read.
 //!
 //! Aggregating operators do not pay a lookup per record: [`CachedValueState`] keeps the
-//! values it has touched in memory and writes the changed ones back in one batch when asked
-//! (at a checkpoint, at the end, or when the cache outgrows its budget).
+//! values it has touched in memory and writes the changed ones back in one batch (at the end,
+//! or when the cache outgrows its budget). At a checkpoint it only copies the changed values
+//! out ([`CachedValueState::detach`]): the checkpoint's own thread writes them into the backend
+//! and takes the backend's snapshot ([`DeferredWrite::apply_then`]) while the operator goes
+//! on, and the operator writes nothing into the backend until that snapshot is taken, so that
+//! it holds exactly the state at the barrier.
 
 pub mod heap;
 pub mod rocksdb;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::RuntimeError;
 use crate::keygroup::{KeyGroup, key_group_of, state_key};
@@ -55,6 +59,12 @@ pub trait Backend: Send + Sync {
     fn delete(&self, t: Table, key: &[u8]) -> Result<(), StateError>;
     /// Applies every write of `batch`, in order.
     fn write(&self, t: Table, batch: &Batch) -> Result<(), StateError>;
+    /// Applies every write of `batch`, whose keys are in order and unique; `scratch` is a
+    /// path the backend may write a file at (RocksDB writes a large batch as an SST file and
+    /// ingests it, which costs a fraction of inserting it into a memtable and flushing that).
+    fn write_sorted(&self, t: Table, batch: &Batch, _scratch: &Path) -> Result<(), StateError> {
+        self.write(t, batch)
+    }
     /// Calls `f` with every (key, value) whose key starts with `prefix`, in key order. `f`
     /// must not call back into the backend.
     fn scan_prefix(
@@ -65,8 +75,10 @@ pub trait Backend: Send + Sync {
     ) -> Result<(), StateError>;
     /// Bytes of live state of table `t` (an estimate).
     fn size_bytes(&self, t: Table) -> u64;
-    /// The synchronous part of a checkpoint: a consistent copy of every table, of key groups
-    /// `key_groups`, at `local` (a directory that must not exist, used as the backend needs).
+    /// A checkpoint's consistent copy of every table, of key groups `key_groups`, at `local`
+    /// (a directory that must not exist, used as the backend needs): taken while nothing
+    /// writes into the instance (the subtask waits, or holds its writes back behind a
+    /// [`DeferredWrite`]).
     fn snapshot(&self, local: &Path, key_groups: (u16, u16))
     -> Result<LocalSnapshot, RuntimeError>;
     /// Loads the SST files `ssts` (keys in order, no two overlapping) into table `t`; they
@@ -176,6 +188,40 @@ impl Batch {
             (key, v.map(|v| &self.bytes[k..v]))
         })
     }
+
+    /// The same writes in key order; of two writes of one key, the later one.
+    pub fn sorted(&self) -> Batch {
+        let writes: Vec<(&[u8], Option<&[u8]>)> = self.iter().collect();
+        // Compared by their first 16 bytes as one integer (the key group and most keys),
+        // then by the rest; stable on the index, so that the later of two writes of a key
+        // sorts last, and is kept.
+        let prefix = |k: &[u8]| {
+            let mut b = [0u8; 16];
+            let n = k.len().min(16);
+            b[..n].copy_from_slice(&k[..n]);
+            u128::from_be_bytes(b)
+        };
+        let mut order: Vec<(u128, u32)> =
+            writes.iter().enumerate().map(|(i, (k, _))| (prefix(k), i as u32)).collect();
+        order.sort_unstable_by(|(p, i), (q, j)| {
+            p.cmp(q).then_with(|| writes[*i as usize].0.cmp(writes[*j as usize].0)).then(i.cmp(j))
+        });
+        let mut out = Batch {
+            bytes: Vec::with_capacity(self.bytes.len()),
+            writes: Vec::with_capacity(writes.len()),
+        };
+        for (n, &(_, i)) in order.iter().enumerate() {
+            let (k, v) = writes[i as usize];
+            if order.get(n + 1).is_some_and(|&(_, j)| writes[j as usize].0 == k) {
+                continue;
+            }
+            match v {
+                Some(v) => out.put(k, v),
+                None => out.delete(k),
+            }
+        }
+        out
+    }
 }
 
 /// One subtask's state backend instance (cheap to clone: a handle).
@@ -250,6 +296,7 @@ impl StateBackend {
             cache_entries,
             key_buf: Vec::new(),
             batch: Batch::default(),
+            gate: Arc::default(),
         }
     }
 
@@ -310,6 +357,7 @@ pub fn sst_options() -> ::rocksdb::Options {
 /// The keyed state of one operator as bytes: every key starts with its key group (2 bytes,
 /// big-endian), so that checkpoints, savepoints and rescaling treat it like any other keyed
 /// state.
+#[derive(Clone)]
 pub struct KeyedStore {
     backend: Arc<dyn Backend>,
     table: Table,
@@ -406,6 +454,126 @@ impl Num {
 struct Entry {
     value: Option<Num>,
     dirty: bool,
+    group: KeyGroup,
+}
+
+/// Orders the writes that checkpoints' threads apply to one table ([`DeferredWrite`]) with
+/// each other and with the operator's own: a write is issued a ticket, applied when every
+/// earlier ticket is done, and the operator writes again only once every issued one is.
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    turn: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    issued: u64,
+    done: u64,
+    /// A deferred write that failed or was dropped: the values it held are in neither the
+    /// cache (they were clean there) nor the backend, so the state must not be used again.
+    failed: Option<String>,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn issue(&self) -> u64 {
+        let mut s = self.lock();
+        s.issued += 1;
+        s.issued - 1
+    }
+
+    fn wait_turn(&self, ticket: u64) {
+        let mut s = self.lock();
+        while s.done < ticket {
+            s = self.turn.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn done(&self, ticket: u64, failure: Option<String>) {
+        let mut s = self.lock();
+        debug_assert_eq!(s.done, ticket, "deferred writes are done in ticket order");
+        s.done = ticket + 1;
+        if let (None, Some(f)) = (&s.failed, failure) {
+            s.failed = Some(f);
+        }
+        self.turn.notify_all();
+    }
+
+    /// Waits until every issued write is applied; the first failure, if any.
+    fn drain(&self) -> Result<(), StateError> {
+        let mut s = self.lock();
+        while s.done < s.issued {
+            s = self.turn.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        Self::check(&s)
+    }
+
+    fn check(s: &GateState) -> Result<(), StateError> {
+        match &s.failed {
+            Some(f) => Err(StateError::Other(format!(
+                "the values a checkpoint was to write into the state backend were lost ({f}): the state is incomplete, the attempt restarts from the last checkpoint"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The changed values of a [`CachedValueState`] at a checkpoint's barrier, to be written into
+/// its backend, in order with the other writes of that table, by the checkpoint's own thread
+/// ([`DeferredWrite::apply_then`]). Dropped unapplied, it marks the state as lost.
+#[derive(Debug)]
+pub struct DeferredWrite {
+    store: KeyedStore,
+    /// State keys, in the order the cache held them (sorted when applied).
+    batch: Batch,
+    gate: Arc<Gate>,
+    ticket: Option<u64>,
+}
+
+impl DeferredWrite {
+    /// The number of values it writes.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Once every earlier write of the table is applied: writes the values (sorted; through
+    /// `scratch` if the backend wants a file), then calls `then` (the backend's snapshot),
+    /// before the operator may write into the backend again.
+    pub fn apply_then<T>(
+        mut self,
+        scratch: &Path,
+        then: impl FnOnce() -> Result<T, RuntimeError>,
+    ) -> Result<T, RuntimeError> {
+        let ticket = self.ticket.take().expect("a deferred write is applied once");
+        self.gate.wait_turn(ticket);
+        let written = if self.batch.is_empty() {
+            Ok(())
+        } else {
+            let sorted = std::mem::take(&mut self.batch).sorted();
+            self.store.backend.write_sorted(self.store.table, &sorted, scratch)
+        };
+        let result =
+            written.map_err(|e| RuntimeError::internal(e.to_string())).and_then(|()| then());
+        self.gate.done(ticket, result.as_ref().err().map(|e| e.message.clone()));
+        result
+    }
+}
+
+impl Drop for DeferredWrite {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.gate.wait_turn(ticket);
+            self.gate.done(ticket, Some("its checkpoint ended before writing them".into()));
+        }
+    }
 }
 
 /// A value per key, cached in memory and written back in batches.
@@ -415,6 +583,8 @@ pub struct CachedValueState {
     cache_entries: usize,
     key_buf: Vec<u8>,
     batch: Batch,
+    /// The writes checkpoints' threads have yet to apply ([`CachedValueState::detach`]).
+    gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for CachedValueState {
@@ -444,41 +614,66 @@ impl CachedValueState {
             self.write_back()?;
             self.cache.clear();
         }
-        let current = self.read(key)?;
+        let group = key_group_of(key, self.store.max_parallelism);
+        let current = self.read(group, key)?;
         let v = f(current);
-        self.cache.insert(key.into(), Entry { value: Some(v), dirty: true });
+        self.cache.insert(key.into(), Entry { value: Some(v), dirty: true, group });
         Ok(v)
     }
 
-    fn read(&mut self, key: &[u8]) -> Result<Option<Num>, StateError> {
-        let g = key_group_of(key, self.store.max_parallelism);
-        state_key(g, key, &mut self.key_buf);
+    /// The stored value of a key that is not in the cache. A key whose value a checkpoint's
+    /// thread is still writing is in the cache: what the backend holds for any other is its
+    /// value.
+    fn read(&mut self, group: KeyGroup, key: &[u8]) -> Result<Option<Num>, StateError> {
+        state_key(group, key, &mut self.key_buf);
         Ok(self.store.get_with(&self.key_buf, Num::decode)?.flatten())
     }
 
-    /// Writes every changed value to the backend in one batch.
-    pub fn write_back(&mut self) -> Result<(), StateError> {
-        self.batch.clear();
+    /// Moves every changed value into `batch` (as state keys) and marks it clean.
+    fn take_dirty(&mut self, batch: &mut Batch) {
         for (k, e) in self.cache.iter_mut().filter(|(_, e)| e.dirty) {
-            let g = key_group_of(k, self.store.max_parallelism);
-            state_key(g, k, &mut self.key_buf);
+            state_key(e.group, k, &mut self.key_buf);
             match e.value {
-                Some(v) => self.batch.put(&self.key_buf, &v.encode()),
-                None => self.batch.delete(&self.key_buf),
+                Some(v) => batch.put(&self.key_buf, &v.encode()),
+                None => batch.delete(&self.key_buf),
             }
             e.dirty = false;
         }
-        if !self.batch.is_empty() {
-            self.store.write(&self.batch)?;
-        }
-        Ok(())
+    }
+
+    /// Writes every changed value to the backend in one batch, after the writes checkpoints'
+    /// threads have yet to apply.
+    pub fn write_back(&mut self) -> Result<(), StateError> {
+        self.gate.drain()?;
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        self.take_dirty(&mut batch);
+        let written = if batch.is_empty() { Ok(()) } else { self.store.write(&batch) };
+        self.batch = batch;
+        written
+    }
+
+    /// A checkpoint's barrier: copies every changed value out (and marks it clean) for the
+    /// checkpoint's thread to write ([`DeferredWrite::apply_then`]) and the backend's
+    /// snapshot to take after it. Always a write, an empty one too: the snapshot must come
+    /// after the writes of earlier checkpoints, which may not be applied yet.
+    pub fn detach(&mut self) -> Result<DeferredWrite, StateError> {
+        Gate::check(&self.gate.lock())?;
+        let mut batch = Batch::default();
+        self.take_dirty(&mut batch);
+        Ok(DeferredWrite {
+            store: self.store.clone(),
+            batch,
+            gate: self.gate.clone(),
+            ticket: Some(self.gate.issue()),
+        })
     }
 
     /// The key's value, from the cache or the backend.
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Num>, StateError> {
         match self.cache.get(key) {
             Some(e) => Ok(e.value),
-            None => self.read(key),
+            None => self.read(key_group_of(key, self.store.max_parallelism), key),
         }
     }
 }
@@ -518,5 +713,144 @@ mod tests {
         }
         assert!(rows.windows(2).all(|w| w[0].0 <= w[1].0));
         assert_eq!(Num::decode(&Num::Float(2.5).encode()), Some(Num::Float(2.5)));
+    }
+
+    fn count(v: Option<Num>) -> Num {
+        match v {
+            Some(Num::Int(n)) => Num::Int(n + 1),
+            _ => Num::Int(1),
+        }
+    }
+
+    /// Every (key without its key group, value) of table `uid` in a snapshot.
+    fn snapshot_values(snap: &LocalSnapshot, uid: &str) -> HashMap<Vec<u8>, Num> {
+        let mut out = HashMap::new();
+        snap.for_each(uid, &mut |k, v| {
+            out.insert(k[2..].to_vec(), Num::decode(v).expect("a number"));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_detached_write_is_in_its_snapshot_and_what_came_after_the_barrier_is_not() {
+        for kind in [StateBackendKind::Rocksdb, StateBackendKind::Heap] {
+            let dir = tempfile::tempdir().unwrap();
+            let uids = vec!["counts".to_string()];
+            let backend = StateBackend::open_kind(kind, &dir.path().join("db"), &uids).unwrap();
+            let mut st = backend.value_state("counts", 128, 1 << 20);
+            // Enough values for RocksDB to write them as an SST file and ingest it.
+            let n = super::rocksdb::INGEST_AT + 100;
+            for i in 0..n {
+                st.update(format!("k{i}").as_bytes(), count).unwrap();
+            }
+            let first = st.detach().unwrap();
+            assert_eq!(first.len(), n, "{kind}");
+            // Past the barrier: the operator goes on while the first write is pending.
+            for i in 0..10 {
+                st.update(format!("k{i}").as_bytes(), count).unwrap();
+            }
+            st.update(b"late", count).unwrap();
+            let second = st.detach().unwrap();
+            assert_eq!(second.len(), 11, "{kind}");
+            // Started first, the second waits for the first: tickets keep their order.
+            let later = {
+                let (b, local) = (backend.clone(), dir.path().join("chk-2"));
+                let scratch = dir.path().join("w2.sst");
+                std::thread::spawn(move || {
+                    second.apply_then(&scratch, || b.snapshot(&local, (0, 127)))
+                })
+            };
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(!later.is_finished(), "{kind}: the second write went before the first");
+            let s1 = first
+                .apply_then(&dir.path().join("w1.sst"), || {
+                    backend.snapshot(&dir.path().join("chk-1"), (0, 127))
+                })
+                .unwrap();
+            let s2 = later.join().unwrap().unwrap();
+            let v1 = snapshot_values(&s1, "counts");
+            assert_eq!(v1.len(), n, "{kind}");
+            assert!(v1.values().all(|v| *v == Num::Int(1)), "{kind}: an update past the barrier");
+            let v2 = snapshot_values(&s2, "counts");
+            assert_eq!(v2.len(), n + 1, "{kind}");
+            assert_eq!(v2[b"k3".as_slice()], Num::Int(2), "{kind}");
+            assert_eq!(v2[b"k99".as_slice()], Num::Int(1), "{kind}");
+            assert_eq!(v2[b"late".as_slice()], Num::Int(1), "{kind}");
+            // Nothing is left to write, and the written scratch files are gone.
+            st.write_back().unwrap();
+            assert!(!dir.path().join("w1.sst").exists());
+        }
+    }
+
+    #[test]
+    fn the_cache_writes_only_after_the_pending_checkpoint_writes() {
+        for kind in [StateBackendKind::Rocksdb, StateBackendKind::Heap] {
+            let dir = tempfile::tempdir().unwrap();
+            let uids = vec!["counts".to_string()];
+            let backend = StateBackend::open_kind(kind, &dir.path().join("db"), &uids).unwrap();
+            // Two entries: the third key evicts, which writes back.
+            let mut st = backend.value_state("counts", 128, 2);
+            st.update(b"a", count).unwrap();
+            st.update(b"b", count).unwrap();
+            let pending = st.detach().unwrap();
+            st.update(b"a", count).unwrap(); // a = 2, past the barrier
+            let applied = {
+                let scratch = dir.path().join("w.sst");
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    pending.apply_then(&scratch, || Ok(()))
+                })
+            };
+            // Evicts: waits for the pending write (a = 1), then writes a = 2 after it.
+            st.update(b"c", count).unwrap();
+            applied.join().unwrap().unwrap();
+            st.write_back().unwrap();
+            let mut fresh = backend.value_state("counts", 128, 100);
+            assert_eq!(fresh.get(b"a").unwrap(), Some(Num::Int(2)), "{kind}");
+            assert_eq!(fresh.get(b"b").unwrap(), Some(Num::Int(1)), "{kind}");
+            assert_eq!(fresh.get(b"c").unwrap(), Some(Num::Int(1)), "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_deferred_write_dropped_unapplied_fails_the_state_instead_of_losing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let uids = vec!["counts".to_string()];
+        let backend = StateBackend::open(&dir.path().join("db"), &uids).unwrap();
+        let mut st = backend.value_state("counts", 128, 100);
+        st.update(b"a", count).unwrap();
+        drop(st.detach().unwrap());
+        let e = st.write_back().unwrap_err().to_string();
+        assert!(e.contains("were lost") && e.contains("restarts from the last checkpoint"), "{e}");
+        assert!(st.detach().is_err());
+    }
+
+    #[test]
+    fn a_sorted_batch_keeps_the_last_write_of_a_key() {
+        let mut b = Batch::default();
+        b.put(b"b", b"1");
+        b.put(b"a", b"1");
+        b.delete(b"c");
+        b.put(b"b", b"2");
+        // Keys longer than the 16 bytes compared as one integer, and one that is a prefix of
+        // another.
+        b.put(b"0123456789abcdef-z", b"1");
+        b.put(b"0123456789abcdef-a", b"1");
+        b.put(b"0123456789abcdef", b"1");
+        let sorted: Vec<_> =
+            b.sorted().iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect();
+        assert_eq!(
+            sorted,
+            vec![
+                (b"0123456789abcdef".to_vec(), Some(b"1".to_vec())),
+                (b"0123456789abcdef-a".to_vec(), Some(b"1".to_vec())),
+                (b"0123456789abcdef-z".to_vec(), Some(b"1".to_vec())),
+                (b"a".to_vec(), Some(b"1".to_vec())),
+                (b"b".to_vec(), Some(b"2".to_vec())),
+                (b"c".to_vec(), None),
+            ]
+        );
     }
 }

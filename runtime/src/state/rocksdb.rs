@@ -29,6 +29,11 @@ pub fn db_options() -> Options {
     o
 }
 
+/// The size from which a sorted batch is written as an SST file and ingested rather than put
+/// into the memtable: below it, the file's creation and the ingestion's manifest write cost
+/// more than the inserts.
+pub const INGEST_AT: usize = 4096;
+
 pub(super) fn cf_name(uid: &str) -> String {
     format!("op:{uid}")
 }
@@ -119,6 +124,30 @@ impl Backend for RocksDb {
             }
         }
         Ok(self.db.write_opt(b, &self.wo())?)
+    }
+
+    /// A batch of at least [`INGEST_AT`] writes becomes an SST file that is ingested: no
+    /// memtable inserts, and no flush of them at the snapshot that follows.
+    fn write_sorted(&self, t: Table, batch: &Batch, scratch: &Path) -> Result<(), StateError> {
+        if batch.len() < INGEST_AT {
+            return self.write(t, batch);
+        }
+        let options = db_options();
+        let mut w = rocksdb::SstFileWriter::create(&options);
+        let written = w.open(scratch).and_then(|()| {
+            for (k, v) in batch.iter() {
+                match v {
+                    Some(v) => w.put(k, v)?,
+                    None => w.delete(k)?,
+                }
+            }
+            w.finish()
+        });
+        drop(w);
+        let result =
+            written.map_err(StateError::from).and_then(|()| self.ingest_files(t, &[scratch]));
+        let _ = std::fs::remove_file(scratch);
+        result
     }
 
     fn scan_prefix(
