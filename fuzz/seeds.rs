@@ -188,6 +188,7 @@ fn control_seeds(out: &Out) {
     )
     .expect("the example manifest")
     .spec;
+    let plan = weir_runtime::plan::build(&spec, Some(2), Some(128)).expect("the example's plan");
     let hex = weir_runtime::auth::hex(&[0xab; 32]);
     let ack = TaskAck {
         task: "counts".into(),
@@ -227,9 +228,7 @@ fn control_seeds(out: &Out) {
     ];
     let storage: weir_crds::StorageUri = "s3://weir-bucket/checkpoints".parse().expect("a URI");
     let assignment = Assignment {
-        spec,
-        parallelism: 2,
-        max_parallelism: 128,
+        plan,
         run_id: "run-a0".into(),
         worker_of: vec![0, 1],
         data_addrs: vec!["10.0.0.6:6123".into(), "10.0.0.7:6123".into()],

@@ -61,7 +61,7 @@ pub enum GeneratorFormat {
     Kv,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GeneratorSpec {
     /// Seed of the deterministic sequence.
@@ -111,7 +111,7 @@ fn default_splits() -> u32 {
     8
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileSourceSpec {
     /// A local directory or an S3 prefix; every file under it, one record per line.
@@ -121,7 +121,7 @@ pub struct FileSourceSpec {
     pub rate_per_second: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SocketSpec {
     /// The host to connect to (the source is a TCP client; subtask 0 reads, one line per
@@ -132,7 +132,7 @@ pub struct SocketSpec {
     pub port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SplitSpec {
     /// The text field to split on white space.
@@ -150,7 +150,7 @@ fn default_word() -> String {
     "word".into()
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MapSpec {
     /// Fields to keep, in this order (absent: all).
@@ -167,7 +167,7 @@ pub struct MapSpec {
     pub lower: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FilterSpec {
     /// The field the conditions test; a record passes when it meets every condition given.
@@ -194,14 +194,14 @@ pub struct FilterSpec {
 
 /// Passes records on at no more than `ratePerSecond` per subtask (a deliberately slow
 /// stage: to try backpressure and unaligned checkpoints).
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ThrottleSpec {
     /// Records per second and subtask, above 0.
     pub rate_per_second: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeyedSpec {
     /// The field records are keyed by.
@@ -211,7 +211,7 @@ pub struct KeyedSpec {
     pub field: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WindowSpec {
     /// The field records are keyed by (kept as text in the output).
@@ -230,7 +230,7 @@ fn default_ts() -> String {
     "ts".into()
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileSinkSpec {
     /// A local directory or an S3 prefix: part files are written as records arrive and
@@ -239,12 +239,12 @@ pub struct FileSinkSpec {
     pub path: StorageUri,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NoParams {}
 
 /// The kind of aggregation of a keyed operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum Aggregate {
     Count,
     Sum,
@@ -253,7 +253,7 @@ pub enum Aggregate {
 }
 
 /// An operator's type with its parsed parameters.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub enum OpKind {
     Generator(GeneratorSpec),
     FileSource(FileSourceSpec),
@@ -278,7 +278,7 @@ pub enum OpKind {
 }
 
 /// An operator of a type that is not built in, as its [`Extensions`] planned it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct Custom {
     /// The parameters (every key of the operator beside `uid`, `type` and `inputs`).
     pub params: serde_json::Map<String, serde_json::Value>,
@@ -398,7 +398,7 @@ impl OpKind {
 /// What a field of an operator's records holds, as far as the plan can tell from the
 /// operators before it. Records that come over the exchange (or back from a checkpoint's
 /// in-flight records) are checked against it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum FieldType {
     Text,
     Integer,
@@ -464,7 +464,7 @@ impl FieldType {
 }
 
 /// One operator of the plan.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct PlanOp {
     pub uid: String,
     /// The `type` of the manifest, e.g. `count`.
@@ -483,8 +483,10 @@ pub struct PlanOp {
     pub fields_known: bool,
 }
 
-/// A checked job.
-#[derive(Debug, Clone, PartialEq)]
+/// A checked job: what the coordinator builds once and hands its workers, which check it
+/// ([`verify`]) and run it.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Plan {
     /// In topological order: every operator after its inputs.
     pub ops: Vec<PlanOp>,
@@ -878,6 +880,81 @@ pub fn build_with(
     })
 }
 
+impl PlanOp {
+    /// Its parameters as a manifest gives them (every key beside `uid`, `type` and `inputs`).
+    pub fn params(&self) -> serde_json::Map<String, serde_json::Value> {
+        let value = match &self.kind {
+            OpKind::Generator(g) => serde_json::to_value(g),
+            OpKind::FileSource(f) => serde_json::to_value(f),
+            OpKind::Socket(s) => serde_json::to_value(s),
+            OpKind::Split(s) => serde_json::to_value(s),
+            OpKind::Map(m) => serde_json::to_value(m),
+            OpKind::Filter(f) => serde_json::to_value(f),
+            OpKind::Throttle(t) => serde_json::to_value(t),
+            OpKind::Keyed { key, field, .. } => {
+                let mut m = serde_json::Map::new();
+                m.insert("key".into(), key.clone().into());
+                if let Some(f) = field {
+                    m.insert("field".into(), f.clone().into());
+                }
+                Ok(m.into())
+            }
+            OpKind::TumblingWindowCount(w) => serde_json::to_value(w),
+            OpKind::Stdout | OpKind::Blackhole => Ok(serde_json::Value::Object(Default::default())),
+            OpKind::FileSink(f) => serde_json::to_value(f),
+            OpKind::Custom(c) => Ok(serde_json::Value::Object(c.params.clone())),
+        };
+        match value {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        }
+    }
+}
+
+/// Checks a plan handed over from elsewhere (a worker's, from its coordinator): its operators,
+/// with their parameters, planned again with `ext` must give the same plan. A plan that
+/// refers outside itself, has parameters the planner refuses, or was built by a planner that
+/// knows other types or decides otherwise (another build of `weir`) is refused.
+pub fn verify(plan: &Plan, ext: &dyn Extensions) -> Result<(), PlanError> {
+    let mut operators = Vec::with_capacity(plan.ops.len());
+    for (i, op) in plan.ops.iter().enumerate() {
+        let mut m = op.params();
+        m.insert("uid".into(), op.uid.clone().into());
+        m.insert("type".into(), op.type_name.clone().into());
+        let inputs = op
+            .inputs
+            .iter()
+            .map(|&j| match plan.ops.get(j) {
+                Some(input) if j < i => Ok(serde_json::Value::from(input.uid.clone())),
+                _ => Err(PlanError::of(
+                    &op.uid,
+                    format!("operator {:?}: input {j} is not an operator before it", op.uid),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !inputs.is_empty() {
+            m.insert("inputs".into(), inputs.into());
+        }
+        operators.push(serde_json::Value::Object(m));
+    }
+    let spec = serde_json::json!({
+        "parallelism": plan.parallelism,
+        "maxParallelism": plan.max_parallelism,
+        "stateBackend": plan.state_backend,
+        "s3": plan.s3,
+        "pipeline": {"operators": operators},
+    });
+    let spec: StreamJobSpec = serde_json::from_value(spec)
+        .map_err(|e| PlanError::new(format!("the plan does not read as a job: {e}")))?;
+    let again = build_with(&spec, None, None, ext)?;
+    if again != *plan {
+        return Err(PlanError::new(
+            "planned again here, its operators give another plan: the coordinator and its workers must run the same build of weir, with the same operator types",
+        ));
+    }
+    Ok(())
+}
+
 /// The field names a `set` template refers to (`{name}`).
 pub fn template_refs(t: &str) -> Vec<&str> {
     let mut out = Vec::new();
@@ -1074,6 +1151,58 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.ends_with("file_sink, detector"), "{e}");
+    }
+
+    /// Every built-in type with parameters, and a user's type.
+    const EVERY_KIND: &str = "parallelism: 3\nmaxParallelism: 64\nstateBackend: heap\npipeline:\n  operators:\n    - {uid: kv, type: generator, format: kv, count: 10, keys: 5, ratePerSecond: 100}\n    - {uid: t, type: throttle, inputs: [kv], ratePerSecond: 50}\n    - {uid: f, type: filter, inputs: [t], field: value, greaterThan: 1, equals: 3}\n    - {uid: m, type: map, inputs: [f], set: {k2: 'x{key}'}, upper: [key], select: [key, k2, ts]}\n    - {uid: w, type: tumbling_window_count, inputs: [m], key: k2, size: 5s, allowedLateness: 1s}\n    - {uid: d, type: detector, inputs: [kv], limit: 3}\n    - {uid: s, type: sum, inputs: [d], key: key, field: hits}\n    - {uid: lines, type: file_source, path: s3://bucket-a/in}\n    - {uid: sock, type: socket, host: example.com, port: 9000}\n    - {uid: words, type: split, inputs: [lines, sock]}\n    - {uid: c, type: count, inputs: [words], key: word}\n    - {uid: o1, type: file_sink, inputs: [w], path: /out}\n    - {uid: o2, type: blackhole, inputs: [s]}\n    - {uid: o3, type: stdout, inputs: [c]}\n";
+
+    #[test]
+    fn a_plan_handed_over_is_checked_by_planning_it_again() {
+        let plan = build_with(&spec(EVERY_KIND), None, None, &Detector).unwrap();
+        // Over the wire and back, it is the same plan, and it checks.
+        let wire = serde_json::to_string(&plan).unwrap();
+        let back: Plan = serde_json::from_str(&wire).unwrap();
+        assert_eq!(back, plan);
+        verify(&back, &Detector).unwrap();
+        let word_count = build(&spec(WORDCOUNT), Some(3), Some(256)).unwrap();
+        verify(&word_count, &BuiltinOnly).unwrap();
+        // Tampered with, or planned by another build, it is refused (never a panic).
+        let refused = |f: &dyn Fn(&mut Plan), ext: &dyn Extensions| {
+            let mut p = plan.clone();
+            f(&mut p);
+            verify(&p, ext).unwrap_err().to_string()
+        };
+        let by = |i: usize| plan.ops.iter().position(|o| o.uid == ["c", "t", "d", "m"][i]).unwrap();
+        let another = "planned again here, its operators give another plan";
+        let e = refused(&|p| p.ops[by(0)].key_positions = vec![7], &Detector);
+        assert!(e.contains(another), "{e}");
+        let e = refused(&|p| p.ops[by(3)].fields.push("extra".into()), &Detector);
+        assert!(e.contains(another), "{e}");
+        let e = refused(&|p| p.max_parallelism = 2, &Detector);
+        assert!(e.contains("maxParallelism"), "{e}");
+        let e = refused(
+            &|p| {
+                if let OpKind::Throttle(t) = &mut p.ops[by(1)].kind {
+                    t.rate_per_second = -5.0;
+                }
+            },
+            &Detector,
+        );
+        assert!(
+            e.contains("operator \"t\" (throttle): ratePerSecond must be a number above 0"),
+            "{e}"
+        );
+        let e = refused(&|p| p.ops[by(0)].inputs = vec![999], &Detector);
+        assert!(e.contains("operator \"c\": input 999 is not an operator before it"), "{e}");
+        let e = refused(&|p| p.ops[0].inputs = vec![1], &Detector);
+        assert!(e.contains("input 1 is not an operator before it"), "{e}");
+        let e = refused(&|p| p.ops[by(2)].type_name = "count".into(), &Detector);
+        assert!(e.contains("operator \"d\" (count)"), "{e}");
+        // A worker whose build does not know the user's type.
+        let e = refused(&|_| {}, &BuiltinOnly);
+        assert!(e.contains("type \"detector\" is unknown"), "{e}");
+        // A plan that is not one does not read.
+        assert!(serde_json::from_str::<Plan>(&wire.replacen("\"ops\"", "\"opz\"", 1)).is_err());
     }
 
     #[test]

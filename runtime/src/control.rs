@@ -34,7 +34,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use weir_crds::{StorageUri, StreamJobSpec};
+use weir_crds::StorageUri;
 
 use crate::auth::{JobSecret, Nonce};
 use crate::checkpoint::{OperatorState, Settings, TaskAck};
@@ -215,9 +215,9 @@ pub struct AssignedCheckpoints {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Assignment {
-    pub spec: StreamJobSpec,
-    pub parallelism: u32,
-    pub max_parallelism: u32,
+    /// The job as the coordinator planned it (its parallelism and number of key groups
+    /// included): the worker checks it ([`crate::plan::verify`]) and runs it.
+    pub plan: crate::plan::Plan,
     pub run_id: String,
     /// The worker of every subtask index.
     pub worker_of: Vec<u32>,

@@ -1118,9 +1118,7 @@ impl<'a> Driver<'a> {
             }
         });
         Assignment {
-            spec: self.c.spec.clone(),
-            parallelism: p,
-            max_parallelism: self.c.plan.max_parallelism,
+            plan: self.c.plan.clone(),
             run_id: self.c.opts.run_id.clone(),
             worker_of: worker_of.to_vec(),
             data_addrs,

@@ -15,3 +15,9 @@ pub fn build(
 ) -> Result<Plan, PlanError> {
     build_with(spec, parallelism, max_parallelism, crate::operator::registry())
 }
+
+/// Checks a plan handed over by the coordinator against this binary's planner and registry
+/// ([`weir_crds::plan::verify`]).
+pub fn verify(plan: &Plan) -> Result<(), PlanError> {
+    weir_crds::plan::verify(plan, crate::operator::registry())
+}

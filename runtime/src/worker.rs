@@ -306,9 +306,11 @@ fn run_job(
     writer: &Arc<Writer>,
     ctl: &AttemptCtl,
 ) -> Result<Counts, RuntimeError> {
-    let p = job.parallelism;
-    let plan = crate::plan::build(&job.spec, Some(p), Some(job.max_parallelism))
-        .map_err(|e| RuntimeError::user(e.message))?;
+    let plan = &job.plan;
+    crate::plan::verify(plan).map_err(|e| {
+        RuntimeError::internal(format!("the plan the coordinator handed over: {}", e.message))
+    })?;
+    let p = plan.parallelism;
     let worker_of = job.worker_of.clone();
     if worker_of.len() != p as usize {
         return Err(RuntimeError::internal("a placement that does not cover every subtask"));
@@ -338,12 +340,12 @@ fn run_job(
         })
     };
     if let Some(c) = &job.checkpoints {
-        let root = crate::storage::open_uri(&c.storage, job.spec.s3.as_ref())?;
+        let root = crate::storage::open_uri(&c.storage, plan.s3.as_ref())?;
         let restore: Restored =
             c.restore.iter().map(|o| ((o.uid.clone(), o.subtask), o.clone())).collect();
         let storage: Arc<dyn Storage> = Arc::new(Prefixed::new(root, &c.job_dir));
         let restore_storage: Arc<dyn Storage> = match &c.restore_storage {
-            Some(uri) => crate::storage::open_uri(uri, job.spec.s3.as_ref())?,
+            Some(uri) => crate::storage::open_uri(uri, plan.s3.as_ref())?,
             None => storage.clone(),
         };
         run.checkpoints = Some(CheckpointRun {
@@ -358,7 +360,7 @@ fn run_job(
             triggered: ctl.triggered.clone(),
             completed: ctl.completed.clone(),
             savepoints: ctl.savepoints.clone(),
-            s3: job.spec.s3.clone(),
+            s3: plan.s3.clone(),
             acks: acks_tx,
         });
     } else {
@@ -384,7 +386,7 @@ fn run_job(
             &run.cancel,
         )?)
     };
-    let metrics = Arc::new(JobMetrics::new(&plan));
+    let metrics = Arc::new(JobMetrics::new(plan));
     let done = Arc::new(AtomicBool::new(false));
     let progress = {
         let (metrics, done, writer) = (metrics.clone(), done.clone(), writer.clone());
@@ -410,7 +412,7 @@ fn run_job(
         })
     };
     let placement = Placement { hosted, worker_of };
-    let result = run_worker(&plan, &run, &placement, network, metrics.clone());
+    let result = run_worker(plan, &run, &placement, network, metrics.clone());
     done.store(true, Ordering::Relaxed);
     let _ = progress.join();
     drop(run);
