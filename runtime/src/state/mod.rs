@@ -297,6 +297,7 @@ impl StateBackend {
             key_buf: Vec::new(),
             batch: Batch::default(),
             gate: Arc::default(),
+            scratch: self.path.with_extension(format!("{uid}.writes.sst")),
         }
     }
 
@@ -585,6 +586,8 @@ pub struct CachedValueState {
     batch: Batch,
     /// The writes checkpoints' threads have yet to apply ([`CachedValueState::detach`]).
     gate: Arc<Gate>,
+    /// Where a large write-back may be written as a file ([`Backend::write_sorted`]).
+    scratch: PathBuf,
 }
 
 impl std::fmt::Debug for CachedValueState {
@@ -648,7 +651,14 @@ impl CachedValueState {
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
         self.take_dirty(&mut batch);
-        let written = if batch.is_empty() { Ok(()) } else { self.store.write(&batch) };
+        // A large one (at the end, or evicting) sorted, for RocksDB to ingest as one file.
+        let written = match batch.len() {
+            0 => Ok(()),
+            n if n >= rocksdb::INGEST_AT => {
+                self.store.backend.write_sorted(self.store.table, &batch.sorted(), &self.scratch)
+            }
+            _ => self.store.write(&batch),
+        };
         self.batch = batch;
         written
     }
@@ -781,6 +791,42 @@ mod tests {
             // Nothing is left to write, and the written scratch files are gone.
             st.write_back().unwrap();
             assert!(!dir.path().join("w1.sst").exists());
+        }
+    }
+
+    #[test]
+    fn large_write_backs_go_in_as_one_sorted_file_and_read_back() {
+        for kind in [StateBackendKind::Rocksdb, StateBackendKind::Heap] {
+            let dir = tempfile::tempdir().unwrap();
+            let uids = vec!["counts".to_string()];
+            let db = dir.path().join("db");
+            let backend = StateBackend::open_kind(kind, &db, &uids).unwrap();
+            let n = super::rocksdb::INGEST_AT + 10;
+            // Evicts once the cache holds n keys: a write-back of n values.
+            let mut st = backend.value_state("counts", 128, n);
+            for i in 0..n + 20 {
+                st.update(format!("k{i}").as_bytes(), count).unwrap();
+            }
+            for i in 0..5 {
+                st.update(format!("k{i}").as_bytes(), count).unwrap();
+            }
+            st.write_back().unwrap();
+            let mut fresh = backend.value_state("counts", 128, 10);
+            for i in [0, 4, 5, n - 1, n, n + 19] {
+                let want = if i < 5 { 2 } else { 1 };
+                assert_eq!(
+                    fresh.get(format!("k{i}").as_bytes()).unwrap(),
+                    Some(Num::Int(want)),
+                    "{kind} k{i}"
+                );
+            }
+            assert_eq!(backend.scan("counts").unwrap().len(), n + 20, "{kind}");
+            let left: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|f| f.ends_with(".sst"))
+                .collect();
+            assert!(left.is_empty(), "{kind}: {left:?}");
         }
     }
 
