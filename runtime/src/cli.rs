@@ -398,6 +398,11 @@ pub fn main(registry: Registry) -> ExitCode {
             };
             loop {
                 let r = crate::worker::run(&opts);
+                if outlives_runs && opts.stop.load(Ordering::Relaxed) {
+                    // SIGTERM ended the run: the signal's exit, whatever the run's end said
+                    // (its thread may not have come round yet).
+                    terminated("worker");
+                }
                 let again = outlives_runs
                     && !opts.stop.load(Ordering::Relaxed)
                     && r.as_ref().err().is_none_or(|e| e.retryable);
@@ -427,9 +432,14 @@ fn exit_on_signal(stop: &Arc<AtomicBool>, who: &'static str) {
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(50));
         }
-        eprintln!("weir: {who}: terminated; the job goes on from its last checkpoint");
-        std::process::exit(143);
+        terminated(who);
     });
+}
+
+/// Ends the process as SIGTERM does in a pod: exit code 143.
+fn terminated(who: &str) -> ! {
+    eprintln!("weir: {who}: terminated; the job goes on from its last checkpoint");
+    std::process::exit(143);
 }
 
 /// The index in a StatefulSet pod's name (`job-worker-12` → 12).
