@@ -408,6 +408,19 @@ impl KeyedStore {
         self.backend.write(self.table, batch)
     }
 
+    /// [`KeyedStore::write`] for a batch of unique keys that may be large: from
+    /// [`rocksdb::INGEST_AT`] writes it is sorted for [`Backend::write_sorted`] (which RocksDB
+    /// ingests as one file, through `scratch`).
+    fn write_large(&self, batch: &Batch, scratch: &Path) -> Result<(), StateError> {
+        match batch.len() {
+            0 => Ok(()),
+            n if n >= rocksdb::INGEST_AT => {
+                self.backend.write_sorted(self.table, &batch.sorted(), scratch)
+            }
+            _ => self.write(batch),
+        }
+    }
+
     /// Calls `f` with every (key, value) whose key starts with `prefix`, in key order (`f`
     /// must not use the store).
     pub fn scan_prefix(
@@ -555,12 +568,7 @@ impl DeferredWrite {
     ) -> Result<T, RuntimeError> {
         let ticket = self.ticket.take().expect("a deferred write is applied once");
         self.gate.wait_turn(ticket);
-        let written = if self.batch.is_empty() {
-            Ok(())
-        } else {
-            let sorted = std::mem::take(&mut self.batch).sorted();
-            self.store.backend.write_sorted(self.store.table, &sorted, scratch)
-        };
+        let written = self.store.write_large(&self.batch, scratch);
         let result =
             written.map_err(|e| RuntimeError::internal(e.to_string())).and_then(|()| then());
         self.gate.done(ticket, result.as_ref().err().map(|e| e.message.clone()));
@@ -651,14 +659,7 @@ impl CachedValueState {
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
         self.take_dirty(&mut batch);
-        // A large one (at the end, or evicting) sorted, for RocksDB to ingest as one file.
-        let written = match batch.len() {
-            0 => Ok(()),
-            n if n >= rocksdb::INGEST_AT => {
-                self.store.backend.write_sorted(self.store.table, &batch.sorted(), &self.scratch)
-            }
-            _ => self.store.write(&batch),
-        };
+        let written = self.store.write_large(&batch, &self.scratch);
         self.batch = batch;
         written
     }
@@ -743,12 +744,18 @@ mod tests {
         out
     }
 
+    /// An instance of `kind` with one table, "counts", in a directory of its own.
+    fn counts(kind: StateBackendKind) -> (tempfile::TempDir, StateBackend) {
+        let dir = tempfile::tempdir().unwrap();
+        let uids = vec!["counts".to_string()];
+        let backend = StateBackend::open_kind(kind, &dir.path().join("db"), &uids).unwrap();
+        (dir, backend)
+    }
+
     #[test]
     fn a_detached_write_is_in_its_snapshot_and_what_came_after_the_barrier_is_not() {
         for kind in [StateBackendKind::Rocksdb, StateBackendKind::Heap] {
-            let dir = tempfile::tempdir().unwrap();
-            let uids = vec!["counts".to_string()];
-            let backend = StateBackend::open_kind(kind, &dir.path().join("db"), &uids).unwrap();
+            let (dir, backend) = counts(kind);
             let mut st = backend.value_state("counts", 128, 1 << 20);
             // Enough values for RocksDB to write them as an SST file and ingest it.
             let n = super::rocksdb::INGEST_AT + 100;
@@ -797,10 +804,7 @@ mod tests {
     #[test]
     fn large_write_backs_go_in_as_one_sorted_file_and_read_back() {
         for kind in [StateBackendKind::Rocksdb, StateBackendKind::Heap] {
-            let dir = tempfile::tempdir().unwrap();
-            let uids = vec!["counts".to_string()];
-            let db = dir.path().join("db");
-            let backend = StateBackend::open_kind(kind, &db, &uids).unwrap();
+            let (dir, backend) = counts(kind);
             let n = super::rocksdb::INGEST_AT + 10;
             // Evicts once the cache holds n keys: a write-back of n values.
             let mut st = backend.value_state("counts", 128, n);
@@ -833,9 +837,7 @@ mod tests {
     #[test]
     fn the_cache_writes_only_after_the_pending_checkpoint_writes() {
         for kind in [StateBackendKind::Rocksdb, StateBackendKind::Heap] {
-            let dir = tempfile::tempdir().unwrap();
-            let uids = vec!["counts".to_string()];
-            let backend = StateBackend::open_kind(kind, &dir.path().join("db"), &uids).unwrap();
+            let (dir, backend) = counts(kind);
             // Two entries: the third key evicts, which writes back.
             let mut st = backend.value_state("counts", 128, 2);
             st.update(b"a", count).unwrap();
