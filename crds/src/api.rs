@@ -92,6 +92,30 @@ pub struct OperatorInfo {
     /// number).
     #[serde(default)]
     pub records_dropped: u64,
+    /// The metrics the operator's own code registered, per subtask, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<UserMetric>,
+}
+
+/// A metric an operator's code registered ([`OperatorInfo::metrics`]); on `/metrics` it is
+/// `weir_user_<name>`, labelled with the operator and the subtask.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserMetric {
+    pub name: String,
+    pub kind: MetricKind,
+    pub subtask: u32,
+    pub value: i64,
+}
+
+/// What a [`UserMetric`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MetricKind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
 }
 
 /// Where a checkpoint is.

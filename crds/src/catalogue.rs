@@ -221,7 +221,7 @@ pub const KINDS: &[OperatorKind] = &[
         name: "tumbling_window_count",
         role: Role::Keyed,
         stateful: true,
-        summary: "Counts records per key in tumbling event-time windows of `size`, by the time in `timeField` (milliseconds). A window is emitted once the highest event time seen, less `allowedLateness`, passes its end, and at the end of the input; later events for an emitted window are dropped.",
+        summary: "Counts records per key in tumbling event-time windows of `size`, by the time in `timeField` (milliseconds). A window is emitted once the highest event time seen, less `allowedLateness`, passes its end, and at the end of the input; later events for an emitted window are dropped (counted in `weir_operator_records_dropped_total`). Its windows are keyed state with an event-time timer each, so they are checkpointed and split by key group when the job is rescaled.",
         emits: "the key field (text), `window_end` (integer, milliseconds), `count` (integer)",
         params: schema_of::<WindowSpec>,
         example: "{uid: per-minute, type: tumbling_window_count, inputs: [events], key: key, size: 1m}",

@@ -505,6 +505,52 @@ fn router(status: Arc<Status>, token: Option<Arc<Token>>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
+/// The operators' own metrics, as `weir_user_<name>{operator, type, subtask}`. A name that
+/// two operators give different kinds keeps the kind the first gave (the other's are left
+/// out: one name is one kind in Prometheus).
+fn register_user_metrics(
+    r: &Registry,
+    i: &weir_crds::api::JobInfo,
+    job: &dyn Fn(&str, &str) -> Opts,
+) -> Result<(), prometheus::Error> {
+    use crate::operator::metrics::MetricKind;
+    let labels = ["operator", "type", "subtask"];
+    let mut counters: BTreeMap<&str, IntCounterVec> = BTreeMap::new();
+    let mut gauges: BTreeMap<&str, IntGaugeVec> = BTreeMap::new();
+    for op in &i.operators {
+        for m in &op.metrics {
+            let name = m.name.as_str();
+            let subtask = m.subtask.to_string();
+            let values = [op.uid.as_str(), op.type_.as_str(), subtask.as_str()];
+            let help = "A metric the operator's own code registered";
+            match m.kind {
+                MetricKind::Counter if !gauges.contains_key(name) => {
+                    if !counters.contains_key(name) {
+                        let v = IntCounterVec::new(job(&format!("user_{name}"), help), &labels)?;
+                        counters.insert(name, v);
+                    }
+                    counters[name].with_label_values(&values).inc_by(m.value.max(0) as u64);
+                }
+                MetricKind::Gauge if !counters.contains_key(name) => {
+                    if !gauges.contains_key(name) {
+                        let v = IntGaugeVec::new(job(&format!("user_{name}"), help), &labels)?;
+                        gauges.insert(name, v);
+                    }
+                    gauges[name].with_label_values(&values).set(m.value);
+                }
+                _ => {}
+            }
+        }
+    }
+    for (_, c) in counters {
+        r.register(Box::new(c))?;
+    }
+    for (_, g) in gauges {
+        r.register(Box::new(g))?;
+    }
+    Ok(())
+}
+
 fn render_metrics(status: &Status) -> Response {
     match metrics_text(status) {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
@@ -636,6 +682,7 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
     r.register(Box::new(rin))?;
     r.register(Box::new(rout))?;
     r.register(Box::new(rdropped))?;
+    register_user_metrics(&r, &i, &job)?;
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())

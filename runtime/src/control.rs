@@ -103,6 +103,9 @@ pub enum ToCoordinator {
         /// Bytes of keyed state per subtask of this worker that has any: (subtask, bytes).
         #[serde(default)]
         subtask_state_bytes: Vec<(u32, u64)>,
+        /// The metrics its operators' code registered: (operator index, metric).
+        #[serde(default)]
+        user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,
     },
     /// A subtask's part of checkpoint `id` ([`crate::exec::FINAL`]: its final snapshot).
     #[serde(rename_all = "camelCase")]
@@ -126,6 +129,8 @@ pub enum ToCoordinator {
         records: Vec<(u64, u64)>,
         #[serde(default)]
         dropped: Vec<u64>,
+        #[serde(default)]
+        user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,
         #[serde(default)]
         attempt: u32,
     },

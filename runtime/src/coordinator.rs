@@ -143,6 +143,7 @@ impl Status {
                     .iter()
                     .map(|o| OperatorInfo {
                         records_dropped: 0,
+                        metrics: Vec::new(),
                         uid: o.uid.clone(),
                         type_: o.type_name.clone(),
                         records_in: 0,
@@ -425,6 +426,34 @@ struct Progress {
     dropped: Vec<u64>,
     /// (subtask, bytes of its keyed state).
     subtask_state_bytes: Vec<(u32, u64)>,
+    /// (operator index, a metric its code registered).
+    user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,
+}
+
+/// The metrics of operator `k` that the workers reported, by name and subtask. What a worker
+/// says is checked as anything that comes over a socket: a name that is not a metric's, a
+/// subtask not of the job, more than a subtask may register, are left out.
+fn user_metrics_of(
+    progress: &[Progress],
+    k: usize,
+    parallelism: u32,
+) -> Vec<crate::operator::metrics::UserMetric> {
+    use crate::operator::metrics::{MAX_METRICS, valid_name};
+    let mut out: Vec<crate::operator::metrics::UserMetric> = progress
+        .iter()
+        .flat_map(|p| &p.user_metrics)
+        .filter(|(op, m)| *op as usize == k && m.subtask < parallelism && valid_name(&m.name))
+        .map(|(_, m)| m.clone())
+        .collect();
+    out.sort_by(|a, b| (a.subtask, &a.name).cmp(&(b.subtask, &b.name)));
+    out.dedup_by(|a, b| (a.subtask, &a.name) == (b.subtask, &b.name));
+    let mut per_subtask = std::collections::HashMap::new();
+    out.retain(|m| {
+        let n = per_subtask.entry(m.subtask).or_insert(0usize);
+        *n += 1;
+        *n <= MAX_METRICS
+    });
+    out
 }
 
 /// A checkpoint in flight.
@@ -1352,8 +1381,15 @@ impl<'a> Driver<'a> {
                     state_bytes,
                     dropped,
                     subtask_state_bytes,
+                    user_metrics,
                 })) => {
-                    progress[w] = Progress { records, state_bytes, dropped, subtask_state_bytes };
+                    progress[w] = Progress {
+                        records,
+                        state_bytes,
+                        dropped,
+                        subtask_state_bytes,
+                        user_metrics,
+                    };
                     running[w] = true;
                     self.publish(&progress);
                 }
@@ -1435,13 +1471,14 @@ impl<'a> Driver<'a> {
                     }
                     last_done = Instant::now();
                 }
-                Ok(Some(ToCoordinator::Finished { records, dropped, .. })) => {
+                Ok(Some(ToCoordinator::Finished { records, dropped, user_metrics, .. })) => {
                     self.ended.insert(conn);
                     progress[w] = Progress {
                         records,
                         state_bytes: 0,
                         dropped,
                         subtask_state_bytes: Vec::new(),
+                        user_metrics,
                     };
                     finished[w] = true;
                     self.publish(&progress);
@@ -1777,6 +1814,7 @@ impl<'a> Driver<'a> {
                 op.records_out = sum(&mut progress.iter().map(|p| of(p).1));
                 op.records_dropped =
                     sum(&mut progress.iter().filter_map(|p| p.dropped.get(k).copied()));
+                op.metrics = user_metrics_of(progress, k, i.parallelism);
             }
             i.state_bytes = sum(&mut progress.iter().map(|p| p.state_bytes));
             // A subtask index a worker reports that is not the job's is left out.

@@ -38,10 +38,7 @@ use crate::error::RuntimeError;
 use crate::exchange::{InChannel, Inbox, Msg, Network, Outlet, Route, cancelled};
 use crate::keygroup::{key_group_of, subtask_of};
 use crate::objstore::S3Client;
-use crate::operators::{
-    Blackhole, FileSink, FileSource, Filter, GeneratorSource, KeyedAggregate, Map, Operator,
-    Source, SourceFile,
-};
+use crate::operators::{Operator, Source, SourceFile};
 use crate::plan::{FieldType, OpKind, Plan};
 use crate::record::Record;
 use crate::snapshot::StateHandle;
@@ -162,6 +159,8 @@ pub struct JobMetrics {
     pub started: Instant,
     /// The state backend instances of the running subtasks, by subtask.
     state: std::sync::Mutex<Vec<(u32, StateBackend)>>,
+    /// The metrics the operators' own code registered.
+    pub(crate) user: crate::operator::metrics::Registry,
 }
 
 impl JobMetrics {
@@ -170,7 +169,13 @@ impl JobMetrics {
             operators: plan.ops.iter().map(|o| (o.uid.clone(), OpMetrics::default())).collect(),
             started: Instant::now(),
             state: Default::default(),
+            user: Default::default(),
         }
+    }
+
+    /// The operators' own metrics, now: (operator index in plan order, metric) each.
+    pub fn user_metrics(&self) -> Vec<(u32, crate::operator::metrics::UserMetric)> {
+        crate::operator::metrics::report(&self.user)
     }
 
     /// Bytes of keyed state held by the running subtasks.
@@ -450,13 +455,23 @@ impl Chain {
         Ok(())
     }
 
-    /// Lets the records that operators held back go, where they may now ([`Operator::release`]).
+    /// Lets the records that operators held back go, where they may now
+    /// ([`Operator::release`]), and what their due timers emit ([`Operator::tick`]; not
+    /// after a savepoint that stops the job: nothing after its barrier).
     fn release_held(&mut self) -> Result<(), RuntimeError> {
+        let tick = self.stopped.is_none();
         for idx in 0..self.ops.len() {
-            let Some(op) = self.ops[idx].op.as_mut().filter(|op| op.holding()) else { continue };
+            let Some(op) = self.ops[idx].op.as_mut() else { continue };
             let mut out = Vec::new();
-            op.release(&mut out)?;
-            self.route(idx, out)?;
+            if op.holding() {
+                op.release(&mut out)?;
+            }
+            if tick {
+                op.tick(&mut out)?;
+            }
+            if !out.is_empty() {
+                self.route(idx, out)?;
+            }
         }
         Ok(())
     }
@@ -981,9 +996,6 @@ pub fn run_worker(
         opts.checkpoints.as_ref().and_then(|c| c.restored_parallelism).filter(|&old| old != p);
     let mut keyed_of: HashMap<(usize, u32), Keyed> = HashMap::new();
     for (i, op) in plan.ops.iter().enumerate().filter(|(_, o)| o.kind.key_field().is_some()) {
-        if !matches!(op.kind, OpKind::Keyed { .. } | OpKind::Custom(_)) {
-            continue; // windows keep their state in memory
-        }
         for &s in hosted {
             let dir = run_state.join(format!("{}-{s}", op.uid));
             own_dirs.push(dir.clone());
@@ -1138,76 +1150,20 @@ pub fn run_worker(
             let mut ops: Vec<ChainOp> = Vec::new();
             for &i in &members {
                 let op = &plan.ops[i];
-                let instance: Option<Box<dyn Operator>> = match &op.kind {
-                    OpKind::Generator(_) | OpKind::FileSource(_) | OpKind::Socket(_) => None,
-                    OpKind::Split(sp) => Some(Box::new(crate::operators::Split {
-                        field: plan.ops[op.inputs[0]]
-                            .fields
-                            .iter()
-                            .position(|f| f == &sp.field)
-                            .unwrap_or(0),
-                    })),
-                    OpKind::Map(m) => Some(Box::new(Map::new(m, &plan.ops[op.inputs[0]].fields))),
-                    OpKind::Filter(f) => {
-                        Some(Box::new(Filter::new(f, &plan.ops[op.inputs[0]].fields)))
-                    }
-                    OpKind::Throttle(t) => {
-                        Some(Box::new(crate::operators::Throttle::new(t.rate_per_second)))
-                    }
-                    OpKind::Keyed { aggregate, field, .. } => {
-                        let in_fields = &plan.ops[op.inputs[0]].fields;
-                        let backend = &keyed_of.get(&(i, s)).expect("opened above").backend;
-                        Some(Box::new(KeyedAggregate::new(
-                            *aggregate,
-                            op.key_positions[0],
-                            field.as_ref().and_then(|f| in_fields.iter().position(|x| x == f)),
-                            backend.value_state(&op.uid, plan.max_parallelism, STATE_CACHE_ENTRIES),
-                        )))
-                    }
-                    OpKind::TumblingWindowCount(w) => {
-                        Some(Box::new(crate::operators::TumblingWindowCount::new(
-                            w,
-                            &plan.ops[op.inputs[0]].fields,
-                            plan.max_parallelism,
-                        )))
-                    }
-                    OpKind::Custom(c) => {
-                        let info = crate::operator::Info {
-                            uid: op.uid.clone(),
-                            subtask: s,
-                            parallelism: p,
-                            max_parallelism: plan.max_parallelism,
-                            key_groups: {
-                                let r = crate::keygroup::KeyGroupRange::of_subtask(
-                                    plan.max_parallelism,
-                                    p,
-                                    s,
-                                );
-                                (r.start, r.end)
-                            },
-                            input_fields: plan.ops[op.inputs[0]].fields.clone(),
-                        };
-                        let store = keyed_of
-                            .get(&(i, s))
-                            .map(|k| k.backend.keyed_store(&op.uid, plan.max_parallelism));
-                        Some(crate::operator::registry().make(
-                            &op.type_name,
-                            &c.params,
-                            info,
-                            op.key_positions.first().copied(),
-                            store,
-                            op.types.clone(),
-                        )?)
-                    }
-                    OpKind::Stdout => Some(Box::new(crate::operators::Stdout::default())),
-                    OpKind::Blackhole => Some(Box::new(Blackhole)),
-                    OpKind::FileSink(f) => Some(Box::new(FileSink::new(
-                        &f.path,
-                        s3.as_ref(),
-                        &opts.job_id,
-                        s,
-                        opts.checkpoints.is_some(),
-                    )?)),
+                let instance: Option<Box<dyn Operator>> = if op.inputs.is_empty() {
+                    None // a source: made on its thread
+                } else {
+                    let build = crate::operator::builtin::Build {
+                        plan,
+                        index: i,
+                        subtask: s,
+                        backend: keyed_of.get(&(i, s)).map(|k| &k.backend),
+                        metrics: &metrics,
+                        s3: s3.as_ref(),
+                        job_id: &opts.job_id,
+                        checkpointed: opts.checkpoints.is_some(),
+                    };
+                    Some(crate::operator::registry().make(&build)?)
                 };
                 ops.push(ChainOp {
                     plan_index: i,
@@ -1530,16 +1486,12 @@ fn new_source(
     s: u32,
     p: u32,
 ) -> Result<Option<Box<dyn Source>>, RuntimeError> {
-    Ok(match &head.kind {
-        OpKind::Generator(g) => Some(Box::new(GeneratorSource::new(g.clone(), s, p))),
-        OpKind::FileSource(f) => {
-            Some(Box::new(FileSource::new(files, s3, f.rate_per_second, s, p)))
-        }
-        OpKind::Socket(so) => {
-            Some(Box::new(crate::operators::SocketSource::new(&so.host, so.port, s)?))
-        }
-        _ => None,
-    })
+    if !head.inputs.is_empty() {
+        return Ok(None);
+    }
+    let build =
+        crate::operator::builtin::SourceBuild { op: head, subtask: s, parallelism: p, files, s3 };
+    crate::operator::registry().make_source(build).map(Some)
 }
 
 fn run_subtask(

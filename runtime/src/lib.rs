@@ -4,7 +4,7 @@
 //! - [`error`], [`objstore`], [`storage`]: errors that say whose they are, a blocking S3
 //!   client, and where checkpoints and savepoints go (from `weir-storage`);
 //! - [`state`]: keyed state in RocksDB with a write-back cache;
-//! - [`record`], [`operators`]: records and the built-in operators;
+//! - [`record`], [`operators`], [`window`]: records and the built-in operators;
 //! - [`plan`]: a StreamJob's pipeline checked and typed;
 //! - [`wire`], [`exchange`]: batches on the wire; exchanges over channels and over TCP
 //!   with credit-based flow control;
@@ -36,6 +36,7 @@ pub mod savepoint;
 pub mod schema;
 pub mod snapshot;
 pub mod state;
+pub mod window;
 pub mod wire;
 pub mod worker;
 

@@ -2,8 +2,6 @@
 //! implements [`Operator`]: it takes a batch from one of its inputs and appends what it emits.
 //! The engine holds them as trait objects, so a user's own operators plug in the same way.
 
-use crate::keygroup::key_group_of;
-use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,7 +10,7 @@ use weir_crds::StorageUri;
 
 use crate::error::RuntimeError;
 use crate::objstore::S3Client;
-use crate::plan::{Aggregate, FilterSpec, GeneratorFormat, GeneratorSpec, MapSpec, WindowSpec};
+use crate::plan::{Aggregate, FilterSpec, GeneratorFormat, GeneratorSpec, MapSpec};
 use crate::record::{Record, Value, to_lines};
 use crate::state::{CachedValueState, Num};
 
@@ -88,6 +86,12 @@ pub trait Operator: Send {
 
     /// Emits the held records that may go now.
     fn release(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    /// Called every few milliseconds, whether records come or not (and between batches):
+    /// processing-time timers that are due fire.
+    fn tick(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
         Ok(())
     }
 }
@@ -1091,162 +1095,6 @@ impl Operator for KeyedAggregate {
     }
 }
 
-/// Counts per key in tumbling event-time windows; a window is emitted (`key,window_end,count`)
-/// once the highest event time seen, less the allowed lateness, passes its end, and at the end
-/// of the input. Later events for an emitted window are dropped.
-///
-/// The windows are kept in memory and stored as operator state, with the key group of every
-/// key they hold, so that a job restored at another parallelism splits them by key group.
-#[derive(Debug)]
-pub struct TumblingWindowCount {
-    key: usize,
-    ts: usize,
-    size_ms: i64,
-    lateness_ms: i64,
-    max_parallelism: u32,
-    windows: BTreeMap<i64, HashMap<Box<str>, i64>>,
-    /// The key group of every key in `windows` (and of some that were).
-    groups: HashMap<Box<str>, u16>,
-    watermark: i64,
-}
-
-/// What a window operator stores in a checkpoint.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WindowState {
-    watermark: i64,
-    windows: BTreeMap<i64, HashMap<Box<str>, i64>>,
-    #[serde(default)]
-    key_groups: HashMap<Box<str>, u16>,
-}
-
-impl TumblingWindowCount {
-    pub fn new(spec: &WindowSpec, in_fields: &[String], max_parallelism: u32) -> Self {
-        let pos = |n: &str| in_fields.iter().position(|f| f == n).expect("checked by the plan");
-        Self {
-            key: pos(&spec.key),
-            ts: pos(&spec.time_field),
-            size_ms: spec.size.as_std().as_millis() as i64,
-            lateness_ms: spec.allowed_lateness.as_std().as_millis() as i64,
-            max_parallelism,
-            windows: BTreeMap::new(),
-            groups: HashMap::new(),
-            watermark: i64::MIN,
-        }
-    }
-
-    fn fire(&mut self, upto: i64, out: &mut Vec<Record>) {
-        while let Some((&end, _)) = self.windows.first_key_value() {
-            if end > upto {
-                break;
-            }
-            let counts = self.windows.remove(&end).unwrap_or_default();
-            let mut keys: Vec<_> = counts.into_iter().collect();
-            keys.sort();
-            out.extend(
-                keys.into_iter().map(|(k, c)| vec![Value::Str(k), Value::Int(end), Value::Int(c)]),
-            );
-        }
-    }
-}
-
-impl Operator for TumblingWindowCount {
-    fn process(
-        &mut self,
-        _input: usize,
-        batch: Vec<Record>,
-        out: &mut Vec<Record>,
-    ) -> Result<(), RuntimeError> {
-        for r in batch {
-            let Some(ts) = r[self.ts].as_i64() else { continue };
-            let end = ts.div_euclid(self.size_ms) * self.size_ms + self.size_ms;
-            if end <= self.watermark {
-                continue; // late
-            }
-            let window = self.windows.entry(end).or_default();
-            let key: Box<str> = r[self.key].to_string().into();
-            if !window.contains_key(&key) && !self.groups.contains_key(&key) {
-                let mut scratch = [0u8; 8];
-                let g = key_group_of(r[self.key].key_bytes(&mut scratch), self.max_parallelism);
-                self.groups.insert(key.clone(), g);
-            }
-            *window.entry(key).or_insert(0) += 1;
-            self.watermark = self.watermark.max(ts - self.lateness_ms);
-        }
-        let wm = self.watermark;
-        self.fire(wm, out);
-        Ok(())
-    }
-
-    fn finish(&mut self, out: &mut Vec<Record>) -> Result<(), RuntimeError> {
-        self.fire(i64::MAX, out);
-        Ok(())
-    }
-
-    fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
-        // Keys of emitted windows are forgotten here.
-        let live: std::collections::HashSet<&str> =
-            self.windows.values().flat_map(|w| w.keys().map(|k| &**k)).collect();
-        self.groups.retain(|k, _| live.contains(&**k));
-        let st = serde_json::json!({
-            "watermark": self.watermark,
-            "windows": self.windows,
-            "keyGroups": self.groups,
-        });
-        Ok(Some(st))
-    }
-
-    fn restore(&mut self, state: Option<serde_json::Value>) -> Result<(), RuntimeError> {
-        let Some(state) = state else { return Ok(()) };
-        let st: WindowState =
-            serde_json::from_value(state).map_err(|e| bad_state("a window", e))?;
-        self.watermark = st.watermark;
-        self.windows = st.windows;
-        self.groups = st.key_groups;
-        Ok(())
-    }
-
-    /// Keeps the keys of its own key groups from every old subtask's windows. The event time
-    /// starts at the lowest of the old subtasks' (none of their records is late here).
-    fn rescale(
-        &mut self,
-        states: Vec<(u32, serde_json::Value)>,
-        at: &Rescale,
-    ) -> Result<(), RuntimeError> {
-        let (lo, hi) = at.key_groups;
-        let mut watermark = i64::MAX;
-        let mut any = false;
-        for (old, v) in states {
-            if v.is_null() {
-                continue;
-            }
-            let st: WindowState =
-                serde_json::from_value(v).map_err(|e| bad_state("a window", e))?;
-            any = true;
-            watermark = watermark.min(st.watermark);
-            for (end, counts) in st.windows {
-                for (key, n) in counts {
-                    let Some(&g) = st.key_groups.get(&key) else {
-                        return Err(RuntimeError::user(format!(
-                            "operator {:?}: the state of its old subtask {old} does not say which key group {key:?} is in (it was written by an older Weir): restore it at parallelism {}",
-                            at.uid, at.old_parallelism
-                        )));
-                    };
-                    if g < lo || g > hi {
-                        continue;
-                    }
-                    self.groups.insert(key.clone(), g);
-                    *self.windows.entry(end).or_default().entry(key).or_insert(0) += n;
-                }
-            }
-        }
-        if any {
-            self.watermark = watermark;
-        }
-        Ok(())
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Sinks
 
@@ -1963,103 +1811,6 @@ mod tests {
             l
         };
         assert_eq!(key(&lines), key(&whole));
-    }
-
-    #[test]
-    fn windows_split_by_key_group_when_rescaled_and_nothing_is_lost_or_doubled() {
-        let spec: WindowSpec = serde_json::from_value(
-            serde_json::json!({"key": "key", "size": "10ms", "allowedLateness": "1h"}),
-        )
-        .unwrap();
-        let fields = vec!["key".to_string(), "value".to_string(), "ts".to_string()];
-        let rec =
-            |k: usize, ts: i64| vec![Value::str(&format!("k{k}")), Value::Int(0), Value::Int(ts)];
-        // Two old subtasks, each with the keys of its own key groups, in three windows.
-        let max_p = 128;
-        let mut old: Vec<TumblingWindowCount> =
-            (0..2).map(|_| TumblingWindowCount::new(&spec, &fields, max_p)).collect();
-        let mut out = Vec::new();
-        for k in 0..200usize {
-            let g = key_group_of(format!("k{k}").as_bytes(), max_p);
-            let o = crate::keygroup::subtask_of(g, max_p, 2) as usize;
-            let batch = (0..(k % 5 + 1) as i64).map(|i| rec(k, i * 7)).collect();
-            old[o].process(0, batch, &mut out).unwrap();
-        }
-        assert!(out.is_empty(), "nothing fires within the lateness");
-        let states: Vec<(u32, serde_json::Value)> = old
-            .iter_mut()
-            .enumerate()
-            .map(|(i, w)| (i as u32, w.snapshot(1).unwrap().unwrap()))
-            .collect();
-        let everything = |ws: &mut [TumblingWindowCount]| {
-            let mut out = Vec::new();
-            for w in ws {
-                w.finish(&mut out).unwrap();
-            }
-            let mut rows: Vec<String> = out.iter().map(|r| format!("{r:?}")).collect();
-            rows.sort();
-            rows
-        };
-        let want = everything(&mut old);
-        for p in [1u32, 3, 5] {
-            let mut new: Vec<TumblingWindowCount> = (0..p)
-                .map(|s| {
-                    let r = crate::keygroup::KeyGroupRange::of_subtask(max_p, p, s);
-                    let at = Rescale {
-                        uid: "windows".into(),
-                        subtask: s,
-                        parallelism: p,
-                        old_parallelism: 2,
-                        key_groups: (r.start, r.end),
-                    };
-                    let mut w = TumblingWindowCount::new(&spec, &fields, max_p);
-                    w.rescale(states.clone(), &at).unwrap();
-                    // Only keys of its own key groups.
-                    for k in w.groups.keys() {
-                        let g = key_group_of(k.as_bytes(), max_p);
-                        assert!(g >= r.start && g <= r.end);
-                    }
-                    w
-                })
-                .collect();
-            assert_eq!(everything(&mut new), want, "at parallelism {p}");
-        }
-        // State without key groups (an older format) is refused, naming the operator.
-        let mut w = TumblingWindowCount::new(&spec, &fields, max_p);
-        let bare = serde_json::json!({"watermark": 0, "windows": {"10": {"k1": 1}}});
-        let at = Rescale {
-            uid: "windows".into(),
-            subtask: 0,
-            parallelism: 3,
-            old_parallelism: 2,
-            key_groups: (0, 42),
-        };
-        let e = w.rescale(vec![(0, bare)], &at).unwrap_err();
-        assert!(e.message.contains("\"windows\"") && e.message.contains("parallelism 2"), "{e}");
-    }
-
-    #[test]
-    fn window_count_fires_on_event_time() {
-        let spec: WindowSpec =
-            serde_json::from_value(serde_json::json!({"key": "key", "size": "10ms"})).unwrap();
-        let mut w =
-            TumblingWindowCount::new(&spec, &["key".into(), "value".into(), "ts".into()], 128);
-        let rec = |k: &str, ts: i64| vec![Value::str(k), Value::Int(0), Value::Int(ts)];
-        let mut out = Vec::new();
-        w.process(0, vec![rec("a", 1), rec("a", 5), rec("b", 9)], &mut out).unwrap();
-        assert!(out.is_empty());
-        w.process(0, vec![rec("a", 12)], &mut out).unwrap();
-        assert_eq!(
-            out,
-            vec![
-                vec![Value::str("a"), Value::Int(10), Value::Int(2)],
-                vec![Value::str("b"), Value::Int(10), Value::Int(1)],
-            ]
-        );
-        out.clear();
-        w.process(0, vec![rec("a", 3)], &mut out).unwrap(); // late: dropped
-        w.finish(&mut out).unwrap();
-        assert_eq!(out, vec![vec![Value::str("a"), Value::Int(20), Value::Int(1)]]);
     }
 
     #[test]

@@ -265,8 +265,8 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
         *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let report = match &result {
             Ok(records) => {
-                let (records, dropped) = records.clone();
-                ToCoordinator::Finished { records, dropped, attempt: job.attempt }
+                let (records, dropped, user_metrics) = records.clone();
+                ToCoordinator::Finished { records, dropped, user_metrics, attempt: job.attempt }
             }
             Err(e) => ToCoordinator::Failed {
                 message: e.message.clone(),
@@ -296,8 +296,8 @@ struct AttemptCtl {
     savepoints: crate::exec::SavepointTargets,
 }
 
-/// Records in and out, and dropped, per operator in plan order.
-type Counts = (Vec<(u64, u64)>, Vec<u64>);
+/// Records in and out, and dropped, per operator in plan order, and the operators' own metrics.
+type Counts = (Vec<(u64, u64)>, Vec<u64>, Vec<(u32, crate::operator::metrics::UserMetric)>);
 
 fn run_job(
     opts: &WorkerOptions,
@@ -404,6 +404,7 @@ fn run_job(
                     state_bytes: metrics.state_bytes(),
                     dropped: metrics.dropped_in_order(),
                     subtask_state_bytes: metrics.subtask_state_bytes(),
+                    user_metrics: metrics.user_metrics(),
                 };
                 if writer.send(&msg).is_err() {
                     return;
@@ -417,5 +418,5 @@ fn run_job(
     let _ = progress.join();
     drop(run);
     let _ = forward.join();
-    result.map(|_| (metrics.records_in_order(), metrics.dropped_in_order()))
+    result.map(|_| (metrics.records_in_order(), metrics.dropped_in_order(), metrics.user_metrics()))
 }

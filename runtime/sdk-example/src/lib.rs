@@ -8,10 +8,12 @@
 //!   for `silence` of event time). It keeps the account's count and sum in a [`ValueState`],
 //!   the amounts already flagged in a [`MapState`], and an event-time timer per account: state
 //!   that Weir checkpoints, restores after a failure, and splits by key group when the job is
-//!   rescaled.
+//!   rescaled. It counts the transactions it judged and the alerts it raised in metrics of
+//!   its own (`weir_user_transactions`, `weir_user_alerts`).
 
 use serde::{Deserialize, Serialize};
 use weir_runtime::error::RuntimeError;
+use weir_runtime::operator::metrics::Counter;
 use weir_runtime::operator::{
     Context, FieldType, Info, InputFields, MapState, Output, Process, ValueState,
 };
@@ -133,6 +135,8 @@ pub struct FraudDetector {
     flagged: MapState<i64, bool>,
     /// When the account's silence timer is due.
     silent_at: ValueState<i64>,
+    transactions: Counter,
+    alerts: Counter,
 }
 
 impl Process for FraudDetector {
@@ -176,6 +180,8 @@ impl Process for FraudDetector {
             stats: ValueState::new("stats"),
             flagged: MapState::new("flagged"),
             silent_at: ValueState::new("silent_at"),
+            transactions: info.metrics.counter("transactions")?,
+            alerts: info.metrics.counter("alerts")?,
         })
     }
 
@@ -185,6 +191,7 @@ impl Process for FraudDetector {
             ctx.drop_record();
             return Ok(());
         };
+        self.transactions.inc();
         let mut stats = self.stats.get(ctx)?.unwrap_or_default();
         if stats.count >= self.min_history {
             let mean = stats.sum / stats.count as i64;
@@ -192,6 +199,7 @@ impl Process for FraudDetector {
                 && self.flagged.get(ctx, &amount)?.is_none()
             {
                 self.flagged.insert(ctx, &amount, &true)?;
+                self.alerts.inc();
                 ctx.emit(vec![
                     record[self.key].clone(),
                     Value::str("spike"),
@@ -221,6 +229,7 @@ impl Process for FraudDetector {
         let stats = self.stats.get(ctx)?.unwrap_or_default();
         let mean = if stats.count == 0 { 0 } else { stats.sum / stats.count as i64 };
         let account = String::from_utf8_lossy(ctx.current_key().unwrap_or_default()).into_owned();
+        self.alerts.inc();
         ctx.emit(vec![
             Value::str(&account),
             Value::str("silent"),

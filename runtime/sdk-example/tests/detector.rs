@@ -131,6 +131,39 @@ fn run(file: &Path, dir: &Path, args: &[&str]) -> Proc {
     process::start_with_env(&all, &[("WEIR_API_TOKEN", TOKEN)])
 }
 
+/// The detector's own metrics, as the job serves them: every subtask has judged some
+/// transactions (none more than came in), in `/v1/job` and on `/metrics`.
+fn check_metrics(api: &str, p: u32) {
+    let info = process::job_info(api).expect("/v1/job");
+    let ops = info["operators"].as_array().unwrap();
+    let fraud = ops.iter().find(|o| o["uid"] == "fraud").expect("the detector");
+    let metrics = fraud["metrics"].as_array().cloned().unwrap_or_default();
+    let judged: Vec<i64> = (0..p)
+        .map(|s| {
+            let m = metrics
+                .iter()
+                .find(|m| m["name"] == "transactions" && m["subtask"] == s)
+                .unwrap_or_else(|| panic!("no transactions counter of subtask {s}: {metrics:?}"));
+            assert_eq!(m["kind"], "counter");
+            m["value"].as_i64().unwrap()
+        })
+        .collect();
+    assert!(judged.iter().all(|&n| n > 0), "{judged:?}");
+    let came_in = fraud["recordsIn"].as_i64().unwrap();
+    assert!(judged.iter().sum::<i64>() <= came_in, "{judged:?} of {came_in}");
+    let (code, text) = process::request(api, "GET", "/metrics", None).expect("/metrics");
+    assert_eq!(code, 200);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("weir_user_transactions{") && l.contains("subtask=\"0\""))
+        .unwrap_or_else(|| panic!("no weir_user_transactions of subtask 0:\n{text}"));
+    assert!(
+        line.contains("operator=\"fraud\"") && line.contains("type=\"fraud_detector\""),
+        "{line}"
+    );
+    assert!(text.contains("# TYPE weir_user_alerts counter"), "{text}");
+}
+
 #[test]
 fn the_detector_runs_with_weir_run_and_flags_exactly_what_it_should() {
     let tmp = tempfile::tempdir().unwrap();
@@ -229,6 +262,7 @@ fn stopped_into_savepoints_and_restored_at_2_3_1_the_alerts_stay_exact() {
             break;
         }
         std::thread::sleep(Duration::from_millis(1500));
+        check_metrics(&job.addr("api"), p);
         let out = Command::new(WEIR)
             .args(["savepoint", "--api", &job.addr("api"), "--stop"])
             .env("WEIR_API_TOKEN", TOKEN)

@@ -4,11 +4,9 @@
 //! Every state value is one entry of the operator's keyed state:
 //! `key group (2 bytes) | key length (4) | key | name length (2) | name | map key`, the value
 //! `0 | bytes`, or `1 | expiry (8, milliseconds since the epoch) | bytes` with a TTL; the
-//! bytes are the value in postcard. An event-time timer is the entry
-//! `key group | FF FF FF FF | 0 | time (8, sign bit flipped) | key`, so that a key group's
-//! timers sort by time after its values (no key is 4 GiB long). The key group comes first, as
-//! for every keyed state, so that checkpoints, savepoints and rescaling need to know nothing
-//! of the handles or the timers.
+//! bytes are the value in postcard. Timers are entries too, after a key group's values
+//! ([`super::timers`]). The key group comes first, as for every keyed state, so that
+//! checkpoints, savepoints and rescaling need to know nothing of the handles or the timers.
 
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -17,6 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::Info;
+use super::timers::{TimeDomain, Timers};
 use crate::error::RuntimeError;
 use crate::keygroup::KeyGroup;
 use crate::record::Record;
@@ -33,25 +32,9 @@ pub struct Context<'a> {
     pub(crate) dropped: &'a mut u64,
     /// The event time the operator's input has reached, when known.
     pub(crate) watermark: Option<i64>,
-}
-
-/// Where a key group's event-time timers start: after every value of the group.
-pub(crate) const TIMERS: [u8; 5] = [0xFF, 0xFF, 0xFF, 0xFF, 0];
-
-/// A timer's entry: `key group | TIMERS | time | key`.
-pub(crate) fn timer_entry(g: KeyGroup, ts: i64, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + TIMERS.len() + 8 + key.len());
-    k.extend_from_slice(&g.to_be_bytes());
-    k.extend_from_slice(&TIMERS);
-    k.extend_from_slice(&((ts as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(key);
-    k
-}
-
-/// The time and key of a timer entry of key group `g` (the bytes after `g | TIMERS`).
-pub(crate) fn parse_timer(rest: &[u8]) -> Option<(i64, &[u8])> {
-    let t: [u8; 8] = rest.get(..8)?.try_into().ok()?;
-    Some(((u64::from_be_bytes(t) ^ (1 << 63)) as i64, &rest[8..]))
+    pub(crate) timers: &'a mut Timers,
+    /// The clock of the timer that is firing, in [`super::Process::on_timer`].
+    pub(crate) firing: Option<TimeDomain>,
 }
 
 impl Context<'_> {
@@ -68,6 +51,11 @@ impl Context<'_> {
     /// The subtask and the operator.
     pub fn info(&self) -> &Info {
         self.info
+    }
+
+    /// The current key's group, when there is a current key.
+    pub(crate) fn key_group(&self) -> Option<KeyGroup> {
+        self.key.map(|(g, _)| g)
     }
 
     /// The current key's bytes (as the exchange hashes them), when there is one.
@@ -87,24 +75,51 @@ impl Context<'_> {
     }
 
     /// Asks for [`super::Process::on_timer`] with the current key once the event time
-    /// passes `ts` (a timer of the key at the same time is one timer). Timers are keyed
+    /// reaches `ts` (a timer of the key at the same time is one timer). Timers are keyed
     /// state: checkpointed, restored, and moved with their key groups when the job is
-    /// rescaled, so each fires once, on the subtask that owns its key. They fire at the end
-    /// of the input; when watermarks come, they fire as the watermark passes them.
+    /// rescaled, so each fires once, on the subtask that owns its key. They fire as the
+    /// operator's event time passes them, and those left at the end of the input fire then,
+    /// in time order.
     pub fn register_event_timer(&mut self, ts: i64) -> Result<(), RuntimeError> {
-        let (store, k) = self.timer_key("register_event_timer", ts)?;
-        store.put(&k, &[0]).map_err(internal)
+        self.timer(TimeDomain::Event, "register_event_timer", ts, true)
     }
 
-    /// Cancels the current key's timer at `ts` (nothing if there is none).
+    /// Cancels the current key's event-time timer at `ts` (nothing if there is none).
     pub fn delete_event_timer(&mut self, ts: i64) -> Result<(), RuntimeError> {
-        let (store, k) = self.timer_key("delete_event_timer", ts)?;
-        store.delete(&k).map_err(internal)
+        self.timer(TimeDomain::Event, "delete_event_timer", ts, false)
     }
 
-    fn timer_key(&self, what: &str, ts: i64) -> Result<(&KeyedStore, Vec<u8>), RuntimeError> {
+    /// Asks for [`super::Process::on_timer`] with the current key once the wall clock
+    /// reaches `ts` (milliseconds since the epoch, as [`Context::now_ms`]), whether records
+    /// come or not. Kept, restored and rescaled like an event-time timer; one that is due
+    /// when the job restores fires at once. Those left when the input ends do not fire (as
+    /// in Flink): they stay in the final state.
+    pub fn register_processing_timer(&mut self, ts: i64) -> Result<(), RuntimeError> {
+        self.timer(TimeDomain::Processing, "register_processing_timer", ts, true)
+    }
+
+    /// Cancels the current key's processing-time timer at `ts` (nothing if there is none).
+    pub fn delete_processing_timer(&mut self, ts: i64) -> Result<(), RuntimeError> {
+        self.timer(TimeDomain::Processing, "delete_processing_timer", ts, false)
+    }
+
+    /// In [`super::Process::on_timer`], the clock of the timer that fires.
+    pub fn time_domain(&self) -> Option<TimeDomain> {
+        self.firing
+    }
+
+    fn timer(
+        &mut self,
+        domain: TimeDomain,
+        what: &str,
+        ts: i64,
+        register: bool,
+    ) -> Result<(), RuntimeError> {
         match (self.store, self.key) {
-            (Some(store), Some((g, key))) => Ok((store, timer_entry(g, ts, key))),
+            (Some(store), Some((g, key))) if register => {
+                self.timers.register(store, domain, g, ts, key)
+            }
+            (Some(store), Some((g, key))) => self.timers.delete(store, domain, g, ts, key),
             (None, _) => Err(RuntimeError::user(format!(
                 "operator {:?} calls {what} but is not keyed: timers are per key, so its plan must say which field it is keyed by (Output::keyed_by)",
                 self.info.uid
@@ -387,6 +402,7 @@ mod tests {
             max_parallelism: 128,
             key_groups: (0, 127),
             input_fields: vec!["k".into()],
+            metrics: Default::default(),
         };
         Fixture { _dir: dir, backend, info }
     }
@@ -401,6 +417,7 @@ mod tests {
         let store = fx.backend.keyed_store("op", 128);
         let mut out = Vec::new();
         let mut dropped = 0;
+        let mut timers = Timers::default();
         let mut ctx = Context {
             out: &mut out,
             store: Some(&store),
@@ -409,6 +426,8 @@ mod tests {
             now_ms,
             dropped: &mut dropped,
             watermark: None,
+            timers: &mut timers,
+            firing: None,
         };
         f(&mut ctx)
     }
@@ -496,6 +515,7 @@ mod tests {
         assert!(e.message.contains("state \"s\" holds a value its type does not read"), "{e}");
         let mut out = Vec::new();
         let mut dropped = 0;
+        let mut timers = Timers::default();
         let mut ctx = Context {
             out: &mut out,
             store: None,
@@ -504,6 +524,8 @@ mod tests {
             now_ms: 0,
             dropped: &mut dropped,
             watermark: None,
+            timers: &mut timers,
+            firing: None,
         };
         let e = ValueState::<u8>::new("x").set(&mut ctx, &1).unwrap_err();
         assert!(e.message.contains("is not keyed"), "{e}");

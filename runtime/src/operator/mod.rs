@@ -23,16 +23,23 @@
 //! keeps state per key through handles ([`ValueState`], [`MapState`], [`ListState`]) that
 //! read and write the current key's values in the job's state backend: checkpointed,
 //! restored after a failure, carried by savepoints and split by key group when the job is
-//! rescaled, exactly as the built-in operators' state. Its event-time timers
-//! ([`Context::register_event_timer`], [`Process::on_timer`]) are keyed state too.
+//! rescaled, exactly as the built-in operators' state. Its timers, in event time
+//! ([`Context::register_event_timer`]) and in processing time
+//! ([`Context::register_processing_timer`]), call [`Process::on_timer`] and are keyed state
+//! too.
 
+pub(crate) mod builtin;
 mod context;
+pub mod metrics;
 mod registry;
+mod timers;
 
 use serde::de::DeserializeOwned;
 
 pub use context::{Context, ListState, MapState, ValueState};
+pub(crate) use registry::Adapter;
 pub use registry::{Registry, install, registry};
+pub use timers::TimeDomain;
 pub use weir_crds::Duration;
 pub use weir_crds::plan::{FieldType, InputFields};
 
@@ -58,8 +65,10 @@ pub trait Process: Send + Sized + 'static {
     /// operator, the context's state handles read and write this record's key.
     fn process(&mut self, record: Record, ctx: &mut Context<'_>) -> Result<(), RuntimeError>;
 
-    /// An event-time timer of the current key that [`Context::register_event_timer`] asked
-    /// for at `ts` is due: the event time has passed it.
+    /// A timer of the current key is due: an event-time timer that
+    /// [`Context::register_event_timer`] asked for at `ts` (the event time has reached it),
+    /// or a processing-time one of [`Context::register_processing_timer`] (the wall clock
+    /// has); [`Context::time_domain`] says which.
     fn on_timer(&mut self, _ts: i64, _ctx: &mut Context<'_>) -> Result<(), RuntimeError> {
         Ok(())
     }
@@ -115,6 +124,9 @@ pub struct Info {
     pub key_groups: (u16, u16),
     /// The fields of its input, in order.
     pub input_fields: Vec<String>,
+    /// Where it registers metrics of its own ([`metrics::Metrics::counter`],
+    /// [`metrics::Metrics::gauge`]), in [`Process::open`].
+    pub metrics: metrics::Metrics,
 }
 
 impl Info {

@@ -1,5 +1,6 @@
 //! Operator types by name: the planner asks the registry about every type that is not built
-//! in, and the engine makes each subtask of such an operator through it.
+//! in, and the engine makes each subtask of every operator through the factory registered
+//! under its type (the built-in ones too, [`super::builtin`]).
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -7,37 +8,43 @@ use std::sync::OnceLock;
 use weir_crds::OperatorSpec;
 use weir_crds::plan::{Extensions, InputFields, Planned};
 
-use super::context::{TIMERS, parse_timer};
+use super::builtin::{Build, SourceBuild};
+use super::timers::{TimeDomain, Timers};
 use super::{Context, FieldType, Info, Process};
 use crate::error::RuntimeError;
-use crate::keygroup::{KeyGroup, key_group_of};
-use crate::operators::Operator;
+use crate::keygroup::key_group_of;
+use crate::operators::{Operator, Source};
 use crate::record::Record;
 use crate::state::KeyedStore;
 
 type PlanFn = dyn Fn(&serde_json::Map<String, serde_json::Value>, InputFields<'_>) -> Result<Planned, String>
     + Send
     + Sync;
-type MakeFn = dyn Fn(
-        &serde_json::Map<String, serde_json::Value>,
-        Info,
-        Option<usize>,
-        Option<KeyedStore>,
-        Vec<FieldType>,
-    ) -> Result<Box<dyn Operator>, RuntimeError>
-    + Send
-    + Sync;
+/// Makes one subtask of an operator.
+pub(crate) type MakeFn =
+    dyn Fn(&Build<'_>) -> Result<Box<dyn Operator>, RuntimeError> + Send + Sync;
+/// Makes one subtask of a source.
+pub(crate) type MakeSourceFn =
+    dyn Fn(SourceBuild<'_>) -> Result<Box<dyn Source>, RuntimeError> + Send + Sync;
 
+enum Factory {
+    Operator(Box<MakeFn>),
+    Source(Box<MakeSourceFn>),
+}
+
+/// A user's type: how it is planned, and its parameters' schema.
 struct Kind {
     plan: Box<PlanFn>,
-    make: Box<MakeFn>,
     schema: fn() -> serde_json::Value,
 }
 
 /// The operator types a `weir` binary runs: the built-in ones, and those it registers.
 #[derive(Default)]
 pub struct Registry {
+    /// The types a user registered (the catalogue plans the built-in ones).
     kinds: BTreeMap<String, Kind>,
+    /// How each type's subtasks are made, built-in or not.
+    factories: BTreeMap<String, Factory>,
     /// What was wrong with a registration (a name taken twice, a name no manifest can give):
     /// the binary refuses to start with it.
     errors: Vec<String>,
@@ -45,7 +52,10 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("kinds", &self.kinds.keys()).finish()
+        f.debug_struct("Registry")
+            .field("kinds", &self.kinds.keys())
+            .field("factories", &self.factories.keys())
+            .finish()
     }
 }
 
@@ -58,7 +68,24 @@ fn params_of<T: serde::de::DeserializeOwned>(
 impl Registry {
     /// The built-in operator types (the catalogue of `weir-crds`) and no others.
     pub fn builtin() -> Self {
-        Self::default()
+        super::builtin::register(Self::default())
+    }
+
+    /// Registers how the subtasks of operator type `name` are made.
+    pub(crate) fn factory(mut self, name: &str, make: Box<MakeFn>) -> Self {
+        self.factories.insert(name.to_string(), Factory::Operator(make));
+        self
+    }
+
+    /// Registers how the subtasks of source type `name` are made.
+    pub(crate) fn source_factory(mut self, name: &str, make: Box<MakeSourceFn>) -> Self {
+        self.factories.insert(name.to_string(), Factory::Source(make));
+        self
+    }
+
+    /// Every type it can make subtasks of.
+    pub fn factories(&self) -> impl Iterator<Item = &str> {
+        self.factories.keys().map(String::as_str)
     }
 
     /// Adds operator type `name` (what a manifest's `type` says), made by `T`.
@@ -73,7 +100,7 @@ impl Registry {
             ));
             return self;
         }
-        if weir_crds::plan::OPERATOR_TYPES.contains(&name) || self.kinds.contains_key(name) {
+        if weir_crds::plan::OPERATOR_TYPES.contains(&name) || self.factories.contains_key(name) {
             self.errors.push(format!(
                 "operator type {name:?} is registered twice (or is built in): give it another name"
             ));
@@ -89,29 +116,24 @@ impl Registry {
                 Ok(Planned { output: Some(out.fields), key: out.key })
             },
         );
-        let make = Box::new(
-            |params: &serde_json::Map<String, serde_json::Value>,
-             info: Info,
-             key: Option<usize>,
-             store: Option<KeyedStore>,
-             output: Vec<FieldType>| {
-                let p: T::Params = params_of(params)
-                    .map_err(|e| RuntimeError::user(format!("operator {:?}: {e}", info.uid)))?;
-                let f = T::open(p, &info)?;
-                Ok(Box::new(Adapter {
-                    f,
-                    info,
-                    key,
-                    store,
-                    output,
-                    key_buf: Vec::new(),
-                    dropped: 0,
-                }) as Box<dyn Operator>)
-            },
-        );
+        let make = Box::new(|b: &Build<'_>| {
+            let op = b.op();
+            let weir_crds::plan::OpKind::Custom(c) = &op.kind else {
+                return Err(RuntimeError::internal(format!(
+                    "operator {:?}: the plan does not give it as a type of this binary's",
+                    op.uid
+                )));
+            };
+            let info = b.info();
+            let p: T::Params = params_of(&c.params)
+                .map_err(|e| RuntimeError::user(format!("operator {:?}: {e}", info.uid)))?;
+            let f = T::open(p, &info)?;
+            let (key, store) = (op.key_positions.first().copied(), b.store());
+            Ok(Box::new(Adapter::new(f, info, key, store, op.types.clone())?) as Box<dyn Operator>)
+        });
         let schema = || serde_json::to_value(schemars::schema_for!(T::Params)).unwrap_or_default();
-        self.kinds.insert(name.to_string(), Kind { plan, make, schema });
-        self
+        self.kinds.insert(name.to_string(), Kind { plan, schema });
+        self.factory(name, make)
     }
 
     /// The types it adds to the built-in ones.
@@ -124,25 +146,28 @@ impl Registry {
         self.kinds.get(name).map(|k| (k.schema)())
     }
 
-    /// A subtask of an operator of type `name` (which the plan holds, so it is registered):
-    /// keyed by input field `key` with its state in `store`, emitting records of `output`.
-    pub fn make(
-        &self,
-        name: &str,
-        params: &serde_json::Map<String, serde_json::Value>,
-        info: Info,
-        key: Option<usize>,
-        store: Option<KeyedStore>,
-        output: Vec<FieldType>,
-    ) -> Result<Box<dyn Operator>, RuntimeError> {
-        let kind = self.kinds.get(name).ok_or_else(|| {
-            RuntimeError::user(format!(
-                "operator {:?}: type {name:?} is not registered in this binary",
-                info.uid
-            ))
-        })?;
-        (kind.make)(params, info, key, store, output)
+    /// A subtask of an operator that is not a source, by the factory of its type.
+    pub(crate) fn make(&self, b: &Build<'_>) -> Result<Box<dyn Operator>, RuntimeError> {
+        match self.factories.get(&b.op().type_name) {
+            Some(Factory::Operator(make)) => make(b),
+            _ => Err(not_registered(b.op())),
+        }
     }
+
+    /// A subtask of a source, by the factory of its type.
+    pub(crate) fn make_source(&self, b: SourceBuild<'_>) -> Result<Box<dyn Source>, RuntimeError> {
+        match self.factories.get(&b.op.type_name) {
+            Some(Factory::Source(make)) => make(b),
+            _ => Err(not_registered(b.op)),
+        }
+    }
+}
+
+fn not_registered(op: &crate::plan::PlanOp) -> RuntimeError {
+    RuntimeError::user(format!(
+        "operator {:?}: type {:?} is not registered in this binary (as the kind it is given)",
+        op.uid, op.type_name
+    ))
 }
 
 impl Extensions for Registry {
@@ -188,9 +213,10 @@ pub fn registry() -> &'static Registry {
     REGISTRY.get_or_init(Registry::builtin)
 }
 
-/// A [`Process`] as the engine runs operators: record by record, with its key's state.
-struct Adapter<T> {
-    f: T,
+/// A [`Process`] as the engine runs operators: record by record, with its key's state and
+/// timers.
+pub(crate) struct Adapter<T> {
+    pub(crate) f: T,
     info: Info,
     /// The position of the key field, for a keyed operator.
     key: Option<usize>,
@@ -199,40 +225,133 @@ struct Adapter<T> {
     output: Vec<FieldType>,
     key_buf: Vec<u8>,
     dropped: u64,
+    timers: Timers,
+    /// The event time the operator has reached, once it has one (restored with its state).
+    pub(crate) watermark: Option<i64>,
+    /// The event time each of its key groups had reached when it was restored (by group
+    /// from its first; `i64::MIN` for none).
+    pub(crate) floors: Vec<i64>,
 }
 
-/// Rounds of timers registered by timers at the end of the input before that is an error.
+/// Rounds of event-time timers registered by timers due at once before that is an error.
 const MAX_TIMER_ROUNDS: usize = 1000;
 
-/// A due timer: its time, its key's group and bytes, and its entry in the store.
-type DueTimer = (i64, KeyGroup, Vec<u8>, Vec<u8>);
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 
-impl<T> Adapter<T> {
-    /// Every timer in the store of this subtask's key groups, in time order (then key group
-    /// and key).
-    fn timers_left(&self) -> Result<Vec<DueTimer>, RuntimeError> {
-        let Some(store) = &self.store else { return Ok(Vec::new()) };
-        let mut due = Vec::new();
-        let (lo, hi) = self.info.key_groups;
-        let mut bad = None;
-        for g in lo..=hi {
-            let mut prefix = g.to_be_bytes().to_vec();
-            prefix.extend_from_slice(&TIMERS);
-            store
-                .scan_prefix(&prefix, |k, _| match parse_timer(&k[prefix.len()..]) {
-                    Some((ts, key)) => due.push((ts, g, key.to_vec(), k.to_vec())),
-                    None => bad = Some(g),
-                })
-                .map_err(|e| RuntimeError::internal(e.to_string()))?;
+impl<T: Process> Adapter<T> {
+    /// A subtask of `f`, whose timers and event time are what its store holds for its key
+    /// groups (a restore has filled it).
+    pub(crate) fn new(
+        f: T,
+        info: Info,
+        key: Option<usize>,
+        store: Option<KeyedStore>,
+        output: Vec<FieldType>,
+    ) -> Result<Self, RuntimeError> {
+        let (timers, floors) = match &store {
+            Some(s) => Timers::load(s, info.key_groups, &info.uid)?,
+            None => Default::default(),
+        };
+        // The lowest of its groups' (a group of an old subtask that had none holds none back).
+        let watermark = floors.iter().copied().filter(|&w| w > i64::MIN).min();
+        Ok(Self {
+            f,
+            info,
+            key,
+            store,
+            output,
+            key_buf: Vec::new(),
+            dropped: 0,
+            timers,
+            watermark,
+            floors,
+        })
+    }
+
+    /// Runs `f` with the operator and a context whose current key is `key` (of group `g`),
+    /// appending what it emits to `out`.
+    pub(crate) fn with_key<R>(
+        &mut self,
+        g: crate::keygroup::KeyGroup,
+        key: &[u8],
+        out: &mut Vec<Record>,
+        f: impl FnOnce(&mut T, &mut Context<'_>) -> R,
+    ) -> R {
+        let mut ctx = Context {
+            out,
+            store: self.store.as_ref(),
+            key: Some((g, key)),
+            info: &self.info,
+            now_ms: now_ms(),
+            dropped: &mut self.dropped,
+            watermark: self.watermark,
+            timers: &mut self.timers,
+            firing: None,
+        };
+        f(&mut self.f, &mut ctx)
+    }
+
+    /// Fires the timers of `domain` due at `upto`, in time order. Event-time timers that
+    /// the firing ones register at or before `upto` fire too, round after round; a
+    /// processing-time timer registered as due waits for the next tick.
+    fn fire(
+        &mut self,
+        domain: TimeDomain,
+        upto: i64,
+        watermark: Option<i64>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        let Some(store) = &self.store else { return Ok(()) };
+        let now_ms = now_ms();
+        for round in 0.. {
+            if self.timers.first(domain).is_none_or(|t| t > upto) {
+                break;
+            }
+            if domain == TimeDomain::Processing && round == 1 {
+                break;
+            }
+            if round == MAX_TIMER_ROUNDS {
+                return Err(RuntimeError::user(format!(
+                    "operator {:?}: its timers registered new timers {MAX_TIMER_ROUNDS} times over without the event time moving: an on_timer that always registers another that is already due never ends",
+                    self.info.uid
+                )));
+            }
+            for (ts, g, key) in self.timers.take_due(store, domain, upto)? {
+                let mut ctx = Context {
+                    out,
+                    store: Some(store),
+                    key: Some((g, &key)),
+                    info: &self.info,
+                    now_ms,
+                    dropped: &mut self.dropped,
+                    watermark,
+                    timers: &mut self.timers,
+                    firing: Some(domain),
+                };
+                self.f.on_timer(ts, &mut ctx)?;
+            }
         }
-        if let Some(g) = bad {
-            return Err(RuntimeError::user(format!(
-                "operator {:?}: a timer entry of key group {g} is damaged (the state was not written by Weir)",
-                self.info.uid
-            )));
+        Ok(())
+    }
+
+    /// The operator's event time reaches `watermark`: the event-time timers it passes fire.
+    /// (Until watermarks travel between operators, a built-in window derives its own.)
+    pub(crate) fn advance_watermark(
+        &mut self,
+        watermark: i64,
+        out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        if self.watermark.is_some_and(|w| w >= watermark) {
+            return Ok(());
         }
-        due.sort();
-        Ok(due)
+        self.watermark = Some(watermark);
+        let from = out.len();
+        self.fire(TimeDomain::Event, watermark, Some(watermark), out)?;
+        self.check(out, from)
     }
 
     /// The records emitted from `from` on must be what the operator's plan said: the
@@ -256,12 +375,6 @@ impl<T> Adapter<T> {
         }
         Ok(())
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl<T: Process> Operator for Adapter<T> {
@@ -291,55 +404,53 @@ impl<T: Process> Operator for Adapter<T> {
                 info: &self.info,
                 now_ms,
                 dropped: &mut self.dropped,
-                watermark: None,
+                watermark: self.watermark,
+                timers: &mut self.timers,
+                firing: None,
             };
             self.f.process(record, &mut ctx)?;
         }
         self.check(out, from)
     }
 
-    /// The end of the input is the end of event time: every timer left fires, in time order
-    /// (and those they register, round after round), then the operator finishes.
+    /// The processing-time timers that are due fire.
+    fn tick(&mut self, out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        let Some(first) = self.timers.first(TimeDomain::Processing) else { return Ok(()) };
+        let now = now_ms();
+        if first > now {
+            return Ok(());
+        }
+        let from = out.len();
+        self.fire(TimeDomain::Processing, now, self.watermark, out)?;
+        self.check(out, from)
+    }
+
+    /// The end of the input is the end of event time: every event-time timer left fires, in
+    /// time order (and those they register, round after round), then the operator finishes.
     fn finish(&mut self, out: &mut Vec<Record>) -> Result<(), RuntimeError> {
         let from = out.len();
-        let now_ms = now_ms();
-        for round in 0.. {
-            let due = self.timers_left()?;
-            if due.is_empty() {
-                break;
-            }
-            if round == MAX_TIMER_ROUNDS {
-                return Err(RuntimeError::user(format!(
-                    "operator {:?}: its timers registered new timers {MAX_TIMER_ROUNDS} times over at the end of the input: an on_timer that always registers another never ends",
-                    self.info.uid
-                )));
-            }
-            let store = self.store.as_ref().expect("timers are in the keyed store");
-            for (ts, g, key, entry) in due {
-                store.delete(&entry).map_err(|e| RuntimeError::internal(e.to_string()))?;
-                let mut ctx = Context {
-                    out,
-                    store: Some(store),
-                    key: Some((g, &key)),
-                    info: &self.info,
-                    now_ms,
-                    dropped: &mut self.dropped,
-                    watermark: Some(i64::MAX),
-                };
-                self.f.on_timer(ts, &mut ctx)?;
-            }
-        }
+        self.fire(TimeDomain::Event, i64::MAX, Some(i64::MAX), out)?;
         let mut ctx = Context {
             out,
             store: self.store.as_ref(),
             key: None,
             info: &self.info,
-            now_ms,
+            now_ms: now_ms(),
             dropped: &mut self.dropped,
             watermark: Some(i64::MAX),
+            timers: &mut self.timers,
+            firing: None,
         };
         self.f.finish(&mut ctx)?;
         self.check(out, from)
+    }
+
+    /// The event time it has reached goes into each of its key groups.
+    fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
+        if let (Some(store), Some(wm)) = (&self.store, self.watermark) {
+            Timers::save_watermark(store, self.info.key_groups, wm, &self.floors)?;
+        }
+        Ok(None)
     }
 
     fn take_dropped(&mut self) -> u64 {
@@ -388,7 +499,6 @@ mod tests {
     }
 
     fn subtask(uid: &str, dir: &std::path::Path) -> (Box<dyn Operator>, StateBackend) {
-        let registry = Registry::builtin().with::<Timed>("timed");
         let backend = StateBackend::open(dir, &[uid.to_string()]).unwrap();
         let info = Info {
             uid: uid.into(),
@@ -397,11 +507,13 @@ mod tests {
             max_parallelism: 128,
             key_groups: (0, 127),
             input_fields: vec!["word".into()],
+            metrics: Default::default(),
         };
         let store = backend.keyed_store(uid, 128);
         let types = vec![FieldType::Text, FieldType::Integer];
-        let op = registry.make("timed", &Default::default(), info, Some(0), Some(store), types);
-        (op.unwrap(), backend)
+        let f = Timed::open(NoParams {}, &info).unwrap();
+        let op = Adapter::new(f, info, Some(0), Some(store), types).unwrap();
+        (Box::new(op), backend)
     }
 
     #[test]
@@ -435,6 +547,71 @@ mod tests {
         assert!(e.message.contains("\"again\"") && e.message.contains("never ends"), "{e}");
     }
 
+    /// Keyed by its only field; a processing-time timer 40 ms after each record, which
+    /// fires as `key,domain`.
+    struct Reminder;
+
+    impl Process for Reminder {
+        type Params = NoParams;
+        fn plan(_: &NoParams, input: InputFields<'_>) -> Result<Output, String> {
+            Ok(Output::fields([("k", FieldType::Text), ("domain", FieldType::Text)])
+                .keyed_by(input.fields[0].clone()))
+        }
+        fn open(_: NoParams, _: &Info) -> Result<Self, RuntimeError> {
+            Ok(Reminder)
+        }
+        fn process(&mut self, _: Record, ctx: &mut Context<'_>) -> Result<(), RuntimeError> {
+            let at = ctx.now_ms() + 40;
+            ctx.register_processing_timer(at)
+        }
+        fn on_timer(&mut self, _: i64, ctx: &mut Context<'_>) -> Result<(), RuntimeError> {
+            let key = String::from_utf8_lossy(ctx.current_key().unwrap()).into_owned();
+            let domain = format!("{:?}", ctx.time_domain().unwrap());
+            ctx.emit(vec![Value::str(&key), Value::str(&domain)]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn processing_time_timers_fire_on_the_tick_once_due_and_survive_a_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = StateBackend::open(dir.path(), &["r".to_string()]).unwrap();
+        let make = || {
+            let info = Info {
+                uid: "r".into(),
+                subtask: 0,
+                parallelism: 1,
+                max_parallelism: 128,
+                key_groups: (0, 127),
+                input_fields: vec!["word".into()],
+                metrics: Default::default(),
+            };
+            let store = Some(backend.keyed_store("r", 128));
+            let types = vec![FieldType::Text, FieldType::Text];
+            Adapter::new(Reminder, info, Some(0), store, types).unwrap()
+        };
+        let mut op = make();
+        let mut out = Vec::new();
+        op.process(0, vec![vec![Value::str("a")], vec![Value::str("b")]], &mut out).unwrap();
+        op.tick(&mut out).unwrap();
+        assert!(out.is_empty(), "not due yet: {out:?}");
+        // The subtask goes away before they are due; one on the same state has them.
+        drop(op);
+        let mut op = make();
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        op.tick(&mut out).unwrap();
+        let mut fired: Vec<String> = out.iter().map(|r| format!("{},{}", r[0], r[1])).collect();
+        fired.sort();
+        assert_eq!(fired, ["a,Processing", "b,Processing"]);
+        // Each fired once, and left the store; none fires at the end of the input.
+        out.clear();
+        op.tick(&mut out).unwrap();
+        op.process(0, vec![vec![Value::str("c")]], &mut out).unwrap();
+        op.finish(&mut out).unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(backend.scan("r").unwrap().len(), 1, "c's timer stays in the state");
+    }
+
     #[test]
     fn a_record_unlike_its_plan_and_a_bad_registration_are_errors() {
         let r = Registry::builtin()
@@ -455,19 +632,12 @@ mod tests {
             max_parallelism: 128,
             key_groups: (0, 127),
             input_fields: vec!["word".into()],
+            metrics: Default::default(),
         };
         // The plan said one text field; the operator emits two.
-        let mut op = Registry::builtin()
-            .with::<Timed>("timed")
-            .make(
-                "timed",
-                &Default::default(),
-                info,
-                Some(0),
-                Some(backend.keyed_store("t", 128)),
-                vec![FieldType::Text],
-            )
-            .unwrap();
+        let f = Timed::open(NoParams {}, &info).unwrap();
+        let store = Some(backend.keyed_store("t", 128));
+        let mut op = Adapter::new(f, info, Some(0), store, vec![FieldType::Text]).unwrap();
         let mut out = Vec::new();
         op.process(0, vec![vec![Value::str("a")]], &mut out).unwrap();
         let e = op.finish(&mut out).unwrap_err();

@@ -1,0 +1,233 @@
+//! The built-in operator types, registered by name in [`Registry::builtin`] through the same
+//! factories as a user's types ([`Registry::with`]): each makes one subtask of its type from
+//! what [`Build`] gives (its typed parameters in the plan, which the catalogue's planner in
+//! `weir-crds` checked, and the subtask's place, state and storage).
+
+use super::Registry;
+use super::metrics::Metrics;
+use crate::error::RuntimeError;
+use crate::exec::{JobMetrics, STATE_CACHE_ENTRIES};
+use crate::objstore::S3Client;
+use crate::operators::{
+    Blackhole, FileSink, FileSource, Filter, GeneratorSource, KeyedAggregate, Map, Operator,
+    SocketSource, Source, SourceFile, Split, Stdout, Throttle,
+};
+use crate::plan::{OpKind, Plan, PlanOp};
+use crate::state::{KeyedStore, StateBackend};
+
+/// What a factory makes one subtask of an operator from.
+pub struct Build<'a> {
+    pub(crate) plan: &'a Plan,
+    /// The operator, in the plan's order.
+    pub(crate) index: usize,
+    pub(crate) subtask: u32,
+    /// The subtask's state backend, for a keyed operator.
+    pub(crate) backend: Option<&'a StateBackend>,
+    pub(crate) metrics: &'a JobMetrics,
+    pub(crate) s3: Option<&'a S3Client>,
+    pub(crate) job_id: &'a str,
+    /// Whether the job takes checkpoints (a sink commits on them, or at the end).
+    pub(crate) checkpointed: bool,
+}
+
+impl Build<'_> {
+    /// The operator.
+    pub(crate) fn op(&self) -> &PlanOp {
+        &self.plan.ops[self.index]
+    }
+
+    /// The fields of its (first) input.
+    pub(crate) fn input_fields(&self) -> &[String] {
+        &self.plan.ops[self.op().inputs[0]].fields
+    }
+
+    /// The position of input field `name` (which the plan checked is there).
+    fn input_field(&self, name: &str) -> Result<usize, RuntimeError> {
+        self.input_fields().iter().position(|f| f == name).ok_or_else(|| {
+            RuntimeError::internal(format!(
+                "operator {:?}: its input has no field {name:?}, which its plan names",
+                self.op().uid
+            ))
+        })
+    }
+
+    /// Where the subtask stands, as the SDK tells an operator.
+    pub(crate) fn info(&self) -> super::Info {
+        let (plan, op) = (self.plan, self.op());
+        let r = crate::keygroup::KeyGroupRange::of_subtask(
+            plan.max_parallelism,
+            plan.parallelism,
+            self.subtask,
+        );
+        super::Info {
+            uid: op.uid.clone(),
+            subtask: self.subtask,
+            parallelism: plan.parallelism,
+            max_parallelism: plan.max_parallelism,
+            key_groups: (r.start, r.end),
+            input_fields: self.input_fields().to_vec(),
+            metrics: Metrics::new(self.metrics.user.clone(), self.index, self.subtask, &op.uid),
+        }
+    }
+
+    /// The keyed state of the subtask, for a keyed operator.
+    pub(crate) fn store(&self) -> Option<KeyedStore> {
+        self.backend.map(|b| b.keyed_store(&self.op().uid, self.plan.max_parallelism))
+    }
+
+    fn backend(&self) -> Result<&StateBackend, RuntimeError> {
+        self.backend.ok_or_else(|| {
+            RuntimeError::internal(format!(
+                "operator {:?} is keyed and has no state",
+                self.op().uid
+            ))
+        })
+    }
+
+    /// The operator's parameters are not of its type (a plan this build did not make).
+    fn mismatch(&self) -> RuntimeError {
+        RuntimeError::internal(format!(
+            "operator {:?}: the plan's parameters are not those of type {:?}",
+            self.op().uid,
+            self.op().type_name
+        ))
+    }
+}
+
+/// What a source's factory makes one subtask from.
+pub struct SourceBuild<'a> {
+    pub(crate) op: &'a PlanOp,
+    pub(crate) subtask: u32,
+    pub(crate) parallelism: u32,
+    /// A file source's files, listed before the job started.
+    pub(crate) files: &'a [SourceFile],
+    pub(crate) s3: Option<S3Client>,
+}
+
+impl SourceBuild<'_> {
+    fn mismatch(&self) -> RuntimeError {
+        RuntimeError::internal(format!(
+            "operator {:?}: the plan's parameters are not those of type {:?}",
+            self.op.uid, self.op.type_name
+        ))
+    }
+}
+
+type Made = Result<Box<dyn Operator>, RuntimeError>;
+
+fn split(b: &Build<'_>) -> Made {
+    let OpKind::Split(sp) = &b.op().kind else { return Err(b.mismatch()) };
+    Ok(Box::new(Split { field: b.input_field(&sp.field)? }))
+}
+
+fn map(b: &Build<'_>) -> Made {
+    let OpKind::Map(m) = &b.op().kind else { return Err(b.mismatch()) };
+    Ok(Box::new(Map::new(m, b.input_fields())))
+}
+
+fn filter(b: &Build<'_>) -> Made {
+    let OpKind::Filter(f) = &b.op().kind else { return Err(b.mismatch()) };
+    Ok(Box::new(Filter::new(f, b.input_fields())))
+}
+
+fn throttle(b: &Build<'_>) -> Made {
+    let OpKind::Throttle(t) = &b.op().kind else { return Err(b.mismatch()) };
+    Ok(Box::new(Throttle::new(t.rate_per_second)))
+}
+
+fn aggregate(b: &Build<'_>) -> Made {
+    let OpKind::Keyed { aggregate, field, .. } = &b.op().kind else { return Err(b.mismatch()) };
+    let field = field.as_deref().map(|f| b.input_field(f)).transpose()?;
+    let state = b.backend()?.value_state(&b.op().uid, b.plan.max_parallelism, STATE_CACHE_ENTRIES);
+    Ok(Box::new(KeyedAggregate::new(*aggregate, b.op().key_positions[0], field, state)))
+}
+
+fn window(b: &Build<'_>) -> Made {
+    let OpKind::TumblingWindowCount(w) = &b.op().kind else { return Err(b.mismatch()) };
+    let op = b.op();
+    let key_type = b.plan.ops[op.inputs[0]].types[op.key_positions[0]];
+    let store = b.store().ok_or_else(|| b.backend().err().unwrap_or_else(|| b.mismatch()))?;
+    Ok(Box::new(crate::window::TumblingWindowCount::new(
+        w,
+        b.info(),
+        key_type,
+        store,
+        op.types.clone(),
+    )?))
+}
+
+fn stdout(_: &Build<'_>) -> Made {
+    Ok(Box::new(Stdout::default()))
+}
+
+fn blackhole(_: &Build<'_>) -> Made {
+    Ok(Box::new(Blackhole))
+}
+
+fn file_sink(b: &Build<'_>) -> Made {
+    let OpKind::FileSink(f) = &b.op().kind else { return Err(b.mismatch()) };
+    Ok(Box::new(FileSink::new(&f.path, b.s3, b.job_id, b.subtask, b.checkpointed)?))
+}
+
+type MadeSource = Result<Box<dyn Source>, RuntimeError>;
+type MakeOne = fn(&Build<'_>) -> Made;
+type MakeOneSource = fn(SourceBuild<'_>) -> MadeSource;
+
+fn generator(b: SourceBuild<'_>) -> MadeSource {
+    let OpKind::Generator(g) = &b.op.kind else { return Err(b.mismatch()) };
+    Ok(Box::new(GeneratorSource::new(g.clone(), b.subtask, b.parallelism)))
+}
+
+fn file_source(b: SourceBuild<'_>) -> MadeSource {
+    let OpKind::FileSource(f) = &b.op.kind else { return Err(b.mismatch()) };
+    Ok(Box::new(FileSource::new(b.files, b.s3, f.rate_per_second, b.subtask, b.parallelism)))
+}
+
+fn socket(b: SourceBuild<'_>) -> MadeSource {
+    let OpKind::Socket(so) = &b.op.kind else { return Err(b.mismatch()) };
+    Ok(Box::new(SocketSource::new(&so.host, so.port, b.subtask)?))
+}
+
+/// `registry` with every built-in type.
+pub(crate) fn register(registry: Registry) -> Registry {
+    let operators: [(&str, MakeOne); 12] = [
+        ("split", split),
+        ("map", map),
+        ("filter", filter),
+        ("throttle", throttle),
+        ("count", aggregate),
+        ("sum", aggregate),
+        ("min", aggregate),
+        ("max", aggregate),
+        ("tumbling_window_count", window),
+        ("stdout", stdout),
+        ("blackhole", blackhole),
+        ("file_sink", file_sink),
+    ];
+    let sources: [(&str, MakeOneSource); 3] =
+        [("generator", generator), ("file_source", file_source), ("socket", socket)];
+    let mut r = registry;
+    for (name, make) in operators {
+        r = r.factory(name, Box::new(make));
+    }
+    for (name, make) in sources {
+        r = r.source_factory(name, Box::new(make));
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_of_the_catalogue_has_a_factory_and_no_other_is_built_in() {
+        let r = Registry::builtin();
+        let mut made: Vec<&str> = r.factories().collect();
+        made.sort();
+        let mut catalogue: Vec<&str> = weir_crds::plan::OPERATOR_TYPES.to_vec();
+        catalogue.sort();
+        assert_eq!(made, catalogue);
+        assert_eq!(r.types().count(), 0, "no type of a user's");
+    }
+}
