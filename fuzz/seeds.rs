@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use weir_runtime::align;
+use weir_runtime::exchange::align;
 use weir_runtime::auth::JobSecret;
 use weir_runtime::checkpoint::{
     self, InFlightHandle, MAGIC_V1, Metadata, OperatorState, Settings, TaskAck,
@@ -21,7 +21,7 @@ use weir_runtime::control::{
 use weir_runtime::record::{Record, Value};
 use weir_runtime::savepoint::{self, KeyedFile, KeyedFormat};
 use weir_runtime::snapshot::{SnapshotFile, StateHandle};
-use weir_runtime::wire::{self, Barrier, Header, Kind};
+use weir_runtime::exchange::wire::{self, Barrier, Header, Kind};
 
 libfuzzer_sys::fuzz_target!(|_data: &[u8]| {});
 

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir_runtime::align;
+use weir_runtime::exchange::align;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(records) = align::decode_in_flight(data) else { return };

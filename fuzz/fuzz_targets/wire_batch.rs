@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir_runtime::wire;
+use weir_runtime::exchange::wire;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(batch) = wire::decode_batch(data) else { return };

@@ -8,7 +8,7 @@
 use std::io::{Cursor, Read};
 
 use libfuzzer_sys::fuzz_target;
-use weir_runtime::wire::{self, HEADER_LEN, Header, Kind};
+use weir_runtime::exchange::wire::{self, HEADER_LEN, Header, Kind};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(b) = wire::decode_barrier(data) {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use weir_crds::StorageUri;
+use weir_runtime::connectors::SplitMix64;
 use weir_runtime::objstore::S3Client;
-use weir_runtime::operators::SplitMix64;
 use weir_runtime::snapshot;
 use weir_runtime::state::StateBackend;
 use weir_runtime::storage::{Prefixed, Storage};

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use weir_crds::StorageUri;
+use weir_runtime::connectors::SplitMix64;
 use weir_runtime::keygroup::{KeyGroupRange, key_group_of, subtask_of};
 use weir_runtime::objstore::S3Client;
-use weir_runtime::operators::SplitMix64;
 use weir_runtime::savepoint::{
     GETS_IN_FLIGHT, KeyedFile, KeyedFormat, Restored, restore_keyed, save_keyed_as,
 };

@@ -30,21 +30,22 @@ use std::collections::HashMap;
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
-use crate::align::{Action, Aligner, InFlightRecords};
 use crate::checkpoint::{
     InFlightHandle, Metadata, OperatorState, Restored, Settings, TaskAck, now_ms,
 };
+use crate::connectors::SourceFile;
 use crate::error::RuntimeError;
+use crate::exchange::align::{Action, Aligner, InFlightRecords};
+use crate::exchange::wire::Barrier;
 use crate::exchange::{InChannel, Inbox, Msg, Network, Outlet, Route, cancelled};
 use crate::keygroup::{key_group_of, subtask_of};
 use crate::objstore::S3Client;
-use crate::operators::{Operator, Source, SourceFile};
+use crate::operator::{Operator, Source};
 use crate::plan::{FieldType, OpKind, Plan};
 use crate::record::Record;
 use crate::snapshot::StateHandle;
 use crate::state::{DeferredWrite, LocalSnapshot, StateBackend, StateBackendKind};
 use crate::storage::Storage;
-use crate::wire::Barrier;
 
 /// Records per batch on an exchange.
 pub const BATCH: usize = 1024;
@@ -799,7 +800,7 @@ impl Chain {
                     result = match rx.recv() {
                         Ok(records) if records.is_empty() => Ok(()),
                         Ok(records) => {
-                            let bytes = crate::align::encode_in_flight(&records);
+                            let bytes = crate::exchange::align::encode_in_flight(&records);
                             let handle = InFlightHandle {
                                 key: in_flight_key,
                                 bytes: bytes.len() as u64,
@@ -970,17 +971,18 @@ pub fn run_worker(
     let mut files_of: BTreeMap<usize, Vec<SourceFile>> = BTreeMap::new();
     for (i, op) in plan.ops.iter().enumerate() {
         if let OpKind::FileSource(f) = &op.kind {
-            let files = crate::operators::list_source_files(&f.path, s3.as_ref()).map_err(|e| {
-                RuntimeError {
-                    message: format!(
-                        "operator {:?} ({}): {}: check its path",
-                        op.uid,
-                        op.type_name,
-                        e.message.strip_prefix("file_source: ").unwrap_or(&e.message)
-                    ),
-                    ..e
-                }
-            })?;
+            let files =
+                crate::connectors::list_source_files(&f.path, s3.as_ref()).map_err(|e| {
+                    RuntimeError {
+                        message: format!(
+                            "operator {:?} ({}): {}: check its path",
+                            op.uid,
+                            op.type_name,
+                            e.message.strip_prefix("file_source: ").unwrap_or(&e.message)
+                        ),
+                        ..e
+                    }
+                })?;
             files_of.insert(i, files);
         }
     }
@@ -1272,8 +1274,8 @@ pub fn run_worker(
                                                 ck.restore_storage.describe(&h.key)
                                             ))
                                         })?;
-                                    let records =
-                                        crate::align::decode_in_flight(&bytes).map_err(|e| {
+                                    let records = crate::exchange::align::decode_in_flight(&bytes)
+                                        .map_err(|e| {
                                             RuntimeError::damaged(format!(
                                                 "{}: {e}",
                                                 ck.restore_storage.describe(&h.key)
@@ -1303,7 +1305,7 @@ pub fn run_worker(
                                     if states.is_empty() {
                                         continue; // a new operator starts empty
                                     }
-                                    let at = crate::operators::Rescale {
+                                    let at = crate::operator::Rescale {
                                         uid: cop.uid.clone(),
                                         subtask: s,
                                         parallelism: p,

@@ -4,9 +4,11 @@
 //! - [`error`], [`objstore`], [`storage`]: errors that say whose they are, a blocking S3
 //!   client, and where checkpoints and savepoints go (from `weir-storage`);
 //! - [`state`]: keyed state in RocksDB with a write-back cache;
-//! - [`record`], [`operators`], [`window`]: records and the built-in operators;
+//! - [`record`]: records and their values;
+//! - [`connectors`], [`transforms`], [`aggregate`], [`window`]: the built-in sources and
+//!   sinks, stateless transformations, keyed aggregates and windows;
 //! - [`plan`]: a StreamJob's pipeline checked and typed;
-//! - [`wire`], [`exchange`]: batches on the wire; exchanges over channels and over TCP
+//! - [`exchange`]: batches on the wire ([`exchange::wire`]); exchanges over channels and over TCP
 //!   with credit-based flow control;
 //! - [`exec`]: running a plan's subtasks as threads, chained into tasks;
 //! - [`auth`]: the job's secret and the handshakes it opens connections with;
@@ -17,27 +19,27 @@
 //!
 //! Checkpoints and savepoints build on these layers.
 
-pub mod align;
+pub mod aggregate;
 pub mod api;
 pub mod auth;
 pub mod checkpoint;
 mod cli;
 pub mod client;
+pub mod connectors;
 pub mod control;
 pub mod coordinator;
 pub mod exchange;
 pub mod exec;
 pub mod keygroup;
 pub mod operator;
-pub mod operators;
 pub mod plan;
 pub mod record;
 pub mod savepoint;
 pub mod schema;
 pub mod snapshot;
 pub mod state;
+pub mod transforms;
 pub mod window;
-pub mod wire;
 pub mod worker;
 
 pub use cli::main;

@@ -33,9 +33,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::RuntimeError;
+use crate::exchange::wire::put_varint;
 use crate::state::{LocalSnapshot, StateBackend, StateBackendKind, StateError, sst_options};
 use crate::storage::Storage;
-use crate::wire::put_varint;
 
 /// The first bytes of a keyed state file of format 1 (entries).
 pub const KEYED_MAGIC: &[u8] = b"WEIR-KEYED 1\n";
@@ -847,7 +847,7 @@ fn read_whole_entries(
     loop {
         let mut p = at;
         let mut part = || -> Result<Option<&[u8]>, String> {
-            let n = match crate::wire::get_varint(bytes, &mut p) {
+            let n = match crate::exchange::wire::get_varint(bytes, &mut p) {
                 Ok(n) if n >= TOO_LONG => return Err(format!("an entry of {n} bytes")),
                 Ok(n) => n as usize,
                 Err(None) => return Ok(None),
@@ -1313,7 +1313,7 @@ mod tests {
     #[test]
     fn savepoint_tables_are_compressed_only_when_the_state_compresses() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut rng = crate::operators::SplitMix64::new(7);
+        let mut rng = crate::connectors::SplitMix64::new(7);
         for compresses in [true, false] {
             let mut es = Vec::new();
             for g in 0..4u16 {

@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::unbounded;
 use weir_runtime::auth::{self, JobSecret};
 use weir_runtime::error::RuntimeError;
+use weir_runtime::exchange::wire::{self, Header, Kind};
 use weir_runtime::exchange::{MAX_HANDSHAKES, Msg, Network};
 use weir_runtime::record::Value;
-use weir_runtime::wire::{self, Header, Kind};
 
 const MAGIC: &[u8; 8] = b"WEIRXCH4";
 const ACCEPTOR: &[u8] = b"weir exchange acceptor";

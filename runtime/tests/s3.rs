@@ -14,9 +14,10 @@ use std::process::{Command, Output};
 
 use weir_crds::StorageUri;
 use weir_crds::streamjob::S3Spec;
+use weir_runtime::connectors::{FileSink, FileSource, list_source_files};
 use weir_runtime::error::Whose;
 use weir_runtime::objstore::{Credentials, S3Client};
-use weir_runtime::operators::{FileSink, FileSource, Operator, Source, list_source_files};
+use weir_runtime::operator::{Operator, Source};
 use weir_runtime::record::Value;
 
 fn env(name: &str) -> String {
@@ -436,7 +437,7 @@ fn large_objects_are_read_in_ranges_and_sink_parts_roll() {
     let b = bucket();
     let base = unique_prefix("large");
     // Lines of different lengths across several read chunks.
-    let chunk = weir_runtime::operators::S3_READ_CHUNK as usize;
+    let chunk = weir_runtime::connectors::S3_READ_CHUNK as usize;
     let mut text = String::new();
     let mut lines = Vec::new();
     let mut i = 0u64;

@@ -570,7 +570,7 @@ fn stopping_savepoints_with_workers_killed_around_them_lose_and_duplicate_nothin
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
             as u64;
     eprintln!("kill seed {seed}");
-    let mut rng = weir_runtime::operators::SplitMix64::new(seed);
+    let mut rng = weir_runtime::connectors::SplitMix64::new(seed);
     let mut after_completion = 0;
     let mut from: Option<String> = None;
     let mut stops = 0;

@@ -13,7 +13,7 @@ fn keys(entries: &[Entry]) -> Vec<&str> {
 
 /// Bytes that differ at every position, so a range taken from the wrong place shows.
 fn pattern(n: usize, seed: u64) -> Vec<u8> {
-    let mut rng = weir_runtime::operators::SplitMix64::new(seed);
+    let mut rng = weir_runtime::connectors::SplitMix64::new(seed);
     (0..n.div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).take(n).collect()
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use weir_runtime::operators::SplitMix64;
+use weir_runtime::connectors::SplitMix64;
 
 use process::{Proc, WEIR, wait_running};
 

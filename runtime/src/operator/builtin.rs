@@ -5,15 +5,17 @@
 
 use super::Registry;
 use super::metrics::Metrics;
+use super::{Operator, Source};
+use crate::aggregate::KeyedAggregate;
+use crate::connectors::{
+    Blackhole, FileSink, FileSource, GeneratorSource, SocketSource, SourceFile, Stdout,
+};
 use crate::error::RuntimeError;
 use crate::exec::{JobMetrics, STATE_CACHE_ENTRIES};
 use crate::objstore::S3Client;
-use crate::operators::{
-    Blackhole, FileSink, FileSource, Filter, GeneratorSource, KeyedAggregate, Map, Operator,
-    SocketSource, Source, SourceFile, Split, Stdout, Throttle,
-};
 use crate::plan::{OpKind, Plan, PlanOp};
 use crate::state::{KeyedStore, StateBackend};
+use crate::transforms::{Filter, Map, Split, Throttle};
 
 /// What a factory makes one subtask of an operator from.
 pub struct Build<'a> {

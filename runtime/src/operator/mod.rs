@@ -30,6 +30,7 @@
 
 pub(crate) mod builtin;
 mod context;
+mod engine;
 pub mod metrics;
 mod registry;
 mod timers;
@@ -37,6 +38,8 @@ mod timers;
 use serde::de::DeserializeOwned;
 
 pub use context::{Context, ListState, MapState, ValueState};
+pub(crate) use engine::bad_state;
+pub use engine::{Operator, Rescale, Source};
 pub(crate) use registry::Adapter;
 pub use registry::{Registry, install, registry};
 pub use timers::TimeDomain;

@@ -13,7 +13,7 @@ use super::timers::{TimeDomain, Timers};
 use super::{Context, FieldType, Info, Process};
 use crate::error::RuntimeError;
 use crate::keygroup::key_group_of;
-use crate::operators::{Operator, Source};
+use crate::operator::{Operator, Source};
 use crate::record::Record;
 use crate::state::KeyedStore;
 

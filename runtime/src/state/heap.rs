@@ -16,7 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::{Backend, Batch, HeapImage, LocalSnapshot, StateBackendKind, StateError, Table};
 use crate::error::RuntimeError;
-use crate::wire::put_varint;
+use crate::exchange::wire::put_varint;
 
 /// What an entry costs beyond its key's and value's bytes, as counted in the state's size:
 /// the map's node share and the two allocations' headers (an estimate).

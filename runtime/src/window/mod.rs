@@ -14,7 +14,7 @@
 use crate::error::RuntimeError;
 use crate::keygroup::{KeyGroup, key_group_of};
 use crate::operator::{Adapter, Context, FieldType, Info, InputFields, MapState, Output, Process};
-use crate::operators::{Operator, Rescale};
+use crate::operator::{Operator, Rescale};
 use crate::plan::WindowSpec;
 use crate::record::{Record, Value};
 

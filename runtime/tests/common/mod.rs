@@ -16,7 +16,7 @@ pub fn word_texts(
     crlf: Option<usize>,
     no_final_newline: Option<usize>,
 ) -> (Vec<String>, BTreeMap<String, u64>) {
-    let mut rng = weir_runtime::operators::SplitMix64::new(seed);
+    let mut rng = weir_runtime::connectors::SplitMix64::new(seed);
     let mut counts = BTreeMap::new();
     let mut texts = Vec::new();
     for f in 0..files {

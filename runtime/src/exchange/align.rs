@@ -20,9 +20,9 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use crate::exchange::wire::Barrier;
 use crate::exchange::{Inbox, Msg};
 use crate::record::Record;
-use crate::wire::Barrier;
 
 /// Records in flight at a subtask, with the input each came on.
 pub type InFlightRecords = Vec<(u32, Vec<Record>)>;
@@ -37,7 +37,7 @@ pub fn encode_in_flight(records: &[(u32, Vec<Record>)]) -> Vec<u8> {
     let mut batch = Vec::new();
     for (input, b) in records {
         batch.clear();
-        crate::wire::encode_batch(b, &mut batch);
+        crate::exchange::wire::encode_batch(b, &mut batch);
         out.extend_from_slice(&input.to_le_bytes());
         out.extend_from_slice(&(batch.len() as u32).to_le_bytes());
         out.extend_from_slice(&batch);
@@ -60,7 +60,7 @@ pub fn decode_in_flight(bytes: &[u8]) -> Result<InFlightRecords, String> {
         if rest.len() < 8 + len {
             return Err("in-flight records cut short".into());
         }
-        out.push((input, crate::wire::decode_batch(&rest[8..8 + len])?));
+        out.push((input, crate::exchange::wire::decode_batch(&rest[8..8 + len])?));
         rest = &rest[8 + len..];
     }
     Ok(out)

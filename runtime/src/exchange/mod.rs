@@ -17,7 +17,7 @@
 //! before it sends anything else: what a consumer holds stays bounded by the credits. The consumer takes
 //! every message off its channels as it arrives (holding the credit of a batch until it has
 //! processed it), so it sees a barrier however many batches are ahead of it, and stores
-//! those batches with the checkpoint ([`crate::align`]).
+//! those batches with the checkpoint ([`align`]).
 //!
 //! Workers connect in a full mesh: worker `a` opens one connection to every worker `b`,
 //! carrying the batches from `a`'s subtasks to `b`'s and the credits back. A consumer
@@ -58,6 +58,9 @@
 //! every peer is in, the connect timeout passes or the job is cancelled; then the acceptor
 //! stops and the listener is left for the next attempt.
 
+pub mod align;
+pub mod wire;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -71,7 +74,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, unboun
 use crate::auth::{self, JobSecret, NONCE_LEN, Nonce, PROOF_LEN};
 use crate::error::RuntimeError;
 use crate::record::Record;
-use crate::wire::{self, Barrier, HEADER_LEN, Header, Kind};
+use wire::{Barrier, HEADER_LEN, Header, Kind};
 
 /// Batches a producer may have in flight on one channel to another worker.
 pub const CREDITS: usize = 8;
