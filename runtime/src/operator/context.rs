@@ -395,15 +395,7 @@ mod tests {
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let backend = StateBackend::open(dir.path(), &["op".to_string()]).unwrap();
-        let info = Info {
-            uid: "op".into(),
-            subtask: 0,
-            parallelism: 1,
-            max_parallelism: 128,
-            key_groups: (0, 127),
-            input_fields: vec!["k".into()],
-            metrics: Default::default(),
-        };
+        let info = Info::sole("op", &["k"]);
         Fixture { _dir: dir, backend, info }
     }
 

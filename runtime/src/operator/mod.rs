@@ -133,6 +133,20 @@ pub struct Info {
 }
 
 impl Info {
+    /// Subtask 0 of 1 of operator `uid`, with 128 key groups, over `fields`.
+    #[cfg(test)]
+    pub(crate) fn sole(uid: &str, fields: &[&str]) -> Self {
+        Self {
+            uid: uid.into(),
+            subtask: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+            key_groups: (0, 127),
+            input_fields: fields.iter().map(|f| f.to_string()).collect(),
+            metrics: Default::default(),
+        }
+    }
+
     /// The position of input field `name` in a record.
     pub fn field(&self, name: &str) -> Option<usize> {
         self.input_fields.iter().position(|f| f == name)

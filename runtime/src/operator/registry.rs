@@ -500,15 +500,7 @@ mod tests {
 
     fn subtask(uid: &str, dir: &std::path::Path) -> (Box<dyn Operator>, StateBackend) {
         let backend = StateBackend::open(dir, &[uid.to_string()]).unwrap();
-        let info = Info {
-            uid: uid.into(),
-            subtask: 0,
-            parallelism: 1,
-            max_parallelism: 128,
-            key_groups: (0, 127),
-            input_fields: vec!["word".into()],
-            metrics: Default::default(),
-        };
+        let info = Info::sole(uid, &["word"]);
         let store = backend.keyed_store(uid, 128);
         let types = vec![FieldType::Text, FieldType::Integer];
         let f = Timed::open(NoParams {}, &info).unwrap();
@@ -577,15 +569,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backend = StateBackend::open(dir.path(), &["r".to_string()]).unwrap();
         let make = || {
-            let info = Info {
-                uid: "r".into(),
-                subtask: 0,
-                parallelism: 1,
-                max_parallelism: 128,
-                key_groups: (0, 127),
-                input_fields: vec!["word".into()],
-                metrics: Default::default(),
-            };
+            let info = Info::sole("r", &["word"]);
             let store = Some(backend.keyed_store("r", 128));
             let types = vec![FieldType::Text, FieldType::Text];
             Adapter::new(Reminder, info, Some(0), store, types).unwrap()
@@ -625,15 +609,7 @@ mod tests {
         assert!(e.contains("\"Bad-Name\" cannot be registered"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let backend = StateBackend::open(dir.path(), &["t".to_string()]).unwrap();
-        let info = Info {
-            uid: "t".into(),
-            subtask: 0,
-            parallelism: 1,
-            max_parallelism: 128,
-            key_groups: (0, 127),
-            input_fields: vec!["word".into()],
-            metrics: Default::default(),
-        };
+        let info = Info::sole("t", &["word"]);
         // The plan said one text field; the operator emits two.
         let f = Timed::open(NoParams {}, &info).unwrap();
         let store = Some(backend.keyed_store("t", 128));

@@ -291,15 +291,7 @@ mod tests {
         key_groups: (u16, u16),
         key_type: FieldType,
     ) -> TumblingWindowCount {
-        let info = Info {
-            uid: "w".into(),
-            subtask: 0,
-            parallelism: 1,
-            max_parallelism: 128,
-            key_groups,
-            input_fields: vec!["k".into(), "ts".into()],
-            metrics: Default::default(),
-        };
+        let info = Info { key_groups, ..Info::sole("w", &["k", "ts"]) };
         let types = vec![FieldType::Text, FieldType::Integer, FieldType::Integer];
         TumblingWindowCount::new(&spec(), info, key_type, backend.keyed_store("w", 128), types)
             .unwrap()
