@@ -144,24 +144,18 @@ impl Driver<'_> {
                     };
                     self.attempt += 1;
                     // (Kept: should that attempt fail too, the next one restores it again.)
-                    if let Some((m, uri)) = self.stopped_into.clone() {
-                        // Stopped into a savepoint, then failed before every worker ended (and
-                        // so perhaps before every sink committed): the next attempt restores
-                        // it, which commits what it holds, and ends at once.
-                        self.restore_from = Some(m);
-                        self.restore_uri = Some(uri);
-                        self.stop_at_start = true;
+                    if let Some((from, uri)) = self.stopped_into.clone() {
+                        self.start = Start::CommitAndEnd { from, uri };
                     } else if let Some(own) = self.completed.back() {
-                        self.restore_from = Some(own.clone());
-                        self.restore_uri = None;
+                        self.start = Start::Restore { from: own.clone(), uri: None };
                     }
-                    let from = match &self.restore_from {
-                        Some(m) if self.stop_at_start => format!(
+                    let from = match &self.start {
+                        Start::CommitAndEnd { from: m, .. } => format!(
                             "from {}, which it stopped into, to commit what it holds and end",
                             m.describe()
                         ),
-                        Some(m) => format!("from {}", m.describe()),
-                        None => "from the beginning (no checkpoint completed yet)".into(),
+                        Start::Restore { from: m, .. } => format!("from {}", m.describe()),
+                        Start::Fresh => "from the beginning (no checkpoint completed yet)".into(),
                     };
                     eprintln!(
                         "weir: coordinator: {}; restarting in {:.1} s {from} (attempt {}{})",
@@ -357,8 +351,8 @@ impl Driver<'_> {
                 (0..p).filter(|&s| worker_of[s as usize] == worker as u32).collect();
             // At another parallelism every subtask may take state of any old one.
             let restore = self
-                .restore_from
-                .as_ref()
+                .start
+                .metadata()
                 .map(|m| {
                     m.operators
                         .iter()
@@ -373,9 +367,9 @@ impl Driver<'_> {
                 job_dir: ck.dir.clone(),
                 after_id: self.last_id,
                 restore,
-                restored_parallelism: self.restore_from.as_ref().map(|m| m.parallelism),
-                restore_storage: self.restore_uri.clone(),
-                stop_at_start: self.stop_at_start,
+                restored_parallelism: self.start.metadata().map(|m| m.parallelism),
+                restore_storage: self.start.uri().cloned(),
+                stop_at_start: self.start.ends_at_once(),
             }
         });
         Assignment {
@@ -442,7 +436,7 @@ impl Driver<'_> {
         let mut final_acks: BTreeMap<(String, u32), TaskAck> = BTreeMap::new();
         let mut final_sent = false;
         // A savepoint that stops the job was triggered: no checkpoint after it.
-        let mut stop_savepoint = self.stop_at_start;
+        let mut stop_savepoint = self.start.ends_at_once();
         let mut failures_in_a_row: u32 = 0;
         let attempt_start = Instant::now();
         let mut last_trigger: Option<Instant> = None;

@@ -265,6 +265,42 @@ struct Checkpointing {
     root: Arc<dyn Storage>,
 }
 
+/// What an attempt starts from.
+enum Start {
+    /// The beginning: there is nothing to restore.
+    Fresh,
+    /// A checkpoint or a savepoint; `uri` is the directory its files are in when it is not
+    /// one of this job's own checkpoints.
+    Restore { from: Metadata, uri: Option<StorageUri> },
+    /// The savepoint that stopped the job (the job failed before every worker ended, and so
+    /// perhaps before every sink committed): restore it, which commits what it holds, and
+    /// end at once.
+    CommitAndEnd { from: Metadata, uri: StorageUri },
+}
+
+impl Start {
+    /// The checkpoint or savepoint it restores.
+    fn metadata(&self) -> Option<&Metadata> {
+        match self {
+            Start::Fresh => None,
+            Start::Restore { from, .. } | Start::CommitAndEnd { from, .. } => Some(from),
+        }
+    }
+
+    /// Where the files of what it restores are, when not in the job's own directory.
+    fn uri(&self) -> Option<&StorageUri> {
+        match self {
+            Start::Fresh => None,
+            Start::Restore { uri, .. } => uri.as_ref(),
+            Start::CommitAndEnd { uri, .. } => Some(uri),
+        }
+    }
+
+    fn ends_at_once(&self) -> bool {
+        matches!(self, Start::CommitAndEnd { .. })
+    }
+}
+
 /// The coordinator's state while the job runs.
 struct Driver<'a> {
     c: &'a Coordinator,
@@ -281,18 +317,13 @@ struct Driver<'a> {
     job_id: String,
     /// Completed checkpoints of this job id, oldest first.
     completed: VecDeque<Metadata>,
-    /// The checkpoint the next attempt starts from.
-    restore_from: Option<Metadata>,
-    /// The directory `restore_from` refers to its files in, when it is another job's (or a
-    /// savepoint).
-    restore_uri: Option<StorageUri>,
+    /// What the next attempt starts from.
+    start: Start,
     /// Where savepoints go unless a request says otherwise.
     savepoint_root: Option<StorageUri>,
     /// The savepoint that stopped the job, once complete: a failure before the job ended
     /// restarts from it.
     stopped_into: Option<(Metadata, StorageUri)>,
-    /// The next attempt restores the savepoint that stopped the job and ends at once.
-    stop_at_start: bool,
     /// The last checkpoint id used.
     last_id: u64,
     restarts: Restarts,
@@ -487,11 +518,12 @@ impl<'a> Driver<'a> {
             ck,
             job_id,
             completed,
-            restore_from,
-            restore_uri,
+            start: match restore_from {
+                None => Start::Fresh,
+                Some(from) => Start::Restore { from, uri: restore_uri },
+            },
             savepoint_root,
             stopped_into: None,
-            stop_at_start: false,
             last_id,
             restarts: Restarts::new(&c.spec.restart_strategy),
             attempt: 0,
