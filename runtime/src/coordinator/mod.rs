@@ -536,3 +536,42 @@ impl<'a> Driver<'a> {
         Ok(d)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operator::metrics::{MAX_METRICS, UserMetric};
+    use weir_crds::api::MetricKind;
+
+    fn metric(name: &str, subtask: u32, value: i64) -> UserMetric {
+        UserMetric { name: name.into(), kind: MetricKind::Counter, subtask, value }
+    }
+
+    /// What a worker reports is untrusted: the coordinator shows only well-named metrics of
+    /// subtasks that exist, once each, and at most its limit per subtask.
+    #[test]
+    fn user_metrics_from_the_workers_are_checked_before_they_are_shown() {
+        let mut flood: Vec<(u32, UserMetric)> =
+            (0..MAX_METRICS as i64 + 10).map(|i| (0, metric(&format!("m{i}"), 1, i))).collect();
+        flood.extend([
+            (0, metric("alerts", 0, 3)),
+            (0, metric("alerts", 0, 99)), // twice: the first one counts
+            (0, metric("Bad-Name", 0, 1)),
+            (0, metric("weir_x{a=\"b\"}", 0, 1)),
+            (0, metric("", 0, 1)),
+            (0, metric("beyond", 2, 1)), // subtask 2 of 2 does not exist
+            (1, metric("other_operator", 0, 1)),
+        ]);
+        let progress =
+            vec![Progress { user_metrics: flood, ..Default::default() }, Progress::default()];
+        let shown = user_metrics_of(&progress, 0, 2);
+        let of = |s: u32| shown.iter().filter(|m| m.subtask == s).count();
+        assert_eq!(of(1), MAX_METRICS, "subtask 1 is capped");
+        assert_eq!(of(0), 1, "{shown:?}");
+        let alerts = shown.iter().find(|m| m.subtask == 0).unwrap();
+        assert_eq!((alerts.name.as_str(), alerts.value), ("alerts", 3));
+        assert!(shown.iter().all(|m| m.subtask < 2));
+        let other = user_metrics_of(&progress, 1, 2);
+        assert_eq!(other.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["other_operator"]);
+    }
+}
