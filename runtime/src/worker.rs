@@ -398,13 +398,17 @@ fn run_job(
                     continue;
                 }
                 last = Instant::now();
+                // The operators' own metrics before the engine's counts: what they counted
+                // came from records the counts already hold (a counter of records judged is
+                // never above the records in).
+                let user_metrics = metrics.user_metrics();
                 let records = metrics.records_in_order();
                 let msg = ToCoordinator::Progress {
                     records,
                     state_bytes: metrics.state_bytes(),
                     dropped: metrics.dropped_in_order(),
                     subtask_state_bytes: metrics.subtask_state_bytes(),
-                    user_metrics: metrics.user_metrics(),
+                    user_metrics,
                 };
                 if writer.send(&msg).is_err() {
                     return;

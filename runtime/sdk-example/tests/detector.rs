@@ -134,22 +134,31 @@ fn run(file: &Path, dir: &Path, args: &[&str]) -> Proc {
 /// The detector's own metrics, as the job serves them: every subtask has judged some
 /// transactions (none more than came in), in `/v1/job` and on `/metrics`.
 fn check_metrics(api: &str, p: u32) {
-    let info = process::job_info(api).expect("/v1/job");
-    let ops = info["operators"].as_array().unwrap();
-    let fraud = ops.iter().find(|o| o["uid"] == "fraud").expect("the detector");
-    let metrics = fraud["metrics"].as_array().cloned().unwrap_or_default();
-    let judged: Vec<i64> = (0..p)
-        .map(|s| {
-            let m = metrics
-                .iter()
-                .find(|m| m["name"] == "transactions" && m["subtask"] == s)
-                .unwrap_or_else(|| panic!("no transactions counter of subtask {s}: {metrics:?}"));
-            assert_eq!(m["kind"], "counter");
-            m["value"].as_i64().unwrap()
-        })
-        .collect();
-    assert!(judged.iter().all(|&n| n > 0), "{judged:?}");
-    let came_in = fraud["recordsIn"].as_i64().unwrap();
+    // Each worker reports with its progress, a few times a second: wait for every subtask's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (judged, came_in) = loop {
+        let info = process::job_info(api).expect("/v1/job");
+        let ops = info["operators"].as_array().unwrap();
+        let fraud = ops.iter().find(|o| o["uid"] == "fraud").expect("the detector").clone();
+        let metrics = fraud["metrics"].as_array().cloned().unwrap_or_default();
+        let judged: Vec<Option<i64>> = (0..p)
+            .map(|s| {
+                let m =
+                    metrics.iter().find(|m| m["name"] == "transactions" && m["subtask"] == s)?;
+                assert_eq!(m["kind"], "counter");
+                m["value"].as_i64()
+            })
+            .collect();
+        if judged.iter().all(|n| n.is_some_and(|n| n > 0)) {
+            let judged: Vec<i64> = judged.into_iter().flatten().collect();
+            break (judged, fraud["recordsIn"].as_i64().unwrap());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every subtask's transactions counter came up: {judged:?} in {metrics:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(judged.iter().sum::<i64>() <= came_in, "{judged:?} of {came_in}");
     let (code, text) = process::request(api, "GET", "/metrics", None).expect("/metrics");
     assert_eq!(code, 200);

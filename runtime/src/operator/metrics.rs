@@ -55,10 +55,11 @@ impl Counter {
 
     pub fn add(&self, n: u64) {
         let n = i64::try_from(n).unwrap_or(i64::MAX);
-        // Saturates instead of wrapping into negative counts.
+        // Saturates instead of wrapping into negative counts. Release: a report that reads
+        // this count (Acquire) sees the engine's counts of the records that led to it.
         let _ = self
             .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(n)));
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |v| Some(v.saturating_add(n)));
     }
 
     pub fn get(&self) -> i64 {
@@ -72,7 +73,7 @@ pub struct Gauge(Arc<AtomicI64>);
 
 impl Gauge {
     pub fn set(&self, v: i64) {
-        self.0.store(v, Ordering::Relaxed);
+        self.0.store(v, Ordering::Release);
     }
 
     pub fn get(&self) -> i64 {
@@ -140,7 +141,7 @@ pub(crate) fn report(registry: &Registry) -> Vec<(u32, UserMetric)> {
                 name: m.name.clone(),
                 kind: m.kind,
                 subtask: m.subtask,
-                value: m.value.load(Ordering::Relaxed),
+                value: m.value.load(Ordering::Acquire),
             };
             (m.operator as u32, metric)
         })
