@@ -148,7 +148,7 @@ fn window(b: &Build<'_>) -> Made {
     let OpKind::TumblingWindowCount(w) = &b.op().kind else { return Err(b.mismatch()) };
     let op = b.op();
     let key_type = b.plan.ops[op.inputs[0]].types[op.key_positions[0]];
-    let store = b.store().ok_or_else(|| b.backend().err().unwrap_or_else(|| b.mismatch()))?;
+    let store = b.backend()?.keyed_store(&op.uid, b.plan.max_parallelism);
     Ok(Box::new(crate::window::TumblingWindowCount::new(
         w,
         b.info(),

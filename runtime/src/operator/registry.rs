@@ -90,11 +90,8 @@ impl Registry {
 
     /// Adds operator type `name` (what a manifest's `type` says), made by `T`.
     pub fn with<T: Process>(mut self, name: &str) -> Self {
-        let valid = !name.is_empty()
-            && name.len() <= 63
-            && name.starts_with(|c: char| c.is_ascii_lowercase())
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !valid {
+        // (The rule of metric names too.)
+        if !super::metrics::valid_name(name) {
             self.errors.push(format!(
                 "operator type {name:?} cannot be registered: a type is a lowercase letter, then lowercase letters, digits and _, at most 63 in all"
             ));

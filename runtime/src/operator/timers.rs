@@ -45,6 +45,10 @@ fn flip(ts: i64) -> [u8; 8] {
     ((ts as u64) ^ (1 << 63)).to_be_bytes()
 }
 
+fn unflip(b: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(b) ^ (1 << 63)) as i64
+}
+
 fn prefix(g: KeyGroup, tag: u8) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + TIMERS.len() + 1 + 8);
     k.extend_from_slice(&g.to_be_bytes());
@@ -95,8 +99,7 @@ impl Timers {
                             Err(_) => bad = Some(g),
                         },
                         Some((&tag, rest)) if tag <= 1 && rest.len() >= 8 => {
-                            let t: [u8; 8] = rest[..8].try_into().expect("8 bytes");
-                            let ts = (u64::from_be_bytes(t) ^ (1 << 63)) as i64;
+                            let ts = unflip(rest[..8].try_into().expect("8 bytes"));
                             let set =
                                 if tag == 0 { &mut timers.event } else { &mut timers.processing };
                             set.insert((ts, g, rest[8..].to_vec()));
