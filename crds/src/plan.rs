@@ -96,6 +96,10 @@ pub struct GeneratorSpec {
     #[serde(default = "default_splits")]
     #[schemars(range(min = 1))]
     pub splits: u32,
+    /// The records' event time and their watermark (absent: the source emits no watermark,
+    /// and event-time timers and windows after it fire only at the end of the input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<EventTimeSpec>,
 }
 
 fn default_keys() -> u64 {
@@ -111,6 +115,28 @@ fn default_splits() -> u32 {
     8
 }
 
+/// A source's event time (`eventTime`): which field holds it, and how its watermark follows
+/// it. Each split (a generator's stream, a file, a partition) keeps its own watermark, the
+/// highest event time it has given less `maxOutOfOrderness`; the source emits the lowest over
+/// its splits that are not idle.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventTimeSpec {
+    /// The field holding each record's event time, in milliseconds since the epoch: an
+    /// integer field (a JSON field of type `timestamp` reads RFC 3339 strings into one).
+    pub field: String,
+    /// How far behind the highest event time a record may come and still be on time: the
+    /// watermark trails the highest event time a split has given by this much (and a
+    /// millisecond).
+    #[serde(default)]
+    pub max_out_of_orderness: crate::Duration,
+    /// A split that gives no record for this long stops holding the watermark back, until it
+    /// gives one again; a subtask whose splits are all idle tells the operators after it to
+    /// go on without it. Absent: a split holds the watermark back however long it is quiet.
+    #[serde(default)]
+    pub idle_timeout: Option<crate::Duration>,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileSourceSpec {
@@ -119,6 +145,10 @@ pub struct FileSourceSpec {
     /// Lines per second for the whole source, above 0; absent: as fast as possible.
     #[serde(default)]
     pub rate_per_second: Option<f64>,
+    /// The records' event time and their watermark (absent: the source emits no watermark,
+    /// and event-time timers and windows after it fire only at the end of the input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<EventTimeSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
@@ -130,6 +160,10 @@ pub struct SocketSpec {
     /// Its port.
     #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
+    /// The records' event time and their watermark (absent: the source emits no watermark,
+    /// and event-time timers and windows after it fire only at the end of the input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<EventTimeSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
@@ -384,6 +418,15 @@ impl OpKind {
     pub fn is_sink(&self) -> bool {
         matches!(self, OpKind::Stdout | OpKind::Blackhole | OpKind::FileSink(_))
     }
+    /// A source's event time, when it declares one.
+    pub fn event_time(&self) -> Option<&EventTimeSpec> {
+        match self {
+            OpKind::Generator(g) => g.event_time.as_ref(),
+            OpKind::FileSource(f) => f.event_time.as_ref(),
+            OpKind::Socket(s) => s.event_time.as_ref(),
+            _ => None,
+        }
+    }
     /// The field records are partitioned by on the way into this operator.
     pub fn key_field(&self) -> Option<&str> {
         match self {
@@ -512,6 +555,42 @@ impl Plan {
 fn parse<T: DeserializeOwned>(op: &OperatorSpec) -> Result<T, PlanError> {
     let obj = serde_json::Value::Object(op.params.clone().into_iter().collect());
     serde_json::from_value(obj).map_err(|e| err(op, e))
+}
+
+/// A source's `eventTime.field` is one of its fields, and holds integers (milliseconds).
+fn check_event_time(
+    op: &OperatorSpec,
+    et: &EventTimeSpec,
+    fields: &[String],
+    types: &[FieldType],
+) -> Result<(), PlanError> {
+    let Some(i) = fields.iter().position(|f| *f == et.field) else {
+        return Err(err(
+            op,
+            format!(
+                "eventTime.field {:?} is not a field of its records (fields: {})",
+                et.field,
+                fields.join(", ")
+            ),
+        ));
+    };
+    if types[i] != FieldType::Integer {
+        return Err(err(
+            op,
+            format!(
+                "eventTime.field {:?} holds {}, not milliseconds since the epoch: give it an integer field (with format: json, declare it int, or timestamp for RFC 3339 text)",
+                et.field,
+                types[i].describe()
+            ),
+        ));
+    }
+    if et.idle_timeout.is_some_and(|d| d.is_zero()) {
+        return Err(err(
+            op,
+            "eventTime.idleTimeout must be more than 0s (leave it out for splits that are never idle)",
+        ));
+    }
+    Ok(())
 }
 
 /// A `ratePerSecond`, when given, is a number above 0.
@@ -837,6 +916,9 @@ pub fn build_with(
             | OpKind::FileSink(_) => in_types.clone(),
         };
         debug_assert_eq!(types.len(), fields.len());
+        if let Some(et) = kind.event_time() {
+            check_event_time(op, et, &fields, &types)?;
+        }
         let key_positions = match kind.key_field() {
             Some(k) => vec![field_pos(op, &in_fields, k, "key")?; inputs.len()],
             None => Vec::new(),
@@ -1007,6 +1089,44 @@ mod tests {
 
     fn plan_err(yaml: &str) -> String {
         build(&spec(yaml), None, None).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_sources_event_time_names_an_integer_field_of_its_records() {
+        let job = |et: &str| {
+            format!(
+                "pipeline:\n  operators:\n    - {{uid: kv, type: generator, format: kv, eventTime: {et}}}\n    - {{uid: out, type: blackhole, inputs: [kv]}}\n"
+            )
+        };
+        let p =
+            build(&spec(&job("{field: ts, maxOutOfOrderness: 2s, idleTimeout: 30s}")), None, None)
+                .unwrap();
+        let et = p.ops[0].kind.event_time().unwrap();
+        assert_eq!(et.max_out_of_orderness, crate::Duration::from_secs(2));
+        assert_eq!(et.idle_timeout, Some(crate::Duration::from_secs(30)));
+        // Its parameters round-trip through the plan the coordinator hands the workers.
+        assert_eq!(p.ops[0].params()["eventTime"]["field"], "ts");
+        for (et, says) in [
+            (
+                "{field: time}",
+                "eventTime.field \"time\" is not a field of its records (fields: key, value, ts)",
+            ),
+            (
+                "{field: key}",
+                "eventTime.field \"key\" holds text, not milliseconds since the epoch",
+            ),
+            ("{field: ts, idleTimeout: 0s}", "eventTime.idleTimeout must be more than 0s"),
+            ("{field: ts, maxOutOfOrder: 2s}", "unknown field `maxOutOfOrder`"),
+            ("{field: ts, maxOutOfOrderness: soon}", "invalid duration \"soon\""),
+        ] {
+            let e = plan_err(&job(et));
+            assert!(e.contains("operator \"kv\" (generator)") && e.contains(says), "{et}: {e}");
+        }
+        // A text source has no integer field.
+        let e = plan_err(
+            &WORDCOUNT.replace("path: /data/in}", "path: /data/in, eventTime: {field: line}}"),
+        );
+        assert!(e.contains("eventTime.field \"line\" holds text"), "{e}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ use crate::checkpoint::{
 };
 use crate::connectors::SourceFile;
 use crate::error::RuntimeError;
+use crate::event_time::{Forwarded, InputClock, Watermark};
 use crate::exchange::align::{Action, Aligner, InFlightRecords};
 use crate::exchange::wire::Barrier;
 use crate::exchange::{InChannel, Inbox, Msg, Network, Outlet, Route, cancelled};
@@ -93,6 +94,9 @@ impl RunOptions {
 /// The id a subtask's final snapshot is acknowledged with (taken when its inputs ended); the
 /// coordinator gives the final checkpoint the next id when it completes.
 pub const FINAL: u64 = u64::MAX;
+/// How often a source subtask that polls nothing looks at its watermark (one that polls
+/// records looks after every poll): how soon its splits' idleness is told.
+const WATERMARK_EVERY_MS: u64 = 100;
 
 /// The savepoints triggered in an attempt, by checkpoint id: where each goes.
 pub type SavepointTargets = Arc<std::sync::Mutex<HashMap<u64, crate::control::SavepointTarget>>>;
@@ -246,6 +250,9 @@ struct ChainOp {
     children: Vec<usize>,
     edges: Vec<Edge>,
     keyed: Option<Keyed>,
+    /// A watermark that waits until the operator lets go of the records it holds back (they
+    /// are before it).
+    held_watermark: Option<Watermark>,
 }
 
 /// A keyed operator's part of a checkpoint: its backend's snapshot, or what the checkpoint's
@@ -418,6 +425,37 @@ impl Chain {
         Ok(())
     }
 
+    /// The event time at operator `idx` reached `w`: the operator fires what it passes
+    /// (emitted before the watermark), then the watermark goes to the operators chained after
+    /// it and on every channel of its exchanges, behind the records buffered for each. An
+    /// operator that holds records back forwards it once it has let them go.
+    fn watermark(&mut self, idx: usize, w: Watermark) -> Result<(), RuntimeError> {
+        if let Some(op) = self.ops[idx].op.as_mut() {
+            if op.holding() {
+                self.ops[idx].held_watermark = Some(w);
+                return Ok(());
+            }
+            if let Watermark::At(t) = w {
+                let mut out = Vec::new();
+                op.watermark(t, &mut out)?;
+                self.route(idx, out)?;
+            }
+        }
+        for edge in &mut self.ops[idx].edges {
+            for t in 0..edge.outlets.len() {
+                edge.send(t)?;
+                if let Some(o) = edge.outlets[t].as_mut() {
+                    o.watermark(w)?;
+                }
+            }
+        }
+        for c in 0..self.ops[idx].children.len() {
+            let child = self.ops[idx].children[c];
+            self.watermark(child, w)?;
+        }
+        Ok(())
+    }
+
     /// Sends every partly filled batch (queues it where there is no credit).
     fn flush(&mut self) -> Result<(), RuntimeError> {
         for op in &mut self.ops {
@@ -472,6 +510,11 @@ impl Chain {
             }
             if !out.is_empty() {
                 self.route(idx, out)?;
+            }
+            if !self.ops[idx].op.as_ref().is_some_and(|op| op.holding())
+                && let Some(w) = self.ops[idx].held_watermark.take()
+            {
+                self.watermark(idx, w)?;
             }
         }
         Ok(())
@@ -1174,6 +1217,7 @@ pub fn run_worker(
                     children: Vec::new(),
                     edges: Vec::new(),
                     keyed: keyed_of.remove(&(i, s)),
+                    held_watermark: None,
                 });
             }
             // Wire chained children and exchanges.
@@ -1508,6 +1552,8 @@ fn run_subtask(
     let wait = Duration::from_millis(10);
     if let Some(mut source) = source {
         let mut last_barrier = after_id;
+        let mut forwarded = Forwarded::default();
+        let mut last_watermark = Instant::now();
         // Unaligned from the start, or aligned until the outlets' alignment timeout.
         let unaligned = chain.unaligned_after == Some(0);
         let mut exhausted = false;
@@ -1550,6 +1596,13 @@ fn run_subtask(
             if exhausted && !chain.holding() {
                 break;
             }
+            // While it waits too, so that a source whose splits go idle says so.
+            if last_watermark.elapsed() >= Duration::from_millis(WATERMARK_EVERY_MS)
+                && let Some(w) = source.watermark().and_then(|w| forwarded.offer(w))
+            {
+                last_watermark = Instant::now();
+                chain.watermark(0, w)?;
+            }
             if exhausted || !chain.output_ready() {
                 // What a held-back operator let go leaves within 10 ms, not a batch later;
                 // an exhausted source's subtask goes on taking barriers until its operators
@@ -1560,8 +1613,13 @@ fn run_subtask(
             }
             let mut batch = Vec::with_capacity(BATCH);
             let more = source.poll(&mut batch, BATCH)?;
-            if !batch.is_empty() {
+            let polled = !batch.is_empty();
+            if polled {
                 chain.route(0, batch)?;
+            }
+            if polled && let Some(w) = source.watermark().and_then(|w| forwarded.offer(w)) {
+                last_watermark = Instant::now();
+                chain.watermark(0, w)?;
             }
             exhausted = !more;
             chain.maybe_flush()?;
@@ -1585,6 +1643,7 @@ fn run_subtask(
     let settings = chain.ckpt.as_ref().map(|c| c.settings.clone());
     let exactly_once = settings.as_ref().is_none_or(|s| s.exactly_once);
     let mut aligner = Aligner::new(exactly_once, chain.unaligned_after, after_id);
+    let mut clock = InputClock::new(inbox.channels.len());
     let mut actions = Vec::new();
     let mut last_tick = 0;
     loop {
@@ -1623,7 +1682,17 @@ fn run_subtask(
                 }
             }
             Some((ch, Msg::Barrier(b))) => aligner.barrier(&mut inbox, ch, b, &mut actions),
-            Some((_, Msg::End)) => aligner.ended(&mut inbox, &mut actions),
+            Some((ch, Msg::Watermark(w))) => {
+                if let Some(w) = clock.update(ch, w) {
+                    chain.watermark(0, w)?;
+                }
+            }
+            Some((ch, Msg::End)) => {
+                aligner.ended(&mut inbox, &mut actions);
+                if let Some(w) = clock.ended(ch) {
+                    chain.watermark(0, w)?;
+                }
+            }
             Some((_, Msg::Failed(e))) => return Err(e),
             None => {
                 chain.maybe_flush()?;

@@ -28,6 +28,7 @@ pub mod client;
 pub mod connectors;
 pub mod control;
 pub mod coordinator;
+pub mod event_time;
 pub mod exchange;
 pub mod exec;
 pub mod keygroup;

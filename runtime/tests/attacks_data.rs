@@ -572,7 +572,32 @@ fn a_record_with_a_field_of_another_type_from_a_peer_fails_the_job_with_a_messag
 
 /// Worker 1 of a real job, written by hand and holding the secret, sends worker 0's keyed
 /// count `record`; the job must fail with `expected`, without a panic.
+#[test]
+fn a_malformed_watermark_from_a_peer_fails_the_job_with_a_message() {
+    // The idle flag with a time beside it.
+    let mut payload = 7i64.to_le_bytes().to_vec();
+    payload.push(1);
+    let h = Header { kind: Kind::Watermark, edge: 0, from: 1, to: 0, n: payload.len() as u32 };
+    let mut frame = h.to_bytes().to_vec();
+    frame.extend_from_slice(&payload);
+    a_bad_frame_from_a_peer(frame, "the exchange from worker 1 broke: a malformed watermark");
+    // A watermark frame of another length.
+    let h = Header { kind: Kind::Watermark, edge: 0, from: 1, to: 0, n: 4096 };
+    a_bad_frame_from_a_peer(h.to_bytes().to_vec(), "a watermark of 4096 bytes, not 9");
+}
+
 fn a_bad_record_from_a_peer(record: Vec<Value>, expected: &str) {
+    let mut payload = Vec::new();
+    wire::encode_batch(&[record], &mut payload);
+    let h = Header { kind: Kind::Batch, edge: 0, from: 1, to: 0, n: payload.len() as u32 };
+    let mut frame = h.to_bytes().to_vec();
+    frame.extend_from_slice(&payload);
+    a_bad_frame_from_a_peer(frame, expected);
+}
+
+/// Worker 1, written by hand, sends `frame` to worker 0 of a word count: the job fails with
+/// `expected`, not a panic.
+fn a_bad_frame_from_a_peer(frame: Vec<u8>, expected: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("job.yaml");
     std::fs::write(
@@ -612,11 +637,7 @@ fn a_bad_record_from_a_peer(record: Vec<Value>, expected: &str) {
     };
     let mut out = open_as_in(&run, to0, 1, 0, &k);
     let _in = incoming.join().unwrap();
-    let mut payload = Vec::new();
-    wire::encode_batch(&[record], &mut payload);
-    let h = Header { kind: Kind::Batch, edge: 0, from: 1, to: 0, n: payload.len() as u32 };
-    out.write_all(&h.to_bytes()).unwrap();
-    out.write_all(&payload).unwrap();
+    out.write_all(&frame).unwrap();
     let (code, err) = coord.finish(Duration::from_secs(60));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(expected), "{err}");

@@ -122,7 +122,7 @@ pub struct Stats {
 /// Emits `account, spike, amount, mean` (the integer mean before it) when an amount is
 /// above `factor` times the account's mean, after `minHistory` transactions, each amount of
 /// an account at most once; and `account, silent, time, mean` when `silence` of event time
-/// passed after the account's last transaction (`time` is when it did).
+/// passed after a transaction of the account without another (`time` is when it did).
 #[derive(Debug)]
 pub struct FraudDetector {
     key: usize,
@@ -211,11 +211,13 @@ impl Process for FraudDetector {
         stats.count += 1;
         stats.sum = stats.sum.wrapping_add(amount);
         self.stats.set(ctx, &stats)?;
-        // One silence timer per account, moved to `silence` after its latest transaction.
+        // A silence timer per account, `silence` after its latest transaction: a transaction
+        // within the silence moves it on; one after it leaves it to fire (the account was
+        // silent, though the watermark has not passed it yet) and starts the next.
         let due = time.saturating_add(self.silence_ms);
         let current = self.silent_at.get(ctx)?;
         if current.is_none_or(|t| t < due) {
-            if let Some(t) = current {
+            if let Some(t) = current.filter(|&t| t >= time) {
                 ctx.delete_event_timer(t)?;
             }
             ctx.register_event_timer(due)?;
@@ -225,7 +227,9 @@ impl Process for FraudDetector {
     }
 
     fn on_timer(&mut self, ts: i64, ctx: &mut Context<'_>) -> Result<(), RuntimeError> {
-        self.silent_at.clear(ctx)?;
+        if self.silent_at.get(ctx)? == Some(ts) {
+            self.silent_at.clear(ctx)?;
+        }
         let stats = self.stats.get(ctx)?.unwrap_or_default();
         let mean = if stats.count == 0 { 0 } else { stats.sum / stats.count as i64 };
         let account = String::from_utf8_lossy(ctx.current_key().unwrap_or_default()).into_owned();

@@ -16,6 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use weir_runtime::connectors::SplitMix64;
+use weir_runtime::record::Value;
 
 use process::{Proc, WEIR, wait_running};
 
@@ -27,16 +28,17 @@ const MIN_HISTORY: u64 = 3;
 /// each account's lines are in one file (so that its records arrive in one order, whichever
 /// subtask reads the file), with some lines that are no transaction, and some accounts that
 /// have transactions only at the start. Returns the alerts the
-/// detector must emit, sorted: its spikes, and each account's silence after its last
-/// transaction (which fires at the end of the input, when event time ends).
+/// detector must emit, sorted: its spikes, and the silences of each account (which fire at
+/// the end of the input, when event time ends: the source declares none).
 fn write_transactions(dir: &Path, files: usize, lines: usize, seed: u64) -> Vec<String> {
     std::fs::create_dir_all(dir).unwrap();
     let mut rng = SplitMix64::new(seed);
     let mut alerts = Vec::new();
     for f in 0..files {
         let mut text = String::new();
-        let mut stats: BTreeMap<String, (u64, i64, i64)> = BTreeMap::new();
+        let mut stats: BTreeMap<String, (u64, i64)> = BTreeMap::new();
         let mut flagged: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        let mut times: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         for line in 0..lines {
             if rng.next_u64().is_multiple_of(50) {
                 text.push_str("not a transaction\n");
@@ -57,7 +59,7 @@ fn write_transactions(dir: &Path, files: usize, lines: usize, seed: u64) -> Vec<
             let time = line as i64 * 1000;
             text.push_str(&format!("{account},{amount},{time}\n"));
             // The model of the detector.
-            let (count, sum, last) = stats.entry(account.clone()).or_default();
+            let (count, sum) = stats.entry(account.clone()).or_default();
             if *count >= MIN_HISTORY {
                 let mean = *sum / *count as i64;
                 let seen = flagged.entry(account.clone()).or_default();
@@ -68,16 +70,32 @@ fn write_transactions(dir: &Path, files: usize, lines: usize, seed: u64) -> Vec<
             }
             *count += 1;
             *sum += amount;
-            *last = time;
+            times.entry(account.clone()).or_default().push(time);
         }
-        for (account, (count, sum, last)) in stats {
-            alerts.push(format!("{account},silent,{},{}", last + 5000, sum / count as i64));
+        // A silence after each transaction that no other of its account follows within 5 s
+        // (every one fires at the end of the input, when event time ends: the mean is the
+        // account's final one).
+        for (account, (count, sum)) in stats {
+            for t in silences(&times[&account]) {
+                alerts.push(format!("{account},silent,{t},{}", sum / count as i64));
+            }
         }
         std::fs::write(dir.join(format!("tx-{f:02}.csv")), text).unwrap();
     }
     alerts.sort();
     assert!(alerts.len() > 50 * files, "too few alerts to tell anything: {}", alerts.len());
     alerts
+}
+
+/// The silences of an account whose transactions are at `times` (in order): 5 s after each
+/// that no other follows within 5 s.
+fn silences(times: &[i64]) -> Vec<i64> {
+    times
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| times.get(i + 1).is_none_or(|next| *next > **t + 5000))
+        .map(|(_, t)| t + 5000)
+        .collect()
 }
 
 /// The job: transactions read at `rate` lines per second, checkpointed every second.
@@ -302,6 +320,126 @@ fn stopped_into_savepoints_and_restored_at_2_3_1_the_alerts_stay_exact() {
         from = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
     assert_eq!(committed_alerts(tmp.path()), expected);
+}
+
+/// The lines holding `what` in the files committed so far (part files in progress are
+/// hidden).
+fn committed_so_far(dir: &Path, what: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with(['.', '_']))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .flat_map(|t| {
+            t.lines().filter(|l| l.contains(what)).map(str::to_string).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The generator's records of a job with event time: `(key, value, ts)` of its one split.
+fn generated(spec: &str) -> Vec<(String, i64, i64)> {
+    let spec: weir_runtime::plan::GeneratorSpec = serde_json::from_str(spec).unwrap();
+    let mut g = weir_runtime::connectors::GeneratorSource::new(spec, 0, 1);
+    let mut out = Vec::new();
+    while weir_runtime::operator::Source::poll(&mut g, &mut out, 1000).unwrap() {}
+    out.iter()
+        .map(|r| match (&r[0], &r[1], &r[2]) {
+            (Value::Str(k), Value::Int(v), Value::Int(t)) => (k.to_string(), *v, *t),
+            other => panic!("not a kv record: {other:?}"),
+        })
+        .collect()
+}
+
+/// The silences of the generator's records, `key,silent,time` sorted (the generator's one
+/// split is in time order).
+fn model_silences(records: &[(String, i64, i64)]) -> Vec<String> {
+    let mut by_key: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for (k, _, t) in records {
+        by_key.entry(k).or_default().push(*t);
+    }
+    let mut expected: Vec<String> = by_key
+        .iter()
+        .flat_map(|(k, ts)| silences(ts).into_iter().map(move |t| format!("{k},silent,{t}")))
+        .collect();
+    expected.sort();
+    expected
+}
+
+/// A job of the generator `gen` (JSON of its parameters) into the detector.
+fn silence_job(dir: &Path, generator: &str) -> PathBuf {
+    let file = dir.join("job.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: silences}}
+spec:
+  parallelism: 2
+  checkpointing: {{interval: 1s, storage: '{chk}'}}
+  pipeline:
+    operators:
+      - {{uid: tx, type: generator, {gen}}}
+      - {{uid: fraud, inputs: [tx], type: fraud_detector, key: key, field: value, timeField: ts, factor: 3, silence: 5s}}
+      - {{uid: alerts, type: file_sink, inputs: [fraud], path: '{out}'}}
+",
+            chk = dir.join("checkpoints").display(),
+            gen = &generator[1..generator.len() - 1],
+            out = dir.join("out").display(),
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// With event time from the source, watermarks reach the detector as the job runs: an
+/// account's silence fires once the watermark passes it. Over threads, and over worker
+/// processes (watermarks on the wire): a bounded run gives exactly the silences of the model;
+/// an unbounded one commits silences while it runs (without watermarks none would ever
+/// fire), each one the model has.
+#[test]
+fn with_event_time_from_the_source_silences_fire_as_the_watermark_passes_them() {
+    const BOUNDED: &str = r#"{"format": "kv", "count": 20000, "keys": 3000, "splits": 1, "seed": 11, "ratePerSecond": 10000, "eventTime": {"field": "ts"}}"#;
+    const UNBOUNDED: &str = r#"{"format": "kv", "keys": 3000, "splits": 1, "seed": 11, "ratePerSecond": 4000, "eventTime": {"field": "ts"}}"#;
+    let expected = model_silences(&generated(BOUNDED));
+    assert!(expected.len() > 3500, "too few silences to tell anything: {}", expected.len());
+    // The unbounded generator's first 200 000 records: far more than a run reads.
+    let long = model_silences(&generated(&BOUNDED.replace("20000", "200000")));
+    for args in [&[][..], &["--processes"][..]] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = silence_job(tmp.path(), BOUNDED);
+        let (code, err) = run(&file, tmp.path(), args).finish(Duration::from_secs(120));
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        // The mean depends on how far the records ran ahead of the watermark: not compared.
+        let silences: Vec<String> = committed_alerts(tmp.path())
+            .iter()
+            .filter(|a| a.contains(",silent,"))
+            .map(|a| a.rsplit_once(',').unwrap().0.to_string())
+            .collect();
+        assert_eq!(silences.len(), expected.len(), "{args:?}");
+        assert!(silences == expected, "{args:?}: the silences differ from the model");
+
+        let tmp = tempfile::tempdir().unwrap();
+        let file = silence_job(tmp.path(), UNBOUNDED);
+        let mut job = run(&file, tmp.path(), args);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut fired = Vec::new();
+        while fired.is_empty() && std::time::Instant::now() < deadline {
+            assert!(job.child.try_wait().unwrap().is_none(), "{args:?}: the job ended");
+            std::thread::sleep(Duration::from_millis(100));
+            fired = committed_so_far(&tmp.path().join("out"), ",silent,");
+        }
+        for w in common::children_of(job.child.id()) {
+            let _ = Command::new("kill").args(["-KILL", &w.to_string()]).status();
+        }
+        job.signal("-KILL");
+        let _ = job.finish(Duration::from_secs(30));
+        assert!(!fired.is_empty(), "{args:?}: no silence fired in a minute of the job");
+        for a in &fired {
+            let silence = a.rsplit_once(',').unwrap().0.to_string();
+            assert!(long.binary_search(&silence).is_ok(), "{args:?}: {a} is no silence");
+        }
+    }
 }
 
 #[test]

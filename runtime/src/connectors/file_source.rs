@@ -3,11 +3,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use weir_crds::StorageUri;
 
 use super::Pacer;
 use crate::error::RuntimeError;
+use crate::event_time::{EventClock, SplitTime, Watermark};
 use crate::objstore::S3Client;
 use crate::operator::{Rescale, Source, bad_state};
 use crate::record::{Record, Value};
@@ -38,15 +40,35 @@ impl std::fmt::Display for SourceFile {
 
 /// Every file under a local directory or an S3 prefix (sorted by path or key, names starting
 /// with `.` or `_` skipped, at any level below the directory or prefix), one record per line;
-/// each file is a split, dealt round-robin.
+/// each file is a split, dealt round-robin. A subtask reads its files one after the other;
+/// with `eventTime`, up to [`OPEN_WITH_EVENT_TIME`] at once, taking turns, each keeping its
+/// own watermark (a file opened later than the others may find its records late).
 pub struct FileSource {
-    /// The files still to read and where in each, the next one last.
-    files: Vec<(SourceFile, u64)>,
+    /// The files not opened yet, where to start in each and their event time, the next one
+    /// last.
+    files: Vec<(SourceFile, u64, SplitTime)>,
     s3: Option<S3Client>,
-    /// The file being read, its name, the offset of the next line and its reader.
-    current: Option<(SourceFile, String, u64, Box<dyn BufRead + Send>)>,
+    /// The files being read.
+    open: Vec<OpenFile>,
+    /// How many files it reads at once.
+    width: usize,
+    /// The turn of the next poll among the open files.
+    next: usize,
     pacer: Pacer,
     buf: String,
+    clock: Option<EventClock>,
+}
+
+/// Files a subtask of a source with event time reads at once.
+pub const OPEN_WITH_EVENT_TIME: usize = 8;
+
+/// A file being read: its name, the offset of the next line, its reader and event time.
+struct OpenFile {
+    file: SourceFile,
+    name: String,
+    offset: u64,
+    reader: Box<dyn BufRead + Send>,
+    time: SplitTime,
 }
 
 /// A file of a file source's position: read from `offset` on.
@@ -54,13 +76,16 @@ pub struct FileSource {
 struct FilePosition {
     file: SourceFile,
     offset: u64,
+    /// Its event time, with `eventTime`.
+    #[serde(default, skip_serializing_if = "SplitTime::is_empty")]
+    time: SplitTime,
 }
 
 impl std::fmt::Debug for FileSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileSource")
             .field("files_left", &self.files.len())
-            .field("current", &self.current.as_ref().map(|c| &c.1))
+            .field("open", &self.open.iter().map(|f| &f.name).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -215,12 +240,43 @@ impl FileSource {
             .collect();
         let share = if files.is_empty() { 0.0 } else { mine.len() as f64 / files.len() as f64 };
         Self {
-            files: mine.into_iter().rev().map(|f| (f, 0)).collect(),
+            files: mine.into_iter().rev().map(|f| (f, 0, SplitTime::default())).collect(),
             s3,
-            current: None,
+            open: Vec::new(),
+            width: 1,
+            next: 0,
+            clock: None,
             pacer: Pacer::new(rate.map(|r| r * share)),
             buf: String::new(),
         }
+    }
+
+    /// Its records carry the event time `clock` reads, per file.
+    pub fn with_event_time(mut self, clock: Option<EventClock>) -> Self {
+        self.width = if clock.is_some() { OPEN_WITH_EVENT_TIME } else { 1 };
+        self.clock = clock;
+        self
+    }
+
+    /// Every file it has left, open ones first, where it stands in each.
+    fn positions(&self) -> Vec<FilePosition> {
+        let open = self.open.iter().map(|f| FilePosition {
+            file: f.file.clone(),
+            offset: f.offset,
+            time: f.time.clone(),
+        });
+        let waiting = self.files.iter().rev().map(|(f, offset, time)| FilePosition {
+            file: f.clone(),
+            offset: *offset,
+            time: time.clone(),
+        });
+        open.chain(waiting).collect()
+    }
+
+    /// Takes over `positions` (the next to read first), none open yet.
+    fn take(&mut self, positions: Vec<FilePosition>) {
+        self.open.clear();
+        self.files = positions.into_iter().rev().map(|p| (p.file, p.offset, p.time)).collect();
     }
 
     fn open(&self, f: SourceFile, offset: u64) -> Result<Box<dyn BufRead + Send>, RuntimeError> {
@@ -263,41 +319,56 @@ impl Source for FileSource {
         let n = self.pacer.allow(max);
         let mut got = 0;
         while got < n {
-            let Some((_, name, offset, reader)) = self.current.as_mut() else {
-                let Some((f, at)) = self.files.pop() else { return Ok(false) };
-                let name = f.to_string();
-                let reader = self.open(f.clone(), at)?;
-                self.current = Some((f, name, at, reader));
-                continue;
-            };
-            self.buf.clear();
-            let read = reader.read_line(&mut self.buf).map_err(|e| io_error(e, name))?;
-            if read == 0 {
-                self.current = None;
+            while self.open.len() < self.width {
+                let Some((file, offset, time)) = self.files.pop() else { break };
+                let name = file.to_string();
+                let reader = self.open(file.clone(), offset)?;
+                self.open.push(OpenFile { file, name, offset, reader, time });
+            }
+            if self.open.is_empty() {
+                return Ok(false);
+            }
+            // One file per poll, in turns.
+            let i = self.next % self.open.len();
+            let from = out.len();
+            let OpenFile { name, offset, reader, .. } = &mut self.open[i];
+            let mut ended = false;
+            while got < n {
+                self.buf.clear();
+                let read = reader.read_line(&mut self.buf).map_err(|e| io_error(e, name))?;
+                if read == 0 {
+                    ended = true;
+                    break;
+                }
+                *offset += read as u64;
+                let line = self.buf.trim_end_matches(['\n', '\r']);
+                out.push(vec![Value::str(line)]);
+                got += 1;
+            }
+            if let Some(clock) = &self.clock {
+                clock.observe(&mut self.open[i].time, &out[from..], Instant::now())?;
+            }
+            if ended {
+                self.open.remove(i);
                 continue;
             }
-            *offset += read as u64;
-            let line = self.buf.trim_end_matches(['\n', '\r']);
-            out.push(vec![Value::str(line)]);
-            got += 1;
+            self.next = self.next.wrapping_add(1);
         }
         Ok(true)
     }
 
+    fn watermark(&mut self) -> Option<Watermark> {
+        let clock = self.clock.as_ref()?;
+        Some(clock.watermark(self.open.iter().map(|f| &f.time), Instant::now()))
+    }
+
     fn snapshot(&mut self) -> Result<Option<serde_json::Value>, RuntimeError> {
-        let mut files: Vec<FilePosition> = Vec::new();
-        if let Some((f, _, offset, _)) = &self.current {
-            files.push(FilePosition { file: f.clone(), offset: *offset });
-        }
-        for (f, offset) in self.files.iter().rev() {
-            files.push(FilePosition { file: f.clone(), offset: *offset });
-        }
-        Ok(Some(serde_json::json!({ "files": files })))
+        Ok(Some(serde_json::json!({ "files": self.positions() })))
     }
 
     fn restore(&mut self, state: serde_json::Value) -> Result<(), RuntimeError> {
-        self.current = None;
-        self.files = file_positions(state)?.into_iter().rev().map(|f| (f.file, f.offset)).collect();
+        let positions = file_positions(state)?;
+        self.take(positions);
         Ok(())
     }
 
@@ -313,14 +384,13 @@ impl Source for FileSource {
         // Every file left (part-read ones from where they stopped) is dealt round-robin, in
         // name order, so that the subtasks agree without talking.
         all.sort_by_key(|p| p.file.to_string());
-        self.current = None;
-        self.files = all
+        let mine = all
             .into_iter()
             .enumerate()
             .filter(|(i, _)| *i as u32 % at.parallelism == at.subtask)
-            .map(|(_, p)| (p.file, p.offset))
-            .rev()
+            .map(|(_, p)| p)
             .collect();
+        self.take(mine);
         Ok(())
     }
 }

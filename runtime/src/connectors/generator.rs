@@ -1,7 +1,10 @@
 //! The `generator` source: records from a seeded sequence, split by index over the subtasks.
 
 use super::Pacer;
+use std::time::Instant;
+
 use crate::error::RuntimeError;
+use crate::event_time::{EventClock, SplitTime, Watermark};
 use crate::operator::{Rescale, Source, bad_state};
 use crate::plan::{GeneratorFormat, GeneratorSpec};
 use crate::record::{Record, Value};
@@ -88,6 +91,9 @@ struct GenSplit {
     #[serde(skip)]
     total: Option<u64>,
     rng: SplitMix64,
+    /// Its event time, with `eventTime`.
+    #[serde(default, skip_serializing_if = "SplitTime::is_empty")]
+    time: SplitTime,
 }
 
 /// The deterministic generator: split `s` of `S` is its own stream, seeded from the seed and
@@ -99,6 +105,7 @@ pub struct GeneratorSource {
     next: usize,
     pacer: Pacer,
     line: String,
+    clock: Option<EventClock>,
 }
 
 impl std::fmt::Debug for GeneratorSource {
@@ -119,13 +126,20 @@ impl GeneratorSource {
                 rng: SplitMix64::new(
                     spec.seed ^ (u64::from(s) + 1).wrapping_mul(0x2545_f491_4f6c_dd1d),
                 ),
+                time: SplitTime::default(),
             })
             .collect();
         let share = splits.len() as f64 / f64::from(total_splits);
         let pacer = Pacer::new(spec.rate_per_second.map(|r| r * share));
         let zipf = (spec.distribution == crate::plan::Distribution::Zipf)
             .then(|| Zipf::new(spec.keys.max(1), spec.zipf_exponent));
-        Self { spec, zipf, splits, next: 0, pacer, line: String::new() }
+        Self { spec, zipf, splits, next: 0, pacer, line: String::new(), clock: None }
+    }
+
+    /// Its records carry the event time `clock` reads, per split.
+    pub fn with_event_time(mut self, clock: Option<EventClock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Takes over restored splits (checked against the spec), dropping finished ones.
@@ -194,6 +208,11 @@ impl Source for GeneratorSource {
         self.take_splits(all)
     }
 
+    fn watermark(&mut self) -> Option<Watermark> {
+        let clock = self.clock.as_ref()?;
+        Some(clock.watermark(self.splits.iter().map(|s| &s.time), Instant::now()))
+    }
+
     fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<bool, RuntimeError> {
         use std::fmt::Write;
         if self.splits.is_empty() {
@@ -203,6 +222,7 @@ impl Source for GeneratorSource {
         let i = self.next % self.splits.len();
         self.next = self.next.wrapping_add(1);
         let mut split = self.splits[i].clone();
+        let from = out.len();
         let n = match split.total {
             Some(t) => n.min((t - split.emitted) as usize),
             None => n,
@@ -231,6 +251,9 @@ impl Source for GeneratorSource {
                 }
             }
             split.emitted += 1;
+        }
+        if let Some(clock) = &self.clock {
+            clock.observe(&mut split.time, &out[from..], Instant::now())?;
         }
         let done = split.total.is_some_and(|t| split.emitted >= t);
         if done {
@@ -280,6 +303,40 @@ mod tests {
         assert_eq!(one.len(), 1001);
         assert_eq!(one, run(2));
         assert_eq!(one, run(3));
+    }
+
+    #[test]
+    fn a_generators_watermark_is_its_lowest_split_and_survives_a_rescale() {
+        let spec: GeneratorSpec = serde_json::from_value(serde_json::json!({"count": 1000, "splits": 3, "format": "kv", "eventTime": {"field": "ts", "maxOutOfOrderness": "10ms"}})).unwrap();
+        let fields = ["key".to_string(), "value".into(), "ts".into()];
+        let clock =
+            || Some(EventClock::new("gen", spec.event_time.as_ref().unwrap(), &fields).unwrap());
+        let mut g = GeneratorSource::new(spec.clone(), 0, 1).with_event_time(clock());
+        let mut out = Vec::new();
+        // A split that has given nothing holds the watermark back.
+        g.poll(&mut out, 100).unwrap();
+        g.poll(&mut out, 50).unwrap();
+        assert_eq!(g.watermark(), Some(Watermark::At(i64::MIN)));
+        g.poll(&mut out, 70).unwrap();
+        // Splits at 99, 49 and 69 (their records' places): the lowest less 10 ms and 1.
+        assert_eq!(g.watermark(), Some(Watermark::At(49 - 11)));
+        let state = g.snapshot().unwrap().unwrap();
+        // Rescaled to two subtasks: each starts where its splits stood.
+        let at = |s| Rescale {
+            uid: "gen".into(),
+            subtask: s,
+            parallelism: 2,
+            old_parallelism: 1,
+            key_groups: (0, 0),
+        };
+        let mut g0 = GeneratorSource::new(spec.clone(), 0, 2).with_event_time(clock());
+        g0.rescale(vec![(0, state.clone())], &at(0)).unwrap();
+        assert_eq!(g0.watermark(), Some(Watermark::At(69 - 11)), "splits 0 and 2");
+        let mut g1 = GeneratorSource::new(spec.clone(), 1, 2).with_event_time(clock());
+        g1.rescale(vec![(0, state)], &at(1)).unwrap();
+        assert_eq!(g1.watermark(), Some(Watermark::At(49 - 11)), "split 1");
+        // Without event time, no watermark.
+        assert_eq!(GeneratorSource::new(spec, 0, 1).watermark(), None);
     }
 
     #[test]

@@ -158,6 +158,14 @@ impl Aligner {
                     c.waiting[i] = false;
                 }
             }
+            Msg::Watermark(w) => {
+                // One waiting behind nothing else says less than this one: a producer that
+                // sends many keeps at most one pending.
+                if let Some(Msg::Watermark(last)) = inbox.channels[i].pending.back_mut() {
+                    *last = *w;
+                    return;
+                }
+            }
         }
         inbox.channels[i].pending.push_back(msg);
         self.finish_collected(actions);
@@ -282,7 +290,7 @@ impl Aligner {
                         waiting = false;
                         break;
                     }
-                    Msg::Barrier(_) => {}
+                    Msg::Barrier(_) | Msg::Watermark(_) => {}
                 }
                 k += 1;
             }
@@ -367,7 +375,7 @@ mod tests {
                 }
                 Msg::Barrier(b) => a.barrier(inbox, i, b, actions),
                 Msg::End => a.ended(inbox, actions),
-                Msg::Failed(_) => {}
+                Msg::Watermark(_) | Msg::Failed(_) => {}
             }
         }
         // Channels take turns: the order across channels is not the point.

@@ -9,7 +9,7 @@
 //! that grows and without one busy channel blocking the others on the same connection (the
 //! reader of a connection never waits for a consumer).
 //!
-//! Barriers and ends need no credit. An aligned barrier waits in the queue behind the
+//! Barriers, watermarks and ends need no credit. An aligned barrier waits in the queue behind the
 //! batches before it. An unaligned one overtakes them: they go out at once without credit
 //! (an *overdraft*, bounded by what one input batch produces), then the barrier, so that
 //! it reaches the consumer without waiting for the consumer to catch up. The consumer
@@ -74,7 +74,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, unboun
 use crate::auth::{self, JobSecret, NONCE_LEN, Nonce, PROOF_LEN};
 use crate::error::RuntimeError;
 use crate::record::Record;
-use wire::{Barrier, HEADER_LEN, Header, Kind};
+use wire::{Barrier, HEADER_LEN, Header, Kind, Watermark};
 
 /// Batches a producer may have in flight on one channel to another worker.
 pub const CREDITS: usize = 8;
@@ -109,6 +109,8 @@ pub enum Msg {
     /// A checkpoint barrier: every batch before it on this channel belongs to the
     /// checkpoint, every batch after it does not.
     Barrier(Barrier),
+    /// The producer's event time ([`crate::event_time`]): after the batches before it.
+    Watermark(Watermark),
     End,
     /// The exchange broke (a peer went away); the consumer fails with this error.
     Failed(RuntimeError),
@@ -252,7 +254,8 @@ impl Inbox {
             }
             match ch.pending.front() {
                 None => continue,
-                Some(Msg::Batch { .. }) if !batches => continue,
+                // A watermark may fire timers that emit as much as a batch.
+                Some(Msg::Batch { .. } | Msg::Watermark(_)) if !batches => continue,
                 Some(_) => {}
             }
             let m = ch.pending.pop_front().expect("a front");
@@ -296,6 +299,7 @@ impl Inbox {
 enum Queued {
     Batch(u32, Vec<Record>),
     Barrier(Barrier),
+    Watermark(Watermark),
     End,
 }
 
@@ -371,6 +375,16 @@ impl Outlet {
         self.queue.push_back(Queued::Barrier(b));
         if b.unaligned {
             self.overdraft(self.queue.len())?;
+        }
+        self.pump()
+    }
+
+    /// Sends watermark `w` behind the queued batches; one that waits there behind nothing
+    /// else is replaced by `w`, which says more.
+    pub fn watermark(&mut self, w: Watermark) -> Result<(), RuntimeError> {
+        match self.queue.back_mut() {
+            Some(Queued::Watermark(last)) => *last = w,
+            _ => self.queue.push_back(Queued::Watermark(w)),
         }
         self.pump()
     }
@@ -494,6 +508,7 @@ impl Outlet {
                         credit: Some(CreditReturn::Local(credit.clone())),
                     },
                     Queued::Barrier(b) => Msg::Barrier(b),
+                    Queued::Watermark(w) => Msg::Watermark(w),
                     Queued::End => Msg::End,
                 };
                 tx.send(m).map_err(|_| cancelled())
@@ -513,6 +528,10 @@ impl Outlet {
                     Queued::Barrier(b) => {
                         buf.extend_from_slice(&wire::encode_barrier(b));
                         Kind::Barrier
+                    }
+                    Queued::Watermark(w) => {
+                        buf.extend_from_slice(&wire::encode_watermark(w));
+                        Kind::Watermark
                     }
                     Queued::End => Kind::End,
                 };
@@ -1215,6 +1234,18 @@ fn read_batches(s: TcpStream, conn: Arc<Conn>, me: u32, peer: u32, route: &Route
                     Err(e) => return fail(e),
                 }
             }
+            Kind::Watermark => {
+                let mut payload = [0u8; wire::WATERMARK_LEN as usize];
+                if let Err(e) = r.read_exact(&mut payload) {
+                    return fail(e.to_string());
+                }
+                match wire::decode_watermark(&payload) {
+                    Ok(w) => {
+                        let _ = tx.send(Msg::Watermark(w));
+                    }
+                    Err(e) => return fail(e),
+                }
+            }
             Kind::End => {
                 ended += 1;
                 let _ = tx.send(Msg::End);
@@ -1345,11 +1376,76 @@ mod tests {
                     format!("{:?}", records[0][0])
                 }
                 Msg::Barrier(b) => format!("barrier {} {}", b.id, b.unaligned),
+                Msg::Watermark(w) => format!("{w:?}"),
                 Msg::End => "end".into(),
                 Msg::Failed(e) => format!("{e}"),
             });
         }
         out
+    }
+
+    #[test]
+    fn watermarks_wait_behind_the_batches_before_them_and_the_last_replaces_a_waiting_one() {
+        let (tx, rx) = unbounded();
+        let mut o = Outlet::local(tx, 1);
+        o.enqueue(0, int(0)).unwrap();
+        o.watermark(Watermark::At(5)).unwrap();
+        assert_eq!(take(&rx), ["Int(0)", "At(5)"], "no credit needed");
+        o.enqueue(0, int(1)).unwrap();
+        o.watermark(Watermark::At(6)).unwrap();
+        o.watermark(Watermark::At(9)).unwrap();
+        o.watermark(Watermark::Idle).unwrap();
+        assert!(take(&rx).is_empty(), "behind a batch waiting for credit");
+        let Link::Local { credit, .. } = &o.link else { unreachable!() };
+        credit.send(()).unwrap();
+        o.pump().unwrap();
+        assert_eq!(take(&rx), ["Int(1)", "Idle"], "one watermark, the last");
+        // An unaligned barrier takes the waiting watermark along, in order.
+        o.enqueue(0, int(2)).unwrap();
+        o.watermark(Watermark::At(12)).unwrap();
+        o.barrier(Barrier::checkpoint(1, 0, true)).unwrap();
+        assert_eq!(take(&rx), ["Int(2)", "At(12)", "barrier 1 true"]);
+    }
+
+    #[test]
+    fn watermarks_cross_the_network_in_order_with_the_batches() {
+        let (mut n0, n1) = pair();
+        let mut outlet = n0.outlet(1, 2, 0, 1);
+        let (tx, rx) = unbounded();
+        let r1 = n1.start(HashMap::from([((2, 0, 1), (tx, 0))]), HashMap::from([(0, 1)]));
+        let r0 = n0.start(HashMap::new(), HashMap::new());
+        let never = AtomicBool::new(false);
+        outlet.send(0, int(1), &never).unwrap();
+        outlet.watermark(Watermark::At(i64::MIN + 1)).unwrap();
+        outlet.send(0, int(2), &never).unwrap();
+        outlet.watermark(Watermark::Idle).unwrap();
+        outlet.watermark(Watermark::At(1_790_000_000_000)).unwrap();
+        outlet.end().unwrap();
+        let mut got = Vec::new();
+        loop {
+            let m = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            got.push(match m {
+                Msg::Batch { records, credit, .. } => {
+                    credit.unwrap().give();
+                    format!("{:?}", records[0][0])
+                }
+                Msg::End => break,
+                other => format!("{other:?}"),
+            });
+        }
+        assert_eq!(
+            got,
+            [
+                "Int(1)",
+                "Watermark(At(-9223372036854775807))",
+                "Int(2)",
+                "Watermark(Idle)",
+                "Watermark(At(1790000000000))"
+            ]
+        );
+        let t = std::thread::spawn(move || r1.finish());
+        r0.finish();
+        t.join().unwrap();
     }
 
     fn int(i: i64) -> Vec<Record> {

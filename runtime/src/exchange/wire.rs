@@ -12,7 +12,8 @@
 //! `Barrier` carries a checkpoint barrier (payload: the checkpoint id, u64, the time it was
 //! triggered in milliseconds since the epoch, u64, and a flags byte: bit 0 unaligned, bit 1
 //! savepoint, bit 2 the savepoint stops the job) and
-//! needs no credit. Integers are little-endian. A record is a varint field
+//! needs no credit; so does `Watermark` (payload: the event time, i64, and a flags byte: bit 0
+//! the channel is idle, when the time is 0). Integers are little-endian. A record is a varint field
 //! count followed by its values, each a tag byte and its bytes (strings as a varint length
 //! and UTF-8). Decoding checks everything: bytes from a socket never make the worker panic,
 //! and never make it allocate more than the bytes that actually arrived call for: a payload
@@ -22,6 +23,7 @@
 
 use std::io::Read;
 
+pub use crate::event_time::Watermark;
 use crate::record::{Record, Value};
 
 /// What a frame carries.
@@ -32,10 +34,35 @@ pub enum Kind {
     End = 2,
     Credit = 3,
     Barrier = 4,
+    Watermark = 5,
 }
 
 /// Payload bytes of a `Barrier` frame.
 pub const BARRIER_LEN: u32 = 17;
+
+/// Payload bytes of a `Watermark` frame.
+pub const WATERMARK_LEN: u32 = 9;
+
+/// A watermark's payload.
+pub fn encode_watermark(w: Watermark) -> [u8; WATERMARK_LEN as usize] {
+    let mut out = [0u8; WATERMARK_LEN as usize];
+    match w {
+        Watermark::At(t) => out[..8].copy_from_slice(&t.to_le_bytes()),
+        Watermark::Idle => out[8] = 1,
+    }
+    out
+}
+
+/// Reads a watermark's payload.
+pub fn decode_watermark(b: &[u8]) -> Result<Watermark, String> {
+    if b.len() != WATERMARK_LEN as usize || b[8] > 1 || (b[8] == 1 && b[..8] != [0; 8]) {
+        return Err("a malformed watermark".into());
+    }
+    if b[8] == 1 {
+        return Ok(Watermark::Idle);
+    }
+    Ok(Watermark::At(i64::from_le_bytes(b[..8].try_into().expect("8 bytes"))))
+}
 
 /// A checkpoint barrier: the checkpoint, when it was triggered (milliseconds since the
 /// epoch: the alignment timeout counts from then), and whether it overtakes records.
@@ -90,7 +117,7 @@ pub struct Header {
     pub edge: u32,
     pub from: u32,
     pub to: u32,
-    /// Payload length for `Batch` and `Barrier`, credits for `Credit`, 0 for `End`.
+    /// Payload length for `Batch`, `Barrier` and `Watermark`, credits for `Credit`, 0 for `End`.
     pub n: u32,
 }
 
@@ -125,6 +152,7 @@ impl Header {
             2 => Kind::End,
             3 => Kind::Credit,
             4 => Kind::Barrier,
+            5 => Kind::Watermark,
             k => return Err(format!("unknown frame kind {k}")),
         };
         let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
@@ -134,6 +162,9 @@ impl Header {
         }
         if h.kind == Kind::Barrier && h.n != BARRIER_LEN {
             return Err(format!("a barrier of {} bytes, not {BARRIER_LEN}", h.n));
+        }
+        if h.kind == Kind::Watermark && h.n != WATERMARK_LEN {
+            return Err(format!("a watermark of {} bytes, not {WATERMARK_LEN}", h.n));
         }
         Ok(h)
     }
@@ -407,6 +438,23 @@ mod tests {
         let sp = Barrier { id: 7, ts: 9, unaligned: false, savepoint: true, stop: true };
         assert_eq!(decode_barrier(&encode_barrier(sp)).unwrap(), sp);
         assert!(decode_barrier(&[0; 5]).is_err());
+        for w in [
+            Watermark::At(i64::MIN),
+            Watermark::At(-3),
+            Watermark::At(1_790_000_000_000),
+            Watermark::Idle,
+        ] {
+            assert_eq!(decode_watermark(&encode_watermark(w)).unwrap(), w);
+        }
+        // A flags byte beyond idle, an idle one with a time, a short one: all refused.
+        let mut b = encode_watermark(Watermark::At(5));
+        b[8] = 2;
+        assert!(decode_watermark(&b).is_err());
+        b[8] = 1;
+        assert!(decode_watermark(&b).is_err());
+        assert!(decode_watermark(&b[..8]).is_err());
+        let bad = Header { kind: Kind::Watermark, edge: 0, from: 0, to: 0, n: 17 };
+        assert!(Header::decode(&bad.to_bytes()).unwrap_err().contains("a watermark of 17 bytes"));
         for flags in [3u8, 4, 8] {
             let mut b = encode_barrier(sp);
             b[16] = flags;

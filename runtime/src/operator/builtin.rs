@@ -177,17 +177,23 @@ type MakeOneSource = fn(SourceBuild<'_>) -> MadeSource;
 
 fn generator(b: SourceBuild<'_>) -> MadeSource {
     let OpKind::Generator(g) = &b.op.kind else { return Err(b.mismatch()) };
-    Ok(Box::new(GeneratorSource::new(g.clone(), b.subtask, b.parallelism)))
+    let clock = crate::event_time::EventClock::of(b.op)?;
+    Ok(Box::new(GeneratorSource::new(g.clone(), b.subtask, b.parallelism).with_event_time(clock)))
 }
 
 fn file_source(b: SourceBuild<'_>) -> MadeSource {
     let OpKind::FileSource(f) = &b.op.kind else { return Err(b.mismatch()) };
-    Ok(Box::new(FileSource::new(b.files, b.s3, f.rate_per_second, b.subtask, b.parallelism)))
+    let clock = crate::event_time::EventClock::of(b.op)?;
+    Ok(Box::new(
+        FileSource::new(b.files, b.s3, f.rate_per_second, b.subtask, b.parallelism)
+            .with_event_time(clock),
+    ))
 }
 
 fn socket(b: SourceBuild<'_>) -> MadeSource {
     let OpKind::Socket(so) = &b.op.kind else { return Err(b.mismatch()) };
-    Ok(Box::new(SocketSource::new(&so.host, so.port, b.subtask)?))
+    let clock = crate::event_time::EventClock::of(b.op)?;
+    Ok(Box::new(SocketSource::new(&so.host, so.port, b.subtask)?.with_event_time(clock)))
 }
 
 /// `registry` with every built-in type.

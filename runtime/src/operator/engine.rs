@@ -85,12 +85,25 @@ pub trait Operator: Send {
     fn tick(&mut self, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
         Ok(())
     }
+
+    /// The event time of its inputs has reached `watermark` (the lowest over its input
+    /// channels, [`crate::event_time`]): the event-time timers it passes fire, and what they
+    /// emit goes out before the watermark is forwarded. Called only when it moves on.
+    fn watermark(&mut self, _watermark: i64, _out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
 /// One subtask of a source, reading the splits dealt to it.
 pub trait Source: Send {
     /// Appends up to `max` records; false once every split is exhausted.
     fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<bool, RuntimeError>;
+
+    /// The event time this subtask has reached over its splits, when the source declares
+    /// one (`eventTime`): asked after every poll, and every few milliseconds while it waits.
+    fn watermark(&mut self) -> Option<crate::event_time::Watermark> {
+        None
+    }
 
     /// The position to resume from: the state of every split this subtask still reads.
     /// `None` for a source that cannot be replayed (its records after the last checkpoint

@@ -335,8 +335,8 @@ impl<T: Process> Adapter<T> {
         Ok(())
     }
 
-    /// The operator's event time reaches `watermark`: the event-time timers it passes fire.
-    /// (Until watermarks travel between operators, a built-in window derives its own.)
+    /// The operator's event time reaches `watermark`: the event-time timers it passes fire
+    /// (a watermark at or behind the one it has reached changes nothing).
     pub(crate) fn advance_watermark(
         &mut self,
         watermark: i64,
@@ -452,6 +452,10 @@ impl<T: Process> Operator for Adapter<T> {
 
     fn take_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.dropped)
+    }
+
+    fn watermark(&mut self, watermark: i64, out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        self.advance_watermark(watermark, out)
     }
 }
 

@@ -5,8 +5,8 @@
 //! other, and a window open across a savepoint fires once, on the subtask that owns its key,
 //! at any parallelism.
 //!
-//! Its event time is the highest it has seen, less `allowedLateness` (watermarks from the
-//! sources are still to come); it is kept in the state of every key group the subtask owns,
+//! Its event time is the highest it has seen or the watermark of its input, whichever is
+//! further, less `allowedLateness`; it is kept in the state of every key group the subtask owns,
 //! so that a restored subtask starts from the lowest of its key groups'. A record of a window
 //! that has already fired is late: dropped, and counted in
 //! `weir_operator_records_dropped_total`, as is one whose time field is not a number.
@@ -238,6 +238,17 @@ impl Operator for TumblingWindowCount {
     ) -> Result<(), RuntimeError> {
         self.inner.process(input, batch, out)?;
         let wm = self.inner.f.event_time;
+        if wm > i64::MIN {
+            self.inner.advance_watermark(wm, out)?;
+        }
+        Ok(())
+    }
+
+    /// The input's watermark, less the lateness, moves its event time on too.
+    fn watermark(&mut self, watermark: i64, out: &mut Vec<Record>) -> Result<(), RuntimeError> {
+        let f = &mut self.inner.f;
+        f.event_time = f.event_time.max(watermark.saturating_sub(f.lateness_ms));
+        let wm = f.event_time;
         if wm > i64::MIN {
             self.inner.advance_watermark(wm, out)?;
         }
