@@ -403,6 +403,8 @@ pub enum FieldType {
     Text,
     Integer,
     Float,
+    /// `true` or `false`.
+    Bool,
     /// An integer or a float (a sum of values that may be either).
     Number,
     /// Anything (inputs that disagree).
@@ -415,6 +417,7 @@ pub enum ValueKind {
     Text,
     Integer,
     Float,
+    Bool,
 }
 
 impl ValueKind {
@@ -424,6 +427,7 @@ impl ValueKind {
             ValueKind::Text => "text",
             ValueKind::Integer => "an integer",
             ValueKind::Float => "a float",
+            ValueKind::Bool => "a boolean",
         }
     }
 }
@@ -437,6 +441,7 @@ impl FieldType {
                 | (FieldType::Text, ValueKind::Text)
                 | (FieldType::Integer, ValueKind::Integer)
                 | (FieldType::Float, ValueKind::Float)
+                | (FieldType::Bool, ValueKind::Bool)
                 | (FieldType::Number, ValueKind::Integer | ValueKind::Float)
         )
     }
@@ -457,6 +462,7 @@ impl FieldType {
             FieldType::Text => "text",
             FieldType::Integer => "an integer",
             FieldType::Float => "a float",
+            FieldType::Bool => "a boolean",
             FieldType::Number => "a number",
             FieldType::Any => "any value",
         }
