@@ -72,9 +72,12 @@ fn schema_of<T: JsonSchema>() -> Value {
 /// of `const`s) an `enum`, and `format`, `title` and `$schema` go.
 fn structural(v: &mut Value) {
     let Some(o) = v.as_object_mut() else { return };
-    o.remove("$schema");
-    o.remove("title");
-    o.remove("format");
+    // The keywords, not properties of those names (a parameter `format` is an object here).
+    for keyword in ["$schema", "title", "format"] {
+        if o.get(keyword).is_some_and(Value::is_string) {
+            o.remove(keyword);
+        }
+    }
     if o.get("default") == Some(&Value::Null) {
         o.remove("default");
     }
@@ -274,6 +277,15 @@ mod tests {
         assert_eq!(sources, SOURCE_TYPES);
         let stateless: Vec<&str> = KINDS.iter().filter(|k| !k.stateful).map(|k| k.name).collect();
         assert_eq!(stateless, STATELESS_TYPES);
+    }
+
+    #[test]
+    fn a_parameter_named_like_a_schema_keyword_is_kept() {
+        for (kind, param) in [("generator", "format")] {
+            let schema = (super::kind(kind).unwrap().params)();
+            let p = &schema["properties"][param];
+            assert!(p["enum"].is_array() && p["description"].is_string(), "{kind}.{param}: {p}");
+        }
     }
 
     #[test]
