@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use weir_crds::StorageUri;
 
 use super::Pacer;
+use super::format::{LineBuffer, SourceDecoder};
 use crate::error::RuntimeError;
 use crate::objstore::S3Client;
 use crate::operator::{Rescale, Source, bad_state};
-use crate::record::{Record, Value};
+use crate::record::Record;
 
 /// One file of a file source (a split): a local file, or an S3 object as listed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -46,7 +47,11 @@ pub struct FileSource {
     /// The file being read, its name, the offset of the next line and its reader.
     current: Option<(SourceFile, String, u64, Box<dyn BufRead + Send>)>,
     pacer: Pacer,
-    buf: String,
+    buf: LineBuffer,
+    /// Lines to records, with the source's `onError`.
+    decoder: SourceDecoder,
+    /// Lines read of the current file, and the offset it was opened at (for messages).
+    line: (u64, u64),
 }
 
 /// A file of a file source's position: read from `offset` on.
@@ -219,8 +224,17 @@ impl FileSource {
             s3,
             current: None,
             pacer: Pacer::new(rate.map(|r| r * share)),
-            buf: String::new(),
+            buf: LineBuffer::new(),
+            decoder: SourceDecoder::text("file_source"),
+            line: (0, 0),
         }
+    }
+
+    /// Reads its lines with `decoder` (the default: text, failing on a line that is not
+    /// UTF-8).
+    pub fn decode_with(mut self, decoder: SourceDecoder) -> Self {
+        self.decoder = decoder;
+        self
     }
 
     fn open(&self, f: SourceFile, offset: u64) -> Result<Box<dyn BufRead + Send>, RuntimeError> {
@@ -268,20 +282,26 @@ impl Source for FileSource {
                 let name = f.to_string();
                 let reader = self.open(f.clone(), at)?;
                 self.current = Some((f, name, at, reader));
+                self.line = (0, at);
                 continue;
             };
-            self.buf.clear();
-            let read = reader.read_line(&mut self.buf).map_err(|e| io_error(e, name))?;
-            if read == 0 {
+            let Some(line) = self.buf.read(reader).map_err(|e| io_error(e, name))? else {
                 self.current = None;
                 continue;
-            }
-            *offset += read as u64;
-            let line = self.buf.trim_end_matches(['\n', '\r']);
-            out.push(vec![Value::str(line)]);
+            };
+            let start = *offset;
+            *offset += line.consumed;
+            self.line.0 += 1;
+            let (n, from) = self.line;
+            // A skipped line counts towards the batch, so that a poll ends.
+            self.decoder.push(line, || line_position(name.as_str(), n, from, start), out)?;
             got += 1;
         }
         Ok(true)
+    }
+
+    fn take_dropped(&mut self) -> u64 {
+        self.decoder.take_dropped()
     }
 
     fn snapshot(&mut self) -> Result<Option<serde_json::Value>, RuntimeError> {
@@ -323,6 +343,12 @@ impl Source for FileSource {
             .collect();
         Ok(())
     }
+}
+
+/// Where line `n` of a file is, for messages: its line number when the file was read from
+/// its start, else (resumed from a checkpoint's offset) its byte offset.
+fn line_position(file: &str, n: u64, opened_at: u64, offset: u64) -> String {
+    if opened_at == 0 { format!("{file} line {n}") } else { format!("{file} at byte {offset}") }
 }
 
 /// The positions in a file source's snapshot.
