@@ -49,6 +49,7 @@ fn records() -> Vec<Record> {
         vec![],
         vec![Value::Int(i64::MIN), Value::Int(i64::MAX), Value::Float(f64::NEG_INFINITY)],
         vec![Value::Str("".into())],
+        vec![Value::Bool(true), Value::Bool(false)],
     ]
 }
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::plan::{
     FileSinkSpec, FileSourceSpec, FilterSpec, GeneratorSpec, KeyedSpec, MapSpec, NoParams,
-    SocketSpec, SplitSpec, ThrottleSpec, WindowSpec,
+    SocketSpec, SplitSpec, StdoutSpec, ThrottleSpec, WindowSpec,
 };
 
 /// Where an operator type stands in a pipeline.
@@ -72,9 +72,12 @@ fn schema_of<T: JsonSchema>() -> Value {
 /// of `const`s) an `enum`, and `format`, `title` and `$schema` go.
 fn structural(v: &mut Value) {
     let Some(o) = v.as_object_mut() else { return };
-    o.remove("$schema");
-    o.remove("title");
-    o.remove("format");
+    // The keywords, not properties of those names (a parameter `format` is an object here).
+    for keyword in ["$schema", "title", "format"] {
+        if o.get(keyword).is_some_and(Value::is_string) {
+            o.remove(keyword);
+        }
+    }
     if o.get("default") == Some(&Value::Null) {
         o.remove("default");
     }
@@ -131,17 +134,17 @@ pub const KINDS: &[OperatorKind] = &[
         name: "file_source",
         role: Role::Source,
         stateful: true,
-        summary: "Every file under a directory or S3 prefix, one record per line; the files are dealt to the subtasks, and the position in each is checkpointed. Ends when every file is read.",
-        emits: "`line` (text)",
+        summary: "Every file under a directory or S3 prefix, one record per line: the line as text, or with `format: json` a JSON object per line read into the fields `fields` names, with their types. The files are dealt to the subtasks, and the position in each is checkpointed. A line that does not parse fails the job, naming the file and line, or with `onError: skip` is dropped and counted. Ends when every file is read.",
+        emits: "`line` (text) with `format: text`; with `format: json` the names of `fields` in sorted order, each holding its type (`string` text, `int` and `timestamp` integers, `float` a float, `bool` a boolean)",
         params: schema_of::<FileSourceSpec>,
-        example: "{uid: lines, type: file_source, path: s3://weir-data/in}",
+        example: "{uid: bids, type: file_source, path: s3://weir-data/bids, format: json, fields: {auction: int, price: float, ts: timestamp, \"bidder.name\": string}, onError: skip}",
     },
     OperatorKind {
         name: "socket",
         role: Role::Source,
         stateful: false,
-        summary: "Lines read from a TCP server (as `nc -lk 9999` serves them), by subtask 0; a restarted job connects again and reads on. What the server sent before a failure is not read again: at most once.",
-        emits: "`line` (text)",
+        summary: "Lines read from a TCP server (as `nc -lk 9999` serves them), by subtask 0, as text or, with `format: json`, as JSON objects read into `fields` as a `file_source` reads them; a restarted job connects again and reads on. What the server sent before a failure is not read again: at most once.",
+        emits: "`line` (text) with `format: text`; with `format: json` the names of `fields` in sorted order, as a `file_source`",
         params: schema_of::<SocketSpec>,
         example: "{uid: lines, type: socket, host: localhost, port: 9999}",
     },
@@ -230,10 +233,10 @@ pub const KINDS: &[OperatorKind] = &[
         name: "stdout",
         role: Role::Sink,
         stateful: false,
-        summary: "Prints each record as a line of comma-separated values (not exactly once: a restarted job prints again what followed its last checkpoint).",
+        summary: "Prints each record as a line of comma-separated values, or with `format: json` as a JSON object keyed by its field names (not exactly once: a restarted job prints again what followed its last checkpoint).",
         emits: "nothing",
-        params: schema_of::<NoParams>,
-        example: "{uid: print, type: stdout, inputs: [counts]}",
+        params: schema_of::<StdoutSpec>,
+        example: "{uid: print, type: stdout, inputs: [counts], format: json}",
     },
     OperatorKind {
         name: "blackhole",
@@ -248,10 +251,10 @@ pub const KINDS: &[OperatorKind] = &[
         name: "file_sink",
         role: Role::Sink,
         stateful: true,
-        summary: "Writes records as lines of comma-separated values into part files, committed when a checkpoint completes: the committed output holds each record exactly once.",
+        summary: "Writes records as lines of comma-separated values, or with `format: json` as JSON objects keyed by the field names, into part files, committed when a checkpoint completes: the committed output holds each record exactly once.",
         emits: "nothing",
         params: schema_of::<FileSinkSpec>,
-        example: "{uid: out, type: file_sink, inputs: [counts], path: s3://weir-data/out}",
+        example: "{uid: out, type: file_sink, inputs: [counts], path: s3://weir-data/out, format: json}",
     },
 ];
 
@@ -274,6 +277,21 @@ mod tests {
         assert_eq!(sources, SOURCE_TYPES);
         let stateless: Vec<&str> = KINDS.iter().filter(|k| !k.stateful).map(|k| k.name).collect();
         assert_eq!(stateless, STATELESS_TYPES);
+    }
+
+    #[test]
+    fn a_parameter_named_like_a_schema_keyword_is_kept() {
+        for (kind, param) in [
+            ("generator", "format"),
+            ("file_source", "format"),
+            ("socket", "format"),
+            ("stdout", "format"),
+            ("file_sink", "format"),
+        ] {
+            let schema = (super::kind(kind).unwrap().params)();
+            let p = &schema["properties"][param];
+            assert!(p["enum"].is_array() && p["description"].is_string(), "{kind}.{param}: {p}");
+        }
     }
 
     #[test]

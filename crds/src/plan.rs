@@ -137,6 +137,72 @@ pub struct EventTimeSpec {
     pub idle_timeout: Option<crate::Duration>,
 }
 
+/// How a source reads a line into a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    /// The line as it is, in the one text field `line`.
+    #[default]
+    Text,
+    /// A JSON object per line, read into the fields `fields` names.
+    Json,
+}
+
+/// The type of a field a source reads from a JSON object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JsonType {
+    /// A JSON string (a number is not one).
+    String,
+    /// A JSON integer within 64 bits (a number with a fraction is not one).
+    Int,
+    /// Any JSON number.
+    Float,
+    /// `true` or `false`.
+    Bool,
+    /// Epoch milliseconds (an integer) or an RFC 3339 string; the field holds the integer of
+    /// epoch milliseconds.
+    Timestamp,
+}
+
+impl JsonType {
+    /// Every type, as a manifest names them.
+    pub const NAMES: &'static [&'static str] = &["string", "int", "float", "bool", "timestamp"];
+
+    /// What the field it reads holds.
+    pub fn field_type(self) -> FieldType {
+        match self {
+            JsonType::String => FieldType::Text,
+            JsonType::Int | JsonType::Timestamp => FieldType::Integer,
+            JsonType::Float => FieldType::Float,
+            JsonType::Bool => FieldType::Bool,
+        }
+    }
+}
+
+/// What a source does with a line that does not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// The job fails, naming the operator, where the line is and what is wrong with it.
+    #[default]
+    Fail,
+    /// The line is dropped and counted in `weir_operator_records_dropped_total`; the first
+    /// few are logged with where they are.
+    Skip,
+}
+
+/// How a sink writes a record as a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    /// The values joined by commas, as they are (no quoting).
+    #[default]
+    Csv,
+    /// A JSON object per line, keyed by the input's field names.
+    Json,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileSourceSpec {
@@ -149,6 +215,24 @@ pub struct FileSourceSpec {
     /// and event-time timers and windows after it fire only at the end of the input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_time: Option<EventTimeSpec>,
+    /// How a line becomes a record: `text` (the line as the one text field `line`) or `json`
+    /// (an object per line, read into the fields `fields` names).
+    #[serde(default)]
+    pub format: SourceFormat,
+    /// With `format: json` (and only then): the fields to read, `{name: type}`, each type one
+    /// of `string`, `int`, `float`, `bool`, `timestamp` (epoch milliseconds, or an RFC 3339
+    /// string, read as an integer of epoch milliseconds). A dotted name in quotes,
+    /// `"bid.price": int`, reads `price` in the object `bid` into the field `bid.price`. The
+    /// record's fields are in the names' sorted order. A missing field, a `null` or a value
+    /// of another type makes the line one that does not parse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<BTreeMap<String, JsonType>>,
+    /// A line that does not parse (JSON that is not an object of `fields`, bytes that are not
+    /// UTF-8, a line longer than 16 MiB): `fail` the job, naming the file and line, or `skip`
+    /// it (counted in `weir_operator_records_dropped_total`, the first 5 of each subtask
+    /// logged).
+    #[serde(default)]
+    pub on_error: OnError,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
@@ -164,6 +248,93 @@ pub struct SocketSpec {
     /// and event-time timers and windows after it fire only at the end of the input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_time: Option<EventTimeSpec>,
+    /// How a line becomes a record: `text` (the line as the one text field `line`) or `json`
+    /// (an object per line, read into the fields `fields` names).
+    #[serde(default)]
+    pub format: SourceFormat,
+    /// With `format: json` (and only then): the fields to read, `{name: type}`, as a
+    /// `file_source` reads them (types `string`, `int`, `float`, `bool`, `timestamp`; a dotted
+    /// name in quotes reads into a nested object; the fields in the names' sorted order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<BTreeMap<String, JsonType>>,
+    /// A line that does not parse: `fail` the job, naming the line's number since the
+    /// connection opened, or `skip` it (counted in `weir_operator_records_dropped_total`, the
+    /// first 5 logged).
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+/// How a source turns its lines into records: the `format`, `fields` and `onError` of a
+/// `file_source` or a `socket`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LineFormat<'a> {
+    pub format: SourceFormat,
+    pub fields: Option<&'a BTreeMap<String, JsonType>>,
+    pub on_error: OnError,
+}
+
+impl FileSourceSpec {
+    pub fn line_format(&self) -> LineFormat<'_> {
+        LineFormat { format: self.format, fields: self.fields.as_ref(), on_error: self.on_error }
+    }
+}
+
+impl SocketSpec {
+    pub fn line_format(&self) -> LineFormat<'_> {
+        LineFormat { format: self.format, fields: self.fields.as_ref(), on_error: self.on_error }
+    }
+}
+
+impl LineFormat<'_> {
+    /// The fields of the records it makes, with what each holds.
+    pub fn output(&self) -> Vec<(String, FieldType)> {
+        match (self.format, self.fields) {
+            (SourceFormat::Json, Some(fields)) => {
+                fields.iter().map(|(name, t)| (name.clone(), t.field_type())).collect()
+            }
+            _ => vec![("line".into(), FieldType::Text)],
+        }
+    }
+
+    /// `fields` with `format: json` only, each name a field or a dotted path, none inside
+    /// another.
+    fn check(&self) -> Result<(), String> {
+        let fields = match (self.format, self.fields) {
+            (SourceFormat::Text, None) => return Ok(()),
+            (SourceFormat::Text, Some(_)) => {
+                return Err(
+                    "fields is read only with format: json: set format: json, or leave fields out (format: text gives the one field `line`)".into(),
+                );
+            }
+            (SourceFormat::Json, None) => {
+                return Err(
+                    "format: json needs fields: name the fields to read and their types, e.g. fields: {id: int, name: string}".into(),
+                );
+            }
+            (SourceFormat::Json, Some(f)) => f,
+        };
+        if fields.is_empty() {
+            return Err("fields is empty: name the fields to read and their types".into());
+        }
+        for name in fields.keys() {
+            if name.split('.').any(str::is_empty) {
+                return Err(format!(
+                    "fields: {name:?} is not a field name or a dotted path (`bid.price`): no part of it may be empty"
+                ));
+            }
+            // `bid` and `bid.price`: `bid` would be an object, which no type reads.
+            if let Some(outer) = fields.keys().find(|o| {
+                name.len() > o.len()
+                    && name.starts_with(o.as_str())
+                    && name.as_bytes()[o.len()] == b'.'
+            }) {
+                return Err(format!(
+                    "fields: {outer:?} is on the path of {name:?}, so it would be an object, which none of the types reads: leave one of them out"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
@@ -271,6 +442,21 @@ pub struct FileSinkSpec {
     /// committed (renamed into place, or the multipart upload completed) when a checkpoint
     /// completes, so that the committed output holds each record exactly once.
     pub path: StorageUri,
+    /// How a record is written: `csv` (its values joined by commas, unquoted) or `json` (an
+    /// object per line keyed by the input's field names, a dotted name such as `bid.price`
+    /// as that one flat key; a float that is not finite as `null`).
+    #[serde(default)]
+    pub format: SinkFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StdoutSpec {
+    /// How a record is printed: `csv` (its values joined by commas, unquoted) or `json` (an
+    /// object per line keyed by the input's field names, a dotted name as that one flat key;
+    /// a float that is not finite as `null`).
+    #[serde(default)]
+    pub format: SinkFormat,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema, Default)]
@@ -302,7 +488,7 @@ pub enum OpKind {
         field: Option<String>,
     },
     TumblingWindowCount(WindowSpec),
-    Stdout,
+    Stdout(StdoutSpec),
     Blackhole,
     FileSink(FileSinkSpec),
     /// A type of the job's binary's own (registered with the runtime's registry, or, for the
@@ -416,7 +602,7 @@ impl OpKind {
         matches!(self, OpKind::Generator(_) | OpKind::FileSource(_) | OpKind::Socket(_))
     }
     pub fn is_sink(&self) -> bool {
-        matches!(self, OpKind::Stdout | OpKind::Blackhole | OpKind::FileSink(_))
+        matches!(self, OpKind::Stdout(_) | OpKind::Blackhole | OpKind::FileSink(_))
     }
     /// A source's event time, when it declares one.
     pub fn event_time(&self) -> Option<&EventTimeSpec> {
@@ -446,6 +632,8 @@ pub enum FieldType {
     Text,
     Integer,
     Float,
+    /// `true` or `false`.
+    Bool,
     /// An integer or a float (a sum of values that may be either).
     Number,
     /// Anything (inputs that disagree).
@@ -458,6 +646,7 @@ pub enum ValueKind {
     Text,
     Integer,
     Float,
+    Bool,
 }
 
 impl ValueKind {
@@ -467,6 +656,7 @@ impl ValueKind {
             ValueKind::Text => "text",
             ValueKind::Integer => "an integer",
             ValueKind::Float => "a float",
+            ValueKind::Bool => "a boolean",
         }
     }
 }
@@ -480,6 +670,7 @@ impl FieldType {
                 | (FieldType::Text, ValueKind::Text)
                 | (FieldType::Integer, ValueKind::Integer)
                 | (FieldType::Float, ValueKind::Float)
+                | (FieldType::Bool, ValueKind::Bool)
                 | (FieldType::Number, ValueKind::Integer | ValueKind::Float)
         )
     }
@@ -500,6 +691,7 @@ impl FieldType {
             FieldType::Text => "text",
             FieldType::Integer => "an integer",
             FieldType::Float => "a float",
+            FieldType::Bool => "a boolean",
             FieldType::Number => "a number",
             FieldType::Any => "any value",
         }
@@ -546,7 +738,7 @@ impl Plan {
     pub fn uses_s3(&self) -> bool {
         self.ops.iter().any(|o| match &o.kind {
             OpKind::FileSource(FileSourceSpec { path, .. })
-            | OpKind::FileSink(FileSinkSpec { path }) => matches!(path, StorageUri::S3 { .. }),
+            | OpKind::FileSink(FileSinkSpec { path, .. }) => matches!(path, StorageUri::S3 { .. }),
             _ => false,
         })
     }
@@ -589,6 +781,50 @@ fn check_event_time(
             op,
             "eventTime.idleTimeout must be more than 0s (leave it out for splits that are never idle)",
         ));
+    }
+    Ok(())
+}
+
+/// Parameter `name`, when given, is one of `choices`: said with the parameter's name, which
+/// serde's own message leaves out.
+fn check_choice(op: &OperatorSpec, name: &str, choices: &[&str]) -> Result<(), PlanError> {
+    match op.params.get(name) {
+        Some(v) if !v.as_str().is_some_and(|s| choices.contains(&s)) => Err(err(
+            op,
+            format!("{name} {v} is not one of {}: use one of them", choices.join(", ")),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The `format`, `fields` and `onError` of a source, as given: each a known value, and each
+/// field's type one of [`JsonType::NAMES`], said with the field's name.
+fn check_line_format_params(op: &OperatorSpec) -> Result<(), PlanError> {
+    check_choice(op, "format", &["text", "json"])?;
+    check_choice(op, "onError", &["fail", "skip"])?;
+    match op.params.get("fields") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(fields)) => {
+            for (name, t) in fields {
+                if !t.as_str().is_some_and(|t| JsonType::NAMES.contains(&t)) {
+                    return Err(err(
+                        op,
+                        format!(
+                            "fields.{name}: {t} is not a type: use one of {}",
+                            JsonType::NAMES.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Some(other) => {
+            return Err(err(
+                op,
+                format!(
+                    "fields {other} is not a map of field names to types, e.g. fields: {{id: int, name: string}}"
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -715,12 +951,16 @@ pub fn build_with(
                 OpKind::Generator(g)
             }
             "file_source" => {
+                check_line_format_params(op)?;
                 let f: FileSourceSpec = parse(op)?;
                 check_rate(op, f.rate_per_second)?;
+                f.line_format().check().map_err(|e| err(op, e))?;
                 OpKind::FileSource(f)
             }
             "socket" => {
+                check_line_format_params(op)?;
                 let s: SocketSpec = parse(op)?;
+                s.line_format().check().map_err(|e| err(op, e))?;
                 if s.host.is_empty() {
                     return Err(err(op, "host is empty: name the host to connect to"));
                 }
@@ -763,14 +1003,17 @@ pub fn build_with(
                 OpKind::TumblingWindowCount(w)
             }
             "stdout" => {
-                parse::<NoParams>(op)?;
-                OpKind::Stdout
+                check_choice(op, "format", &["csv", "json"])?;
+                OpKind::Stdout(parse(op)?)
             }
             "blackhole" => {
                 parse::<NoParams>(op)?;
                 OpKind::Blackhole
             }
-            "file_sink" => OpKind::FileSink(parse(op)?),
+            "file_sink" => {
+                check_choice(op, "format", &["csv", "json"])?;
+                OpKind::FileSink(parse(op)?)
+            }
             other => {
                 let input = (!open).then_some(InputFields { fields: &in_fields, types: &in_types });
                 match ext.plan(op, input) {
@@ -820,7 +1063,8 @@ pub fn build_with(
                 GeneratorFormat::Text => vec!["line".into()],
                 GeneratorFormat::Kv => vec!["key".into(), "value".into(), "ts".into()],
             },
-            OpKind::FileSource(_) | OpKind::Socket(_) => vec!["line".into()],
+            OpKind::FileSource(f) => f.line_format().output().into_iter().map(|(f, _)| f).collect(),
+            OpKind::Socket(s) => s.line_format().output().into_iter().map(|(f, _)| f).collect(),
             OpKind::Split(s) => {
                 field_pos(op, &in_fields, &s.field, "field")?;
                 vec![s.output.clone()]
@@ -867,7 +1111,7 @@ pub fn build_with(
                 field_pos(op, &in_fields, &w.time_field, "timeField")?;
                 vec![w.key.clone(), "window_end".into(), "count".into()]
             }
-            OpKind::Stdout | OpKind::Blackhole | OpKind::FileSink(_) => in_fields.clone(),
+            OpKind::Stdout(_) | OpKind::Blackhole | OpKind::FileSink(_) => in_fields.clone(),
         };
         let types: Vec<FieldType> = match &kind {
             OpKind::Custom(_) => custom_output.iter().flatten().map(|(_, t)| *t).collect(),
@@ -877,7 +1121,9 @@ pub fn build_with(
                     vec![FieldType::Text, FieldType::Integer, FieldType::Integer]
                 }
             },
-            OpKind::FileSource(_) | OpKind::Socket(_) | OpKind::Split(_) => vec![FieldType::Text],
+            OpKind::FileSource(f) => f.line_format().output().into_iter().map(|(_, t)| t).collect(),
+            OpKind::Socket(s) => s.line_format().output().into_iter().map(|(_, t)| t).collect(),
+            OpKind::Split(_) => vec![FieldType::Text],
             OpKind::Map(m) => {
                 // `set` writes text (a template filled in); `select` picks from the result.
                 let mut names = in_fields.clone();
@@ -911,7 +1157,7 @@ pub fn build_with(
             }
             OpKind::Filter(_)
             | OpKind::Throttle(_)
-            | OpKind::Stdout
+            | OpKind::Stdout(_)
             | OpKind::Blackhole
             | OpKind::FileSink(_) => in_types.clone(),
         };
@@ -982,7 +1228,8 @@ impl PlanOp {
                 Ok(m.into())
             }
             OpKind::TumblingWindowCount(w) => serde_json::to_value(w),
-            OpKind::Stdout | OpKind::Blackhole => Ok(serde_json::Value::Object(Default::default())),
+            OpKind::Stdout(s) => serde_json::to_value(s),
+            OpKind::Blackhole => Ok(serde_json::Value::Object(Default::default())),
             OpKind::FileSink(f) => serde_json::to_value(f),
             OpKind::Custom(c) => Ok(serde_json::Value::Object(c.params.clone())),
         };
@@ -1198,6 +1445,124 @@ mod tests {
         assert!(Any.admits(V::Text) && !Integer.admits(V::Float));
     }
 
+    const JSON_BIDS: &str = "pipeline:\n  operators:\n    - {uid: bids, type: file_source, path: /data/bids, format: json, fields: {url: string, price: float, auction: int, ts: timestamp, \"bid.ok\": bool, \"bid.price\": int}, onError: skip}\n    - {uid: c, type: count, inputs: [bids], key: auction}\n    - {uid: out, type: file_sink, inputs: [c], path: /data/out, format: json}\n";
+
+    #[test]
+    fn a_json_source_emits_its_fields_in_sorted_order_with_their_types() {
+        use FieldType::*;
+        let p = build(&spec(JSON_BIDS), None, None).unwrap();
+        let bids = &p.ops[0];
+        assert_eq!(bids.fields, ["auction", "bid.ok", "bid.price", "price", "ts", "url"]);
+        assert_eq!(bids.types, [Integer, Bool, Integer, Float, Integer, Text]);
+        let OpKind::FileSource(f) = &bids.kind else { panic!("{:?}", bids.kind) };
+        assert_eq!((f.format, f.on_error), (SourceFormat::Json, OnError::Skip));
+        assert_eq!(p.ops[1].key_positions, vec![0]);
+        assert!(matches!(&p.ops[2].kind, OpKind::FileSink(s) if s.format == SinkFormat::Json));
+        verify(&p, &BuiltinOnly).unwrap();
+        // The defaults: text, one field `line`, fail; csv.
+        let p = build(&spec(WORDCOUNT), None, None).unwrap();
+        let OpKind::FileSource(f) = &p.ops[0].kind else { panic!() };
+        assert_eq!(
+            (f.format, f.fields.as_ref(), f.on_error),
+            (SourceFormat::Text, None, OnError::Fail)
+        );
+        assert!(matches!(&p.ops[3].kind, OpKind::FileSink(s) if s.format == SinkFormat::Csv));
+        // A socket reads JSON the same way; stdout writes it.
+        let yaml = "pipeline:\n  operators:\n    - {uid: s, type: socket, host: localhost, port: 9, format: json, fields: {active: bool, qty: int}}\n    - {uid: o, type: stdout, inputs: [s], format: json}\n";
+        let p = build(&spec(yaml), None, None).unwrap();
+        assert_eq!(p.ops[0].fields, ["active", "qty"]);
+        assert_eq!(p.ops[0].types, [Bool, Integer]);
+        assert!(matches!(&p.ops[1].kind, OpKind::Stdout(s) if s.format == SinkFormat::Json));
+        verify(&p, &BuiltinOnly).unwrap();
+        // A boolean merges with nothing but a boolean.
+        assert_eq!(Bool.merge(Bool), Bool);
+        assert_eq!(Bool.merge(Integer), Any);
+        assert!(Bool.admits(ValueKind::Bool) && !Bool.admits(ValueKind::Text));
+        assert!(!Integer.admits(ValueKind::Bool) && !Number.admits(ValueKind::Bool));
+    }
+
+    #[test]
+    fn bad_json_sources_and_sinks_are_refused_naming_the_operator_and_field() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "format: json, fields: {url: string, price: float, auction: int, ts: timestamp, \"bid.ok\": bool, \"bid.price\": int}, ",
+                "format: json, ",
+                &["\"bids\" (file_source)", "format: json needs fields"],
+            ),
+            ("format: json, ", "", &["\"bids\"", "fields is read only with format: json"]),
+            ("format: json, ", "format: text, ", &["fields is read only with format: json"]),
+            (
+                "price: float",
+                "price: integer",
+                &[
+                    "\"bids\"",
+                    "fields.price: \"integer\" is not a type: use one of string, int, float, bool, timestamp",
+                ],
+            ),
+            ("price: float", "price: 3", &["fields.price: 3 is not a type"]),
+            (
+                "onError: skip",
+                "onError: maybe",
+                &["\"bids\"", "onError \"maybe\" is not one of fail, skip"],
+            ),
+            (
+                "format: json, fields",
+                "format: xml, fields",
+                &["\"bids\"", "format \"xml\" is not one of text, json"],
+            ),
+            (
+                "path: /data/out, format: json",
+                "path: /data/out, format: xml",
+                &["\"out\" (file_sink)", "format \"xml\" is not one of csv, json"],
+            ),
+            (
+                "fields: {url: string, price: float, auction: int, ts: timestamp, \"bid.ok\": bool, \"bid.price\": int}",
+                "fields: {}",
+                &["fields is empty"],
+            ),
+            (
+                "fields: {url: string, price: float, auction: int, ts: timestamp, \"bid.ok\": bool, \"bid.price\": int}",
+                "fields: [auction]",
+                &["is not a map of field names to types"],
+            ),
+            (
+                "\"bid.ok\": bool",
+                "\"bid..ok\": bool",
+                &["fields: \"bid..ok\" is not a field name or a dotted path"],
+            ),
+            ("\"bid.ok\": bool", "\".ok\": bool", &["\".ok\" is not a field name"]),
+            (
+                "\"bid.ok\": bool",
+                "bid: string",
+                &["fields: \"bid\" is on the path of \"bid.price\""],
+            ),
+            (
+                "key: auction",
+                "key: bid",
+                &[
+                    "\"c\"",
+                    "key \"bid\" is not a field of its input (fields: auction, bid.ok, bid.price, price, ts, url)",
+                ],
+            ),
+        ];
+        for (from, to, wants) in cases {
+            assert!(JSON_BIDS.contains(from), "{from}");
+            let e = plan_err(&JSON_BIDS.replace(from, to));
+            for w in *wants {
+                assert!(e.contains(w), "{to}: the error does not say {w}: {e}");
+            }
+        }
+        let socket = "pipeline:\n  operators:\n    - {uid: s, type: socket, host: localhost, port: 9, format: json}\n    - {uid: o, type: stdout, inputs: [s], format: yaml}\n";
+        let e = plan_err(socket);
+        assert!(e.contains("\"s\" (socket): format: json needs fields"), "{e}");
+        let e = plan_err(&socket.replace("format: json}", "fields: {a: int}}"));
+        assert!(e.contains("\"s\" (socket): fields is read only with format: json"), "{e}");
+        let e = plan_err(&socket.replace("format: json}", "onError: later}"));
+        assert!(e.contains("onError \"later\" is not one of fail, skip"), "{e}");
+        let e = plan_err(&socket.replace("format: json}", "format: text}"));
+        assert!(e.contains("\"o\" (stdout): format \"yaml\" is not one of csv, json"), "{e}");
+    }
+
     /// A keyed type of a user's own: emits its key and `hits`; `limit` must be above 0.
     struct Detector;
 
@@ -1274,7 +1639,7 @@ mod tests {
     }
 
     /// Every built-in type with parameters, and a user's type.
-    const EVERY_KIND: &str = "parallelism: 3\nmaxParallelism: 64\nstateBackend: heap\npipeline:\n  operators:\n    - {uid: kv, type: generator, format: kv, count: 10, keys: 5, ratePerSecond: 100}\n    - {uid: t, type: throttle, inputs: [kv], ratePerSecond: 50}\n    - {uid: f, type: filter, inputs: [t], field: value, greaterThan: 1, equals: 3}\n    - {uid: m, type: map, inputs: [f], set: {k2: 'x{key}'}, upper: [key], select: [key, k2, ts]}\n    - {uid: w, type: tumbling_window_count, inputs: [m], key: k2, size: 5s, allowedLateness: 1s}\n    - {uid: d, type: detector, inputs: [kv], limit: 3}\n    - {uid: s, type: sum, inputs: [d], key: key, field: hits}\n    - {uid: lines, type: file_source, path: s3://bucket-a/in}\n    - {uid: sock, type: socket, host: example.com, port: 9000}\n    - {uid: words, type: split, inputs: [lines, sock]}\n    - {uid: c, type: count, inputs: [words], key: word}\n    - {uid: o1, type: file_sink, inputs: [w], path: /out}\n    - {uid: o2, type: blackhole, inputs: [s]}\n    - {uid: o3, type: stdout, inputs: [c]}\n";
+    const EVERY_KIND: &str = "parallelism: 3\nmaxParallelism: 64\nstateBackend: heap\npipeline:\n  operators:\n    - {uid: kv, type: generator, format: kv, count: 10, keys: 5, ratePerSecond: 100}\n    - {uid: t, type: throttle, inputs: [kv], ratePerSecond: 50}\n    - {uid: f, type: filter, inputs: [t], field: value, greaterThan: 1, equals: 3}\n    - {uid: m, type: map, inputs: [f], set: {k2: 'x{key}'}, upper: [key], select: [key, k2, ts]}\n    - {uid: w, type: tumbling_window_count, inputs: [m], key: k2, size: 5s, allowedLateness: 1s}\n    - {uid: d, type: detector, inputs: [kv], limit: 3}\n    - {uid: s, type: sum, inputs: [d], key: key, field: hits}\n    - {uid: lines, type: file_source, path: s3://bucket-a/in}\n    - {uid: sock, type: socket, host: example.com, port: 9000}\n    - {uid: words, type: split, inputs: [lines, sock]}\n    - {uid: c, type: count, inputs: [words], key: word}\n    - {uid: o1, type: file_sink, inputs: [w], path: /out}\n    - {uid: o2, type: blackhole, inputs: [s]}\n    - {uid: o3, type: stdout, inputs: [c]}\n    - {uid: j, type: file_source, path: /in, format: json, fields: {a: int, \"b.c\": bool}, onError: skip}\n    - {uid: js, type: socket, host: example.com, port: 9001, format: json, fields: {a: int, \"b.c\": bool}}\n    - {uid: o4, type: file_sink, inputs: [j, js], path: /out2, format: json}\n    - {uid: o5, type: stdout, inputs: [js], format: json}\n";
 
     #[test]
     fn a_plan_handed_over_is_checked_by_planning_it_again() {

@@ -611,7 +611,7 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
     let rdropped = IntCounterVec::new(
         job(
             "operator_records_dropped_total",
-            "Records an operator could not use and dropped (a sum of a field that is not a number)",
+            "Records an operator could not use and dropped (a sum of a field that is not a number, a source's line that does not parse with onError: skip)",
         ),
         &["operator", "type"],
     )?;

@@ -1613,6 +1613,11 @@ fn run_subtask(
             }
             let mut batch = Vec::with_capacity(BATCH);
             let more = source.poll(&mut batch, BATCH)?;
+            let dropped = source.take_dropped();
+            if dropped > 0 {
+                let m = &chain.metrics.operators[chain.ops[0].plan_index].1;
+                m.records_dropped.fetch_add(dropped, Ordering::Relaxed);
+            }
             let polled = !batch.is_empty();
             if polled {
                 chain.route(0, batch)?;

@@ -8,6 +8,7 @@ pub enum Value {
     Str(Box<str>),
     Int(i64),
     Float(f64),
+    Bool(bool),
 }
 
 /// A record: values in the order of its operator's fields.
@@ -21,6 +22,7 @@ impl Value {
             Value::Str(_) => ValueKind::Text,
             Value::Int(_) => ValueKind::Integer,
             Value::Float(_) => ValueKind::Float,
+            Value::Bool(_) => ValueKind::Bool,
         }
     }
 
@@ -36,22 +38,30 @@ impl Value {
                 *scratch = f.to_bits().to_be_bytes();
                 &scratch[..]
             }
+            Value::Bool(b) => {
+                scratch[0] = u8::from(*b);
+                &scratch[..1]
+            }
         }
     }
 
+    /// The number it holds or reads as (text that parses as one); none for a boolean.
     pub fn as_f64(&self) -> Option<f64> {
         match self {
             Value::Int(i) => Some(*i as f64),
             Value::Float(f) => Some(*f),
             Value::Str(s) => s.parse().ok(),
+            Value::Bool(_) => None,
         }
     }
 
+    /// [`Value::as_f64`] as an integer (a float cut towards zero).
     pub fn as_i64(&self) -> Option<i64> {
         match self {
             Value::Int(i) => Some(*i),
             Value::Float(f) => Some(*f as i64),
             Value::Str(s) => s.parse().ok(),
+            Value::Bool(_) => None,
         }
     }
 
@@ -66,6 +76,7 @@ impl fmt::Display for Value {
             Value::Str(s) => f.write_str(s),
             Value::Int(i) => write!(f, "{i}"),
             Value::Float(x) => write!(f, "{x}"),
+            Value::Bool(b) => write!(f, "{b}"),
         }
     }
 }

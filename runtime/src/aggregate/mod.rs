@@ -45,6 +45,7 @@ fn num_value(v: &Value) -> Option<Num> {
         Value::Str(s) => {
             s.parse::<i64>().map(Num::Int).ok().or_else(|| s.parse::<f64>().map(Num::Float).ok())
         }
+        Value::Bool(_) => None,
     }
 }
 

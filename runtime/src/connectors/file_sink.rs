@@ -6,10 +6,11 @@ use std::path::PathBuf;
 
 use weir_crds::StorageUri;
 
+use super::format::Encoder;
 use crate::error::RuntimeError;
 use crate::objstore::S3Client;
 use crate::operator::{Operator, Rescale, bad_state};
-use crate::record::{Record, to_lines};
+use crate::record::Record;
 
 /// Bytes of one part file: a sink subtask starts a new part (`-1`, `-2`, ...) after this
 /// many, staying far below the 5 GiB that one S3 PUT and one copy can take.
@@ -35,7 +36,9 @@ pub struct FileSink {
     out: SinkOut,
     /// `part-<job>-<subtask>`: part `n` is `<stem>-<n>`.
     stem: String,
-    buf: String,
+    /// Records to lines (comma-separated values, or JSON objects).
+    encoder: Encoder,
+    buf: Vec<u8>,
     two_phase: bool,
     /// The part being written: its number, writer and size so far.
     open: Option<(u32, OpenPart, u64)>,
@@ -134,7 +137,8 @@ impl FileSink {
         Ok(Self {
             out,
             stem: format!("part-{job}-{subtask}"),
-            buf: String::new(),
+            encoder: Encoder::new(weir_crds::plan::SinkFormat::Csv, &[]),
+            buf: Vec::new(),
             two_phase,
             open: None,
             closed: Vec::new(),
@@ -142,6 +146,12 @@ impl FileSink {
             next_part: 0,
             part_bytes: S3_PART_BYTES,
         })
+    }
+
+    /// Writes its records with `encoder` (the default: comma-separated values).
+    pub fn encode_with(mut self, encoder: Encoder) -> Self {
+        self.encoder = encoder;
+        self
     }
 
     /// Starts a new part once a part has `bytes` bytes (instead of [`S3_PART_BYTES`]).
@@ -387,8 +397,8 @@ impl Operator for FileSink {
     ) -> Result<(), RuntimeError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
-        to_lines(&batch, &mut buf);
-        let r = self.write(buf.as_bytes());
+        self.encoder.write(&batch, &mut buf);
+        let r = self.write(&buf);
         self.buf = buf;
         r
     }

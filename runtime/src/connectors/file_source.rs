@@ -8,11 +8,12 @@ use std::time::Instant;
 use weir_crds::StorageUri;
 
 use super::Pacer;
+use super::format::{LineBuffer, SourceDecoder};
 use crate::error::RuntimeError;
 use crate::event_time::{EventClock, SplitTime, Watermark};
 use crate::objstore::S3Client;
 use crate::operator::{Rescale, Source, bad_state};
-use crate::record::{Record, Value};
+use crate::record::Record;
 
 /// One file of a file source (a split): a local file, or an S3 object as listed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -55,7 +56,9 @@ pub struct FileSource {
     /// The turn of the next poll among the open files.
     next: usize,
     pacer: Pacer,
-    buf: String,
+    buf: LineBuffer,
+    /// Lines to records, with the source's `onError`.
+    decoder: SourceDecoder,
     clock: Option<EventClock>,
 }
 
@@ -69,6 +72,9 @@ struct OpenFile {
     offset: u64,
     reader: Box<dyn BufRead + Send>,
     time: SplitTime,
+    /// Lines read since it was opened, and the offset it was opened at (for messages).
+    lines: u64,
+    opened_at: u64,
 }
 
 /// A file of a file source's position: read from `offset` on.
@@ -247,8 +253,16 @@ impl FileSource {
             next: 0,
             clock: None,
             pacer: Pacer::new(rate.map(|r| r * share)),
-            buf: String::new(),
+            buf: LineBuffer::new(),
+            decoder: SourceDecoder::text("file_source"),
         }
+    }
+
+    /// Reads its lines with `decoder` (the default: text, failing on a line that is not
+    /// UTF-8).
+    pub fn decode_with(mut self, decoder: SourceDecoder) -> Self {
+        self.decoder = decoder;
+        self
     }
 
     /// Its records carry the event time `clock` reads, per file.
@@ -323,7 +337,16 @@ impl Source for FileSource {
                 let Some((file, offset, time)) = self.files.pop() else { break };
                 let name = file.to_string();
                 let reader = self.open(file.clone(), offset)?;
-                self.open.push(OpenFile { file, name, offset, reader, time });
+                let lines = 0;
+                self.open.push(OpenFile {
+                    file,
+                    name,
+                    offset,
+                    reader,
+                    time,
+                    lines,
+                    opened_at: offset,
+                });
             }
             if self.open.is_empty() {
                 return Ok(false);
@@ -331,22 +354,24 @@ impl Source for FileSource {
             // One file per poll, in turns.
             let i = self.next % self.open.len();
             let from = out.len();
-            let OpenFile { name, offset, reader, .. } = &mut self.open[i];
+            let f = &mut self.open[i];
             let mut ended = false;
             while got < n {
-                self.buf.clear();
-                let read = reader.read_line(&mut self.buf).map_err(|e| io_error(e, name))?;
-                if read == 0 {
+                let Some(line) = self.buf.read(&mut f.reader).map_err(|e| io_error(e, &f.name))?
+                else {
                     ended = true;
                     break;
-                }
-                *offset += read as u64;
-                let line = self.buf.trim_end_matches(['\n', '\r']);
-                out.push(vec![Value::str(line)]);
+                };
+                let start = f.offset;
+                f.offset += line.consumed;
+                f.lines += 1;
+                let (name, n, opened_at) = (f.name.as_str(), f.lines, f.opened_at);
+                // A skipped line counts towards the batch, so that a poll ends.
+                self.decoder.push(line, || line_position(name, n, opened_at, start), out)?;
                 got += 1;
             }
             if let Some(clock) = &self.clock {
-                clock.observe(&mut self.open[i].time, &out[from..], Instant::now())?;
+                clock.observe(&mut f.time, &out[from..], Instant::now())?;
             }
             if ended {
                 self.open.remove(i);
@@ -360,6 +385,10 @@ impl Source for FileSource {
     fn watermark(&mut self) -> Option<Watermark> {
         let clock = self.clock.as_ref()?;
         Some(clock.watermark(self.open.iter().map(|f| &f.time), Instant::now()))
+    }
+
+    fn take_dropped(&mut self) -> u64 {
+        self.decoder.take_dropped()
     }
 
     fn snapshot(&mut self) -> Result<Option<serde_json::Value>, RuntimeError> {
@@ -393,6 +422,12 @@ impl Source for FileSource {
         self.take(mine);
         Ok(())
     }
+}
+
+/// Where line `n` of a file is, for messages: its line number when the file was read from
+/// its start, else (resumed from a checkpoint's offset) its byte offset.
+fn line_position(file: &str, n: u64, opened_at: u64, offset: u64) -> String {
+    if opened_at == 0 { format!("{file} line {n}") } else { format!("{file} at byte {offset}") }
 }
 
 /// The positions in a file source's snapshot.

@@ -1,9 +1,11 @@
 //! Sources and sinks: where a job's records come from (a generator, files local or on S3, a
 //! socket) and where they go (files with a two-phase commit, stdout, nowhere). Each is a
-//! file of its own; what they share (pacing a source to a rate) is here.
+//! file of its own; what they share is here (pacing a source to a rate) and in `format`
+//! (lines to records and back: text, JSON, CSV).
 
 mod file_sink;
 mod file_source;
+pub mod format;
 mod generator;
 mod print;
 mod socket;

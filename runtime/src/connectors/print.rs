@@ -2,14 +2,23 @@
 
 use std::io::Write;
 
+use super::format::Encoder;
 use crate::error::RuntimeError;
 use crate::operator::Operator;
-use crate::record::{Record, to_lines};
+use crate::record::Record;
 
-/// Prints each record as a line (fields joined by commas).
-#[derive(Debug, Default)]
+/// Prints each record as a line, as its encoder writes it (values joined by commas, or a JSON
+/// object).
+#[derive(Debug)]
 pub struct Stdout {
-    buf: String,
+    encoder: Encoder,
+    buf: Vec<u8>,
+}
+
+impl Stdout {
+    pub fn new(encoder: Encoder) -> Self {
+        Self { encoder, buf: Vec::new() }
+    }
 }
 
 impl Operator for Stdout {
@@ -20,9 +29,9 @@ impl Operator for Stdout {
         _out: &mut Vec<Record>,
     ) -> Result<(), RuntimeError> {
         self.buf.clear();
-        to_lines(&batch, &mut self.buf);
+        self.encoder.write(&batch, &mut self.buf);
         let mut lock = std::io::stdout().lock();
-        match lock.write_all(self.buf.as_bytes()) {
+        match lock.write_all(&self.buf) {
             // A closed pipe (`weir run ... | head`) is the reader's choice, not a failure.
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
             r => r.map_err(|e| RuntimeError::external(format!("stdout: {e}"))),

@@ -13,9 +13,10 @@
 //! triggered in milliseconds since the epoch, u64, and a flags byte: bit 0 unaligned, bit 1
 //! savepoint, bit 2 the savepoint stops the job) and
 //! needs no credit; so does `Watermark` (payload: the event time, i64, and a flags byte: bit 0
-//! the channel is idle, when the time is 0). Integers are little-endian. A record is a varint field
-//! count followed by its values, each a tag byte and its bytes (strings as a varint length
-//! and UTF-8). Decoding checks everything: bytes from a socket never make the worker panic,
+//! the channel is idle, when the time is 0). Integers are little-endian. A record is a varint
+//! field count followed by its values, each a tag byte and its bytes (0 a string: a varint
+//! length and UTF-8; 1 an integer: a zigzag varint; 2 a float: 8 bytes; 3 a boolean: one
+//! byte, 0 or 1). Decoding checks everything: bytes from a socket never make the worker panic,
 //! and never make it allocate more than the bytes that actually arrived call for: a payload
 //! is read as its bytes come in ([`read_payload`]), not allocated from the length its header
 //! claims, and the record and field counts of a batch are checked against the bytes left and
@@ -217,6 +218,10 @@ pub fn encode_batch(records: &[Record], out: &mut Vec<u8>) {
                     out.push(2);
                     out.extend_from_slice(&f.to_le_bytes());
                 }
+                Value::Bool(b) => {
+                    out.push(3);
+                    out.push(u8::from(*b));
+                }
             }
         }
     }
@@ -307,6 +312,11 @@ fn decode_into(b: &[u8], out: &mut Vec<Record>) -> Result<(), String> {
                     let b = r.bytes(8)?;
                     Value::Float(f64::from_le_bytes(b.try_into().expect("8 bytes")))
                 }
+                3 => match r.byte()? {
+                    0 => Value::Bool(false),
+                    1 => Value::Bool(true),
+                    b => return Err(format!("a boolean of byte {b}, not 0 or 1")),
+                },
                 t => return Err(format!("unknown value tag {t}")),
             });
         }
@@ -330,6 +340,7 @@ mod tests {
             any::<f64>()
                 .prop_filter("NaN never equals itself", |f| !f.is_nan())
                 .prop_map(Value::Float),
+            any::<bool>().prop_map(Value::Bool),
         ]
     }
 
@@ -420,6 +431,25 @@ mod tests {
         b.push(0);
         put_varint(&mut b, u64::MAX);
         assert!(decode_batch(&b).unwrap_err().contains("more than the bytes left"));
+    }
+
+    #[test]
+    fn booleans_round_trip_and_a_boolean_byte_other_than_0_or_1_is_refused() {
+        let batch = vec![vec![Value::Bool(true), Value::Int(-1), Value::Bool(false)]];
+        let mut b = Vec::new();
+        encode_batch(&batch, &mut b);
+        // One record of three fields: the tag and the byte of each boolean.
+        assert_eq!(&b[..4], &[1, 3, 3, 1]);
+        assert_eq!(&b[b.len() - 2..], &[3, 0]);
+        assert_eq!(decode_batch(&b).unwrap(), batch);
+        for bad in [2u8, 0x80, 0xff] {
+            let mut forged = b.clone();
+            forged[3] = bad;
+            let e = decode_batch(&forged).unwrap_err();
+            assert!(e.contains(&format!("a boolean of byte {bad}, not 0 or 1")), "{e}");
+        }
+        // Cut after its tag.
+        assert!(decode_batch(&b[..b.len() - 1]).is_err());
     }
 
     #[test]

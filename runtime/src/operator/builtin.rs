@@ -7,13 +7,14 @@ use super::Registry;
 use super::metrics::Metrics;
 use super::{Operator, Source};
 use crate::aggregate::KeyedAggregate;
+use crate::connectors::format::{Encoder, SourceDecoder};
 use crate::connectors::{
     Blackhole, FileSink, FileSource, GeneratorSource, SocketSource, SourceFile, Stdout,
 };
 use crate::error::RuntimeError;
 use crate::exec::{JobMetrics, STATE_CACHE_ENTRIES};
 use crate::objstore::S3Client;
-use crate::plan::{OpKind, Plan, PlanOp};
+use crate::plan::{LineFormat, OpKind, Plan, PlanOp};
 use crate::state::{KeyedStore, StateBackend};
 use crate::transforms::{Filter, Map, Split, Throttle};
 
@@ -107,6 +108,11 @@ pub struct SourceBuild<'a> {
 }
 
 impl SourceBuild<'_> {
+    /// The decoder of its lines, with its `onError`.
+    fn decoder(&self, format: &LineFormat<'_>) -> Result<SourceDecoder, RuntimeError> {
+        SourceDecoder::new(format, &self.op.uid, &self.op.type_name, self.subtask)
+    }
+
     fn mismatch(&self) -> RuntimeError {
         RuntimeError::internal(format!(
             "operator {:?}: the plan's parameters are not those of type {:?}",
@@ -158,8 +164,9 @@ fn window(b: &Build<'_>) -> Made {
     )?))
 }
 
-fn stdout(_: &Build<'_>) -> Made {
-    Ok(Box::new(Stdout::default()))
+fn stdout(b: &Build<'_>) -> Made {
+    let OpKind::Stdout(s) = &b.op().kind else { return Err(b.mismatch()) };
+    Ok(Box::new(Stdout::new(Encoder::new(s.format, b.input_fields()))))
 }
 
 fn blackhole(_: &Build<'_>) -> Made {
@@ -168,7 +175,9 @@ fn blackhole(_: &Build<'_>) -> Made {
 
 fn file_sink(b: &Build<'_>) -> Made {
     let OpKind::FileSink(f) = &b.op().kind else { return Err(b.mismatch()) };
-    Ok(Box::new(FileSink::new(&f.path, b.s3, b.job_id, b.subtask, b.checkpointed)?))
+    let encoder = Encoder::new(f.format, b.input_fields());
+    let sink = FileSink::new(&f.path, b.s3, b.job_id, b.subtask, b.checkpointed)?;
+    Ok(Box::new(sink.encode_with(encoder)))
 }
 
 type MadeSource = Result<Box<dyn Source>, RuntimeError>;
@@ -183,17 +192,18 @@ fn generator(b: SourceBuild<'_>) -> MadeSource {
 
 fn file_source(b: SourceBuild<'_>) -> MadeSource {
     let OpKind::FileSource(f) = &b.op.kind else { return Err(b.mismatch()) };
+    let decoder = b.decoder(&f.line_format())?;
     let clock = crate::event_time::EventClock::of(b.op)?;
-    Ok(Box::new(
-        FileSource::new(b.files, b.s3, f.rate_per_second, b.subtask, b.parallelism)
-            .with_event_time(clock),
-    ))
+    let source = FileSource::new(b.files, b.s3, f.rate_per_second, b.subtask, b.parallelism);
+    Ok(Box::new(source.decode_with(decoder).with_event_time(clock)))
 }
 
 fn socket(b: SourceBuild<'_>) -> MadeSource {
     let OpKind::Socket(so) = &b.op.kind else { return Err(b.mismatch()) };
+    let decoder = b.decoder(&so.line_format())?;
     let clock = crate::event_time::EventClock::of(b.op)?;
-    Ok(Box::new(SocketSource::new(&so.host, so.port, b.subtask)?.with_event_time(clock)))
+    let source = SocketSource::new(&so.host, so.port, b.subtask)?.decode_with(decoder);
+    Ok(Box::new(source.with_event_time(clock)))
 }
 
 /// `registry` with every built-in type.

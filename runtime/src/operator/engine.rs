@@ -112,6 +112,12 @@ pub trait Source: Send {
         Ok(None)
     }
 
+    /// Records dropped since the last call because they could not be read (a line that does
+    /// not parse, with `onError: skip`); counted in `weir_operator_records_dropped_total`.
+    fn take_dropped(&mut self) -> u64 {
+        0
+    }
+
     /// Takes over the position [`Source::snapshot`] returned, before the first poll.
     fn restore(&mut self, _state: serde_json::Value) -> Result<(), RuntimeError> {
         Ok(())

@@ -23,6 +23,7 @@ impl Filter {
     fn keep(&self, v: &Value) -> bool {
         let eq = |j: &serde_json::Value| match (v, j) {
             (Value::Str(s), serde_json::Value::String(t)) => &**s == t.as_str(),
+            (Value::Bool(b), serde_json::Value::Bool(t)) => b == t,
             (_, serde_json::Value::Number(n)) => v.as_f64() == n.as_f64(),
             _ => v.to_string() == *j,
         };
