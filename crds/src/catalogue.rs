@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::plan::{
     FileSinkSpec, FileSourceSpec, FilterSpec, GeneratorSpec, KeyedSpec, MapSpec, NoParams,
-    SocketSpec, SplitSpec, StdoutSpec, ThrottleSpec, WindowSpec,
+    SocketSpec, SplitSpec, StdoutSpec, ThrottleSpec, WindowOpSpec, WindowSpec,
 };
 
 /// Where an operator type stands in a pipeline.
@@ -228,6 +228,15 @@ pub const KINDS: &[OperatorKind] = &[
         emits: "the key field (text), `window_end` (integer, milliseconds), `count` (integer)",
         params: schema_of::<WindowSpec>,
         example: "{uid: per-minute, type: tumbling_window_count, inputs: [events], key: key, size: 1m}",
+    },
+    OperatorKind {
+        name: "window",
+        role: Role::Keyed,
+        stateful: true,
+        summary: "Tumbling, sliding or session windows per key, with any of count, sum, min, max and avg at once. Over event time (the watermark of its input, from its source's `eventTime`, or `timeField`): a window fires once the watermark passes its end; a record within `allowedLateness` after that updates it and it is emitted again; a later one is dropped and counted in the operator's `late_records` metric. Without event time, over processing time. Its windows are keyed state with a timer each: checkpointed, restored and split by key group when the job is rescaled, so a window open across a savepoint fires once.",
+        emits: "the key field (as its input holds it), `window_start` and `window_end` (integers, milliseconds), then `count` for `count: \"*\"` and `<function>_<field>` for the others (`sum_price`; avg a float)",
+        params: schema_of::<WindowOpSpec>,
+        example: "{uid: per-key, type: window, inputs: [events], key: key, kind: sliding, size: 10s, slide: 2s, aggregate: {count: '*', sum: value, max: value}, timeField: ts}",
     },
     OperatorKind {
         name: "stdout",

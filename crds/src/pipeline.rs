@@ -204,6 +204,7 @@ pub const OPERATOR_TYPES: &[&str] = &[
     "min",
     "max",
     "tumbling_window_count",
+    "window",
     "stdout",
     "blackhole",
     "file_sink",

@@ -431,6 +431,131 @@ pub struct WindowSpec {
     pub allowed_lateness: crate::Duration,
 }
 
+/// The kind of a `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowKind {
+    /// Windows of `size` one after the other.
+    Tumbling,
+    /// Windows of `size` starting every `slide` (a record is in `size / slide` of them).
+    Sliding,
+    /// A window per burst of a key's records: it ends `gap` after its last record.
+    Session,
+}
+
+/// One field, or several.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum FieldNames {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl FieldNames {
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            FieldNames::One(f) => vec![f.as_str()],
+            FieldNames::Many(fs) => fs.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// An aggregate function of a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum AggregateFn {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+}
+
+impl AggregateFn {
+    pub fn name(self) -> &'static str {
+        match self {
+            AggregateFn::Count => "count",
+            AggregateFn::Sum => "sum",
+            AggregateFn::Min => "min",
+            AggregateFn::Max => "max",
+            AggregateFn::Avg => "avg",
+        }
+    }
+}
+
+/// What a window computes: each function given, over the fields it names. The output has
+/// them in this order: `count`, then `sum_<field>`, `min_<field>`, `max_<field>`,
+/// `avg_<field>` for each field in the order given.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Aggregates {
+    /// `"*"`: the number of records, as the field `count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<String>,
+    /// The sum of a numeric field (or a list of them): `sum_<field>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sum: Option<FieldNames>,
+    /// The smallest value: `min_<field>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<FieldNames>,
+    /// The largest value: `max_<field>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<FieldNames>,
+    /// The mean, a float: `avg_<field>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avg: Option<FieldNames>,
+}
+
+impl Aggregates {
+    /// Each aggregate in output order, with its field (`None` for `count`).
+    pub fn list(&self) -> Vec<(AggregateFn, Option<&str>)> {
+        let mut out = Vec::new();
+        if self.count.is_some() {
+            out.push((AggregateFn::Count, None));
+        }
+        for (f, names) in [
+            (AggregateFn::Sum, &self.sum),
+            (AggregateFn::Min, &self.min),
+            (AggregateFn::Max, &self.max),
+            (AggregateFn::Avg, &self.avg),
+        ] {
+            for n in names.iter().flat_map(|n| n.names()) {
+                out.push((f, Some(n)));
+            }
+        }
+        out
+    }
+}
+
+/// A `window`: tumbling, sliding or session windows per key, with aggregates.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WindowOpSpec {
+    /// The field records are keyed by: each key has its windows.
+    pub key: String,
+    /// `tumbling`, `sliding` or `session`.
+    pub kind: WindowKind,
+    /// The length of a tumbling or sliding window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<crate::Duration>,
+    /// How often a sliding window starts: at most `size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slide: Option<crate::Duration>,
+    /// A session window ends this long after its last record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<crate::Duration>,
+    /// What each window emits, e.g. `{count: "*", sum: price, max: price}`.
+    pub aggregate: Aggregates,
+    /// How long after a window fired records of it are still taken (each updates the window
+    /// and emits it again); after that they are late: dropped and counted.
+    #[serde(default)]
+    pub allowed_lateness: crate::Duration,
+    /// The field of the event time, in milliseconds. Absent: the event-time field its source
+    /// declares (`eventTime.field`), when the operators between keep it; with neither, the
+    /// windows follow processing time (the wall clock when a record arrives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_field: Option<String>,
+}
+
 fn default_ts() -> String {
     "ts".into()
 }
@@ -488,6 +613,7 @@ pub enum OpKind {
         field: Option<String>,
     },
     TumblingWindowCount(WindowSpec),
+    Window(WindowOpSpec),
     Stdout(StdoutSpec),
     Blackhole,
     FileSink(FileSinkSpec),
@@ -618,6 +744,7 @@ impl OpKind {
         match self {
             OpKind::Keyed { key, .. } => Some(key),
             OpKind::TumblingWindowCount(w) => Some(&w.key),
+            OpKind::Window(w) => Some(&w.key),
             OpKind::Custom(c) => c.key.as_deref(),
             _ => None,
         }
@@ -829,6 +956,122 @@ fn check_line_format_params(op: &OperatorSpec) -> Result<(), PlanError> {
     Ok(())
 }
 
+/// A `window`'s parameters, checked, with its event-time field (`timeField`, or else the one
+/// its input carries, `time_of_input`; neither: processing time).
+fn plan_window(op: &OperatorSpec, time_of_input: Option<&str>) -> Result<WindowOpSpec, PlanError> {
+    let mut w: WindowOpSpec = parse(op)?;
+    let given = |d: Option<crate::Duration>, name: &str| match d {
+        Some(d) if d.is_zero() => Err(err(op, format!("{name} must be more than 0s"))),
+        Some(_) => Ok(true),
+        None => Ok(false),
+    };
+    let (size, slide, gap) =
+        (given(w.size, "size")?, given(w.slide, "slide")?, given(w.gap, "gap")?);
+    let kind = match w.kind {
+        WindowKind::Tumbling => "tumbling",
+        WindowKind::Sliding => "sliding",
+        WindowKind::Session => "session",
+    };
+    match w.kind {
+        WindowKind::Tumbling | WindowKind::Sliding if !size => {
+            return Err(err(op, format!("size is missing: a {kind} window needs its length")));
+        }
+        WindowKind::Sliding if !slide => {
+            return Err(err(op, "slide is missing: a sliding window needs how often one starts"));
+        }
+        WindowKind::Sliding if w.slide > w.size => {
+            return Err(err(
+                op,
+                format!(
+                    "slide {} is larger than size {}: windows would leave gaps (use a slide at most the size)",
+                    w.slide.unwrap_or_default(),
+                    w.size.unwrap_or_default()
+                ),
+            ));
+        }
+        WindowKind::Tumbling if slide => {
+            return Err(err(
+                op,
+                "slide is not a parameter of a tumbling window (use kind: sliding)",
+            ));
+        }
+        WindowKind::Session if !gap => {
+            return Err(err(op, "gap is missing: a session window ends gap after its last record"));
+        }
+        WindowKind::Session if size || slide => {
+            return Err(err(
+                op,
+                "size and slide are not parameters of a session window (it has gap)",
+            ));
+        }
+        WindowKind::Tumbling | WindowKind::Sliding if gap => {
+            return Err(err(
+                op,
+                format!("gap is not a parameter of a {kind} window (use kind: session)"),
+            ));
+        }
+        _ => {}
+    }
+    if w.aggregate.list().is_empty() {
+        return Err(err(op, "aggregate is empty: give at least one of count, sum, min, max, avg"));
+    }
+    if w.aggregate.count.as_deref().is_some_and(|c| c != "*") {
+        return Err(err(op, "aggregate.count counts records: write count: \"*\""));
+    }
+    if w.time_field.is_none() {
+        w.time_field = time_of_input.map(str::to_string);
+    }
+    Ok(w)
+}
+
+/// The fields a `window` emits: its key (as its input has it), `window_start`, `window_end`
+/// (milliseconds), then one per aggregate; every field it names checked against its input.
+pub fn window_output(
+    w: &WindowOpSpec,
+    fields: &[String],
+    types: &[FieldType],
+) -> Result<Vec<(String, FieldType)>, String> {
+    let input = InputFields { fields, types };
+    let k = input.position(&w.key, "key")?;
+    if let Some(t) = &w.time_field {
+        let i = input.position(t, "timeField")?;
+        if !matches!(types[i], FieldType::Integer | FieldType::Any) {
+            return Err(format!(
+                "timeField {t:?} holds {}, not milliseconds since the epoch",
+                types[i].describe()
+            ));
+        }
+    }
+    let mut out = vec![
+        (w.key.clone(), types[k]),
+        ("window_start".to_string(), FieldType::Integer),
+        ("window_end".to_string(), FieldType::Integer),
+    ];
+    for (f, field) in w.aggregate.list() {
+        let Some(field) = field else {
+            out.push(("count".into(), FieldType::Integer));
+            continue;
+        };
+        let t = types[input.position(field, &format!("aggregate.{}", f.name()))?];
+        if !matches!(t, FieldType::Integer | FieldType::Float | FieldType::Number | FieldType::Any)
+        {
+            return Err(format!(
+                "aggregate.{} {field:?}: the field holds {}, not numbers",
+                f.name(),
+                t.describe()
+            ));
+        }
+        let ty = match f {
+            AggregateFn::Avg => FieldType::Float,
+            // An integer sum that overflows goes on as a float.
+            AggregateFn::Sum if t == FieldType::Integer => FieldType::Number,
+            _ => t,
+        };
+        out.push((format!("{}_{field}", f.name()), ty));
+    }
+    Ok(out)
+}
+
 /// A `ratePerSecond`, when given, is a number above 0.
 fn check_rate(op: &OperatorSpec, rate: Option<f64>) -> Result<(), PlanError> {
     match rate {
@@ -910,6 +1153,9 @@ pub fn build_with(
     let index: BTreeMap<&str, usize> =
         order.iter().enumerate().map(|(i, o)| (o.uid.as_str(), i)).collect();
     let mut ops: Vec<PlanOp> = Vec::with_capacity(order.len());
+    // For each operator planned: the field of its records that holds their event time, when
+    // one does (from its source's `eventTime`, through the operators that keep the field).
+    let mut times: Vec<Option<String>> = Vec::with_capacity(order.len());
     for op in &order {
         let inputs: Vec<usize> = op.inputs.iter().map(|u| index[u.as_str()]).collect();
         // The fields of its inputs, unless an operator before it emits fields not known here.
@@ -932,6 +1178,13 @@ pub fn build_with(
             .reduce(|a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect())
             .unwrap_or_default();
         let mut custom_output = None;
+        // The event-time field its inputs carry, when they all carry the same.
+        let time_of_input: Option<String> = match inputs.split_first() {
+            Some((first, rest)) => {
+                times[*first].clone().filter(|t| rest.iter().all(|&i| times[i].as_ref() == Some(t)))
+            }
+            None => None,
+        };
         let kind = match op.kind.as_str() {
             "generator" => {
                 let g: GeneratorSpec = parse(op)?;
@@ -995,6 +1248,7 @@ pub fn build_with(
                 }
                 OpKind::Keyed { aggregate, key: k.key, field: k.field }
             }
+            "window" => OpKind::Window(plan_window(op, time_of_input.as_deref())?),
             "tumbling_window_count" => {
                 let w: WindowSpec = parse(op)?;
                 if w.size.is_zero() {
@@ -1044,6 +1298,7 @@ pub fn build_with(
         // type of the job's image (the job checks it when it starts).
         let fields_known = !open && !matches!(custom_output, Some(None));
         if !fields_known {
+            times.push(None);
             ops.push(PlanOp {
                 uid: op.uid.clone(),
                 type_name: op.kind.clone(),
@@ -1111,6 +1366,11 @@ pub fn build_with(
                 field_pos(op, &in_fields, &w.time_field, "timeField")?;
                 vec![w.key.clone(), "window_end".into(), "count".into()]
             }
+            OpKind::Window(w) => window_output(w, &in_fields, &in_types)
+                .map_err(|e| err(op, e))?
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect(),
             OpKind::Stdout(_) | OpKind::Blackhole | OpKind::FileSink(_) => in_fields.clone(),
         };
         let types: Vec<FieldType> = match &kind {
@@ -1155,6 +1415,11 @@ pub fn build_with(
             OpKind::TumblingWindowCount(_) => {
                 vec![FieldType::Text, FieldType::Integer, FieldType::Integer]
             }
+            OpKind::Window(w) => window_output(w, &in_fields, &in_types)
+                .map_err(|e| err(op, e))?
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect(),
             OpKind::Filter(_)
             | OpKind::Throttle(_)
             | OpKind::Stdout(_)
@@ -1165,6 +1430,17 @@ pub fn build_with(
         if let Some(et) = kind.event_time() {
             check_event_time(op, et, &fields, &types)?;
         }
+        let keeps = |t: &String| {
+            fields.iter().position(|f| f == t).is_some_and(|i| types[i] == FieldType::Integer)
+        };
+        times.push(match &kind {
+            k if k.is_source() => k.event_time().map(|et| et.field.clone()),
+            OpKind::Filter(_) | OpKind::Throttle(_) | OpKind::Custom(_) => {
+                time_of_input.clone().filter(keeps)
+            }
+            OpKind::Map(m) => time_of_input.clone().filter(|t| !m.set.contains_key(t) && keeps(t)),
+            _ => None,
+        });
         let key_positions = match kind.key_field() {
             Some(k) => vec![field_pos(op, &in_fields, k, "key")?; inputs.len()],
             None => Vec::new(),
@@ -1228,6 +1504,7 @@ impl PlanOp {
                 Ok(m.into())
             }
             OpKind::TumblingWindowCount(w) => serde_json::to_value(w),
+            OpKind::Window(w) => serde_json::to_value(w),
             OpKind::Stdout(s) => serde_json::to_value(s),
             OpKind::Blackhole => Ok(serde_json::Value::Object(Default::default())),
             OpKind::FileSink(f) => serde_json::to_value(f),

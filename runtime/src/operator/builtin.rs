@@ -164,6 +164,17 @@ fn window(b: &Build<'_>) -> Made {
     )?))
 }
 
+fn windows(b: &Build<'_>) -> Made {
+    use super::Process;
+    let OpKind::Window(w) = &b.op().kind else { return Err(b.mismatch()) };
+    let op = b.op();
+    let info = b.info();
+    let store = b.backend()?.keyed_store(&op.uid, b.plan.max_parallelism);
+    let f = crate::window::Windows::open(w.clone(), &info)?;
+    let key = op.key_positions.first().copied();
+    Ok(Box::new(super::Adapter::new(f, info, key, Some(store), op.types.clone())?))
+}
+
 fn stdout(b: &Build<'_>) -> Made {
     let OpKind::Stdout(s) = &b.op().kind else { return Err(b.mismatch()) };
     Ok(Box::new(Stdout::new(Encoder::new(s.format, b.input_fields()))))
@@ -208,7 +219,7 @@ fn socket(b: SourceBuild<'_>) -> MadeSource {
 
 /// `registry` with every built-in type.
 pub(crate) fn register(registry: Registry) -> Registry {
-    let operators: [(&str, MakeOne); 12] = [
+    let operators: [(&str, MakeOne); 13] = [
         ("split", split),
         ("map", map),
         ("filter", filter),
@@ -218,6 +229,7 @@ pub(crate) fn register(registry: Registry) -> Registry {
         ("min", aggregate),
         ("max", aggregate),
         ("tumbling_window_count", window),
+        ("window", windows),
         ("stdout", stdout),
         ("blackhole", blackhole),
         ("file_sink", file_sink),

@@ -11,6 +11,9 @@
 //! that has already fired is late: dropped, and counted in
 //! `weir_operator_records_dropped_total`, as is one whose time field is not a number.
 
+mod windows;
+pub use windows::Windows;
+
 use crate::error::RuntimeError;
 use crate::keygroup::{KeyGroup, key_group_of};
 use crate::operator::{Adapter, Context, FieldType, Info, InputFields, MapState, Output, Process};

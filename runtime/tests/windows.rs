@@ -1,0 +1,284 @@
+//! Event-time windows end to end: `weir run` of JSON bids written by the test, out of order
+//! within a known bound, through a `window` of each kind with several aggregates, into a
+//! `file_sink` with `format: json`. The output is compared with a model the test computes
+//! itself, at parallelism 1, 2 and 3 (the watermark is the lowest over the source's files
+//! and subtasks). Late records within the allowed lateness update and re-emit their window;
+//! later ones are dropped and counted. Bad windows are refused before anything starts.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "process/mod.rs"]
+mod process;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use weir_runtime::connectors::SplitMix64;
+
+/// A bid: auction, price, event time.
+type Bid = (i64, i64, i64);
+
+/// `files` files of `n` bids each, 3 ms apart in event time, each up to `disorder` ms early.
+fn write_bids(dir: &Path, files: usize, n: usize, disorder: i64, seed: u64) -> Vec<Bid> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = SplitMix64::new(seed);
+    let mut all = Vec::new();
+    for f in 0..files {
+        let mut text = String::new();
+        for i in 0..n {
+            let base = 1_000_000 + (i * 3) as i64;
+            let ts = base - (rng.next_u64() % (disorder as u64 + 1)) as i64;
+            let auction = (rng.next_u64() % 12) as i64;
+            let price = 1 + (rng.next_u64() % 500) as i64;
+            text.push_str(&format!(
+                "{{\"auction\": {auction}, \"price\": {price}, \"ts\": {ts}, \"url\": \"/a/{f}\"}}\n"
+            ));
+            all.push((auction, price, ts));
+        }
+        std::fs::write(dir.join(format!("bids-{f:02}.json")), text).unwrap();
+    }
+    all
+}
+
+/// The windows `[start, end)` a bid at `ts` is in.
+fn windows_of(kind: &str, ts: i64, size: i64, slide: i64) -> Vec<(i64, i64)> {
+    match kind {
+        "tumbling" => vec![(ts - ts.rem_euclid(size), ts - ts.rem_euclid(size) + size)],
+        _ => {
+            let mut out = Vec::new();
+            let mut s = ts - ts.rem_euclid(slide);
+            while s > ts - size {
+                out.push((s, s + size));
+                s -= slide;
+            }
+            out
+        }
+    }
+}
+
+/// One output line as `file_sink` writes it with `format: json`: the fields in the order the
+/// window emits them.
+fn line(auction: i64, (start, end): (i64, i64), bids: &[i64]) -> String {
+    let count = bids.len();
+    let sum: i64 = bids.iter().sum();
+    let max = bids.iter().max().unwrap();
+    let avg = sum as f64 / count as f64;
+    format!(
+        "{{\"auction\":{auction},\"window_start\":{start},\"window_end\":{end},\"count\":{count},\"sum_price\":{sum},\"max_price\":{max},\"avg_price\":{}}}",
+        serde_json::to_string(&avg).unwrap()
+    )
+}
+
+/// The model of fixed windows: every window of every auction, once.
+fn model_fixed(bids: &[Bid], kind: &str, size: i64, slide: i64) -> Vec<String> {
+    let mut w: BTreeMap<(i64, (i64, i64)), Vec<i64>> = BTreeMap::new();
+    for &(a, p, ts) in bids {
+        for win in windows_of(kind, ts, size, slide) {
+            w.entry((a, win)).or_default().push(p);
+        }
+    }
+    let mut out: Vec<String> = w.iter().map(|((a, win), ps)| line(*a, *win, ps)).collect();
+    out.sort();
+    out
+}
+
+/// The model of session windows with `gap`: each auction's bids in time order, a new session
+/// where the next bid is more than `gap` after the session's end... as Flink merges them:
+/// `[ts, ts + gap)` windows that touch or overlap.
+fn model_sessions(bids: &[Bid], gap: i64) -> Vec<String> {
+    let mut by: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
+    for &(a, p, ts) in bids {
+        by.entry(a).or_default().push((ts, p));
+    }
+    let mut out = Vec::new();
+    for (a, mut v) in by {
+        v.sort();
+        let mut cur: Option<((i64, i64), Vec<i64>)> = None;
+        for (ts, p) in v {
+            cur = match cur {
+                Some(((s, e), mut ps)) if ts <= e => {
+                    ps.push(p);
+                    Some(((s, e.max(ts + gap)), ps))
+                }
+                other => {
+                    if let Some((win, ps)) = other {
+                        out.push(line(a, win, &ps));
+                    }
+                    Some(((ts, ts + gap), vec![p]))
+                }
+            };
+        }
+        if let Some((win, ps)) = cur {
+            out.push(line(a, win, &ps));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn job(dir: &Path, window: &str, lateness: &str) -> PathBuf {
+    let file = dir.join("job.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: windows}}
+spec:
+  parallelism: 1
+  checkpointing: {{interval: 1s, storage: '{chk}'}}
+  pipeline:
+    operators:
+      - {{uid: bids, type: file_source, path: '{input}', format: json, fields: {{auction: int, price: int, ts: timestamp, url: string}}, eventTime: {{field: ts, maxOutOfOrderness: 2s}}}}
+      - {{uid: cheap, type: filter, inputs: [bids], field: price, greaterThan: 0}}
+      - {{uid: hot, type: window, inputs: [cheap], key: auction, {window}, aggregate: {{count: '*', sum: price, max: price, avg: price}}{lateness}}}
+      - {{uid: out, type: file_sink, inputs: [hot], path: '{out}', format: json}}
+",
+            chk = dir.join("checkpoints").display(),
+            input = dir.join("in").display(),
+            out = dir.join("out").display(),
+        ),
+    )
+    .unwrap();
+    file
+}
+
+fn run(file: &Path, dir: &Path, p: u32) -> String {
+    let ps = p.to_string();
+    let state = dir.join(format!("state-{p}"));
+    let out = dir.join("out");
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
+    let proc = process::start(&[
+        "run",
+        file.to_str().unwrap(),
+        "--parallelism",
+        &ps,
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let (code, err) = proc.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "parallelism {p}: {err}");
+    err
+}
+
+#[test]
+fn tumbling_sliding_and_session_windows_over_out_of_order_bids_are_exact_at_1_2_and_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Up to 1.5 s early, within the source's 2 s out-of-orderness: no bid is late.
+    let bids = write_bids(&tmp.path().join("in"), 3, 3000, 1500, 5);
+    for (window, expected) in [
+        ("kind: tumbling, size: 1s", model_fixed(&bids, "tumbling", 1000, 1000)),
+        ("kind: sliding, size: 2s, slide: 500ms", model_fixed(&bids, "sliding", 2000, 500)),
+        ("kind: session, gap: 40ms", model_sessions(&bids, 40)),
+    ] {
+        assert!(expected.len() > 50, "{window}: {}", expected.len());
+        let file = job(tmp.path(), window, "");
+        for p in [1, 2, 3] {
+            run(&file, tmp.path(), p);
+            let got = common::sorted_lines(&tmp.path().join("out"));
+            assert_eq!(got.len(), expected.len(), "{window} at parallelism {p}");
+            assert!(got == expected, "{window} at parallelism {p}: the windows differ");
+        }
+    }
+}
+
+#[test]
+fn a_late_bid_within_the_lateness_updates_its_window_and_a_later_one_is_dropped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("in");
+    std::fs::create_dir_all(&dir).unwrap();
+    // One file, in time order (1 ms apart from 1 000 000); two bids far behind: one 4 s after
+    // its window [1 010 000, 1 020 000) fired (within the 10 s lateness), one long after.
+    let mut bids: Vec<Bid> =
+        (0..60_000).map(|i| ((i % 3) as i64, 1 + (i % 7) as i64, 1_000_000 + i as i64)).collect();
+    let within = (1, 1000, 1_015_000);
+    let beyond = (2, 1000, 1_012_000);
+    let mut text = String::new();
+    for (i, b) in bids.iter().enumerate() {
+        if i == 24_000 {
+            text.push_str(&format!(
+                "{{\"auction\": {}, \"price\": {}, \"ts\": {}, \"url\": \"late\"}}\n",
+                within.0, within.1, within.2
+            ));
+        }
+        if i == 50_000 {
+            text.push_str(&format!(
+                "{{\"auction\": {}, \"price\": {}, \"ts\": {}, \"url\": \"later\"}}\n",
+                beyond.0, beyond.1, beyond.2
+            ));
+        }
+        text.push_str(&format!(
+            "{{\"auction\": {}, \"price\": {}, \"ts\": {}, \"url\": \"x\"}}\n",
+            b.0, b.1, b.2
+        ));
+    }
+    std::fs::write(dir.join("bids.json"), text).unwrap();
+    let on_time = model_fixed(&bids, "tumbling", 10_000, 10_000);
+    // The window of the bid within the lateness is emitted twice: without it, then with it.
+    bids.push(within);
+    let updated = model_fixed(&bids, "tumbling", 10_000, 10_000);
+    let mut expected = on_time.clone();
+    expected.extend(updated.into_iter().filter(|l| !on_time.contains(l)));
+    expected.sort();
+    assert_eq!(expected.len(), on_time.len() + 1);
+    let file = job(tmp.path(), "kind: tumbling, size: 10s", ", allowedLateness: 10s");
+    for p in [1, 2, 3] {
+        let err = run(&file, tmp.path(), p);
+        let got = common::sorted_lines(&tmp.path().join("out"));
+        assert!(
+            got == expected,
+            "parallelism {p}: {} lines, {} expected: {err}",
+            got.len(),
+            expected.len()
+        );
+        // The bid beyond the lateness is dropped and counted.
+        assert!(
+            err.lines().any(|l| l.contains("hot 60002 in") && l.contains("(1 dropped")),
+            "parallelism {p}: {err}"
+        );
+    }
+}
+
+#[test]
+fn bad_windows_are_refused_before_anything_starts_naming_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_bids(&tmp.path().join("in"), 1, 10, 0, 1);
+    for (window, says) in [
+        ("kind: tumbling", "size is missing: a tumbling window needs its length"),
+        ("kind: sliding, size: 2s, slide: 5s", "slide 5s is larger than size 2s"),
+        ("kind: tumbling, size: 1s, gap: 1s", "gap is not a parameter of a tumbling window"),
+        ("kind: session", "gap is missing"),
+        ("kind: hopping, size: 1s", "unknown variant `hopping`"),
+        ("kind: tumbling, size: 1s, aggregate: {median: price}", "unknown field `median`"),
+    ] {
+        let window = if window.contains("aggregate") {
+            window.replace(", aggregate: {median: price}", "")
+        } else {
+            window.to_string()
+        };
+        let mut file = job(tmp.path(), &window, "");
+        if says.contains("median") {
+            let text = std::fs::read_to_string(&file)
+                .unwrap()
+                .replace("count: '*', sum: price", "median: price, count: '*'");
+            file = tmp.path().join("median.yaml");
+            std::fs::write(&file, text).unwrap();
+        }
+        let proc = process::start(&["run", file.to_str().unwrap()]);
+        let (code, err) = proc.finish(Duration::from_secs(60));
+        assert_eq!(code, Some(2), "{window}: {err}");
+        assert!(err.contains("operator \"hot\" (window)") && err.contains(says), "{window}: {err}");
+        assert!(!tmp.path().join("out").exists(), "{window}: the job started");
+    }
+    // An event-time field that is not in the records.
+    let text = std::fs::read_to_string(job(tmp.path(), "kind: tumbling, size: 1s", "")).unwrap();
+    let file = tmp.path().join("time.yaml");
+    std::fs::write(&file, text.replace("eventTime: {field: ts", "eventTime: {field: time"))
+        .unwrap();
+    let (code, err) =
+        process::start(&["run", file.to_str().unwrap()]).finish(Duration::from_secs(60));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("eventTime.field \"time\" is not a field of its records"), "{err}");
+}
