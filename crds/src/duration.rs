@@ -30,6 +30,10 @@ impl Duration {
     pub fn is_zero(&self) -> bool {
         self.0.is_zero()
     }
+    /// In milliseconds, as event times count them (saturating far beyond any real span).
+    pub fn as_millis_i64(&self) -> i64 {
+        self.0.as_millis().min(i64::MAX as u128) as i64
+    }
 }
 
 /// Why a duration string was refused.

@@ -75,11 +75,10 @@ impl EventClock {
                 fields.join(", ")
             ))
         })?;
-        let delay = spec.max_out_of_orderness.as_std().as_millis().min(i64::MAX as u128) as i64;
         Ok(Self {
             field,
             uid: uid.to_string(),
-            delay,
+            delay: spec.max_out_of_orderness.as_millis_i64(),
             idle: spec.idle_timeout.map(|d| d.as_std()),
             started: Instant::now(),
         })

@@ -176,7 +176,7 @@ impl Process for FraudDetector {
             time: field(&params.time_field),
             factor: params.factor,
             min_history: params.min_history,
-            silence_ms: params.silence.as_std().as_millis() as i64,
+            silence_ms: params.silence.as_millis_i64(),
             stats: ValueState::new("stats"),
             flagged: MapState::new("flagged"),
             silent_at: ValueState::new("silent_at"),

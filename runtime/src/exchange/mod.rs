@@ -1222,26 +1222,20 @@ fn read_batches(s: TcpStream, conn: Arc<Conn>, me: u32, peer: u32, route: &Route
                 });
                 let _ = tx.send(Msg::Batch { input: *input, records, credit });
             }
-            Kind::Barrier => {
-                let mut payload = [0u8; wire::BARRIER_LEN as usize];
-                if let Err(e) = r.read_exact(&mut payload) {
+            Kind::Barrier | Kind::Watermark => {
+                // Their lengths are fixed, and checked with the header.
+                let mut buf = [0u8; wire::BARRIER_LEN as usize];
+                let payload = &mut buf[..(h.n as usize).min(wire::BARRIER_LEN as usize)];
+                if let Err(e) = r.read_exact(payload) {
                     return fail(e.to_string());
                 }
-                match wire::decode_barrier(&payload) {
-                    Ok(b) => {
-                        let _ = tx.send(Msg::Barrier(b));
-                    }
-                    Err(e) => return fail(e),
-                }
-            }
-            Kind::Watermark => {
-                let mut payload = [0u8; wire::WATERMARK_LEN as usize];
-                if let Err(e) = r.read_exact(&mut payload) {
-                    return fail(e.to_string());
-                }
-                match wire::decode_watermark(&payload) {
-                    Ok(w) => {
-                        let _ = tx.send(Msg::Watermark(w));
+                let msg = match h.kind {
+                    Kind::Barrier => wire::decode_barrier(payload).map(Msg::Barrier),
+                    _ => wire::decode_watermark(payload).map(Msg::Watermark),
+                };
+                match msg {
+                    Ok(m) => {
+                        let _ = tx.send(m);
                     }
                     Err(e) => return fail(e),
                 }

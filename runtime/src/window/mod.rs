@@ -60,8 +60,8 @@ impl Process for TumblingCount {
         Ok(Self {
             key: pos(&p.key)?,
             ts: pos(&p.time_field)?,
-            size_ms: (p.size.as_std().as_millis() as i64).max(1),
-            lateness_ms: p.allowed_lateness.as_std().as_millis().min(i64::MAX as u128) as i64,
+            size_ms: p.size.as_millis_i64().max(1),
+            lateness_ms: p.allowed_lateness.as_millis_i64(),
             windows: MapState::new("windows"),
             event_time: i64::MIN,
             floors: Vec::new(),

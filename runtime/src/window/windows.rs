@@ -169,7 +169,7 @@ impl std::fmt::Debug for Windows {
 }
 
 fn millis(d: Option<weir_crds::Duration>) -> i64 {
-    d.map_or(0, |d| d.as_std().as_millis().min(i64::MAX as u128) as i64)
+    d.map_or(0, |d| d.as_millis_i64())
 }
 
 impl Windows {
