@@ -92,6 +92,10 @@ pub struct OperatorInfo {
     /// number).
     #[serde(default)]
     pub records_dropped: u64,
+    /// Records that came after the event time had passed them, too late to use (a window's
+    /// record after its allowed lateness).
+    #[serde(default)]
+    pub records_late: u64,
     /// The metrics the operator's own code registered, per subtask, by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<UserMetric>,

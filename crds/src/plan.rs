@@ -530,8 +530,10 @@ impl Aggregates {
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WindowOpSpec {
-    /// The field records are keyed by: each key has its windows.
-    pub key: String,
+    /// The field records are keyed by: each key has its windows. Absent: one window over
+    /// all records (a global window), kept by one subtask whatever the parallelism.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// `tumbling`, `sliding` or `session`.
     pub kind: WindowKind,
     /// The length of a tumbling or sliding window.
@@ -730,6 +732,18 @@ impl OpKind {
     pub fn is_sink(&self) -> bool {
         matches!(self, OpKind::Stdout(_) | OpKind::Blackhole | OpKind::FileSink(_))
     }
+    /// All its records go to one subtask (a window without a key): the one that owns the
+    /// key group of the empty key.
+    pub fn is_global(&self) -> bool {
+        matches!(self, OpKind::Window(w) if w.key.is_none())
+    }
+
+    /// Records are partitioned on the way into it, by a key field or to one subtask: it has
+    /// keyed state.
+    pub fn is_partitioned(&self) -> bool {
+        self.key_field().is_some() || self.is_global()
+    }
+
     /// A source's event time, when it declares one.
     pub fn event_time(&self) -> Option<&EventTimeSpec> {
         match self {
@@ -744,7 +758,7 @@ impl OpKind {
         match self {
             OpKind::Keyed { key, .. } => Some(key),
             OpKind::TumblingWindowCount(w) => Some(&w.key),
-            OpKind::Window(w) => Some(&w.key),
+            OpKind::Window(w) => w.key.as_deref(),
             OpKind::Custom(c) => c.key.as_deref(),
             _ => None,
         }
@@ -1032,7 +1046,6 @@ pub fn window_output(
     types: &[FieldType],
 ) -> Result<Vec<(String, FieldType)>, String> {
     let input = InputFields { fields, types };
-    let k = input.position(&w.key, "key")?;
     if let Some(t) = &w.time_field {
         let i = input.position(t, "timeField")?;
         if !matches!(types[i], FieldType::Integer | FieldType::Any) {
@@ -1042,11 +1055,12 @@ pub fn window_output(
             ));
         }
     }
-    let mut out = vec![
-        (w.key.clone(), types[k]),
-        ("window_start".to_string(), FieldType::Integer),
-        ("window_end".to_string(), FieldType::Integer),
-    ];
+    let mut out = Vec::new();
+    if let Some(key) = &w.key {
+        out.push((key.clone(), types[input.position(key, "key")?]));
+    }
+    out.push(("window_start".to_string(), FieldType::Integer));
+    out.push(("window_end".to_string(), FieldType::Integer));
     for (f, field) in w.aggregate.list() {
         let Some(field) = field else {
             out.push(("count".into(), FieldType::Integer));

@@ -615,11 +615,19 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
         ),
         &["operator", "type"],
     )?;
+    let rlate = IntCounterVec::new(
+        job(
+            "operator_late_records_total",
+            "Records that came after the event time had passed them, too late to use (a window's record after its allowed lateness)",
+        ),
+        &["operator", "type"],
+    )?;
     for op in &i.operators {
         rin.with_label_values(&[op.uid.as_str(), op.type_.as_str()]).inc_by(op.records_in);
         rout.with_label_values(&[op.uid.as_str(), op.type_.as_str()]).inc_by(op.records_out);
         let labels = [op.uid.as_str(), op.type_.as_str()];
         rdropped.with_label_values(&labels).inc_by(op.records_dropped);
+        rlate.with_label_values(&labels).inc_by(op.records_late);
     }
     let c = status.checkpoints();
     let counter = |name: &str, help: &str, v: u64| -> Result<IntCounter, prometheus::Error> {
@@ -682,6 +690,7 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
     r.register(Box::new(rin))?;
     r.register(Box::new(rout))?;
     r.register(Box::new(rdropped))?;
+    r.register(Box::new(rlate))?;
     register_user_metrics(&r, &i, &job)?;
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;

@@ -575,16 +575,17 @@ fn coordinate(
                 .records
                 .iter()
                 .map(|(uid, (i, o))| {
-                    let dropped = info_at_end
-                        .operators
-                        .iter()
-                        .find(|op| &op.uid == uid)
-                        .map_or(0, |op| op.records_dropped);
-                    if dropped > 0 {
-                        format!("{uid} {i} in / {o} out ({dropped} dropped: not usable)")
-                    } else {
-                        format!("{uid} {i} in / {o} out")
+                    let op = info_at_end.operators.iter().find(|op| &op.uid == uid);
+                    let dropped = op.map_or(0, |op| op.records_dropped);
+                    let late = op.map_or(0, |op| op.records_late);
+                    let mut line = format!("{uid} {i} in / {o} out");
+                    match (dropped, late) {
+                        (0, 0) => {}
+                        (d, 0) => line.push_str(&format!(" ({d} dropped: not usable)")),
+                        (0, l) => line.push_str(&format!(" ({l} late)")),
+                        (d, l) => line.push_str(&format!(" ({d} dropped: not usable, {l} late)")),
                     }
+                    line
                 })
                 .collect();
             let restarts = info_at_end.restarts;

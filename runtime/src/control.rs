@@ -100,6 +100,9 @@ pub enum ToCoordinator {
         /// Records dropped per operator, in plan order.
         #[serde(default)]
         dropped: Vec<u64>,
+        /// Late records per operator, in plan order.
+        #[serde(default)]
+        late: Vec<u64>,
         /// Bytes of keyed state per subtask of this worker that has any: (subtask, bytes).
         #[serde(default)]
         subtask_state_bytes: Vec<(u32, u64)>,
@@ -129,6 +132,8 @@ pub enum ToCoordinator {
         records: Vec<(u64, u64)>,
         #[serde(default)]
         dropped: Vec<u64>,
+        #[serde(default)]
+        late: Vec<u64>,
         #[serde(default)]
         user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,
         #[serde(default)]

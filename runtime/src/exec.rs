@@ -155,6 +155,8 @@ pub struct OpMetrics {
     pub records_out: AtomicU64,
     /// Records the operator could not use (see [`Operator::take_dropped`]).
     pub records_dropped: AtomicU64,
+    /// Records that came too late to use (see [`Operator::take_late`]).
+    pub records_late: AtomicU64,
 }
 
 /// The live counters of a job.
@@ -209,6 +211,11 @@ impl JobMetrics {
             .collect()
     }
 
+    /// Late records per operator, in plan order, now.
+    pub fn late_in_order(&self) -> Vec<u64> {
+        self.operators.iter().map(|(_, m)| m.records_late.load(Ordering::Relaxed)).collect()
+    }
+
     /// Records dropped per operator, in plan order, now.
     pub fn dropped_in_order(&self) -> Vec<u64> {
         self.operators.iter().map(|(_, m)| m.records_dropped.load(Ordering::Relaxed)).collect()
@@ -225,8 +232,18 @@ struct Edge {
     /// One outlet per consuming subtask this producer sends to (`None`: never sends there).
     outlets: Vec<Option<Outlet>>,
     input: u32,
-    key: Option<usize>,
+    /// How records are dealt to the consuming subtasks (`None`: to the one of the same index).
+    key: Option<Partition>,
     buffers: Vec<Vec<Record>>,
+}
+
+/// How a keyed exchange deals records.
+#[derive(Debug, Clone, Copy)]
+enum Partition {
+    /// By the key group of a field.
+    Field(usize),
+    /// All to the owner of the empty key's group (a global window).
+    Single,
 }
 
 impl Edge {
@@ -366,6 +383,10 @@ impl Chain {
                 if dropped > 0 {
                     m.records_dropped.fetch_add(dropped, Ordering::Relaxed);
                 }
+                let late = op.take_late();
+                if late > 0 {
+                    m.records_late.fetch_add(late, Ordering::Relaxed);
+                }
                 out
             }
             None => batch,
@@ -399,7 +420,14 @@ impl Chain {
             let batch = take(e, &mut out);
             let edge = &mut self.ops[idx].edges[e];
             match edge.key {
-                Some(k) => {
+                Some(Partition::Single) => {
+                    let t = subtask_of(key_group_of(&[], max_p), max_p, p) as usize;
+                    edge.buffers[t].extend(batch);
+                    if edge.buffers[t].len() >= BATCH {
+                        edge.send(t)?;
+                    }
+                }
+                Some(Partition::Field(k)) => {
                     for r in batch {
                         let g = key_group_of(r[k].key_bytes(&mut scratch), max_p);
                         let t = subtask_of(g, max_p, p) as usize;
@@ -430,6 +458,12 @@ impl Chain {
     /// it and on every channel of its exchanges, behind the records buffered for each. An
     /// operator that holds records back forwards it once it has let them go.
     fn watermark(&mut self, idx: usize, w: Watermark) -> Result<(), RuntimeError> {
+        // Nothing goes after the barrier of a savepoint that stops the job: the watermark
+        // that the ends of its inputs would raise fires no window (the restored job fires
+        // them once).
+        if self.stopped.is_some() {
+            return Ok(());
+        }
         if let Some(op) = self.ops[idx].op.as_mut() {
             if op.holding() {
                 self.ops[idx].held_watermark = Some(w);
@@ -970,7 +1004,7 @@ pub fn tasks(plan: &Plan) -> (Vec<usize>, Vec<usize>) {
     let mut task_of = vec![0usize; plan.ops.len()];
     let mut heads: Vec<usize> = Vec::new();
     for (i, op) in plan.ops.iter().enumerate() {
-        if op.kind.is_source() || op.inputs.len() != 1 || op.kind.key_field().is_some() {
+        if op.kind.is_source() || op.inputs.len() != 1 || op.kind.is_partitioned() {
             task_of[i] = heads.len();
             heads.push(i);
         } else {
@@ -988,7 +1022,7 @@ pub fn exchanges(plan: &Plan, heads: &[usize]) -> Vec<ExchangeDef> {
                 producer,
                 consumer: h,
                 input: input as u32,
-                keyed: plan.ops[h].kind.key_field().is_some(),
+                keyed: plan.ops[h].kind.is_partitioned(),
             });
         }
     }
@@ -1040,7 +1074,7 @@ pub fn run_worker(
     let rescale_from =
         opts.checkpoints.as_ref().and_then(|c| c.restored_parallelism).filter(|&old| old != p);
     let mut keyed_of: HashMap<(usize, u32), Keyed> = HashMap::new();
-    for (i, op) in plan.ops.iter().enumerate().filter(|(_, o)| o.kind.key_field().is_some()) {
+    for (i, op) in plan.ops.iter().enumerate().filter(|(_, o)| o.kind.is_partitioned()) {
         for &s in hosted {
             let dir = run_state.join(format!("{}-{s}", op.uid));
             own_dirs.push(dir.clone());
@@ -1243,7 +1277,12 @@ pub fn run_worker(
                             Some(net.outlet(placement.worker_of[to as usize], e as u32, s, to))
                         });
                     }
-                    let key = x.keyed.then(|| plan.ops[x.consumer].key_positions[x.input as usize]);
+                    let key = x.keyed.then(|| {
+                        match plan.ops[x.consumer].key_positions.get(x.input as usize) {
+                            Some(&k) => Partition::Field(k),
+                            None => Partition::Single,
+                        }
+                    });
                     ops[ci].edges.push(Edge {
                         outlets,
                         input: x.input,
@@ -1502,6 +1541,10 @@ fn share_of_in_flight(
 ) -> InFlightRecords {
     if !rescaling {
         return records;
+    }
+    if head.kind.is_global() {
+        let owner = subtask_of(key_group_of(&[], max_p), max_p, p);
+        return if owner == s { records } else { Vec::new() };
     }
     if head.key_positions.is_empty() {
         return if old % p == s { records } else { Vec::new() };

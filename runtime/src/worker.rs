@@ -265,8 +265,14 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
         *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let report = match &result {
             Ok(records) => {
-                let (records, dropped, user_metrics) = records.clone();
-                ToCoordinator::Finished { records, dropped, user_metrics, attempt: job.attempt }
+                let Counts { records, dropped, late, user_metrics } = records.clone();
+                ToCoordinator::Finished {
+                    records,
+                    dropped,
+                    late,
+                    user_metrics,
+                    attempt: job.attempt,
+                }
             }
             Err(e) => ToCoordinator::Failed {
                 message: e.message.clone(),
@@ -296,8 +302,15 @@ struct AttemptCtl {
     savepoints: crate::exec::SavepointTargets,
 }
 
-/// Records in and out, and dropped, per operator in plan order, and the operators' own metrics.
-type Counts = (Vec<(u64, u64)>, Vec<u64>, Vec<(u32, crate::operator::metrics::UserMetric)>);
+/// What a worker's subtasks counted, per operator in plan order: records in and out,
+/// dropped and late, and the operators' own metrics.
+#[derive(Debug, Clone)]
+struct Counts {
+    records: Vec<(u64, u64)>,
+    dropped: Vec<u64>,
+    late: Vec<u64>,
+    user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,
+}
 
 fn run_job(
     opts: &WorkerOptions,
@@ -407,6 +420,7 @@ fn run_job(
                     records,
                     state_bytes: metrics.state_bytes(),
                     dropped: metrics.dropped_in_order(),
+                    late: metrics.late_in_order(),
                     subtask_state_bytes: metrics.subtask_state_bytes(),
                     user_metrics,
                 };
@@ -422,5 +436,10 @@ fn run_job(
     let _ = progress.join();
     drop(run);
     let _ = forward.join();
-    result.map(|_| (metrics.records_in_order(), metrics.dropped_in_order(), metrics.user_metrics()))
+    result.map(|_| Counts {
+        records: metrics.records_in_order(),
+        dropped: metrics.dropped_in_order(),
+        late: metrics.late_in_order(),
+        user_metrics: metrics.user_metrics(),
+    })
 }

@@ -118,6 +118,11 @@ fn model_sessions(bids: &[Bid], gap: i64) -> Vec<String> {
 }
 
 fn job(dir: &Path, window: &str, lateness: &str) -> PathBuf {
+    job_with(dir, window, lateness, "", "")
+}
+
+/// The job, with `source` added to the source's parameters and `spec` to the spec.
+fn job_with(dir: &Path, window: &str, lateness: &str, source: &str, spec: &str) -> PathBuf {
     let file = dir.join("job.yaml");
     std::fs::write(
         &file,
@@ -128,14 +133,16 @@ metadata: {{name: windows}}
 spec:
   parallelism: 1
   checkpointing: {{interval: 1s, storage: '{chk}'}}
+  savepoints: {{directory: '{sp}'}}{spec}
   pipeline:
     operators:
-      - {{uid: bids, type: file_source, path: '{input}', format: json, fields: {{auction: int, price: int, ts: timestamp, url: string}}, eventTime: {{field: ts, maxOutOfOrderness: 2s}}}}
+      - {{uid: bids, type: file_source, path: '{input}', format: json, fields: {{auction: int, price: int, ts: timestamp, url: string}}, eventTime: {{field: ts, maxOutOfOrderness: 2s}}{source}}}
       - {{uid: cheap, type: filter, inputs: [bids], field: price, greaterThan: 0}}
       - {{uid: hot, type: window, inputs: [cheap], key: auction, {window}, aggregate: {{count: '*', sum: price, max: price, avg: price}}{lateness}}}
       - {{uid: out, type: file_sink, inputs: [hot], path: '{out}', format: json}}
 ",
             chk = dir.join("checkpoints").display(),
+            sp = dir.join("savepoints").display(),
             input = dir.join("in").display(),
             out = dir.join("out").display(),
         ),
@@ -181,6 +188,34 @@ fn tumbling_sliding_and_session_windows_over_out_of_order_bids_are_exact_at_1_2_
             assert_eq!(got.len(), expected.len(), "{window} at parallelism {p}");
             assert!(got == expected, "{window} at parallelism {p}: the windows differ");
         }
+    }
+}
+
+/// A window without a key: one over all bids, kept by one subtask at any parallelism.
+#[test]
+fn a_global_window_counts_every_bid_once_at_1_2_and_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bids = write_bids(&tmp.path().join("in"), 3, 2000, 1500, 6);
+    let mut by: BTreeMap<(i64, i64), Vec<i64>> = BTreeMap::new();
+    for &(_, p, ts) in &bids {
+        by.entry(windows_of("tumbling", ts, 1000, 1000)[0]).or_default().push(p);
+    }
+    // The lines without the key field.
+    let mut expected: Vec<String> =
+        by.iter().map(|(w, ps)| line(0, *w, ps).replacen("\"auction\":0,", "", 1)).collect();
+    expected.sort();
+    let file = job(tmp.path(), "kind: tumbling, size: 1s", "");
+    let text = std::fs::read_to_string(&file).unwrap().replace("key: auction, ", "");
+    std::fs::write(&file, text).unwrap();
+    for p in [1, 2, 3] {
+        run(&file, tmp.path(), p);
+        let got = common::sorted_lines(&tmp.path().join("out"));
+        assert!(
+            got == expected,
+            "parallelism {p}: {} lines, {} expected",
+            got.len(),
+            expected.len()
+        );
     }
 }
 
@@ -235,10 +270,115 @@ fn a_late_bid_within_the_lateness_updates_its_window_and_a_later_one_is_dropped_
         );
         // The bid beyond the lateness is dropped and counted.
         assert!(
-            err.lines().any(|l| l.contains("hot 60002 in") && l.contains("(1 dropped")),
+            err.lines().any(|l| l.contains("hot 60002 in") && l.contains("(1 late)")),
             "parallelism {p}: {err}"
         );
     }
+}
+
+const TOKEN: &str = "weir-window-tests-api-token";
+
+/// Windows open at each savepoint fire once, on the subtask that owns their key after the
+/// rescale: stopped into a savepoint at parallelism 2, restored at 3, stopped again, restored
+/// at 1, the output is the model's, each window once.
+#[test]
+fn windows_open_across_savepoints_and_a_rescale_2_3_1_fire_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bids = write_bids(&tmp.path().join("in"), 4, 3000, 1500, 9);
+    let expected = model_fixed(&bids, "sliding", 2000, 500);
+    let file = job_with(
+        tmp.path(),
+        "kind: sliding, size: 2s, slide: 500ms",
+        "",
+        ", ratePerSecond: 2000",
+        "",
+    );
+    let state = tmp.path().join("state");
+    let mut from: Option<String> = None;
+    for (k, p) in [2u32, 3, 1].into_iter().enumerate() {
+        let ps = p.to_string();
+        let mut args = vec!["run", file.to_str().unwrap(), "--api-addr", "127.0.0.1:0"];
+        args.extend(["--state-dir", state.to_str().unwrap(), "--parallelism", &ps]);
+        if let Some(f) = &from {
+            args.extend(["--from-savepoint", f.as_str()]);
+        }
+        let mut job = process::start_with_env(&args, &[("WEIR_API_TOKEN", TOKEN)]);
+        assert!(process::wait_running(&mut job, 0), "run {k} ended before it ran");
+        if k == 2 {
+            let (code, err) = job.finish(Duration::from_secs(120));
+            assert_eq!(code, Some(0), "the last run: {err}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let out = std::process::Command::new(process::WEIR)
+            .args(["savepoint", "--api", &job.addr("api"), "--stop"])
+            .env("WEIR_API_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "weir savepoint --stop: {err}");
+        let (code, job_err) = job.finish(Duration::from_secs(60));
+        assert_eq!(code, Some(0), "the job after its stopping savepoint: {job_err}");
+        // A part of the windows so far, each once.
+        let sofar = common::sorted_lines(&tmp.path().join("out"));
+        assert!(sofar.len() < expected.len(), "run {k} read everything");
+        for l in &sofar {
+            assert!(expected.binary_search(l).is_ok(), "run {k}: {l} is no window of the model");
+        }
+        from = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let got = common::sorted_lines(&tmp.path().join("out"));
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "the windows differ from the model");
+}
+
+/// Worker processes killed at random moments: every window once.
+#[test]
+fn killed_worker_processes_lose_and_duplicate_no_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bids = write_bids(&tmp.path().join("in"), 6, 2500, 1500, 10);
+    let expected = model_sessions(&bids, 40);
+    let file = job_with(
+        tmp.path(),
+        "kind: session, gap: 40ms",
+        "",
+        ", ratePerSecond: 3000",
+        "\n  restartStrategy: {type: fixed-delay, delay: 200ms, attempts: 100}",
+    );
+    let state = tmp.path().join("state");
+    let args = [
+        "run",
+        file.to_str().unwrap(),
+        "--api-addr",
+        "127.0.0.1:0",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--parallelism",
+        "3",
+        "--processes",
+    ];
+    let mut job = process::start_with_env(&args, &[("WEIR_API_TOKEN", TOKEN)]);
+    let mut rng = SplitMix64::new(0xbeef);
+    let mut kills = 0;
+    while kills < 4 {
+        if !process::wait_running(&mut job, kills) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 1200));
+        let workers = common::children_of(job.child.id());
+        if workers.is_empty() || job.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        let victim = workers[(rng.next_u64() % workers.len() as u64) as usize];
+        let _ = std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status();
+        kills += 1;
+    }
+    let (code, err) = job.finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(kills >= 3, "the job ended after {kills} kills; make the input longer: {err}");
+    let got = common::sorted_lines(&tmp.path().join("out"));
+    assert_eq!(got.len(), expected.len(), "{err}");
+    assert!(got == expected, "the windows differ from the model");
 }
 
 #[test]

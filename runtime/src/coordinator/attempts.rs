@@ -605,6 +605,7 @@ impl Driver<'_> {
                     records,
                     state_bytes,
                     dropped,
+                    late,
                     subtask_state_bytes,
                     user_metrics,
                 })) => {
@@ -612,6 +613,7 @@ impl Driver<'_> {
                         records,
                         state_bytes,
                         dropped,
+                        late,
                         subtask_state_bytes,
                         user_metrics,
                     };
@@ -696,12 +698,15 @@ impl Driver<'_> {
                     }
                     last_done = Instant::now();
                 }
-                Ok(Some(ToCoordinator::Finished { records, dropped, user_metrics, .. })) => {
+                Ok(Some(ToCoordinator::Finished {
+                    records, dropped, late, user_metrics, ..
+                })) => {
                     self.ended.insert(conn);
                     progress[w] = Progress {
                         records,
                         state_bytes: 0,
                         dropped,
+                        late,
                         subtask_state_bytes: Vec::new(),
                         user_metrics,
                     };

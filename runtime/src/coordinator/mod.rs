@@ -141,6 +141,7 @@ struct Progress {
     records: Vec<(u64, u64)>,
     state_bytes: u64,
     dropped: Vec<u64>,
+    late: Vec<u64>,
     /// (subtask, bytes of its keyed state).
     subtask_state_bytes: Vec<(u32, u64)>,
     /// (operator index, a metric its code registered).

@@ -78,6 +78,7 @@ impl Status {
                     .iter()
                     .map(|o| OperatorInfo {
                         records_dropped: 0,
+                        records_late: 0,
                         metrics: Vec::new(),
                         uid: o.uid.clone(),
                         type_: o.type_name.clone(),
@@ -319,6 +320,7 @@ impl Driver<'_> {
                 op.records_out = sum(&mut progress.iter().map(|p| of(p).1));
                 op.records_dropped =
                     sum(&mut progress.iter().filter_map(|p| p.dropped.get(k).copied()));
+                op.records_late = sum(&mut progress.iter().filter_map(|p| p.late.get(k).copied()));
                 op.metrics = user_metrics_of(progress, k, i.parallelism);
             }
             i.state_bytes = sum(&mut progress.iter().map(|p| p.state_bytes));

@@ -172,7 +172,8 @@ fn windows(b: &Build<'_>) -> Made {
     let store = b.backend()?.keyed_store(&op.uid, b.plan.max_parallelism);
     let f = crate::window::Windows::open(w.clone(), &info)?;
     let key = op.key_positions.first().copied();
-    Ok(Box::new(super::Adapter::new(f, info, key, Some(store), op.types.clone())?))
+    let adapter = super::Adapter::new(f, info, key, Some(store), op.types.clone())?;
+    Ok(Box::new(if op.kind.is_global() { adapter.global() } else { adapter }))
 }
 
 fn stdout(b: &Build<'_>) -> Made {

@@ -30,6 +30,7 @@ pub struct Context<'a> {
     pub(crate) info: &'a Info,
     pub(crate) now_ms: i64,
     pub(crate) dropped: &'a mut u64,
+    pub(crate) late: &'a mut u64,
     /// The event time the operator's input has reached, when known.
     pub(crate) watermark: Option<i64>,
     pub(crate) timers: &'a mut Timers,
@@ -46,6 +47,12 @@ impl Context<'_> {
     /// Counts a record the operator could not use in `weir_operator_records_dropped_total`.
     pub fn drop_record(&mut self) {
         *self.dropped += 1;
+    }
+
+    /// Counts a record that came after the event time had passed it, too late to use (it
+    /// is not emitted), in `weir_operator_late_records_total`.
+    pub fn late_record(&mut self) {
+        *self.late += 1;
     }
 
     /// The subtask and the operator.
@@ -408,7 +415,7 @@ mod tests {
     ) -> R {
         let store = fx.backend.keyed_store("op", 128);
         let mut out = Vec::new();
-        let mut dropped = 0;
+        let (mut dropped, mut late) = (0, 0);
         let mut timers = Timers::default();
         let mut ctx = Context {
             out: &mut out,
@@ -417,6 +424,7 @@ mod tests {
             info: &fx.info,
             now_ms,
             dropped: &mut dropped,
+            late: &mut late,
             watermark: None,
             timers: &mut timers,
             firing: None,
@@ -506,7 +514,7 @@ mod tests {
         });
         assert!(e.message.contains("state \"s\" holds a value its type does not read"), "{e}");
         let mut out = Vec::new();
-        let mut dropped = 0;
+        let (mut dropped, mut late) = (0, 0);
         let mut timers = Timers::default();
         let mut ctx = Context {
             out: &mut out,
@@ -515,6 +523,7 @@ mod tests {
             info: &fx.info,
             now_ms: 0,
             dropped: &mut dropped,
+            late: &mut late,
             watermark: None,
             timers: &mut timers,
             firing: None,

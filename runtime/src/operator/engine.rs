@@ -28,6 +28,13 @@ pub trait Operator: Send {
         0
     }
 
+    /// Records dropped since the last call because they came after the event time had
+    /// passed them (a window's record after its allowed lateness); counted in
+    /// `weir_operator_late_records_total`.
+    fn take_late(&mut self) -> u64 {
+        0
+    }
+
     /// Called once before the first batch, with the state [`Operator::snapshot`] returned in
     /// the checkpoint the job restores from (`None` when it starts afresh or the operator
     /// had none).

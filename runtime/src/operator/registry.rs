@@ -217,11 +217,14 @@ pub(crate) struct Adapter<T> {
     info: Info,
     /// The position of the key field, for a keyed operator.
     key: Option<usize>,
+    /// Every record has the empty key (a global window's): one subtask has them all.
+    global: bool,
     store: Option<KeyedStore>,
     /// What each field of its records holds, as its plan said.
     output: Vec<FieldType>,
     key_buf: Vec<u8>,
     dropped: u64,
+    late: u64,
     timers: Timers,
     /// The event time the operator has reached, once it has one (restored with its state).
     pub(crate) watermark: Option<i64>,
@@ -259,14 +262,23 @@ impl<T: Process> Adapter<T> {
             f,
             info,
             key,
+            global: false,
             store,
             output,
             key_buf: Vec::new(),
             dropped: 0,
+            late: 0,
             timers,
             watermark,
             floors,
         })
+    }
+
+    /// Every record it takes has the empty key: a global operator, whose records all go to
+    /// the subtask that owns that key's group.
+    pub(crate) fn global(mut self) -> Self {
+        self.global = true;
+        self
     }
 
     /// Runs `f` with the operator and a context whose current key is `key` (of group `g`),
@@ -285,6 +297,7 @@ impl<T: Process> Adapter<T> {
             info: &self.info,
             now_ms: now_ms(),
             dropped: &mut self.dropped,
+            late: &mut self.late,
             watermark: self.watermark,
             timers: &mut self.timers,
             firing: None,
@@ -325,6 +338,7 @@ impl<T: Process> Adapter<T> {
                     info: &self.info,
                     now_ms,
                     dropped: &mut self.dropped,
+                    late: &mut self.late,
                     watermark,
                     timers: &mut self.timers,
                     firing: Some(domain),
@@ -392,6 +406,7 @@ impl<T: Process> Operator for Adapter<T> {
                     self.key_buf.extend_from_slice(record[k].key_bytes(&mut scratch));
                     Some((key_group_of(&self.key_buf, max_parallelism), &self.key_buf[..]))
                 }
+                None if self.global => Some((key_group_of(&[], max_parallelism), &[][..])),
                 None => None,
             };
             let mut ctx = Context {
@@ -401,6 +416,7 @@ impl<T: Process> Operator for Adapter<T> {
                 info: &self.info,
                 now_ms,
                 dropped: &mut self.dropped,
+                late: &mut self.late,
                 watermark: self.watermark,
                 timers: &mut self.timers,
                 firing: None,
@@ -434,6 +450,7 @@ impl<T: Process> Operator for Adapter<T> {
             info: &self.info,
             now_ms: now_ms(),
             dropped: &mut self.dropped,
+            late: &mut self.late,
             watermark: Some(i64::MAX),
             timers: &mut self.timers,
             firing: None,
@@ -452,6 +469,10 @@ impl<T: Process> Operator for Adapter<T> {
 
     fn take_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.dropped)
+    }
+
+    fn take_late(&mut self) -> u64 {
+        std::mem::take(&mut self.late)
     }
 
     fn watermark(&mut self, watermark: i64, out: &mut Vec<Record>) -> Result<(), RuntimeError> {

@@ -146,7 +146,7 @@ struct Session {
 /// One subtask of a `window` operator.
 pub struct Windows {
     kind: WindowKind,
-    key: usize,
+    key: Option<usize>,
     /// The position of the event-time field; `None`: processing time.
     time: Option<usize>,
     size: i64,
@@ -159,7 +159,6 @@ pub struct Windows {
     panes: MapState<i64, Pane>,
     /// Session windows, per key.
     sessions: ValueState<Vec<Session>>,
-    late: crate::operator::metrics::Counter,
 }
 
 impl std::fmt::Debug for Windows {
@@ -206,13 +205,15 @@ impl Windows {
                 AggregateFn::Avg => Slot::Avg(num()?.f64(), 1),
             });
         }
-        let key = r.get(self.key).map(KeyValue::of);
+        let key = self.key.and_then(|k| r.get(k)).map(KeyValue::of);
         Some(Pane { key, slots, fired: false })
     }
 
     fn emit(&self, ctx: &mut Context<'_>, start: i64, end: i64, pane: &Pane) {
         let mut r = Vec::with_capacity(3 + pane.slots.len());
-        r.push(pane.key.as_ref().map_or(Value::str(""), KeyValue::value));
+        if self.key.is_some() {
+            r.push(pane.key.as_ref().map_or(Value::str(""), KeyValue::value));
+        }
         r.push(Value::Int(start));
         r.push(Value::Int(end));
         r.extend(pane.slots.iter().map(Slot::value));
@@ -337,7 +338,7 @@ impl Process for Windows {
                 RuntimeError::user(format!("operator {:?}: its input has no field {n:?}", info.uid))
             })
         };
-        let key = pos(&p.key)?;
+        let key = p.key.as_deref().map(pos).transpose()?;
         let time = p.time_field.as_deref().map(pos).transpose()?;
         let mut aggregates = Vec::new();
         for (f, field) in p.aggregate.list() {
@@ -356,7 +357,6 @@ impl Process for Windows {
             aggregates,
             panes: MapState::new("windows"),
             sessions: ValueState::new("sessions"),
-            late: info.metrics.counter("late_records")?,
         })
     }
 
@@ -392,8 +392,7 @@ impl Process for Windows {
             }
         };
         if !on_time {
-            self.late.inc();
-            ctx.drop_record();
+            ctx.late_record();
         }
         Ok(())
     }
