@@ -14,8 +14,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::rules::{
-    self, DUPLICATE_UID, EMPTY, MAX_INPUTS, MAX_NAME_LENGTH, MAX_OPERATORS, NO_INPUTS, SELF_INPUT,
-    SOURCE_WITH_INPUTS, UNKNOWN_INPUT, UNKNOWN_TYPE,
+    self, DUPLICATE_UID, EMPTY, LATE_OUTPUT_TAKEN, MAX_INPUTS, MAX_NAME_LENGTH, MAX_OPERATORS,
+    NO_INPUTS, SELF_INPUT, SOURCE_WITH_INPUTS, UNKNOWN_INPUT, UNKNOWN_TYPE,
 };
 
 /// The operators of a job. Each operator reads the outputs of the operators named in its
@@ -53,6 +53,15 @@ pub struct OperatorSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_INPUTS), inner(length(max = MAX_NAME_LENGTH)))]
     pub inputs: Vec<String>,
+    /// Where a `window` sends the records that come after its allowed lateness: a name that
+    /// other operators give in `inputs` as they would a uid (without it, such records are
+    /// dropped and counted in `weir_operator_late_records_total`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = MAX_NAME_LENGTH),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$")
+    )]
+    pub late_output: Option<String>,
     /// The parameters of the operator type (every other field of the operator).
     #[serde(flatten)]
     pub params: BTreeMap<String, serde_json::Value>,
@@ -63,6 +72,7 @@ pub struct OperatorSpec {
 pub enum PipelineError {
     Empty,
     DuplicateUid { index: usize, uid: String },
+    LateOutputTaken { uid: String, name: String },
     UnknownInput { uid: String, input: String },
     SelfInput { uid: String },
     UnknownType { index: usize, uid: String, kind: String },
@@ -77,6 +87,9 @@ impl fmt::Display for PipelineError {
             PipelineError::Empty => EMPTY.0.to_string(),
             PipelineError::DuplicateUid { index, uid } => {
                 DUPLICATE_UID.render(&[("index", index), ("uid", uid)])
+            }
+            PipelineError::LateOutputTaken { uid, name } => {
+                LATE_OUTPUT_TAKEN.render(&[("uid", uid), ("name", name)])
             }
             PipelineError::UnknownInput { uid, input } => {
                 UNKNOWN_INPUT.render(&[("uid", uid), ("input", input)])
@@ -119,6 +132,17 @@ impl Pipeline {
                 return Err(PipelineError::DuplicateUid { index: i, uid: op.uid.clone() });
             }
         }
+        // A late output is read like an operator's output: by its name, after its window.
+        for (i, op) in self.operators.iter().enumerate() {
+            if let Some(name) = &op.late_output
+                && index.insert(name.as_str(), i).is_some()
+            {
+                return Err(PipelineError::LateOutputTaken {
+                    uid: op.uid.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
         for (i, op) in self.operators.iter().enumerate() {
             if !open_types && !OPERATOR_TYPES.contains(&op.kind.as_str()) {
                 return Err(PipelineError::UnknownType {
@@ -138,7 +162,7 @@ impl Pipeline {
         }
         for op in &self.operators {
             for input in &op.inputs {
-                if input == &op.uid {
+                if input == &op.uid || op.late_output.as_ref() == Some(input) {
                     return Err(PipelineError::SelfInput { uid: op.uid.clone() });
                 }
                 if !index.contains_key(input.as_str()) {
@@ -158,7 +182,7 @@ impl Pipeline {
             order.push(&self.operators[i]);
             for (j, op) in self.operators.iter().enumerate() {
                 for input in &op.inputs {
-                    if input == &self.operators[i].uid {
+                    if index[input.as_str()] == i {
                         pending[j] -= 1;
                         if pending[j] == 0 {
                             ready.insert(j);
@@ -240,6 +264,7 @@ mod tests {
             uid: uid.into(),
             kind: kind.into(),
             inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            late_output: None,
             params: BTreeMap::new(),
         }
     }

@@ -556,6 +556,11 @@ pub struct WindowOpSpec {
     /// windows follow processing time (the wall clock when a record arrives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_field: Option<String>,
+    /// Where records later than the allowed lateness go, as they came: a name other
+    /// operators read in their `inputs` as they would a uid. Absent: they are dropped (and
+    /// counted either way, in `weir_operator_late_records_total`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_output: Option<String>,
 }
 
 fn default_ts() -> String {
@@ -619,6 +624,11 @@ pub enum OpKind {
     Stdout(StdoutSpec),
     Blackhole,
     FileSink(FileSinkSpec),
+    /// The records a window (`of`) found later than its allowed lateness, under the name its
+    /// `lateOutput` gives: the planner adds it after the window, chained to it.
+    LateOutput {
+        of: String,
+    },
     /// A type of the job's binary's own (registered with the runtime's registry, or, for the
     /// controller, one the image's binary is trusted to know): its parameters as the manifest
     /// gives them, checked by the extension that planned it.
@@ -890,6 +900,31 @@ fn parse<T: DeserializeOwned>(op: &OperatorSpec) -> Result<T, PlanError> {
     serde_json::from_value(obj).map_err(|e| err(op, e))
 }
 
+/// The late output of window `op` (planned last, at the end of `ops`), when it has one: the
+/// window's input records, read by the operators that name it.
+fn push_late_output(
+    ops: &mut Vec<PlanOp>,
+    op: &OperatorSpec,
+    fields: Vec<String>,
+    types: Vec<FieldType>,
+    fields_known: bool,
+) {
+    let Some(name) = &op.late_output else { return };
+    ops.push(PlanOp {
+        uid: name.clone(),
+        type_name: LATE_OUTPUT.to_string(),
+        kind: OpKind::LateOutput { of: op.uid.clone() },
+        inputs: vec![ops.len() - 1],
+        fields,
+        types,
+        key_positions: Vec::new(),
+        fields_known,
+    });
+}
+
+/// The type name of a window's late output in a plan (no type a manifest can name).
+pub const LATE_OUTPUT: &str = "late_output";
+
 /// A source's `eventTime.field` is one of its fields, and holds integers (milliseconds).
 fn check_event_time(
     op: &OperatorSpec,
@@ -1035,6 +1070,7 @@ fn plan_window(op: &OperatorSpec, time_of_input: Option<&str>) -> Result<WindowO
     if w.time_field.is_none() {
         w.time_field = time_of_input.map(str::to_string);
     }
+    w.late_output = op.late_output.clone();
     Ok(w)
 }
 
@@ -1164,13 +1200,19 @@ pub fn build_with(
         .pipeline
         .validate_graph(true)
         .map_err(|e| PlanError::new(format!("spec.pipeline: {e}")))?;
-    let index: BTreeMap<&str, usize> =
-        order.iter().enumerate().map(|(i, o)| (o.uid.as_str(), i)).collect();
+    // Where each operator (and late output) is in `ops`, as they are planned.
+    let mut index: BTreeMap<&str, usize> = BTreeMap::new();
     let mut ops: Vec<PlanOp> = Vec::with_capacity(order.len());
     // For each operator planned: the field of its records that holds their event time, when
     // one does (from its source's `eventTime`, through the operators that keep the field).
     let mut times: Vec<Option<String>> = Vec::with_capacity(order.len());
     for op in &order {
+        if op.late_output.is_some() && op.kind != "window" {
+            return Err(err(
+                op,
+                "lateOutput is a parameter of a window only (the records later than its allowed lateness)",
+            ));
+        }
         let inputs: Vec<usize> = op.inputs.iter().map(|u| index[u.as_str()]).collect();
         // The fields of its inputs, unless an operator before it emits fields not known here.
         let open = inputs.iter().any(|&i| !ops[i].fields_known);
@@ -1312,7 +1354,12 @@ pub fn build_with(
         // type of the job's image (the job checks it when it starts).
         let fields_known = !open && !matches!(custom_output, Some(None));
         if !fields_known {
+            index.insert(&op.uid, ops.len());
             times.push(None);
+            if let Some(name) = &op.late_output {
+                index.insert(name, ops.len() + 1);
+                times.push(None);
+            }
             ops.push(PlanOp {
                 uid: op.uid.clone(),
                 type_name: op.kind.clone(),
@@ -1323,6 +1370,7 @@ pub fn build_with(
                 key_positions: Vec::new(),
                 fields_known,
             });
+            push_late_output(&mut ops, op, Vec::new(), Vec::new(), false);
             continue;
         }
         let custom_output = custom_output.flatten();
@@ -1385,7 +1433,10 @@ pub fn build_with(
                 .into_iter()
                 .map(|(f, _)| f)
                 .collect(),
-            OpKind::Stdout(_) | OpKind::Blackhole | OpKind::FileSink(_) => in_fields.clone(),
+            OpKind::Stdout(_)
+            | OpKind::Blackhole
+            | OpKind::FileSink(_)
+            | OpKind::LateOutput { .. } => in_fields.clone(),
         };
         let types: Vec<FieldType> = match &kind {
             OpKind::Custom(_) => custom_output.iter().flatten().map(|(_, t)| *t).collect(),
@@ -1438,7 +1489,8 @@ pub fn build_with(
             | OpKind::Throttle(_)
             | OpKind::Stdout(_)
             | OpKind::Blackhole
-            | OpKind::FileSink(_) => in_types.clone(),
+            | OpKind::FileSink(_)
+            | OpKind::LateOutput { .. } => in_types.clone(),
         };
         debug_assert_eq!(types.len(), fields.len());
         if let Some(et) = kind.event_time() {
@@ -1459,6 +1511,7 @@ pub fn build_with(
             Some(k) => vec![field_pos(op, &in_fields, k, "key")?; inputs.len()],
             None => Vec::new(),
         };
+        index.insert(&op.uid, ops.len());
         ops.push(PlanOp {
             uid: op.uid.clone(),
             type_name: op.kind.clone(),
@@ -1469,6 +1522,11 @@ pub fn build_with(
             key_positions,
             fields_known,
         });
+        if let Some(name) = &op.late_output {
+            index.insert(name, ops.len());
+            times.push(time_of_input.clone());
+            push_late_output(&mut ops, op, in_fields, in_types, true);
+        }
     }
     // Every path must end in a sink, and sinks feed nothing.
     for (i, op) in ops.iter().enumerate() {
@@ -1477,6 +1535,17 @@ pub fn build_with(
             return Err(PlanError::of(
                 &op.uid,
                 format!("operator {:?}: a sink cannot be the input of another operator", op.uid),
+            ));
+        }
+        if let OpKind::LateOutput { of } = &op.kind
+            && consumers == 0
+        {
+            return Err(PlanError::of(
+                of,
+                format!(
+                    "operator {of:?}: its lateOutput {:?} goes nowhere: add an operator that reads it (inputs: [{}]), or leave lateOutput out to drop and count late records",
+                    op.uid, op.uid
+                ),
             ));
         }
         if !op.kind.is_sink() && consumers == 0 {
@@ -1522,6 +1591,7 @@ impl PlanOp {
             OpKind::Stdout(s) => serde_json::to_value(s),
             OpKind::Blackhole => Ok(serde_json::Value::Object(Default::default())),
             OpKind::FileSink(f) => serde_json::to_value(f),
+            OpKind::LateOutput { .. } => Ok(serde_json::Value::Object(Default::default())),
             OpKind::Custom(c) => Ok(serde_json::Value::Object(c.params.clone())),
         };
         match value {
@@ -1538,6 +1608,10 @@ impl PlanOp {
 pub fn verify(plan: &Plan, ext: &dyn Extensions) -> Result<(), PlanError> {
     let mut operators = Vec::with_capacity(plan.ops.len());
     for (i, op) in plan.ops.iter().enumerate() {
+        // (Planned again from its window's lateOutput.)
+        if matches!(op.kind, OpKind::LateOutput { .. }) {
+            continue;
+        }
         let mut m = op.params();
         m.insert("uid".into(), op.uid.clone().into());
         m.insert("type".into(), op.type_name.clone().into());

@@ -72,6 +72,10 @@ pub const EMPTY: Text =
 pub const DUPLICATE_UID: Text = Text(
     "pipeline.operators[{index}].uid \"{uid}\" is used by more than one operator: uids must be unique",
 );
+/// A `lateOutput` that an operator's uid or another `lateOutput` already names.
+pub const LATE_OUTPUT_TAKEN: Text = Text(
+    "operator \"{uid}\": lateOutput \"{name}\" is already the name of an operator or of another lateOutput: give it a name of its own",
+);
 /// An input that names no operator.
 pub const UNKNOWN_INPUT: Text =
     Text("operator \"{uid}\": inputs names \"{input}\", which is no operator of this pipeline");
@@ -318,6 +322,10 @@ pub fn all() -> Vec<Checked> {
     // so that looking an input up costs one step, not one per operator; bound to `m` by
     // iterating over a list of it, once.
     let uids = "self.operators.transformMapEntry(i, o, !self.operators.exists(j, p, j < i && p.uid == o.uid), {o.uid: true})";
+    // The late outputs, each once, as a map as the uids are.
+    let lates = "self.operators.transformMapEntry(i, o, has(o.lateOutput) && !self.operators.exists(j, p, j < i && has(p.lateOutput) && p.lateOutput == o.lateOutput), {o.lateOutput: true})";
+    // Whether operator `j` (`b`) has a late output that a uid or an earlier late output has.
+    let taken = "has(b.lateOutput) && self.operators.exists(i, a, a.uid == b.lateOutput || (i < j && has(a.lateOutput) && a.lateOutput == b.lateOutput))";
     let first_bad_type =
         format!("self.pipeline.operators.transformList(i, o, !(o.type in {types}), i)[0]");
 
@@ -408,19 +416,35 @@ pub fn all() -> Vec<Checked> {
         },
         Checked {
             at: At::Pipeline,
+            what: "a lateOutput that names an operator or another lateOutput",
+            text: LATE_OUTPUT_TAKEN,
+            rule: rule(
+                format!("self.operators.all(j, b, !({taken}))"),
+                format!(
+                    "[self.operators.transformList(j, b, {taken}, j)[0]].map(k, {})[0]",
+                    pipeline(LATE_OUTPUT_TAKEN.cel(&[
+                        ("uid", "self.operators[k].uid"),
+                        ("name", "self.operators[k].lateOutput"),
+                    ]))
+                ),
+            )
+            .field_path(".operators"),
+        },
+        Checked {
+            at: At::Pipeline,
             what: "an input that names no operator",
             text: UNKNOWN_INPUT,
             rule: rule(
                 format!(
-                    "[{uids}].all(m, self.operators.all(o, !has(o.inputs) || o.inputs.all(x, x in m)))"
+                    "[{uids}].all(m, [{lates}].all(l, self.operators.all(o, !has(o.inputs) || o.inputs.all(x, x in m || x in l))))"
                 ),
                 // (The operator by its index: an element taken out of a list loses the
                 // bounds the schema gives its fields, and the cost estimate with them.)
                 format!(
-                    "[{uids}].map(m, [self.operators.transformList(i, o, has(o.inputs) && o.inputs.exists(x, !(x in m)), i)[0]].map(k, {})[0])[0]",
+                    "[{uids}].map(m, [{lates}].map(l, [self.operators.transformList(i, o, has(o.inputs) && o.inputs.exists(x, !(x in m || x in l)), i)[0]].map(k, {})[0])[0])[0]",
                     pipeline(UNKNOWN_INPUT.cel(&[
                         ("uid", "self.operators[k].uid"),
-                        ("input", "self.operators[k].inputs.filter(x, !(x in m))[0]"),
+                        ("input", "self.operators[k].inputs.filter(x, !(x in m || x in l))[0]"),
                     ]))
                 ),
             )
@@ -431,7 +455,7 @@ pub fn all() -> Vec<Checked> {
             what: "an operator among its own inputs",
             text: SELF_INPUT,
             rule: rule(
-                "!has(self.inputs) || !(self.uid in self.inputs)".into(),
+                "!has(self.inputs) || !(self.uid in self.inputs || (has(self.lateOutput) && self.lateOutput in self.inputs))".into(),
                 pipeline(SELF_INPUT.cel(&[("uid", "self.uid")])),
             )
             .field_path(".inputs"),

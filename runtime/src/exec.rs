@@ -259,12 +259,30 @@ impl Edge {
     }
 }
 
+/// A window's late output: it passes on the records its window sets aside.
+struct LateRecords;
+
+impl Operator for LateRecords {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: Vec<Record>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), RuntimeError> {
+        out.extend(batch);
+        Ok(())
+    }
+}
+
 struct ChainOp {
     plan_index: usize,
     uid: String,
     op: Option<Box<dyn Operator>>,
     /// Chained operators fed by this one (indexes in the chain).
     children: Vec<usize>,
+    /// Its late output (a window's `lateOutput`), chained to it: what it takes from
+    /// [`Operator::take_late_records`].
+    late: Option<usize>,
     edges: Vec<Edge>,
     keyed: Option<Keyed>,
     /// A watermark that waits until the operator lets go of the records it holds back (they
@@ -391,7 +409,14 @@ impl Chain {
             }
             None => batch,
         };
-        self.route(idx, out)
+        self.route(idx, out)?;
+        if let Some(aside) = self.ops[idx].late {
+            let late = self.ops[idx].op.as_mut().map(|op| op.take_late_records());
+            if let Some(records) = late.filter(|r| !r.is_empty()) {
+                self.push(aside, 0, records)?;
+            }
+        }
+        Ok(())
     }
 
     fn route(&mut self, idx: usize, out: Vec<Record>) -> Result<(), RuntimeError> {
@@ -486,6 +511,9 @@ impl Chain {
         for c in 0..self.ops[idx].children.len() {
             let child = self.ops[idx].children[c];
             self.watermark(child, w)?;
+        }
+        if let Some(aside) = self.ops[idx].late {
+            self.watermark(aside, w)?;
         }
         Ok(())
     }
@@ -1231,6 +1259,8 @@ pub fn run_worker(
                 let op = &plan.ops[i];
                 let instance: Option<Box<dyn Operator>> = if op.inputs.is_empty() {
                     None // a source: made on its thread
+                } else if matches!(op.kind, OpKind::LateOutput { .. }) {
+                    Some(Box::new(LateRecords))
                 } else {
                     let build = crate::operator::builtin::Build {
                         plan,
@@ -1249,6 +1279,7 @@ pub fn run_worker(
                     uid: op.uid.clone(),
                     op: instance,
                     children: Vec::new(),
+                    late: None,
                     edges: Vec::new(),
                     keyed: keyed_of.remove(&(i, s)),
                     held_watermark: None,
@@ -1262,7 +1293,11 @@ pub fn run_worker(
                             continue;
                         }
                         let cj = members.iter().position(|&m| m == j).unwrap();
-                        ops[ci].children.push(cj);
+                        if matches!(consumer.kind, OpKind::LateOutput { .. }) {
+                            ops[ci].late = Some(cj);
+                        } else {
+                            ops[ci].children.push(cj);
+                        }
                     }
                 }
                 for (e, x) in xchg.iter().enumerate().filter(|(_, x)| x.producer == i) {

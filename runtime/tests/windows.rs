@@ -274,6 +274,80 @@ fn a_late_bid_within_the_lateness_updates_its_window_and_a_later_one_is_dropped_
             "parallelism {p}: {err}"
         );
     }
+    // With a lateOutput, the bid beyond the lateness goes there (as it came in), and only it;
+    // the windows are the same.
+    let file = job(
+        tmp.path(),
+        "kind: tumbling, size: 10s",
+        ", allowedLateness: 10s, lateOutput: late_bids",
+    );
+    let late_dir = tmp.path().join("late");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str(&format!(
+        "      - {{uid: late, type: file_sink, inputs: [late_bids], path: '{}', format: json}}\n",
+        late_dir.display()
+    ));
+    std::fs::write(&file, text).unwrap();
+    let beyond_line = format!(
+        "{{\"auction\":{},\"price\":{},\"ts\":{},\"url\":\"later\"}}",
+        beyond.0, beyond.1, beyond.2
+    );
+    for p in [1, 3] {
+        let _ = std::fs::remove_dir_all(&late_dir);
+        let err = run(&file, tmp.path(), p);
+        let got = common::sorted_lines(&tmp.path().join("out"));
+        assert!(got == expected, "parallelism {p}, with lateOutput: {} lines: {err}", got.len());
+        let late = common::sorted_lines(&late_dir);
+        assert_eq!(late, std::slice::from_ref(&beyond_line), "parallelism {p}: {err}");
+        assert!(
+            err.lines().any(|l| l.contains("hot 60002 in") && l.contains("(1 late)")),
+            "parallelism {p}: {err}"
+        );
+    }
+}
+
+/// A window's `lateOutput` is read by name like an operator; a name taken, one that nothing
+/// reads, and one on another type are refused before anything starts.
+#[test]
+fn bad_late_outputs_are_refused_naming_the_operator() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_bids(&tmp.path().join("in"), 1, 10, 10, 1);
+    let cases = [
+        (", lateOutput: bids", "", "lateOutput \"bids\" is already the name of an operator"),
+        (", lateOutput: late_bids", "", "its lateOutput \"late_bids\" goes nowhere"),
+        ("", "inputs: [late_bids]", "inputs names \"late_bids\", which is no operator"),
+    ];
+    for (lateness, reader, text) in cases {
+        let file = job(tmp.path(), "kind: tumbling, size: 10s", lateness);
+        if !reader.is_empty() {
+            let mut t = std::fs::read_to_string(&file).unwrap();
+            t.push_str(&format!("      - {{uid: late, type: blackhole, {reader}}}\n"));
+            std::fs::write(&file, t).unwrap();
+        }
+        let out = std::process::Command::new(process::WEIR)
+            .args(["run", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{lateness} {reader}: it ran");
+        assert!(err.contains(text), "{lateness} {reader}: {err}");
+        assert!(!tmp.path().join("out").exists(), "{lateness} {reader}: output was written");
+    }
+    // On an operator other than a window.
+    let file = job(tmp.path(), "kind: tumbling, size: 10s", "");
+    let t = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("greaterThan: 0}", "greaterThan: 0, lateOutput: x}");
+    std::fs::write(&file, t).unwrap();
+    let out = std::process::Command::new(process::WEIR)
+        .args(["run", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("operator \"cheap\" (filter): lateOutput is a parameter of a window only"),
+        "{err}"
+    );
 }
 
 const TOKEN: &str = "weir-window-tests-api-token";

@@ -418,6 +418,18 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
             true,
         ),
         (
+            "late-taken",
+            with("late-taken", &|v| {
+                v["spec"]["pipeline"]["operators"] = json!([
+                    {"uid": "src", "type": "generator", "format": "kv"},
+                    {"uid": "w", "type": "window", "inputs": ["src"], "key": "key", "kind": "tumbling", "size": "1s", "aggregate": {"count": "*"}, "lateOutput": "src"},
+                    {"uid": "out", "type": "blackhole", "inputs": ["w"]},
+                ]);
+            }),
+            "operator \"w\": lateOutput \"src\" is already the name of an operator",
+            true,
+        ),
+        (
             "unknown-type",
             with("unknown-type", &|v| {
                 v["spec"]["pipeline"]["operators"][1]["type"] = json!("blackhol")
@@ -577,6 +589,19 @@ async fn invalid_specs_are_degraded_with_an_event_and_nothing_is_created() {
         }),
     );
     assert!(!ok && out.contains("uid"), "{out}");
+
+    // A window's lateOutput is read by name like an operator: the apiserver takes it.
+    let mut late = with("late-read", &|v| {
+        v["spec"]["pipeline"]["operators"] = json!([
+            {"uid": "src", "type": "generator", "format": "kv"},
+            {"uid": "w", "type": "window", "inputs": ["src"], "key": "key", "kind": "tumbling", "size": "1s", "aggregate": {"count": "*"}, "lateOutput": "late"},
+            {"uid": "out", "type": "blackhole", "inputs": ["w"]},
+            {"uid": "late-out", "type": "blackhole", "inputs": ["late"]},
+        ]);
+    });
+    late["spec"]["state"] = json!("suspended");
+    let (ok, out) = apply(&env, &late);
+    assert!(ok, "a pipeline that reads a lateOutput: {out}");
 
     // The missing Secret, once created, is picked up without a change of the job.
     let api: Api<Secret> = Api::namespaced(env.client.clone(), &ns);

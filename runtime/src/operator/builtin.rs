@@ -172,7 +172,10 @@ fn windows(b: &Build<'_>) -> Made {
     let store = b.backend()?.keyed_store(&op.uid, b.plan.max_parallelism);
     let f = crate::window::Windows::open(w.clone(), &info)?;
     let key = op.key_positions.first().copied();
-    let adapter = super::Adapter::new(f, info, key, Some(store), op.types.clone())?;
+    let mut adapter = super::Adapter::new(f, info, key, Some(store), op.types.clone())?;
+    if w.late_output.is_some() {
+        adapter = adapter.with_late_output();
+    }
     Ok(Box::new(if op.kind.is_global() { adapter.global() } else { adapter }))
 }
 

@@ -30,12 +30,20 @@ pub struct Context<'a> {
     pub(crate) info: &'a Info,
     pub(crate) now_ms: i64,
     pub(crate) dropped: &'a mut u64,
-    pub(crate) late: &'a mut u64,
+    pub(crate) late: &'a mut Late,
     /// The event time the operator's input has reached, when known.
     pub(crate) watermark: Option<i64>,
     pub(crate) timers: &'a mut Timers,
     /// The clock of the timer that is firing, in [`super::Process::on_timer`].
     pub(crate) firing: Option<TimeDomain>,
+}
+
+/// The late records of an operator since they were last taken: how many, and (with a
+/// `lateOutput`) the records.
+#[derive(Debug, Default)]
+pub(crate) struct Late {
+    pub(crate) count: u64,
+    pub(crate) records: Option<Vec<Record>>,
 }
 
 impl Context<'_> {
@@ -52,7 +60,16 @@ impl Context<'_> {
     /// Counts a record that came after the event time had passed it, too late to use (it
     /// is not emitted), in `weir_operator_late_records_total`.
     pub fn late_record(&mut self) {
-        *self.late += 1;
+        self.late.count += 1;
+    }
+
+    /// A record too late to use, as [`Context::late_record`]: it goes on to the operator's
+    /// `lateOutput` when it has one.
+    pub fn emit_late(&mut self, record: Record) {
+        self.late.count += 1;
+        if let Some(aside) = &mut self.late.records {
+            aside.push(record);
+        }
     }
 
     /// The subtask and the operator.
@@ -415,7 +432,7 @@ mod tests {
     ) -> R {
         let store = fx.backend.keyed_store("op", 128);
         let mut out = Vec::new();
-        let (mut dropped, mut late) = (0, 0);
+        let (mut dropped, mut late) = (0, Late::default());
         let mut timers = Timers::default();
         let mut ctx = Context {
             out: &mut out,
@@ -514,7 +531,7 @@ mod tests {
         });
         assert!(e.message.contains("state \"s\" holds a value its type does not read"), "{e}");
         let mut out = Vec::new();
-        let (mut dropped, mut late) = (0, 0);
+        let (mut dropped, mut late) = (0, Late::default());
         let mut timers = Timers::default();
         let mut ctx = Context {
             out: &mut out,

@@ -35,6 +35,12 @@ pub trait Operator: Send {
         0
     }
 
+    /// The late records since the last call, for the operator's late output (a window's
+    /// `lateOutput`), in the fields of its input.
+    fn take_late_records(&mut self) -> Vec<Record> {
+        Vec::new()
+    }
+
     /// Called once before the first batch, with the state [`Operator::snapshot`] returned in
     /// the checkpoint the job restores from (`None` when it starts afresh or the operator
     /// had none).

@@ -224,7 +224,7 @@ pub(crate) struct Adapter<T> {
     output: Vec<FieldType>,
     key_buf: Vec<u8>,
     dropped: u64,
-    late: u64,
+    late: super::context::Late,
     timers: Timers,
     /// The event time the operator has reached, once it has one (restored with its state).
     pub(crate) watermark: Option<i64>,
@@ -267,7 +267,7 @@ impl<T: Process> Adapter<T> {
             output,
             key_buf: Vec::new(),
             dropped: 0,
-            late: 0,
+            late: Default::default(),
             timers,
             watermark,
             floors,
@@ -278,6 +278,13 @@ impl<T: Process> Adapter<T> {
     /// the subtask that owns that key's group.
     pub(crate) fn global(mut self) -> Self {
         self.global = true;
+        self
+    }
+
+    /// The records too late to use go on to the operator's late output
+    /// ([`Operator::take_late_records`]).
+    pub(crate) fn with_late_output(mut self) -> Self {
+        self.late.records = Some(Vec::new());
         self
     }
 
@@ -472,7 +479,11 @@ impl<T: Process> Operator for Adapter<T> {
     }
 
     fn take_late(&mut self) -> u64 {
-        std::mem::take(&mut self.late)
+        std::mem::take(&mut self.late.count)
+    }
+
+    fn take_late_records(&mut self) -> Vec<Record> {
+        self.late.records.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     fn watermark(&mut self, watermark: i64, out: &mut Vec<Record>) -> Result<(), RuntimeError> {

@@ -392,7 +392,7 @@ impl Process for Windows {
             }
         };
         if !on_time {
-            ctx.late_record();
+            ctx.emit_late(r);
         }
         Ok(())
     }
