@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::plan::{
     FileSinkSpec, FileSourceSpec, FilterSpec, GeneratorSpec, KeyedSpec, MapSpec, NoParams,
-    SocketSpec, SplitSpec, StdoutSpec, ThrottleSpec, WindowOpSpec, WindowSpec,
+    SocketSpec, SplitSpec, StdoutSpec, ThrottleSpec, TopNSpec, WindowOpSpec, WindowSpec,
 };
 
 /// Where an operator type stands in a pipeline.
@@ -237,6 +237,15 @@ pub const KINDS: &[OperatorKind] = &[
         emits: "the key field (as its input holds it), `window_start` and `window_end` (integers, milliseconds), then `count` for `count: \"*\"` and `<function>_<field>` for the others (`sum_price`; avg a float)",
         params: schema_of::<WindowOpSpec>,
         example: "{uid: per-key, type: window, inputs: [events], key: key, kind: sliding, size: 10s, slide: 2s, aggregate: {count: '*', sum: value, max: value}, timeField: ts}",
+    },
+    OperatorKind {
+        name: "window_top_n",
+        role: Role::Keyed,
+        stateful: true,
+        summary: "The first `n` records of each window by `orderBy` (`order: desc`, the largest first, or `asc`), over the output of a `window` (as Flink SQL's window Top-N): records are partitioned by `window_end`, and a window's are emitted, ranked, once the watermark passes its end. Ties go by the records' other fields, so the result is the same at any parallelism. A record of a window it has emitted is late: counted in `weir_operator_late_records_total` and dropped.",
+        emits: "its input's fields, then `rank` (1 for the first)",
+        params: schema_of::<TopNSpec>,
+        example: "{uid: top, type: window_top_n, inputs: [per-auction], orderBy: count, n: 3}",
     },
     OperatorKind {
         name: "stdout",

@@ -229,6 +229,7 @@ pub const OPERATOR_TYPES: &[&str] = &[
     "max",
     "tumbling_window_count",
     "window",
+    "window_top_n",
     "stdout",
     "blackhole",
     "file_sink",

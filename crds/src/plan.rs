@@ -563,6 +563,40 @@ pub struct WindowOpSpec {
     pub late_output: Option<String>,
 }
 
+/// A `window_top_n`: the first `n` records of each window of its input (a window's output),
+/// by `orderBy`.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TopNSpec {
+    /// How many records of each window it emits (ties are ordered by the records' other
+    /// fields, so the choice is the same at every parallelism and after every restore).
+    #[serde(default = "default_n")]
+    pub n: u32,
+    /// The numeric field it ranks by, e.g. `count`.
+    pub order_by: String,
+    /// `desc` (the largest first, the default) or `asc`.
+    #[serde(default)]
+    pub order: SortOrder,
+    /// Whether its window runs on event time (the planner sets it from the window): its
+    /// windows are then emitted as the watermark passes their end, else a second after it on
+    /// the wall clock.
+    #[serde(default)]
+    #[schemars(skip)]
+    pub event_time: bool,
+}
+
+fn default_n() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SortOrder {
+    #[default]
+    Desc,
+    Asc,
+}
+
 fn default_ts() -> String {
     "ts".into()
 }
@@ -621,6 +655,7 @@ pub enum OpKind {
     },
     TumblingWindowCount(WindowSpec),
     Window(WindowOpSpec),
+    WindowTopN(TopNSpec),
     Stdout(StdoutSpec),
     Blackhole,
     FileSink(FileSinkSpec),
@@ -769,6 +804,7 @@ impl OpKind {
             OpKind::Keyed { key, .. } => Some(key),
             OpKind::TumblingWindowCount(w) => Some(&w.key),
             OpKind::Window(w) => w.key.as_deref(),
+            OpKind::WindowTopN(_) => Some("window_end"),
             OpKind::Custom(c) => c.key.as_deref(),
             _ => None,
         }
@@ -1122,6 +1158,44 @@ pub fn window_output(
     Ok(out)
 }
 
+/// The fields a `window_top_n` emits: its input's (a window's output, with `window_start`
+/// and `window_end`), then `rank` (1 for the first).
+pub fn top_n_output(
+    t: &TopNSpec,
+    fields: &[String],
+    types: &[FieldType],
+) -> Result<Vec<(String, FieldType)>, String> {
+    let input = InputFields { fields, types };
+    for f in ["window_start", "window_end"] {
+        let i = input.position(f, "its input's field").map_err(|e| {
+            format!("{e}: window_top_n ranks the records of each window, so its input must be a window's output")
+        })?;
+        if !matches!(types[i], FieldType::Integer | FieldType::Any) {
+            return Err(format!("{f:?} holds {}, not milliseconds", types[i].describe()));
+        }
+    }
+    let i = input.position(&t.order_by, "orderBy")?;
+    if !matches!(
+        types[i],
+        FieldType::Integer | FieldType::Float | FieldType::Number | FieldType::Any
+    ) {
+        return Err(format!(
+            "orderBy {:?}: the field holds {}, not numbers",
+            t.order_by,
+            types[i].describe()
+        ));
+    }
+    if fields.iter().any(|f| f == "rank") {
+        return Err(
+            "its input has a field \"rank\", the field it adds: rename it with a map".into()
+        );
+    }
+    let mut out: Vec<(String, FieldType)> =
+        fields.iter().cloned().zip(types.iter().copied()).collect();
+    out.push(("rank".into(), FieldType::Integer));
+    Ok(out)
+}
+
 /// A `ratePerSecond`, when given, is a number above 0.
 fn check_rate(op: &OperatorSpec, rate: Option<f64>) -> Result<(), PlanError> {
     match rate {
@@ -1305,6 +1379,34 @@ pub fn build_with(
                 OpKind::Keyed { aggregate, key: k.key, field: k.field }
             }
             "window" => OpKind::Window(plan_window(op, time_of_input.as_deref())?),
+            "window_top_n" => {
+                check_choice(op, "order", &["desc", "asc"])?;
+                let mut t: TopNSpec = parse(op)?;
+                if t.n == 0 {
+                    return Err(err(op, "n must be 1 or more"));
+                }
+                t.event_time = match inputs.as_slice() {
+                    [i] => match &ops[*i].kind {
+                        OpKind::Window(w) => w.time_field.is_some(),
+                        _ => {
+                            return Err(err(
+                                op,
+                                format!(
+                                    "its input {:?} is a {}, not a window: window_top_n ranks the records of each window, so it reads a window's output",
+                                    ops[*i].uid, ops[*i].type_name
+                                ),
+                            ));
+                        }
+                    },
+                    _ => {
+                        return Err(err(
+                            op,
+                            "it reads one input, the output of a window (give one in inputs)",
+                        ));
+                    }
+                };
+                OpKind::WindowTopN(t)
+            }
             "tumbling_window_count" => {
                 let w: WindowSpec = parse(op)?;
                 if w.size.is_zero() {
@@ -1433,6 +1535,11 @@ pub fn build_with(
                 .into_iter()
                 .map(|(f, _)| f)
                 .collect(),
+            OpKind::WindowTopN(t) => top_n_output(t, &in_fields, &in_types)
+                .map_err(|e| err(op, e))?
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect(),
             OpKind::Stdout(_)
             | OpKind::Blackhole
             | OpKind::FileSink(_)
@@ -1481,6 +1588,11 @@ pub fn build_with(
                 vec![FieldType::Text, FieldType::Integer, FieldType::Integer]
             }
             OpKind::Window(w) => window_output(w, &in_fields, &in_types)
+                .map_err(|e| err(op, e))?
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect(),
+            OpKind::WindowTopN(t) => top_n_output(t, &in_fields, &in_types)
                 .map_err(|e| err(op, e))?
                 .into_iter()
                 .map(|(_, t)| t)
@@ -1588,6 +1700,7 @@ impl PlanOp {
             }
             OpKind::TumblingWindowCount(w) => serde_json::to_value(w),
             OpKind::Window(w) => serde_json::to_value(w),
+            OpKind::WindowTopN(t) => serde_json::to_value(t),
             OpKind::Stdout(s) => serde_json::to_value(s),
             OpKind::Blackhole => Ok(serde_json::Value::Object(Default::default())),
             OpKind::FileSink(f) => serde_json::to_value(f),

@@ -2,8 +2,8 @@
 
 use std::fmt;
 
-/// One field's value.
-#[derive(Debug, Clone, PartialEq)]
+/// One field's value (serializable, for an operator that keeps records in its state).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     Str(Box<str>),
     Int(i64),

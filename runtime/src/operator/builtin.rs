@@ -179,6 +179,17 @@ fn windows(b: &Build<'_>) -> Made {
     Ok(Box::new(if op.kind.is_global() { adapter.global() } else { adapter }))
 }
 
+fn top_n(b: &Build<'_>) -> Made {
+    use super::Process;
+    let OpKind::WindowTopN(t) = &b.op().kind else { return Err(b.mismatch()) };
+    let op = b.op();
+    let info = b.info();
+    let store = b.backend()?.keyed_store(&op.uid, b.plan.max_parallelism);
+    let f = crate::window::TopN::open(t.clone(), &info)?;
+    let key = op.key_positions.first().copied();
+    Ok(Box::new(super::Adapter::new(f, info, key, Some(store), op.types.clone())?))
+}
+
 fn stdout(b: &Build<'_>) -> Made {
     let OpKind::Stdout(s) = &b.op().kind else { return Err(b.mismatch()) };
     Ok(Box::new(Stdout::new(Encoder::new(s.format, b.input_fields()))))
@@ -223,7 +234,7 @@ fn socket(b: SourceBuild<'_>) -> MadeSource {
 
 /// `registry` with every built-in type.
 pub(crate) fn register(registry: Registry) -> Registry {
-    let operators: [(&str, MakeOne); 13] = [
+    let operators: [(&str, MakeOne); 14] = [
         ("split", split),
         ("map", map),
         ("filter", filter),
@@ -234,6 +245,7 @@ pub(crate) fn register(registry: Registry) -> Registry {
         ("max", aggregate),
         ("tumbling_window_count", window),
         ("window", windows),
+        ("window_top_n", top_n),
         ("stdout", stdout),
         ("blackhole", blackhole),
         ("file_sink", file_sink),

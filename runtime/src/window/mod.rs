@@ -11,7 +11,9 @@
 //! that has already fired is late: dropped, and counted in
 //! `weir_operator_records_dropped_total`, as is one whose time field is not a number.
 
+mod top;
 mod windows;
+pub use top::TopN;
 pub use windows::Windows;
 
 use crate::error::RuntimeError;
