@@ -96,6 +96,11 @@ pub struct OperatorInfo {
     /// record after its allowed lateness).
     #[serde(default)]
     pub records_late: u64,
+    /// The event time the operator has reached, in milliseconds since the epoch: the least
+    /// over its subtasks of the watermark each has taken in. Absent until every subtask has
+    /// one (and without event time); `9223372036854775807` once its input has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<i64>,
     /// The metrics the operator's own code registered, per subtask, by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<UserMetric>,

@@ -9,8 +9,9 @@ use schemars::{JsonSchema, generate::SchemaSettings};
 use serde_json::Value;
 
 use crate::plan::{
-    FileSinkSpec, FileSourceSpec, FilterSpec, GeneratorSpec, KeyedSpec, MapSpec, NoParams,
-    SocketSpec, SplitSpec, StdoutSpec, ThrottleSpec, TopNSpec, WindowOpSpec, WindowSpec,
+    FileSinkSpec, FileSourceSpec, FilterSpec, GeneratorSpec, IntervalJoinSpec, KeyedSpec, MapSpec,
+    NoParams, SocketSpec, SplitSpec, StdoutSpec, ThrottleSpec, TopNSpec, WindowJoinSpec,
+    WindowOpSpec, WindowSpec,
 };
 
 /// Where an operator type stands in a pipeline.
@@ -245,7 +246,25 @@ pub const KINDS: &[OperatorKind] = &[
         summary: "The first `n` records of each window by `orderBy` (`order: desc`, the largest first, or `asc`), over the output of a `window` (as Flink SQL's window Top-N): records are partitioned by `window_end`, and a window's are emitted, ranked, once the watermark passes its end. Ties go by the records' other fields, so the result is the same at any parallelism. A record of a window it has emitted is late: counted in `weir_operator_late_records_total` and dropped.",
         emits: "its input's fields, then `rank` (1 for the first)",
         params: schema_of::<TopNSpec>,
-        example: "{uid: top, type: window_top_n, inputs: [per-auction], orderBy: count, n: 3}",
+        example: "{uid: top, type: window_top_n, inputs: [windows], orderBy: count, n: 3}",
+    },
+    OperatorKind {
+        name: "window_join",
+        role: Role::Keyed,
+        stateful: true,
+        summary: "Joins its two inputs in tumbling or sliding windows: each pair of records, one of each input, whose `keys` (one field per input) are equal and whose event times fall in the same window is emitted once the watermark (the least of both inputs') passes the window's end. Event time comes from `timeFields`, or the sources' `eventTime`; without either, processing time. A record of a window already joined is late: counted in `weir_operator_late_records_total` and dropped. Its windows are keyed state with a timer each, checkpointed and split by key group.",
+        emits: "`window_start`, `window_end`, then the fields of the first input and of the second (a name both have as `<input>.<field>`)",
+        params: schema_of::<WindowJoinSpec>,
+        example: "{uid: j, type: window_join, inputs: [events, more], keys: [key, key], kind: tumbling, size: 10s}",
+    },
+    OperatorKind {
+        name: "interval_join",
+        role: Role::Keyed,
+        stateful: true,
+        summary: "Joins each record of its first input with the records of its second whose `keys` are equal and whose event time is within `[time + lowerBound, time + upperBound]` (as Flink's interval join). Each side is kept in keyed state until the watermark passes the last time a record of the other could join it. A record whose time the watermark has passed is late: counted in `weir_operator_late_records_total` and dropped.",
+        emits: "the fields of the first input, then those of the second (a name both have as `<input>.<field>`)",
+        params: schema_of::<IntervalJoinSpec>,
+        example: "{uid: ij, type: interval_join, inputs: [events, more], keys: [key, key], lowerBound: -5s, upperBound: 5s}",
     },
     OperatorKind {
         name: "stdout",
@@ -325,21 +344,33 @@ mod tests {
                 );
             }
             // The example, in a pipeline that feeds it (what the examples read: `lines`,
-            // `words`, `counts`, `events`) and drains whatever nobody reads.
+            // `words`, `counts`, `events` and `more` with event time, `windows`) and drains
+            // whatever nobody reads.
             let uid = uid_of(k.example);
             let mut yaml = "pipeline:\n  operators:\n".to_string();
             if k.role != Role::Source {
                 for (u, line) in [
-                    ("events", "{uid: events, type: generator, format: kv, count: 10}"),
+                    (
+                        "events",
+                        "{uid: events, type: generator, format: kv, count: 10, eventTime: {field: ts, maxOutOfOrderness: 1s}}",
+                    ),
+                    (
+                        "more",
+                        "{uid: more, type: generator, format: kv, count: 10, seed: 2, eventTime: {field: ts, maxOutOfOrderness: 1s}}",
+                    ),
                     ("lines", "{uid: lines, type: generator, count: 10}"),
                     ("words", "{uid: words, type: split, inputs: [lines]}"),
                     ("counts", "{uid: counts, type: count, inputs: [words], key: word}"),
+                    (
+                        "windows",
+                        "{uid: windows, type: window, inputs: [events], key: key, kind: tumbling, size: 1s, aggregate: {count: '*'}}",
+                    ),
                 ] {
                     if u != uid {
                         yaml.push_str(&format!("    - {line}\n"));
                     }
                 }
-                for u in ["events", "counts"] {
+                for u in ["events", "more", "counts", "windows"] {
                     yaml.push_str(&format!(
                         "    - {{uid: drain-{u}, type: blackhole, inputs: [{u}]}}\n"
                     ));

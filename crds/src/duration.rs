@@ -135,9 +135,87 @@ impl JsonSchema for Duration {
     }
 }
 
+/// A signed span of time, as an interval join's bounds are (`-5s`, `0s`, `2m`): a
+/// [`Duration`], or one with `-` before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Offset(pub i64);
+
+impl Offset {
+    /// In milliseconds.
+    pub fn millis(self) -> i64 {
+        self.0
+    }
+}
+
+impl FromStr for Offset {
+    type Err = ParseDurationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (negative, rest) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let d: Duration = rest.parse().map_err(|e: ParseDurationError| ParseDurationError {
+            input: s.to_string(),
+            reason: e.reason,
+        })?;
+        let ms = d.as_millis_i64();
+        Ok(Offset(if negative { -ms } else { ms }))
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 < 0 {
+            f.write_str("-")?;
+        }
+        write!(f, "{}", Duration::from_millis(self.0.unsigned_abs()))
+    }
+}
+
+impl Serialize for Offset {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Offset {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Cow::<'de, str>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Offset {
+    fn schema_name() -> Cow<'static, str> {
+        "Offset".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": "^-?([0-9]+(ms|s|m|h|d))+$",
+            "maxLength": crate::rules::MAX_DURATION_LENGTH + 1,
+        })
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offsets_are_signed_durations() {
+        assert_eq!("-5s".parse::<Offset>().unwrap(), Offset(-5000));
+        assert_eq!("1m30s".parse::<Offset>().unwrap(), Offset(90_000));
+        assert_eq!(Offset(-1500).to_string(), "-1s500ms");
+        assert_eq!(Offset(0).to_string(), "0s");
+        let e = "--5s".parse::<Offset>().unwrap_err();
+        assert_eq!(e.input, "--5s");
+        assert!("5".parse::<Offset>().is_err());
+    }
 
     #[test]
     fn parses_and_prints_canonical_forms() {

@@ -230,6 +230,8 @@ pub const OPERATOR_TYPES: &[&str] = &[
     "tumbling_window_count",
     "window",
     "window_top_n",
+    "window_join",
+    "interval_join",
     "stdout",
     "blackhole",
     "file_sink",

@@ -597,6 +597,44 @@ pub enum SortOrder {
     Asc,
 }
 
+/// A `window_join`: the pairs of records of its two inputs with equal keys in each window.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WindowJoinSpec {
+    /// One key field per input, in the order of `inputs`: records whose keys are equal join.
+    pub keys: Vec<String>,
+    /// `tumbling` or `sliding`.
+    pub kind: WindowKind,
+    /// The length of a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<crate::Duration>,
+    /// How often a sliding window starts: at most `size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slide: Option<crate::Duration>,
+    /// The event-time field of each input, in milliseconds. Absent: the ones the inputs'
+    /// sources declare (`eventTime.field`); with none, the windows follow processing time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_fields: Option<Vec<String>>,
+}
+
+/// An `interval_join`: each record of the first input with the records of the second of the
+/// same key whose event time is within `[time + lowerBound, time + upperBound]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IntervalJoinSpec {
+    /// One key field per input, in the order of `inputs`.
+    pub keys: Vec<String>,
+    /// The earliest a record of the second input may be, relative to one of the first
+    /// (`-5s`: up to 5 s before it).
+    pub lower_bound: crate::duration::Offset,
+    /// The latest, relative to a record of the first input (at least `lowerBound`).
+    pub upper_bound: crate::duration::Offset,
+    /// The event-time field of each input, in milliseconds. Absent: the ones the inputs'
+    /// sources declare (`eventTime.field`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_fields: Option<Vec<String>>,
+}
+
 fn default_ts() -> String {
     "ts".into()
 }
@@ -656,6 +694,8 @@ pub enum OpKind {
     TumblingWindowCount(WindowSpec),
     Window(WindowOpSpec),
     WindowTopN(TopNSpec),
+    WindowJoin(WindowJoinSpec),
+    IntervalJoin(IntervalJoinSpec),
     Stdout(StdoutSpec),
     Blackhole,
     FileSink(FileSinkSpec),
@@ -789,6 +829,15 @@ impl OpKind {
         self.key_field().is_some() || self.is_global()
     }
 
+    /// A join of two inputs, keyed by a field of each.
+    pub fn join_keys(&self) -> Option<&[String]> {
+        match self {
+            OpKind::WindowJoin(j) => Some(&j.keys),
+            OpKind::IntervalJoin(j) => Some(&j.keys),
+            _ => None,
+        }
+    }
+
     /// A source's event time, when it declares one.
     pub fn event_time(&self) -> Option<&EventTimeSpec> {
         match self {
@@ -805,6 +854,8 @@ impl OpKind {
             OpKind::TumblingWindowCount(w) => Some(&w.key),
             OpKind::Window(w) => w.key.as_deref(),
             OpKind::WindowTopN(_) => Some("window_end"),
+            OpKind::WindowJoin(j) => j.keys.first().map(String::as_str),
+            OpKind::IntervalJoin(j) => j.keys.first().map(String::as_str),
             OpKind::Custom(c) => c.key.as_deref(),
             _ => None,
         }
@@ -1158,6 +1209,187 @@ pub fn window_output(
     Ok(out)
 }
 
+/// A join's `keys` (one per input) and `timeFields` as given, or else the event-time fields
+/// its inputs carry (`times`, one per input; a join on processing time when none does).
+fn join_fields(
+    op: &OperatorSpec,
+    keys: &[String],
+    time_fields: &mut Option<Vec<String>>,
+    times: &[Option<String>],
+) -> Result<(), PlanError> {
+    if keys.len() != times.len() {
+        return Err(err(
+            op,
+            format!(
+                "keys names {} field(s) for its {} inputs: give one key field per input, in the order of inputs",
+                keys.len(),
+                times.len()
+            ),
+        ));
+    }
+    match time_fields {
+        Some(t) if t.len() != times.len() => Err(err(
+            op,
+            format!(
+                "timeFields names {} field(s) for its {} inputs: give one per input, in the order of inputs",
+                t.len(),
+                times.len()
+            ),
+        )),
+        Some(_) => Ok(()),
+        None => match times {
+            [Some(a), Some(b)] => {
+                *time_fields = Some(vec![a.clone(), b.clone()]);
+                Ok(())
+            }
+            [None, None] => Ok(()),
+            _ => Err(err(
+                op,
+                format!(
+                    "input {:?} carries event time and input {:?} does not: declare eventTime on the sources of both, or give timeFields",
+                    op.inputs[if times[0].is_some() { 0 } else { 1 }],
+                    op.inputs[if times[0].is_some() { 1 } else { 0 }],
+                ),
+            )),
+        },
+    }
+}
+
+fn plan_window_join(
+    op: &OperatorSpec,
+    times: &[Option<String>],
+) -> Result<WindowJoinSpec, PlanError> {
+    let mut j: WindowJoinSpec = parse(op)?;
+    join_fields(op, &j.keys, &mut j.time_fields, times)?;
+    let size = match j.size {
+        None => {
+            return Err(err(op, "size is missing: a window join needs the length of its windows"));
+        }
+        Some(d) if d.is_zero() => return Err(err(op, "size must be more than 0s")),
+        Some(d) => d,
+    };
+    match (j.kind, j.slide) {
+        (WindowKind::Session, _) => {
+            return Err(err(
+                op,
+                "kind session is not a kind of window_join: use tumbling or sliding",
+            ));
+        }
+        (WindowKind::Tumbling, Some(_)) => {
+            return Err(err(
+                op,
+                "slide is not a parameter of a tumbling window (use kind: sliding)",
+            ));
+        }
+        (WindowKind::Sliding, None) => {
+            return Err(err(op, "slide is missing: a sliding window needs how often one starts"));
+        }
+        (WindowKind::Sliding, Some(s)) if s.is_zero() => {
+            return Err(err(op, "slide must be more than 0s"));
+        }
+        (WindowKind::Sliding, Some(s)) if s > size => {
+            return Err(err(
+                op,
+                format!(
+                    "slide {s} is larger than size {size}: windows would leave gaps (use a slide at most the size)"
+                ),
+            ));
+        }
+        _ => {}
+    }
+    Ok(j)
+}
+
+fn plan_interval_join(
+    op: &OperatorSpec,
+    times: &[Option<String>],
+) -> Result<IntervalJoinSpec, PlanError> {
+    let mut j: IntervalJoinSpec = parse(op)?;
+    join_fields(op, &j.keys, &mut j.time_fields, times)?;
+    if j.time_fields.is_none() {
+        return Err(err(
+            op,
+            "an interval join is on event time, and its inputs carry none: declare eventTime on their sources, or give timeFields",
+        ));
+    }
+    if j.lower_bound > j.upper_bound {
+        return Err(err(
+            op,
+            format!(
+                "lowerBound {} is above upperBound {}: no record could join",
+                j.lower_bound, j.upper_bound
+            ),
+        ));
+    }
+    Ok(j)
+}
+
+/// The fields a join emits: `window_start` and `window_end` for a window join, then the
+/// fields of its first input and of its second; a name both have is given as
+/// `<input>.<field>` on both sides. Its keys must hold the same kind of values, and its time
+/// fields integers.
+fn join_output(
+    op: &OperatorSpec,
+    kind: &OpKind,
+    inputs: &[usize],
+    ops: &[PlanOp],
+) -> Result<Vec<(String, FieldType)>, PlanError> {
+    let (keys, time_fields, windowed) = match kind {
+        OpKind::WindowJoin(j) => (&j.keys, &j.time_fields, true),
+        OpKind::IntervalJoin(j) => (&j.keys, &j.time_fields, false),
+        _ => return Ok(Vec::new()),
+    };
+    let (l, r) = (&ops[inputs[0]], &ops[inputs[1]]);
+    let mut key_types = Vec::new();
+    for (side, (input, key)) in [l, r].into_iter().zip(keys).enumerate() {
+        let i = field_pos(op, &input.fields, key, &format!("keys[{side}]"))?;
+        key_types.push((key, input.types[i]));
+        if let Some(t) = time_fields.as_ref().map(|t| &t[side]) {
+            let i = field_pos(op, &input.fields, t, &format!("timeFields[{side}]"))?;
+            if !matches!(input.types[i], FieldType::Integer | FieldType::Any) {
+                return Err(err(
+                    op,
+                    format!(
+                        "timeFields[{side}] {t:?} holds {}, not milliseconds since the epoch",
+                        input.types[i].describe()
+                    ),
+                ));
+            }
+        }
+    }
+    let ((ka, ta), (kb, tb)) = (key_types[0], key_types[1]);
+    if ta != tb && ta != FieldType::Any && tb != FieldType::Any {
+        return Err(err(
+            op,
+            format!(
+                "keys: {ka:?} of {:?} holds {} and {kb:?} of {:?} holds {}: the keys must hold the same kind of values to join",
+                l.uid,
+                ta.describe(),
+                r.uid,
+                tb.describe()
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    if windowed {
+        out.push(("window_start".to_string(), FieldType::Integer));
+        out.push(("window_end".to_string(), FieldType::Integer));
+    }
+    for (input, other) in [(l, r), (r, l)] {
+        for (f, t) in input.fields.iter().zip(&input.types) {
+            let name = if other.fields.contains(f)
+                || (windowed && (f == "window_start" || f == "window_end"))
+            {
+                format!("{}.{f}", input.uid)
+            } else {
+                f.clone()
+            };
+            out.push((name, *t));
+        }
+    }
+    Ok(out)
+}
+
 /// The fields a `window_top_n` emits: its input's (a window's output, with `window_start`
 /// and `window_end`), then `rank` (1 for the first).
 pub fn top_n_output(
@@ -1292,7 +1524,9 @@ pub fn build_with(
         let open = inputs.iter().any(|&i| !ops[i].fields_known);
         // The fields of each input must agree when there are several.
         let input_fields: Vec<&Vec<String>> = inputs.iter().map(|&i| &ops[i].fields).collect();
+        let is_join = matches!(op.kind.as_str(), "window_join" | "interval_join");
         if !open
+            && !is_join
             && let Some(first) = input_fields.first()
             && input_fields.iter().any(|f| f != first)
         {
@@ -1406,6 +1640,33 @@ pub fn build_with(
                     }
                 };
                 OpKind::WindowTopN(t)
+            }
+            "window_join" | "interval_join" => {
+                if inputs.len() != 2 {
+                    return Err(err(
+                        op,
+                        format!(
+                            "a join reads two inputs, and inputs names {}: give the two operators to join",
+                            inputs.len()
+                        ),
+                    ));
+                }
+                if inputs[0] == inputs[1] {
+                    return Err(err(
+                        op,
+                        format!(
+                            "inputs names {:?} twice: a join reads two different operators",
+                            op.inputs[0]
+                        ),
+                    ));
+                }
+                let times_of: Vec<Option<String>> =
+                    inputs.iter().map(|&i| times[i].clone()).collect();
+                if op.kind == "window_join" {
+                    OpKind::WindowJoin(plan_window_join(op, &times_of)?)
+                } else {
+                    OpKind::IntervalJoin(plan_interval_join(op, &times_of)?)
+                }
             }
             "tumbling_window_count" => {
                 let w: WindowSpec = parse(op)?;
@@ -1540,6 +1801,9 @@ pub fn build_with(
                 .into_iter()
                 .map(|(f, _)| f)
                 .collect(),
+            OpKind::WindowJoin(_) | OpKind::IntervalJoin(_) => {
+                join_output(op, &kind, &inputs, &ops)?.into_iter().map(|(f, _)| f).collect()
+            }
             OpKind::Stdout(_)
             | OpKind::Blackhole
             | OpKind::FileSink(_)
@@ -1597,6 +1861,9 @@ pub fn build_with(
                 .into_iter()
                 .map(|(_, t)| t)
                 .collect(),
+            OpKind::WindowJoin(_) | OpKind::IntervalJoin(_) => {
+                join_output(op, &kind, &inputs, &ops)?.into_iter().map(|(_, t)| t).collect()
+            }
             OpKind::Filter(_)
             | OpKind::Throttle(_)
             | OpKind::Stdout(_)
@@ -1619,9 +1886,14 @@ pub fn build_with(
             OpKind::Map(m) => time_of_input.clone().filter(|t| !m.set.contains_key(t) && keeps(t)),
             _ => None,
         });
-        let key_positions = match kind.key_field() {
-            Some(k) => vec![field_pos(op, &in_fields, k, "key")?; inputs.len()],
-            None => Vec::new(),
+        let key_positions = match (kind.join_keys(), kind.key_field()) {
+            (Some(keys), _) => inputs
+                .iter()
+                .zip(keys)
+                .map(|(&i, k)| field_pos(op, &ops[i].fields, k, "keys names"))
+                .collect::<Result<Vec<_>, _>>()?,
+            (None, Some(k)) => vec![field_pos(op, &in_fields, k, "key")?; inputs.len()],
+            (None, None) => Vec::new(),
         };
         index.insert(&op.uid, ops.len());
         ops.push(PlanOp {
@@ -1701,6 +1973,8 @@ impl PlanOp {
             OpKind::TumblingWindowCount(w) => serde_json::to_value(w),
             OpKind::Window(w) => serde_json::to_value(w),
             OpKind::WindowTopN(t) => serde_json::to_value(t),
+            OpKind::WindowJoin(j) => serde_json::to_value(j),
+            OpKind::IntervalJoin(j) => serde_json::to_value(j),
             OpKind::Stdout(s) => serde_json::to_value(s),
             OpKind::Blackhole => Ok(serde_json::Value::Object(Default::default())),
             OpKind::FileSink(f) => serde_json::to_value(f),

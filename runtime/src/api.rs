@@ -622,7 +622,17 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
         ),
         &["operator", "type"],
     )?;
+    let wm = IntGaugeVec::new(
+        job(
+            "operator_watermark_milliseconds",
+            "The event time an operator has reached (the least watermark over its subtasks), in milliseconds since the epoch; absent without event time, and once its input has ended",
+        ),
+        &["operator", "type"],
+    )?;
     for op in &i.operators {
+        if let Some(t) = op.watermark.filter(|&t| t < i64::MAX) {
+            wm.with_label_values(&[op.uid.as_str(), op.type_.as_str()]).set(t);
+        }
         rin.with_label_values(&[op.uid.as_str(), op.type_.as_str()]).inc_by(op.records_in);
         rout.with_label_values(&[op.uid.as_str(), op.type_.as_str()]).inc_by(op.records_out);
         let labels = [op.uid.as_str(), op.type_.as_str()];
@@ -691,6 +701,7 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
     r.register(Box::new(rout))?;
     r.register(Box::new(rdropped))?;
     r.register(Box::new(rlate))?;
+    r.register(Box::new(wm))?;
     register_user_metrics(&r, &i, &job)?;
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;

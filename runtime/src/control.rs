@@ -106,6 +106,10 @@ pub enum ToCoordinator {
         /// Bytes of keyed state per subtask of this worker that has any: (subtask, bytes).
         #[serde(default)]
         subtask_state_bytes: Vec<(u32, u64)>,
+        /// The watermark each of its subtasks of each operator has taken in: (operator
+        /// index, subtask, milliseconds).
+        #[serde(default)]
+        watermarks: Vec<(u32, u32, i64)>,
         /// The metrics its operators' code registered: (operator index, metric).
         #[serde(default)]
         user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,

@@ -217,18 +217,22 @@ impl InputClock {
 
     fn combined(&mut self) -> Option<Watermark> {
         let mut lowest: Option<i64> = None;
-        let mut idle = false;
+        let (mut idle, mut ended) = (false, false);
         for c in &self.channels {
             match *c {
                 Channel::At(t) => lowest = Some(lowest.map_or(t, |l| l.min(t))),
                 Channel::Idle(_) => idle = true,
-                Channel::Ended => {}
+                Channel::Ended => ended = true,
             }
         }
         let w = match lowest {
             Some(t) if t > i64::MIN => Watermark::At(t),
             // Nothing said yet on some channel: no watermark to forward.
             Some(_) => return None,
+            // The channels that are not idle ended: their input is complete, to the end of
+            // time (as an ended input's last watermark is in Flink), and the idle ones hold
+            // no one back.
+            None if idle && ended => Watermark::At(i64::MAX),
             None if idle => Watermark::Idle,
             // Every channel ended: the end of the input says the rest.
             None => return None,
@@ -311,14 +315,26 @@ mod tests {
         assert_eq!(c.update(1, Idle), Some(At(25)));
         // Channel 0 ends.
         assert_eq!(c.ended(0), Some(At(30)));
-        assert_eq!(c.update(2, Idle), Some(Idle), "every live channel idle");
-        assert_eq!(c.update(2, Idle), None);
+        // The others idle: the ended channel's input is complete, to the end of time.
+        assert_eq!(c.update(2, Idle), Some(At(i64::MAX)));
+        assert_eq!(c.update(1, At(40)), None, "nothing goes back");
+        assert_eq!(c.current(), Some(i64::MAX));
+    }
+
+    #[test]
+    fn idle_channels_hold_no_one_back_and_come_back_at_the_last_watermark() {
+        let mut c = InputClock::new(2);
+        assert_eq!(c.update(0, At(10)), None);
+        assert_eq!(c.update(1, At(20)), Some(At(10)));
+        assert_eq!(c.update(0, Idle), Some(At(20)));
+        assert_eq!(c.update(1, Idle), Some(Idle), "every channel idle");
+        assert_eq!(c.update(1, Idle), None);
         // Back from idle behind the last watermark: active again, at the last one.
-        assert_eq!(c.update(1, At(21)), Some(At(30)));
-        // Channel 2 is idle: channel 1 alone moves it.
-        assert_eq!(c.update(1, At(40)), Some(At(40)));
-        assert_eq!(c.update(2, At(35)), None, "channel 2 is back, behind: nothing moves");
-        assert_eq!(c.update(2, At(50)), None, "channel 1 is at 40");
+        assert_eq!(c.update(0, At(15)), Some(At(20)));
+        // Channel 1 is idle: channel 0 alone moves it.
+        assert_eq!(c.update(0, At(40)), Some(At(40)));
+        assert_eq!(c.update(1, At(35)), None, "channel 1 is back, behind: nothing moves");
+        assert_eq!(c.update(1, At(50)), None, "channel 0 is at 40");
         assert_eq!(c.current(), Some(40));
     }
 

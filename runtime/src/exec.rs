@@ -157,6 +157,14 @@ pub struct OpMetrics {
     pub records_dropped: AtomicU64,
     /// Records that came too late to use (see [`Operator::take_late`]).
     pub records_late: AtomicU64,
+    /// The watermark each of this worker's subtasks of the operator has taken in, by subtask.
+    watermarks: std::sync::Mutex<BTreeMap<u32, i64>>,
+}
+
+impl OpMetrics {
+    fn set_watermark(&self, subtask: u32, t: i64) {
+        self.watermarks.lock().unwrap_or_else(|e| e.into_inner()).insert(subtask, t);
+    }
 }
 
 /// The live counters of a job.
@@ -214,6 +222,17 @@ impl JobMetrics {
     /// Late records per operator, in plan order, now.
     pub fn late_in_order(&self) -> Vec<u64> {
         self.operators.iter().map(|(_, m)| m.records_late.load(Ordering::Relaxed)).collect()
+    }
+
+    /// The watermark of each operator's subtasks here that has one, now: (operator index in
+    /// plan order, subtask, milliseconds).
+    pub fn watermarks(&self) -> Vec<(u32, u32, i64)> {
+        let mut out = Vec::new();
+        for (k, (_, m)) in self.operators.iter().enumerate() {
+            let w = m.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(w.iter().map(|(&s, &t)| (k as u32, s, t)));
+        }
+        out
     }
 
     /// Records dropped per operator, in plan order, now.
@@ -488,6 +507,9 @@ impl Chain {
         // them once).
         if self.stopped.is_some() {
             return Ok(());
+        }
+        if let Watermark::At(t) = w {
+            self.metrics.operators[self.ops[idx].plan_index].1.set_watermark(self.subtask, t);
         }
         if let Some(op) = self.ops[idx].op.as_mut() {
             if op.holding() {

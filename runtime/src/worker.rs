@@ -422,6 +422,7 @@ fn run_job(
                     dropped: metrics.dropped_in_order(),
                     late: metrics.late_in_order(),
                     subtask_state_bytes: metrics.subtask_state_bytes(),
+                    watermarks: metrics.watermarks(),
                     user_metrics,
                 };
                 if writer.send(&msg).is_err() {

@@ -48,8 +48,11 @@ fn write_bids(dir: &Path, files: usize, n: usize, disorder: i64, seed: u64) -> V
             let ts = START_MS + (i as i64) * 2 - (rng.next_u64() % (disorder as u64 + 1)) as i64;
             // Hot auctions come and go: a window's top changes over time.
             let hot = 1000 + (ts - START_MS) / 4000;
-            let auction =
-                if rng.next_u64() % 3 == 0 { hot } else { 1000 + (rng.next_u64() % 40) as i64 };
+            let auction = if rng.next_u64().is_multiple_of(3) {
+                hot
+            } else {
+                1000 + (rng.next_u64() % 40) as i64
+            };
             let bidder = (rng.next_u64() % 500) as i64;
             let price = 1 + (rng.next_u64() % 10_000) as i64;
             text.push_str(&format!(

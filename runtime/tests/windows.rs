@@ -496,3 +496,172 @@ fn bad_windows_are_refused_before_anything_starts_naming_the_field() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("eventTime.field \"time\" is not a field of its records"), "{err}");
 }
+
+/// A socket input that sends one bid and then nothing, unioned with the files into the
+/// window: with `idleTimeout` it stops holding the watermark back once idle, and the files'
+/// windows are emitted while it is still open; without, none is until it closes. Either way
+/// the output, once it closes, is the model's, with its bid.
+#[test]
+fn an_idle_input_stops_holding_the_windows_back_after_its_idle_timeout() {
+    use std::io::Write;
+    for idle in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut bids = write_bids(&tmp.path().join("in"), 2, 2000, 1500, 12);
+        let quiet: Bid = (1, 7, bids.iter().map(|b| b.2).min().unwrap() + 500);
+        bids.push(quiet);
+        let expected = model_fixed(&bids, "tumbling", 1000, 1000);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            writeln!(
+                conn,
+                "{{\"auction\": {}, \"price\": {}, \"ts\": {}, \"url\": \"q\"}}",
+                quiet.0, quiet.1, quiet.2
+            )
+            .unwrap();
+            let _ = close_rx.recv_timeout(Duration::from_secs(120));
+        });
+        let idle_timeout = if idle { ", idleTimeout: 1s" } else { "" };
+        let file = tmp.path().join("idle.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: idle}}
+spec:
+  parallelism: 2
+  checkpointing: {{interval: 300ms, storage: '{chk}'}}
+  pipeline:
+    operators:
+      - {{uid: bids, type: file_source, path: '{input}', format: json, fields: {{auction: int, price: int, ts: timestamp, url: string}}, eventTime: {{field: ts, maxOutOfOrderness: 2s}}}}
+      - {{uid: quiet, type: socket, host: 127.0.0.1, port: {port}, format: json, fields: {{auction: int, price: int, ts: int, url: string}}, eventTime: {{field: ts, maxOutOfOrderness: 2s{idle_timeout}}}}}
+      - {{uid: hot, type: window, inputs: [bids, quiet], key: auction, kind: tumbling, size: 1s, aggregate: {{count: '*', sum: price, max: price, avg: price}}}}
+      - {{uid: out, type: file_sink, inputs: [hot], path: '{out}', format: json}}
+",
+                chk = tmp.path().join("chk").display(),
+                input = tmp.path().join("in").display(),
+                out = tmp.path().join("out").display(),
+            ),
+        )
+        .unwrap();
+        let out = tmp.path().join("out");
+        let mut job = process::start(&["run", file.to_str().unwrap()]);
+        let committed = || {
+            std::fs::read_dir(&out).map_or(0, |d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default().lines().count())
+                    .sum::<usize>()
+            })
+        };
+        let t = std::time::Instant::now();
+        let wait = if idle { Duration::from_secs(60) } else { Duration::from_secs(4) };
+        while t.elapsed() < wait && committed() < expected.len() / 2 {
+            assert!(job.child.try_wait().unwrap().is_none(), "the job ended with its socket open");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let before_close = committed();
+        if idle {
+            assert!(
+                before_close >= expected.len() / 2,
+                "idle: {before_close} windows before the socket closed"
+            );
+        } else {
+            assert_eq!(
+                before_close, 0,
+                "without idleTimeout the quiet input holds every window back"
+            );
+        }
+        close_tx.send(()).unwrap();
+        server.join().unwrap();
+        let (code, err) = job.finish(Duration::from_secs(120));
+        assert_eq!(code, Some(0), "idle {idle}: {err}");
+        let got = common::sorted_lines(&out);
+        assert_eq!(got.len(), expected.len(), "idle {idle}: {err}");
+        assert!(got == expected, "idle {idle}: the windows differ");
+    }
+}
+
+/// The event time each operator has reached is in `/v1/job` and on `/metrics`: the least
+/// over its subtasks, the highest time seen less the out-of-orderness (and 1 ms).
+#[test]
+fn the_watermark_of_each_operator_is_in_the_job_status_and_the_metrics() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let t0: i64 = 1_796_083_200_000;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        for i in 0..1000 {
+            writeln!(
+                conn,
+                "{{\"auction\": {}, \"price\": 1, \"ts\": {}, \"url\": \"u\"}}",
+                i % 7,
+                t0 + i
+            )
+            .unwrap();
+        }
+        let _ = close_rx.recv_timeout(Duration::from_secs(120));
+    });
+    let file = tmp.path().join("wm.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: wm}}
+spec:
+  parallelism: 2
+  pipeline:
+    operators:
+      - {{uid: bids, type: socket, host: 127.0.0.1, port: {port}, format: json, fields: {{auction: int, price: int, ts: int, url: string}}, eventTime: {{field: ts, maxOutOfOrderness: 2s}}}}
+      - {{uid: hot, type: window, inputs: [bids], key: auction, kind: tumbling, size: 1s, aggregate: {{count: '*'}}}}
+      - {{uid: out, type: blackhole, inputs: [hot]}}
+"
+        ),
+    )
+    .unwrap();
+    let mut job = process::start_with_env(
+        &["run", file.to_str().unwrap(), "--api-addr", "127.0.0.1:0"],
+        &[("WEIR_API_TOKEN", TOKEN)],
+    );
+    assert!(process::wait_running(&mut job, 0), "the job did not run");
+    let want = t0 + 999 - 2000 - 1;
+    let api = job.addr("api");
+    let t = std::time::Instant::now();
+    let mut last = String::new();
+    let watermark_of = |body: &str, uid: &str| -> Option<i64> {
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        v["operators"].as_array()?.iter().find(|o| o["uid"] == uid)?["watermark"].as_i64()
+    };
+    while t.elapsed() < Duration::from_secs(30) {
+        if let Some((200, body)) = process::request(&api, "GET", "/v1/job", Some(TOKEN)) {
+            if watermark_of(&body, "hot") == Some(want) && watermark_of(&body, "out") == Some(want)
+            {
+                last.clear();
+                break;
+            }
+            last = body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(last.is_empty(), "the watermarks never reached {want}: {last}");
+    let (code, metrics) = process::request(&api, "GET", "/metrics", Some(TOKEN)).unwrap();
+    assert_eq!(code, 200);
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("weir_operator_watermark_milliseconds{") && l.contains("operator=\"hot\"")
+        })
+        .unwrap_or_else(|| panic!("no watermark of hot in:\n{metrics}"));
+    assert!(line.ends_with(&format!(" {want}")), "{line}");
+    close_tx.send(()).unwrap();
+    server.join().unwrap();
+    let (code, err) = job.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -607,6 +607,7 @@ impl Driver<'_> {
                     dropped,
                     late,
                     subtask_state_bytes,
+                    watermarks,
                     user_metrics,
                 })) => {
                     progress[w] = Progress {
@@ -615,6 +616,7 @@ impl Driver<'_> {
                         dropped,
                         late,
                         subtask_state_bytes,
+                        watermarks,
                         user_metrics,
                     };
                     running[w] = true;
@@ -708,6 +710,7 @@ impl Driver<'_> {
                         dropped,
                         late,
                         subtask_state_bytes: Vec::new(),
+                        watermarks: std::mem::take(&mut progress[w].watermarks),
                         user_metrics,
                     };
                     finished[w] = true;

@@ -144,6 +144,8 @@ struct Progress {
     late: Vec<u64>,
     /// (subtask, bytes of its keyed state).
     subtask_state_bytes: Vec<(u32, u64)>,
+    /// (operator index, subtask, the watermark it has taken in).
+    watermarks: Vec<(u32, u32, i64)>,
     /// (operator index, a metric its code registered).
     user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,
 }

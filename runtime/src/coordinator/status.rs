@@ -1,7 +1,7 @@
 //! What the coordinator shows of the job: the status the API serves (checkpoints,
 //! savepoints, metrics), updated as the job runs.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -79,6 +79,7 @@ impl Status {
                     .map(|o| OperatorInfo {
                         records_dropped: 0,
                         records_late: 0,
+                        watermark: None,
                         metrics: Vec::new(),
                         uid: o.uid.clone(),
                         type_: o.type_name.clone(),
@@ -309,6 +310,18 @@ pub(super) fn with_duration(mut s: SavepointInfo) -> SavepointInfo {
     s
 }
 
+/// Operator `k`'s watermark: the least over its subtasks, once every subtask of the job has
+/// one (a subtask index that is not the job's is left out, as anything from a socket).
+fn watermark_of(progress: &[Progress], k: usize, parallelism: u32) -> Option<i64> {
+    let mut by: BTreeMap<u32, i64> = BTreeMap::new();
+    for &(op, s, t) in progress.iter().flat_map(|p| &p.watermarks) {
+        if op as usize == k && s < parallelism {
+            by.insert(s, t);
+        }
+    }
+    (by.len() == parallelism as usize).then(|| by.into_values().min()).flatten()
+}
+
 impl Driver<'_> {
     pub(super) fn publish(&self, progress: &[Progress]) {
         // Counters from the workers saturate rather than overflow.
@@ -321,6 +334,7 @@ impl Driver<'_> {
                 op.records_dropped =
                     sum(&mut progress.iter().filter_map(|p| p.dropped.get(k).copied()));
                 op.records_late = sum(&mut progress.iter().filter_map(|p| p.late.get(k).copied()));
+                op.watermark = watermark_of(progress, k, i.parallelism);
                 op.metrics = user_metrics_of(progress, k, i.parallelism);
             }
             i.state_bytes = sum(&mut progress.iter().map(|p| p.state_bytes));

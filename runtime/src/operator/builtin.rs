@@ -190,6 +190,51 @@ fn top_n(b: &Build<'_>) -> Made {
     Ok(Box::new(super::Adapter::new(f, info, key, Some(store), op.types.clone())?))
 }
 
+/// The position of each input's time field, by name.
+fn join_times(
+    b: &Build<'_>,
+    names: &Option<Vec<String>>,
+) -> Result<[Option<usize>; 2], RuntimeError> {
+    let op = b.op();
+    let mut at = [None, None];
+    if let Some(names) = names {
+        for (side, name) in names.iter().enumerate().take(2) {
+            let fields = &b.plan.ops[op.inputs[side]].fields;
+            at[side] = Some(fields.iter().position(|f| f == name).ok_or_else(|| {
+                RuntimeError::internal(format!(
+                    "operator {:?}: input {side} has no field {name:?}, which its plan names",
+                    op.uid
+                ))
+            })?);
+        }
+    }
+    Ok(at)
+}
+
+fn join(b: &Build<'_>) -> Made {
+    let op = b.op();
+    let info = b.info();
+    let store = b.backend()?.keyed_store(&op.uid, b.plan.max_parallelism);
+    let keys = op.key_positions.clone();
+    let types = op.types.clone();
+    match &op.kind {
+        OpKind::WindowJoin(j) => {
+            let f = crate::window::WindowJoin::new(j, join_times(b, &j.time_fields)?);
+            let a = super::Adapter::new(f, info, keys.first().copied(), Some(store), types)?;
+            Ok(Box::new(a.keyed_by_input(keys)))
+        }
+        OpKind::IntervalJoin(j) => {
+            let [Some(l), Some(r)] = join_times(b, &j.time_fields)? else {
+                return Err(b.mismatch());
+            };
+            let f = crate::window::IntervalJoin::new(j, [l, r]);
+            let a = super::Adapter::new(f, info, keys.first().copied(), Some(store), types)?;
+            Ok(Box::new(a.keyed_by_input(keys)))
+        }
+        _ => Err(b.mismatch()),
+    }
+}
+
 fn stdout(b: &Build<'_>) -> Made {
     let OpKind::Stdout(s) = &b.op().kind else { return Err(b.mismatch()) };
     Ok(Box::new(Stdout::new(Encoder::new(s.format, b.input_fields()))))
@@ -234,7 +279,7 @@ fn socket(b: SourceBuild<'_>) -> MadeSource {
 
 /// `registry` with every built-in type.
 pub(crate) fn register(registry: Registry) -> Registry {
-    let operators: [(&str, MakeOne); 14] = [
+    let operators: [(&str, MakeOne); 16] = [
         ("split", split),
         ("map", map),
         ("filter", filter),
@@ -246,6 +291,8 @@ pub(crate) fn register(registry: Registry) -> Registry {
         ("tumbling_window_count", window),
         ("window", windows),
         ("window_top_n", top_n),
+        ("window_join", join),
+        ("interval_join", join),
         ("stdout", stdout),
         ("blackhole", blackhole),
         ("file_sink", file_sink),

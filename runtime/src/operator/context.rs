@@ -27,6 +27,8 @@ pub struct Context<'a> {
     pub(crate) out: &'a mut Vec<Record>,
     pub(crate) store: Option<&'a KeyedStore>,
     pub(crate) key: Option<(KeyGroup, &'a [u8])>,
+    /// The input the record came from (its index in `inputs`).
+    pub(crate) input: usize,
     pub(crate) info: &'a Info,
     pub(crate) now_ms: i64,
     pub(crate) dropped: &'a mut u64,
@@ -70,6 +72,12 @@ impl Context<'_> {
         if let Some(aside) = &mut self.late.records {
             aside.push(record);
         }
+    }
+
+    /// Which of the operator's inputs the record came from: its index in the manifest's
+    /// `inputs` (0 with one input, and in timers and at the end).
+    pub fn input(&self) -> usize {
+        self.input
     }
 
     /// The subtask and the operator.
@@ -438,6 +446,8 @@ mod tests {
             out: &mut out,
             store: Some(&store),
             key: key.map(|k| (key_group_of(k, 128), k)),
+            input: 0,
+
             info: &fx.info,
             now_ms,
             dropped: &mut dropped,
@@ -537,6 +547,8 @@ mod tests {
             out: &mut out,
             store: None,
             key: Some((0, b"k")),
+            input: 0,
+
             info: &fx.info,
             now_ms: 0,
             dropped: &mut dropped,

@@ -217,6 +217,9 @@ pub(crate) struct Adapter<T> {
     info: Info,
     /// The position of the key field, for a keyed operator.
     key: Option<usize>,
+    /// For an operator of several inputs keyed by a field of each (a join): the position of
+    /// the key in each input's records, by input.
+    keys_by_input: Vec<usize>,
     /// Every record has the empty key (a global window's): one subtask has them all.
     global: bool,
     store: Option<KeyedStore>,
@@ -262,6 +265,7 @@ impl<T: Process> Adapter<T> {
             f,
             info,
             key,
+            keys_by_input: Vec::new(),
             global: false,
             store,
             output,
@@ -278,6 +282,12 @@ impl<T: Process> Adapter<T> {
     /// the subtask that owns that key's group.
     pub(crate) fn global(mut self) -> Self {
         self.global = true;
+        self
+    }
+
+    /// Keyed by a field of each input (`keys[input]`), as a join is.
+    pub(crate) fn keyed_by_input(mut self, keys: Vec<usize>) -> Self {
+        self.keys_by_input = keys;
         self
     }
 
@@ -301,6 +311,8 @@ impl<T: Process> Adapter<T> {
             out,
             store: self.store.as_ref(),
             key: Some((g, key)),
+            input: 0,
+
             info: &self.info,
             now_ms: now_ms(),
             dropped: &mut self.dropped,
@@ -342,6 +354,8 @@ impl<T: Process> Adapter<T> {
                     out,
                     store: Some(store),
                     key: Some((g, &key)),
+                    input: 0,
+
                     info: &self.info,
                     now_ms,
                     dropped: &mut self.dropped,
@@ -398,15 +412,16 @@ impl<T: Process> Adapter<T> {
 impl<T: Process> Operator for Adapter<T> {
     fn process(
         &mut self,
-        _input: usize,
+        input: usize,
         batch: Vec<Record>,
         out: &mut Vec<Record>,
     ) -> Result<(), RuntimeError> {
         let now_ms = now_ms();
         let max_parallelism = self.info.max_parallelism;
         let from = out.len();
+        let key_at = self.keys_by_input.get(input).copied().or(self.key);
         for record in batch {
-            let key = match self.key {
+            let key = match key_at {
                 Some(k) => {
                     let mut scratch = [0u8; 8];
                     self.key_buf.clear();
@@ -420,6 +435,7 @@ impl<T: Process> Operator for Adapter<T> {
                 out,
                 store: self.store.as_ref(),
                 key,
+                input,
                 info: &self.info,
                 now_ms,
                 dropped: &mut self.dropped,
@@ -454,6 +470,8 @@ impl<T: Process> Operator for Adapter<T> {
             out,
             store: self.store.as_ref(),
             key: None,
+            input: 0,
+
             info: &self.info,
             now_ms: now_ms(),
             dropped: &mut self.dropped,

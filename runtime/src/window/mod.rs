@@ -11,8 +11,10 @@
 //! that has already fired is late: dropped, and counted in
 //! `weir_operator_records_dropped_total`, as is one whose time field is not a number.
 
+mod join;
 mod top;
 mod windows;
+pub use join::{IntervalJoin, WindowJoin};
 pub use top::TopN;
 pub use windows::Windows;
 
