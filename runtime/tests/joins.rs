@@ -227,7 +227,7 @@ fn interval_joins_pair_within_the_bounds_exactly_at_1_2_and_3() {
 
 const TOKEN: &str = "weir-join-tests-api-token";
 
-/// Persons at 1,500 a second, auctions as fast as they come: the join holds the auctions
+/// Persons at 800 a second, auctions as fast as they come: the join holds the auctions
 /// until the persons' event time catches up. Worker processes killed at random moments, the
 /// output is every pair once; aligned, then unaligned with a timeout (a throttled sink
 /// backs the join up, so barriers overtake records at its two inputs).
@@ -239,14 +239,14 @@ fn joins_with_one_input_far_behind_and_killed_workers_pair_exactly_once() {
             "unaligned",
             WINDOW_JOIN,
             "{interval: 500ms, timeout: 3s, tolerableFailures: 1000, unaligned: true, alignmentTimeout: 50ms}",
-            Some(4000),
+            Some(1500),
         ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let (persons, auctions) = write_input(&tmp.path().join("in"), 6000, 2, 800, 83);
         let (join, expected) = if join == WINDOW_JOIN {
-            let j = format!("{WINDOW_JOIN}, kind: tumbling, size: 2s");
-            (j, model_window_join(&persons, &auctions, 2000, 2000))
+            let j = format!("{WINDOW_JOIN}, kind: sliding, size: 3s, slide: 1s");
+            (j, model_window_join(&persons, &auctions, 3000, 1000))
         } else {
             (join.to_string(), model_interval_join(&persons, &auctions, -2000, 500))
         };
@@ -255,7 +255,7 @@ fn joins_with_one_input_far_behind_and_killed_workers_pair_exactly_once() {
             checkpointing
                 .replace('{', &format!("{{storage: '{}', ", tmp.path().join("chk").display()))
         );
-        let file = job(tmp.path(), &join, ", ratePerSecond: 1500", &spec);
+        let file = job(tmp.path(), &join, ", ratePerSecond: 800", &spec);
         if let Some(rate) = sink_rate {
             let t = std::fs::read_to_string(&file).unwrap().replace(
                 "- {uid: out, type: file_sink, inputs: [j],",
@@ -284,18 +284,22 @@ fn joins_with_one_input_far_behind_and_killed_workers_pair_exactly_once() {
             if !process::wait_running(&mut job, kills) {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(800 + rng.next_u64() % 1200));
-            if let Some((200, body)) =
-                process::request(&job.addr("api"), "GET", "/v1/checkpoints", None)
-            {
-                let c: serde_json::Value = serde_json::from_str(&body).unwrap();
-                unaligned_seen |= c["history"].as_array().is_some_and(|h| {
-                    h.iter().any(|x| {
-                        x["status"] == "completed"
-                            && x["unaligned"] == true
-                            && x["inFlightBytes"].as_u64().is_some_and(|b| b > 0)
-                    })
-                });
+            let until =
+                std::time::Instant::now() + Duration::from_millis(600 + rng.next_u64() % 900);
+            while std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(100));
+                if let Some((200, body)) =
+                    process::request(&job.addr("api"), "GET", "/v1/checkpoints", None)
+                {
+                    let c: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    unaligned_seen |= c["history"].as_array().is_some_and(|h| {
+                        h.iter().any(|x| {
+                            x["status"] == "completed"
+                                && x["unaligned"] == true
+                                && x["inFlightBytes"].as_u64().is_some_and(|b| b > 0)
+                        })
+                    });
+                }
             }
             let workers = common::children_of(job.child.id());
             if workers.is_empty() || job.child.try_wait().unwrap().is_some() {
