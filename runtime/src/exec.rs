@@ -1696,8 +1696,12 @@ fn run_subtask(
             if exhausted && !chain.holding() {
                 break;
             }
-            // While it waits too, so that a source whose splits go idle says so.
-            if last_watermark.elapsed() >= Duration::from_millis(WATERMARK_EVERY_MS)
+            // While it waits too, so that a source whose splits go idle says so. An exhausted
+            // source says nothing more: it has no splits left, which is not idleness (a
+            // quiet input that holds no one back) but the end, which its `End` tells, after
+            // the operators it feeds have let go of what they hold.
+            if !exhausted
+                && last_watermark.elapsed() >= Duration::from_millis(WATERMARK_EVERY_MS)
                 && let Some(w) = source.watermark().and_then(|w| forwarded.offer(w))
             {
                 last_watermark = Instant::now();
@@ -1722,7 +1726,10 @@ fn run_subtask(
             if polled {
                 chain.route(0, batch)?;
             }
-            if polled && let Some(w) = source.watermark().and_then(|w| forwarded.offer(w)) {
+            if polled
+                && more
+                && let Some(w) = source.watermark().and_then(|w| forwarded.offer(w))
+            {
                 last_watermark = Instant::now();
                 chain.watermark(0, w)?;
             }

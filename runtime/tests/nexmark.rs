@@ -152,7 +152,7 @@ fn q5_hot_items_over_sliding_windows_is_exact_at_1_2_and_3() {
         let got = common::sorted_lines(&tmp.path().join("out"));
         assert_eq!(got.len(), expected.len(), "parallelism {p}: {err}");
         for (g, e) in got.iter().zip(&expected) {
-            assert_eq!(g, e, "parallelism {p}");
+            assert_eq!(g, e, "parallelism {p}: {err}");
         }
         assert!(!err.contains(" late)"), "parallelism {p}: no bid is late here: {err}");
     }

@@ -89,6 +89,65 @@ async fn patch_spec(env: &TestEnv, ns: &str, name: &str, spec: Value) {
 }
 
 /// The `/metrics` of job `name`'s coordinator, from its pod's address.
+/// The `/metrics` of a job with event time (the StreamJobs here have none), run by the real
+/// `weir` binary on this machine, once its window reports a watermark.
+fn event_time_metrics(env: &TestEnv) -> String {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("event-time.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {name: event-time}
+spec:
+  pipeline:
+    operators:
+      - {uid: events, type: generator, format: kv, ratePerSecond: 200, eventTime: {field: ts, maxOutOfOrderness: 1s}}
+      - {uid: hot, type: window, inputs: [events], key: key, kind: tumbling, size: 1s, aggregate: {count: '*'}}
+      - {uid: out, type: blackhole, inputs: [hot]}
+",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let mut child = std::process::Command::new(env.binary("weir"))
+        .args(["run", file.to_str().unwrap(), "--api-addr", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(&state)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running weir (cargo build --workspace --bins builds it)");
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    for line in stderr.lines().map_while(Result::ok) {
+        if let Some(a) = line.split("HTTP API on http://").nth(1) {
+            addr = Some(a.trim().to_string());
+            break;
+        }
+    }
+    let Some(addr) = addr else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("weir run did not print its HTTP API's address");
+    };
+    let t = std::time::Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < Duration::from_secs(60) {
+        if let Ok(m) = dashboard::http_get(&addr, "/metrics") {
+            if m.contains("weir_operator_watermark_milliseconds{") {
+                let _ = child.kill();
+                let _ = child.wait();
+                return m;
+            }
+            last = m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the event-time job reported no watermark in a minute:\n{last}");
+}
+
 async fn coordinator_metrics(env: &TestEnv, ns: &str, name: &str) -> String {
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
     let lp = ListParams::default().labels(&format!(
@@ -339,6 +398,7 @@ async fn health_checks_and_dashboard_against_real_jobs() {
     let mut scrape = Scrape::parse(&main);
     scrape.merge(Scrape::parse(&failing));
     scrape.merge(Scrape::parse(&coordinator));
+    scrape.merge(Scrape::parse(&event_time_metrics(&env)));
     for must in [
         r#"weir_controller_upgrades_total{mode="savepoint",result="completed"}"#,
         r#"weir_controller_upgrades_total{mode="savepoint",result="rolled-back"}"#,
