@@ -117,14 +117,18 @@ spec:
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("running weir (cargo build --workspace --bins builds it)");
+    // Its log is read to the end (a closed pipe would fail its next line), the address of
+    // its API taken from it.
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut addr = None;
-    for line in stderr.lines().map_while(Result::ok) {
-        if let Some(a) = line.split("HTTP API on http://").nth(1) {
-            addr = Some(a.trim().to_string());
-            break;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if let Some(a) = line.split("HTTP API on http://").nth(1) {
+                let _ = tx.send(a.trim().to_string());
+            }
         }
-    }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).ok();
     let Some(addr) = addr else {
         let _ = child.kill();
         let _ = child.wait();
