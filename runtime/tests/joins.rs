@@ -175,19 +175,7 @@ const INTERVAL_JOIN: &str = "interval_join, inputs: [auctions, persons], keys: [
 
 fn run(file: &Path, dir: &Path, p: u32) -> String {
     let _ = std::fs::remove_dir_all(dir.join("out"));
-    let ps = p.to_string();
-    let state = dir.join(format!("state-{p}"));
-    let proc = process::start(&[
-        "run",
-        file.to_str().unwrap(),
-        "--parallelism",
-        &ps,
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
-    let (code, err) = proc.finish(Duration::from_secs(180));
-    assert_eq!(code, Some(0), "parallelism {p}: {err}");
-    err
+    process::run_to_end(file, &dir.join(format!("state-{p}")), p, Duration::from_secs(180))
 }
 
 #[test]
@@ -354,12 +342,7 @@ fn bad_joins_are_refused_naming_the_field() {
     ];
     for (join, text) in cases {
         let file = job(tmp.path(), &join, "", "");
-        let out = std::process::Command::new(process::WEIR)
-            .args(["run", file.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{join}: it ran");
+        let err = process::refused(&file);
         assert!(err.contains("operator \"j\"") && err.contains(text), "{join}: {err}");
         assert!(!tmp.path().join("out").exists(), "{join}: output was written");
     }

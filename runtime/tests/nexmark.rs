@@ -137,18 +137,8 @@ fn q5_hot_items_over_sliding_windows_is_exact_at_1_2_and_3() {
     let file = q5_job(tmp.path(), 1);
     for p in [1u32, 2, 3] {
         let _ = std::fs::remove_dir_all(tmp.path().join("out"));
-        let ps = p.to_string();
         let state = tmp.path().join(format!("state-{p}"));
-        let proc = process::start(&[
-            "run",
-            file.to_str().unwrap(),
-            "--parallelism",
-            &ps,
-            "--state-dir",
-            state.to_str().unwrap(),
-        ]);
-        let (code, err) = proc.finish(Duration::from_secs(180));
-        assert_eq!(code, Some(0), "parallelism {p}: {err}");
+        let err = process::run_to_end(&file, &state, p, Duration::from_secs(180));
         let got = common::sorted_lines(&tmp.path().join("out"));
         assert_eq!(got.len(), expected.len(), "parallelism {p}: {err}");
         for (g, e) in got.iter().zip(&expected) {
@@ -213,12 +203,7 @@ fn a_top_n_of_no_window_is_refused() {
     ] {
         let file = tmp.path().join("bad.yaml");
         std::fs::write(&file, base.replace(from, to)).unwrap();
-        let out = std::process::Command::new(process::WEIR)
-            .args(["run", file.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{to}: it ran");
+        let err = process::refused(&file);
         assert!(
             err.contains("operator \"top\" (window_top_n)") && err.contains(text),
             "{to}: {err}"

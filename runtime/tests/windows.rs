@@ -152,22 +152,9 @@ spec:
 }
 
 fn run(file: &Path, dir: &Path, p: u32) -> String {
-    let ps = p.to_string();
-    let state = dir.join(format!("state-{p}"));
-    let out = dir.join("out");
-    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(dir.join("out"));
     let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
-    let proc = process::start(&[
-        "run",
-        file.to_str().unwrap(),
-        "--parallelism",
-        &ps,
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
-    let (code, err) = proc.finish(Duration::from_secs(120));
-    assert_eq!(code, Some(0), "parallelism {p}: {err}");
-    err
+    process::run_to_end(file, &dir.join(format!("state-{p}")), p, Duration::from_secs(120))
 }
 
 #[test]
@@ -324,12 +311,7 @@ fn bad_late_outputs_are_refused_naming_the_operator() {
             t.push_str(&format!("      - {{uid: late, type: blackhole, {reader}}}\n"));
             std::fs::write(&file, t).unwrap();
         }
-        let out = std::process::Command::new(process::WEIR)
-            .args(["run", file.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{lateness} {reader}: it ran");
+        let err = process::refused(&file);
         assert!(err.contains(text), "{lateness} {reader}: {err}");
         assert!(!tmp.path().join("out").exists(), "{lateness} {reader}: output was written");
     }
@@ -339,11 +321,7 @@ fn bad_late_outputs_are_refused_naming_the_operator() {
         .unwrap()
         .replace("greaterThan: 0}", "greaterThan: 0, lateOutput: x}");
     std::fs::write(&file, t).unwrap();
-    let out = std::process::Command::new(process::WEIR)
-        .args(["run", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = process::refused(&file);
     assert!(
         err.contains("operator \"cheap\" (filter): lateOutput is a parameter of a window only"),
         "{err}"
@@ -497,32 +475,43 @@ fn bad_windows_are_refused_before_anything_starts_naming_the_field() {
     assert!(err.contains("eventTime.field \"time\" is not a field of its records"), "{err}");
 }
 
+/// A TCP server for one `socket` source: it sends `lines`, then keeps the connection open,
+/// saying nothing, until told to close (or two minutes pass). Its port, the sender that
+/// closes it, and its thread.
+fn quiet_socket(
+    lines: Vec<String>,
+) -> (u16, std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        for l in lines {
+            writeln!(conn, "{l}").unwrap();
+        }
+        let _ = close_rx.recv_timeout(Duration::from_secs(120));
+    });
+    (port, close_tx, server)
+}
+
 /// A socket input that sends one bid and then nothing, unioned with the files into the
 /// window: with `idleTimeout` it stops holding the watermark back once idle, and the files'
 /// windows are emitted while it is still open; without, none is until it closes. Either way
 /// the output, once it closes, is the model's, with its bid.
 #[test]
 fn an_idle_input_stops_holding_the_windows_back_after_its_idle_timeout() {
-    use std::io::Write;
     for idle in [true, false] {
         let tmp = tempfile::tempdir().unwrap();
         let mut bids = write_bids(&tmp.path().join("in"), 2, 2000, 1500, 12);
         let quiet: Bid = (1, 7, bids.iter().map(|b| b.2).min().unwrap() + 500);
         bids.push(quiet);
         let expected = model_fixed(&bids, "tumbling", 1000, 1000);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
-        let server = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            writeln!(
-                conn,
-                "{{\"auction\": {}, \"price\": {}, \"ts\": {}, \"url\": \"q\"}}",
-                quiet.0, quiet.1, quiet.2
-            )
-            .unwrap();
-            let _ = close_rx.recv_timeout(Duration::from_secs(120));
-        });
+        let line = format!(
+            "{{\"auction\": {}, \"price\": {}, \"ts\": {}, \"url\": \"q\"}}",
+            quiet.0, quiet.1, quiet.2
+        );
+        let (port, close_tx, server) = quiet_socket(vec![line]);
         let idle_timeout = if idle { ", idleTimeout: 1s" } else { "" };
         let file = tmp.path().join("idle.yaml");
         std::fs::write(
@@ -589,25 +578,14 @@ spec:
 /// over its subtasks, the highest time seen less the out-of-orderness (and 1 ms).
 #[test]
 fn the_watermark_of_each_operator_is_in_the_job_status_and_the_metrics() {
-    use std::io::Write;
     let tmp = tempfile::tempdir().unwrap();
     let t0: i64 = 1_796_083_200_000;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
-    let server = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        for i in 0..1000 {
-            writeln!(
-                conn,
-                "{{\"auction\": {}, \"price\": 1, \"ts\": {}, \"url\": \"u\"}}",
-                i % 7,
-                t0 + i
-            )
-            .unwrap();
-        }
-        let _ = close_rx.recv_timeout(Duration::from_secs(120));
-    });
+    let lines = (0..1000)
+        .map(|i| {
+            format!("{{\"auction\": {}, \"price\": 1, \"ts\": {}, \"url\": \"u\"}}", i % 7, t0 + i)
+        })
+        .collect();
+    let (port, close_tx, server) = quiet_socket(lines);
     let file = tmp.path().join("wm.yaml");
     std::fs::write(
         &file,

@@ -28,6 +28,33 @@ pub struct Proc {
     stderr: std::thread::JoinHandle<String>,
 }
 
+/// `weir run <file>` at parallelism `p`, its state under `state`, to its end within `timeout`:
+/// its log (it must exit 0).
+#[allow(dead_code)] // not every test crate runs jobs to their end
+pub fn run_to_end(
+    file: &std::path::Path,
+    state: &std::path::Path,
+    p: u32,
+    timeout: Duration,
+) -> String {
+    let ps = p.to_string();
+    let args = ["run", file.to_str().unwrap(), "--parallelism", &ps, "--state-dir"];
+    let mut args: Vec<&str> = args.to_vec();
+    args.push(state.to_str().unwrap());
+    let (code, err) = start(&args).finish(timeout);
+    assert_eq!(code, Some(0), "parallelism {p}: {err}");
+    err
+}
+
+/// `weir run <file>`, which must refuse it before it starts: what it said.
+#[allow(dead_code)] // not every test crate has jobs to refuse
+pub fn refused(file: &std::path::Path) -> String {
+    let out = Command::new(WEIR).args(["run", file.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{}: it ran: {err}", file.display());
+    err
+}
+
 /// Starts `weir` with `args`.
 #[allow(dead_code)] // not every test crate starts `weir` without an environment of its own
 pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Proc {
