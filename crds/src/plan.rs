@@ -577,12 +577,6 @@ pub struct TopNSpec {
     /// `desc` (the largest first, the default) or `asc`.
     #[serde(default)]
     pub order: SortOrder,
-    /// Whether its window runs on event time (the planner sets it from the window): its
-    /// windows are then emitted as the watermark passes their end, else a second after it on
-    /// the wall clock.
-    #[serde(default)]
-    #[schemars(skip)]
-    pub event_time: bool,
 }
 
 fn default_n() -> u32 {
@@ -1615,13 +1609,13 @@ pub fn build_with(
             "window" => OpKind::Window(plan_window(op, time_of_input.as_deref())?),
             "window_top_n" => {
                 check_choice(op, "order", &["desc", "asc"])?;
-                let mut t: TopNSpec = parse(op)?;
+                let t: TopNSpec = parse(op)?;
                 if t.n == 0 {
                     return Err(err(op, "n must be 1 or more"));
                 }
-                t.event_time = match inputs.as_slice() {
+                match inputs.as_slice() {
                     [i] => match &ops[*i].kind {
-                        OpKind::Window(w) => w.time_field.is_some(),
+                        OpKind::Window(_) => {}
                         _ => {
                             return Err(err(
                                 op,
@@ -1638,7 +1632,7 @@ pub fn build_with(
                             "it reads one input, the output of a window (give one in inputs)",
                         ));
                     }
-                };
+                }
                 OpKind::WindowTopN(t)
             }
             "window_join" | "interval_join" => {

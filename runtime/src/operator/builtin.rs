@@ -185,7 +185,10 @@ fn top_n(b: &Build<'_>) -> Made {
     let op = b.op();
     let info = b.info();
     let store = b.backend()?.keyed_store(&op.uid, b.plan.max_parallelism);
-    let f = crate::window::TopN::open(t.clone(), &info)?;
+    // On event time when its window is (the plan makes its input a window).
+    let event_time =
+        matches!(&b.plan.ops[op.inputs[0]].kind, OpKind::Window(w) if w.time_field.is_some());
+    let f = crate::window::TopN::open(t.clone(), &info)?.on_event_time(event_time);
     let key = op.key_positions.first().copied();
     Ok(Box::new(super::Adapter::new(f, info, key, Some(store), op.types.clone())?))
 }

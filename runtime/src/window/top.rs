@@ -52,6 +52,13 @@ fn cmp_value(a: &Value, b: &Value) -> Ordering {
 }
 
 impl TopN {
+    /// Ranks on event time (its window's: the planner makes sure its input is a window),
+    /// rather than on the wall clock.
+    pub fn on_event_time(mut self, yes: bool) -> Self {
+        self.event_time = yes;
+        self
+    }
+
     /// Whether `a` ranks before `b`.
     fn order(&self, a: &Record, b: &Record) -> Ordering {
         let by = cmp_value(&a[self.order_by], &b[self.order_by]);
@@ -85,7 +92,7 @@ impl Process for TopN {
             order_by: pos(&p.order_by)?,
             descending: p.order == SortOrder::Desc,
             end: pos("window_end")?,
-            event_time: p.event_time,
+            event_time: false,
             best: ValueState::new("top"),
         })
     }
