@@ -10,7 +10,7 @@ export CARGO_TERM_COLOR ?= never
 # the integration tests that need none (the runtime's; s3, storage, snapshots and savepoints
 # run in e2e, against Garage; savepoints runs here without its ignored tests).
 E2E_TESTS = $(basename $(notdir $(wildcard tests/tests/*.rs)))
-UNIT_TESTS = $(filter-out s3 storage snapshots,$(basename $(notdir $(wildcard runtime/tests/*.rs runtime/sdk-example/tests/*.rs controller/tests/*.rs crds/tests/*.rs storage/tests/*.rs cli/tests/*.rs))))
+UNIT_TESTS = $(filter-out s3 storage snapshots kafka,$(basename $(notdir $(wildcard runtime/tests/*.rs runtime/sdk-example/tests/*.rs controller/tests/*.rs crds/tests/*.rs storage/tests/*.rs cli/tests/*.rs))))
 
 .PHONY: help install-deps build run test unit e2e env-up env-down generate check-generated fmt lint bench images clean fuzz
 
@@ -65,7 +65,7 @@ e2e: build
 	@bash tests/env/up.sh $(TESTENV_DIR)
 	@trap 'bash tests/env/down.sh $(TESTENV_DIR)' EXIT; \
 	  source $(TESTENV_DIR)/env.sh; \
-	  $(CARGO) test --workspace --test s3 --test storage --test snapshots -- --include-ignored && \
+	  $(CARGO) test --workspace --test s3 --test storage --test snapshots --test kafka -- --include-ignored && \
 	  $(CARGO) test --workspace --test savepoints -- --ignored && \
 	  $(CARGO) test --workspace $(foreach t,$(E2E_TESTS),--test $(t)) -- --test-threads 4 && \
 	  $$WEIR_PYTHON -m pytest -q tests/python

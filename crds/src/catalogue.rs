@@ -13,6 +13,7 @@ use crate::plan::{
     NoParams, SocketSpec, SplitSpec, StdoutSpec, ThrottleSpec, TopNSpec, WindowJoinSpec,
     WindowOpSpec, WindowSpec,
 };
+use crate::kafka::{KafkaSinkSpec, KafkaSourceSpec};
 
 /// Where an operator type stands in a pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +149,15 @@ pub const KINDS: &[OperatorKind] = &[
         emits: "`line` (text) with `format: text`; with `format: json` the names of `fields` in sorted order, as a `file_source`",
         params: schema_of::<SocketSpec>,
         example: "{uid: lines, type: socket, host: localhost, port: 9999}",
+    },
+    OperatorKind {
+        name: "kafka_source",
+        role: Role::Source,
+        stateful: true,
+        summary: "The records of Kafka topics: each partition a split, dealt to the subtasks (again when the job is rescaled), read from where `startFrom` says the first time and from the checkpoint's offsets after that. Reads committed records only unless `isolation: read_uncommitted`. With `stopAt: latest` it is bounded: each partition ends where it ended when the job first started. The offsets of each completed checkpoint are committed to `groupId`, for lag tools.",
+        emits: "`line` (the value as text) with `format: text`; the names of `fields` in sorted order with `format: json`, as a `file_source`; `key`, `value`, `topic` (text), `partition`, `offset`, `timestamp` (integers) with `format: raw`",
+        params: schema_of::<KafkaSourceSpec>,
+        example: "{uid: orders, type: kafka_source, topics: [orders], bootstrapServers: \"kafka:9092\", startFrom: earliest, format: json, fields: {key: string, value: int, ts: timestamp}, eventTime: {field: ts, maxOutOfOrderness: 5s}}",
     },
     OperatorKind {
         name: "split",
@@ -293,6 +303,15 @@ pub const KINDS: &[OperatorKind] = &[
         params: schema_of::<FileSinkSpec>,
         example: "{uid: out, type: file_sink, inputs: [counts], path: s3://weir-data/out, format: json}",
     },
+    OperatorKind {
+        name: "kafka_sink",
+        role: Role::Sink,
+        stateful: true,
+        summary: "Writes records to a Kafka topic (or the topic a field names), as JSON objects or comma-separated values, keyed by `key`. With `delivery: exactly-once` (the default) each subtask writes in a Kafka transaction per checkpoint, flushed at the barrier and committed when the checkpoint completes; a restored job commits what its checkpoint covered and aborts the rest. `at-least-once` flushes at each checkpoint; `none` waits for nothing.",
+        emits: "nothing",
+        params: schema_of::<KafkaSinkSpec>,
+        example: "{uid: out, type: kafka_sink, inputs: [counts], topic: counts, key: word, bootstrapServers: \"kafka:9092\"}",
+    },
 ];
 
 /// The catalogue entry of `name`.
@@ -324,6 +343,8 @@ mod tests {
             ("socket", "format"),
             ("stdout", "format"),
             ("file_sink", "format"),
+            ("kafka_source", "format"),
+            ("kafka_sink", "delivery"),
         ] {
             let schema = (super::kind(kind).unwrap().params)();
             let p = &schema["properties"][param];

@@ -15,6 +15,7 @@
 pub mod api;
 pub mod catalogue;
 pub mod duration;
+pub mod kafka;
 pub mod pipeline;
 pub mod plan;
 pub mod reference;

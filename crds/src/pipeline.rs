@@ -219,6 +219,7 @@ pub const OPERATOR_TYPES: &[&str] = &[
     "generator",
     "file_source",
     "socket",
+    "kafka_source",
     "split",
     "map",
     "filter",
@@ -235,13 +236,14 @@ pub const OPERATOR_TYPES: &[&str] = &[
     "stdout",
     "blackhole",
     "file_sink",
+    "kafka_sink",
 ];
 
 pub const MAX_MAX_PARALLELISM: u32 = 32768;
 
 /// The operator types that read from outside the job: they take no inputs, and every other
 /// type takes at least one.
-pub const SOURCE_TYPES: &[&str] = &["generator", "file_source", "socket"];
+pub const SOURCE_TYPES: &[&str] = &["generator", "file_source", "socket", "kafka_source"];
 
 /// Operator types that keep no state in checkpoints: a new version of a job may add or drop
 /// them without losing anything.

@@ -146,6 +146,9 @@ pub enum SourceFormat {
     Text,
     /// A JSON object per line, read into the fields `fields` names.
     Json,
+    /// A `kafka_source`'s records as they are: fields `key`, `value` (text), `topic`,
+    /// `partition`, `offset` and `timestamp` (epoch milliseconds).
+    Raw,
 }
 
 /// The type of a field a source reads from a JSON object.
@@ -289,6 +292,10 @@ impl LineFormat<'_> {
     /// The fields of the records it makes, with what each holds.
     pub fn output(&self) -> Vec<(String, FieldType)> {
         match (self.format, self.fields) {
+            (SourceFormat::Raw, _) => crate::kafka::RAW_FIELDS
+                .iter()
+                .map(|(name, t)| (name.to_string(), *t))
+                .collect(),
             (SourceFormat::Json, Some(fields)) => {
                 fields.iter().map(|(name, t)| (name.clone(), t.field_type())).collect()
             }
@@ -300,7 +307,10 @@ impl LineFormat<'_> {
     /// another.
     fn check(&self) -> Result<(), String> {
         let fields = match (self.format, self.fields) {
-            (SourceFormat::Text, None) => return Ok(()),
+            (SourceFormat::Text | SourceFormat::Raw, None) => return Ok(()),
+            (SourceFormat::Raw, Some(_)) => {
+                return Err("fields is read only with format: json (format: raw gives key, value, topic, partition, offset and timestamp)".into());
+            }
             (SourceFormat::Text, Some(_)) => {
                 return Err(
                     "fields is read only with format: json: set format: json, or leave fields out (format: text gives the one field `line`)".into(),
@@ -676,6 +686,7 @@ pub enum OpKind {
     Generator(GeneratorSpec),
     FileSource(FileSourceSpec),
     Socket(SocketSpec),
+    KafkaSource(crate::kafka::KafkaSourceSpec),
     Split(SplitSpec),
     Map(MapSpec),
     Filter(FilterSpec),
@@ -693,6 +704,7 @@ pub enum OpKind {
     Stdout(StdoutSpec),
     Blackhole,
     FileSink(FileSinkSpec),
+    KafkaSink(crate::kafka::KafkaSinkSpec),
     /// The records a window (`of`) found later than its allowed lateness, under the name its
     /// `lateOutput` gives: the planner adds it after the window, chained to it.
     LateOutput {
@@ -806,10 +818,16 @@ impl Extensions for ImageTypes {
 
 impl OpKind {
     pub fn is_source(&self) -> bool {
-        matches!(self, OpKind::Generator(_) | OpKind::FileSource(_) | OpKind::Socket(_))
+        matches!(
+            self,
+            OpKind::Generator(_) | OpKind::FileSource(_) | OpKind::Socket(_) | OpKind::KafkaSource(_)
+        )
     }
     pub fn is_sink(&self) -> bool {
-        matches!(self, OpKind::Stdout(_) | OpKind::Blackhole | OpKind::FileSink(_))
+        matches!(
+            self,
+            OpKind::Stdout(_) | OpKind::Blackhole | OpKind::FileSink(_) | OpKind::KafkaSink(_)
+        )
     }
     /// All its records go to one subtask (a window without a key): the one that owns the
     /// key group of the empty key.
@@ -838,6 +856,7 @@ impl OpKind {
             OpKind::Generator(g) => g.event_time.as_ref(),
             OpKind::FileSource(f) => f.event_time.as_ref(),
             OpKind::Socket(s) => s.event_time.as_ref(),
+            OpKind::KafkaSource(k) => k.event_time.as_ref(),
             _ => None,
         }
     }
@@ -1464,6 +1483,24 @@ pub fn build_with(
     max_parallelism: Option<u32>,
     ext: &dyn Extensions,
 ) -> Result<Plan, PlanError> {
+    let plan = plan_operators(spec, parallelism, max_parallelism, ext)?;
+    // What the job's settings ask of its operators (a plan alone does not carry them).
+    for op in &plan.ops {
+        if let OpKind::KafkaSink(k) = &op.kind {
+            k.check_checkpoints(spec.checkpointing.interval, spec.checkpointing.timeout).map_err(
+                |e| PlanError::of(&op.uid, format!("operator {:?} ({}): {e}", op.uid, op.type_name)),
+            )?;
+        }
+    }
+    Ok(plan)
+}
+
+fn plan_operators(
+    spec: &StreamJobSpec,
+    parallelism: Option<u32>,
+    max_parallelism: Option<u32>,
+    ext: &dyn Extensions,
+) -> Result<Plan, PlanError> {
     // A type neither built in nor the extension's, in the words of the graph rule (which
     // lets other types pass here).
     for (index, op) in spec.pipeline.operators.iter().enumerate() {
@@ -1579,6 +1616,38 @@ pub fn build_with(
                     return Err(err(op, "port 0 is not a port to connect to: use 1 to 65535"));
                 }
                 OpKind::Socket(s)
+            }
+            "kafka_source" => {
+                check_choice(op, "format", &["text", "json", "raw"])?;
+                check_choice(op, "onError", &["fail", "skip"])?;
+                check_choice(op, "startFrom", &["earliest", "latest", "timestamp", "group"])?;
+                check_choice(op, "isolation", &["read_committed", "read_uncommitted"])?;
+                check_choice(op, "stopAt", &["latest"])?;
+                let k: crate::kafka::KafkaSourceSpec = parse(op)?;
+                k.check().map_err(|e| err(op, e))?;
+                k.line_format().check().map_err(|e| err(op, e))?;
+                OpKind::KafkaSource(k)
+            }
+            "kafka_sink" => {
+                check_choice(op, "format", &["csv", "json"])?;
+                check_choice(op, "delivery", &["exactly-once", "at-least-once", "none"])?;
+                let k: crate::kafka::KafkaSinkSpec = parse(op)?;
+                k.check().map_err(|e| err(op, e))?;
+                if !open {
+                    if let Some(f) = &k.key {
+                        field_pos(op, &in_fields, f, "key")?;
+                    }
+                    if let Some(f) = &k.topic_field {
+                        let i = field_pos(op, &in_fields, f, "topicField")?;
+                        if !matches!(in_types[i], FieldType::Text | FieldType::Any) {
+                            return Err(err(
+                                op,
+                                format!("topicField {f:?} holds {}, not text: name a text field", in_types[i].describe()),
+                            ));
+                        }
+                    }
+                }
+                OpKind::KafkaSink(k)
             }
             "split" => OpKind::Split(parse(op)?),
             "map" => OpKind::Map(parse(op)?),
@@ -1739,6 +1808,9 @@ pub fn build_with(
             },
             OpKind::FileSource(f) => f.line_format().output().into_iter().map(|(f, _)| f).collect(),
             OpKind::Socket(s) => s.line_format().output().into_iter().map(|(f, _)| f).collect(),
+            OpKind::KafkaSource(k) => {
+                k.line_format().output().into_iter().map(|(f, _)| f).collect()
+            }
             OpKind::Split(s) => {
                 field_pos(op, &in_fields, &s.field, "field")?;
                 vec![s.output.clone()]
@@ -1801,6 +1873,7 @@ pub fn build_with(
             OpKind::Stdout(_)
             | OpKind::Blackhole
             | OpKind::FileSink(_)
+            | OpKind::KafkaSink(_)
             | OpKind::LateOutput { .. } => in_fields.clone(),
         };
         let types: Vec<FieldType> = match &kind {
@@ -1813,6 +1886,9 @@ pub fn build_with(
             },
             OpKind::FileSource(f) => f.line_format().output().into_iter().map(|(_, t)| t).collect(),
             OpKind::Socket(s) => s.line_format().output().into_iter().map(|(_, t)| t).collect(),
+            OpKind::KafkaSource(k) => {
+                k.line_format().output().into_iter().map(|(_, t)| t).collect()
+            }
             OpKind::Split(_) => vec![FieldType::Text],
             OpKind::Map(m) => {
                 // `set` writes text (a template filled in); `select` picks from the result.
@@ -1863,6 +1939,7 @@ pub fn build_with(
             | OpKind::Stdout(_)
             | OpKind::Blackhole
             | OpKind::FileSink(_)
+            | OpKind::KafkaSink(_)
             | OpKind::LateOutput { .. } => in_types.clone(),
         };
         debug_assert_eq!(types.len(), fields.len());
@@ -1952,6 +2029,7 @@ impl PlanOp {
             OpKind::Generator(g) => serde_json::to_value(g),
             OpKind::FileSource(f) => serde_json::to_value(f),
             OpKind::Socket(s) => serde_json::to_value(s),
+            OpKind::KafkaSource(k) => serde_json::to_value(k),
             OpKind::Split(s) => serde_json::to_value(s),
             OpKind::Map(m) => serde_json::to_value(m),
             OpKind::Filter(f) => serde_json::to_value(f),
@@ -1972,6 +2050,7 @@ impl PlanOp {
             OpKind::Stdout(s) => serde_json::to_value(s),
             OpKind::Blackhole => Ok(serde_json::Value::Object(Default::default())),
             OpKind::FileSink(f) => serde_json::to_value(f),
+            OpKind::KafkaSink(k) => serde_json::to_value(k),
             OpKind::LateOutput { .. } => Ok(serde_json::Value::Object(Default::default())),
             OpKind::Custom(c) => Ok(serde_json::Value::Object(c.params.clone())),
         };
@@ -2021,7 +2100,7 @@ pub fn verify(plan: &Plan, ext: &dyn Extensions) -> Result<(), PlanError> {
     });
     let spec: StreamJobSpec = serde_json::from_value(spec)
         .map_err(|e| PlanError::new(format!("the plan does not read as a job: {e}")))?;
-    let again = build_with(&spec, None, None, ext)?;
+    let again = plan_operators(&spec, None, None, ext)?;
     if again != *plan {
         return Err(PlanError::new(
             "planned again here, its operators give another plan: the coordinator and its workers must run the same build of weir, with the same operator types",

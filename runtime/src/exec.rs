@@ -674,7 +674,7 @@ impl Chain {
         self.flush()?;
         if self.ckpt.is_some() {
             let position = match source {
-                Some(s) => s.snapshot()?,
+                Some(s) => s.snapshot(FINAL)?,
                 None => None,
             };
             self.checkpoint(Barrier::checkpoint(FINAL, now_ms(), false), position, 0)?;
@@ -1293,6 +1293,7 @@ pub fn run_worker(
                         s3: s3.as_ref(),
                         job_id: &opts.job_id,
                         checkpointed: opts.checkpoints.is_some(),
+                        after_id: opts.checkpoints.as_ref().map_or(0, |c| c.after_id),
                     };
                     Some(crate::operator::registry().make(&build)?)
                 };
@@ -1668,7 +1669,7 @@ fn run_subtask(
                 let triggered = ck.triggered.load(Ordering::Acquire);
                 while last_barrier < triggered && chain.stopped.is_none() {
                     last_barrier += 1;
-                    let position = source.snapshot()?;
+                    let position = source.snapshot(last_barrier)?;
                     let savepoint = chain.ckpt.as_ref().and_then(|c| {
                         let s = c.savepoints.lock().unwrap_or_else(|e| e.into_inner());
                         s.get(&last_barrier).cloned()
@@ -1686,7 +1687,11 @@ fn run_subtask(
                     };
                     chain.checkpoint(barrier, position, 0)?;
                 }
+                let told = chain.told_complete;
                 chain.notify_complete()?;
+                if chain.told_complete > told {
+                    source.checkpoint_complete(chain.told_complete)?;
+                }
             }
             if let Some(id) = chain.stopped {
                 // The savepoint stops the job: no record after its barrier.

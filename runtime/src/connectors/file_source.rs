@@ -391,7 +391,7 @@ impl Source for FileSource {
         self.decoder.take_dropped()
     }
 
-    fn snapshot(&mut self) -> Result<Option<serde_json::Value>, RuntimeError> {
+    fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
         Ok(Some(serde_json::json!({ "files": self.positions() })))
     }
 

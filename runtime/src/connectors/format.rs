@@ -197,6 +197,7 @@ impl Decoder {
             (SourceFormat::Text, _) => Ok(Self::text()),
             (SourceFormat::Json, Some(fields)) => Self::json(fields),
             (SourceFormat::Json, None) => Err("format: json without fields".into()),
+            (SourceFormat::Raw, _) => Err("format: raw is read by a kafka_source itself".into()),
         }
     }
 

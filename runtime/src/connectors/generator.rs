@@ -185,7 +185,7 @@ fn split_total(spec: &GeneratorSpec, s: u32) -> Option<u64> {
 }
 
 impl Source for GeneratorSource {
-    fn snapshot(&mut self) -> Result<Option<serde_json::Value>, RuntimeError> {
+    fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
         Ok(Some(serde_json::json!({ "splits": self.splits })))
     }
 
@@ -320,7 +320,7 @@ mod tests {
         g.poll(&mut out, 70).unwrap();
         // Splits at 99, 49 and 69 (their records' places): the lowest less 10 ms and 1.
         assert_eq!(g.watermark(), Some(Watermark::At(49 - 11)));
-        let state = g.snapshot().unwrap().unwrap();
+        let state = g.snapshot(1).unwrap().unwrap();
         // Rescaled to two subtasks: each starts where its splits stood.
         let at = |s| Rescale {
             uid: "gen".into(),
@@ -351,7 +351,7 @@ mod tests {
         for s in 0..2 {
             let mut g = GeneratorSource::new(spec.clone(), s, 2);
             g.poll(&mut lines, 50 + 30 * s as usize).unwrap();
-            states.push((s, g.snapshot().unwrap().unwrap()));
+            states.push((s, g.snapshot(1).unwrap().unwrap()));
         }
         for s in 0..3 {
             let mut g = GeneratorSource::new(spec.clone(), s, 3);

@@ -7,12 +7,14 @@ mod file_sink;
 mod file_source;
 pub mod format;
 mod generator;
+mod kafka;
 mod print;
 mod socket;
 
 pub use file_sink::{FileSink, S3_PART_BYTES};
 pub use file_source::{FileSource, S3_READ_CHUNK, SourceFile, list_files, list_source_files};
 pub use generator::{GeneratorSource, SplitMix64, Zipf};
+pub use kafka::{KafkaSink, KafkaSource, partition_owner};
 pub use print::{Blackhole, Stdout};
 pub use socket::SocketSource;
 

@@ -31,6 +31,8 @@ pub struct Build<'a> {
     pub(crate) job_id: &'a str,
     /// Whether the job takes checkpoints (a sink commits on them, or at the end).
     pub(crate) checkpointed: bool,
+    /// Checkpoint ids of this run start above this one.
+    pub(crate) after_id: u64,
 }
 
 impl Build<'_> {
@@ -254,6 +256,20 @@ fn file_sink(b: &Build<'_>) -> Made {
     Ok(Box::new(sink.encode_with(encoder)))
 }
 
+fn kafka_sink(b: &Build<'_>) -> Made {
+    let OpKind::KafkaSink(k) = &b.op().kind else { return Err(b.mismatch()) };
+    let sink = crate::connectors::KafkaSink::new(
+        k,
+        &b.op().uid,
+        b.job_id,
+        b.subtask,
+        b.input_fields(),
+        b.checkpointed,
+        b.after_id,
+    )?;
+    Ok(Box::new(sink))
+}
+
 type MadeSource = Result<Box<dyn Source>, RuntimeError>;
 type MakeOne = fn(&Build<'_>) -> Made;
 type MakeOneSource = fn(SourceBuild<'_>) -> MadeSource;
@@ -280,9 +296,27 @@ fn socket(b: SourceBuild<'_>) -> MadeSource {
     Ok(Box::new(source.with_event_time(clock)))
 }
 
+fn kafka_source(b: SourceBuild<'_>) -> MadeSource {
+    let OpKind::KafkaSource(k) = &b.op.kind else { return Err(b.mismatch()) };
+    let decoder = match k.format {
+        weir_crds::plan::SourceFormat::Raw => None,
+        _ => Some(b.decoder(&k.line_format())?),
+    };
+    let clock = crate::event_time::EventClock::of(b.op)?;
+    let source = crate::connectors::KafkaSource::new(
+        k,
+        &b.op.uid,
+        b.subtask,
+        b.parallelism,
+        decoder,
+        clock,
+    )?;
+    Ok(Box::new(source))
+}
+
 /// `registry` with every built-in type.
 pub(crate) fn register(registry: Registry) -> Registry {
-    let operators: [(&str, MakeOne); 16] = [
+    let operators: [(&str, MakeOne); 17] = [
         ("split", split),
         ("map", map),
         ("filter", filter),
@@ -299,9 +333,14 @@ pub(crate) fn register(registry: Registry) -> Registry {
         ("stdout", stdout),
         ("blackhole", blackhole),
         ("file_sink", file_sink),
+        ("kafka_sink", kafka_sink),
     ];
-    let sources: [(&str, MakeOneSource); 3] =
-        [("generator", generator), ("file_source", file_source), ("socket", socket)];
+    let sources: [(&str, MakeOneSource); 4] = [
+        ("generator", generator),
+        ("file_source", file_source),
+        ("socket", socket),
+        ("kafka_source", kafka_source),
+    ];
     let mut r = registry;
     for (name, make) in operators {
         r = r.factory(name, Box::new(make));

@@ -118,11 +118,17 @@ pub trait Source: Send {
         None
     }
 
-    /// The position to resume from: the state of every split this subtask still reads.
-    /// `None` for a source that cannot be replayed (its records after the last checkpoint
-    /// are lost on a failure).
-    fn snapshot(&mut self) -> Result<Option<serde_json::Value>, RuntimeError> {
+    /// The position to resume from at checkpoint `id`: the state of every split this
+    /// subtask still reads. `None` for a source that cannot be replayed (its records after
+    /// the last checkpoint are lost on a failure).
+    fn snapshot(&mut self, _id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
         Ok(None)
+    }
+
+    /// Checkpoint `id` is complete (a Kafka source commits its offsets to its group, for lag
+    /// tools).
+    fn checkpoint_complete(&mut self, _id: u64) -> Result<(), RuntimeError> {
+        Ok(())
     }
 
     /// Records dropped since the last call because they could not be read (a line that does

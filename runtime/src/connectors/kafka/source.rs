@@ -1,0 +1,573 @@
+//! The `kafka_source`: the partitions of its topics are its splits, each read by the subtask
+//! [`super::partition_owner`] names, from the offset its checkpoint recorded.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use weir_crds::kafka::{Isolation, KafkaSourceSpec, StartFrom, StopAt};
+
+use super::{CALL_TIMEOUT, Logged, client_config, kafka_error, partition_owner};
+use crate::connectors::format::{Line, SourceDecoder};
+use crate::error::RuntimeError;
+use crate::event_time::{EventClock, SplitTime, Watermark};
+use crate::operator::{Rescale, Source, bad_state};
+use crate::record::{Record, Value};
+
+/// One subtask of a `kafka_source`.
+pub struct KafkaSource {
+    spec: KafkaSourceSpec,
+    /// `operator "orders" (kafka_source) subtask 1`, for messages.
+    who: String,
+    subtask: u32,
+    parallelism: u32,
+    consumer: BaseConsumer<Logged>,
+    /// Values to records (`None` with `format: raw`).
+    decoder: Option<SourceDecoder>,
+    clock: Option<EventClock>,
+    /// The partitions this subtask reads, by topic and number.
+    parts: BTreeMap<(String, i32), Part>,
+    /// Whether the partitions of its first start are known (and assigned).
+    started: bool,
+    /// Whether it was restored from a checkpoint: a partition its state does not name is a
+    /// new one, read from its first offset.
+    restored: bool,
+    last_discovery: Instant,
+    /// The offsets of each checkpoint taken and not yet completed, to commit to `groupId`.
+    to_commit: Vec<(u64, Vec<(String, i32, i64)>)>,
+    /// Raw records that could not be read (a key or value that is not UTF-8).
+    dropped: u64,
+}
+
+/// A partition being read.
+#[derive(Debug, Clone)]
+struct Part {
+    /// The next offset to read; `None`: its first (nothing read yet).
+    next: Option<i64>,
+    /// With `stopAt`/`stopTimestamp`: where it ends (the first offset not read).
+    end: Option<i64>,
+    time: SplitTime,
+    /// Reached its end: no longer assigned.
+    done: bool,
+}
+
+/// A partition's position in a checkpoint.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PartState {
+    topic: String,
+    partition: i32,
+    /// The next offset to read; absent: its first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    end: Option<i64>,
+    #[serde(default, skip_serializing_if = "SplitTime::is_empty")]
+    time: SplitTime,
+}
+
+/// A subtask's position: every partition it reads.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SourceState {
+    partitions: Vec<PartState>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("who", &self.who)
+            .field("partitions", &self.parts.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a poll waits for its first record.
+const POLL_WAIT: Duration = Duration::from_millis(5);
+
+impl KafkaSource {
+    /// Subtask `subtask` of `parallelism` of operator `uid`: a client, not yet connected.
+    pub fn new(
+        spec: &KafkaSourceSpec,
+        uid: &str,
+        subtask: u32,
+        parallelism: u32,
+        decoder: Option<SourceDecoder>,
+        clock: Option<EventClock>,
+    ) -> Result<Self, RuntimeError> {
+        let who = format!("operator {uid:?} (kafka_source) subtask {subtask}");
+        let mut c = client_config(
+            &spec.bootstrap_servers,
+            &format!("weir-{uid}-{subtask}"),
+            &spec.properties,
+        );
+        c.set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            // An offset the partition no longer has (retention deleted it): its first.
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "isolation.level",
+                match spec.isolation {
+                    Isolation::ReadCommitted => "read_committed",
+                    Isolation::ReadUncommitted => "read_uncommitted",
+                },
+            );
+        // A group id is needed to commit offsets and read committed ones; without one the
+        // consumer only reads what it is assigned.
+        c.set("group.id", spec.group_id.clone().unwrap_or_else(|| format!("weir-{uid}")));
+        let consumer: BaseConsumer<Logged> = c
+            .create_with_context(Logged { who: who.clone() })
+            .map_err(|e| RuntimeError::user(format!("{who}: the consumer's settings: {e}")))?;
+        Ok(Self {
+            spec: spec.clone(),
+            who,
+            subtask,
+            parallelism,
+            consumer,
+            decoder,
+            clock,
+            parts: BTreeMap::new(),
+            started: false,
+            restored: false,
+            last_discovery: Instant::now(),
+            to_commit: Vec::new(),
+            dropped: 0,
+        })
+    }
+
+    fn bounded(&self) -> bool {
+        self.spec.stop_at.is_some() || self.spec.stop_timestamp.is_some()
+    }
+
+    /// The partitions of its topics in the cluster now. At the first start a topic that is
+    /// not there fails the job; later a failed look is tried again at the next interval.
+    fn list_partitions(&self, first: bool) -> Result<Vec<(String, i32)>, RuntimeError> {
+        let mut out = Vec::new();
+        for topic in self.spec.topics.iter().flatten() {
+            let md = match self.consumer.fetch_metadata(Some(topic), CALL_TIMEOUT) {
+                Ok(md) => md,
+                Err(e) => {
+                    return Err(kafka_error(
+                        &self.who,
+                        &format!("the partitions of topic {topic:?} from {}", self.spec.bootstrap_servers),
+                        e,
+                    ));
+                }
+            };
+            for t in md.topics() {
+                if let Some(e) = t.error() {
+                    let e = rdkafka::types::RDKafkaRespErr::from(e);
+                    if first {
+                        return Err(RuntimeError::user(format!(
+                            "{}: topic {topic:?} on {}: {e:?}: create the topic, or correct topics",
+                            self.who, self.spec.bootstrap_servers
+                        ))
+                        .retryable());
+                    }
+                    continue;
+                }
+                for p in t.partitions() {
+                    out.push((t.name().to_string(), p.id()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first start (no state restored, nothing assigned yet): the partitions it owns, from
+    /// where `startFrom` says and to where `stopAt` says, resolved to offsets now so that a
+    /// restored job goes on from the same places.
+    fn start(&mut self) -> Result<(), RuntimeError> {
+        if self.started {
+            return Ok(());
+        }
+        let mine: Vec<(String, i32)> = self
+            .list_partitions(!self.restored)?
+            .into_iter()
+            .filter(|(t, p)| partition_owner(t, *p, self.parallelism) == self.subtask)
+            .collect();
+        let fresh: Vec<(String, i32)> =
+            mine.into_iter().filter(|k| !self.parts.contains_key(k)).collect();
+        if self.restored {
+            // Partitions created since the checkpoint: from their first offset.
+            self.add_new(fresh)?;
+        } else {
+            let starts = self.start_offsets(&fresh)?;
+            let ends = self.end_offsets(&fresh)?;
+            for (i, k) in fresh.into_iter().enumerate() {
+                let part = Part { next: starts[i], end: ends[i], time: SplitTime::default(), done: false };
+                self.parts.insert(k, part);
+            }
+        }
+        self.started = true;
+        self.last_discovery = Instant::now();
+        self.assign()
+    }
+
+    /// Partitions found while running: read from their first offset (a bounded source reads
+    /// only what its first start found).
+    fn add_new(&mut self, fresh: Vec<(String, i32)>) -> Result<(), RuntimeError> {
+        if self.bounded() {
+            return Ok(());
+        }
+        for k in fresh {
+            eprintln!("weir: {}: reads partition {} of topic {:?}, new, from its first offset", self.who, k.1, k.0);
+            self.parts.insert(k, Part { next: None, end: None, time: SplitTime::default(), done: false });
+        }
+        Ok(())
+    }
+
+    /// Where each of `parts` starts at the job's first start.
+    fn start_offsets(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, RuntimeError> {
+        match self.spec.start_from {
+            StartFrom::Earliest => Ok(vec![None; parts.len()]),
+            StartFrom::Latest => parts
+                .iter()
+                .map(|(t, p)| {
+                    self.consumer
+                        .fetch_watermarks(t, *p, CALL_TIMEOUT)
+                        .map(|(_, high)| Some(high))
+                        .map_err(|e| kafka_error(&self.who, &format!("the end of {t}/{p}"), e))
+                })
+                .collect(),
+            StartFrom::Timestamp => {
+                let ts = self.spec.start_timestamp.unwrap_or(0);
+                self.offsets_at(parts, ts)
+            }
+            StartFrom::Group => {
+                let mut tpl = TopicPartitionList::new();
+                for (t, p) in parts {
+                    tpl.add_partition(t, *p);
+                }
+                let got = self.consumer.committed_offsets(tpl, CALL_TIMEOUT).map_err(|e| {
+                    kafka_error(&self.who, "the committed offsets of groupId", e)
+                })?;
+                Ok(parts
+                    .iter()
+                    .map(|(t, p)| match got.find_partition(t, *p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => Some(o),
+                        _ => None,
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// The first offset at or after `ts` in each partition (its end when none is).
+    fn offsets_at(&self, parts: &[(String, i32)], ts: i64) -> Result<Vec<Option<i64>>, RuntimeError> {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in parts {
+            tpl.add_partition_offset(t, *p, Offset::Offset(ts))
+                .map_err(|e| kafka_error(&self.who, "a timestamp lookup", e))?;
+        }
+        let got = self
+            .consumer
+            .offsets_for_times(tpl, CALL_TIMEOUT)
+            .map_err(|e| kafka_error(&self.who, &format!("the offsets at timestamp {ts}"), e))?;
+        parts
+            .iter()
+            .map(|(t, p)| match got.find_partition(t, *p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Ok(Some(o)),
+                // No record at or after it: the partition's end.
+                _ => self
+                    .consumer
+                    .fetch_watermarks(t, *p, CALL_TIMEOUT)
+                    .map(|(_, high)| Some(high))
+                    .map_err(|e| kafka_error(&self.who, &format!("the end of {t}/{p}"), e)),
+            })
+            .collect()
+    }
+
+    /// Where each of `parts` ends, for a bounded source.
+    fn end_offsets(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, RuntimeError> {
+        match (self.spec.stop_at, self.spec.stop_timestamp) {
+            (Some(StopAt::Latest), _) => parts
+                .iter()
+                .map(|(t, p)| {
+                    self.consumer
+                        .fetch_watermarks(t, *p, CALL_TIMEOUT)
+                        .map(|(_, high)| Some(high))
+                        .map_err(|e| kafka_error(&self.who, &format!("the end of {t}/{p}"), e))
+                })
+                .collect(),
+            (None, Some(ts)) => self.offsets_at(parts, ts),
+            (None, None) => Ok(vec![None; parts.len()]),
+        }
+    }
+
+    /// Assigns the partitions not yet done, each at its next offset.
+    fn assign(&mut self) -> Result<(), RuntimeError> {
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), part) in &mut self.parts {
+            if part.end.is_some_and(|end| part.next.is_some_and(|n| n >= end) || end <= 0) {
+                part.done = true;
+            }
+            if part.done {
+                continue;
+            }
+            let at = part.next.map_or(Offset::Beginning, Offset::Offset);
+            tpl.add_partition_offset(t, *p, at)
+                .map_err(|e| kafka_error(&self.who, "an assignment", e))?;
+        }
+        self.consumer.assign(&tpl).map_err(|e| kafka_error(&self.who, "assigning its partitions", e))
+    }
+
+    /// Looks for new partitions every `partitionDiscoveryInterval`.
+    fn discover(&mut self) -> Result<(), RuntimeError> {
+        let every = self.spec.partition_discovery_interval.as_std();
+        if every.is_zero() || self.bounded() || self.last_discovery.elapsed() < every {
+            return Ok(());
+        }
+        self.last_discovery = Instant::now();
+        let found = match self.list_partitions(false) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("weir: {}: looking for new partitions: {e} (trying again later)", self.who);
+                return Ok(());
+            }
+        };
+        let fresh: Vec<(String, i32)> = found
+            .into_iter()
+            .filter(|(t, p)| partition_owner(t, *p, self.parallelism) == self.subtask)
+            .filter(|k| !self.parts.contains_key(k))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &fresh {
+            tpl.add_partition_offset(t, *p, Offset::Beginning)
+                .map_err(|e| kafka_error(&self.who, "an assignment", e))?;
+        }
+        self.add_new(fresh)?;
+        self.consumer
+            .incremental_assign(&tpl)
+            .map_err(|e| kafka_error(&self.who, "assigning new partitions", e))
+    }
+
+    /// The consumer's positions (past the transactions' markers it skipped) for the
+    /// partitions being read.
+    fn catch_up_positions(&mut self) -> Result<(), RuntimeError> {
+        let pos = self.consumer.position().map_err(|e| kafka_error(&self.who, "its positions", e))?;
+        for e in pos.elements() {
+            if let Offset::Offset(o) = e.offset()
+                && let Some(part) = self.parts.get_mut(&(e.topic().to_string(), e.partition()))
+                && part.next.is_none_or(|n| n < o)
+            {
+                part.next = Some(o);
+            }
+        }
+        Ok(())
+    }
+
+    /// Partitions that reached their end stop being read.
+    fn retire_ended(&mut self) -> Result<(), RuntimeError> {
+        let mut ended = TopicPartitionList::new();
+        for ((t, p), part) in &mut self.parts {
+            if !part.done
+                && let (Some(end), Some(next)) = (part.end, part.next)
+                && next >= end
+            {
+                part.done = true;
+                ended.add_partition(t, *p);
+            }
+        }
+        if ended.count() > 0 {
+            self.consumer
+                .incremental_unassign(&ended)
+                .map_err(|e| kafka_error(&self.who, "unassigning ended partitions", e))?;
+        }
+        Ok(())
+    }
+
+    /// A record of `format: raw`.
+    /// `None` when its key or value is not UTF-8.
+    fn raw(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<Record> {
+        let text = |b: Option<&[u8]>| std::str::from_utf8(b.unwrap_or_default()).ok().map(Value::str);
+        let (Some(key), Some(value)) = (text(m.key()), text(m.payload())) else { return None };
+        Some(vec![
+            key,
+            value,
+            Value::str(m.topic()),
+            Value::Int(i64::from(m.partition())),
+            Value::Int(m.offset()),
+            Value::Int(m.timestamp().to_millis().unwrap_or(0)),
+        ])
+    }
+
+    fn state(&self) -> SourceState {
+        SourceState {
+            partitions: self
+                .parts
+                .iter()
+                .map(|((t, p), part)| PartState {
+                    topic: t.clone(),
+                    partition: *p,
+                    next: part.next,
+                    end: part.end,
+                    time: part.time.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn take_state(&mut self, parts: Vec<PartState>) {
+        for s in parts {
+            let part = Part { next: s.next, end: s.end, time: s.time, done: false };
+            self.parts.insert((s.topic, s.partition), part);
+        }
+        self.restored = true;
+    }
+}
+
+fn parse_state(who: &str, v: serde_json::Value) -> Result<SourceState, RuntimeError> {
+    let st: SourceState = serde_json::from_value(v).map_err(|e| bad_state(who, e))?;
+    for p in &st.partitions {
+        // Read back from storage: names become requests to the cluster.
+        if weir_crds::kafka::check_topic("topic", &p.topic).is_err()
+            || p.partition < 0
+            || p.next.is_some_and(|n| n < 0)
+            || p.end.is_some_and(|n| n < 0)
+        {
+            return Err(RuntimeError::damaged(format!(
+                "{who}: the restored state names partition {} of {:?} at {:?}: the checkpoint is damaged or forged",
+                p.partition, p.topic, p.next
+            )));
+        }
+    }
+    Ok(st)
+}
+
+impl Source for KafkaSource {
+    fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<bool, RuntimeError> {
+        self.start()?;
+        self.discover()?;
+        let now = Instant::now();
+        let mut wait = POLL_WAIT;
+        while out.len() < max {
+            let m = match self.consumer.poll(wait) {
+                None => break,
+                Some(Err(e)) => {
+                    // The client retries what it can (a broker lost, a leader moved); what it
+                    // hands over here is fatal to this attempt.
+                    return Err(kafka_error(&self.who, "reading", e));
+                }
+                Some(Ok(m)) => m,
+            };
+            wait = Duration::ZERO;
+            let key = (m.topic().to_string(), m.partition());
+            let Some(part) = self.parts.get(&key) else { continue };
+            if part.done || part.end.is_some_and(|end| m.offset() >= end) {
+                continue;
+            }
+            let before = out.len();
+            match &mut self.decoder {
+                Some(d) => {
+                    let bytes = m.payload().unwrap_or_default();
+                    let line = Line { bytes, consumed: bytes.len() as u64, too_long: false };
+                    let (t, p, o) = (m.topic(), m.partition(), m.offset());
+                    d.push(line, || format!("topic {t:?} partition {p} offset {o}"), out)?;
+                }
+                None => {
+                    if let Some(r) = Self::raw(&m) {
+                        out.push(r);
+                    } else if self.spec.on_error == weir_crds::plan::OnError::Skip {
+                        self.dropped += 1;
+                    } else {
+                        return Err(RuntimeError::user(format!(
+                            "{}: topic {:?} partition {} offset {}: the key or value is not UTF-8: fix the record, or set onError: skip to drop such records",
+                            self.who,
+                            m.topic(),
+                            m.partition(),
+                            m.offset()
+                        )));
+                    }
+                }
+            }
+            let part = self.parts.get_mut(&key).expect("looked up above");
+            part.next = Some(m.offset() + 1);
+            if let Some(clock) = &self.clock {
+                clock.observe(&mut part.time, &out[before..], now)?;
+            }
+        }
+        if self.bounded() {
+            if out.is_empty() {
+                self.catch_up_positions()?;
+            }
+            self.retire_ended()?;
+            return Ok(self.parts.values().any(|p| !p.done));
+        }
+        Ok(true)
+    }
+
+    fn watermark(&mut self) -> Option<Watermark> {
+        let clock = self.clock.as_ref()?;
+        Some(clock.watermark(self.parts.values().filter(|p| !p.done).map(|p| &p.time), Instant::now()))
+    }
+
+    fn take_dropped(&mut self) -> u64 {
+        let from_decoder = self.decoder.as_mut().map_or(0, |d| d.take_dropped());
+        std::mem::take(&mut self.dropped) + from_decoder
+    }
+
+    fn snapshot(&mut self, id: u64) -> Result<Option<serde_json::Value>, RuntimeError> {
+        // A barrier before the first poll: the partitions (and where `startFrom` puts them)
+        // belong in it, or a restored job would read them from their first offsets.
+        self.start()?;
+        self.catch_up_positions()?;
+        let st = self.state();
+        if self.spec.group_id.is_some() {
+            let offsets =
+                st.partitions.iter().filter_map(|p| Some((p.topic.clone(), p.partition, p.next?))).collect();
+            self.to_commit.push((id, offsets));
+        }
+        serde_json::to_value(st).map(Some).map_err(|e| RuntimeError::internal(e.to_string()))
+    }
+
+    fn checkpoint_complete(&mut self, id: u64) -> Result<(), RuntimeError> {
+        let Some(i) = self.to_commit.iter().rposition(|(c, _)| *c <= id) else { return Ok(()) };
+        let (_, offsets) = self.to_commit.drain(..=i).last().expect("found above");
+        let mut tpl = TopicPartitionList::new();
+        for (t, p, o) in &offsets {
+            if tpl.add_partition_offset(t, *p, Offset::Offset(*o)).is_err() {
+                return Ok(());
+            }
+        }
+        // For lag tools only: a failed commit is logged and the job goes on.
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+        {
+            eprintln!("weir: {}: committing offsets to groupId: {e}", self.who);
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, state: serde_json::Value) -> Result<(), RuntimeError> {
+        let st = parse_state(&self.who, state)?;
+        self.take_state(st.partitions);
+        Ok(())
+    }
+
+    fn rescale(
+        &mut self,
+        states: Vec<(u32, serde_json::Value)>,
+        at: &Rescale,
+    ) -> Result<(), RuntimeError> {
+        let mut mine = Vec::new();
+        for (_, v) in states {
+            if v.is_null() {
+                continue;
+            }
+            for p in parse_state(&self.who, v)?.partitions {
+                if partition_owner(&p.topic, p.partition, at.parallelism) == at.subtask {
+                    mine.push(p);
+                }
+            }
+        }
+        self.take_state(mine);
+        Ok(())
+    }
+}
