@@ -359,6 +359,8 @@ struct Chain {
     ckpt: Option<CheckpointRun>,
     /// The highest completed checkpoint the operators were told of.
     told_complete: u64,
+    /// The task's source once it has ended, told when the final checkpoint completes.
+    ended_source: Option<Box<dyn Source>>,
     /// Uploads still running.
     uploads: Vec<std::thread::JoinHandle<()>>,
     /// The task reads exchanges (it is not a source).
@@ -971,6 +973,9 @@ impl Chain {
 
     /// The final checkpoint completed: the sinks commit what is left.
     fn complete_final(&mut self) -> Result<(), RuntimeError> {
+        if let Some(s) = self.ended_source.as_mut() {
+            s.checkpoint_complete(FINAL)?;
+        }
         for cop in &mut self.ops {
             if let Some(op) = cop.op.as_mut() {
                 op.checkpoint_complete(FINAL)?;
@@ -1360,6 +1365,7 @@ pub fn run_worker(
                 last_flush: Instant::now(),
                 ckpt: opts.checkpoints.clone(),
                 told_complete,
+                ended_source: None,
                 uploads: Vec::new(),
                 has_inputs: !plan.ops[h].kind.is_source(),
                 input_fields: plan.ops[h]
@@ -1695,7 +1701,8 @@ fn run_subtask(
             }
             if let Some(id) = chain.stopped {
                 // The savepoint stops the job: no record after its barrier.
-                return chain.end_stopped(id, cancel);
+                chain.end_stopped(id, cancel)?;
+                return source.checkpoint_complete(id);
             }
             chain.pump()?;
             if exhausted && !chain.holding() {
@@ -1741,7 +1748,9 @@ fn run_subtask(
             exhausted = !more;
             chain.maybe_flush()?;
         }
-        return chain.finish(Some(&mut source), cancel);
+        chain.finish(Some(&mut source), cancel)?;
+        chain.ended_source = Some(source);
+        return Ok(());
     }
     for (input, records) in replay {
         chain.check_input(input as usize, &records)?;

@@ -297,3 +297,325 @@ fn a_count_by_key_through_kafka_at_least_once_loses_nothing_with_killed_workers(
 fn a_bounded_source_ends_where_the_topic_ended_and_every_update_is_committed_once() {
     count_with_kills("exactly-once", 50_000, 0, false, 0x6264);
 }
+
+fn sink_spec(topic: &str, prefix: &str) -> weir_crds::kafka::KafkaSinkSpec {
+    serde_json::from_value(serde_json::json!({
+        "topic": topic,
+        "key": "key",
+        "bootstrapServers": bootstrap(),
+        "transactionalIdPrefix": prefix,
+        "transactionTimeout": "60s",
+    }))
+    .unwrap()
+}
+
+/// Records `{key: k<i % 7>, count: i}` for `range`.
+fn numbered(range: std::ops::Range<i64>) -> Vec<weir_runtime::record::Record> {
+    use weir_runtime::record::Value;
+    range.map(|i| vec![Value::str(&format!("k{}", i % 7)), Value::Int(i)]).collect()
+}
+
+/// The `count` of every value `topic` holds, committed, sorted.
+fn committed_numbers(topic: &str, expected: usize) -> Vec<i64> {
+    let mut n: Vec<i64> = read_topic(topic, expected, Duration::from_secs(20))
+        .iter()
+        .map(|v| serde_json::from_str::<serde_json::Value>(v).unwrap()["count"].as_i64().unwrap())
+        .collect();
+    n.sort_unstable();
+    n
+}
+
+/// The sink's recovery, driven step by step as a crash would leave it: a sink that
+/// pre-committed a transaction at a barrier and died before the checkpoint's completion
+/// reached it (and with a later transaction open) is restored; the restored sink writes the
+/// pre-committed records again, once, and fences the open transaction; restored again from a
+/// checkpoint whose transactions committed, it writes nothing twice.
+#[test]
+fn a_restored_sink_commits_what_its_checkpoint_pre_committed_exactly_once() {
+    use weir_runtime::connectors::KafkaSink;
+    use weir_runtime::operator::Operator;
+    let topic = unique("sink-recovery");
+    create_topic(&topic, 3);
+    let prefix = unique("weir-test-txn");
+    let spec = sink_spec(&topic, &prefix);
+    let fields = vec!["key".to_string(), "count".to_string()];
+    let mut out = Vec::new();
+
+    // Attempt 1: records 0..1000 before barrier 1, 1000..1500 after it; then it dies (nothing
+    // of it is closed or dropped: its transactions stay as they are).
+    let mut a = KafkaSink::new(&spec, "out", "job", 0, &fields, true, 0).unwrap();
+    a.restore(None).unwrap();
+    a.process(0, numbered(0..1000), &mut out).unwrap();
+    let checkpoint1 = a.snapshot(1).unwrap().unwrap();
+    a.process(0, numbered(1000..1500), &mut out).unwrap();
+    std::mem::forget(a);
+
+    // Attempt 2, restored from checkpoint 1 (the coordinator triggered 1 before).
+    let mut b = KafkaSink::new(&spec, "out", "job", 0, &fields, true, 1).unwrap();
+    b.restore(Some(checkpoint1.clone())).unwrap();
+    b.process(0, numbered(1500..2000), &mut out).unwrap();
+    let checkpoint2 = b.snapshot(2).unwrap().unwrap();
+    b.checkpoint_complete(2).unwrap();
+    let want: Vec<i64> = (0..1000).chain(1500..2000).collect();
+    assert_eq!(committed_numbers(&topic, want.len()), want);
+
+    // Attempt 3 restores checkpoint 2, whose transaction committed: nothing is written again.
+    drop(b);
+    let mut c = KafkaSink::new(&spec, "out", "job", 0, &fields, true, 2).unwrap();
+    c.restore(Some(checkpoint2)).unwrap();
+    c.process(0, numbered(2000..2100), &mut out).unwrap();
+    c.snapshot(3).unwrap();
+    c.checkpoint_complete(3).unwrap();
+    let want: Vec<i64> = (0..1000).chain(1500..2100).collect();
+    assert_eq!(committed_numbers(&topic, want.len()), want);
+}
+
+/// A checkpoint's sink state is read back from storage: one that names another sink's
+/// transactions or impossible offsets is refused as damaged, before anything is written.
+#[test]
+fn a_forged_sink_state_is_refused() {
+    use weir_runtime::connectors::KafkaSink;
+    use weir_runtime::operator::Operator;
+    let topic = unique("sink-forged");
+    let spec = sink_spec(&topic, "weir-forged");
+    let fields = vec!["key".to_string(), "count".to_string()];
+    let pending = |id: &str, group: &str, runs: serde_json::Value| {
+        serde_json::json!({"prefix": "weir-forged", "subtask": 0, "checkpoint": 1, "pending": [
+            {"transactionalId": id, "epoch": 1, "group": group, "marker": [topic, 0], "runs": runs}
+        ]})
+    };
+    for (state, why) in [
+        (pending("someone-else-0-1", "weir-forged-0", serde_json::json!([[topic, 0, 0, 5]])), "another sink"),
+        (pending("weir-forged-0-1", "victims-group", serde_json::json!([[topic, 0, 0, 5]])), "another sink"),
+        (pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([[topic, -1, 0, 5]])), "records at"),
+        (pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([["../x", 0, 0, 5]])), "records at"),
+        (pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([[topic, 0, 0, 0]])), "records at"),
+        (serde_json::json!({"prefix": "bad prefix!", "subtask": 0, "checkpoint": 1, "pending": []}), "prefix"),
+    ] {
+        let mut s = KafkaSink::new(&spec, "out", "job", 0, &fields, true, 1).unwrap();
+        let e = s.restore(Some(state.clone())).unwrap_err();
+        assert!(e.message.contains(why) && e.message.contains("damaged or forged"), "{state}: {e}");
+    }
+}
+
+/// A job of one `kafka_source` (its other keys `source`) into a JSON `file_sink` under `dir`.
+fn source_job(dir: &Path, source: &str) -> std::path::PathBuf {
+    let file = dir.join("job.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: kafka-read}}
+spec:
+  parallelism: 2
+  checkpointing: {{interval: 500ms, timeout: 30s, storage: {chk}}}
+  pipeline:
+    operators:
+      - {{uid: orders, type: kafka_source, bootstrapServers: \"{b}\", {source}}}
+      - {{uid: out, type: file_sink, inputs: [orders], path: {out}, format: json}}
+",
+            b = bootstrap(),
+            chk = dir.join("checkpoints").display(),
+            out = dir.join("out").display(),
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// The committed lines under `dir/out`, sorted.
+fn committed_lines(dir: &Path) -> Vec<String> {
+    let mut lines: Vec<String> = std::fs::read_dir(dir.join("out"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .flat_map(|e| std::fs::read_to_string(e.path()).unwrap().lines().map(String::from).collect::<Vec<_>>())
+                .collect()
+        })
+        .unwrap_or_default();
+    lines.sort();
+    lines
+}
+
+/// Runs `file` to its end (it must succeed): its log.
+fn run_bounded(file: &Path, dir: &Path) -> String {
+    process::run_to_end(file, &dir.join("state"), 2, Duration::from_secs(180))
+}
+
+/// JSON values `{"id": i}` for `range`, as `(key, value)` records.
+fn ids(range: std::ops::Range<u32>) -> Vec<(String, Vec<u8>)> {
+    range.map(|i| (format!("k{i}"), format!("{{\"id\": {i}}}").into_bytes())).collect()
+}
+
+fn id_lines(range: std::ops::Range<u32>) -> Vec<String> {
+    let mut v: Vec<String> = range.map(|i| format!("{{\"id\":{i}}}")).collect();
+    v.sort();
+    v
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// `startFrom: timestamp` with `stopTimestamp` reads the records between the two; `group`
+/// starts at the group's committed offsets; `latest` at the end when the job first started.
+#[test]
+fn start_from_each_mode_reads_from_where_it_says() {
+    let topic = unique("start-from");
+    create_topic(&topic, 3);
+    produce(&topic, None, ids(0..300));
+    std::thread::sleep(Duration::from_millis(50));
+    let t1 = now_ms();
+    std::thread::sleep(Duration::from_millis(50));
+    produce(&topic, None, ids(300..600));
+    std::thread::sleep(Duration::from_millis(50));
+    let t2 = now_ms();
+    std::thread::sleep(Duration::from_millis(50));
+    produce(&topic, None, ids(600..700));
+    let fields = "format: json, fields: {id: int}";
+
+    // timestamp .. stopTimestamp: exactly the middle batch.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = source_job(
+        tmp.path(),
+        &format!("topics: [{topic}], {fields}, startFrom: timestamp, startTimestamp: {t1}, stopTimestamp: {t2}"),
+    );
+    run_bounded(&file, tmp.path());
+    assert_eq!(committed_lines(tmp.path()), id_lines(300..600));
+
+    // group: a group that committed, for each partition, the offset after its first 10.
+    let group = unique("group");
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition_offset(&topic, p, Offset::Offset(10)).unwrap();
+    }
+    c.commit(&tpl, rdkafka::consumer::CommitMode::Sync).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = source_job(
+        tmp.path(),
+        &format!("topics: [{topic}], {fields}, startFrom: group, groupId: {group}, stopAt: latest"),
+    );
+    run_bounded(&file, tmp.path());
+    let got = committed_lines(tmp.path());
+    assert_eq!(got.len(), 700 - 30, "all but the first 10 of each partition");
+    // The first 10 of each partition are the ones not read.
+    let reader: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).set("group.id", unique("r")).create().unwrap();
+    let mut skipped = Vec::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning).unwrap();
+    }
+    reader.assign(&tpl).unwrap();
+    let t = Instant::now();
+    let mut seen = 0;
+    while seen < 700 && t.elapsed() < Duration::from_secs(30) {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) {
+            seen += 1;
+            if m.offset() < 10 {
+                skipped.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap().replace(' ', ""));
+            }
+        }
+    }
+    assert_eq!(skipped.len(), 30);
+    assert!(skipped.iter().all(|s| !got.contains(s)), "a record before the group's offsets was read");
+    // The job committed its own offsets to the group when its checkpoints completed: the
+    // group's offsets are now the partitions' ends.
+    let committed = c.committed_offsets(tpl.clone(), Duration::from_secs(30)).unwrap();
+    let ends: i64 = (0..3).map(|p| c.fetch_watermarks(&topic, p, Duration::from_secs(30)).unwrap().1).sum();
+    let at: i64 = committed.elements().iter().map(|e| e.offset().to_raw().unwrap_or(0)).sum();
+    assert_eq!(at, ends, "the group's offsets after the job: {committed:?}");
+
+    // latest: records written after the job started only.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = source_job(tmp.path(), &format!("topics: [{topic}], {fields}, startFrom: latest"));
+    let mut job = start(&file, tmp.path(), &[]);
+    assert!(process::wait_running(&mut job, 0));
+    std::thread::sleep(Duration::from_secs(2));
+    produce(&topic, None, ids(700..750));
+    let t = Instant::now();
+    while committed_lines(tmp.path()).len() < 50 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = job.child.kill();
+    let (_, log) = job.finish(Duration::from_secs(30));
+    assert_eq!(committed_lines(tmp.path()), id_lines(700..750), "{log}");
+}
+
+/// Partitions added to the topic while the job runs are found and read from their start.
+#[test]
+fn partitions_added_while_running_are_read_from_their_start() {
+    let topic = unique("discovery");
+    create_topic(&topic, 2);
+    produce(&topic, None, ids(0..100));
+    let tmp = tempfile::tempdir().unwrap();
+    let file = source_job(
+        tmp.path(),
+        &format!("topics: [{topic}], format: json, fields: {{id: int}}, partitionDiscoveryInterval: 1s"),
+    );
+    let mut job = start(&file, tmp.path(), &[]);
+    assert!(process::wait_running(&mut job, 0));
+    let wait_for = |n: usize| {
+        let t = Instant::now();
+        while committed_lines(tmp.path()).len() < n && t.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(100);
+    add_partitions(&topic, 5);
+    // Written before the job can have found them: read from their first offset, not their end.
+    produce(&topic, Some(2), ids(100..150));
+    produce(&topic, Some(4), ids(150..200));
+    wait_for(200);
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = job.child.kill();
+    let (_, log) = job.finish(Duration::from_secs(30));
+    assert_eq!(committed_lines(tmp.path()), id_lines(0..200), "{log}");
+    assert!(log.contains("new, from its first offset"), "{log}");
+}
+
+/// A value that does not parse fails the job naming where it is (`onError: fail`), or is
+/// dropped and counted (`skip`); `format: raw` gives every record with its coordinates.
+#[test]
+fn bad_records_follow_on_error_and_raw_reads_everything() {
+    let topic = unique("bad-records");
+    create_topic(&topic, 1);
+    let mut records = ids(0..20);
+    records.insert(7, ("bad".into(), b"{\"id\": \"seven\"}".to_vec()));
+    records.insert(12, ("bad".into(), b"not json".to_vec()));
+    records.insert(15, ("bad".into(), vec![0xff, 0xfe]));
+    produce(&topic, None, records);
+    let fields = "format: json, fields: {id: int}, stopAt: latest";
+
+    let tmp = tempfile::tempdir().unwrap();
+    let file = source_job(tmp.path(), &format!("topics: [{topic}], {fields}"));
+    let (code, err) = start(&file, tmp.path(), &[]).finish(Duration::from_secs(120));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains(&format!("topic {topic:?} partition 0 offset 7")) && err.contains("onError: skip"),
+        "{err}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let file = source_job(tmp.path(), &format!("topics: [{topic}], {fields}, onError: skip"));
+    let log = run_bounded(&file, tmp.path());
+    assert_eq!(committed_lines(tmp.path()), id_lines(0..20), "{log}");
+    assert!(log.contains("skipped topic"), "{log}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let file = source_job(tmp.path(), &format!("topics: [{topic}], format: raw, stopAt: latest, onError: skip"));
+    run_bounded(&file, tmp.path());
+    let lines = committed_lines(tmp.path());
+    // The one value that is not UTF-8 is dropped; the others come whole.
+    assert_eq!(lines.len(), 22, "{lines:?}");
+    let j: serde_json::Value = lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|j| j["offset"] == 12).unwrap();
+    assert_eq!((j["key"].as_str(), j["value"].as_str(), j["partition"].as_i64()), (Some("bad"), Some("not json"), Some(0)));
+    assert_eq!(j["topic"].as_str(), Some(topic.as_str()));
+    assert!(j["timestamp"].as_i64().unwrap() > 1_700_000_000_000, "{j}");
+}

@@ -536,9 +536,12 @@ impl Source for KafkaSource {
                 return Ok(());
             }
         }
-        // For lag tools only: a failed commit is logged and the job goes on.
+        // For lag tools only: a failed commit is logged and the job goes on. The final
+        // checkpoint's is waited for: the process ends next.
+        let ending = id == crate::exec::FINAL;
+        let mode = if ending { CommitMode::Sync } else { CommitMode::Async };
         if tpl.count() > 0
-            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+            && let Err(e) = self.consumer.commit(&tpl, mode)
         {
             eprintln!("weir: {}: committing offsets to groupId: {e}", self.who);
         }
