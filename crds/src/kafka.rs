@@ -459,7 +459,7 @@ mod tests {
         assert_eq!(sink.check(), Ok(()));
         assert_eq!(sink.check_checkpoints(Duration::from_secs(10), Duration::from_secs(30)), Ok(()));
         let e = sink.check_checkpoints(Duration::from_secs(30), Duration::from_secs(30)).unwrap_err();
-        assert!(e.contains("transactionTimeout 60s") && e.contains("interval 30s"), "{e}");
+        assert!(e.contains("transactionTimeout 1m") && e.contains("interval 30s"), "{e}");
         let at_least_once = KafkaSinkSpec { delivery: Delivery::AtLeastOnce, ..sink };
         assert_eq!(
             at_least_once.check_checkpoints(Duration::from_secs(30), Duration::from_secs(30)),
