@@ -8,12 +8,12 @@
 use schemars::{JsonSchema, generate::SchemaSettings};
 use serde_json::Value;
 
+use crate::kafka::{KafkaSinkSpec, KafkaSourceSpec};
 use crate::plan::{
     FileSinkSpec, FileSourceSpec, FilterSpec, GeneratorSpec, IntervalJoinSpec, KeyedSpec, MapSpec,
     NoParams, SocketSpec, SplitSpec, StdoutSpec, ThrottleSpec, TopNSpec, WindowJoinSpec,
     WindowOpSpec, WindowSpec,
 };
-use crate::kafka::{KafkaSinkSpec, KafkaSourceSpec};
 
 /// Where an operator type stands in a pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +154,7 @@ pub const KINDS: &[OperatorKind] = &[
         name: "kafka_source",
         role: Role::Source,
         stateful: true,
-        summary: "The records of Kafka topics: each partition a split, dealt to the subtasks (again when the job is rescaled), read from where `startFrom` says the first time and from the checkpoint's offsets after that. Reads committed records only unless `isolation: read_uncommitted`. With `stopAt: latest` it is bounded: each partition ends where it ended when the job first started. The offsets of each completed checkpoint are committed to `groupId`, for lag tools.",
+        summary: "The records of Kafka topics (`topics`, or every topic matching `topicPattern`): each partition a split, dealt to the subtasks (again when the job is rescaled), read from where `startFrom` says the first time and from the checkpoint's offsets after that. Reads committed records only unless `isolation: read_uncommitted`. With `stopAt: latest` it is bounded: each partition ends where it ended when the job first started. Partitions and topics created while it runs are found every `partitionDiscoveryInterval` and read from their start. The offsets of each completed checkpoint are committed to `groupId`, for lag tools.",
         emits: "`line` (the value as text) with `format: text`; the names of `fields` in sorted order with `format: json`, as a `file_source`; `key`, `value`, `topic` (text), `partition`, `offset`, `timestamp` (integers) with `format: raw`",
         params: schema_of::<KafkaSourceSpec>,
         example: "{uid: orders, type: kafka_source, topics: [orders], bootstrapServers: \"kafka:9092\", startFrom: earliest, format: json, fields: {key: string, value: int, ts: timestamp}, eventTime: {field: ts, maxOutOfOrderness: 5s}}",

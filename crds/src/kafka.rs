@@ -62,6 +62,11 @@ pub struct KafkaSourceSpec {
     /// The topics to read, each of its partitions a split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topics: Option<Vec<String>>,
+    /// Instead of `topics`: every topic whose whole name matches this regular expression
+    /// (`orders-.*`), those created while the job runs too (found every
+    /// `partitionDiscoveryInterval`); Kafka's internal topics (`__...`) never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_pattern: Option<String>,
     /// The brokers to bootstrap from: `host:port`, comma-separated.
     pub bootstrap_servers: String,
     /// The consumer group whose offsets `startFrom: group` starts from, and to which the
@@ -271,7 +276,9 @@ pub fn check_properties(props: &BTreeMap<String, String>) -> Result<(), String> 
             ));
         }
         if name.is_empty()
-            || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_'))
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_'))
         {
             return Err(format!(
                 "properties: {name:?} is not a librdkafka setting (lower-case dotted names, e.g. fetch.max.bytes)"
@@ -279,6 +286,17 @@ pub fn check_properties(props: &BTreeMap<String, String>) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+/// The regular expression of `topicPattern`, matching whole names.
+pub fn topic_regex(pattern: &str) -> Result<regex::Regex, String> {
+    if pattern.len() > 1000 {
+        return Err("topicPattern is longer than 1000 characters".into());
+    }
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("topicPattern {pattern:?} is not a regular expression: {e}"))
 }
 
 /// A transactional id prefix: what Kafka's ids take, short enough for the subtask and epoch
@@ -308,13 +326,26 @@ impl KafkaSourceSpec {
     pub fn check(&self) -> Result<(), String> {
         check_bootstrap_servers(&self.bootstrap_servers)?;
         check_properties(&self.properties)?;
-        match &self.topics {
-            None => return Err("topics is missing: name the topics to read, e.g. topics: [orders]".into()),
-            Some(t) if t.is_empty() => return Err("topics is empty: name the topics to read".into()),
-            Some(topics) => {
+        match (&self.topics, &self.topic_pattern) {
+            (None, None) => {
+                return Err("topics is missing: name the topics to read, e.g. topics: [orders], or give a topicPattern".into());
+            }
+            (Some(_), Some(_)) => {
+                return Err(
+                    "topics and topicPattern are two ways to name the topics: give one of them"
+                        .into(),
+                );
+            }
+            (Some(t), None) if t.is_empty() => {
+                return Err("topics is empty: name the topics to read".into());
+            }
+            (Some(topics), None) => {
                 for t in topics {
                     check_topic("topics:", t)?;
                 }
+            }
+            (None, Some(p)) => {
+                topic_regex(p)?;
             }
         }
         if let Some(g) = &self.group_id
@@ -334,7 +365,9 @@ impl KafkaSourceSpec {
                 return Err("startTimestamp is read only with startFrom: timestamp".into());
             }
             (StartFrom::Group, _) if self.group_id.is_none() => {
-                return Err("startFrom: group needs groupId: the group whose offsets to start from".into());
+                return Err(
+                    "startFrom: group needs groupId: the group whose offsets to start from".into(),
+                );
             }
             _ => {}
         }
@@ -364,7 +397,9 @@ impl KafkaSinkSpec {
             (Some(t), None) => check_topic("topic", t)?,
             (None, Some(_)) => {}
             (Some(_), Some(_)) => {
-                return Err("topic and topicField are two ways to name the topic: give one of them".into());
+                return Err(
+                    "topic and topicField are two ways to name the topic: give one of them".into(),
+                );
             }
             (None, None) => {
                 return Err("topic is missing: name the topic to write to (or a field that names it, topicField)".into());
@@ -375,7 +410,8 @@ impl KafkaSinkSpec {
         }
         let t = self.transaction_timeout.as_std();
         if self.delivery == Delivery::ExactlyOnce
-            && (t < std::time::Duration::from_secs(1) || t > std::time::Duration::from_secs(i32::MAX as u64 / 1000))
+            && (t < std::time::Duration::from_secs(1)
+                || t > std::time::Duration::from_secs(i32::MAX as u64 / 1000))
         {
             return Err(format!(
                 "transactionTimeout {} is not from 1s to 24 days",
@@ -409,7 +445,8 @@ mod tests {
 
     #[test]
     fn bootstrap_servers_are_host_port_lists() {
-        for good in ["kafka:9092", "a:1,b.c:65535", " 10.0.0.1:9092 , [::1]:9093", "k-0.k.svc:9092"] {
+        for good in ["kafka:9092", "a:1,b.c:65535", " 10.0.0.1:9092 , [::1]:9093", "k-0.k.svc:9092"]
+        {
             assert_eq!(check_bootstrap_servers(good), Ok(()), "{good}");
         }
         for (bad, why) in [
@@ -457,8 +494,12 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(sink.check(), Ok(()));
-        assert_eq!(sink.check_checkpoints(Duration::from_secs(10), Duration::from_secs(30)), Ok(()));
-        let e = sink.check_checkpoints(Duration::from_secs(30), Duration::from_secs(30)).unwrap_err();
+        assert_eq!(
+            sink.check_checkpoints(Duration::from_secs(10), Duration::from_secs(30)),
+            Ok(())
+        );
+        let e =
+            sink.check_checkpoints(Duration::from_secs(30), Duration::from_secs(30)).unwrap_err();
         assert!(e.contains("transactionTimeout 1m") && e.contains("interval 30s"), "{e}");
         let at_least_once = KafkaSinkSpec { delivery: Delivery::AtLeastOnce, ..sink };
         assert_eq!(

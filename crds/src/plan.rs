@@ -292,10 +292,9 @@ impl LineFormat<'_> {
     /// The fields of the records it makes, with what each holds.
     pub fn output(&self) -> Vec<(String, FieldType)> {
         match (self.format, self.fields) {
-            (SourceFormat::Raw, _) => crate::kafka::RAW_FIELDS
-                .iter()
-                .map(|(name, t)| (name.to_string(), *t))
-                .collect(),
+            (SourceFormat::Raw, _) => {
+                crate::kafka::RAW_FIELDS.iter().map(|(name, t)| (name.to_string(), *t)).collect()
+            }
             (SourceFormat::Json, Some(fields)) => {
                 fields.iter().map(|(name, t)| (name.clone(), t.field_type())).collect()
             }
@@ -820,7 +819,10 @@ impl OpKind {
     pub fn is_source(&self) -> bool {
         matches!(
             self,
-            OpKind::Generator(_) | OpKind::FileSource(_) | OpKind::Socket(_) | OpKind::KafkaSource(_)
+            OpKind::Generator(_)
+                | OpKind::FileSource(_)
+                | OpKind::Socket(_)
+                | OpKind::KafkaSource(_)
         )
     }
     pub fn is_sink(&self) -> bool {
@@ -1488,7 +1490,9 @@ pub fn build_with(
     for op in &plan.ops {
         if let OpKind::KafkaSink(k) = &op.kind {
             k.check_checkpoints(spec.checkpointing.interval, spec.checkpointing.timeout).map_err(
-                |e| PlanError::of(&op.uid, format!("operator {:?} ({}): {e}", op.uid, op.type_name)),
+                |e| {
+                    PlanError::of(&op.uid, format!("operator {:?} ({}): {e}", op.uid, op.type_name))
+                },
             )?;
         }
     }
@@ -1642,7 +1646,10 @@ fn plan_operators(
                         if !matches!(in_types[i], FieldType::Text | FieldType::Any) {
                             return Err(err(
                                 op,
-                                format!("topicField {f:?} holds {}, not text: name a text field", in_types[i].describe()),
+                                format!(
+                                    "topicField {f:?} holds {}, not text: name a text field",
+                                    in_types[i].describe()
+                                ),
                             ));
                         }
                     }

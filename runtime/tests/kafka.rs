@@ -22,6 +22,14 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use weir_runtime::connectors::SplitMix64;
 
+/// The test that stops a broker holds this for writing; the others, which create topics with
+/// three replicas, for reading.
+static CLUSTER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    CLUSTER.read().unwrap_or_else(|e| e.into_inner())
+}
+
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!(
@@ -36,7 +44,8 @@ fn bootstrap() -> String {
 
 /// A name no other test or run uses.
 fn unique(test: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{test}-{nanos}-{}", std::process::id())
 }
 
@@ -75,7 +84,11 @@ fn producer() -> BaseProducer {
 
 /// Writes `(key, value)` records (value bytes as given) to `topic` (to `partition` if given)
 /// and waits until all are acknowledged.
-fn produce<'a>(topic: &str, partition: Option<i32>, records: impl IntoIterator<Item = (String, Vec<u8>)> + 'a) {
+fn produce<'a>(
+    topic: &str,
+    partition: Option<i32>,
+    records: impl IntoIterator<Item = (String, Vec<u8>)> + 'a,
+) {
     let p = producer();
     for (k, v) in records {
         let mut r = BaseRecord::to(topic).key(&k).payload(&v);
@@ -128,7 +141,10 @@ fn read_topic(topic: &str, expected: usize, quiet: Duration) -> Vec<String> {
     for t in md.topics() {
         for p in t.partitions() {
             tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
-            ends.insert(p.id(), c.fetch_watermarks(topic, p.id(), Duration::from_secs(30)).unwrap().1);
+            ends.insert(
+                p.id(),
+                c.fetch_watermarks(topic, p.id(), Duration::from_secs(30)).unwrap().1,
+            );
         }
     }
     c.assign(&tpl).unwrap();
@@ -173,14 +189,34 @@ fn check_updates(values: &[String], counts: &BTreeMap<String, u64>) {
         got.sort_unstable();
         if got != (1..=*n).collect::<Vec<u64>>() {
             let dups = got.windows(2).filter(|w| w[0] == w[1]).count();
-            wrong.push(format!("{k}: {} updates for {n} records ({dups} twice), last {:?}", got.len(), got.last()));
+            wrong.push(format!(
+                "{k}: {} updates for {n} records ({dups} twice), last {:?}",
+                got.len(),
+                got.last()
+            ));
         }
     }
-    assert!(seen.is_empty(), "keys that were never written: {:?}", seen.keys().take(5).collect::<Vec<_>>());
-    assert!(wrong.is_empty(), "{} of {} keys wrong: {:?}", wrong.len(), counts.len(), &wrong[..wrong.len().min(10)]);
+    assert!(
+        seen.is_empty(),
+        "keys that were never written: {:?}",
+        seen.keys().take(5).collect::<Vec<_>>()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} of {} keys wrong: {:?}",
+        wrong.len(),
+        counts.len(),
+        &wrong[..wrong.len().min(10)]
+    );
 }
 
-fn write_manifest(dir: &Path, name: &str, source: &str, sink: &str, extra: &str) -> std::path::PathBuf {
+fn write_manifest(
+    dir: &Path,
+    name: &str,
+    source: &str,
+    sink: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let file = dir.join("job.yaml");
     std::fs::write(
         &file,
@@ -222,6 +258,8 @@ fn kafka_sh(args: &[&str]) {
 /// A count by key from 6 partitions into an exactly-once sink (or `delivery`), with workers
 /// killed at random moments and, with `broker`, one broker stopped for 20 s in the middle.
 fn count_with_kills(delivery: &str, records: u64, kills_wanted: u32, broker: bool, seed: u64) {
+    let _alone = broker.then(|| CLUSTER.write().unwrap_or_else(|e| e.into_inner()));
+    let _shared = (!broker).then(shared);
     let tmp = tempfile::tempdir().unwrap();
     let input = unique("orders");
     let output = unique("counts");
@@ -274,7 +312,11 @@ fn count_with_kills(delivery: &str, records: u64, kills_wanted: u32, broker: boo
     }
     let (code, err) = job.finish(Duration::from_secs(600));
     assert_eq!(code, Some(0), "{err}");
-    assert!(kills >= kills_wanted, "the job ended after {kills} kills in {:?}; make the input longer: {err}", t0.elapsed());
+    assert!(
+        kills >= kills_wanted,
+        "the job ended after {kills} kills in {:?}; make the input longer: {err}",
+        t0.elapsed()
+    );
     let values = read_topic(&output, records as usize, Duration::from_secs(20));
     match delivery {
         "exactly-once" => check_updates(&values, &counts),
@@ -283,7 +325,9 @@ fn count_with_kills(delivery: &str, records: u64, kills_wanted: u32, broker: boo
             let mut seen: BTreeMap<String, std::collections::BTreeSet<u64>> = BTreeMap::new();
             for v in &values {
                 let j: serde_json::Value = serde_json::from_str(v).unwrap();
-                seen.entry(j["key"].as_str().unwrap().into()).or_default().insert(j["count"].as_u64().unwrap());
+                seen.entry(j["key"].as_str().unwrap().into())
+                    .or_default()
+                    .insert(j["count"].as_u64().unwrap());
             }
             for (k, n) in &counts {
                 let got = seen.get(k).map_or(0, |s| s.len() as u64);
@@ -342,6 +386,7 @@ fn committed_numbers(topic: &str, expected: usize) -> Vec<i64> {
 /// checkpoint whose transactions committed, it writes nothing twice.
 #[test]
 fn a_restored_sink_commits_what_its_checkpoint_pre_committed_exactly_once() {
+    let _cluster = shared();
     use weir_runtime::connectors::KafkaSink;
     use weir_runtime::operator::Operator;
     let topic = unique("sink-recovery");
@@ -395,12 +440,30 @@ fn a_forged_sink_state_is_refused() {
         ]})
     };
     for (state, why) in [
-        (pending("someone-else-0-1", "weir-forged-0", serde_json::json!([[topic, 0, 0, 5]])), "another sink"),
-        (pending("weir-forged-0-1", "victims-group", serde_json::json!([[topic, 0, 0, 5]])), "another sink"),
-        (pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([[topic, -1, 0, 5]])), "records at"),
-        (pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([["../x", 0, 0, 5]])), "records at"),
-        (pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([[topic, 0, 0, 0]])), "records at"),
-        (serde_json::json!({"prefix": "bad prefix!", "subtask": 0, "checkpoint": 1, "pending": []}), "prefix"),
+        (
+            pending("someone-else-0-1", "weir-forged-0", serde_json::json!([[topic, 0, 0, 5]])),
+            "another sink",
+        ),
+        (
+            pending("weir-forged-0-1", "victims-group", serde_json::json!([[topic, 0, 0, 5]])),
+            "another sink",
+        ),
+        (
+            pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([[topic, -1, 0, 5]])),
+            "records at",
+        ),
+        (
+            pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([["../x", 0, 0, 5]])),
+            "records at",
+        ),
+        (
+            pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([[topic, 0, 0, 0]])),
+            "records at",
+        ),
+        (
+            serde_json::json!({"prefix": "bad prefix!", "subtask": 0, "checkpoint": 1, "pending": []}),
+            "prefix",
+        ),
     ] {
         let mut s = KafkaSink::new(&spec, "out", "job", 0, &fields, true, 1).unwrap();
         let e = s.restore(Some(state.clone())).unwrap_err();
@@ -440,7 +503,13 @@ fn committed_lines(dir: &Path) -> Vec<String> {
         .map(|rd| {
             rd.flatten()
                 .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .flat_map(|e| std::fs::read_to_string(e.path()).unwrap().lines().map(String::from).collect::<Vec<_>>())
+                .flat_map(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap()
+                        .lines()
+                        .map(String::from)
+                        .collect::<Vec<_>>()
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -472,6 +541,7 @@ fn now_ms() -> i64 {
 /// starts at the group's committed offsets; `latest` at the end when the job first started.
 #[test]
 fn start_from_each_mode_reads_from_where_it_says() {
+    let _cluster = shared();
     let topic = unique("start-from");
     create_topic(&topic, 3);
     produce(&topic, None, ids(0..300));
@@ -489,7 +559,9 @@ fn start_from_each_mode_reads_from_where_it_says() {
     let tmp = tempfile::tempdir().unwrap();
     let file = source_job(
         tmp.path(),
-        &format!("topics: [{topic}], {fields}, startFrom: timestamp, startTimestamp: {t1}, stopTimestamp: {t2}"),
+        &format!(
+            "topics: [{topic}], {fields}, startFrom: timestamp, startTimestamp: {t1}, stopTimestamp: {t2}"
+        ),
     );
     run_bounded(&file, tmp.path());
     assert_eq!(committed_lines(tmp.path()), id_lines(300..600));
@@ -515,7 +587,11 @@ fn start_from_each_mode_reads_from_where_it_says() {
     let got = committed_lines(tmp.path());
     assert_eq!(got.len(), 700 - 30, "all but the first 10 of each partition");
     // The first 10 of each partition are the ones not read.
-    let reader: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).set("group.id", unique("r")).create().unwrap();
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("r"))
+        .create()
+        .unwrap();
     let mut skipped = Vec::new();
     let mut tpl = TopicPartitionList::new();
     for p in 0..3 {
@@ -528,16 +604,22 @@ fn start_from_each_mode_reads_from_where_it_says() {
         if let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) {
             seen += 1;
             if m.offset() < 10 {
-                skipped.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap().replace(' ', ""));
+                skipped.push(
+                    String::from_utf8(m.payload().unwrap().to_vec()).unwrap().replace(' ', ""),
+                );
             }
         }
     }
     assert_eq!(skipped.len(), 30);
-    assert!(skipped.iter().all(|s| !got.contains(s)), "a record before the group's offsets was read");
+    assert!(
+        skipped.iter().all(|s| !got.contains(s)),
+        "a record before the group's offsets was read"
+    );
     // The job committed its own offsets to the group when its checkpoints completed: the
     // group's offsets are now the partitions' ends.
     let committed = c.committed_offsets(tpl.clone(), Duration::from_secs(30)).unwrap();
-    let ends: i64 = (0..3).map(|p| c.fetch_watermarks(&topic, p, Duration::from_secs(30)).unwrap().1).sum();
+    let ends: i64 =
+        (0..3).map(|p| c.fetch_watermarks(&topic, p, Duration::from_secs(30)).unwrap().1).sum();
     let at: i64 = committed.elements().iter().map(|e| e.offset().to_raw().unwrap_or(0)).sum();
     assert_eq!(at, ends, "the group's offsets after the job: {committed:?}");
 
@@ -561,13 +643,16 @@ fn start_from_each_mode_reads_from_where_it_says() {
 /// Partitions added to the topic while the job runs are found and read from their start.
 #[test]
 fn partitions_added_while_running_are_read_from_their_start() {
+    let _cluster = shared();
     let topic = unique("discovery");
     create_topic(&topic, 2);
     produce(&topic, None, ids(0..100));
     let tmp = tempfile::tempdir().unwrap();
     let file = source_job(
         tmp.path(),
-        &format!("topics: [{topic}], format: json, fields: {{id: int}}, partitionDiscoveryInterval: 1s"),
+        &format!(
+            "topics: [{topic}], format: json, fields: {{id: int}}, partitionDiscoveryInterval: 1s"
+        ),
     );
     let mut job = start(&file, tmp.path(), &[]);
     assert!(process::wait_running(&mut job, 0));
@@ -594,6 +679,7 @@ fn partitions_added_while_running_are_read_from_their_start() {
 /// dropped and counted (`skip`); `format: raw` gives every record with its coordinates.
 #[test]
 fn bad_records_follow_on_error_and_raw_reads_everything() {
+    let _cluster = shared();
     let topic = unique("bad-records");
     create_topic(&topic, 1);
     let mut records = ids(0..20);
@@ -608,7 +694,8 @@ fn bad_records_follow_on_error_and_raw_reads_everything() {
     let (code, err) = start(&file, tmp.path(), &[]).finish(Duration::from_secs(120));
     assert_ne!(code, Some(0), "{err}");
     assert!(
-        err.contains(&format!("topic {topic:?} partition 0 offset 7")) && err.contains("onError: skip"),
+        err.contains(&format!("topic {topic:?} partition 0 offset 7"))
+            && err.contains("onError: skip"),
         "{err}"
     );
 
@@ -619,13 +706,149 @@ fn bad_records_follow_on_error_and_raw_reads_everything() {
     assert!(log.contains("skipped topic"), "{log}");
 
     let tmp = tempfile::tempdir().unwrap();
-    let file = source_job(tmp.path(), &format!("topics: [{topic}], format: raw, stopAt: latest, onError: skip"));
+    let file = source_job(
+        tmp.path(),
+        &format!("topics: [{topic}], format: raw, stopAt: latest, onError: skip"),
+    );
     run_bounded(&file, tmp.path());
     let lines = committed_lines(tmp.path());
     // The one value that is not UTF-8 is dropped; the others come whole.
     assert_eq!(lines.len(), 22, "{lines:?}");
-    let j: serde_json::Value = lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|j| j["offset"] == 12).unwrap();
-    assert_eq!((j["key"].as_str(), j["value"].as_str(), j["partition"].as_i64()), (Some("bad"), Some("not json"), Some(0)));
+    let j: serde_json::Value = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|j| j["offset"] == 12)
+        .unwrap();
+    assert_eq!(
+        (j["key"].as_str(), j["value"].as_str(), j["partition"].as_i64()),
+        (Some("bad"), Some("not json"), Some(0))
+    );
     assert_eq!(j["topic"].as_str(), Some(topic.as_str()));
     assert!(j["timestamp"].as_i64().unwrap() > 1_700_000_000_000, "{j}");
+}
+
+/// `topicPattern` reads every topic whose name matches, those created while the job runs too,
+/// and no other.
+#[test]
+fn a_topic_pattern_reads_the_topics_it_matches_and_those_created_later() {
+    let _cluster = shared();
+    let stem = unique("pattern");
+    create_topic(&format!("{stem}-a"), 2);
+    create_topic(&format!("{stem}-b"), 1);
+    create_topic(&format!("{stem}x-other"), 1);
+    produce(&format!("{stem}-a"), None, ids(0..50));
+    produce(&format!("{stem}-b"), None, ids(50..80));
+    produce(&format!("{stem}x-other"), None, ids(1000..1010));
+    let tmp = tempfile::tempdir().unwrap();
+    let file = source_job(
+        tmp.path(),
+        &format!(
+            "topicPattern: '{stem}-.*', format: json, fields: {{id: int}}, partitionDiscoveryInterval: 1s"
+        ),
+    );
+    let mut job = start(&file, tmp.path(), &[]);
+    assert!(process::wait_running(&mut job, 0));
+    let wait_for = |n: usize| {
+        let t = Instant::now();
+        while committed_lines(tmp.path()).len() < n && t.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(80);
+    create_topic(&format!("{stem}-c"), 2);
+    produce(&format!("{stem}-c"), None, ids(80..120));
+    wait_for(120);
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = job.child.kill();
+    let (_, log) = job.finish(Duration::from_secs(30));
+    assert_eq!(committed_lines(tmp.path()), id_lines(0..120), "{log}");
+}
+
+/// Bad Kafka parameters are refused before anything starts, naming the field and what to do.
+#[test]
+fn bad_kafka_parameters_are_refused_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = "{uid: orders, type: kafka_source, topics: [orders], bootstrapServers: \"k:9092\", format: json, fields: {key: string, value: int}}";
+    let sink = "{uid: out, type: kafka_sink, inputs: [counts], topic: out, key: key, bootstrapServers: \"k:9092\"}";
+    let cases: Vec<(String, String, &str)> = vec![
+        (src.replace("\"k:9092\"", "\"k\""), sink.into(), "bootstrapServers: \"k\" has no port"),
+        (src.replace("\"k:9092\"", "\"k:9092,,\""), sink.into(), "bootstrapServers"),
+        (
+            src.replace("topics: [orders]", "topics: [orders], topicPattern: 'o.*'"),
+            sink.into(),
+            "give one of them",
+        ),
+        (
+            src.replace("topics: [orders]", "topicPattern: 'o(.*'"),
+            sink.into(),
+            "topicPattern \"o(.*\" is not a regular expression",
+        ),
+        (
+            src.replace("topics: [orders]", "topics: [\"a/b\"]"),
+            sink.into(),
+            "is not a Kafka topic name",
+        ),
+        (
+            src.replace("format: json", "format: json, startFrom: timestamp"),
+            sink.into(),
+            "needs startTimestamp",
+        ),
+        (
+            src.replace("format: json", "format: json, startFrom: group"),
+            sink.into(),
+            "startFrom: group needs groupId",
+        ),
+        (
+            src.replace("format: json", "format: json, startFrom: newest"),
+            sink.into(),
+            "startFrom \"newest\" is not one of",
+        ),
+        (
+            src.replace("format: json", "format: json, stopAt: latest, stopTimestamp: 5"),
+            sink.into(),
+            "give one of them",
+        ),
+        (
+            src.replace("format: json", "format: json, properties: {group.id: x}"),
+            sink.into(),
+            "properties.group.id is set by Weir: set groupId",
+        ),
+        (
+            src.replace("format: json", "format: json, properties: {sasl.password: hunter2}"),
+            sink.into(),
+            "is a credential",
+        ),
+        (src.into(), sink.replace("topic: out", "topic: out, topicField: key"), "give one of them"),
+        (
+            src.into(),
+            sink.replace("key: key", "key: nope"),
+            "key \"nope\" is not a field of its input",
+        ),
+        (
+            src.into(),
+            sink.replace("topic: out", "topicField: count"),
+            "topicField \"count\" holds an integer, not text",
+        ),
+        (
+            src.into(),
+            sink.replace("key: key", "key: key, delivery: twice"),
+            "delivery \"twice\" is not one of",
+        ),
+        (
+            src.into(),
+            sink.replace("key: key", "key: key, transactionTimeout: 5s"),
+            "transactionTimeout 5s is not longer than the checkpoint interval",
+        ),
+        (
+            src.into(),
+            sink.replace("key: key", "key: key, properties: {transactional.id: x}"),
+            "set transactionalIdPrefix",
+        ),
+    ];
+    for (source, sink, want) in cases {
+        let file = write_manifest(tmp.path(), "bad", &source, &sink, "");
+        let err = process::refused(&file);
+        assert!(err.contains(want), "{source} / {sink}: {err}");
+        assert!(!err.contains("hunter2"), "the credential is in the message: {err}");
+    }
 }

@@ -93,6 +93,15 @@ struct PendingTxn {
     runs: Vec<(String, i32, i64, i64)>,
 }
 
+/// A record read back from the log, to write again.
+struct Resent {
+    topic: String,
+    partition: i32,
+    value: Vec<u8>,
+    key: Option<Vec<u8>>,
+    timestamp: Option<i64>,
+}
+
 /// What a producer's delivery reports said: the offsets of its records and the first error.
 #[derive(Debug, Default)]
 struct DeliveryLog {
@@ -158,7 +167,11 @@ impl Txn {
 /// What to call the job's transactions when the manifest does not say.
 pub fn default_prefix(job_id: &str, uid: &str) -> String {
     let clean = |s: &str| -> String {
-        s.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' }).collect()
+        s.chars()
+            .map(
+                |c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' },
+            )
+            .collect()
     };
     let mut p = format!("weir-{}-{}", clean(job_id), clean(uid));
     p.truncate(200);
@@ -177,8 +190,11 @@ impl KafkaSink {
         after_id: u64,
     ) -> Result<Self, RuntimeError> {
         let who = format!("operator {uid:?} (kafka_sink) subtask {subtask}");
-        let mut base =
-            client_config(&spec.bootstrap_servers, &format!("weir-{uid}-{subtask}"), &spec.properties);
+        let mut base = client_config(
+            &spec.bootstrap_servers,
+            &format!("weir-{uid}-{subtask}"),
+            &spec.properties,
+        );
         match spec.delivery {
             Delivery::ExactlyOnce => {
                 base.set(
@@ -193,8 +209,11 @@ impl KafkaSink {
                 base.set("acks", "1");
             }
         }
-        let pos = |name: &Option<String>| name.as_ref().and_then(|n| input_fields.iter().position(|f| f == n));
-        let prefix = spec.transactional_id_prefix.clone().unwrap_or_else(|| default_prefix(job_id, uid));
+        let pos = |name: &Option<String>| {
+            name.as_ref().and_then(|n| input_fields.iter().position(|f| f == n))
+        };
+        let prefix =
+            spec.transactional_id_prefix.clone().unwrap_or_else(|| default_prefix(job_id, uid));
         Ok(Self {
             spec: spec.clone(),
             who,
@@ -214,7 +233,10 @@ impl KafkaSink {
         })
     }
 
-    fn producer(&self, transactional_id: Option<&str>) -> Result<BaseProducer<Deliveries>, RuntimeError> {
+    fn producer(
+        &self,
+        transactional_id: Option<&str>,
+    ) -> Result<BaseProducer<Deliveries>, RuntimeError> {
         let mut c = self.base.clone();
         if let Some(id) = transactional_id {
             c.set("transactional.id", id);
@@ -242,9 +264,9 @@ impl KafkaSink {
                 Delivery::ExactlyOnce => {
                     let id = format!("{}-{}-{epoch}", self.prefix, self.subtask);
                     let producer = self.transactional(&id)?;
-                    producer
-                        .begin_transaction()
-                        .map_err(|e| kafka_error(&self.who, &format!("beginning transaction {id}"), e))?;
+                    producer.begin_transaction().map_err(|e| {
+                        kafka_error(&self.who, &format!("beginning transaction {id}"), e)
+                    })?;
                     Txn { id, epoch, producer }
                 }
                 _ => Txn { id: String::new(), epoch, producer: self.producer(None)? },
@@ -261,11 +283,16 @@ impl KafkaSink {
 
     fn group_consumer(&mut self, group: &str) -> Result<&BaseConsumer<Logged>, RuntimeError> {
         if !self.groups.contains_key(group) {
-            let mut c = client_config(&self.spec.bootstrap_servers, &format!("{}-marker", self.prefix), &self.spec.properties);
+            let mut c = client_config(
+                &self.spec.bootstrap_servers,
+                &format!("{}-marker", self.prefix),
+                &self.spec.properties,
+            );
             c.set("group.id", group).set("enable.auto.commit", "false");
-            let consumer = c
-                .create_with_context(Logged { who: self.who.clone() })
-                .map_err(|e| RuntimeError::user(format!("{}: the consumer's settings: {e}", self.who)))?;
+            let consumer =
+                c.create_with_context(Logged { who: self.who.clone() }).map_err(|e| {
+                    RuntimeError::user(format!("{}: the consumer's settings: {e}", self.who))
+                })?;
             self.groups.insert(group.to_string(), consumer);
         }
         Ok(&self.groups[group])
@@ -291,9 +318,9 @@ impl KafkaSink {
                     .map_err(|e| kafka_error(&self.who, "a marker", e))?;
             }
             let meta = self.group_metadata(group)?;
-            producer
-                .send_offsets_to_transaction(&tpl, &meta, CALL_TIMEOUT)
-                .map_err(|e| kafka_error(&self.who, &format!("the marker of group {group:?}"), e))?;
+            producer.send_offsets_to_transaction(&tpl, &meta, CALL_TIMEOUT).map_err(|e| {
+                kafka_error(&self.who, &format!("the marker of group {group:?}"), e)
+            })?;
         }
         Ok(())
     }
@@ -328,7 +355,7 @@ impl KafkaSink {
     /// log, if it did not), and every id the attempts after the checkpoint used fenced.
     fn settle(&mut self, states: Vec<SinkState>, restored: u64) -> Result<(), RuntimeError> {
         let t0 = Instant::now();
-        let mut again: Vec<(String, i32, i64, Vec<u8>, Option<Vec<u8>>, Option<i64>)> = Vec::new();
+        let mut again: Vec<Resent> = Vec::new();
         let mut markers: BTreeMap<String, BTreeMap<(String, i32), u64>> = BTreeMap::new();
         let mut committed = 0;
         for st in &states {
@@ -347,21 +374,29 @@ impl KafkaSink {
         if !markers.is_empty() {
             let id = format!("{}-{}-recovery", self.prefix, self.subtask);
             let producer = self.transactional(&id)?;
-            producer.begin_transaction().map_err(|e| kafka_error(&self.who, "beginning recovery", e))?;
+            producer
+                .begin_transaction()
+                .map_err(|e| kafka_error(&self.who, "beginning recovery", e))?;
             let n = again.len();
-            for (topic, partition, _, value, key, ts) in &again {
-                let mut r = BaseRecord::to(topic).partition(*partition).payload(&value[..]);
-                if let Some(k) = key {
+            for x in &again {
+                let mut r = BaseRecord::to(&x.topic).partition(x.partition).payload(&x.value[..]);
+                if let Some(k) = &x.key {
                     r = r.key(&k[..]);
                 }
-                if let Some(ts) = ts {
-                    r = r.timestamp(*ts);
+                if let Some(ts) = x.timestamp {
+                    r = r.timestamp(ts);
                 }
                 send(&producer, r).map_err(|e| kafka_error(&self.who, "writing again", e))?;
             }
-            producer.flush(CALL_TIMEOUT).map_err(|e| kafka_error(&self.who, "flushing recovery", e))?;
-            if let Some(e) = producer.context().log.lock().unwrap_or_else(|e| e.into_inner()).error.clone() {
-                return Err(RuntimeError::external(format!("{}: recovery: {e}", self.who)).retryable());
+            producer
+                .flush(CALL_TIMEOUT)
+                .map_err(|e| kafka_error(&self.who, "flushing recovery", e))?;
+            if let Some(e) =
+                producer.context().log.lock().unwrap_or_else(|e| e.into_inner()).error.clone()
+            {
+                return Err(
+                    RuntimeError::external(format!("{}: recovery: {e}", self.who)).retryable()
+                );
             }
             self.add_markers(&producer, &markers)?;
             producer
@@ -375,7 +410,8 @@ impl KafkaSink {
         }
         // Every id the attempts after the checkpoint may have used: of each restored subtask's
         // prefix, and this subtask's own.
-        let mut names: Vec<(String, u32)> = states.iter().map(|s| (s.prefix.clone(), s.subtask)).collect();
+        let mut names: Vec<(String, u32)> =
+            states.iter().map(|s| (s.prefix.clone(), s.subtask)).collect();
         names.push((self.prefix.clone(), self.subtask));
         names.sort();
         names.dedup();
@@ -399,7 +435,11 @@ impl KafkaSink {
     }
 
     /// The epoch group `group` last committed at `marker`.
-    fn marker_epoch(&mut self, group: &str, marker: &(String, i32)) -> Result<Option<u64>, RuntimeError> {
+    fn marker_epoch(
+        &mut self,
+        group: &str,
+        marker: &(String, i32),
+    ) -> Result<Option<u64>, RuntimeError> {
         let who = self.who.clone();
         let consumer = self.group_consumer(group)?;
         let mut tpl = TopicPartitionList::new();
@@ -415,19 +455,20 @@ impl KafkaSink {
 
     /// The records of a transaction that did not commit, read back from the log at the
     /// offsets its delivery reports gave.
-    #[allow(clippy::type_complexity)]
-    fn read_back(
-        &self,
-        p: &PendingTxn,
-    ) -> Result<Vec<(String, i32, i64, Vec<u8>, Option<Vec<u8>>, Option<i64>)>, RuntimeError> {
-        let mut c = client_config(&self.spec.bootstrap_servers, &format!("{}-recovery", self.prefix), &self.spec.properties);
+    fn read_back(&self, p: &PendingTxn) -> Result<Vec<Resent>, RuntimeError> {
+        let mut c = client_config(
+            &self.spec.bootstrap_servers,
+            &format!("{}-recovery", self.prefix),
+            &self.spec.properties,
+        );
         c.set("group.id", format!("{}-recovery", self.prefix))
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_uncommitted")
             .set("auto.offset.reset", "error");
-        let consumer: BaseConsumer<Logged> = c
-            .create_with_context(Logged { who: self.who.clone() })
-            .map_err(|e| RuntimeError::user(format!("{}: the consumer's settings: {e}", self.who)))?;
+        let consumer: BaseConsumer<Logged> =
+            c.create_with_context(Logged { who: self.who.clone() }).map_err(|e| {
+                RuntimeError::user(format!("{}: the consumer's settings: {e}", self.who))
+            })?;
         // Offsets wanted, per partition.
         let mut wanted: BTreeMap<(String, i32), Vec<(i64, i64)>> = BTreeMap::new();
         for (t, part, first, count) in &p.runs {
@@ -441,8 +482,10 @@ impl KafkaSink {
         }
         consumer.assign(&tpl).map_err(|e| kafka_error(&self.who, "reading back", e))?;
         let total: i64 = p.runs.iter().map(|r| r.3).sum();
-        let last: BTreeMap<(String, i32), i64> =
-            wanted.iter().map(|(k, runs)| (k.clone(), runs.iter().map(|r| r.0 + r.1).max().unwrap_or(0))).collect();
+        let last: BTreeMap<(String, i32), i64> = wanted
+            .iter()
+            .map(|(k, runs)| (k.clone(), runs.iter().map(|r| r.0 + r.1).max().unwrap_or(0)))
+            .collect();
         let mut out = Vec::with_capacity(total as usize);
         let deadline = Instant::now() + CALL_TIMEOUT * 2;
         let mut finished = 0;
@@ -464,7 +507,13 @@ impl KafkaSink {
                     Timestamp::CreateTime(t) => Some(t),
                     _ => None,
                 };
-                out.push((k.0.clone(), k.1, o, m.payload().unwrap_or_default().to_vec(), m.key().map(<[u8]>::to_vec), ts));
+                out.push(Resent {
+                    topic: k.0.clone(),
+                    partition: k.1,
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    timestamp: ts,
+                });
             }
             if o + 1 >= last[&k] {
                 finished += 1;
@@ -498,7 +547,9 @@ impl KafkaSink {
                     let runs: Vec<(String, i32, i64, i64)> = log
                         .runs
                         .iter()
-                        .flat_map(|((topic, p), rs)| rs.iter().map(move |(f, n)| (topic.clone(), *p, *f, *n)))
+                        .flat_map(|((topic, p), rs)| {
+                            rs.iter().map(move |(f, n)| (topic.clone(), *p, *f, *n))
+                        })
                         .collect();
                     let marker = runs.first().map(|r| (r.0.clone(), r.1))?;
                     Some(PendingTxn {
@@ -540,19 +591,35 @@ fn send<'a>(
 fn parse_state(who: &str, v: serde_json::Value) -> Result<SinkState, RuntimeError> {
     let st: SinkState = serde_json::from_value(v).map_err(|e| bad_state(who, e))?;
     let bad = |what: String| {
-        RuntimeError::damaged(format!("{who}: the restored state {what}: the checkpoint is damaged or forged"))
+        RuntimeError::damaged(format!(
+            "{who}: the restored state {what}: the checkpoint is damaged or forged"
+        ))
     };
-    weir_crds::kafka::check_transactional_id_prefix(&st.prefix).map_err(|e| bad(format!("has a prefix that is not one: {e}")))?;
+    weir_crds::kafka::check_transactional_id_prefix(&st.prefix)
+        .map_err(|e| bad(format!("has a prefix that is not one: {e}")))?;
     for p in &st.pending {
-        if !p.transactional_id.starts_with(&format!("{}-", st.prefix)) || p.group != KafkaSink::marker_group(&st.prefix, st.subtask) {
+        if !p.transactional_id.starts_with(&format!("{}-", st.prefix))
+            || p.group != KafkaSink::marker_group(&st.prefix, st.subtask)
+        {
             return Err(bad(format!("names transaction {:?} of another sink", p.transactional_id)));
         }
         if p.runs.is_empty() || p.runs.len() > 1_000_000 {
-            return Err(bad(format!("gives transaction {:?} {} runs of records", p.transactional_id, p.runs.len())));
+            return Err(bad(format!(
+                "gives transaction {:?} {} runs of records",
+                p.transactional_id,
+                p.runs.len()
+            )));
         }
         for (t, part, first, count) in &p.runs {
-            if weir_crds::kafka::check_topic("topic", t).is_err() || *part < 0 || *first < 0 || *count <= 0 {
-                return Err(bad(format!("gives transaction {:?} records at {t:?}/{part} {first}+{count}", p.transactional_id)));
+            if weir_crds::kafka::check_topic("topic", t).is_err()
+                || *part < 0
+                || *first < 0
+                || *count <= 0
+            {
+                return Err(bad(format!(
+                    "gives transaction {:?} records at {t:?}/{part} {first}+{count}",
+                    p.transactional_id
+                )));
             }
         }
     }
@@ -596,7 +663,8 @@ impl Operator for KafkaSink {
                 }
                 rec = rec.key(key.as_bytes());
             }
-            send(&txn.producer, rec).map_err(|e| kafka_error(&self.who, &format!("writing to topic {topic:?}"), e))?;
+            send(&txn.producer, rec)
+                .map_err(|e| kafka_error(&self.who, &format!("writing to topic {topic:?}"), e))?;
         }
         self.value = value;
         txn.producer.poll(Duration::ZERO);
@@ -632,7 +700,11 @@ impl Operator for KafkaSink {
         }
     }
 
-    fn rescale(&mut self, states: Vec<(u32, serde_json::Value)>, at: &Rescale) -> Result<(), RuntimeError> {
+    fn rescale(
+        &mut self,
+        states: Vec<(u32, serde_json::Value)>,
+        at: &Rescale,
+    ) -> Result<(), RuntimeError> {
         if self.spec.delivery != Delivery::ExactlyOnce {
             return Ok(());
         }
@@ -669,7 +741,9 @@ impl Operator for KafkaSink {
         if self.spec.delivery != Delivery::ExactlyOnce {
             return Ok(None);
         }
-        serde_json::to_value(self.state(id)).map(Some).map_err(|e| RuntimeError::internal(e.to_string()))
+        serde_json::to_value(self.state(id))
+            .map(Some)
+            .map_err(|e| RuntimeError::internal(e.to_string()))
     }
 
     fn checkpoint_complete(&mut self, id: u64) -> Result<(), RuntimeError> {

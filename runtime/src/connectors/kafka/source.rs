@@ -36,10 +36,15 @@ pub struct KafkaSource {
     restored: bool,
     last_discovery: Instant,
     /// The offsets of each checkpoint taken and not yet completed, to commit to `groupId`.
-    to_commit: Vec<(u64, Vec<(String, i32, i64)>)>,
+    to_commit: Vec<(u64, Offsets)>,
+    /// `topicPattern`, compiled.
+    pattern: Option<regex::Regex>,
     /// Raw records that could not be read (a key or value that is not UTF-8).
     dropped: u64,
 }
+
+/// Next offsets to read, `(topic, partition, offset)`.
+type Offsets = Vec<(String, i32, i64)>;
 
 /// A partition being read.
 #[derive(Debug, Clone)]
@@ -121,6 +126,13 @@ impl KafkaSource {
         let consumer: BaseConsumer<Logged> = c
             .create_with_context(Logged { who: who.clone() })
             .map_err(|e| RuntimeError::user(format!("{who}: the consumer's settings: {e}")))?;
+        let pattern = match &spec.topic_pattern {
+            Some(p) => Some(
+                weir_crds::kafka::topic_regex(p)
+                    .map_err(|e| RuntimeError::user(format!("{who}: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             spec: spec.clone(),
             who,
@@ -134,6 +146,7 @@ impl KafkaSource {
             restored: false,
             last_discovery: Instant::now(),
             to_commit: Vec::new(),
+            pattern,
             dropped: 0,
         })
     }
@@ -146,20 +159,33 @@ impl KafkaSource {
     /// not there fails the job; later a failed look is tried again at the next interval.
     fn list_partitions(&self, first: bool) -> Result<Vec<(String, i32)>, RuntimeError> {
         let mut out = Vec::new();
+        if let Some(re) = &self.pattern {
+            let md = self.consumer.fetch_metadata(None, CALL_TIMEOUT).map_err(|e| {
+                kafka_error(&self.who, &format!("the topics of {}", self.spec.bootstrap_servers), e)
+            })?;
+            for t in md.topics() {
+                if t.error().is_none() && !t.name().starts_with("__") && re.is_match(t.name()) {
+                    out.extend(t.partitions().iter().map(|p| (t.name().to_string(), p.id())));
+                }
+            }
+            return Ok(out);
+        }
         for topic in self.spec.topics.iter().flatten() {
             let md = match self.consumer.fetch_metadata(Some(topic), CALL_TIMEOUT) {
                 Ok(md) => md,
                 Err(e) => {
                     return Err(kafka_error(
                         &self.who,
-                        &format!("the partitions of topic {topic:?} from {}", self.spec.bootstrap_servers),
+                        &format!(
+                            "the partitions of topic {topic:?} from {}",
+                            self.spec.bootstrap_servers
+                        ),
                         e,
                     ));
                 }
             };
             for t in md.topics() {
                 if let Some(e) = t.error() {
-                    let e = rdkafka::types::RDKafkaRespErr::from(e);
                     if first {
                         return Err(RuntimeError::user(format!(
                             "{}: topic {topic:?} on {}: {e:?}: create the topic, or correct topics",
@@ -198,7 +224,8 @@ impl KafkaSource {
             let starts = self.start_offsets(&fresh)?;
             let ends = self.end_offsets(&fresh)?;
             for (i, k) in fresh.into_iter().enumerate() {
-                let part = Part { next: starts[i], end: ends[i], time: SplitTime::default(), done: false };
+                let part =
+                    Part { next: starts[i], end: ends[i], time: SplitTime::default(), done: false };
                 self.parts.insert(k, part);
             }
         }
@@ -214,8 +241,12 @@ impl KafkaSource {
             return Ok(());
         }
         for k in fresh {
-            eprintln!("weir: {}: reads partition {} of topic {:?}, new, from its first offset", self.who, k.1, k.0);
-            self.parts.insert(k, Part { next: None, end: None, time: SplitTime::default(), done: false });
+            eprintln!(
+                "weir: {}: reads partition {} of topic {:?}, new, from its first offset",
+                self.who, k.1, k.0
+            );
+            self.parts
+                .insert(k, Part { next: None, end: None, time: SplitTime::default(), done: false });
         }
         Ok(())
     }
@@ -242,9 +273,10 @@ impl KafkaSource {
                 for (t, p) in parts {
                     tpl.add_partition(t, *p);
                 }
-                let got = self.consumer.committed_offsets(tpl, CALL_TIMEOUT).map_err(|e| {
-                    kafka_error(&self.who, "the committed offsets of groupId", e)
-                })?;
+                let got = self
+                    .consumer
+                    .committed_offsets(tpl, CALL_TIMEOUT)
+                    .map_err(|e| kafka_error(&self.who, "the committed offsets of groupId", e))?;
                 Ok(parts
                     .iter()
                     .map(|(t, p)| match got.find_partition(t, *p).map(|e| e.offset()) {
@@ -257,7 +289,11 @@ impl KafkaSource {
     }
 
     /// The first offset at or after `ts` in each partition (its end when none is).
-    fn offsets_at(&self, parts: &[(String, i32)], ts: i64) -> Result<Vec<Option<i64>>, RuntimeError> {
+    fn offsets_at(
+        &self,
+        parts: &[(String, i32)],
+        ts: i64,
+    ) -> Result<Vec<Option<i64>>, RuntimeError> {
         let mut tpl = TopicPartitionList::new();
         for (t, p) in parts {
             tpl.add_partition_offset(t, *p, Offset::Offset(ts))
@@ -312,7 +348,9 @@ impl KafkaSource {
             tpl.add_partition_offset(t, *p, at)
                 .map_err(|e| kafka_error(&self.who, "an assignment", e))?;
         }
-        self.consumer.assign(&tpl).map_err(|e| kafka_error(&self.who, "assigning its partitions", e))
+        self.consumer
+            .assign(&tpl)
+            .map_err(|e| kafka_error(&self.who, "assigning its partitions", e))
     }
 
     /// Looks for new partitions every `partitionDiscoveryInterval`.
@@ -325,7 +363,10 @@ impl KafkaSource {
         let found = match self.list_partitions(false) {
             Ok(f) => f,
             Err(e) => {
-                eprintln!("weir: {}: looking for new partitions: {e} (trying again later)", self.who);
+                eprintln!(
+                    "weir: {}: looking for new partitions: {e} (trying again later)",
+                    self.who
+                );
                 return Ok(());
             }
         };
@@ -351,7 +392,8 @@ impl KafkaSource {
     /// The consumer's positions (past the transactions' markers it skipped) for the
     /// partitions being read.
     fn catch_up_positions(&mut self) -> Result<(), RuntimeError> {
-        let pos = self.consumer.position().map_err(|e| kafka_error(&self.who, "its positions", e))?;
+        let pos =
+            self.consumer.position().map_err(|e| kafka_error(&self.who, "its positions", e))?;
         for e in pos.elements() {
             if let Offset::Offset(o) = e.offset()
                 && let Some(part) = self.parts.get_mut(&(e.topic().to_string(), e.partition()))
@@ -386,7 +428,8 @@ impl KafkaSource {
     /// A record of `format: raw`.
     /// `None` when its key or value is not UTF-8.
     fn raw(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<Record> {
-        let text = |b: Option<&[u8]>| std::str::from_utf8(b.unwrap_or_default()).ok().map(Value::str);
+        let text =
+            |b: Option<&[u8]>| std::str::from_utf8(b.unwrap_or_default()).ok().map(Value::str);
         let (Some(key), Some(value)) = (text(m.key()), text(m.payload())) else { return None };
         Some(vec![
             key,
@@ -505,7 +548,12 @@ impl Source for KafkaSource {
 
     fn watermark(&mut self) -> Option<Watermark> {
         let clock = self.clock.as_ref()?;
-        Some(clock.watermark(self.parts.values().filter(|p| !p.done).map(|p| &p.time), Instant::now()))
+        Some(
+            clock.watermark(
+                self.parts.values().filter(|p| !p.done).map(|p| &p.time),
+                Instant::now(),
+            ),
+        )
     }
 
     fn take_dropped(&mut self) -> u64 {
@@ -520,8 +568,11 @@ impl Source for KafkaSource {
         self.catch_up_positions()?;
         let st = self.state();
         if self.spec.group_id.is_some() {
-            let offsets =
-                st.partitions.iter().filter_map(|p| Some((p.topic.clone(), p.partition, p.next?))).collect();
+            let offsets = st
+                .partitions
+                .iter()
+                .filter_map(|p| Some((p.topic.clone(), p.partition, p.next?)))
+                .collect();
             self.to_commit.push((id, offsets));
         }
         serde_json::to_value(st).map(Some).map_err(|e| RuntimeError::internal(e.to_string()))
@@ -529,7 +580,7 @@ impl Source for KafkaSource {
 
     fn checkpoint_complete(&mut self, id: u64) -> Result<(), RuntimeError> {
         let Some(i) = self.to_commit.iter().rposition(|(c, _)| *c <= id) else { return Ok(()) };
-        let (_, offsets) = self.to_commit.drain(..=i).last().expect("found above");
+        let (_, offsets) = self.to_commit.drain(..=i).next_back().expect("found above");
         let mut tpl = TopicPartitionList::new();
         for (t, p, o) in &offsets {
             if tpl.add_partition_offset(t, *p, Offset::Offset(*o)).is_err() {
