@@ -236,7 +236,7 @@ fn bad_parameters_of_a_user_operator_are_refused_before_anything_starts() {
     // The unknown type's message lists the binary's own types too.
     let file = manifest(tmp.path(), 1000, "type: fraud_detectr");
     let (_, err) = run(&file, tmp.path(), &[]).finish(Duration::from_secs(60));
-    assert!(err.contains("file_sink, fraud_detector, transactions"), "{err}");
+    assert!(err.contains("file_sink, kafka_sink, fraud_detector, transactions"), "{err}");
 }
 
 #[test]

@@ -652,7 +652,12 @@ impl Operator for KafkaSink {
                     }
                 },
                 (None, Some(t)) => t.clone(),
-                (None, None) => unreachable!("the plan gives a topic or a topicField"),
+                (None, None) => {
+                    return Err(RuntimeError::internal(format!(
+                        "{}: its plan names no topic and no topicField",
+                        self.who
+                    )));
+                }
             };
             let mut rec = BaseRecord::to(&topic).payload(&value[..]);
             if let Some(i) = self.key {
