@@ -158,8 +158,9 @@ pub struct KafkaSinkSpec {
     /// `exactly-once` (default), `at-least-once` or `none`.
     #[serde(default)]
     pub delivery: Delivery,
-    /// The start of the sink's transactional ids (`<prefix>-<subtask>-<epoch>`), unique to
-    /// the job among the jobs writing to the cluster. Absent: `weir-<namespace>-<job>-<uid>`.
+    /// The start of the sink's transactional ids, `<prefix>-<run>-<subtask>-<epoch>` (the run
+    /// of the job: ids of two runs never meet), and of its marker groups,
+    /// `<prefix>-<run>-<subtask>`. Absent: `weir-<uid>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transactional_id_prefix: Option<String>,
     /// How long a transaction may stay open before the brokers abort it: longer than the

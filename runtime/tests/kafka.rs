@@ -285,7 +285,8 @@ fn count_with_kills(delivery: &str, records: u64, kills_wanted: u32, broker: boo
         if !process::wait_running(&mut job, u64::from(kills)) {
             break;
         }
-        std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 2200));
+        // A random moment: before, during or after a checkpoint (every second).
+        std::thread::sleep(Duration::from_millis(200 + rng.next_u64() % 1500));
         if broker && broker_stopped.is_none() && kills >= kills_wanted / 2 {
             kafka_sh(&["stop-broker", "2", "--kill"]);
             broker_stopped = Some(Instant::now());
@@ -435,29 +436,41 @@ fn a_forged_sink_state_is_refused() {
     let spec = sink_spec(&topic, "weir-forged");
     let fields = vec!["key".to_string(), "count".to_string()];
     let pending = |id: &str, group: &str, runs: serde_json::Value| {
-        serde_json::json!({"prefix": "weir-forged", "subtask": 0, "checkpoint": 1, "pending": [
+        serde_json::json!({"prefix": "weir-forged-job", "subtask": 0, "checkpoint": 1, "pending": [
             {"transactionalId": id, "epoch": 1, "group": group, "marker": [topic, 0], "runs": runs}
         ]})
     };
     for (state, why) in [
         (
-            pending("someone-else-0-1", "weir-forged-0", serde_json::json!([[topic, 0, 0, 5]])),
+            pending("someone-else-0-1", "weir-forged-job-0", serde_json::json!([[topic, 0, 0, 5]])),
             "another sink",
         ),
         (
-            pending("weir-forged-0-1", "victims-group", serde_json::json!([[topic, 0, 0, 5]])),
+            pending("weir-forged-job-0-1", "victims-group", serde_json::json!([[topic, 0, 0, 5]])),
             "another sink",
         ),
         (
-            pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([[topic, -1, 0, 5]])),
+            pending(
+                "weir-forged-job-0-1",
+                "weir-forged-job-0",
+                serde_json::json!([[topic, -1, 0, 5]]),
+            ),
             "records at",
         ),
         (
-            pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([["../x", 0, 0, 5]])),
+            pending(
+                "weir-forged-job-0-1",
+                "weir-forged-job-0",
+                serde_json::json!([["../x", 0, 0, 5]]),
+            ),
             "records at",
         ),
         (
-            pending("weir-forged-0-1", "weir-forged-0", serde_json::json!([[topic, 0, 0, 0]])),
+            pending(
+                "weir-forged-job-0-1",
+                "weir-forged-job-0",
+                serde_json::json!([[topic, 0, 0, 0]]),
+            ),
             "records at",
         ),
         (
@@ -851,4 +864,50 @@ fn bad_kafka_parameters_are_refused_before_anything_starts() {
         assert!(err.contains(want), "{source} / {sink}: {err}");
         assert!(!err.contains("hunter2"), "the credential is in the message: {err}");
     }
+}
+
+/// A savepoint or checkpoint restored into another run of the job (an upgrade, a coordinator
+/// that restarted): the old run's pre-committed transaction is written again once and its
+/// open one fenced, although the new run numbers its checkpoints afresh.
+#[test]
+fn a_sink_restored_in_another_run_settles_the_old_runs_transactions() {
+    use weir_runtime::connectors::KafkaSink;
+    use weir_runtime::operator::{Operator, Rescale};
+    let _cluster = shared();
+    let topic = unique("sink-runs");
+    create_topic(&topic, 2);
+    let prefix = unique("weir-test-runs");
+    let spec = sink_spec(&topic, &prefix);
+    let fields = vec!["key".to_string(), "count".to_string()];
+    let mut out = Vec::new();
+    // Run 1 at parallelism 2: subtask 1 pre-commits at checkpoint 7 and dies with the next
+    // transaction open; subtask 0 commits.
+    let mut states = Vec::new();
+    for s in 0..2u32 {
+        let mut a = KafkaSink::new(&spec, "out", "run-1", s, &fields, true, 6).unwrap();
+        a.restore(None).unwrap();
+        a.process(0, numbered(i64::from(s) * 1000..i64::from(s) * 1000 + 300), &mut out).unwrap();
+        states.push((s, a.snapshot(7).unwrap().unwrap()));
+        if s == 0 {
+            a.checkpoint_complete(7).unwrap();
+        } else {
+            a.process(0, numbered(5000..5100), &mut out).unwrap();
+        }
+        std::mem::forget(a);
+    }
+    // Run 2, at parallelism 1: its checkpoint ids start at 0 again.
+    let mut b = KafkaSink::new(&spec, "out", "run-2", 0, &fields, true, 0).unwrap();
+    let at = Rescale {
+        uid: "out".into(),
+        subtask: 0,
+        parallelism: 1,
+        old_parallelism: 2,
+        key_groups: (0, 127),
+    };
+    b.rescale(states, &at).unwrap();
+    b.process(0, numbered(3000..3050), &mut out).unwrap();
+    b.snapshot(1).unwrap();
+    b.checkpoint_complete(1).unwrap();
+    let want: Vec<i64> = (0..300).chain(1000..1300).chain(3000..3050).collect();
+    assert_eq!(committed_numbers(&topic, want.len()), want);
 }

@@ -1,9 +1,9 @@
 //! The `kafka_sink`. With `delivery: exactly-once` each subtask writes the records between two
 //! barriers in a Kafka transaction of its own, with the transactional id
-//! `<prefix>-<subtask>-<epoch>` (the epoch: one above the barrier it began after). At the
+//! `<prefix>-<run>-<subtask>-<epoch>` (the epoch: one above the barrier it began after). At the
 //! barrier the transaction is flushed (pre-committed) and recorded in the checkpoint, with the
 //! offsets its records got; when the checkpoint completes it is committed, together with a
-//! marker: the epoch, as the offset of the group `<prefix>-<subtask>`, so that whether it
+//! marker: the epoch, as the offset of the group `<prefix>-<run>-<subtask>`, so that whether it
 //! committed can be asked of the cluster afterwards.
 //!
 //! A restored sink settles what its checkpoint recorded as pre-committed: librdkafka cannot
@@ -164,8 +164,11 @@ impl Txn {
     }
 }
 
-/// What to call the job's transactions when the manifest does not say.
-pub fn default_prefix(job_id: &str, uid: &str) -> String {
+/// The stem of a sink's transactional ids and marker groups: its `transactionalIdPrefix`
+/// (`weir-<uid>` when the manifest gives none), then the job's run. Each run numbers its
+/// epochs afresh from its checkpoint ids, so ids of two runs must not meet: a new run's first
+/// epochs would otherwise be below the markers an earlier run left in the same group.
+pub fn transactional_stem(prefix: Option<&str>, job_id: &str, uid: &str) -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .map(
@@ -173,10 +176,20 @@ pub fn default_prefix(job_id: &str, uid: &str) -> String {
             )
             .collect()
     };
-    let mut p = format!("weir-{}-{}", clean(job_id), clean(uid));
-    p.truncate(200);
+    let prefix = prefix.map_or_else(|| format!("weir-{}", clean(uid)), str::to_string);
+    let mut p = format!("{prefix}-{}", clean(job_id));
+    p.truncate(MAX_STEM);
     p
 }
+
+/// The longest stem: Kafka takes transactional ids of up to 32767 bytes, but they are shown in
+/// tools and logs.
+const MAX_STEM: usize = 240;
+
+/// How many epochs after its checkpoint a restored state's transactions of another run (or of
+/// an attempt whose coordinator restarted) are fenced: the attempts after a checkpoint that
+/// completed can have begun a transaction at each barrier they took before they failed.
+const FENCED_AFTER: u64 = 8;
 
 impl KafkaSink {
     #[allow(clippy::too_many_arguments)]
@@ -212,8 +225,7 @@ impl KafkaSink {
         let pos = |name: &Option<String>| {
             name.as_ref().and_then(|n| input_fields.iter().position(|f| f == n))
         };
-        let prefix =
-            spec.transactional_id_prefix.clone().unwrap_or_else(|| default_prefix(job_id, uid));
+        let prefix = transactional_stem(spec.transactional_id_prefix.as_deref(), job_id, uid);
         Ok(Self {
             spec: spec.clone(),
             who,
@@ -409,18 +421,24 @@ impl KafkaSink {
             );
         }
         // Every id the attempts after the checkpoint may have used: of each restored subtask's
-        // prefix, and this subtask's own.
-        let mut names: Vec<(String, u32)> =
-            states.iter().map(|s| (s.prefix.clone(), s.subtask)).collect();
-        names.push((self.prefix.clone(), self.subtask));
-        names.sort();
-        names.dedup();
-        let last = self.after_id + 1;
-        let first = (restored + 1).max(last.saturating_sub(MAX_FENCED - 1));
+        // stem, and this subtask's own. In this run they go up to one above the highest
+        // checkpoint the coordinator triggered; in another run's (or when the coordinator
+        // restarted) to a fixed number of epochs after the checkpoint.
+        let mut names: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        for st in &states {
+            let c = names.entry((st.prefix.clone(), st.subtask)).or_insert(st.checkpoint);
+            *c = (*c).min(st.checkpoint);
+        }
+        names.entry((self.prefix.clone(), self.subtask)).or_insert(restored);
         let mut fenced = 0;
-        for (prefix, s) in &names {
+        for ((stem, s), c) in &names {
+            let mut last = c + FENCED_AFTER;
+            if *stem == self.prefix {
+                last = last.max(self.after_id + 1);
+            }
+            let first = (c + 1).max(last.saturating_sub(MAX_FENCED - 1));
             for e in first..=last {
-                drop(self.transactional(&format!("{prefix}-{s}-{e}"))?);
+                drop(self.transactional(&format!("{stem}-{s}-{e}"))?);
                 fenced += 1;
             }
         }
@@ -595,8 +613,12 @@ fn parse_state(who: &str, v: serde_json::Value) -> Result<SinkState, RuntimeErro
             "{who}: the restored state {what}: the checkpoint is damaged or forged"
         ))
     };
-    weir_crds::kafka::check_transactional_id_prefix(&st.prefix)
-        .map_err(|e| bad(format!("has a prefix that is not one: {e}")))?;
+    if st.prefix.is_empty()
+        || st.prefix.len() > MAX_STEM
+        || !st.prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(bad(format!("has a transactional id stem that is not one, {:?}", st.prefix)));
+    }
     for p in &st.pending {
         if !p.transactional_id.starts_with(&format!("{}-", st.prefix))
             || p.group != KafkaSink::marker_group(&st.prefix, st.subtask)

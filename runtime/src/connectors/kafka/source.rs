@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use weir_crds::kafka::{Isolation, KafkaSourceSpec, StartFrom, StopAt};
@@ -37,6 +38,8 @@ pub struct KafkaSource {
     last_discovery: Instant,
     /// The offsets of each checkpoint taken and not yet completed, to commit to `groupId`.
     to_commit: Vec<(u64, Offsets)>,
+    /// When a passing error of the client was last logged.
+    last_warning: Option<Instant>,
     /// `topicPattern`, compiled.
     pattern: Option<regex::Regex>,
     /// Raw records that could not be read (a key or value that is not UTF-8).
@@ -147,6 +150,7 @@ impl KafkaSource {
             last_discovery: Instant::now(),
             to_commit: Vec::new(),
             pattern,
+            last_warning: None,
             dropped: 0,
         })
     }
@@ -493,11 +497,17 @@ impl Source for KafkaSource {
         while out.len() < max {
             let m = match self.consumer.poll(wait) {
                 None => break,
-                Some(Err(e)) => {
-                    // The client retries what it can (a broker lost, a leader moved); what it
-                    // hands over here is fatal to this attempt.
-                    return Err(kafka_error(&self.who, "reading", e));
+                Some(Err(KafkaError::MessageConsumption(code))) => {
+                    // Not fatal: the client goes on retrying (a broker lost, a leader that
+                    // moved) and says so; the job rides it out, and a cluster away for longer
+                    // fails the checkpoints.
+                    if self.last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        self.last_warning = Some(Instant::now());
+                        eprintln!("weir: {}: reading: {code} (the client retries)", self.who);
+                    }
+                    break;
                 }
+                Some(Err(e)) => return Err(kafka_error(&self.who, "reading", e)),
                 Some(Ok(m)) => m,
             };
             wait = Duration::ZERO;
