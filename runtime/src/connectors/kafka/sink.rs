@@ -432,11 +432,12 @@ impl KafkaSink {
         names.entry((self.prefix.clone(), self.subtask)).or_insert(restored);
         let mut fenced = 0;
         for ((stem, s), c) in &names {
-            let mut last = c + FENCED_AFTER;
+            // (A final checkpoint's id is the highest there is: nothing came after it.)
+            let mut last = c.saturating_add(FENCED_AFTER);
             if *stem == self.prefix {
-                last = last.max(self.after_id + 1);
+                last = last.max(self.after_id.saturating_add(1));
             }
-            let first = (c + 1).max(last.saturating_sub(MAX_FENCED - 1));
+            let first = c.saturating_add(1).max(last.saturating_sub(MAX_FENCED - 1));
             for e in first..=last {
                 drop(self.transactional(&format!("{stem}-{s}-{e}"))?);
                 fenced += 1;

@@ -225,8 +225,21 @@ impl KafkaSource {
             // Partitions created since the checkpoint: from their first offset.
             self.add_new(fresh)?;
         } else {
-            let starts = self.start_offsets(&fresh)?;
+            let mut starts = self.start_offsets(&fresh)?;
             let ends = self.end_offsets(&fresh)?;
+            if self.bounded() {
+                // A bounded partition starts at a known offset, or one whose records retention
+                // deleted (its first offset at its end) would never be seen to end.
+                for (i, (t, p)) in fresh.iter().enumerate() {
+                    if starts[i].is_none() {
+                        let (low, _) =
+                            self.consumer.fetch_watermarks(t, *p, CALL_TIMEOUT).map_err(|e| {
+                                kafka_error(&self.who, &format!("the start of {t}/{p}"), e)
+                            })?;
+                        starts[i] = Some(low);
+                    }
+                }
+            }
             for (i, k) in fresh.into_iter().enumerate() {
                 let part =
                     Part { next: starts[i], end: ends[i], time: SplitTime::default(), done: false };
