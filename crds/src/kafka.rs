@@ -102,9 +102,14 @@ pub struct KafkaSourceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fields: Option<BTreeMap<String, JsonType>>,
     /// A value that does not parse: `fail` the job, naming the topic, partition and offset,
-    /// or `skip` it (counted in `weir_operator_records_dropped_total`).
+    /// `skip` it (counted in `weir_operator_records_dropped_total`), or `deadLetter`: write it
+    /// as it came to `deadLetterTopic`, with the error in its header `weir.error`.
     #[serde(default)]
     pub on_error: OnError,
+    /// With `onError: deadLetter`: the topic for the records that do not parse (on the same
+    /// cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
     /// The records' event time and their watermark, each partition keeping its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_time: Option<EventTimeSpec>,
@@ -371,6 +376,16 @@ impl KafkaSourceSpec {
                 );
             }
             _ => {}
+        }
+        match (self.on_error, &self.dead_letter_topic) {
+            (OnError::DeadLetter, None) => {
+                return Err("onError: deadLetter needs deadLetterTopic: the topic for the records that do not parse".into());
+            }
+            (OnError::DeadLetter, Some(t)) => check_topic("deadLetterTopic", t)?,
+            (_, Some(_)) => {
+                return Err("deadLetterTopic is read only with onError: deadLetter".into());
+            }
+            (_, None) => {}
         }
         if self.stop_at.is_some() && self.stop_timestamp.is_some() {
             return Err("stopAt and stopTimestamp are two ends: give one of them".into());

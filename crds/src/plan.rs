@@ -193,6 +193,12 @@ pub enum OnError {
     /// The line is dropped and counted in `weir_operator_records_dropped_total`; the first
     /// few are logged with where they are.
     Skip,
+    /// (`kafka_source` only.) The record goes, as it came, to `deadLetterTopic`, with what is
+    /// wrong in its header `weir.error` and where it was in `weir.topic`, `weir.partition` and
+    /// `weir.offset`; it is counted in `weir_operator_records_dropped_total`. The dead letters
+    /// are flushed at each checkpoint: after a failure some may be written twice.
+    #[serde(rename = "deadLetter")]
+    DeadLetter,
 }
 
 /// How a sink writes a record as a line.
@@ -1623,7 +1629,7 @@ fn plan_operators(
             }
             "kafka_source" => {
                 check_choice(op, "format", &["text", "json", "raw"])?;
-                check_choice(op, "onError", &["fail", "skip"])?;
+                check_choice(op, "onError", &["fail", "skip", "deadLetter"])?;
                 check_choice(op, "startFrom", &["earliest", "latest", "timestamp", "group"])?;
                 check_choice(op, "isolation", &["read_committed", "read_uncommitted"])?;
                 check_choice(op, "stopAt", &["latest"])?;

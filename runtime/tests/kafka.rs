@@ -718,6 +718,61 @@ fn bad_records_follow_on_error_and_raw_reads_everything() {
     assert_eq!(committed_lines(tmp.path()), id_lines(0..20), "{log}");
     assert!(log.contains("skipped topic"), "{log}");
 
+    // deadLetter: the good ones read, the bad ones as they came in the dead-letter topic,
+    // with what is wrong and where they were in their headers.
+    let dead = unique("dead-letters");
+    create_topic(&dead, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = source_job(
+        tmp.path(),
+        &format!("topics: [{topic}], {fields}, onError: deadLetter, deadLetterTopic: {dead}"),
+    );
+    let log = run_bounded(&file, tmp.path());
+    assert_eq!(committed_lines(tmp.path()), id_lines(0..20), "{log}");
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("dead-reader"))
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&dead, 0, Offset::Beginning).unwrap();
+    c.assign(&tpl).unwrap();
+    let mut letters = Vec::new();
+    let t = Instant::now();
+    while letters.len() < 3 && t.elapsed() < Duration::from_secs(30) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            use rdkafka::message::Headers;
+            let h = m.headers().expect("headers");
+            let header = |k: &str| {
+                h.iter()
+                    .find(|x| x.key == k)
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            letters.push((
+                m.payload().unwrap().to_vec(),
+                m.key().map(<[u8]>::to_vec),
+                header("weir.offset"),
+                header("weir.topic"),
+                header("weir.error").unwrap_or_default(),
+            ));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(c.poll(Duration::from_millis(500)).is_none(), "more than 3 dead letters");
+    let offsets: Vec<Option<String>> = letters.iter().map(|l| l.2.clone()).collect();
+    assert_eq!(offsets, [Some("7".into()), Some("12".into()), Some("15".into())]);
+    assert_eq!(letters[0].0, b"{\"id\": \"seven\"}".to_vec());
+    assert_eq!(letters[1].0, b"not json".to_vec());
+    assert_eq!(letters[2].0, vec![0xff, 0xfe], "the bytes as they came");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.1.as_deref() == Some(&b"bad"[..]) && l.3.as_deref() == Some(topic.as_str()))
+    );
+    assert!(letters[0].4.contains("id"), "{:?}", letters[0].4);
+    assert!(letters.iter().all(|l| !l.4.is_empty()));
+
     let tmp = tempfile::tempdir().unwrap();
     let file = source_job(
         tmp.path(),
@@ -830,6 +885,16 @@ fn bad_kafka_parameters_are_refused_before_anything_starts() {
             src.replace("format: json", "format: json, properties: {sasl.password: hunter2}"),
             sink.into(),
             "is a credential",
+        ),
+        (
+            src.replace("format: json", "format: json, onError: deadLetter"),
+            sink.into(),
+            "onError: deadLetter needs deadLetterTopic",
+        ),
+        (
+            src.replace("format: json", "format: json, deadLetterTopic: dlq"),
+            sink.into(),
+            "deadLetterTopic is read only with onError: deadLetter",
         ),
         (src.into(), sink.replace("topic: out", "topic: out, topicField: key"), "give one of them"),
         (

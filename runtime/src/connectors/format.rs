@@ -599,7 +599,8 @@ impl SourceDecoder {
             Err(why) => why,
         };
         match self.on_error {
-            OnError::Fail => Err(RuntimeError::user(format!(
+            // (A dead letter is the source's to write: it decodes with `decode`.)
+            OnError::Fail | OnError::DeadLetter => Err(RuntimeError::user(format!(
                 "{}: {}: {why}: fix the line, or set onError: skip to drop such lines",
                 self.who,
                 position()
@@ -624,6 +625,12 @@ impl SourceDecoder {
                 Ok(())
             }
         }
+    }
+
+    /// `bytes` decoded, or what is wrong with them (for a source that sends what does not
+    /// parse elsewhere).
+    pub fn decode(&self, bytes: &[u8]) -> Result<Record, String> {
+        self.decoder.decode(bytes)
     }
 
     /// Lines skipped since the last call (counted in `weir_operator_records_dropped_total`).

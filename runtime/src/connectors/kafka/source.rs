@@ -5,10 +5,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use std::sync::Mutex;
 use weir_crds::kafka::{Isolation, KafkaSourceSpec, StartFrom, StopAt};
+use weir_crds::plan::OnError;
 
 use super::{CALL_TIMEOUT, Logged, client_config, kafka_error, partition_owner};
 use crate::connectors::format::{Line, SourceDecoder};
@@ -38,6 +42,8 @@ pub struct KafkaSource {
     last_discovery: Instant,
     /// The offsets of each checkpoint taken and not yet completed, to commit to `groupId`.
     to_commit: Vec<(u64, Offsets)>,
+    /// With `onError: deadLetter`: the producer of the dead letters, and its topic.
+    dead_letters: Option<(BaseProducer<DeadLetters>, String)>,
     /// When a passing error of the client was last logged.
     last_warning: Option<Instant>,
     /// `topicPattern`, compiled.
@@ -129,6 +135,22 @@ impl KafkaSource {
         let consumer: BaseConsumer<Logged> = c
             .create_with_context(Logged { who: who.clone() })
             .map_err(|e| RuntimeError::user(format!("{who}: the consumer's settings: {e}")))?;
+        let dead_letters = match (&spec.on_error, &spec.dead_letter_topic) {
+            (OnError::DeadLetter, Some(topic)) => {
+                let mut c = client_config(
+                    &spec.bootstrap_servers,
+                    &format!("weir-{uid}-{subtask}-dead-letters"),
+                    &spec.properties,
+                );
+                c.set("enable.idempotence", "true").set("acks", "all");
+                let ctx = DeadLetters { who: who.clone(), failed: Mutex::default() };
+                let p: BaseProducer<DeadLetters> = c.create_with_context(ctx).map_err(|e| {
+                    RuntimeError::user(format!("{who}: the dead letters' producer: {e}"))
+                })?;
+                Some((p, topic.clone()))
+            }
+            _ => None,
+        };
         let pattern = match &spec.topic_pattern {
             Some(p) => Some(
                 weir_crds::kafka::topic_regex(p)
@@ -151,6 +173,7 @@ impl KafkaSource {
             to_commit: Vec::new(),
             pattern,
             last_warning: None,
+            dead_letters,
             dropped: 0,
         })
     }
@@ -458,6 +481,59 @@ impl KafkaSource {
         ])
     }
 
+    /// Sends a record that does not parse, as it came, to the dead-letter topic.
+    fn dead_letter(
+        &self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        why: &str,
+    ) -> Result<(), RuntimeError> {
+        let Some((producer, topic)) = &self.dead_letters else { return Ok(()) };
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "weir.error", value: Some(why) })
+            .insert(Header { key: "weir.topic", value: Some(m.topic()) })
+            .insert(Header { key: "weir.partition", value: Some(&m.partition().to_string()) })
+            .insert(Header { key: "weir.offset", value: Some(&m.offset().to_string()) });
+        let mut r: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(topic).payload(m.payload().unwrap_or_default()).headers(headers);
+        if let Some(k) = m.key() {
+            r = r.key(k);
+        }
+        loop {
+            match producer.send(r) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    producer.poll(Duration::from_millis(50));
+                    r = back;
+                }
+                Err((e, _)) => {
+                    return Err(kafka_error(
+                        &self.who,
+                        &format!("writing to deadLetterTopic {topic:?}"),
+                        e,
+                    ));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+        Ok(())
+    }
+
+    /// Every dead letter sent is written (before a checkpoint covers the records after it).
+    fn flush_dead_letters(&self) -> Result<(), RuntimeError> {
+        let Some((producer, topic)) = &self.dead_letters else { return Ok(()) };
+        producer.flush(CALL_TIMEOUT).map_err(|e| {
+            kafka_error(&self.who, &format!("flushing deadLetterTopic {topic:?}"), e)
+        })?;
+        match producer.context().failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(RuntimeError::external(format!(
+                "{}: writing to deadLetterTopic {topic:?}: {e}",
+                self.who
+            ))
+            .retryable()),
+            None => Ok(()),
+        }
+    }
+
     fn state(&self) -> SourceState {
         SourceState {
             partitions: self
@@ -480,6 +556,30 @@ impl KafkaSource {
             self.parts.insert((s.topic, s.partition), part);
         }
         self.restored = true;
+    }
+}
+
+/// The dead letters' delivery reports: the first failure.
+struct DeadLetters {
+    who: String,
+    failed: Mutex<Option<String>>,
+}
+
+impl rdkafka::ClientContext for DeadLetters {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        Logged { who: self.who.clone() }.log(level, fac, message)
+    }
+}
+
+impl rdkafka::producer::ProducerContext for DeadLetters {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| e.to_string());
+        }
     }
 }
 
@@ -530,7 +630,14 @@ impl Source for KafkaSource {
                 continue;
             }
             let before = out.len();
+            let dead_letters = self.dead_letters.is_some();
+            // What is wrong with a record that goes to the dead letters.
+            let mut bad: Option<String> = None;
             match &mut self.decoder {
+                Some(d) if dead_letters => match d.decode(m.payload().unwrap_or_default()) {
+                    Ok(r) => out.push(r),
+                    Err(why) => bad = Some(why),
+                },
                 Some(d) => {
                     let bytes = m.payload().unwrap_or_default();
                     let line = Line { bytes, consumed: bytes.len() as u64, too_long: false };
@@ -540,6 +647,8 @@ impl Source for KafkaSource {
                 None => {
                     if let Some(r) = Self::raw(&m) {
                         out.push(r);
+                    } else if dead_letters {
+                        bad = Some("the key or value is not UTF-8".into());
                     } else if self.spec.on_error == weir_crds::plan::OnError::Skip {
                         self.dropped += 1;
                     } else {
@@ -552,6 +661,10 @@ impl Source for KafkaSource {
                         )));
                     }
                 }
+            }
+            if let Some(why) = bad {
+                self.dead_letter(&m, &why)?;
+                self.dropped += 1;
             }
             let part = self.parts.get_mut(&key).expect("looked up above");
             part.next = Some(m.offset() + 1);
@@ -588,6 +701,7 @@ impl Source for KafkaSource {
         // A barrier before the first poll: the partitions (and where `startFrom` puts them)
         // belong in it, or a restored job would read them from their first offsets.
         self.start()?;
+        self.flush_dead_letters()?;
         self.catch_up_positions()?;
         let st = self.state();
         if self.spec.group_id.is_some() {
