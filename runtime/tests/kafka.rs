@@ -530,6 +530,14 @@ fn committed_lines(dir: &Path) -> Vec<String> {
     lines
 }
 
+/// Waits (at most a minute) until `dir/out` holds `n` committed lines.
+fn wait_for_lines(dir: &Path, n: usize) {
+    let t = Instant::now();
+    while committed_lines(dir).len() < n && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs `file` to its end (it must succeed): its log.
 fn run_bounded(file: &Path, dir: &Path) -> String {
     process::run_to_end(file, &dir.join("state"), 2, Duration::from_secs(180))
@@ -643,10 +651,7 @@ fn start_from_each_mode_reads_from_where_it_says() {
     assert!(process::wait_running(&mut job, 0));
     std::thread::sleep(Duration::from_secs(2));
     produce(&topic, None, ids(700..750));
-    let t = Instant::now();
-    while committed_lines(tmp.path()).len() < 50 && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_lines(tmp.path(), 50);
     std::thread::sleep(Duration::from_secs(1));
     let _ = job.child.kill();
     let (_, log) = job.finish(Duration::from_secs(30));
@@ -669,12 +674,7 @@ fn partitions_added_while_running_are_read_from_their_start() {
     );
     let mut job = start(&file, tmp.path(), &[]);
     assert!(process::wait_running(&mut job, 0));
-    let wait_for = |n: usize| {
-        let t = Instant::now();
-        while committed_lines(tmp.path()).len() < n && t.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait_for = |n: usize| wait_for_lines(tmp.path(), n);
     wait_for(100);
     add_partitions(&topic, 5);
     // Written before the job can have found them: read from their first offset, not their end.
@@ -816,12 +816,7 @@ fn a_topic_pattern_reads_the_topics_it_matches_and_those_created_later() {
     );
     let mut job = start(&file, tmp.path(), &[]);
     assert!(process::wait_running(&mut job, 0));
-    let wait_for = |n: usize| {
-        let t = Instant::now();
-        while committed_lines(tmp.path()).len() < n && t.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait_for = |n: usize| wait_for_lines(tmp.path(), n);
     wait_for(80);
     create_topic(&format!("{stem}-c"), 2);
     produce(&format!("{stem}-c"), None, ids(80..120));

@@ -664,9 +664,9 @@ impl Operator for KafkaSink {
             value.clear();
             self.encoder.write(std::slice::from_ref(r), &mut value);
             value.pop(); // the line's end
-            let topic = match (self.topic_field, &self.spec.topic) {
+            let topic: &str = match (self.topic_field, &self.spec.topic) {
                 (Some(i), _) => match r.get(i) {
-                    Some(crate::record::Value::Str(s)) => s.to_string(),
+                    Some(crate::record::Value::Str(s)) => s,
                     other => {
                         return Err(RuntimeError::user(format!(
                             "{}: topicField holds {other:?}, not a topic name",
@@ -674,7 +674,7 @@ impl Operator for KafkaSink {
                         )));
                     }
                 },
-                (None, Some(t)) => t.clone(),
+                (None, Some(t)) => t,
                 (None, None) => {
                     return Err(RuntimeError::internal(format!(
                         "{}: its plan names no topic and no topicField",
@@ -682,7 +682,7 @@ impl Operator for KafkaSink {
                     )));
                 }
             };
-            let mut rec = BaseRecord::to(&topic).payload(&value[..]);
+            let mut rec = BaseRecord::to(topic).payload(&value[..]);
             if let Some(i) = self.key {
                 use std::fmt::Write;
                 key.clear();

@@ -44,6 +44,8 @@ pub struct KafkaSource {
     to_commit: Vec<(u64, Offsets)>,
     /// With `onError: deadLetter`: the producer of the dead letters, and its topic.
     dead_letters: Option<(BaseProducer<DeadLetters>, String)>,
+    /// The partition of the last record polled.
+    current: (String, i32),
     /// When a passing error of the client was last logged.
     last_warning: Option<Instant>,
     /// `topicPattern`, compiled.
@@ -173,6 +175,7 @@ impl KafkaSource {
             to_commit: Vec::new(),
             pattern,
             last_warning: None,
+            current: (String::new(), -1),
             dead_letters,
             dropped: 0,
         })
@@ -255,11 +258,7 @@ impl KafkaSource {
                 // deleted (its first offset at its end) would never be seen to end.
                 for (i, (t, p)) in fresh.iter().enumerate() {
                     if starts[i].is_none() {
-                        let (low, _) =
-                            self.consumer.fetch_watermarks(t, *p, CALL_TIMEOUT).map_err(|e| {
-                                kafka_error(&self.who, &format!("the start of {t}/{p}"), e)
-                            })?;
-                        starts[i] = Some(low);
+                        starts[i] = Some(self.watermarks(t, *p)?.0);
                     }
                 }
             }
@@ -291,19 +290,20 @@ impl KafkaSource {
         Ok(())
     }
 
+    /// The first offset and the end (the offset after the last) of a partition now.
+    fn watermarks(&self, t: &str, p: i32) -> Result<(i64, i64), RuntimeError> {
+        self.consumer
+            .fetch_watermarks(t, p, CALL_TIMEOUT)
+            .map_err(|e| kafka_error(&self.who, &format!("the offsets of {t}/{p}"), e))
+    }
+
     /// Where each of `parts` starts at the job's first start.
     fn start_offsets(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, RuntimeError> {
         match self.spec.start_from {
             StartFrom::Earliest => Ok(vec![None; parts.len()]),
-            StartFrom::Latest => parts
-                .iter()
-                .map(|(t, p)| {
-                    self.consumer
-                        .fetch_watermarks(t, *p, CALL_TIMEOUT)
-                        .map(|(_, high)| Some(high))
-                        .map_err(|e| kafka_error(&self.who, &format!("the end of {t}/{p}"), e))
-                })
-                .collect(),
+            StartFrom::Latest => {
+                parts.iter().map(|(t, p)| Ok(Some(self.watermarks(t, *p)?.1))).collect()
+            }
             StartFrom::Timestamp => {
                 let ts = self.spec.start_timestamp.unwrap_or(0);
                 self.offsets_at(parts, ts)
@@ -348,11 +348,7 @@ impl KafkaSource {
             .map(|(t, p)| match got.find_partition(t, *p).map(|e| e.offset()) {
                 Some(Offset::Offset(o)) => Ok(Some(o)),
                 // No record at or after it: the partition's end.
-                _ => self
-                    .consumer
-                    .fetch_watermarks(t, *p, CALL_TIMEOUT)
-                    .map(|(_, high)| Some(high))
-                    .map_err(|e| kafka_error(&self.who, &format!("the end of {t}/{p}"), e)),
+                _ => Ok(Some(self.watermarks(t, *p)?.1)),
             })
             .collect()
     }
@@ -360,15 +356,9 @@ impl KafkaSource {
     /// Where each of `parts` ends, for a bounded source.
     fn end_offsets(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, RuntimeError> {
         match (self.spec.stop_at, self.spec.stop_timestamp) {
-            (Some(StopAt::Latest), _) => parts
-                .iter()
-                .map(|(t, p)| {
-                    self.consumer
-                        .fetch_watermarks(t, *p, CALL_TIMEOUT)
-                        .map(|(_, high)| Some(high))
-                        .map_err(|e| kafka_error(&self.who, &format!("the end of {t}/{p}"), e))
-                })
-                .collect(),
+            (Some(StopAt::Latest), _) => {
+                parts.iter().map(|(t, p)| Ok(Some(self.watermarks(t, *p)?.1))).collect()
+            }
             (None, Some(ts)) => self.offsets_at(parts, ts),
             (None, None) => Ok(vec![None; parts.len()]),
         }
@@ -624,8 +614,12 @@ impl Source for KafkaSource {
                 Some(Ok(m)) => m,
             };
             wait = Duration::ZERO;
-            let key = (m.topic().to_string(), m.partition());
-            let Some(part) = self.parts.get(&key) else { continue };
+            // The partition's key, made again only when the partition changes (records come
+            // in runs of one partition): no allocation per record.
+            if self.current.1 != m.partition() || self.current.0 != m.topic() {
+                self.current = (m.topic().to_string(), m.partition());
+            }
+            let Some(part) = self.parts.get(&self.current) else { continue };
             if part.done || part.end.is_some_and(|end| m.offset() >= end) {
                 continue;
             }
@@ -666,7 +660,7 @@ impl Source for KafkaSource {
                 self.dead_letter(&m, &why)?;
                 self.dropped += 1;
             }
-            let part = self.parts.get_mut(&key).expect("looked up above");
+            let part = self.parts.get_mut(&self.current).expect("looked up above");
             part.next = Some(m.offset() + 1);
             if let Some(clock) = &self.clock {
                 clock.observe(&mut part.time, &out[before..], now)?;
