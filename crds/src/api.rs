@@ -104,6 +104,54 @@ pub struct OperatorInfo {
     /// The metrics the operator's own code registered, per subtask, by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<UserMetric>,
+    /// A source that knows where its input ends (a `kafka_source`): the records it has yet to
+    /// read, summed over its partitions. Absent until every partition's end is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    /// A `kafka_source`'s partitions: where each subtask is in each, and how far behind its
+    /// end, by topic and partition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionInfo>,
+    /// Bytes a source read (a Kafka record's key and value).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_in: u64,
+    /// A transactional sink's commits (a `kafka_sink` with `delivery: exactly-once`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commits: Option<CommitInfo>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A partition a source reads ([`OperatorInfo::partitions`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionInfo {
+    pub topic: String,
+    pub partition: i32,
+    pub subtask: u32,
+    /// The next offset the subtask reads; absent before it read any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<i64>,
+    /// Records behind the partition's end (its last stable offset with `read_committed`,
+    /// its high watermark otherwise); 0 once a bounded read reached its end. Absent until
+    /// the client has heard the end from the partition's leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+}
+
+/// A transactional sink's commits, over its subtasks ([`OperatorInfo::commits`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommitInfo {
+    /// Transactions committed in this attempt of the job.
+    pub committed: u64,
+    /// Seconds spent committing them (the marker and the commit's round trips).
+    pub seconds: f64,
+    /// Transactions open now: the one being written and those pre-committed at a barrier,
+    /// waiting for their checkpoint to complete.
+    pub open_transactions: u32,
 }
 
 /// A metric an operator's code registered ([`OperatorInfo::metrics`]); on `/metrics` it is

@@ -204,6 +204,7 @@ pub const OWNED_PROPERTIES: &[(&str, &str)] = &[
     ("acks", "set delivery"),
     ("request.required.acks", "set delivery"),
     ("client.id", "Weir names each client after the job, operator and subtask"),
+    ("statistics.interval.ms", "the source reads its partitions' ends from them every second"),
 ];
 
 /// Settings with credentials: they come from the job's environment (a Secret), never from the

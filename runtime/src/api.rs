@@ -551,6 +551,82 @@ fn register_user_metrics(
     Ok(())
 }
 
+/// What the connectors tell of the systems they read and write: a Kafka source's lag (per
+/// partition and in all) and bytes read, a transactional sink's commits.
+fn register_connector_metrics(
+    r: &Registry,
+    i: &weir_crds::api::JobInfo,
+    job: &dyn Fn(&str, &str) -> Opts,
+) -> Result<(), prometheus::Error> {
+    let op_labels = ["operator", "type"];
+    let lag = IntGaugeVec::new(
+        job(
+            "source_lag_records",
+            "Records a source has yet to read, over its partitions (a kafka_source: behind each partition's end); absent until every partition's end is known",
+        ),
+        &op_labels,
+    )?;
+    let part_lag = IntGaugeVec::new(
+        job(
+            "source_partition_lag_records",
+            "Records behind a partition's end (its last stable offset with read_committed, its high watermark otherwise)",
+        ),
+        &["operator", "type", "topic", "partition", "subtask"],
+    )?;
+    let bytes_in = IntCounterVec::new(
+        job("source_bytes_in_total", "Bytes a source read (a Kafka record's key and value)"),
+        &op_labels,
+    )?;
+    let commits = IntCounterVec::new(
+        job("sink_commits_total", "Transactions a sink committed (kafka_sink, exactly-once)"),
+        &op_labels,
+    )?;
+    let commit_seconds = prometheus::CounterVec::new(
+        job(
+            "sink_commit_seconds_total",
+            "Seconds a sink spent committing its transactions (the marker and the commit)",
+        ),
+        &op_labels,
+    )?;
+    let open = IntGaugeVec::new(
+        job(
+            "sink_open_transactions",
+            "A sink's transactions open now: being written, or pre-committed and waiting for their checkpoint to complete",
+        ),
+        &op_labels,
+    )?;
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for op in &i.operators {
+        let labels = [op.uid.as_str(), op.type_.as_str()];
+        if let Some(l) = op.lag {
+            lag.with_label_values(&labels).set(clamp(l));
+        }
+        for p in &op.partitions {
+            if let Some(l) = p.lag {
+                let (part, subtask) = (p.partition.to_string(), p.subtask.to_string());
+                part_lag
+                    .with_label_values(&[&op.uid, &op.type_, &p.topic, &part, &subtask])
+                    .set(clamp(l));
+            }
+        }
+        if op.bytes_in > 0 || !op.partitions.is_empty() {
+            bytes_in.with_label_values(&labels).inc_by(op.bytes_in);
+        }
+        if let Some(c) = &op.commits {
+            commits.with_label_values(&labels).inc_by(c.committed);
+            commit_seconds.with_label_values(&labels).inc_by(c.seconds.max(0.0));
+            open.with_label_values(&labels).set(i64::from(c.open_transactions));
+        }
+    }
+    r.register(Box::new(lag))?;
+    r.register(Box::new(part_lag))?;
+    r.register(Box::new(bytes_in))?;
+    r.register(Box::new(commits))?;
+    r.register(Box::new(commit_seconds))?;
+    r.register(Box::new(open))?;
+    Ok(())
+}
+
 fn render_metrics(status: &Status) -> Response {
     match metrics_text(status) {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
@@ -703,6 +779,7 @@ pub fn metrics_text(status: &Status) -> Result<String, prometheus::Error> {
     r.register(Box::new(rlate))?;
     r.register(Box::new(wm))?;
     register_user_metrics(&r, &i, &job)?;
+    register_connector_metrics(&r, &i, &job)?;
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())

@@ -113,6 +113,10 @@ pub enum ToCoordinator {
         /// The metrics its operators' code registered: (operator index, metric).
         #[serde(default)]
         user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,
+        /// What its connectors tell of the systems they read and write: (operator index,
+        /// subtask, figures).
+        #[serde(default)]
+        connectors: Vec<(u32, u32, crate::connectors::stats::ConnectorStats)>,
     },
     /// A subtask's part of checkpoint `id` ([`crate::exec::FINAL`]: its final snapshot).
     #[serde(rename_all = "camelCase")]
@@ -140,6 +144,8 @@ pub enum ToCoordinator {
         late: Vec<u64>,
         #[serde(default)]
         user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,
+        #[serde(default)]
+        connectors: Vec<(u32, u32, crate::connectors::stats::ConnectorStats)>,
         #[serde(default)]
         attempt: u32,
     },

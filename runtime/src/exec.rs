@@ -176,6 +176,8 @@ pub struct JobMetrics {
     state: std::sync::Mutex<Vec<(u32, StateBackend)>>,
     /// The metrics the operators' own code registered.
     pub(crate) user: crate::operator::metrics::Registry,
+    /// What the connectors tell of the systems they read and write.
+    pub(crate) connectors: crate::connectors::stats::ConnectorRegistry,
 }
 
 impl JobMetrics {
@@ -185,7 +187,13 @@ impl JobMetrics {
             started: Instant::now(),
             state: Default::default(),
             user: Default::default(),
+            connectors: Default::default(),
         }
+    }
+
+    /// The connectors' figures, now: (operator index in plan order, subtask, figures) each.
+    pub fn connector_stats(&self) -> Vec<(u32, u32, crate::connectors::stats::ConnectorStats)> {
+        crate::connectors::stats::report(&self.connectors)
     }
 
     /// The operators' own metrics, now: (operator index in plan order, metric) each.
@@ -1400,91 +1408,97 @@ pub fn run_worker(
                     // A panic cancels the attempt at once, with its message, instead of
                     // leaving the other subtasks running until the thread is joined.
                     let run = std::panic::AssertUnwindSafe(|| {
-                        new_source(&head, &files, s3, s, p).and_then(|mut source| {
-                            let mut chain = chain;
-                            // The records an unaligned checkpoint overtook go first.
-                            let mut replay = Vec::new();
-                            let head_uid = chain.ops[0].uid.clone();
-                            let in_flight: Vec<(u32, InFlightHandle)> = restore
-                                .iter()
-                                .filter(|((uid, old), _)| {
-                                    uid == &head_uid && (rescale_from.is_some() || *old == s)
-                                })
-                                .filter_map(|((_, old), o)| o.in_flight.clone().map(|h| (*old, h)))
-                                .collect();
-                            if let Some(ck) = &chain.ckpt {
-                                for (old, h) in in_flight {
-                                    let bytes =
-                                        ck.restore_storage.get(&h.key)?.ok_or_else(|| {
-                                            RuntimeError::damaged(format!(
-                                                "{} is missing: the checkpoint is damaged",
-                                                ck.restore_storage.describe(&h.key)
-                                            ))
-                                        })?;
-                                    let records = crate::exchange::align::decode_in_flight(&bytes)
-                                        .map_err(|e| {
-                                            RuntimeError::damaged(format!(
-                                                "{}: {e}",
-                                                ck.restore_storage.describe(&h.key)
-                                            ))
-                                        })?;
-                                    replay.extend(share_of_in_flight(
-                                        records,
-                                        &head,
-                                        old,
-                                        s,
-                                        p,
-                                        max_p,
-                                        rescale_from.is_some(),
-                                    ));
-                                }
-                            }
-                            if let Some(old_p) = rescale_from {
-                                let range = crate::keygroup::KeyGroupRange::of_subtask(max_p, p, s);
-                                for cop in &mut chain.ops {
-                                    let states: Vec<(u32, serde_json::Value)> = restore
-                                        .iter()
-                                        .filter(|((uid, _), _)| uid == &cop.uid)
-                                        .map(|((_, old), o)| {
-                                            (*old, o.state.clone().unwrap_or_default())
-                                        })
-                                        .collect();
-                                    if states.is_empty() {
-                                        continue; // a new operator starts empty
+                        new_source(&head, h, &files, s3, s, p, &chain.metrics).and_then(
+                            |mut source| {
+                                let mut chain = chain;
+                                // The records an unaligned checkpoint overtook go first.
+                                let mut replay = Vec::new();
+                                let head_uid = chain.ops[0].uid.clone();
+                                let in_flight: Vec<(u32, InFlightHandle)> = restore
+                                    .iter()
+                                    .filter(|((uid, old), _)| {
+                                        uid == &head_uid && (rescale_from.is_some() || *old == s)
+                                    })
+                                    .filter_map(|((_, old), o)| {
+                                        o.in_flight.clone().map(|h| (*old, h))
+                                    })
+                                    .collect();
+                                if let Some(ck) = &chain.ckpt {
+                                    for (old, h) in in_flight {
+                                        let bytes =
+                                            ck.restore_storage.get(&h.key)?.ok_or_else(|| {
+                                                RuntimeError::damaged(format!(
+                                                    "{} is missing: the checkpoint is damaged",
+                                                    ck.restore_storage.describe(&h.key)
+                                                ))
+                                            })?;
+                                        let records =
+                                            crate::exchange::align::decode_in_flight(&bytes)
+                                                .map_err(|e| {
+                                                    RuntimeError::damaged(format!(
+                                                        "{}: {e}",
+                                                        ck.restore_storage.describe(&h.key)
+                                                    ))
+                                                })?;
+                                        replay.extend(share_of_in_flight(
+                                            records,
+                                            &head,
+                                            old,
+                                            s,
+                                            p,
+                                            max_p,
+                                            rescale_from.is_some(),
+                                        ));
                                     }
-                                    let at = crate::operator::Rescale {
-                                        uid: cop.uid.clone(),
-                                        subtask: s,
-                                        parallelism: p,
-                                        old_parallelism: old_p,
-                                        key_groups: (range.start, range.end),
-                                    };
+                                }
+                                if let Some(old_p) = rescale_from {
+                                    let range =
+                                        crate::keygroup::KeyGroupRange::of_subtask(max_p, p, s);
+                                    for cop in &mut chain.ops {
+                                        let states: Vec<(u32, serde_json::Value)> = restore
+                                            .iter()
+                                            .filter(|((uid, _), _)| uid == &cop.uid)
+                                            .map(|((_, old), o)| {
+                                                (*old, o.state.clone().unwrap_or_default())
+                                            })
+                                            .collect();
+                                        if states.is_empty() {
+                                            continue; // a new operator starts empty
+                                        }
+                                        let at = crate::operator::Rescale {
+                                            uid: cop.uid.clone(),
+                                            subtask: s,
+                                            parallelism: p,
+                                            old_parallelism: old_p,
+                                            key_groups: (range.start, range.end),
+                                        };
+                                        match (cop.op.as_mut(), source.as_mut()) {
+                                            (Some(op), _) => op.rescale(states, &at)?,
+                                            (None, Some(src)) => src.rescale(states, &at)?,
+                                            (None, None) => {}
+                                        }
+                                    }
+                                    run_subtask(&mut chain, source, inbox, replay, &stop, &cancel)?;
+                                    return Ok(chain);
+                                }
+                                for cop in &mut chain.ops {
+                                    let state = restore
+                                        .get(&(cop.uid.clone(), s))
+                                        .and_then(|o| o.state.clone());
                                     match (cop.op.as_mut(), source.as_mut()) {
-                                        (Some(op), _) => op.rescale(states, &at)?,
-                                        (None, Some(src)) => src.rescale(states, &at)?,
+                                        (Some(op), _) => op.restore(state)?,
+                                        (None, Some(src)) => {
+                                            if let Some(st) = state {
+                                                src.restore(st)?;
+                                            }
+                                        }
                                         (None, None) => {}
                                     }
                                 }
                                 run_subtask(&mut chain, source, inbox, replay, &stop, &cancel)?;
-                                return Ok(chain);
-                            }
-                            for cop in &mut chain.ops {
-                                let state = restore
-                                    .get(&(cop.uid.clone(), s))
-                                    .and_then(|o| o.state.clone());
-                                match (cop.op.as_mut(), source.as_mut()) {
-                                    (Some(op), _) => op.restore(state)?,
-                                    (None, Some(src)) => {
-                                        if let Some(st) = state {
-                                            src.restore(st)?;
-                                        }
-                                    }
-                                    (None, None) => {}
-                                }
-                            }
-                            run_subtask(&mut chain, source, inbox, replay, &stop, &cancel)?;
-                            Ok(chain)
-                        })
+                                Ok(chain)
+                            },
+                        )
                     });
                     let r = std::panic::catch_unwind(run).unwrap_or_else(|p| {
                         Err(RuntimeError::internal(format!(
@@ -1634,16 +1648,25 @@ fn share_of_in_flight(
 /// The source a task starts with, if it is a source task.
 fn new_source(
     head: &crate::plan::PlanOp,
+    index: usize,
     files: &[SourceFile],
     s3: Option<S3Client>,
     s: u32,
     p: u32,
+    metrics: &JobMetrics,
 ) -> Result<Option<Box<dyn Source>>, RuntimeError> {
     if !head.inputs.is_empty() {
         return Ok(None);
     }
-    let build =
-        crate::operator::builtin::SourceBuild { op: head, subtask: s, parallelism: p, files, s3 };
+    let build = crate::operator::builtin::SourceBuild {
+        op: head,
+        index,
+        subtask: s,
+        parallelism: p,
+        files,
+        s3,
+        metrics,
+    };
     crate::operator::registry().make_source(build).map(Some)
 }
 

@@ -265,12 +265,13 @@ pub fn run(opts: &WorkerOptions) -> Result<(), RuntimeError> {
         *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let report = match &result {
             Ok(records) => {
-                let Counts { records, dropped, late, user_metrics } = records.clone();
+                let Counts { records, dropped, late, user_metrics, connectors } = records.clone();
                 ToCoordinator::Finished {
                     records,
                     dropped,
                     late,
                     user_metrics,
+                    connectors,
                     attempt: job.attempt,
                 }
             }
@@ -310,6 +311,7 @@ struct Counts {
     dropped: Vec<u64>,
     late: Vec<u64>,
     user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,
+    connectors: Vec<(u32, u32, crate::connectors::stats::ConnectorStats)>,
 }
 
 fn run_job(
@@ -424,6 +426,7 @@ fn run_job(
                     subtask_state_bytes: metrics.subtask_state_bytes(),
                     watermarks: metrics.watermarks(),
                     user_metrics,
+                    connectors: metrics.connector_stats(),
                 };
                 if writer.send(&msg).is_err() {
                     return;
@@ -442,5 +445,6 @@ fn run_job(
         dropped: metrics.dropped_in_order(),
         late: metrics.late_in_order(),
         user_metrics: metrics.user_metrics(),
+        connectors: metrics.connector_stats(),
     })
 }

@@ -971,3 +971,226 @@ fn a_sink_restored_in_another_run_settles_the_old_runs_transactions() {
     let want: Vec<i64> = (0..300).chain(1000..1300).chain(3000..3050).collect();
     assert_eq!(committed_numbers(&topic, want.len()), want);
 }
+
+/// Waits (at most `limit`) until `/v1/job` shows what `ok` wants: that job info.
+fn wait_info(
+    api: &str,
+    limit: Duration,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t = Instant::now();
+    let mut last = serde_json::Value::Null;
+    while t.elapsed() < limit {
+        if let Some(i) = process::job_info(api) {
+            if ok(&i) {
+                return i;
+            }
+            last = i;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} within {limit:?}; the job's last info: {last:#}");
+}
+
+/// The operator `uid` of a job info.
+fn operator<'a>(info: &'a serde_json::Value, uid: &str) -> &'a serde_json::Value {
+    info["operators"].as_array().unwrap().iter().find(|o| o["uid"] == uid).unwrap()
+}
+
+#[test]
+fn the_source_tells_its_lag_and_bytes_and_the_sink_its_commits() {
+    let _shared = shared();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = unique("metrics-in");
+    let output = unique("metrics-out");
+    create_topic(&input, 3);
+    create_topic(&output, 3);
+    let counts = produce_keys(&input, 6_000, 50, 0x6d65);
+    // The bytes produced: keys and values, as produce_keys wrote them.
+    let bytes: u64 = {
+        let mut rng = SplitMix64::new(0x6d65);
+        (0..6_000)
+            .map(|_| {
+                let k = format!("k{}", rng.next_u64() % 50);
+                (k.len() + format!("{{\"key\": \"{k}\", \"value\": 1}}").len()) as u64
+            })
+            .sum()
+    };
+    // A throttle in the source's chain holds it back: 2 × 1,000 records a second, so the
+    // source is seconds behind the topic's end.
+    let file = tmp.path().join("job.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: kafka-metrics}}
+spec:
+  parallelism: 2
+  checkpointing: {{interval: 500ms, timeout: 30s, storage: {chk}}}
+  pipeline:
+    operators:
+      - {{uid: orders, type: kafka_source, topics: [{input}], bootstrapServers: \"{b}\", format: json, fields: {{key: string, value: int}}}}
+      - {{uid: slow, type: throttle, inputs: [orders], ratePerSecond: 1000}}
+      - {{uid: counts, type: count, inputs: [slow], key: key}}
+      - {{uid: out, type: kafka_sink, inputs: [counts], topic: {output}, key: key, bootstrapServers: \"{b}\"}}
+",
+            b = bootstrap(),
+            chk = tmp.path().join("checkpoints").display(),
+        ),
+    )
+    .unwrap();
+    let job = start(&file, tmp.path(), &[]);
+    let api = job.addr("api");
+    // Behind: every partition's end known and records still to read, each partition of the
+    // topic shown once with the subtask that reads it.
+    let behind = wait_info(&api, Duration::from_secs(60), "a lag above 0", |i| {
+        operator(i, "orders")["lag"].as_u64().is_some_and(|l| l > 0)
+    });
+    let src = operator(&behind, "orders");
+    let parts = src["partitions"].as_array().unwrap();
+    let mut got: Vec<(String, i64)> = parts
+        .iter()
+        .map(|p| (p["topic"].as_str().unwrap().to_string(), p["partition"].as_i64().unwrap()))
+        .collect();
+    got.sort();
+    assert_eq!(got, (0..3).map(|p| (input.clone(), p)).collect::<Vec<_>>(), "{src:#}");
+    let summed: u64 = parts.iter().map(|p| p["lag"].as_u64().unwrap()).sum();
+    assert_eq!(src["lag"].as_u64(), Some(summed), "{src:#}");
+    assert!(summed <= 6_000, "{src:#}");
+    for p in parts {
+        let subtask = p["subtask"].as_u64().unwrap() as u32;
+        let owner = weir_runtime::connectors::partition_owner(
+            &input,
+            p["partition"].as_i64().unwrap() as i32,
+            2,
+        );
+        assert_eq!(subtask, owner, "{p}");
+    }
+    // Caught up: no lag, every byte counted, transactions committed.
+    let done = wait_info(&api, Duration::from_secs(60), "no lag with every byte read", |i| {
+        let o = operator(i, "orders");
+        o["lag"].as_u64() == Some(0) && o["bytesIn"].as_u64() == Some(bytes)
+    });
+    let commits = wait_info(&api, Duration::from_secs(30), "commits after the last records", |i| {
+        operator(i, "out")["commits"]["committed"].as_u64().is_some_and(|c| c >= 2)
+    });
+    let sink = operator(&commits, "out");
+    assert!(sink["commits"]["seconds"].as_f64().unwrap() > 0.0, "{sink:#}");
+    assert!(sink["commits"]["openTransactions"].as_u64().unwrap() <= 2 * 2, "{sink:#}");
+    assert!(operator(&done, "counts").get("lag").is_none(), "only a source has a lag");
+    // More input: the lag goes up, then back to 0.
+    produce_keys(&input, 12_000, 50, 0x6d66);
+    wait_info(&api, Duration::from_secs(30), "a lag after more input", |i| {
+        operator(i, "orders")["lag"].as_u64().is_some_and(|l| l > 0)
+    });
+    wait_info(&api, Duration::from_secs(60), "no lag again", |i| {
+        operator(i, "orders")["lag"].as_u64() == Some(0)
+    });
+    // The same on /metrics.
+    let (code, text) = process::request(&api, "GET", "/metrics", None).unwrap();
+    assert_eq!(code, 200);
+    for family in [
+        "weir_source_lag_records{",
+        "weir_source_bytes_in_total{",
+        "weir_sink_commits_total{",
+        "weir_sink_commit_seconds_total{",
+        "weir_sink_open_transactions{",
+    ] {
+        assert!(text.contains(family), "{family} not on /metrics:\n{text}");
+    }
+    let line = format!("topic=\"{input}\"");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("weir_source_partition_lag_records{") && l.contains(&line))
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines.iter().all(|l| l.ends_with(" 0")), "{lines:?}");
+    // And the counts came through exactly once.
+    let mut all = counts;
+    let mut rng = SplitMix64::new(0x6d66);
+    for _ in 0..12_000 {
+        *all.entry(format!("k{}", rng.next_u64() % 50)).or_insert(0) += 1;
+    }
+    let values = read_topic(&output, 18_000, Duration::from_secs(10));
+    check_updates(&values, &all);
+    job.signal("-TERM");
+    let (code, err) = job.finish(Duration::from_secs(60));
+    assert!(code.is_some(), "{err}");
+}
+
+#[test]
+fn a_cluster_away_past_the_checkpoint_timeout_fails_checkpoints_restarts_the_job_and_loses_nothing()
+{
+    let _alone = CLUSTER.write().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let input = unique("away-in");
+    let output = unique("away-out");
+    create_topic(&input, 3);
+    create_topic(&output, 3);
+    let counts = produce_keys(&input, 60_000, 500, 0x6177);
+    let b = bootstrap();
+    // 2 × 2,000 records a second: the job runs 15 s, and the cluster goes away in the middle.
+    let file = tmp.path().join("job.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: kafka-away}}
+spec:
+  parallelism: 2
+  checkpointing: {{interval: 1s, timeout: 3s, tolerableFailures: 2, storage: {chk}}}
+  restartStrategy: {{type: fixed-delay, delay: 1s, attempts: 1000}}
+  pipeline:
+    operators:
+      - {{uid: orders, type: kafka_source, topics: [{input}], bootstrapServers: \"{b}\", stopAt: latest, format: json, fields: {{key: string, value: int}}}}
+      - {{uid: slow, type: throttle, inputs: [orders], ratePerSecond: 2000}}
+      - {{uid: counts, type: count, inputs: [slow], key: key}}
+      - {{uid: out, type: kafka_sink, inputs: [counts], topic: {output}, key: key, bootstrapServers: \"{b}\", transactionTimeout: 60s}}
+",
+            chk = tmp.path().join("checkpoints").display(),
+        ),
+    )
+    .unwrap();
+    let mut job = start(&file, tmp.path(), &["--processes"]);
+    assert!(process::wait_running(&mut job, 0));
+    let api = job.addr("api");
+    wait_info(&api, Duration::from_secs(30), "two checkpoints completed", |i| {
+        i["lastCheckpoint"]["id"].as_u64().is_some_and(|id| id >= 2)
+    });
+    // Every broker away for 20 s: far past the checkpoint timeout (3 s) times the failures
+    // tolerated (2).
+    for id in ["1", "2", "3"] {
+        kafka_sh(&["stop-broker", id, "--kill"]);
+    }
+    std::thread::sleep(Duration::from_secs(20));
+    for id in ["1", "2", "3"] {
+        kafka_sh(&["spawn", id]);
+    }
+    let t = Instant::now();
+    loop {
+        let out = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/env/kafka.sh"))
+            .arg("brokers")
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).lines().count() == 3 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "the brokers did not come back");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (code, err) = job.finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    // The checkpoints failed while the cluster was away, past what is tolerated, and the job
+    // restarted.
+    assert!(
+        err.contains("3 checkpoints failed in a row (checkpointing.tolerableFailures is 2)"),
+        "{err}"
+    );
+    assert!(err.contains("restarting in"), "{err}");
+    let values = read_topic(&output, 60_000, Duration::from_secs(20));
+    check_updates(&values, &counts);
+}

@@ -88,15 +88,11 @@ async fn patch_spec(env: &TestEnv, ns: &str, name: &str, spec: Value) {
     api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": spec}))).await.unwrap();
 }
 
-/// The `/metrics` of job `name`'s coordinator, from its pod's address.
 /// The `/metrics` of a job with event time (the StreamJobs here have none), run by the real
 /// `weir` binary on this machine, once its window reports a watermark.
 fn event_time_metrics(env: &TestEnv) -> String {
-    use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("event-time.yaml");
-    std::fs::write(
-        &file,
+    local_job_metrics(
+        env,
         "apiVersion: weir.dev/v1alpha1
 kind: StreamJob
 metadata: {name: event-time}
@@ -107,13 +103,82 @@ spec:
       - {uid: hot, type: window, inputs: [events], key: key, kind: tumbling, size: 1s, aggregate: {count: '*'}}
       - {uid: out, type: blackhole, inputs: [hot]}
 ",
+        &["weir_operator_watermark_milliseconds{"],
     )
-    .unwrap();
+}
+
+/// The `/metrics` of a job from Kafka to Kafka (the StreamJobs here have neither), run by
+/// the real `weir` binary on this machine against the environment's Kafka cluster, once the
+/// source has told its lag and the sink has committed.
+fn kafka_metrics(env: &TestEnv) -> String {
+    let bootstrap =
+        std::env::var("WEIR_TEST_KAFKA").expect("WEIR_TEST_KAFKA (the env.sh of tests/env/up.sh)");
+    let stamp =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let (input, output) = (format!("argocd-in-{stamp}"), format!("argocd-out-{stamp}"));
+    let sh = weir_e2e::argocd::repo().join("tests/env/kafka.sh");
+    for t in [&input, &output] {
+        let st = std::process::Command::new("bash")
+            .arg(&sh)
+            .args(["create-topic", t, "2"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kafka.sh create-topic {t}");
+    }
+    let mut produce = std::process::Command::new("bash")
+        .arg(&sh)
+        .args(["produce", &input])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut w = produce.stdin.take().unwrap();
+        for i in 0..2_000 {
+            writeln!(w, "{{\"key\": \"k{}\", \"n\": {i}}}", i % 10).unwrap();
+        }
+    }
+    assert!(produce.wait().unwrap().success(), "kafka.sh produce {input}");
+    local_job_metrics(
+        env,
+        &format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: kafka-metrics}}
+spec:
+  checkpointing: {{interval: 500ms}}
+  pipeline:
+    operators:
+      - {{uid: orders, type: kafka_source, topics: [{input}], bootstrapServers: \"{bootstrap}\", format: json, fields: {{key: string, n: int}}}}
+      - {{uid: counts, type: count, inputs: [orders], key: key}}
+      - {{uid: out, type: kafka_sink, inputs: [counts], topic: {output}, key: key, bootstrapServers: \"{bootstrap}\"}}
+"
+        ),
+        &[
+            "weir_source_lag_records{",
+            "weir_source_partition_lag_records{",
+            "weir_source_bytes_in_total{",
+            "weir_sink_commits_total{",
+            "weir_sink_commit_seconds_total{",
+            "weir_sink_open_transactions{",
+        ],
+    )
+}
+
+/// The `/metrics` of `manifest` run by the real `weir` binary on this machine (checkpoints
+/// in a directory of its own), once they hold every one of `ready`.
+fn local_job_metrics(env: &TestEnv, manifest: &str, ready: &[&str]) -> String {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.yaml");
+    std::fs::write(&file, manifest).unwrap();
     let state = dir.path().join("state");
     let mut child = std::process::Command::new(env.binary("weir"))
         .args(["run", file.to_str().unwrap(), "--api-addr", "127.0.0.1:0"])
         .arg("--state-dir")
         .arg(&state)
+        .arg("--storage")
+        .arg(dir.path().join("checkpoints"))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("running weir (cargo build --workspace --bins builds it)");
@@ -138,7 +203,7 @@ spec:
     let mut last = String::new();
     while t.elapsed() < Duration::from_secs(60) {
         if let Ok(m) = dashboard::http_get(&addr, "/metrics") {
-            if m.contains("weir_operator_watermark_milliseconds{") {
+            if ready.iter().all(|r| m.contains(r)) {
                 let _ = child.kill();
                 let _ = child.wait();
                 return m;
@@ -149,9 +214,10 @@ spec:
     }
     let _ = child.kill();
     let _ = child.wait();
-    panic!("the event-time job reported no watermark in a minute:\n{last}");
+    panic!("the job did not report {ready:?} in a minute:\n{last}");
 }
 
+/// The `/metrics` of job `name`'s coordinator, from its pod's address.
 async fn coordinator_metrics(env: &TestEnv, ns: &str, name: &str) -> String {
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
     let lp = ListParams::default().labels(&format!(
@@ -403,6 +469,7 @@ async fn health_checks_and_dashboard_against_real_jobs() {
     scrape.merge(Scrape::parse(&failing));
     scrape.merge(Scrape::parse(&coordinator));
     scrape.merge(Scrape::parse(&event_time_metrics(&env)));
+    scrape.merge(Scrape::parse(&kafka_metrics(&env)));
     for must in [
         r#"weir_controller_upgrades_total{mode="savepoint",result="completed"}"#,
         r#"weir_controller_upgrades_total{mode="savepoint",result="rolled-back"}"#,

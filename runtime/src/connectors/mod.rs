@@ -10,6 +10,7 @@ mod generator;
 mod kafka;
 mod print;
 mod socket;
+pub mod stats;
 
 pub use file_sink::{FileSink, S3_PART_BYTES};
 pub use file_source::{FileSource, S3_READ_CHUNK, SourceFile, list_files, list_source_files};

@@ -609,6 +609,7 @@ impl Driver<'_> {
                     subtask_state_bytes,
                     watermarks,
                     user_metrics,
+                    connectors,
                 })) => {
                     progress[w] = Progress {
                         records,
@@ -618,6 +619,7 @@ impl Driver<'_> {
                         subtask_state_bytes,
                         watermarks,
                         user_metrics,
+                        connectors,
                     };
                     running[w] = true;
                     self.publish(&progress);
@@ -701,7 +703,12 @@ impl Driver<'_> {
                     last_done = Instant::now();
                 }
                 Ok(Some(ToCoordinator::Finished {
-                    records, dropped, late, user_metrics, ..
+                    records,
+                    dropped,
+                    late,
+                    user_metrics,
+                    connectors,
+                    ..
                 })) => {
                     self.ended.insert(conn);
                     progress[w] = Progress {
@@ -712,6 +719,7 @@ impl Driver<'_> {
                         subtask_state_bytes: Vec::new(),
                         watermarks: std::mem::take(&mut progress[w].watermarks),
                         user_metrics,
+                        connectors,
                     };
                     finished[w] = true;
                     self.publish(&progress);

@@ -148,6 +148,8 @@ struct Progress {
     watermarks: Vec<(u32, u32, i64)>,
     /// (operator index, a metric its code registered).
     user_metrics: Vec<(u32, crate::operator::metrics::UserMetric)>,
+    /// (operator index, subtask, what a connector tells).
+    connectors: Vec<(u32, u32, crate::connectors::stats::ConnectorStats)>,
 }
 
 /// The metrics of operator `k` that the workers reported, by name and subtask. What a worker

@@ -85,6 +85,10 @@ impl Status {
                         type_: o.type_name.clone(),
                         records_in: 0,
                         records_out: 0,
+                        lag: None,
+                        partitions: Vec::new(),
+                        bytes_in: 0,
+                        commits: None,
                     })
                     .collect(),
                 restarts: 0,
@@ -336,6 +340,13 @@ impl Driver<'_> {
                 op.records_late = sum(&mut progress.iter().filter_map(|p| p.late.get(k).copied()));
                 op.watermark = watermark_of(progress, k, i.parallelism);
                 op.metrics = user_metrics_of(progress, k, i.parallelism);
+                let reports = progress.iter().flat_map(|p| &p.connectors);
+                let st = crate::connectors::stats::operator_stats(reports, k, i.parallelism)
+                    .unwrap_or_default();
+                op.lag = st.lag;
+                op.partitions = st.partitions;
+                op.bytes_in = st.bytes_in;
+                op.commits = st.commits;
             }
             i.state_bytes = sum(&mut progress.iter().map(|p| p.state_bytes));
             // A subtask index a worker reports that is not the job's is left out.

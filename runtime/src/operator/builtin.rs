@@ -89,6 +89,11 @@ impl Build<'_> {
         })
     }
 
+    /// Where the subtask keeps what it tells of the system it writes.
+    fn connector_metrics(&self) -> crate::connectors::stats::ConnectorMetrics {
+        crate::connectors::stats::register(&self.metrics.connectors, self.index, self.subtask)
+    }
+
     /// The operator's parameters are not of its type (a plan this build did not make).
     fn mismatch(&self) -> RuntimeError {
         RuntimeError::internal(format!(
@@ -102,14 +107,22 @@ impl Build<'_> {
 /// What a source's factory makes one subtask from.
 pub struct SourceBuild<'a> {
     pub(crate) op: &'a PlanOp,
+    /// The operator, in the plan's order.
+    pub(crate) index: usize,
     pub(crate) subtask: u32,
     pub(crate) parallelism: u32,
     /// A file source's files, listed before the job started.
     pub(crate) files: &'a [SourceFile],
     pub(crate) s3: Option<S3Client>,
+    pub(crate) metrics: &'a JobMetrics,
 }
 
 impl SourceBuild<'_> {
+    /// Where the subtask keeps what it tells of the system it reads.
+    fn connector_metrics(&self) -> crate::connectors::stats::ConnectorMetrics {
+        crate::connectors::stats::register(&self.metrics.connectors, self.index, self.subtask)
+    }
+
     /// The decoder of its lines, with its `onError`.
     fn decoder(&self, format: &LineFormat<'_>) -> Result<SourceDecoder, RuntimeError> {
         SourceDecoder::new(format, &self.op.uid, &self.op.type_name, self.subtask)
@@ -266,7 +279,8 @@ fn kafka_sink(b: &Build<'_>) -> Made {
         b.input_fields(),
         b.checkpointed,
         b.after_id,
-    )?;
+    )?
+    .with_metrics(b.connector_metrics());
     Ok(Box::new(sink))
 }
 
@@ -310,7 +324,8 @@ fn kafka_source(b: SourceBuild<'_>) -> MadeSource {
         b.parallelism,
         decoder,
         clock,
-    )?;
+    )?
+    .with_metrics(b.connector_metrics());
     Ok(Box::new(source))
 }
 

@@ -26,6 +26,7 @@ use weir_crds::kafka::{Delivery, KafkaSinkSpec};
 
 use super::{CALL_TIMEOUT, Logged, client_config, kafka_error};
 use crate::connectors::format::Encoder;
+use crate::connectors::stats::ConnectorMetrics;
 use crate::error::RuntimeError;
 use crate::exec::FINAL;
 use crate::operator::{Operator, Rescale, bad_state};
@@ -58,6 +59,10 @@ pub struct KafkaSink {
     /// A consumer per marker group, for its group metadata.
     groups: HashMap<String, BaseConsumer<Logged>>,
     value: Vec<u8>,
+    /// Where its figures go: transactions committed, the time that took, those open.
+    metrics: ConnectorMetrics,
+    commits: u64,
+    commit_time: Duration,
 }
 
 /// A producer, with its transaction when there is one.
@@ -242,7 +247,30 @@ impl KafkaSink {
             pending: Vec::new(),
             groups: HashMap::new(),
             value: Vec::new(),
+            metrics: ConnectorMetrics::default(),
+            commits: 0,
+            commit_time: Duration::ZERO,
         })
+    }
+
+    /// Reports its figures to `metrics`.
+    pub fn with_metrics(mut self, metrics: ConnectorMetrics) -> Self {
+        self.metrics = metrics;
+        self.report();
+        self
+    }
+
+    fn report(&self) {
+        let transactional = self.spec.delivery == Delivery::ExactlyOnce;
+        let open =
+            if transactional { self.pending.len() + usize::from(self.open.is_some()) } else { 0 };
+        let (commits, micros) = (self.commits, self.commit_time.as_micros() as u64);
+        self.metrics.update(|s| {
+            s.transactional = transactional;
+            s.commits = commits;
+            s.commit_micros = micros;
+            s.open_transactions = u32::try_from(open).unwrap_or(u32::MAX);
+        });
     }
 
     fn producer(
@@ -284,6 +312,7 @@ impl KafkaSink {
                 _ => Txn { id: String::new(), epoch, producer: self.producer(None)? },
             };
             self.open = Some(txn);
+            self.report();
         }
         Ok(&self.open.as_ref().expect("opened above").producer)
     }
@@ -342,14 +371,18 @@ impl KafkaSink {
         if self.spec.delivery != Delivery::ExactlyOnce {
             return Ok(());
         }
+        let t0 = Instant::now();
         if let Some(marker) = first_partition(&txn) {
             let group = Self::marker_group(&self.prefix, self.subtask);
             let markers = BTreeMap::from([(group, BTreeMap::from([(marker, txn.epoch)]))]);
             self.add_markers(&txn.producer, &markers)?;
         }
-        txn.producer
-            .commit_transaction(CALL_TIMEOUT)
-            .map_err(|e| kafka_error(&self.who, &format!("committing transaction {}", txn.id), e))
+        txn.producer.commit_transaction(CALL_TIMEOUT).map_err(|e| {
+            kafka_error(&self.who, &format!("committing transaction {}", txn.id), e)
+        })?;
+        self.commits += 1;
+        self.commit_time += t0.elapsed();
+        Ok(())
     }
 
     /// Flushes the open producer: every record written is acknowledged (or the error is).
@@ -710,6 +743,7 @@ impl Operator for KafkaSink {
         if let Some(txn) = self.open.take() {
             self.flush(&txn)?;
             self.commit(txn)?;
+            self.report();
         }
         Ok(())
     }
@@ -766,6 +800,7 @@ impl Operator for KafkaSink {
         if id != FINAL {
             self.last_barrier = id;
         }
+        self.report();
         if self.spec.delivery != Delivery::ExactlyOnce {
             return Ok(None);
         }
@@ -781,6 +816,7 @@ impl Operator for KafkaSink {
         for (_, txn) in done {
             self.commit(txn)?;
         }
+        self.report();
         Ok(())
     }
 

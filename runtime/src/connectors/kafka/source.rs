@@ -16,6 +16,7 @@ use weir_crds::plan::OnError;
 
 use super::{CALL_TIMEOUT, Logged, client_config, kafka_error, partition_owner};
 use crate::connectors::format::{Line, SourceDecoder};
+use crate::connectors::stats::{ConnectorMetrics, MAX_PARTITIONS, PartitionStats};
 use crate::error::RuntimeError;
 use crate::event_time::{EventClock, SplitTime, Watermark};
 use crate::operator::{Rescale, Source, bad_state};
@@ -28,7 +29,7 @@ pub struct KafkaSource {
     who: String,
     subtask: u32,
     parallelism: u32,
-    consumer: BaseConsumer<Logged>,
+    consumer: BaseConsumer<Ends>,
     /// Values to records (`None` with `format: raw`).
     decoder: Option<SourceDecoder>,
     clock: Option<EventClock>,
@@ -52,7 +53,52 @@ pub struct KafkaSource {
     pattern: Option<regex::Regex>,
     /// Raw records that could not be read (a key or value that is not UTF-8).
     dropped: u64,
+    /// Bytes read: keys and values.
+    bytes_in: u64,
+    /// Where its figures go, and when they last went.
+    metrics: ConnectorMetrics,
+    last_report: Option<Instant>,
 }
+
+/// How often a subtask's figures (offsets, lag) are brought up to date; the client's
+/// statistics, which tell each partition's end, come as often.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// The consumer's context: its messages in the job's log, and each partition's end from the
+/// client's statistics (the last stable offset with `read_committed`, the high watermark
+/// otherwise), which the fetches keep up to date with no call of Weir's own.
+struct Ends {
+    logged: Logged,
+    read_committed: bool,
+    /// (topic, partition) → its first offset, and the offset after its last record a read
+    /// can see.
+    ends: Mutex<std::collections::HashMap<(String, i32), (i64, i64)>>,
+}
+
+impl rdkafka::ClientContext for Ends {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.logged.log(level, fac, message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.logged.error(error, reason)
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, t) in statistics.topics {
+            for (&id, p) in &t.partitions {
+                let end = if self.read_committed { p.ls_offset } else { p.hi_offset };
+                // -1: the partition's internal stand-in, or no fetch has told the end yet.
+                if id >= 0 && end >= 0 && ends.len() < MAX_PARTITIONS {
+                    ends.insert((name.clone(), id), (p.lo_offset.max(0), end));
+                }
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Ends {}
 
 /// Next offsets to read, `(topic, partition, offset)`.
 type Offsets = Vec<(String, i32, i64)>;
@@ -134,8 +180,15 @@ impl KafkaSource {
         // A group id is needed to commit offsets and read committed ones; without one the
         // consumer only reads what it is assigned.
         c.set("group.id", spec.group_id.clone().unwrap_or_else(|| format!("weir-{uid}")));
-        let consumer: BaseConsumer<Logged> = c
-            .create_with_context(Logged { who: who.clone() })
+        // The statistics tell each partition's end, for the lag.
+        c.set("statistics.interval.ms", REPORT_EVERY.as_millis().to_string());
+        let ends = Ends {
+            logged: Logged { who: who.clone() },
+            read_committed: spec.isolation == Isolation::ReadCommitted,
+            ends: Mutex::default(),
+        };
+        let consumer: BaseConsumer<Ends> = c
+            .create_with_context(ends)
             .map_err(|e| RuntimeError::user(format!("{who}: the consumer's settings: {e}")))?;
         let dead_letters = match (&spec.on_error, &spec.dead_letter_topic) {
             (OnError::DeadLetter, Some(topic)) => {
@@ -178,7 +231,51 @@ impl KafkaSource {
             current: (String::new(), -1),
             dead_letters,
             dropped: 0,
+            bytes_in: 0,
+            metrics: ConnectorMetrics::default(),
+            last_report: None,
         })
+    }
+
+    /// Reports its figures to `metrics`.
+    pub fn with_metrics(mut self, metrics: ConnectorMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Brings its figures up to date: each partition's next offset and how far that is
+    /// behind the partition's end (or the end of a bounded read, if that comes first).
+    fn report(&mut self) {
+        self.last_report = Some(Instant::now());
+        // The positions past transactions' markers, so that a partition read to its end
+        // shows no lag.
+        let _ = self.catch_up_positions();
+        let ends = self.consumer.context().ends.lock().unwrap_or_else(|e| e.into_inner());
+        let partitions: Vec<PartitionStats> = self
+            .parts
+            .iter()
+            .take(MAX_PARTITIONS)
+            .map(|((t, p), part)| {
+                let end = ends.get(&(t.clone(), *p)).copied();
+                let lag = if part.done {
+                    Some(0)
+                } else {
+                    end.map(|(first, end)| {
+                        let end = part.end.map_or(end, |stop| stop.min(end));
+                        // Nothing read yet: all of the partition is behind.
+                        let from = part.next.unwrap_or(first);
+                        (end - from).max(0) as u64
+                    })
+                };
+                PartitionStats { topic: t.clone(), partition: *p, offset: part.next, lag }
+            })
+            .collect();
+        drop(ends);
+        let bytes_in = self.bytes_in;
+        self.metrics.update(|s| {
+            s.bytes_in = bytes_in;
+            s.partitions = partitions;
+        });
     }
 
     fn bounded(&self) -> bool {
@@ -614,6 +711,7 @@ impl Source for KafkaSource {
                 Some(Ok(m)) => m,
             };
             wait = Duration::ZERO;
+            self.bytes_in += (m.payload_len() + m.key().map_or(0, <[u8]>::len)) as u64;
             // The partition's key, made again only when the partition changes (records come
             // in runs of one partition): no allocation per record.
             if self.current.1 != m.partition() || self.current.0 != m.topic() {
@@ -666,12 +764,20 @@ impl Source for KafkaSource {
                 clock.observe(&mut part.time, &out[before..], now)?;
             }
         }
+        let due = self.last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY);
         if self.bounded() {
             if out.is_empty() {
                 self.catch_up_positions()?;
             }
             self.retire_ended()?;
-            return Ok(self.parts.values().any(|p| !p.done));
+            let more = self.parts.values().any(|p| !p.done);
+            if due || !more {
+                self.report();
+            }
+            return Ok(more);
+        }
+        if due {
+            self.report();
         }
         Ok(true)
     }
